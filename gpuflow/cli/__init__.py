@@ -1,0 +1,55 @@
+"""The gpuflow command line: thin typer commands, one module per group.
+
+This module and the command modules import only typer (and rich when they
+print): boto3, paramiko, fabric and TensorFlow are imported inside the
+use-case functions that need them, so ``gpuflow --help`` starts fast.
+
+:func:`main` is the one place where domain errors become a one-line message
+and an exit code (``GPUFLOW_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gpuflow import __version__
+
+app = typer.Typer(
+    name="gpuflow",
+    help="Train Keras models on cloud GPUs from a laptop: up, run, down — nothing left billing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"gpuflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train Keras models on cloud GPUs from a laptop."""
+
+
+def _register_commands() -> None:
+    # Each module adds its commands to `app`; all of them import only typer/rich at module level.
+    from gpuflow.cli import cluster, demo, jobs, remote  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and map domain errors to exit codes."""
+    from gpuflow.cli._errors import run_app
+
+    _register_commands()
+    code = run_app(app, sys.argv[1:] if argv is None else argv)
+    raise SystemExit(code)

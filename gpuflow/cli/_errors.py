@@ -1,0 +1,59 @@
+"""Turn domain errors into one line on stderr and an exit code — the only place."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+try:  # recent typer vendors click as typer._click; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException
+
+from gpuflow.config import debug_enabled
+from gpuflow.errors import GpuflowError
+
+
+def error_line(message: str) -> str:
+    return f"gpuflow: error: {message}"
+
+
+def run_app(app: typer.Typer, argv: list[str]) -> int:
+    """Run the typer app with ``argv``; return the process exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="gpuflow", standalone_mode=False)
+        return 0
+    except GpuflowError as exc:
+        _maybe_traceback()
+        print(error_line(exc.one_line()), file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print(error_line("aborted"), file=sys.stderr)
+        return 130
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gpuflow`: show the help
+            exc.show()
+            return 0
+        # Bad option, missing argument, invalid value: click's message is already one line.
+        print(error_line(exc.format_message()), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(error_line("interrupted"), file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless debugging
+        _maybe_traceback()
+        print(
+            error_line(f"unexpected {type(exc).__name__}: {exc} (set GPUFLOW_DEBUG=1 for the traceback)"),
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _maybe_traceback() -> None:
+    if debug_enabled():
+        traceback.print_exc()

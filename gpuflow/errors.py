@@ -1,0 +1,140 @@
+"""Domain errors: everything a user can cause ends in one of these.
+
+Library code raises them (``raise ClusterNotFound(...) from exc``); exactly one
+place, :func:`gpuflow.cli.main`, turns them into a one-line message and an exit
+code.  No library code calls ``sys.exit``.
+
+Each class carries its exit code so scripts can tell failures apart:
+
+====  ==========================================================
+code  meaning
+====  ==========================================================
+1     generic gpuflow failure
+2     bad usage / bad configuration / bad input data
+3     credentials missing or refused
+4     something named does not exist (cluster, run, file)
+5     the cloud refused or failed (API error, no capacity)
+6     a host could not be reached (SSH down, instance gone)
+7     security refusal (host key mismatch, unsafe path)
+8     local state problem (corrupt or locked state file)
+====  ==========================================================
+
+A failed remote job exits gpuflow with the job's own exit code
+(:class:`JobFailed`).
+"""
+
+from __future__ import annotations
+
+
+class GpuflowError(Exception):
+    """Base class: a failure with a message meant for the user.
+
+    ``hint`` is an optional second sentence saying what to do about it; the CLI
+    prints ``message`` and ``hint`` on one line.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.strip().replace("\n", " ")
+        if self.hint:
+            text = f"{text} ({self.hint.strip()})"
+        return text
+
+
+class UsageError(GpuflowError):
+    """A bad option or a nonsense value given by the user."""
+
+    exit_code = 2
+
+
+class ConfigError(GpuflowError):
+    """A broken gpuflow.toml / [tool.gpuflow] section."""
+
+    exit_code = 2
+
+
+class DataError(GpuflowError):
+    """Input data that is missing or unreadable."""
+
+    exit_code = 2
+
+
+class CredentialsError(GpuflowError):
+    """No AWS credentials, or credentials AWS refuses."""
+
+    exit_code = 3
+
+
+class NotFound(GpuflowError):
+    """Something the user named does not exist."""
+
+    exit_code = 4
+
+
+class ClusterNotFound(NotFound):
+    pass
+
+
+class RunNotFound(NotFound):
+    pass
+
+
+class CloudError(GpuflowError):
+    """The cloud API refused or failed a call."""
+
+    exit_code = 5
+
+
+class CapacityError(CloudError):
+    """No capacity for the requested instance type (spot or on-demand)."""
+
+
+class UnreachableHost(GpuflowError):
+    """SSH to an instance failed (after retries)."""
+
+    exit_code = 6
+
+
+class InstanceGone(UnreachableHost):
+    """The instance behind a cluster is stopped or terminated."""
+
+
+class SecurityError(GpuflowError):
+    """gpuflow refused to do something unsafe."""
+
+    exit_code = 7
+
+
+class HostKeyMismatch(SecurityError):
+    """The host presented a key that differs from the pinned one."""
+
+
+class UnsafePath(SecurityError):
+    """A remote path tried to escape the directory it must stay in."""
+
+
+class StateError(GpuflowError):
+    """The local state cache is corrupt or locked."""
+
+    exit_code = 8
+
+
+class RemoteCommandFailed(GpuflowError):
+    """A command gpuflow itself ran on the target (not the user's job) failed."""
+
+    exit_code = 1
+
+
+class JobFailed(GpuflowError):
+    """A remote job ended with a non-zero exit code; gpuflow exits with it."""
+
+    def __init__(self, message: str, *, job_exit_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        # Exit codes are 0..255; a job killed by a signal reports 128+N.
+        self.exit_code = job_exit_code if 0 < job_exit_code < 256 else 1

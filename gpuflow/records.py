@@ -1,0 +1,156 @@
+"""Frozen records passed between the layers.
+
+"Which machine" (a :class:`Cluster` of :class:`Node` s, from the provisioner)
+is kept apart from "how to reach it" (a :class:`SSHTarget`, from which the
+transport layer builds a command runner), as SkyPilot's ``sky/provision`` and
+``command_runner`` are.  Records serialise to plain dicts for the state cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _to_dict(record: Any) -> dict[str, Any]:
+    return dataclasses.asdict(record)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What the user asked ``up`` for, after config and defaults are applied."""
+
+    name: str
+    region: str
+    instance_type: str = "g5.xlarge"
+    count: int = 1
+    spot: bool = False
+    spot_fallback: bool = False
+    disk_gb: int = 100
+    idle_minutes: int = 60
+    max_hours: float = 24.0
+    ami: str | None = None
+    key_name: str | None = None
+    key_path: str | None = None
+    ssh_cidr: str | None = None
+    allow_cpu: bool = False
+    profile: str | None = None
+    sandbox: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Node:
+    """One instance of a cluster, as the cloud reports it."""
+
+    instance_id: str
+    state: str  # pending | running | stopping | stopped | shutting-down | terminated
+    public_ip: str | None = None
+    private_ip: str | None = None
+    availability_zone: str | None = None
+    launch_time: str | None = None  # ISO 8601, UTC
+    lifecycle: str = "on-demand"  # or "spot"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Node:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A named group of instances gpuflow launched, and what it created for them.
+
+    ``key_created`` / ``security_group_created`` say whether ``down`` owns
+    (and so deletes) the key pair and security group: never ones the user
+    brought.
+    """
+
+    name: str
+    region: str
+    instance_type: str
+    ami: str
+    nodes: tuple[Node, ...] = ()
+    key_name: str | None = None
+    key_path: str | None = None  # local private key file
+    key_created: bool = False
+    security_group_id: str | None = None
+    security_group_created: bool = False
+    ssh_user: str = "ubuntu"
+    created_at: str | None = None  # ISO 8601, UTC
+    price_per_hour: float | None = None  # per instance, USD
+    spec: ClusterSpec | None = None
+    sandbox: bool = False
+    profile: str | None = None
+
+    @property
+    def head(self) -> Node:
+        """The node jobs run on (the first one)."""
+        if not self.nodes:
+            from gpuflow.errors import InstanceGone
+
+            raise InstanceGone(f"cluster {self.name!r} has no instances")
+        return self.nodes[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _to_dict(self)
+        data["nodes"] = [node.to_dict() for node in self.nodes]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cluster:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["nodes"] = tuple(Node.from_dict(node) for node in data.get("nodes", ()))
+        if values.get("spec") is not None:
+            values["spec"] = ClusterSpec.from_dict(values["spec"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """How to reach one node over SSH: everything the transport needs, nothing
+    about the cloud."""
+
+    host: str
+    port: int = 22
+    user: str = "ubuntu"
+    key_path: str | None = None
+    known_hosts_path: str | None = None  # the cluster's pinned host keys
+    host_key_alias: str | None = None  # name the key is pinned under (e.g. the cluster/node name)
+    trust_on_first_use: bool = False
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One entry of a remote listing (used by pull to verify checksums)."""
+
+    path: str  # relative to the listed directory, '/'-separated
+    size: int
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,128 @@
+"""The local state cache: small JSON documents, written atomically, under a lock.
+
+AWS tags are the source of truth for clusters; what lives here is a cache that
+``status`` reconciles.  Two gpuflow processes may run at once (a ``run`` in one
+terminal, a ``status`` in another), so every read-modify-write holds an
+exclusive ``flock`` on the collection's lock file, and every write goes to a
+temporary file that is fsynced and then renamed over the old one: a crash
+leaves either the old document or the new one, never half of one.
+
+Layout under the gpuflow home::
+
+    state/<collection>/<name>.json
+    state/<collection>/.lock
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gpuflow.errors import StateError, UsageError
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Names become file names, AWS tag values and remote directory names:
+    allow only letters, digits, '.', '_' and '-' (max 63, not starting with
+    a separator)."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name in (".", ".."):
+        raise UsageError(
+            f"invalid {what} {name!r}",
+            hint="use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new
+    content, never a mix; survives a crash at any point."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # Make the rename itself durable.
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def atomic_write_json(path: Path, document: Any, mode: int = 0o600) -> None:
+    atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+class StateStore:
+    """One collection of JSON documents (e.g. ``clusters`` or ``runs``)."""
+
+    def __init__(self, home: Path, collection: str) -> None:
+        self.directory = Path(home) / "state" / validate_name(collection, "collection")
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_path = self.directory / ".lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the collection's exclusive lock (blocks other gpuflow processes)."""
+        with open(self._lock_path, "a+") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{validate_name(name)}.json"
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        path = self.path(name)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StateError(
+                f"state file {path} is corrupt: {exc}",
+                hint="remove it; `gpuflow ls` rebuilds cluster state from AWS tags",
+            ) from exc
+
+    def put(self, name: str, document: dict[str, Any]) -> None:
+        atomic_write_json(self.path(name), document)
+
+    def delete(self, name: str) -> bool:
+        try:
+            self.path(name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def names(self) -> list[str]:
+        return sorted(path.stem for path in self.directory.glob("*.json"))
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        documents = {}
+        for name in self.names():
+            document = self.get(name)
+            if document is not None:
+                documents[name] = document
+        return documents

@@ -1,0 +1,82 @@
+"""The command-runner protocol shared by the local and the SSH transport.
+
+Rules every runner keeps:
+
+* ``run`` takes an argv list and quotes every element (``shlex.join``) before
+  anything reaches a remote shell: a user's argument is never interpreted.
+* ``run_script`` is for scripts gpuflow itself writes; any user-supplied value
+  inside one must have gone through ``shlex.quote`` first.
+* ``base_dir`` is the absolute directory on the target under which gpuflow
+  keeps everything (code, data, runs, environments).  Paths given to the file
+  methods are absolute target paths.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from gpuflow.records import CommandResult
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """The one place argv becomes a shell string."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a sequence of strings, not a string")
+    return shlex.join(str(part) for part in argv)
+
+
+def env_prefix(env: Mapping[str, str] | None) -> str:
+    """``env K=V ...`` with every value quoted, or '' when no variables."""
+    if not env:
+        return ""
+    for key in env:
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"invalid environment variable name {key!r}")
+    return "env " + " ".join(f"{key}={shlex.quote(str(value))}" for key, value in env.items()) + " "
+
+
+@runtime_checkable
+class CommandRunner(Protocol):
+    """Run commands and move bytes on one target machine."""
+
+    @property
+    def base_dir(self) -> str:
+        """Absolute path on the target under which gpuflow keeps its files."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        """Run argv (each element quoted) and wait; raise on non-zero exit when check."""
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        """Run a gpuflow-written bash script (``bash -c``)."""
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``remote_path`` atomically (temp file + rename)."""
+
+    def read_from(self, remote_path: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes of ``remote_path`` starting at byte ``offset``;
+        b'' at end of file.  Used to stream logs resumably."""
+
+    def get_file(self, remote_path: str, local_path: str) -> None:
+        """Copy one remote file to a local path."""
+
+    def close(self) -> None:
+        """Release the connection (idempotent)."""

@@ -1,0 +1,95 @@
+"""The local transport: "the instance" is a directory on this machine.
+
+Used by the sandbox cloud and by tests: the same protocol as SSH, so the run,
+sync and pull code paths are the ones used against a real instance.  Commands
+run through ``bash -c`` with the same quoting as over SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from gpuflow.errors import RemoteCommandFailed, UnreachableHost
+from gpuflow.records import CommandResult
+from gpuflow.state import atomic_write_bytes
+from gpuflow.transport.base import env_prefix, quote_argv
+
+
+class LocalRunner:
+    """Runs commands with ``root`` as the target's gpuflow base directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self._root = Path(root).resolve()
+        self._root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def base_dir(self) -> str:
+        return str(self._root)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        command = env_prefix(env) + quote_argv(argv)
+        if cwd is not None:
+            command = f"cd {quote_argv([cwd])} && {command}"
+        return self.run_script(command, stdin=stdin, timeout=timeout, check=check)
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        try:
+            completed = subprocess.run(
+                ["bash", "-c", script],
+                input=stdin if stdin is not None else b"",
+                capture_output=True,
+                cwd=self._root,
+                env=full_env,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise UnreachableHost(f"command timed out after {timeout:g}s on the local target") from exc
+        result = CommandResult(completed.returncode, completed.stdout, completed.stderr)
+        if check and not result.ok:
+            raise RemoteCommandFailed(
+                f"command failed with exit code {result.exit_code}: "
+                f"{result.stderr.decode(errors='replace').strip()[-300:]}"
+            )
+        return result
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
+        atomic_write_bytes(Path(remote_path), data, mode)
+
+    def read_from(self, remote_path: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        try:
+            with open(remote_path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def get_file(self, remote_path: str, local_path: str) -> None:
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(remote_path, local_path)
+
+    def close(self) -> None:
+        return None

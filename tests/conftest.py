@@ -1,0 +1,91 @@
+"""Fixtures shared by the whole suite.
+
+Every test runs with:
+* a private ``GPUFLOW_HOME`` and ``KERAS_HOME`` (nothing touches ~),
+* fake AWS credentials and region (nothing can reach a real AWS account),
+* a guard that refuses any socket connection outside loopback, so a test that
+  would talk to an address moto invented fails loudly instead of sending
+  traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import SshServer, sshd_available
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _check_address(sock: socket.socket, address) -> None:
+    if sock.family == socket.AF_UNIX:
+        return
+    host = address[0] if isinstance(address, tuple) else address
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host == "localhost":
+            return
+    raise ConnectionRefusedError(f"test network guard: connection to {address!r} refused (loopback only)")
+
+
+def _guarded_connect(self, address):
+    _check_address(self, address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _check_address(self, address)
+    return _real_connect_ex(self, address)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("gpuflow-home")
+    monkeypatch.setenv("GPUFLOW_HOME", str(home))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SECURITY_TOKEN", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.delenv("GPUFLOW_DEBUG", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+    yield home
+
+
+@pytest.fixture
+def gpuflow_home(_isolated_environment) -> Path:
+    return _isolated_environment
+
+
+@pytest.fixture(scope="session")
+def sshd_session(tmp_path_factory):
+    """One loopback OpenSSH server shared by the tests that only need a host."""
+    if not sshd_available():
+        pytest.fail("OpenSSH server not installed: run `apt-get install -y openssh-server rsync` (.ci/run does)")
+    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A fresh loopback OpenSSH server for one test (which may drop or restart it)."""
+    if not sshd_available():
+        pytest.fail("OpenSSH server not installed: run `apt-get install -y openssh-server rsync` (.ci/run does)")
+    server = SshServer(tmp_path / "sshd").start()
+    yield server
+    server.stop()
