@@ -43,7 +43,7 @@ def _root(
 
 def _register_commands() -> None:
     # Each module adds its commands to `app`; all of them import only typer/rich at module level.
-    from gpuflow.cli import cluster, demo, jobs, remote  # noqa: F401
+    from gpuflow.cli import cluster, demo, jobs, remote, sync  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
