@@ -105,6 +105,12 @@ class InstanceGone(UnreachableHost):
     """The instance behind a cluster is stopped or terminated."""
 
 
+class ConnectionLost(UnreachableHost):
+    """The SSH connection dropped while a command was running: whether the
+    command finished is unknown.  The next call reconnects; a caller whose
+    command is safe to repeat may simply call again."""
+
+
 class SecurityError(GpuflowError):
     """gpuflow refused to do something unsafe."""
 

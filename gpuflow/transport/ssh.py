@@ -1,0 +1,576 @@
+"""The SSH transport: a :class:`~gpuflow.transport.base.CommandRunner` over paramiko.
+
+The only module of gpuflow that imports paramiko, and only inside functions, so
+importing it (or the CLI) stays cheap.
+
+Security:
+
+* host keys are checked against the cluster's pinned known_hosts only (never
+  ``~/.ssh/known_hosts``, never AutoAddPolicy).  An unknown host is refused
+  unless the caller passed the SHA256 fingerprints the instance printed on its
+  console (then exactly such a key is accepted and pinned) or asked for
+  trust-on-first-use (a warning, then the key seen is pinned);
+* a key that differs from the pinned one raises :class:`HostKeyMismatch` and
+  nothing is sent;
+* only the target's own key file is offered (no agent, no ~/.ssh keys) when it
+  has one.
+
+Robustness: TCP keepalives at the SSH level (``transport.set_keepalive``); every
+operation reconnects with exponential backoff when the connection fails, and
+between attempts asks an optional ``instance_alive`` hook (wired to EC2 by
+:func:`gpuflow.remote.runner_for`) so that a stopped or terminated instance
+ends in :class:`InstanceGone` at once instead of after every retry.  File
+operations are repeated after a drop (they are idempotent: uploads go to a
+temporary name and are renamed); a command is repeated only when the drop
+happened before it was sent, otherwise :class:`ConnectionLost` tells the
+caller its outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+from gpuflow.errors import (
+    ConnectionLost,
+    CredentialsError,
+    GpuflowError,
+    HostKeyMismatch,
+    InstanceGone,
+    RemoteCommandFailed,
+    SecurityError,
+    UnreachableHost,
+)
+from gpuflow.records import CommandResult, SSHTarget
+from gpuflow.transport import hostkeys
+from gpuflow.transport.base import env_prefix, quote_argv
+
+_Result = TypeVar("_Result")
+
+DEFAULT_REMOTE_BASE = "$HOME/gpuflow"  # expanded by the remote shell
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How often and how patiently to reconnect: ``retries`` further attempts
+    after the first, waiting ``initial * factor**n`` seconds (capped)."""
+
+    retries: int = 5
+    initial: float = 1.0
+    factor: float = 2.0
+    maximum: float = 15.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        return min(self.maximum, self.initial * self.factor ** (attempt - 1))
+
+
+class _CommandNotSent(Exception):
+    """Internal: the connection failed before a command reached the server."""
+
+
+class _Lost(Exception):
+    """Internal: the connection failed after a command was sent."""
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"gpuflow: warning: {message}", file=sys.stderr, flush=True)
+
+
+class SSHRunner:
+    """Run commands and move files on one host over a single SSH connection.
+
+    ``target`` says where and how (its ``known_hosts_path`` holds the pinned
+    keys).  ``base_dir`` is the remote directory gpuflow keeps everything in:
+    ``$HOME/gpuflow`` unless given (the loopback sandbox uses a directory under
+    ``$GPUFLOW_HOME``); it is created and resolved to an absolute path once, on
+    the first connection.  Commands run in ``base_dir`` unless ``cwd`` says
+    otherwise, as with the local runner.
+
+    Not thread-safe for concurrent calls from several threads; use one runner
+    per thread (connections are cheap: ~0.1 s on loopback).
+    """
+
+    def __init__(
+        self,
+        target: SSHTarget,
+        *,
+        connect_timeout: float = 15.0,
+        keepalive_interval: int = 15,
+        backoff: Backoff = Backoff(),
+        sleep: Callable[[float], None] = time.sleep,
+        instance_alive: Callable[[], bool] | None = None,
+        base_dir: str | None = None,
+        expected_fingerprints: Sequence[str] = (),
+        warn: Callable[[str], None] = _warn_stderr,
+    ) -> None:
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self.keepalive_interval = keepalive_interval
+        self.backoff = backoff
+        self._sleep = sleep
+        self._instance_alive = instance_alive
+        self._requested_base = base_dir
+        self._expected_fingerprints = tuple(expected_fingerprints)
+        self._warn = warn
+        self._client: Any = None  # paramiko.SSHClient
+        self._sftp: Any = None  # paramiko.SFTPClient, opened on first file operation
+        self._base_dir: str | None = None
+        self._lock = threading.RLock()
+        self.connections_made = 0  # how many times this runner (re)connected; for tests and diagnostics
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def base_dir(self) -> str:
+        if self._base_dir is None:
+            self.connect()
+        assert self._base_dir is not None
+        return self._base_dir
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        command = env_prefix(env) + quote_argv(argv)
+        return self._run_command(command, cwd=cwd, stdin=stdin, timeout=timeout, check=check)
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        command = env_prefix(env) + quote_argv(["bash", "-c", script])
+        return self._run_command(command, cwd=None, stdin=stdin, timeout=timeout, check=check)
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
+        """Upload to a temporary name beside ``remote_path``, then rename over
+        it (``posix-rename``): readers see the old or the new file, never half."""
+
+        def upload(client: Any) -> None:
+            sftp = self._sftp_client()
+            path = PurePosixPath(remote_path)
+            self._sftp_makedirs(sftp, str(path.parent))
+            temporary = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                with sftp.open(temporary, "wb") as handle:
+                    handle.set_pipelined(True)
+                    handle.write(data)
+                sftp.chmod(temporary, mode)
+                sftp.posix_rename(temporary, str(path))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(temporary)
+                raise
+
+        self._with_reconnect(upload, what=f"upload to {remote_path}")
+
+    def read_from(self, remote_path: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes from byte ``offset`` (pipelined SFTP reads); b''
+        at end of file or when the file does not exist yet."""
+
+        def read(client: Any) -> bytes:
+            sftp = self._sftp_client()
+            try:
+                handle = sftp.open(remote_path, "rb")
+            except FileNotFoundError:
+                return b""
+            with handle:
+                size = handle.stat().st_size
+                if offset >= size or limit <= 0:
+                    return b""
+                length = min(limit, size - offset)
+                return b"".join(handle.readv([(offset, length)]))
+
+        return self._with_reconnect(read, what=f"read {remote_path}")
+
+    def get_file(self, remote_path: str, local_path: str) -> None:
+        """Download with SFTP prefetch (pipelined: 25-100x faster than without)
+        into a temporary file that is renamed into place when complete.
+
+        Raises FileNotFoundError when the remote file does not exist."""
+        destination = Path(local_path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+
+        def download(client: Any) -> None:
+            sftp = self._sftp_client()
+            temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.part")
+            try:
+                sftp.get(remote_path, str(temporary), prefetch=True)
+                os.replace(temporary, destination)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    temporary.unlink()
+
+        self._with_reconnect(download, what=f"download {remote_path}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    def __enter__(self) -> SSHRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> SSHRunner:
+        """Open the connection now (with retries) instead of on first use."""
+        self._with_reconnect(lambda client: None, what="connect")
+        return self
+
+    @property
+    def _where(self) -> str:
+        return f"{self.target.user}@{self.target.host}:{self.target.port}"
+
+    def _connection(self) -> Any:
+        """The live paramiko client, connecting when there is none or it died."""
+        with self._lock:
+            if self._client is not None:
+                transport = self._client.get_transport()
+                if transport is not None and transport.is_active():
+                    return self._client
+                self._drop_connection()
+            self._client = self._open_client()
+            self.connections_made += 1
+            try:
+                self._after_connect()
+            except BaseException:
+                self._drop_connection()
+                raise
+            return self._client
+
+    def _open_client(self) -> Any:
+        import paramiko
+
+        target = self.target
+        if target.key_path and not Path(target.key_path).expanduser().is_file():
+            raise CredentialsError(
+                f"SSH key file {target.key_path} not found",
+                hint="the cluster's key is created by `gpuflow up`; check $GPUFLOW_HOME/keys",
+            )
+        client = paramiko.SSHClient()
+        known_hosts = Path(target.known_hosts_path) if target.known_hosts_path else None
+        if known_hosts is not None and known_hosts.is_file():
+            client.load_host_keys(str(known_hosts))
+        client.set_missing_host_key_policy(_PinningPolicy(self))
+        try:
+            client.connect(
+                target.host,
+                port=target.port,
+                username=target.user,
+                key_filename=str(Path(target.key_path).expanduser()) if target.key_path else None,
+                allow_agent=not target.key_path,
+                look_for_keys=not target.key_path,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                channel_timeout=self.connect_timeout,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyMismatch(
+                f"host key of {target.host}:{target.port} changed: pinned "
+                f"{hostkeys.sha256_fingerprint(exc.expected_key.asbytes())}, presented "
+                f"{hostkeys.sha256_fingerprint(exc.key.asbytes())} ({exc.key.get_name()}); nothing was sent",
+                hint=f"someone may be intercepting the connection; if the instance was really rebuilt, "
+                f"remove {target.known_hosts_path} and connect again",
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise CredentialsError(
+                f"{self._where} refused the SSH key {target.key_path or '(default keys)'}",
+                hint="check the cluster's key file and SSH user",
+            ) from exc
+        except BaseException:
+            client.close()
+            raise
+        transport = client.get_transport()
+        if self.keepalive_interval:
+            transport.set_keepalive(int(self.keepalive_interval))
+        return client
+
+    def _after_connect(self) -> None:
+        """Create and resolve the base directory once; touch the heartbeat the
+        instance's dead-man's switch reads on every connection."""
+        base = quote_argv([self._requested_base]) if self._requested_base else f'"{DEFAULT_REMOTE_BASE}"'
+        script = f"set -e; mkdir -p {base}; cd {base}; touch heartbeat; pwd -P"
+        result = self._exec(quote_argv(["sh", "-c", script]), stdin=None, timeout=self.connect_timeout)
+        if result.exit_code != 0:
+            raise RemoteCommandFailed(
+                f"cannot create the gpuflow directory on {self.target.host}: "
+                f"{result.stderr.decode(errors='replace').strip()[-300:]}"
+            )
+        resolved = result.stdout.decode().strip()
+        if not resolved.startswith("/"):
+            raise RemoteCommandFailed(f"unexpected answer resolving the gpuflow directory: {resolved[:100]!r}")
+        self._base_dir = resolved
+
+    def _drop_connection(self) -> None:
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    def _sftp_client(self) -> Any:
+        if self._sftp is None:
+            self._sftp = self._connection().open_sftp()
+        return self._sftp
+
+    @staticmethod
+    def _sftp_makedirs(sftp: Any, directory: str) -> None:
+        missing: list[str] = []
+        current = PurePosixPath(directory)
+        while str(current) not in ("/", "."):
+            try:
+                sftp.stat(str(current))
+                break
+            except FileNotFoundError:
+                missing.append(str(current))
+                current = current.parent
+        for path in reversed(missing):
+            with contextlib.suppress(OSError):  # created meanwhile by someone else
+                sftp.mkdir(path)
+
+    def _is_connection_failure(self, exc: BaseException) -> bool:
+        """Socket errors, SSH protocol errors and EOFs are connection failures
+        when the connection is in fact gone (an SFTP 'no such file' is an OSError
+        too, but arrives over a healthy connection)."""
+        import paramiko
+
+        if isinstance(exc, (paramiko.BadHostKeyException, paramiko.AuthenticationException)):
+            return False
+        if not isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError, EOFError, paramiko.SSHException)):
+            return True
+        client = self._client
+        transport = client.get_transport() if client is not None else None
+        return transport is None or not transport.is_active()
+
+    def _with_reconnect(self, operation: Callable[[Any], _Result], *, what: str) -> _Result:
+        """Run ``operation(client)``; on a connection failure reconnect with
+        backoff and run it again (operations passed here are idempotent)."""
+        attempt = 0
+        while True:
+            try:
+                return operation(self._connection())
+            except (_CommandNotSent, _Lost) as exc:
+                last_error: BaseException = exc.__cause__ or exc
+            except GpuflowError:
+                raise
+            except Exception as exc:
+                if not self._is_connection_failure(exc):
+                    raise
+                last_error = exc
+            with self._lock:
+                self._drop_connection()
+            attempt += 1
+            self._give_up_if_gone(last_error)
+            if attempt > self.backoff.retries:
+                raise UnreachableHost(
+                    f"cannot reach {self._where} over SSH ({what}) after {attempt} attempts: "
+                    f"{_describe(last_error)}",
+                    hint=f"check that the instance is running (`gpuflow status`), that its security group "
+                    f"allows your address on port {self.target.port}, and your network",
+                ) from last_error
+            self._sleep(self.backoff.delay(attempt))
+
+    def _give_up_if_gone(self, last_error: BaseException) -> None:
+        if self._instance_alive is None:
+            return
+        try:
+            alive = self._instance_alive()
+        except GpuflowError:
+            return  # the cloud could not say: keep retrying the connection
+        if not alive:
+            raise InstanceGone(
+                f"the instance at {self.target.host} is no longer running (SSH failed: {_describe(last_error)})",
+                hint="`gpuflow status` shows what happened to it; `gpuflow up` starts a new one",
+            ) from last_error
+
+    # ------------------------------------------------------------------ commands
+
+    def _run_command(
+        self,
+        command: str,
+        *,
+        cwd: str | None,
+        stdin: bytes | None,
+        timeout: float | None,
+        check: bool,
+    ) -> CommandResult:
+        def attempt(client: Any) -> CommandResult:
+            directory = cwd if cwd is not None else self.base_dir
+            full_command = f"cd {quote_argv([directory])} && {command}"
+            try:
+                return self._exec(full_command, stdin=stdin, timeout=timeout)
+            except _Lost as exc:
+                raise ConnectionLost(
+                    f"the SSH connection to {self._where} dropped while a command was running; "
+                    f"whether it finished is unknown ({_describe(exc.__cause__ or exc)})",
+                    hint="the next call reconnects; repeat the command if it is safe to run twice",
+                ) from exc
+
+        result = self._with_reconnect(attempt, what="run a command")
+        if check and not result.ok:
+            raise RemoteCommandFailed(
+                f"command failed with exit code {result.exit_code} on {self.target.host}: "
+                f"{result.stderr.decode(errors='replace').strip()[-300:]}"
+            )
+        return result
+
+    def _exec(self, command: str, *, stdin: bytes | None, timeout: float | None) -> CommandResult:
+        """Run one command on a new channel of the current connection and
+        collect its output; the channel is always closed."""
+        client = self._client
+        try:
+            transport = client.get_transport()
+            if transport is None or not transport.is_active():
+                raise EOFError("SSH transport is not active")
+            channel = transport.open_session(timeout=self.connect_timeout)
+        except Exception as exc:
+            raise _CommandNotSent() from exc
+        try:
+            try:
+                channel.exec_command(command)
+            except Exception as exc:
+                raise _Lost() from exc
+            return self._collect(channel, stdin=stdin, timeout=timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    def _collect(self, channel: Any, *, stdin: bytes | None, timeout: float | None) -> CommandResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        feeder = threading.Thread(target=_feed_stdin, args=(channel, stdin or b""), daemon=True)
+        feeder.start()
+        stdout: list[bytes] = []
+        stderr: list[bytes] = []
+        poll_fd = channel.fileno()
+        while True:
+            received = False
+            while channel.recv_ready():
+                stdout.append(channel.recv(_READ_CHUNK))
+                received = True
+            while channel.recv_stderr_ready():
+                stderr.append(channel.recv_stderr(_READ_CHUNK))
+                received = True
+            if channel.exit_status_ready():
+                # Exit status arrives after all output (SSH messages are ordered): drain and stop.
+                while channel.recv_ready():
+                    stdout.append(channel.recv(_READ_CHUNK))
+                while channel.recv_stderr_ready():
+                    stderr.append(channel.recv_stderr(_READ_CHUNK))
+                break
+            if channel.closed or not channel.get_transport().is_active():
+                raise _Lost() from EOFError("connection closed before the command's exit status arrived")
+            if deadline is not None and time.monotonic() > deadline:
+                raise UnreachableHost(f"command timed out after {timeout:g}s on {self.target.host}")
+            if not received:
+                if channel.eof_received:
+                    # The polling pipe stays readable after EOF: wait on the status instead.
+                    channel.status_event.wait(0.05)
+                else:
+                    select.select([poll_fd], [], [], 0.2)
+        exit_code = channel.recv_exit_status()
+        # -1: killed by a signal (exit-signal, no status); report it as OpenSSH's client does.
+        return CommandResult(exit_code if exit_code >= 0 else 255, b"".join(stdout), b"".join(stderr))
+
+
+class _PinningPolicy:
+    """paramiko MissingHostKeyPolicy for a host with no pinned key of the
+    presented type: refuse, unless the console fingerprints vouch for the key
+    or the user asked for trust-on-first-use."""
+
+    def __init__(self, runner: SSHRunner) -> None:
+        self._runner = runner
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        runner = self._runner
+        target = runner.target
+        presented = hostkeys.sha256_fingerprint(key.asbytes())
+        pinned = client.get_host_keys().get(hostname)
+        if pinned:
+            expected = ", ".join(
+                f"{pinned[key_type].get_name()} {hostkeys.sha256_fingerprint(pinned[key_type].asbytes())}"
+                for key_type in pinned.keys()
+            )
+            raise HostKeyMismatch(
+                f"{hostname} presented {key.get_name()} {presented}, but the pinned host key is {expected}; "
+                "nothing was sent",
+                hint=f"someone may be intercepting the connection; if the instance was really rebuilt, "
+                f"remove {target.known_hosts_path} and connect again",
+            )
+        if runner._expected_fingerprints:
+            if presented not in runner._expected_fingerprints:
+                raise HostKeyMismatch(
+                    f"{hostname} presented {key.get_name()} {presented}, which is not among the fingerprints "
+                    f"the instance printed on its console ({', '.join(runner._expected_fingerprints)}); "
+                    "nothing was sent",
+                    hint="someone may be intercepting the connection",
+                )
+            self._pin(key)
+            return
+        if target.trust_on_first_use:
+            runner._warn(
+                f"trusting {hostname}'s {key.get_name()} host key {presented} on first use, "
+                f"without verification; pinned in {target.known_hosts_path}"
+            )
+            self._pin(key)
+            return
+        raise SecurityError(
+            f"no pinned host key for {hostname} (it presented {key.get_name()} {presented}); refusing to connect",
+            hint="gpuflow pins keys from the instance's console output; "
+            "pass --trust-on-first-use to accept the key unverified",
+        )
+
+    def _pin(self, key: Any) -> None:
+        target = self._runner.target
+        if target.known_hosts_path:
+            hostkeys.pin_host_keys(
+                target.known_hosts_path,
+                target.host,
+                target.port,
+                [hostkeys.PublicHostKey(key.get_name(), key.get_base64())],
+            )
+
+
+def _feed_stdin(channel: Any, data: bytes) -> None:
+    """Send stdin from a thread: a command that writes a lot before reading all
+    its input would otherwise deadlock against a blocked sendall."""
+    with contextlib.suppress(Exception):
+        if data:
+            channel.sendall(data)
+        channel.shutdown_write()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
