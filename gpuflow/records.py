@@ -88,6 +88,7 @@ class Cluster:
     security_group_id: str | None = None
     security_group_created: bool = False
     ssh_user: str = "ubuntu"
+    ssh_port: int = 22  # sshd's port on the nodes (22 on EC2; tests point a record at a loopback sshd)
     created_at: str | None = None  # ISO 8601, UTC
     price_per_hour: float | None = None  # per instance, USD
     spec: ClusterSpec | None = None
