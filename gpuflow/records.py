@@ -37,6 +37,7 @@ class ClusterSpec:
     allow_cpu: bool = False
     profile: str | None = None
     sandbox: bool = False
+    allow_ssh_from_anywhere: bool = False  # a 0.0.0.0/0 or ::/0 --ssh-cidr needs this explicit consent
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
