@@ -24,6 +24,7 @@
 #   --log-file FILE          GPUFLOW_DEADMAN_LOG_FILE   default /var/log/gpuflow-deadman.log
 #   --uptime-from start      GPUFLOW_DEADMAN_UPTIME_FROM  "boot" (default: the kernel's uptime) or
 #                            "start" (this script's start; for tests on a long-running machine)
+#   GPUFLOW_DEADMAN_RETRY_SECONDS  wait after an accepted shutdown before asking again, default 60
 # Seconds-based overrides for tests: GPUFLOW_DEADMAN_IDLE_SECONDS, GPUFLOW_DEADMAN_MAX_SECONDS.
 
 set -u
@@ -39,6 +40,7 @@ log_file="${GPUFLOW_DEADMAN_LOG_FILE:-/var/log/gpuflow-deadman.log}"
 uptime_from="${GPUFLOW_DEADMAN_UPTIME_FROM:-boot}"
 idle_seconds="${GPUFLOW_DEADMAN_IDLE_SECONDS:-}"
 max_seconds="${GPUFLOW_DEADMAN_MAX_SECONDS:-}"
+retry_seconds="${GPUFLOW_DEADMAN_RETRY_SECONDS:-60}"
 
 usage() {
     sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
@@ -80,7 +82,7 @@ to_seconds() {
 
 # Validate everything once; a bad value is a bug in the caller, so refuse to
 # start (systemd shows the message) rather than run with a guess.
-for pair in "idle-minutes:$idle_minutes" "max-hours:$max_hours" "interval:$interval"; do
+for pair in "idle-minutes:$idle_minutes" "max-hours:$max_hours" "interval:$interval" "retry-seconds:$retry_seconds"; do
     if ! is_decimal "${pair#*:}"; then
         echo "gpuflow-deadman: --${pair%%:*} must be a non-negative number, got '${pair#*:}'" >&2
         exit 2
@@ -89,7 +91,6 @@ done
 case "$uptime_from" in boot|start) ;; *) echo "gpuflow-deadman: --uptime-from must be boot or start" >&2; exit 2 ;; esac
 case "$idle_seconds" in '') idle_seconds="$(to_seconds "$idle_minutes" 60)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_IDLE_SECONDS must be an integer" >&2; exit 2 ;; esac
 case "$max_seconds" in '') max_seconds="$(to_seconds "$max_hours" 3600)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_MAX_SECONDS must be an integer" >&2; exit 2 ;; esac
-sleep_seconds="$interval"
 [ -n "$shutdown_command" ] || { echo "gpuflow-deadman: empty --shutdown-command" >&2; exit 2; }
 
 monotonic_seconds() {
@@ -188,24 +189,37 @@ busy_reason() {
 }
 
 fire() {
+    # Ask for the shutdown; if the machine is somehow still here after the
+    # wait, the loop asks again (the decision is re-taken each time).
+    local status
     log "FIRE: $1; running: $shutdown_command"
     # Word-split on purpose: the command and its arguments, found on PATH.
     # shellcheck disable=SC2086
-    if $shutdown_command >>"$log_file" 2>&1; then
-        log "shutdown command accepted"
+    # A log that cannot be opened must not stop the shutdown itself.
+    if { : >>"$log_file"; } 2>/dev/null; then
+        $shutdown_command >>"$log_file" 2>&1
+        status=$?
     else
-        log "shutdown command failed (exit $?); retrying in ${sleep_seconds}s"
+        $shutdown_command
+        status=$?
+    fi
+    if [ "$status" -eq 0 ]; then
+        log "shutdown command accepted; asking again in ${retry_seconds}s if still up"
+        sleep_seconds="$retry_seconds"
+    else
+        log "shutdown command failed (exit $status); retrying in ${interval}s"
     fi
 }
 
 trap 'log "exiting (signal or error); a supervisor restarts me, the uptime cap is kept"' EXIT
 trap 'exit 143' TERM INT HUP
 
-log "start: base=$base_dir idle=${idle_seconds}s max=${max_seconds}s interval=${sleep_seconds}s uptime-from=$uptime_from shutdown='$shutdown_command'"
+log "start: base=$base_dir idle=${idle_seconds}s max=${max_seconds}s interval=${interval}s uptime-from=$uptime_from shutdown='$shutdown_command'"
 
 idle_since=""        # monotonic time when the idle period began; empty while busy
 last_state=""
 while :; do
+    sleep_seconds="$interval"
     now_monotonic="$(monotonic_seconds)"
     case "$now_monotonic" in ''|*[!0-9]*) now_monotonic="$SECONDS" ;; esac
     up="$(uptime_seconds)"
