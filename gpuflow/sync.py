@@ -1,0 +1,822 @@
+"""``gpuflow sync``: push a project (or a data directory) to an instance.
+
+How a sync works, whatever the destination:
+
+1. :func:`gpuflow.ignore.scan_tree` lists the local files (``.gitignore``,
+   ``.gpuflowignore``, fixed skips, symlink policy) with size, mtime and mode.
+2. One look at the destination lists what is already there (size, mtime,
+   mode, link target; never following links).  Over SSH this is one command
+   on the connection that the rest of the sync reuses (OpenSSH connection
+   multiplexing), and it also says whether the remote has rsync.
+3. The plan: a file is sent when the destination lacks it or its size, mode or
+   mtime differ (rsync's quick check); a destination file or link the local
+   tree no longer has is deleted, unless the ignore rules cover it (a remote
+   ``__pycache__`` or an ignored ``checkpoints/`` is left alone, as
+   ``rsync --delete`` leaves excluded files alone).  Deletions only ever name
+   paths from the destination's own listing, relative to the destination,
+   without ``..``: nothing outside the destination directory is touched.
+4. Only the files in the plan travel: with rsync over the pinned SSH when both
+   ends have it (``--files-from`` the plan, NUL-separated, so rsync's delta
+   transfer still applies to large files), otherwise one uncompressed tar
+   stream (``tar -cf - --null -T list | ssh ... tar -xpf -``); to a local
+   directory, a Python copy (temp file + rename, mtime and mode kept).
+
+A no-change re-sync therefore costs one SSH connection and one remote
+``find``: no rsync process, no file list exchange.
+
+Why the destination listing and not a local manifest of the last sync: the
+listing is the truth (another laptop, or a job, may have changed the remote
+tree) and, over a multiplexed connection, it is as cheap as reading a local
+file would be worth; a cache could only add a way to be wrong.
+
+SSH always runs as ``ssh -F none`` with the cluster's pinned known_hosts,
+``StrictHostKeyChecking=yes`` (``accept-new`` only for a target explicitly
+marked trust-on-first-use), ``BatchMode`` and ``IdentitiesOnly``: a changed
+host key ends the sync with :class:`~gpuflow.errors.HostKeyMismatch`, an
+unreachable host with :class:`~gpuflow.errors.UnreachableHost`, never a
+prompt or a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from gpuflow.errors import (
+    DataError,
+    HostKeyMismatch,
+    RemoteCommandFailed,
+    SecurityError,
+    UnreachableHost,
+    UsageError,
+)
+from gpuflow.ignore import PROJECT_SKIPPED_TOP_LEVEL, LocalEntry, SourceTree, scan_tree
+from gpuflow.records import SSHTarget
+
+if TYPE_CHECKING:
+    from gpuflow.records import Cluster
+
+# A tree bigger than this is probably a mistake (a dataset or a venv inside the project).
+DEFAULT_LARGE_BYTES = 1 << 30
+DEFAULT_LARGE_FILES = 20_000
+
+METHODS = ("auto", "rsync", "tar", "copy")
+_COPY_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class LocalDestination:
+    """A directory on this machine (the sandbox's LocalRunner base_dir, tests)."""
+
+    directory: Path
+
+    def describe(self) -> str:
+        return str(self.directory)
+
+
+@dataclass(frozen=True)
+class SSHDestination:
+    """A directory on an SSH target; a relative ``directory`` is relative to
+    the login user's home (``gpuflow/project``)."""
+
+    target: SSHTarget
+    directory: str
+
+    def describe(self) -> str:
+        return f"{self.target.user}@{self.target.host}:{self.directory}"
+
+
+Destination = Union[LocalDestination, SSHDestination]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did (or, with ``dry_run``, would do)."""
+
+    source: str
+    destination: str
+    method: str  # "rsync" | "tar" | "copy"
+    files_considered: int
+    bytes_considered: int
+    files_sent: int
+    bytes_sent: int  # file bytes sent (rsync may put fewer on the wire thanks to its delta transfer)
+    files_deleted: int
+    seconds: float
+    dry_run: bool = False
+    sent: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    skipped_links: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("sent", "deleted", "skipped_links"):
+            data[key] = list(data[key])
+        return data
+
+    def summary(self) -> str:
+        verb = "would send" if self.dry_run else "sent"
+        text = (
+            f"{verb} {self.files_sent} of {self.files_considered} files "
+            f"({_human_bytes(self.bytes_sent)} of {_human_bytes(self.bytes_considered)}) "
+            f"to {self.destination} via {self.method} in {self.seconds:.2f} s"
+        )
+        if self.files_deleted:
+            text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted}"
+        return text
+
+
+@dataclass(frozen=True)
+class DestinationEntry:
+    """One entry of the destination listing."""
+
+    kind: str  # "file" | "link" | "dir" | "other"
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0
+    link_target: str | None = None
+
+
+@dataclass(frozen=True)
+class DestinationState:
+    """The destination's side of the plan."""
+
+    exists: bool
+    entries: dict[str, DestinationEntry] = field(default_factory=dict)
+    listed: bool = True  # False when the listing failed: send everything, delete nothing
+    has_rsync: bool = False
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    to_send: tuple[LocalEntry, ...]
+    to_delete: tuple[str, ...]  # files and links, then directories deepest first
+
+    @property
+    def bytes_to_send(self) -> int:
+        return sum(entry.size for entry in self.to_send)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _same_mtime(local_ns: int, remote_ns: int) -> bool:
+    """Equal, or equal to the second when the destination keeps only seconds."""
+    if local_ns == remote_ns:
+        return True
+    return remote_ns % 1_000_000_000 == 0 and local_ns // 1_000_000_000 == remote_ns // 1_000_000_000
+
+
+def needs_sending(local: LocalEntry, remote: DestinationEntry | None) -> bool:
+    if remote is None or remote.kind != local.kind:
+        return True
+    if local.kind == "link":
+        return remote.link_target != local.link_target
+    return remote.size != local.size or remote.mode != local.mode or not _same_mtime(local.mtime_ns, remote.mtime_ns)
+
+
+def _safe_relative(path: str) -> bool:
+    return bool(path) and not path.startswith("/") and ".." not in path.split("/") and "\0" not in path
+
+
+def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
+    """What to send and what to delete so the destination mirrors the tree."""
+    local_paths = {entry.path for entry in tree.entries}
+    to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
+    if not state.listed:
+        return SyncPlan(tree.entries, ())
+    doomed_files: list[str] = []
+    doomed_directories: list[str] = []
+    for path, entry in state.entries.items():
+        if not _safe_relative(path):
+            raise SecurityError(f"the destination listing holds an unsafe path {path!r}; sync refused")
+        if entry.kind == "dir":
+            if path in local_paths:
+                doomed_directories.append(path)  # the tree now has a file or link here
+            elif path not in tree.directories and not tree.rules.ignored(path, is_directory=True):
+                doomed_directories.append(path)
+        elif path in tree.directories:
+            doomed_files.append(path)  # the tree now has a directory here
+        elif path not in local_paths and not tree.rules.ignored(path):
+            doomed_files.append(path)
+    doomed_directories.sort(key=lambda path: (-path.count("/"), path))
+    return SyncPlan(to_send, tuple(sorted(doomed_files)) + tuple(doomed_directories))
+
+
+# --------------------------------------------------------------------------- SSH plumbing
+
+
+def _ssh_option_path(path: str) -> str:
+    """A path as an ``-o Key=value`` value: ssh expands ``%`` tokens and
+    splits on spaces unless double-quoted."""
+    if '"' in path or "\n" in path:
+        raise UsageError(f"unsupported character in path {path!r} for an ssh option")
+    path = path.replace("%", "%%")
+    return f'"{path}"' if any(character.isspace() for character in path) else path
+
+
+def ssh_argv(target: SSHTarget, control_path: str | None = None) -> list[str]:
+    """The ``ssh`` command line (without the host) that reaches ``target``
+    with its pinned host keys and nothing from ~/.ssh/config."""
+    if not target.known_hosts_path and not target.trust_on_first_use:
+        raise SecurityError(
+            f"no pinned host key for {target.host}:{target.port}",
+            hint="the cluster's known_hosts file is missing; run `gpuflow ssh NAME` to pin the instance's key",
+        )
+    known_hosts = target.known_hosts_path or os.devnull
+    argv = [
+        "ssh",
+        "-F",
+        "none",
+        "-o",
+        f"UserKnownHostsFile={_ssh_option_path(str(known_hosts))}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=" + ("accept-new" if target.trust_on_first_use else "yes"),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=4",
+        "-o",
+        "LogLevel=ERROR",
+        "-p",
+        str(target.port),
+        "-l",
+        target.user,
+    ]
+    if target.key_path:
+        argv += ["-i", str(target.key_path)]
+    if control_path:
+        argv += ["-o", f"ControlPath={_ssh_option_path(control_path)}"]
+    return argv
+
+
+def _ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
+    """Map an ssh exit status 255 to the domain error it means."""
+    text = stderr.decode("utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message from ssh"
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+        return HostKeyMismatch(
+            f"host key of {target.host}:{target.port} does not match the key pinned in {target.known_hosts_path}; "
+            f"{what} refused",
+            hint="if the instance was replaced on purpose, re-pin its key; otherwise do not connect",
+        )
+    if "host key for" in text and "has changed" in text:
+        return HostKeyMismatch(f"host key of {target.host}:{target.port} changed; {what} refused")
+    return UnreachableHost(f"cannot reach {target.host}:{target.port} over SSH for {what}: {last}")
+
+
+class _SshSession:
+    """One multiplexed OpenSSH connection (a ControlMaster in a private
+    socket directory) that every command of a sync reuses; closed at the end."""
+
+    def __init__(self, target: SSHTarget) -> None:
+        self.target = target
+        # Short path: unix socket paths are limited to ~104 bytes on macOS.
+        self._socket_directory = tempfile.mkdtemp(prefix="gpuflow-ssh-")
+        self.control_path = os.path.join(self._socket_directory, "%C")
+        self.base_argv = ssh_argv(target, self.control_path)
+        self._master_started = False
+
+    def command_argv(self, remote_command: str) -> list[str]:
+        return [*self.base_argv, self.target.host, remote_command]
+
+    def run(self, remote_command: str, *, stdin: bytes = b"", what: str = "sync", first: bool = False) -> bytes:
+        """Run a gpuflow-written shell command; the first call opens the master."""
+        argv = self.base_argv + (["-o", "ControlMaster=auto", "-o", "ControlPersist=60"] if first else [])
+        completed = subprocess.run(
+            [*argv, self.target.host, remote_command], input=stdin, capture_output=True, check=False
+        )
+        if first and completed.returncode != 255:
+            self._master_started = True
+        if completed.returncode == 255:
+            raise _ssh_failure(self.target, completed.stderr, what)
+        if completed.returncode != 0:
+            message = completed.stderr.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
+            raise RemoteCommandFailed(f"{what} failed on {self.target.host} (exit {completed.returncode}): {message}")
+        return completed.stdout
+
+    def close(self) -> None:
+        if self._master_started:
+            subprocess.run(
+                [*self.base_argv, "-O", "exit", self.target.host],
+                capture_output=True,
+                check=False,
+                timeout=15,
+            )
+        shutil.rmtree(self._socket_directory, ignore_errors=True)
+
+
+_PROBE_HEADER = re.compile(rb"^GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
+
+# The probe: does rsync exist, does the destination exist, and what is in it.
+# `find -printf` fields are NUL-terminated so any file name (newlines included) survives.
+_PROBE_SCRIPT = (
+    "d={directory}; r=0; e=0; l=0; command -v rsync >/dev/null 2>&1 && r=1; "
+    "{make}"
+    "if [ -d \"$d\" ]; then e=1; "
+    "if cd -- \"$d\" && find . -maxdepth 0 -printf '' >/dev/null 2>&1; then l=1; fi; fi; "
+    "printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\\n' \"$r\" \"$e\" \"$l\"; "
+    "if [ \"$l\" = 1 ]; then find . -mindepth 1 -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'; fi"
+)
+
+
+def _parse_time_ns(text: str) -> int:
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+
+
+_FIND_KINDS = {"f": "file", "l": "link", "d": "dir"}
+
+
+def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
+    """Parse ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` output."""
+    fields = data.split(b"\0")
+    if fields and fields[-1] == b"":
+        fields.pop()
+    if len(fields) % 6:
+        raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
+    entries: dict[str, DestinationEntry] = {}
+    for index in range(0, len(fields), 6):
+        kind_code, mode, size, mtime, link_target, path = fields[index : index + 6]
+        kind = _FIND_KINDS.get(kind_code.decode(), "other")
+        name = os.fsdecode(path)
+        entries[name] = DestinationEntry(
+            kind=kind,
+            size=int(size) if kind == "file" else 0,
+            mtime_ns=_parse_time_ns(mtime.decode()),
+            mode=int(mode, 8) if kind == "file" else 0,
+            link_target=os.fsdecode(link_target) if kind == "link" else None,
+        )
+    return entries
+
+
+def _probe_ssh(session: _SshSession, directory: str, *, create: bool) -> DestinationState:
+    script = _PROBE_SCRIPT.format(
+        directory=shlex.quote(directory),
+        make='mkdir -p -- "$d" || exit 3; ' if create else "",
+    )
+    output = session.run(f"sh -c {shlex.quote(script)}", what="sync", first=True)
+    match = _PROBE_HEADER.match(output)
+    if match is None:
+        raise RemoteCommandFailed(f"unexpected answer from {session.target.host} to the sync probe")
+    has_rsync, exists, listed = (value == b"1" for value in match.groups())
+    entries = parse_find_listing(output[match.end() :]) if listed else {}
+    return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
+
+
+def _delete_script(directory: str) -> str:
+    # Each path comes NUL-separated on stdin, from the destination's own listing.
+    # A directory is removed only when empty; a link is removed, never followed.
+    loop = (
+        'for p in "$@"; do if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; '
+        'else rm -f -- "$p"; fi; done'
+    )
+    return f"cd -- {shlex.quote(directory)} && xargs -0 -r sh -c {shlex.quote(loop)} sh"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing (not a TTY, --json, tests)."""
+
+    def __init__(self, enabled: bool, total_bytes: int, description: str) -> None:
+        self._bar = None
+        self._task = None
+        if enabled and total_bytes > 0:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total_bytes)
+
+    def advance(self, amount: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+    def update(self, completed: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# --------------------------------------------------------------------------- transports
+
+
+def _write_file_list(paths: Sequence[str]) -> str:
+    """A NUL-separated list of paths in a temp file (for ``--files-from`` / ``-T``)."""
+    descriptor, list_path = tempfile.mkstemp(prefix="gpuflow-sync-", suffix=".list")
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(b"".join(os.fsencode(path) + b"\0" for path in paths))
+    return list_path
+
+
+_RSYNC_PROGRESS = re.compile(rb"^\s*([\d,]+)\s+\d+%")
+
+
+def _send_rsync(session: _SshSession, source: Path, directory: str, plan: SyncPlan, progress: _Progress) -> None:
+    list_path = _write_file_list([entry.path for entry in plan.to_send])
+    remote_shell = shlex.join(session.base_argv)
+    remote_directory = directory.rstrip("/") + "/"
+    argv = [
+        "rsync",
+        "-a",
+        "--no-owner",
+        "--no-group",
+        "-s",  # protect the remote path from the remote shell
+        "--from0",
+        f"--files-from={list_path}",
+        "--info=progress2",
+        "--no-human-readable",
+        "-e",
+        remote_shell,
+        f"{source}/",
+        f"{session.target.host}:{remote_directory}",
+    ]
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        buffer = b""
+        while True:
+            chunk = process.stdout.read1(65536) if hasattr(process.stdout, "read1") else process.stdout.read(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = re.split(rb"[\r\n]", buffer)
+            for line in lines:
+                match = _RSYNC_PROGRESS.match(line)
+                if match:
+                    progress.update(int(match.group(1).replace(b",", b"")))
+        stderr = process.stderr.read() if process.stderr else b""
+        code = process.wait()
+    finally:
+        os.unlink(list_path)
+    if code == 255 or b"Host key verification failed" in stderr:
+        raise _ssh_failure(session.target, stderr, "sync")
+    if code != 0:
+        message = stderr.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
+        raise RemoteCommandFailed(f"rsync to {session.target.host} failed (exit {code}): {message}")
+
+
+def _send_tar(session: _SshSession, source: Path, directory: str, plan: SyncPlan, progress: _Progress) -> None:
+    """One uncompressed tar stream of the planned files, copied through here
+    so the progress bar sees every byte.  ``--format=posix`` keeps nanosecond
+    mtimes and any file name; ``--null`` reads the list verbatim (a name that
+    starts with '-' is a name, not an option)."""
+    list_path = _write_file_list([entry.path for entry in plan.to_send])
+    environment = {**os.environ, "LC_ALL": "C"}
+    create = [
+        "tar",
+        "-C",
+        str(source),
+        "--format=posix",
+        "--pax-option=delete=atime,delete=ctime",
+        "--null",
+        "--no-recursion",
+        "-cf",
+        "-",
+        "-T",
+        list_path,
+    ]
+    extract = (
+        f"cd -- {shlex.quote(directory)} && "
+        "LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword"
+    )
+    packer = subprocess.Popen(create, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    receiver = subprocess.Popen(
+        session.command_argv(f"sh -c {shlex.quote(extract)}"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert packer.stdout is not None and receiver.stdin is not None
+    broken_pipe = False
+    try:
+        while True:
+            chunk = packer.stdout.read1(_COPY_CHUNK) if hasattr(packer.stdout, "read1") else packer.stdout.read(_COPY_CHUNK)
+            if not chunk:
+                break
+            try:
+                receiver.stdin.write(chunk)
+            except BrokenPipeError:
+                broken_pipe = True
+                break
+            progress.advance(len(chunk))
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            receiver.stdin.close()
+        if broken_pipe:
+            packer.kill()
+        packer_error = packer.stderr.read() if packer.stderr else b""
+        packer_code = packer.wait()
+        receiver_error = receiver.stderr.read() if receiver.stderr else b""
+        receiver_code = receiver.wait()
+        os.unlink(list_path)
+    if receiver_code == 255:
+        raise _ssh_failure(session.target, receiver_error, "sync")
+    if receiver_code != 0:
+        message = receiver_error.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
+        raise RemoteCommandFailed(f"unpacking on {session.target.host} failed (exit {receiver_code}): {message}")
+    if packer_code != 0 and not broken_pipe:
+        message = packer_error.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
+        raise DataError(f"reading the files to send failed: {message}", hint="a file changed or vanished; sync again")
+
+
+def list_local_destination(directory: Path) -> DestinationState:
+    """The same listing the SSH probe produces, for a local directory."""
+    if not directory.is_dir():
+        return DestinationState(exists=False)
+    entries: dict[str, DestinationEntry] = {}
+    pending = [""]
+    while pending:
+        relative_directory = pending.pop()
+        absolute_directory = directory / relative_directory if relative_directory else directory
+        with os.scandir(absolute_directory) as iterator:
+            for item in iterator:
+                relative_path = f"{relative_directory}/{item.name}" if relative_directory else item.name
+                status = item.stat(follow_symlinks=False)
+                if stat.S_ISLNK(status.st_mode):
+                    entries[relative_path] = DestinationEntry(
+                        "link", 0, status.st_mtime_ns, 0, os.readlink(item.path)
+                    )
+                elif stat.S_ISDIR(status.st_mode):
+                    entries[relative_path] = DestinationEntry("dir", 0, status.st_mtime_ns)
+                    pending.append(relative_path)
+                elif stat.S_ISREG(status.st_mode):
+                    entries[relative_path] = DestinationEntry(
+                        "file", status.st_size, status.st_mtime_ns, stat.S_IMODE(status.st_mode)
+                    )
+                else:
+                    entries[relative_path] = DestinationEntry("other", 0, status.st_mtime_ns)
+    return DestinationState(exists=True, entries=entries, has_rsync=False)
+
+
+def _inside(directory_real: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == directory_real or real.startswith(directory_real + os.sep)
+
+
+def _apply_local(source: Path, destination: Path, plan: SyncPlan, progress: _Progress) -> None:
+    """Delete, then copy each planned entry via a temp file + rename; never
+    writes through a link (every parent is checked to resolve inside)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    destination_real = os.path.realpath(destination)
+    for path in plan.to_delete:
+        target = destination / path
+        if not _inside(destination_real, os.path.dirname(target)):
+            raise SecurityError(f"refusing to delete {target}: it resolves outside {destination}")
+        try:
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()
+            else:
+                target.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # a directory still holding ignored files stays
+    for entry in plan.to_send:
+        target = destination / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not _inside(destination_real, str(target.parent)):
+            raise SecurityError(f"refusing to write {target}: it resolves outside {destination}")
+        temporary = target.parent / f".{target.name}.gpuflow-sync.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        if entry.kind == "link":
+            os.symlink(entry.link_target or "", temporary)
+        else:
+            with open(source / entry.path, "rb") as reader, open(temporary, "wb") as writer:
+                while True:
+                    chunk = reader.read(_COPY_CHUNK)
+                    if not chunk:
+                        break
+                    writer.write(chunk)
+                    progress.advance(len(chunk))
+            os.chmod(temporary, entry.mode)
+            os.utime(temporary, ns=(entry.mtime_ns, entry.mtime_ns))
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # planned for deletion but still held ignored files
+        os.replace(temporary, target)
+
+
+# --------------------------------------------------------------------------- use cases
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"gpuflow: warning: {message}", file=sys.stderr)
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
+
+
+def sync_directory(
+    source: Path,
+    destination: Destination,
+    *,
+    method: str = "auto",
+    dry_run: bool = False,
+    progress: bool = False,
+    skip_top_level: Sequence[str] = (),
+    large_bytes: int = DEFAULT_LARGE_BYTES,
+    large_files: int = DEFAULT_LARGE_FILES,
+    confirm_large: Callable[[str], bool] | None = None,
+    warn: Callable[[str], None] = _stderr_warning,
+) -> SyncReport:
+    """Make ``destination`` mirror ``source`` (after ignore rules); send only changes.
+
+    ``method``: ``auto`` (rsync over SSH when the remote has it, else tar; a
+    Python copy for a local destination), or force ``rsync``/``tar``/``copy``.
+    ``confirm_large`` is asked (with a one-line description) before sending
+    more than ``large_bytes`` or ``large_files``; without it the sync warns
+    through ``warn`` and goes on.  Returns a :class:`SyncReport`.
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        raise DataError(f"cannot sync {source}: not a directory")
+    started = time.perf_counter()
+    tree = scan_tree(source, skip_top_level=skip_top_level)
+    for link in tree.skipped_links[:3]:
+        warn(f"not sending symlink {link!r}: it is absolute or leads outside {source}")
+    if isinstance(destination, LocalDestination):
+        if method not in ("auto", "copy"):
+            raise UsageError(f"method {method!r} needs an SSH destination; a local directory uses 'copy'")
+        return _sync_local(tree, destination, dry_run, progress, large_bytes, large_files, confirm_large, warn, started)
+    if method == "copy":
+        raise UsageError("method 'copy' is for a local destination; over SSH use rsync or tar")
+    return _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_files, confirm_large, warn, started)
+
+
+def _check_size(
+    plan: SyncPlan,
+    destination: Destination,
+    large_bytes: int,
+    large_files: int,
+    confirm_large: Callable[[str], bool] | None,
+    warn: Callable[[str], None],
+) -> None:
+    if plan.bytes_to_send <= large_bytes and len(plan.to_send) <= large_files:
+        return
+    message = (
+        f"about to send {len(plan.to_send):,} files ({_human_bytes(plan.bytes_to_send)}) to {destination.describe()}; "
+        "list big paths in .gpuflowignore, or sync data once with `gpuflow sync --data PATH`"
+    )
+    if confirm_large is None:
+        warn(message)
+    elif not confirm_large(message):
+        raise UsageError("sync cancelled", hint="add large paths to .gpuflowignore, or pass --yes")
+
+
+def _report(
+    tree: SourceTree, destination: Destination, method: str, plan: SyncPlan, started: float, dry_run: bool
+) -> SyncReport:
+    return SyncReport(
+        source=str(tree.root),
+        destination=destination.describe(),
+        method=method,
+        files_considered=len(tree.entries),
+        bytes_considered=tree.total_bytes,
+        files_sent=len(plan.to_send),
+        bytes_sent=plan.bytes_to_send,
+        files_deleted=len(plan.to_delete),
+        seconds=time.perf_counter() - started,
+        dry_run=dry_run,
+        sent=tuple(entry.path for entry in plan.to_send),
+        deleted=plan.to_delete,
+        skipped_links=tree.skipped_links,
+    )
+
+
+def _sync_local(tree, destination, dry_run, progress, large_bytes, large_files, confirm_large, warn, started):
+    directory = Path(destination.directory)
+    state = list_local_destination(directory)
+    plan = plan_sync(tree, state)
+    if not dry_run:
+        _check_size(plan, destination, large_bytes, large_files, confirm_large, warn)
+        bar = _Progress(progress, plan.bytes_to_send, "sync")
+        try:
+            _apply_local(tree.root, directory, plan, bar)
+        finally:
+            bar.close()
+    return _report(tree, destination, "copy", plan, started, dry_run)
+
+
+def _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_files, confirm_large, warn, started):
+    if shutil.which("ssh") is None:
+        raise UsageError("the OpenSSH client `ssh` is not installed", hint="install openssh-client")
+    session = _SshSession(destination.target)
+    try:
+        state = _probe_ssh(session, destination.directory, create=not dry_run)
+        if not state.listed:
+            warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
+        use_rsync = method == "rsync" or (method == "auto" and state.has_rsync and shutil.which("rsync"))
+        if method == "rsync" and not (state.has_rsync and shutil.which("rsync")):
+            raise UsageError("rsync is missing on this machine or on the target", hint="use --method tar")
+        chosen = "rsync" if use_rsync else "tar"
+        plan = plan_sync(tree, state)
+        if dry_run:
+            return _report(tree, destination, chosen, plan, started, True)
+        _check_size(plan, destination, large_bytes, large_files, confirm_large, warn)
+        if plan.to_delete:
+            payload = b"".join(os.fsencode(path) + b"\0" for path in plan.to_delete)
+            session.run(_delete_script(destination.directory), stdin=payload, what="deleting removed files")
+        if plan.to_send:
+            bar = _Progress(progress, plan.bytes_to_send, f"sync ({chosen})")
+            try:
+                sender = _send_rsync if use_rsync else _send_tar
+                sender(session, tree.root, destination.directory, plan, bar)
+            finally:
+                bar.close()
+        return _report(tree, destination, chosen, plan, started, False)
+    finally:
+        session.close()
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
+    """Where ``<base>/<subdirectory>`` of a cluster's head node is, for sync.
+
+    A sandbox cluster's runner is a LocalRunner whose ``base_dir`` is a local
+    directory; any other cluster is reached over SSH, where the base is
+    ``gpuflow`` under the login home.
+    """
+    from gpuflow import remote
+    from gpuflow.transport.local import LocalRunner
+
+    if cluster.sandbox:
+        runner = remote.runner_for(cluster)
+        try:
+            if isinstance(runner, LocalRunner):
+                return LocalDestination(Path(runner.base_dir) / subdirectory)
+        finally:
+            runner.close()
+    return SSHDestination(remote.ssh_target_for(cluster), f"gpuflow/{subdirectory}")
+
+
+def sync_project(cluster: Cluster, project_dir: Path, **options: Any) -> SyncReport:
+    """Push the project to ``<base>/project/`` (the top-level ``runs/`` stays home)."""
+    options.setdefault("skip_top_level", tuple(PROJECT_SKIPPED_TOP_LEVEL))
+    return sync_directory(Path(project_dir), destination_for(cluster, "project"), **options)
+
+
+def data_name(data_dir: Path) -> str:
+    """The remote name of a data directory: its basename, which must be a plain name."""
+    from gpuflow.state import validate_name
+
+    return validate_name(Path(data_dir).expanduser().resolve().name, "data directory name")
+
+
+def sync_data(cluster: Cluster, data_dir: Path, **options: Any) -> SyncReport:
+    """Push a data directory to ``<base>/data/<basename>/``, where later runs find it."""
+    return sync_directory(Path(data_dir), destination_for(cluster, f"data/{data_name(data_dir)}"), **options)
+
