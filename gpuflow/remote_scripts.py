@@ -1,0 +1,214 @@
+"""Scripts gpuflow runs on the instance for a job: the supervisor and two probes.
+
+They are plain strings rendered here (not package data files) so that the
+exact text that runs remotely is reviewable next to the code that renders it,
+and every value put into them goes through :func:`shlex.quote` (the supervisor)
+or arrives as an ``argv`` element (the Python probes): nothing a user typed is
+ever parsed by the remote shell.
+
+* :func:`render_supervisor` — a bash script started detached (``setsid -f
+  nohup``) in the run directory.  It puts the job in its own process group
+  (``setsid``), records that group leader's pid in ``job.pid``, appends the
+  job's output to ``job.log``, touches ``<base>/heartbeat`` every
+  ``heartbeat_seconds`` while the job lives (feeding the instance's
+  dead-man's switch) and writes ``exit_code`` atomically when the job ends.
+  Because the supervisor is a separate session and ignores SIGHUP, neither a
+  dropped SSH connection nor a sleeping laptop nor gpuflow exiting touches it;
+  ``gpuflow stop`` signals only the job's process group, so the supervisor
+  survives to record the exit code.
+* :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
+  path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
+* :data:`RUN_STATUS_PY` — for each run directory: its exit code, or whether the
+  pid in ``job.pid`` still leads a live process group.
+* :data:`ENVIRONMENT_PROBE_PY` — Python and TensorFlow versions, the installed
+  distributions (the content of ``pip freeze``), GPU name and driver.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+
+from gpuflow.transport.base import env_prefix, quote_argv
+
+_SUPERVISOR_TEMPLATE = r"""#!/usr/bin/env bash
+# gpuflow job supervisor for run {run_id} (written by gpuflow; see gpuflow/remote_scripts.py).
+# Started detached with `setsid -f nohup`: survives SSH drops, laptop sleep and gpuflow exiting.
+set -u
+run_dir={run_dir}
+base_dir={base_dir}
+work_dir={work_dir}
+heartbeat_seconds={heartbeat_seconds}
+
+write_atomically() {{ printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }}
+
+cd "$run_dir" || exit 1
+mkdir -p outputs
+touch "$base_dir/heartbeat"
+# Heartbeat: feeds the instance's dead-man's switch while the job runs.
+(
+  sleeper=""
+  trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null; exit 0' TERM
+  while :; do
+    touch "$base_dir/heartbeat"
+    sleep "$heartbeat_seconds" & sleeper=$!
+    wait "$sleeper"
+  done
+) </dev/null >/dev/null 2>&1 &
+heartbeat_pid=$!
+
+if cd "$work_dir" 2>>"$run_dir/job.log"; then
+  # setsid: the job leads its own process group, which `gpuflow stop` signals.
+  setsid {env_prefix}{command} </dev/null >>"$run_dir/job.log" 2>&1 &
+  job_pid=$!
+  write_atomically "$run_dir/job.pid" "$job_pid"
+  wait "$job_pid"
+  code=$?
+else
+  code=127
+fi
+kill "$heartbeat_pid" 2>/dev/null
+touch "$base_dir/heartbeat"
+write_atomically "$run_dir/exit_code" "$code"
+"""
+
+
+def render_supervisor(
+    *,
+    run_id: str,
+    run_dir: str,
+    base_dir: str,
+    work_dir: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    heartbeat_seconds: float = 30,
+) -> str:
+    """The supervisor script for one run; every value is shell-quoted here."""
+    if heartbeat_seconds <= 0:
+        raise ValueError("heartbeat_seconds must be positive")
+    return _SUPERVISOR_TEMPLATE.format(
+        run_id=run_id,  # a validated name, only inside a comment
+        run_dir=shlex.quote(run_dir),
+        base_dir=shlex.quote(base_dir),
+        work_dir=shlex.quote(work_dir),
+        heartbeat_seconds=shlex.quote(f"{heartbeat_seconds:g}"),
+        env_prefix=env_prefix(env),
+        command=quote_argv(argv),
+    )
+
+
+def launch_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
+    """Shell line that starts the supervisor detached and returns at once.
+
+    ``setsid -f`` forks into a new session (no controlling terminal, not in
+    the SSH session's process group); ``nohup`` ignores SIGHUP; every stream
+    is redirected so that the SSH channel closes without waiting for it.
+    """
+    return (
+        f"cd {shlex.quote(run_dir)} && "
+        f"setsid -f nohup bash {shlex.quote(script_name)} </dev/null >/dev/null 2>&1"
+    )
+
+
+# argv: ROOT NAME...  — lists each NAME under ROOT (recursively for directories)
+# without following symlinks; prints one JSON list.
+LIST_TREE_PY = r"""
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+entries = []
+def add(relative):
+    path = os.path.join(root, relative)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+    if stat.S_ISLNK(info.st_mode):
+        entry["kind"] = "symlink"
+    elif stat.S_ISDIR(info.st_mode):
+        entry["kind"] = "dir"
+        entries.append(entry)
+        for name in sorted(os.listdir(path)):
+            add(relative + "/" + name)
+        return
+    elif stat.S_ISREG(info.st_mode):
+        entry["kind"] = "file"
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        entry["sha256"] = digest.hexdigest()
+    else:
+        entry["kind"] = "other"
+    entries.append(entry)
+for name in sys.argv[2:]:
+    add(name)
+print(json.dumps(entries))
+"""
+
+# argv: RUN_DIR...  — prints {run_dir: {"exit_code": int|null, "pid": int|null, "alive": bool}}
+RUN_STATUS_PY = r"""
+import json, os, sys
+report = {}
+def read(path):
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+for run_dir in sys.argv[1:]:
+    code = read(os.path.join(run_dir, "exit_code"))
+    pid = read(os.path.join(run_dir, "job.pid"))
+    pid = int(pid) if pid and pid.isdigit() else None
+    alive = False
+    if pid is not None:
+        try:
+            alive = os.getpgid(pid) == pid
+        except OSError:
+            alive = False
+    report[run_dir] = {
+        "exists": os.path.isdir(run_dir),
+        "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
+        "pid": pid,
+        "alive": alive,
+    }
+print(json.dumps(report))
+"""
+
+# Run with the job's interpreter; prints one JSON object.  Versions come from
+# the installed distributions' metadata (what `pip freeze` reports) so that
+# the probe neither needs pip nor pays TensorFlow's multi-second import.
+ENVIRONMENT_PROBE_PY = r"""
+import json, platform, subprocess, sys
+from importlib import metadata
+def version(*names):
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]},
+                  key=str.lower)
+gpus = []
+driver = None
+try:
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+    if query.returncode == 0:
+        for line in query.stdout.strip().splitlines():
+            name, _, drv = line.partition(",")
+            gpus.append(name.strip())
+            driver = drv.strip() or driver
+except (OSError, subprocess.SubprocessError):
+    pass
+print(json.dumps({
+    "python": platform.python_version(),
+    "python_executable": sys.executable,
+    "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly"),
+    "keras": version("keras"),
+    "gpu": ", ".join(gpus) if gpus else "none",
+    "gpu_driver": driver or "none",
+    "pip_freeze": packages,
+}))
+"""

@@ -1,0 +1,1073 @@
+"""Jobs on an instance: run, follow the log, pull the outputs, list, stop.
+
+A run is started detached on the target (see :mod:`gpuflow.remote_scripts`):
+gpuflow only ever *observes* it — by reading ``job.log`` from a byte offset
+and checking for ``exit_code`` — so a dropped connection, a sleeping laptop
+or gpuflow exiting never touches the job, and a reconnect continues the log
+exactly where it stopped.
+
+Everything here talks to the instance through the
+:class:`~gpuflow.transport.base.CommandRunner` protocol, obtained from a
+:class:`RunTarget` whose ``connect`` builds a fresh runner (used again to
+reconnect).  The same code therefore runs against a local directory (the
+sandbox, tests) and over SSH.
+
+Remote layout (``<base>`` is ``runner.base_dir``)::
+
+    <base>/project/            synced project, the job's working directory
+    <base>/envs/<hash>/        virtualenv per hash of the project's requirements
+    <base>/runs/<run-id>/      supervisor.sh, job.pid, job.log, exit_code, outputs/, manifest.json
+    <base>/heartbeat           touched while a job runs
+
+Locally, a run's files land in ``<project>/runs/<run-id>/`` and its record in
+the ``runs`` collection of the state cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from gpuflow import remote_scripts
+from gpuflow.config import gpuflow_home
+from gpuflow.errors import (
+    InstanceGone,
+    JobFailed,
+    NotFound,
+    RemoteCommandFailed,
+    RunNotFound,
+    UnreachableHost,
+    UnsafePath,
+    UsageError,
+)
+from gpuflow.records import Cluster
+from gpuflow.state import StateStore, atomic_write_json, validate_name
+from gpuflow.transport.base import CommandRunner, quote_argv
+
+RUNS_COLLECTION = "runs"
+LOG_NAME = "job.log"
+EXIT_CODE_NAME = "exit_code"
+PID_NAME = "job.pid"
+MANIFEST_NAME = "manifest.json"
+OUTPUTS_NAME = "outputs"
+SUPERVISOR_NAME = "supervisor.sh"
+# What `pull` copies from the remote run directory.
+PULLED_NAMES = (OUTPUTS_NAME, LOG_NAME, MANIFEST_NAME)
+READ_CHUNK = 1 << 20
+TRAINING_PACKAGE = "training"
+
+Say = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    """Default for ``say``: library code prints nothing unless asked."""
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def new_run_id(now: datetime.datetime | None = None) -> str:
+    """Sortable and unique enough: ``20261128-031500-1a2b`` (UTC time + 4 hex)."""
+    moment = (now or _now()).astimezone(datetime.timezone.utc)
+    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a run executes.
+
+    ``connect`` returns a *new* runner each call: gpuflow calls it again after
+    a dropped connection.  ``sync_project`` pushes the project directory to
+    ``<base>/project`` (the sync helper's :func:`gpuflow.sync.sync_project`
+    for real clusters); ``None`` means the project is already there.
+    """
+
+    cluster: Cluster
+    connect: Callable[[], CommandRunner]
+    sync_project: Callable[[Path], object] | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The local record of one run (the ``runs`` state collection)."""
+
+    run_id: str
+    cluster: str
+    base_dir: str
+    remote_dir: str
+    command: tuple[str, ...]
+    project_dir: str
+    local_dir: str
+    started_at: str
+    status: str = "running"  # running | succeeded | failed | lost
+    exit_code: int | None = None
+    ended_at: str | None = None
+    module: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["command"] = list(self.command)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        known = set(cls.__dataclass_fields__)
+        values = {key: value for key, value in data.items() if key in known}
+        values["command"] = tuple(values.get("command", ()))
+        return cls(**values)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+    def status_text(self) -> str:
+        return f"failed({self.exit_code})" if self.status == "failed" else self.status
+
+
+@dataclass(frozen=True)
+class PullReport:
+    local_dir: Path
+    fetched: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    changing: tuple[str, ...] = ()  # files rewritten by the job while being pulled (skipped)
+    bytes_fetched: int = 0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    record: RunRecord
+    exit_code: int | None  # None when detached
+    detached: bool = False
+    pull: PullReport | None = None
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    record: RunRecord
+    status: str  # running | succeeded | failed(N) | lost | unreachable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.record.to_dict(), "status": self.status}
+
+
+def _store(home: Path | None) -> StateStore:
+    return StateStore(home or gpuflow_home(), RUNS_COLLECTION)
+
+
+def save_record(record: RunRecord, home: Path | None = None) -> None:
+    store = _store(home)
+    with store.locked():
+        store.put(record.run_id, record.to_dict())
+
+
+def load_record(run_id: str, home: Path | None = None) -> RunRecord:
+    validate_name(run_id, "run id")
+    document = _store(home).get(run_id)
+    if document is None:
+        raise RunNotFound(f"no run {run_id!r} is known here", hint="`gpuflow runs` lists the runs")
+    return RunRecord.from_dict(document)
+
+
+def all_records(home: Path | None = None) -> list[RunRecord]:
+    return [RunRecord.from_dict(document) for document in _store(home).all().values()]
+
+
+# --------------------------------------------------------------------------- the job's command
+
+
+def _target_python(runner: CommandRunner) -> str:
+    """The interpreter gpuflow's own probes use on the target.
+
+    The sandbox / test target is this machine: reuse this interpreter (it has
+    the packages and starts instantly).  On an instance: ``python3``.
+    """
+    from gpuflow.transport.local import LocalRunner
+
+    return sys.executable if isinstance(runner, LocalRunner) else "python3"
+
+
+def is_training_module(module: str | None) -> bool:
+    return module is not None and (module == TRAINING_PACKAGE or module.startswith(TRAINING_PACKAGE + "."))
+
+
+def build_job_argv(
+    *, python: str, module: str | None, args: Sequence[str], output_dir: str
+) -> list[str]:
+    """``python -m MODULE ARGS`` or the command ARGS, as an argv (never a string).
+
+    A training module gets ``--output <run>/outputs`` unless the user passed
+    ``--output`` already.  A command starting with ``python``/``python3`` runs
+    with the run's environment interpreter.
+    """
+    args = [str(arg) for arg in args]
+    if module is not None:
+        if not module.replace(".", "").replace("_", "").isalnum() or module.startswith("."):
+            raise UsageError(f"{module!r} is not a Python module name", hint="e.g. training.cifar10_cnn")
+        argv = [python, "-m", module, *args]
+        gave_output = any(arg == "--output" or arg.startswith("--output=") for arg in args)
+        if is_training_module(module) and not gave_output:
+            argv += ["--output", output_dir]
+        return argv
+    if not args:
+        raise UsageError("nothing to run", hint="give a module (training.cifar10_cnn) or a command after `--`")
+    if args[0] in ("python", "python3"):
+        return [python, *args[1:]]
+    return args
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def requirements_of(project_dir: Path) -> str | None:
+    """The project's requirements as requirements.txt text, or None.
+
+    ``requirements.txt`` wins; else ``[project].dependencies`` of pyproject.toml.
+    """
+    requirements = project_dir / "requirements.txt"
+    if requirements.is_file():
+        text = requirements.read_text()
+        meaningful = [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        return text if meaningful else None
+    pyproject = project_dir / "pyproject.toml"
+    if pyproject.is_file():
+        from gpuflow.config import _read_toml
+
+        dependencies = _read_toml(pyproject).get("project", {}).get("dependencies") or []
+        if dependencies:
+            return "\n".join(sorted(str(item) for item in dependencies)) + "\n"
+    return None
+
+
+def requirements_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_PREPARE_ENV_SCRIPT = r"""
+set -eu
+env_dir={env_dir}
+base_python={base_python}
+requirements={requirements}
+mkdir -p "$(dirname "$env_dir")"
+exec 9>"$env_dir.lock"
+flock 9
+if [ ! -f "$env_dir/.gpuflow-ready" ]; then
+  rm -rf "$env_dir"
+  "$base_python" -m venv --system-site-packages "$env_dir"
+  "$env_dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  touch "$env_dir/.gpuflow-ready"
+  echo created
+else
+  echo reused
+fi
+"""
+
+
+def prepare_environment(runner: CommandRunner, project_dir: Path, *, say: Say = _quiet) -> str:
+    """The interpreter the job runs with.
+
+    No requirements: the target's own Python (the Deep Learning AMI's, with
+    its TensorFlow; this interpreter in the sandbox).  Otherwise a virtualenv
+    ``<base>/envs/<hash>/`` with ``--system-site-packages`` (so the AMI's
+    TensorFlow is still used), created once per requirements hash under a
+    lock and reused while the marker ``.gpuflow-ready`` exists.
+    """
+    base_python = _target_python(runner)
+    text = requirements_of(project_dir)
+    if text is None:
+        return base_python
+    digest = requirements_hash(text)
+    env_dir = f"{runner.base_dir}/envs/{digest}"
+    requirements_path = f"{env_dir}.requirements.txt"
+    runner.put_bytes(text.encode(), requirements_path)
+    script = _PREPARE_ENV_SCRIPT.format(
+        env_dir=_q(env_dir), base_python=_q(base_python), requirements=_q(requirements_path)
+    )
+    say(f"preparing the environment {digest} (once per requirements hash)")
+    result = runner.run_script(script, timeout=3600, check=False)
+    if not result.ok:
+        tail = (result.stderr or result.stdout).decode(errors="replace").strip()[-400:]
+        raise RemoteCommandFailed(
+            f"preparing the environment from the project's requirements failed: {tail}",
+            hint="fix requirements.txt / [project].dependencies and run again",
+        )
+    if result.text().strip().endswith("reused"):
+        say(f"reusing the environment {digest}")
+    return f"{env_dir}/bin/python"
+
+
+def _q(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def _package_tarball(package_name: str) -> bytes:
+    """The installed package ``package_name`` as an uncompressed tar (no caches)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound(f"the {package_name!r} package is not installed here", hint="pip install gpuflow[train]")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    buffer = io.BytesIO()
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if "__pycache__" in info.name.split("/") or info.name.endswith(".pyc"):
+            return None
+        return info
+
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(package_dir, arcname=package_name, filter=keep)
+    return buffer.getvalue()
+
+
+def _ship_package(runner: CommandRunner, package_name: str, site_dir: str) -> None:
+    tar_path = f"{site_dir}.tar"
+    runner.put_bytes(_package_tarball(package_name), tar_path)
+    runner.run(["mkdir", "-p", site_dir])
+    runner.run(["tar", "-xf", tar_path, "-C", site_dir])
+    runner.run(["rm", "-f", tar_path])
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def git_state(project_dir: Path) -> dict[str, Any] | None:
+    """Commit and a hash of uncommitted changes, or None outside a git repo."""
+
+    def git(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["git", "-C", str(project_dir), *argv], capture_output=True, check=False)
+
+    try:
+        head = git("rev-parse", "HEAD")
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    diff = git("diff", "HEAD", "--binary").stdout
+    untracked = git("ls-files", "--others", "--exclude-standard").stdout.decode(errors="replace").split("\n")
+    return {
+        "commit": head.stdout.decode().strip(),
+        "dirty": bool(diff),
+        "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
+        "untracked_files": len([name for name in untracked if name]),
+    }
+
+
+def probe_environment(runner: CommandRunner, python: str) -> dict[str, Any]:
+    result = runner.run([python, "-c", remote_scripts.ENVIRONMENT_PROBE_PY], timeout=120, check=False)
+    if not result.ok:
+        return {"error": result.stderr.decode(errors="replace").strip()[-300:]}
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return {"error": "unreadable environment probe output"}
+
+
+def build_manifest(
+    *,
+    record: RunRecord,
+    cluster: Cluster,
+    project_dir: Path,
+    environment: dict[str, Any],
+) -> dict[str, Any]:
+    node = cluster.nodes[0] if cluster.nodes else None
+    return {
+        "run_id": record.run_id,
+        "command": list(record.command),
+        "module": record.module,
+        "cluster": cluster.name,
+        "instance_type": cluster.instance_type,
+        "instance_id": node.instance_id if node else None,
+        "instance_count": max(1, len(cluster.nodes)),
+        "ami": cluster.ami,
+        "region": cluster.region,
+        "sandbox": cluster.sandbox,
+        "price_per_hour": cluster.price_per_hour,
+        "git": git_state(project_dir),
+        "gpu": environment.get("gpu", "none"),
+        "gpu_driver": environment.get("gpu_driver", "none"),
+        "python": environment.get("python"),
+        "tensorflow": environment.get("tensorflow"),
+        "keras": environment.get("keras"),
+        "pip_freeze": environment.get("pip_freeze", []),
+        "started_at": record.started_at,
+        "ended_at": None,
+        "exit_code": None,
+        "duration_seconds": None,
+        "estimated_cost_usd": None,
+    }
+
+
+def finish_manifest(manifest: dict[str, Any], *, ended_at: str, exit_code: int | None) -> dict[str, Any]:
+    """Add end time, exit code, duration and cost (price/h x instances x hours)."""
+    started = datetime.datetime.fromisoformat(manifest["started_at"])
+    ended = datetime.datetime.fromisoformat(ended_at)
+    seconds = max(0.0, (ended - started).total_seconds())
+    price = manifest.get("price_per_hour")
+    cost = None
+    if price is not None:
+        cost = round(float(price) * manifest.get("instance_count", 1) * seconds / 3600, 4)
+    return {**manifest, "ended_at": ended_at, "exit_code": exit_code, "duration_seconds": round(seconds, 1),
+            "estimated_cost_usd": cost}
+
+
+# --------------------------------------------------------------------------- start
+
+
+def start_run(
+    target: RunTarget,
+    runner: CommandRunner,
+    *,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    run_id: str | None = None,
+    heartbeat_seconds: float = 30,
+    home: Path | None = None,
+    say: Say = _quiet,
+) -> RunRecord:
+    """Sync, prepare the environment, write the manifest and start the job detached.
+
+    Returns once the supervisor has recorded the job's pid (or its exit
+    code, for a job that ended at once).
+    """
+    project_dir = project_dir.resolve()
+    run_id = validate_name(run_id or new_run_id(), "run id")
+    base_dir = runner.base_dir
+    remote_dir = f"{base_dir}/runs/{run_id}"
+    work_dir = f"{base_dir}/project"
+    if target.sync_project is not None:
+        say(f"syncing {project_dir} to {target.cluster.name}")
+        target.sync_project(project_dir)
+    runner.run(["mkdir", "-p", f"{remote_dir}/{OUTPUTS_NAME}", work_dir])
+
+    python = prepare_environment(runner, project_dir, say=say)
+    env = {
+        "GPUFLOW_RUN_ID": run_id,
+        "GPUFLOW_RUN_DIR": remote_dir,
+        "GPUFLOW_OUTPUT_DIR": f"{remote_dir}/{OUTPUTS_NAME}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if is_training_module(module) and not (project_dir / TRAINING_PACKAGE / "__init__.py").is_file():
+        # `gpuflow run training.cifar10_cnn` from any directory: ship the installed package.
+        site_dir = f"{remote_dir}/site"
+        _ship_package(runner, TRAINING_PACKAGE, site_dir)
+        env["PYTHONPATH"] = site_dir
+    argv = build_job_argv(python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}")
+    record = RunRecord(
+        run_id=run_id,
+        cluster=target.cluster.name,
+        base_dir=base_dir,
+        remote_dir=remote_dir,
+        command=tuple(argv),
+        project_dir=str(project_dir),
+        local_dir=str(project_dir / "runs" / run_id),
+        started_at=_iso(_now()),
+        module=module,
+    )
+    manifest = build_manifest(
+        record=record, cluster=target.cluster, project_dir=project_dir, environment=probe_environment(runner, python)
+    )
+    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
+    script = remote_scripts.render_supervisor(
+        run_id=run_id,
+        run_dir=remote_dir,
+        base_dir=base_dir,
+        work_dir=work_dir,
+        argv=argv,
+        env=env,
+        heartbeat_seconds=heartbeat_seconds,
+    )
+    runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
+    save_record(record, home)
+    runner.run_script(remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME), timeout=60)
+    _wait_for_start(runner, remote_dir)
+    say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
+    return record
+
+
+def _read_small(runner: CommandRunner, path: str) -> str | None:
+    """A small remote file's text, or None when it does not exist (yet)."""
+    try:
+        data = runner.read_from(path, 0, 4096)
+    except (NotFound, RemoteCommandFailed, FileNotFoundError):
+        return None
+    text = data.decode(errors="replace").strip()
+    return text or None
+
+
+def _read_exit_code(runner: CommandRunner, remote_dir: str) -> int | None:
+    text = _read_small(runner, f"{remote_dir}/{EXIT_CODE_NAME}")
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _wait_for_start(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _read_small(runner, f"{remote_dir}/{PID_NAME}") or _read_exit_code(runner, remote_dir) is not None:
+            return
+        time.sleep(0.05)
+    raise RemoteCommandFailed(
+        f"the job supervisor did not start within {timeout:g}s",
+        hint=f"look at {remote_dir} on the instance (setsid, bash and python3 must exist there)",
+    )
+
+
+# --------------------------------------------------------------------------- follow the log
+
+
+@dataclass
+class _Connection:
+    """The current runner and how to replace it after a drop (local to one call)."""
+
+    target: RunTarget
+    runner: CommandRunner
+    reconnect_timeout: float
+    say: Say
+    reconnects: int = 0
+
+    def reconnect(self, error: Exception) -> None:
+        if isinstance(error, InstanceGone):
+            raise error
+        with contextlib.suppress(Exception):
+            self.runner.close()
+        self.say(f"connection lost ({error}); reconnecting — the job keeps running")
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.25
+        last_error: Exception = error
+        while time.monotonic() < deadline:
+            try:
+                runner = self.target.connect()
+                runner.run(["true"], timeout=30)
+            except InstanceGone:
+                raise
+            except (UnreachableHost, OSError, EOFError) as exc:
+                last_error = exc
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.runner = runner
+            self.reconnects += 1
+            self.say("reconnected")
+            return
+        raise UnreachableHost(
+            f"cannot reach {self.target.cluster.name} for {self.reconnect_timeout:g}s: {last_error}",
+            hint="the job keeps running; reattach later with `gpuflow logs RUN -f`",
+        ) from last_error
+
+
+_TRANSIENT = (UnreachableHost, OSError, EOFError)
+
+
+def follow_log(
+    connection: _Connection,
+    remote_dir: str,
+    out: BinaryIO,
+    *,
+    offset: int = 0,
+    poll_interval: float = 0.5,
+    follow: bool = True,
+) -> tuple[int | None, int]:
+    """Copy ``job.log`` from byte ``offset`` to ``out``; with ``follow`` until
+    the job has ended and the log is fully read.
+
+    Returns (exit code or None, final offset).  The offset advances only by
+    bytes already written to ``out``, and the exit code is checked *before*
+    the final read, so after a reconnect nothing is repeated or lost.
+    """
+    log_path = f"{remote_dir}/{LOG_NAME}"
+    while True:
+        try:
+            exit_code = _read_exit_code(connection.runner, remote_dir)
+            while True:
+                chunk = connection.runner.read_from(log_path, offset, READ_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                out.flush()
+                offset += len(chunk)
+        except _TRANSIENT as exc:
+            connection.reconnect(exc)
+            continue
+        if exit_code is not None or not follow:
+            return exit_code, offset
+        time.sleep(poll_interval)
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def _safe_destination(local_root: Path, relative: str) -> Path | None:
+    """Where a remote entry may land locally, or None if it would escape."""
+    if not relative or "\x00" in relative or "\\" in relative:
+        return None
+    posix = PurePosixPath(relative)
+    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
+        return None
+    destination = local_root.joinpath(*posix.parts)
+    root = local_root.resolve()
+    resolved = destination.resolve()
+    if resolved != root and root not in resolved.parents:
+        return None
+    return destination
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_remote_tree(runner: CommandRunner, remote_dir: str, names: Sequence[str] = PULLED_NAMES) -> list[dict]:
+    result = runner.run([_target_python(runner), "-c", remote_scripts.LIST_TREE_PY, remote_dir, *names], timeout=600)
+    try:
+        entries = json.loads(result.stdout)
+    except json.JSONDecodeError as exc:
+        raise RemoteCommandFailed("the remote run directory listing is unreadable") from exc
+    if not isinstance(entries, list):
+        raise RemoteCommandFailed("the remote run directory listing is not a list")
+    return entries
+
+
+def pull_files(runner: CommandRunner, remote_dir: str, local_dir: Path, *, say: Say = _quiet) -> PullReport:
+    """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
+
+    Refuses (:class:`UnsafePath`) any entry that is a symlink or special file,
+    whose path is absolute or has ``..``, or that would resolve outside
+    ``local_dir`` — after copying the safe entries.  A file the job rewrites
+    while it is being pulled (a checkpoint) is skipped and reported.
+    """
+    local_dir.mkdir(parents=True, exist_ok=True)
+    entries = list_remote_tree(runner, remote_dir)
+    refused: list[str] = []
+    fetched: list[str] = []
+    unchanged: list[str] = []
+    changing: list[str] = []
+    total = 0
+    for entry in entries:
+        relative = str(entry.get("path", ""))
+        kind = entry.get("kind")
+        destination = _safe_destination(local_dir, relative)
+        if destination is None or kind not in ("file", "dir"):
+            refused.append(relative)
+            continue
+        if kind == "dir":
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        expected = str(entry.get("sha256", ""))
+        if destination.is_file() and not destination.is_symlink() and _sha256_file(destination) == expected:
+            unchanged.append(relative)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+        if _safe_destination(local_dir, str(temporary.relative_to(local_dir))) is None:
+            refused.append(relative)
+            continue
+        try:
+            runner.get_file(f"{remote_dir}/{relative}", str(temporary))
+            actual = _sha256_file(temporary)
+            if actual != expected:
+                changing.append(relative)
+                continue
+            os.replace(temporary, destination)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        fetched.append(relative)
+        total += int(entry.get("size", 0))
+    report = PullReport(
+        local_dir=local_dir,
+        fetched=tuple(fetched),
+        unchanged=tuple(unchanged),
+        changing=tuple(changing),
+        bytes_fetched=total,
+    )
+    if changing:
+        say(f"skipped {len(changing)} file(s) the job is still writing: {', '.join(changing[:5])}")
+    if refused:
+        shown = ", ".join(repr(name) for name in refused[:5])
+        raise UnsafePath(
+            f"refused {len(refused)} remote entr{'y' if len(refused) == 1 else 'ies'} that are symlinks, "
+            f"special files or escape {local_dir}: {shown}",
+            hint="the other files were pulled; write plain files under $GPUFLOW_OUTPUT_DIR",
+        )
+    return report
+
+
+def _finalize_local(record: RunRecord, local_dir: Path, exit_code: int | None, ended_at: str | None) -> None:
+    """Complete the pulled manifest with end time, exit code, duration and cost."""
+    manifest_path = local_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if exit_code is not None and ended_at is not None:
+        manifest = finish_manifest(manifest, ended_at=ended_at, exit_code=exit_code)
+    atomic_write_json(manifest_path, manifest, mode=0o644)
+
+
+def _remote_end_time(runner: CommandRunner, remote_dir: str) -> str | None:
+    entries = list_remote_tree(runner, remote_dir, (EXIT_CODE_NAME,))
+    for entry in entries:
+        if entry.get("path") == EXIT_CODE_NAME and entry.get("mtime") is not None:
+            moment = datetime.datetime.fromtimestamp(float(entry["mtime"]), datetime.timezone.utc)
+            return _iso(moment)
+    return None
+
+
+def _status_for(exit_code: int | None) -> str:
+    if exit_code is None:
+        return "running"
+    return "succeeded" if exit_code == 0 else "failed"
+
+
+def pull_run(
+    record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = _quiet
+) -> tuple[RunRecord, PullReport]:
+    """Pull a run's files (while it runs: the latest outputs) and update its record."""
+    local_dir = Path(record.local_dir)
+    exit_code = _read_exit_code(runner, record.remote_dir)
+    ended_at = _remote_end_time(runner, record.remote_dir) if exit_code is not None else None
+    report = pull_files(runner, record.remote_dir, local_dir, say=say)
+    _finalize_local(record, local_dir, exit_code, ended_at)
+    if exit_code is not None:
+        record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=ended_at)
+        save_record(record, home)
+    say(
+        f"pulled {len(report.fetched)} file(s), {report.bytes_fetched:,} bytes "
+        f"({len(report.unchanged)} unchanged) into {local_dir}"
+    )
+    return record, report
+
+
+# --------------------------------------------------------------------------- stop
+
+
+_STOP_SCRIPT = r"""
+pgid={pgid}
+grace={grace}
+kill -TERM -- "-$pgid" 2>/dev/null || {{ echo gone; exit 0; }}
+end=$((SECONDS + grace))
+while kill -0 -- "-$pgid" 2>/dev/null; do
+  if [ "$SECONDS" -ge "$end" ]; then kill -KILL -- "-$pgid" 2>/dev/null; echo killed; exit 0; fi
+  sleep 0.2
+done
+echo terminated
+"""
+
+
+def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> str:
+    """SIGTERM the job's process group, SIGKILL after ``grace_seconds``.
+
+    Returns 'finished' (it had already ended), 'terminated', 'killed' or 'gone'.
+    The supervisor is outside that group and records the exit code.
+    """
+    if _read_exit_code(runner, remote_dir) is not None:
+        return "finished"
+    pid_text = _read_small(runner, f"{remote_dir}/{PID_NAME}")
+    if pid_text is None or not pid_text.isdigit() or int(pid_text) <= 1:
+        raise RemoteCommandFailed(f"{remote_dir}/{PID_NAME} holds no job pid", hint="the job may not have started")
+    script = _STOP_SCRIPT.format(pgid=int(pid_text), grace=max(0, int(round(grace_seconds))))
+    outcome = runner.run_script(script, timeout=grace_seconds + 60).text().strip() or "terminated"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _read_exit_code(runner, remote_dir) is None:
+        time.sleep(0.1)
+    return outcome
+
+
+# --------------------------------------------------------------------------- use cases
+
+
+def run(
+    target: RunTarget,
+    *,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    out: BinaryIO,
+    detach: bool = False,
+    on_interrupt: Callable[[RunRecord], str] | None = None,
+    home: Path | None = None,
+    say: Say = _quiet,
+    heartbeat_seconds: float = 30,
+    poll_interval: float = 0.5,
+    reconnect_timeout: float = 300,
+    run_id: str | None = None,
+) -> RunOutcome:
+    """``gpuflow run``: start detached, stream the log, pull, return the outcome.
+
+    Raises :class:`JobFailed` (carrying the job's exit code) when the job
+    fails, after its outputs are pulled.  On Ctrl-C, ``on_interrupt(record)``
+    answers 'stop' (stop the job, pull, fail) or 'detach' (leave it running);
+    without it gpuflow detaches.
+    """
+    connection = _Connection(target, target.connect(), reconnect_timeout, say)
+    try:
+        record = start_run(
+            target,
+            connection.runner,
+            project_dir=project_dir,
+            module=module,
+            args=args,
+            run_id=run_id,
+            heartbeat_seconds=heartbeat_seconds,
+            home=home,
+            say=say,
+        )
+        if detach:
+            return RunOutcome(record, None, detached=True)
+        stopped = False
+        offset = 0
+        while True:
+            try:
+                exit_code, offset = follow_log(
+                    connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval
+                )
+                break
+            except KeyboardInterrupt:
+                choice = on_interrupt(record) if on_interrupt is not None else "detach"
+                if choice != "stop":
+                    return RunOutcome(record, None, detached=True)
+                say(f"stopping run {record.run_id}")
+                stop_job(connection.runner, record.remote_dir)
+                stopped = True
+        record, report = _pull_with_reconnect(connection, record, home=home, say=say)
+        outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
+        if exit_code != 0:
+            raise JobFailed(
+                f"run {record.run_id} {'was stopped' if stopped else 'failed'} with exit code {exit_code}",
+                job_exit_code=int(exit_code),
+                hint=f"its log and outputs are in {record.local_dir}",
+            )
+        return outcome
+    finally:
+        with contextlib.suppress(Exception):
+            connection.runner.close()
+
+
+def _pull_with_reconnect(
+    connection: _Connection, record: RunRecord, *, home: Path | None, say: Say
+) -> tuple[RunRecord, PullReport]:
+    for _attempt in range(5):
+        try:
+            return pull_run(record, connection.runner, home=home, say=say)
+        except _TRANSIENT as exc:
+            connection.reconnect(exc)
+    return pull_run(record, connection.runner, home=home, say=say)
+
+
+TargetResolver = Callable[[str], RunTarget]
+
+
+def target_for_cluster(cluster_name: str) -> RunTarget:
+    """The default resolver: the cluster's record, its runner and the project sync."""
+    from gpuflow import clusters, remote
+
+    cluster = clusters.get_cluster(cluster_name)
+
+    def sync_project(project_dir: Path) -> object:
+        from gpuflow import sync
+
+        return sync.sync_project(cluster, project_dir)
+
+    return RunTarget(cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project)
+
+
+def logs(
+    run_id: str,
+    *,
+    out: BinaryIO,
+    follow: bool = False,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+    say: Say = _quiet,
+    poll_interval: float = 0.5,
+    reconnect_timeout: float = 300,
+) -> int | None:
+    """``gpuflow logs RUN [-f]``: print the log (and keep following it).
+
+    Returns the job's exit code if it has ended, else None.
+    """
+    record = load_record(run_id, home)
+    target = resolve(record.cluster)
+    connection = _Connection(target, target.connect(), reconnect_timeout, say)
+    try:
+        exit_code, _offset = follow_log(
+            connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow
+        )
+        return exit_code
+    finally:
+        with contextlib.suppress(Exception):
+            connection.runner.close()
+
+
+def pull(
+    run_id: str,
+    *,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+    say: Say = _quiet,
+) -> tuple[RunRecord, PullReport]:
+    """``gpuflow pull RUN``: fetch the run's files now (also while it runs)."""
+    record = load_record(run_id, home)
+    target = resolve(record.cluster)
+    connection = _Connection(target, target.connect(), 60, say)
+    try:
+        return _pull_with_reconnect(connection, record, home=home, say=say)
+    finally:
+        with contextlib.suppress(Exception):
+            connection.runner.close()
+
+
+def stop(
+    run_id: str,
+    *,
+    grace_seconds: float = 10,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+) -> tuple[RunRecord, str]:
+    """``gpuflow stop RUN``: SIGTERM the job's process group, SIGKILL after the grace period."""
+    record = load_record(run_id, home)
+    target = resolve(record.cluster)
+    runner = target.connect()
+    try:
+        outcome = stop_job(runner, record.remote_dir, grace_seconds=grace_seconds)
+        exit_code = _read_exit_code(runner, record.remote_dir)
+    finally:
+        with contextlib.suppress(Exception):
+            runner.close()
+    if exit_code is not None:
+        record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=_iso(_now()))
+        save_record(record, home)
+    return record, outcome
+
+
+def _classify(report: dict[str, Any]) -> tuple[str, int | None]:
+    exit_code = report.get("exit_code")
+    if exit_code is not None:
+        return _status_for(int(exit_code)), int(exit_code)
+    if report.get("alive"):
+        return "running", None
+    return "lost", None
+
+
+def list_runs(
+    *,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+    refresh: bool = True,
+) -> list[RunStatus]:
+    """``gpuflow runs``: every known run with its status, newest first.
+
+    Runs not known to be finished are checked on their cluster (one command
+    per cluster): 'running', 'succeeded', 'failed(N)', or 'lost' (no exit code
+    and no live job, or the cluster is gone); 'unreachable' when the cluster
+    cannot be reached right now.
+    """
+    records = sorted(all_records(home), key=lambda record: record.run_id, reverse=True)
+    statuses: dict[str, str] = {}
+    if refresh:
+        by_cluster: dict[str, list[RunRecord]] = {}
+        for record in records:
+            if not record.finished:
+                by_cluster.setdefault(record.cluster, []).append(record)
+        for cluster_name, pending in by_cluster.items():
+            statuses.update(_refresh_cluster(cluster_name, pending, resolve=resolve, home=home))
+    result = []
+    for record in records:
+        if record.run_id in statuses:
+            record = load_record(record.run_id, home)
+            status = statuses[record.run_id]
+        else:
+            status = record.status_text()
+        result.append(RunStatus(record, status))
+    return result
+
+
+def _refresh_cluster(
+    cluster_name: str, pending: list[RunRecord], *, resolve: TargetResolver, home: Path | None
+) -> dict[str, str]:
+    try:
+        target = resolve(cluster_name)
+        runner = target.connect()
+    except NotFound:
+        return _mark_lost(pending, home)
+    except InstanceGone:
+        return _mark_lost(pending, home)
+    except UnreachableHost:
+        return {record.run_id: "unreachable" for record in pending}
+    try:
+        result = runner.run(
+            [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, *(record.remote_dir for record in pending)],
+            timeout=60,
+        )
+        reports = json.loads(result.stdout)
+    except InstanceGone:
+        return _mark_lost(pending, home)
+    except (UnreachableHost, OSError, json.JSONDecodeError):
+        return {record.run_id: "unreachable" for record in pending}
+    finally:
+        with contextlib.suppress(Exception):
+            runner.close()
+    statuses = {}
+    for record in pending:
+        status, exit_code = _classify(reports.get(record.remote_dir, {}))
+        if status != record.status or exit_code != record.exit_code:
+            save_record(replace(record, status=status, exit_code=exit_code), home)
+        statuses[record.run_id] = f"failed({exit_code})" if status == "failed" else status
+    return statuses
+
+
+def _mark_lost(pending: list[RunRecord], home: Path | None) -> dict[str, str]:
+    for record in pending:
+        save_record(replace(record, status="lost"), home)
+    return {record.run_id: "lost" for record in pending}
+
+
+__all__ = [
+    "PullReport",
+    "RunOutcome",
+    "RunRecord",
+    "RunStatus",
+    "RunTarget",
+    "build_job_argv",
+    "list_runs",
+    "logs",
+    "new_run_id",
+    "prepare_environment",
+    "pull",
+    "pull_files",
+    "run",
+    "start_run",
+    "stop",
+]
