@@ -1071,3 +1071,136 @@ __all__ = [
     "start_run",
     "stop",
 ]
+
+
+# --------------------------------------------------------------------------- with a cluster (CLI entry)
+
+
+def resolve_cluster_name(name: str | None, *, project_dir: Path | None = None) -> str:
+    """The cluster a command means: NAME, else the project's ``cluster``
+    setting, else the only cluster gpuflow knows."""
+    if name:
+        return validate_name(name, "cluster name")
+    from gpuflow.config import load_project_config
+
+    configured = load_project_config(project_dir).get("cluster")
+    if configured:
+        return validate_name(str(configured), "cluster name")
+    from gpuflow import clusters
+
+    known = sorted({cluster.name for cluster in clusters.list_clusters()})
+    if len(known) == 1:
+        return known[0]
+    if not known:
+        raise UsageError("no cluster to run on", hint="start one with `gpuflow up`, or use `gpuflow run --up`")
+    raise UsageError(
+        f"several clusters exist ({', '.join(known)}): say which one",
+        hint="gpuflow run NAME MODULE, or set `cluster` in gpuflow.toml",
+    )
+
+
+def is_known_cluster(name: str) -> bool:
+    """Whether ``name`` is a cluster in the local cache (no cloud call): used
+    to tell ``run NAME -- CMD`` from ``run MODULE -- ARGS``."""
+    from gpuflow import clusters
+
+    try:
+        return any(cluster.name == name for cluster in clusters.list_clusters())
+    except NotFound:
+        return False
+
+
+def run_on_cluster(
+    cluster_name: str,
+    *,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    out: BinaryIO,
+    up_spec: Any = None,
+    down: bool = False,
+    detach: bool = False,
+    on_interrupt: Callable[[RunRecord], str] | None = None,
+    say: Say = _quiet,
+    resolve: TargetResolver = target_for_cluster,
+    **run_options: Any,
+) -> RunOutcome:
+    """``gpuflow run [--up ...] [--down]``: optionally launch the cluster
+    (``up_spec``, a ClusterSpec, when it does not exist yet), run, pull, and
+    with ``down`` tear it down afterwards — also when the job fails, gpuflow
+    fails or the user presses Ctrl-C (then the job is stopped, not detached:
+    its instance is going away)."""
+    from gpuflow import clusters
+
+    if down and detach:
+        raise UsageError("--down and --detach contradict each other", hint="drop one of them")
+    if down:
+        on_interrupt = _stop_on_interrupt
+    primary: BaseException | None = None
+    try:
+        if up_spec is not None:
+            try:
+                clusters.get_cluster(cluster_name)
+                say(f"cluster {cluster_name} already exists: using it")
+            except NotFound:
+                say(f"launching cluster {cluster_name}")
+                clusters.up(up_spec)
+        return run(
+            resolve(cluster_name),
+            project_dir=project_dir,
+            module=module,
+            args=args,
+            out=out,
+            detach=detach,
+            on_interrupt=on_interrupt,
+            say=say,
+            **run_options,
+        )
+    except BaseException as exc:
+        primary = exc
+        raise
+    finally:
+        if down:
+            say(f"tearing down cluster {cluster_name}")
+            try:
+                clusters.down(cluster_name)
+            except BaseException as teardown_error:
+                if primary is None:
+                    raise
+                say(f"teardown of {cluster_name} failed too: {teardown_error} — run `gpuflow down {cluster_name}`")
+
+
+def _stop_on_interrupt(_record: RunRecord) -> str:
+    return "stop"
+
+
+def up_spec_for_run(
+    name: str,
+    *,
+    project_dir: Path,
+    instance_type: str | None = None,
+    region: str | None = None,
+    spot: bool = False,
+    idle_minutes: int | None = None,
+    max_hours: float | None = None,
+    sandbox: bool = False,
+) -> Any:
+    """The ClusterSpec `run --up` launches: options > project config > defaults."""
+    from gpuflow.config import load_project_config
+    from gpuflow.records import ClusterSpec
+
+    settings = load_project_config(project_dir).settings
+    defaults = ClusterSpec(name=name, region="us-east-1")
+
+    def pick(option: Any, key: str, default: Any) -> Any:
+        return option if option is not None else settings.get(key, default)
+
+    return ClusterSpec(
+        name=validate_name(name, "cluster name"),
+        region=str(pick(region, "region", os.environ.get("AWS_DEFAULT_REGION") or defaults.region)),
+        instance_type=str(pick(instance_type, "instance_type", defaults.instance_type)),
+        spot=bool(spot or settings.get("spot", False)),
+        idle_minutes=int(pick(idle_minutes, "idle_minutes", defaults.idle_minutes)),
+        max_hours=float(pick(max_hours, "max_hours", defaults.max_hours)),
+        sandbox=bool(sandbox or settings.get("sandbox", False)),
+    )

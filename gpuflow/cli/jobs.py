@@ -1,5 +1,207 @@
-"""gpuflow CLI: jobs commands (placeholder until its issue lands)."""
+"""gpuflow CLI: `run`, `logs`, `pull`, `runs`, `stop` (thin: the work is in gpuflow.runs).
+
+The job's own output goes to stdout byte for byte; gpuflow's remarks go to
+stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
+"""
 
 from __future__ import annotations
 
-from gpuflow.cli import app  # noqa: F401
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from gpuflow.cli import app
+
+
+class _SplitAtDoubleDash(TyperCommand):
+    """Keeps everything after the first `--` apart (in ``ctx.meta``), so that
+    `run NAME MODULE -- ARGS` can tell its own positionals from the job's."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--" in args:
+            index = args.index("--")
+            ctx.meta["gpuflow_job_args"] = list(args[index + 1 :])
+            args = list(args[:index])
+        else:
+            ctx.meta["gpuflow_job_args"] = []
+        return super().parse_args(ctx, args)
+
+
+def _say(message: str) -> None:
+    typer.echo(f"gpuflow: {message}", err=True)
+
+
+def _ask_stop_or_detach(record: Any) -> str:
+    """Ctrl-C during `run`: ask when a person is there, else detach."""
+    if sys.stdin.isatty():
+        answer = typer.prompt(
+            f"\nStop run {record.run_id} on the instance [s], or detach and leave it running [d]?",
+            default="d",
+            err=True,
+        )
+        if answer.strip().lower().startswith("s"):
+            return "stop"
+    return "detach"
+
+
+@app.command("run", cls=_SplitAtDoubleDash)
+def run_command(
+    ctx: typer.Context,
+    positionals: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
+        None,
+        metavar="[NAME] [MODULE]",
+        help="Cluster name (optional) and the Python module to run (e.g. training.cifar10_cnn). "
+        "Job arguments, or a whole command instead of a module, go after `--`; they reach the job literally.",
+    ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Start the job and return; follow it with `gpuflow logs`."),
+    project_dir: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--project-dir", help="Project to sync and run (default: the project around the current directory)."
+    ),
+    up: bool = typer.Option(False, "--up", help="Launch the cluster first if it does not exist."),
+    down: bool = typer.Option(False, "--down", help="Tear the cluster down afterwards, even when the job fails."),
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", help="With --up: the instance type."),  # noqa: UP007
+    region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
+    spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="With --up: dead-man's switch idle window."),  # noqa: UP007
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="With --up: hard cap on the instance's life."),  # noqa: UP007
+    sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
+) -> None:
+    """Sync the project, run MODULE (or the command after `--`) detached on the cluster,
+    stream its log, pull its outputs into runs/<run-id>/ and exit with the job's exit code."""
+    from gpuflow import runs
+    from gpuflow.config import find_project_root
+
+    job_args: list[str] = ctx.meta.get("gpuflow_job_args", [])
+    name, module = _split_positionals(list(positionals or []), job_args)
+    project = (project_dir or find_project_root()).resolve()
+    up_spec = None
+    if up:
+        name = name or _default_new_cluster_name(project)
+        up_spec = runs.up_spec_for_run(
+            name,
+            project_dir=project,
+            instance_type=instance_type,
+            region=region,
+            spot=spot,
+            idle_minutes=idle_minutes,
+            max_hours=max_hours,
+            sandbox=sandbox,
+        )
+    cluster_name = runs.resolve_cluster_name(name, project_dir=project)
+    outcome = runs.run_on_cluster(
+        cluster_name,
+        project_dir=project,
+        module=module,
+        args=job_args,
+        out=sys.stdout.buffer,
+        up_spec=up_spec,
+        down=down,
+        detach=detach,
+        on_interrupt=_ask_stop_or_detach,
+        say=_say,
+    )
+    if outcome.detached:
+        _say(
+            f"run {outcome.record.run_id} keeps running on {cluster_name}: "
+            f"`gpuflow logs {outcome.record.run_id} -f` to follow it, `gpuflow pull {outcome.record.run_id}` "
+            f"for its outputs, `gpuflow stop {outcome.record.run_id}` to stop it"
+        )
+        if not detach:  # detached by Ctrl-C
+            raise typer.Exit(130)
+        return
+    _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
+
+
+def _split_positionals(positionals: list[str], job_args: list[str]) -> tuple[str | None, str | None]:
+    """[NAME] [MODULE]: two positionals are NAME MODULE; one is NAME when it
+    names a known cluster and a command follows `--`, else MODULE."""
+    from gpuflow import runs
+    from gpuflow.errors import UsageError
+
+    if len(positionals) > 2:
+        raise UsageError(
+            f"unexpected arguments {' '.join(positionals[2:])!r}",
+            hint="put the job's arguments after `--`: gpuflow run [NAME] MODULE -- ARGS",
+        )
+    if len(positionals) == 2:
+        return positionals[0], positionals[1]
+    if len(positionals) == 1:
+        if job_args and runs.is_known_cluster(positionals[0]):
+            return positionals[0], None
+        return None, positionals[0]
+    if not job_args:
+        raise UsageError("nothing to run", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND")
+    return None, None
+
+
+def _default_new_cluster_name(project: Path) -> str:
+    from gpuflow.config import load_project_config
+
+    return str(load_project_config(project).get("cluster") or "gpuflow")
+
+
+@app.command("logs")
+def logs_command(
+    run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """Print a run's log; with -f follow it until the job ends (resumes after connection drops)."""
+    from gpuflow import runs
+
+    exit_code = runs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
+    if follow and exit_code not in (None, 0):
+        raise typer.Exit(exit_code if 0 < exit_code < 256 else 1)
+
+
+@app.command("pull")
+def pull_command(
+    run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
+) -> None:
+    """Fetch a run's outputs, log and manifest into runs/<run-id>/ (also while it runs: the
+    latest checkpoint), verified by sha256."""
+    from gpuflow import runs
+
+    record, report = runs.pull(run_id, say=_say)
+    state = "still running" if not record.finished else record.status_text()
+    typer.echo(f"{report.local_dir} ({len(report.fetched)} new, {len(report.unchanged)} unchanged; job {state})")
+
+
+@app.command("runs")
+def runs_command(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List runs with their status: running, succeeded, failed(CODE), lost or unreachable."""
+    import json
+
+    from gpuflow import runs
+
+    statuses = runs.list_runs()
+    if as_json:
+        typer.echo(json.dumps([status.to_dict() for status in statuses], indent=2))
+        return
+    if not statuses:
+        typer.echo("no runs yet: `gpuflow run MODULE` starts one")
+        return
+    typer.echo(f"{'RUN':<22} {'CLUSTER':<16} {'STATUS':<13} {'STARTED':<26} COMMAND")
+    for status in statuses:
+        record = status.record
+        command = record.module or " ".join(record.command)
+        typer.echo(f"{record.run_id:<22} {record.cluster:<16} {status.status:<13} {record.started_at:<26} {command}")
+
+
+@app.command("stop")
+def stop_command(
+    run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
+    grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
+) -> None:
+    """Stop a running job: SIGTERM its process group, SIGKILL after the grace period."""
+    from gpuflow import runs
+
+    record, outcome = runs.stop(run_id, grace_seconds=grace)
+    if outcome == "finished":
+        typer.echo(f"run {run_id} had already ended: {record.status_text()}")
+    else:
+        typer.echo(f"run {run_id} {outcome}: {record.status_text()}")
