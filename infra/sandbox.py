@@ -20,9 +20,21 @@ and ``gpuflow --help`` must not pay for moto (~0.4 s).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-from collections.abc import Iterator
-
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from infra.dlami import (
     DLAMI_OWNER_ALIAS,
@@ -31,7 +43,20 @@ from infra.dlami import (
     DLAMI_SSM_PARAMETERS,
 )
 
+from gpuflow.errors import CloudError
+from gpuflow.state import atomic_write_json
+
 DEFAULT_SANDBOX_REGION = "us-east-1"
+LOOPBACK = "127.0.0.1"
+# Under <home>/sandbox/, next to the per-cluster "instance" directories; cluster
+# names cannot start with a dot, so this can never collide with one.
+SERVER_DIRECTORY_NAME = ".moto-server"
+SERVER_RECORD_NAME = "server.json"
+SERVER_LOG_NAME = "server.log"
+SERVER_LOCK_NAME = ".lock"
+_SERVE_MARKER = "infra.sandbox"
+# SigV4 credential scope: Credential=<key id>/<yyyymmdd>/<region>/<service>/aws4_request
+_REGION_IN_AUTHORIZATION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
 
 
 def _default_account_id() -> str:
@@ -115,3 +140,305 @@ def in_process_sandbox(regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,)) -> 
         yield {region: seed_deep_learning_ami(region) for region in regions}
 
 
+
+
+# --------------------------------------------------------------------------
+# The detached sandbox server (state that outlives one CLI invocation)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SandboxServer:
+    """What ``<home>/sandbox/.moto-server/server.json`` records."""
+
+    pid: int
+    port: int
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+def server_directory(home: Path) -> Path:
+    directory = Path(home) / "sandbox" / SERVER_DIRECTORY_NAME
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return directory
+
+
+def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
+    """The URL of this gpuflow home's sandbox EC2/SSM API, starting it if needed.
+
+    The server is a detached process (its own session, so Ctrl-C in the CLI
+    does not kill it) listening on 127.0.0.1 only; boto3 clients use the URL
+    as ``endpoint_url``.  A live server is reused, so fake clusters made by
+    one ``gpuflow`` invocation are there for the next.  Concurrent callers
+    serialise on a lock and get the same server.
+    """
+    directory = server_directory(home)
+    with _locked(directory / SERVER_LOCK_NAME):
+        record = read_server_record(home)
+        if record is not None and _server_is_alive(record):
+            return record.url
+        if record is not None:
+            _terminate_server(record)
+            _remove_record(directory)
+        return _start_server(directory, startup_timeout).url
+
+
+def stop_sandbox(home: Path, *, timeout: float = 10.0) -> bool:
+    """Stop this home's sandbox server; all fake cloud state goes with it.
+
+    Returns whether a server was running.  Idempotent.
+    """
+    directory = server_directory(home)
+    with _locked(directory / SERVER_LOCK_NAME):
+        record = read_server_record(home)
+        if record is None:
+            return False
+        was_running = _terminate_server(record, timeout=timeout)
+        _remove_record(directory)
+        return was_running
+
+
+def read_server_record(home: Path) -> SandboxServer | None:
+    path = Path(home) / "sandbox" / SERVER_DIRECTORY_NAME / SERVER_RECORD_NAME
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return SandboxServer(
+            pid=int(document["pid"]), port=int(document["port"]), started_at=float(document["started_at"])
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # A torn or foreign file: treat as "no server"; the caller replaces it.
+        return None
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_record(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / SERVER_RECORD_NAME).unlink()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_server_process(pid: int) -> bool:
+    """The pid is alive and (where /proc can tell) is an ``infra.sandbox serve``
+    process, not an unrelated process that reused the pid."""
+    if not _process_exists(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.exists():
+        return True  # no /proc (macOS): the HTTP health check decides
+    try:
+        arguments = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if Path(f"/proc/{pid}/stat").exists():
+        with contextlib.suppress(OSError, IndexError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X"):
+                return False
+    return _SERVE_MARKER.encode() in arguments and b"serve" in arguments
+
+
+def _health_check(port: int, timeout: float = 2.0) -> bool:
+    """One HTTP request to moto's own dashboard route on loopback."""
+    import http.client
+
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        connection.request("GET", "/moto-api/")
+        response = connection.getresponse()
+        body = response.read(4096)
+        return response.status == 200 and b"moto" in body.lower()
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def _server_is_alive(record: SandboxServer) -> bool:
+    return _is_our_server_process(record.pid) and _health_check(record.port)
+
+
+def _terminate_server(record: SandboxServer, *, timeout: float = 10.0) -> bool:
+    """SIGTERM (then SIGKILL) the recorded server if it is still ours."""
+    if not _is_our_server_process(record.pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if not _is_our_server_process(record.pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signal.SIGKILL)
+    _reap(record.pid)
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the server is our own child (tests, or a
+    long-lived caller that started it), so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _start_server(directory: Path, startup_timeout: float) -> SandboxServer:
+    log_path = directory / SERVER_LOG_NAME
+    # The child must import this package even when gpuflow is not installed
+    # (a source checkout): put the checkout first on its path.
+    source_root = str(Path(__file__).resolve().parent.parent)
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("AWS_")
+    }  # the fake cloud needs no credentials; keep real ones out of its environment
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, environment.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", _SERVE_MARKER, "serve", "--directory", str(directory)]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=str(directory),
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        exit_status = process.poll()
+        if exit_status is not None:
+            raise CloudError(
+                f"the sandbox cloud (a local moto server) exited at start with status {exit_status}: "
+                f"{_tail(log_path)}",
+                hint=f"see {log_path}; is moto[server] installed (pip install 'gpuflow[sandbox]')?",
+            )
+        record = read_server_record(directory.parent.parent)
+        if record is not None and record.pid == process.pid and _health_check(record.port):
+            return record
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    process.wait()
+    raise CloudError(
+        f"the sandbox cloud (a local moto server) did not answer within {startup_timeout:g} s",
+        hint=f"see {log_path}",
+    )
+
+
+def _tail(path: Path, limit: int = 300) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    lines = text.splitlines()
+    return (lines[-1] if lines else "(empty log)")[-limit:]
+
+
+class _SeedingMiddleware:
+    """Seeds the Deep Learning AMI into a region the first time a request for
+    that region arrives (read from the SigV4 credential scope), so
+    ``gpuflow up --region R --sandbox`` resolves the AMI in any region
+    without paying ~0.1 s per region up front for all of them."""
+
+    def __init__(self, application: Callable[..., Any], seed: Callable[[str], Any], regions: Iterable[str] = ()) -> None:
+        self._application = application
+        self._seed = seed
+        self._seeded: set[str] = set()
+        self._lock = threading.Lock()
+        for region in regions:
+            self._seed_once(region)
+
+    def _seed_once(self, region: str) -> None:
+        if region in self._seeded:
+            return
+        with self._lock:
+            if region not in self._seeded:
+                self._seed(region)
+                self._seeded.add(region)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        match = _REGION_IN_AUTHORIZATION.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if match:
+            try:
+                self._seed_once(match.group(1))
+            except Exception as exc:  # an unknown region: let moto answer the request itself
+                print(f"gpuflow sandbox: could not seed region {match.group(1)!r}: {exc}", file=sys.stderr, flush=True)
+        return self._application(environ, start_response)
+
+
+def serve(directory: Path, *, port: int = 0, regions: Iterable[str] = (DEFAULT_SANDBOX_REGION,)) -> None:
+    """Run the sandbox server in this process until SIGTERM/SIGINT.
+
+    Listens on 127.0.0.1 only (port 0: any free port), then records pid and
+    port atomically in ``directory/server.json`` — the record appears only
+    once the socket accepts connections.
+    """
+    import logging
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in the log
+    application = _SeedingMiddleware(
+        DomainDispatcherApplication(create_backend_app), seed_deep_learning_ami, regions
+    )
+    server = make_server(LOOPBACK, port, application, threaded=True)
+    record_path = Path(directory) / SERVER_RECORD_NAME
+
+    def _stop(signal_number: int, _frame: Any) -> None:
+        raise SystemExit(128 + signal_number)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    actual_port = server.server_address[1]
+    atomic_write_json(record_path, {"pid": os.getpid(), "port": actual_port, "started_at": time.time()})
+    print(f"gpuflow sandbox: moto listening on http://{LOOPBACK}:{actual_port} (pid {os.getpid()})", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(record_path.read_text())["pid"] == os.getpid():
+                record_path.unlink()
+        print("gpuflow sandbox: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.sandbox", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the sandbox moto server in the foreground")
+    serve_parser.add_argument("--directory", type=Path, required=True, help="where server.json is written")
+    serve_parser.add_argument("--port", type=int, default=0, help="loopback port (0: any free port)")
+    serve_parser.add_argument(
+        "--region", action="append", dest="regions", help="region to seed at start (repeatable; others on first use)"
+    )
+    arguments = parser.parse_args(argv)
+    serve(arguments.directory, port=arguments.port, regions=arguments.regions or (DEFAULT_SANDBOX_REGION,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

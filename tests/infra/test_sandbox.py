@@ -1,0 +1,219 @@
+"""The sandbox cloud: the Deep Learning AMI seeding that the provisioner's AMI
+lookup relies on, and the detached loopback moto server that keeps fake
+clusters alive between gpuflow invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from gpuflow.errors import CloudError
+from infra import sandbox
+from infra.dlami import (
+    DLAMI_BASE_SSM_PARAMETER,
+    DLAMI_NAME_PATTERN,
+    DLAMI_OWNER_ID,
+    DLAMI_SSM_PARAMETER,
+)
+from infra.sandbox import (
+    in_process_sandbox,
+    read_server_record,
+    sandbox_endpoint,
+    seed_deep_learning_ami,
+    stop_sandbox,
+)
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _resolve_dlami(region: str, endpoint_url: str | None = None) -> tuple[str, list[str]]:
+    """What the provisioner does: the SSM parameter, and the describe_images fallback."""
+    ssm = boto3.client("ssm", region_name=region, endpoint_url=endpoint_url)
+    ec2 = boto3.client("ec2", region_name=region, endpoint_url=endpoint_url)
+    parameter_value = ssm.get_parameter(Name=DLAMI_SSM_PARAMETER)["Parameter"]["Value"]
+    images = ec2.describe_images(
+        Owners=[DLAMI_OWNER_ID], Filters=[{"Name": "name", "Values": [DLAMI_NAME_PATTERN]}]
+    )["Images"]
+    return parameter_value, [image["ImageId"] for image in images]
+
+
+# --- seeding --------------------------------------------------------------------------------
+
+
+def test_seeding_makes_the_dlami_resolvable_and_launchable():
+    with mock_aws():
+        with pytest.raises(Exception, match="ParameterNotFound"):
+            _resolve_dlami("eu-west-1")  # moto alone lacks it: this is the gap being filled
+        ami_id = seed_deep_learning_ami("eu-west-1")
+        parameter_value, image_ids = _resolve_dlami("eu-west-1")
+        assert parameter_value == ami_id
+        assert image_ids == [ami_id]
+        ssm = boto3.client("ssm", region_name="eu-west-1")
+        assert ssm.get_parameter(Name=DLAMI_BASE_SSM_PARAMETER)["Parameter"]["Value"] == ami_id
+        image = boto3.client("ec2", region_name="eu-west-1").describe_images(ImageIds=[ami_id])["Images"][0]
+        assert image["OwnerId"] == DLAMI_OWNER_ID and image["Architecture"] == "x86_64"
+        assert image["RootDeviceType"] == "ebs"
+        launched = boto3.client("ec2", region_name="eu-west-1").run_instances(
+            ImageId=ami_id, MinCount=1, MaxCount=1, InstanceType="g5.xlarge"
+        )
+        assert launched["Instances"][0]["ImageId"] == ami_id
+        # Other regions are untouched until seeded.
+        with pytest.raises(Exception, match="ParameterNotFound"):
+            _resolve_dlami("us-west-2")
+
+
+def test_seeding_is_idempotent():
+    with mock_aws():
+        first = seed_deep_learning_ami("us-east-1")
+        second = seed_deep_learning_ami("us-east-1")
+        assert first == second
+        assert _resolve_dlami("us-east-1") == (first, [first])
+        history = boto3.client("ssm", region_name="us-east-1").get_parameter_history(Name=DLAMI_SSM_PARAMETER)
+        assert len(history["Parameters"]) == 1
+
+
+def test_in_process_sandbox_seeds_the_requested_regions():
+    with in_process_sandbox(("us-east-1", "ap-south-1")) as amis:
+        assert set(amis) == {"us-east-1", "ap-south-1"}
+        for region, ami_id in amis.items():
+            assert _resolve_dlami(region) == (ami_id, [ami_id])
+
+
+# --- the detached server ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    yield home
+    stop_sandbox(home)
+
+
+def _listening_addresses(pid: int) -> list[str]:
+    """Local addresses of the TCP sockets in LISTEN state owned by ``pid`` (Linux /proc)."""
+    inodes = set()
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    addresses = []
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:
+                addresses.append(f"{table}:{local}")
+    return addresses
+
+
+def test_server_starts_on_loopback_only_and_serves_the_seeded_dlami(sandbox_home):
+    url = sandbox_endpoint(sandbox_home)
+    record = read_server_record(sandbox_home)
+    assert record is not None and url == record.url
+    assert url.startswith("http://127.0.0.1:")
+    assert record.pid != os.getpid()
+    port_hex = f"{record.port:04X}"
+    assert _listening_addresses(record.pid) == [f"tcp:0100007F:{port_hex}"]
+
+    # The default region is seeded at start; any other region on its first request.
+    for region in ("us-east-1", "eu-central-1"):
+        parameter_value, image_ids = _resolve_dlami(region, endpoint_url=url)
+        assert image_ids == [parameter_value]
+    log = (sandbox_home / "sandbox" / ".moto-server" / "server.log").read_text()
+    assert "listening on http://127.0.0.1:" in log
+    assert "GET /" not in log  # no line per request: the log stays small
+
+
+def test_server_is_reused_and_keeps_state_across_processes(sandbox_home):
+    program = """
+import sys, boto3
+from pathlib import Path
+from infra.sandbox import sandbox_endpoint
+url = sandbox_endpoint(Path(sys.argv[1]))
+ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=url)
+if sys.argv[2] == "create":
+    ec2.create_security_group(GroupName="gpuflow-kept", Description="made by process one")
+names = [group["GroupName"] for group in ec2.describe_security_groups()["SecurityGroups"]]
+print(url, "gpuflow-kept" in names)
+"""
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)}
+
+    def run(step: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", program, str(sandbox_home), step],
+            capture_output=True, text=True, timeout=60, env=environment, check=True,
+        ).stdout.strip()
+
+    first = run("create")
+    record = read_server_record(sandbox_home)
+    second = run("look")
+    assert first.endswith(" True") and second.endswith(" True")
+    assert first.split()[0] == second.split()[0] == record.url
+    assert read_server_record(sandbox_home) == record  # the same server, not a new one
+    assert sandbox_endpoint(sandbox_home) == record.url
+
+
+def test_stop_ends_the_server_and_the_next_start_is_fresh(sandbox_home):
+    url = sandbox_endpoint(sandbox_home)
+    record = read_server_record(sandbox_home)
+    boto3.client("ec2", region_name="us-east-1", endpoint_url=url).create_key_pair(KeyName="gpuflow-old")
+
+    assert stop_sandbox(sandbox_home) is True
+    assert read_server_record(sandbox_home) is None
+    assert not Path(f"/proc/{record.pid}").exists()
+    assert stop_sandbox(sandbox_home) is False  # idempotent
+
+    fresh_url = sandbox_endpoint(sandbox_home)
+    pairs = boto3.client("ec2", region_name="us-east-1", endpoint_url=fresh_url).describe_key_pairs()["KeyPairs"]
+    assert "gpuflow-old" not in [pair["KeyName"] for pair in pairs]
+
+
+def test_a_dead_server_is_replaced(sandbox_home):
+    sandbox_endpoint(sandbox_home)
+    dead = read_server_record(sandbox_home)
+    os.kill(dead.pid, signal.SIGKILL)
+    os.waitpid(dead.pid, 0)
+    url = sandbox_endpoint(sandbox_home)
+    replacement = read_server_record(sandbox_home)
+    assert replacement.pid != dead.pid
+    assert _resolve_dlami("us-east-1", endpoint_url=url)[0]
+
+
+def test_a_record_naming_an_unrelated_process_is_never_killed(sandbox_home):
+    """A stale record whose pid now belongs to someone else: start a new server,
+    and leave that process alone."""
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        record_path = sandbox_home / "sandbox" / ".moto-server" / "server.json"
+        record_path.parent.mkdir(parents=True)
+        record_path.write_text(json.dumps({"pid": bystander.pid, "port": 9, "started_at": time.time()}))
+        url = sandbox_endpoint(sandbox_home)
+        assert read_server_record(sandbox_home).pid != bystander.pid
+        assert bystander.poll() is None
+        assert stop_sandbox(sandbox_home) is True
+        assert bystander.poll() is None
+        assert url.startswith("http://127.0.0.1:")
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_server_that_cannot_start_is_a_clear_error(sandbox_home, monkeypatch):
+    monkeypatch.setattr(sandbox.sys, "executable", "/bin/false")
+    with pytest.raises(CloudError, match="sandbox cloud .* exited at start"):
+        sandbox_endpoint(sandbox_home, startup_timeout=10)
+    assert read_server_record(sandbox_home) is None
