@@ -277,6 +277,11 @@ def _ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
     text = stderr.decode("utf-8", errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "no message from ssh"
+    if "host key is known for" in text or "No matching host key" in text:
+        return HostKeyMismatch(
+            f"no key pinned in {target.known_hosts_path} for {target.host}:{target.port}; {what} refused",
+            hint="pin the instance's host key first (gpuflow ssh NAME pins it from the console output)",
+        )
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
         return HostKeyMismatch(
             f"host key of {target.host}:{target.port} does not match the key pinned in {target.known_hosts_path}; "
@@ -786,21 +791,39 @@ def _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_f
 def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
     """Where ``<base>/<subdirectory>`` of a cluster's head node is, for sync.
 
-    A sandbox cluster's runner is a LocalRunner whose ``base_dir`` is a local
-    directory; any other cluster is reached over SSH, where the base is
-    ``gpuflow`` under the login home.
+    * a sandbox cluster without a loopback sshd: its LocalRunner directory
+      ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>`` on this machine;
+    * a sandbox cluster with one (``GPUFLOW_SANDBOX_SSH``): that directory,
+      reached through the loopback sshd, as a real instance would be;
+    * a real instance: ``gpuflow/<subdirectory>`` under the login home, i.e.
+      ``$HOME/gpuflow``, the SSH runner's base directory.
+
+    Host keys are pinned before the system ``ssh`` runs (from the console
+    output, by :func:`gpuflow.remote.ensure_host_keys`); when the console
+    printed only fingerprints, one connection through the SSH runner, which
+    accepts exactly a key with such a fingerprint, pins the key first.
     """
     from gpuflow import remote
     from gpuflow.transport.local import LocalRunner
 
+    node = cluster.head
     if cluster.sandbox:
-        runner = remote.runner_for(cluster)
+        runner = remote.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
         try:
             if isinstance(runner, LocalRunner):
                 return LocalDestination(Path(runner.base_dir) / subdirectory)
         finally:
             runner.close()
-    return SSHDestination(remote.ssh_target_for(cluster), f"gpuflow/{subdirectory}")
+        directory = remote.sandbox_directory(cluster, node)
+        return SSHDestination(remote.ssh_target_for(cluster, node), f"{directory}/{subdirectory}")
+    target = remote.ssh_target_for(cluster, node)
+    if remote.ensure_host_keys(cluster, node, target):
+        runner = remote.runner_for(cluster, node)
+        try:
+            runner.run(["true"])
+        finally:
+            runner.close()
+    return SSHDestination(target, f"gpuflow/{subdirectory}")
 
 
 def sync_project(cluster: Cluster, project_dir: Path, **options: Any) -> SyncReport:
@@ -820,3 +843,37 @@ def sync_data(cluster: Cluster, data_dir: Path, **options: Any) -> SyncReport:
     """Push a data directory to ``<base>/data/<basename>/``, where later runs find it."""
     return sync_directory(Path(data_dir), destination_for(cluster, f"data/{data_name(data_dir)}"), **options)
 
+
+
+def sync_cluster(
+    cluster_name: str | None = None,
+    *,
+    data_dir: Path | None = None,
+    project_dir: Path | None = None,
+    **options: Any,
+) -> SyncReport:
+    """The ``gpuflow sync`` use case: the project (or ``data_dir``) to a cluster.
+
+    The cluster defaults as everywhere (the project's ``cluster`` setting, else
+    the only cluster).  The large-tree thresholds come from the project
+    settings ``sync_warn_gb`` (default 1) and ``sync_warn_files`` (default
+    20000) unless given.
+    """
+    from gpuflow.config import load_project_config
+    from gpuflow.errors import ConfigError
+    from gpuflow.remote import load_cluster
+
+    config = load_project_config(project_dir)
+    try:
+        options.setdefault("large_bytes", int(float(config.get("sync_warn_gb", DEFAULT_LARGE_BYTES / 1e9)) * 1e9))
+        options.setdefault("large_files", int(config.get("sync_warn_files", DEFAULT_LARGE_FILES)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.source}: sync_warn_gb / sync_warn_files must be numbers") from exc
+    if cluster_name is None:
+        from gpuflow.clusters import resolve_cluster_name
+
+        cluster_name = resolve_cluster_name(None, project_dir=config.root)
+    cluster = load_cluster(cluster_name)
+    if data_dir is not None:
+        return sync_data(cluster, Path(data_dir), **options)
+    return sync_project(cluster, config.root, **options)
