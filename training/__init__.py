@@ -1,0 +1,17 @@
+"""Keras 3 training modules that gpuflow runs on GPU instances.
+
+Each module runs as ``python -m training.<module> [options]``:
+
+* :mod:`training.mnist_mlp`            — the course MLP on MNIST (669,706 weights)
+* :mod:`training.cifar10_cnn`          — the course CNN on CIFAR-10 (528,054 weights)
+* :mod:`training.cifar10_augmentation` — the same CNN with shift/flip augmentation in tf.data
+* :mod:`training.transfer_learning`    — the four transfer-learning cases and bottleneck features
+
+The shared machinery lives in :mod:`training.data` (datasets and readers, numpy only),
+:mod:`training.pipeline` (tf.data), :mod:`training.models` (the course models) and
+:mod:`training.run` (options, outputs, callbacks, fit loop, metrics).
+
+This package never imports gpuflow: it runs on instances where only TensorFlow is
+installed.  Importing it does not import TensorFlow either; the heavy imports happen
+inside the functions that need them.
+"""
