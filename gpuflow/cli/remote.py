@@ -1,5 +1,64 @@
-"""gpuflow CLI: remote commands (placeholder until its issue lands)."""
+"""gpuflow CLI: `gpuflow ssh NAME [-- CMD]` and `gpuflow ssh-config` (thin: the work is in gpuflow.remote)."""
 
 from __future__ import annotations
 
-from gpuflow.cli import app  # noqa: F401
+from typing import Optional
+
+import typer
+
+from gpuflow.cli import app
+
+
+@app.command("ssh", context_settings={"allow_interspersed_args": False})
+def ssh(
+    name: str = typer.Argument(..., help="The cluster to reach."),
+    command: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
+        None, help="A command to run instead of a shell; put it after `--`. Each argument arrives literally."
+    ),
+    node: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--node", metavar="INSTANCE_ID", help="Reach this instance instead of the head node."
+    ),
+    trust_on_first_use: bool = typer.Option(
+        False,
+        "--trust-on-first-use",
+        help="Accept and pin the host key the instance presents when its console shows none (warns).",
+    ),
+) -> None:
+    """Open a shell on a cluster's instance, or run CMD there, with its pinned host key."""
+    import os
+    import sys
+
+    from gpuflow.remote import ssh_invocation
+
+    invocation = ssh_invocation(name, command or None, instance_id=node, trust_on_first_use=trust_on_first_use)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if invocation.cwd:
+        os.chdir(invocation.cwd)
+    try:
+        os.execvp(invocation.argv[0], list(invocation.argv))
+    except OSError as exc:  # ssh (or bash) is not installed
+        from gpuflow.errors import UsageError
+
+        raise UsageError(f"cannot run {invocation.argv[0]}: {exc.strerror}", hint="install the OpenSSH client") from exc
+
+
+@app.command("ssh-config")
+def ssh_config(
+    install: bool = typer.Option(
+        False, "--install", help="Also add the Include line to the top of ~/.ssh/config (once)."
+    ),
+) -> None:
+    """Write Host entries for every cluster to $GPUFLOW_HOME/ssh_config, so plain ssh, scp,
+    rsync and editors reach a cluster by name."""
+    from gpuflow.remote import install_ssh_include, write_ssh_config
+
+    report = write_ssh_config()
+    typer.echo(f"wrote {report.path}: {len(report.hosts)} host(s){': ' if report.hosts else ''}{' '.join(report.hosts)}")
+    for line in report.skipped:
+        typer.echo(f"  skipped {line}")
+    if install:
+        changed = install_ssh_include(report.include_line)
+        typer.echo(f"{'added' if changed else 'already present'} in ~/.ssh/config: {report.include_line}")
+    else:
+        typer.echo(f"add this line at the top of ~/.ssh/config (or run with --install): {report.include_line}")

@@ -39,7 +39,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuflow.state import atomic_write_bytes
@@ -73,7 +73,7 @@ class PublicHostKey:
 
     key_type: str
     key_base64: str
-    comment: str = ""
+    comment: str = field(default="", compare=False)  # not part of the key's identity
 
     @property
     def blob(self) -> bytes:

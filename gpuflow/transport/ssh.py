@@ -500,6 +500,9 @@ class SSHRunner:
                 else:
                     select.select([poll_fd], [], [], 0.2)
         exit_code = channel.recv_exit_status()
+        if exit_code < 0 and not channel.get_transport().is_active():
+            # paramiko ends a channel of a dead connection as "no exit status".
+            raise _Lost() from EOFError("connection closed before the command's exit status arrived")
         # -1: killed by a signal (exit-signal, no status); report it as OpenSSH's client does.
         return CommandResult(exit_code if exit_code >= 0 else 255, b"".join(stdout), b"".join(stderr))
 
