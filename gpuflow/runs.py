@@ -1077,37 +1077,23 @@ __all__ = [
 
 
 def resolve_cluster_name(name: str | None, *, project_dir: Path | None = None) -> str:
-    """The cluster a command means: NAME, else the project's ``cluster``
-    setting, else the only cluster gpuflow knows."""
-    if name:
-        return validate_name(name, "cluster name")
-    from gpuflow.config import load_project_config
-
-    configured = load_project_config(project_dir).get("cluster")
-    if configured:
-        return validate_name(str(configured), "cluster name")
+    """The cluster a command means (NAME, the project's ``cluster`` setting,
+    or the only cluster): the provisioning layer's rule, used as is."""
     from gpuflow import clusters
 
-    known = sorted({cluster.name for cluster in clusters.list_clusters()})
-    if len(known) == 1:
-        return known[0]
-    if not known:
-        raise UsageError("no cluster to run on", hint="start one with `gpuflow up`, or use `gpuflow run --up`")
-    raise UsageError(
-        f"several clusters exist ({', '.join(known)}): say which one",
-        hint="gpuflow run NAME MODULE, or set `cluster` in gpuflow.toml",
-    )
+    return clusters.resolve_cluster_name(name, project_dir=project_dir)
 
 
 def is_known_cluster(name: str) -> bool:
-    """Whether ``name`` is a cluster in the local cache (no cloud call): used
-    to tell ``run NAME -- CMD`` from ``run MODULE -- ARGS``."""
+    """Whether ``name`` is a live cluster in the local cache (no cloud call):
+    tells ``run NAME -- CMD`` from ``run MODULE -- ARGS``."""
     from gpuflow import clusters
 
     try:
-        return any(cluster.name == name for cluster in clusters.list_clusters())
-    except NotFound:
+        clusters.get_cluster(validate_name(name, "cluster name"))
+    except (NotFound, UsageError):
         return False
+    return True
 
 
 def run_on_cluster(
@@ -1130,13 +1116,51 @@ def run_on_cluster(
     with ``down`` tear it down afterwards — also when the job fails, gpuflow
     fails or the user presses Ctrl-C (then the job is stopped, not detached:
     its instance is going away)."""
-    from gpuflow import clusters
-
     if down and detach:
         raise UsageError("--down and --detach contradict each other", hint="drop one of them")
     if down:
         on_interrupt = _stop_on_interrupt
+    in_process = up_spec is not None and getattr(up_spec, "sandbox", False) and down and not is_known_cluster(
+        cluster_name
+    )
+    if in_process:
+        # Launch, run and tear down in one process: the sandbox's EC2 API lives
+        # in this process (moto) and vanishes with it — nothing is left behind.
+        from infra.sandbox import in_process_sandbox
+
+        sandbox_context: Any = in_process_sandbox((up_spec.region,))
+    else:
+        sandbox_context = contextlib.nullcontext()
+    with sandbox_context:
+        return _run_on_cluster(
+            cluster_name,
+            project_dir=project_dir,
+            module=module,
+            args=args,
+            out=out,
+            up_spec=up_spec,
+            down=down,
+            detach=detach,
+            on_interrupt=on_interrupt,
+            say=say,
+            resolve=resolve,
+            **run_options,
+        )
+
+
+def _run_on_cluster(
+    cluster_name: str,
+    *,
+    up_spec: Any,
+    down: bool,
+    say: Say,
+    resolve: TargetResolver,
+    **run_arguments: Any,
+) -> RunOutcome:
+    from gpuflow import clusters
+
     primary: BaseException | None = None
+    cluster: Cluster | None = None
     try:
         if up_spec is not None:
             try:
@@ -1145,17 +1169,9 @@ def run_on_cluster(
             except NotFound:
                 say(f"launching cluster {cluster_name}")
                 clusters.up(up_spec)
-        return run(
-            resolve(cluster_name),
-            project_dir=project_dir,
-            module=module,
-            args=args,
-            out=out,
-            detach=detach,
-            on_interrupt=on_interrupt,
-            say=say,
-            **run_options,
-        )
+        target = resolve(cluster_name)
+        cluster = target.cluster
+        return run(target, say=say, **run_arguments)
     except BaseException as exc:
         primary = exc
         raise
@@ -1164,43 +1180,35 @@ def run_on_cluster(
             say(f"tearing down cluster {cluster_name}")
             try:
                 clusters.down(cluster_name)
+                if cluster is not None and cluster.sandbox:
+                    _remove_sandbox_disk(cluster)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
                 say(f"teardown of {cluster_name} failed too: {teardown_error} — run `gpuflow down {cluster_name}`")
 
 
+def _remove_sandbox_disk(cluster: Cluster) -> None:
+    """A terminated sandbox instance's "disk" (its directory under the gpuflow
+    home) goes with it, as an EC2 root volume does."""
+    import shutil
+
+    from gpuflow import remote
+
+    for node in cluster.nodes:
+        directory = remote.sandbox_directory(cluster, node)
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # the cluster's directory, once empty
+
+
 def _stop_on_interrupt(_record: RunRecord) -> str:
     return "stop"
 
 
-def up_spec_for_run(
-    name: str,
-    *,
-    project_dir: Path,
-    instance_type: str | None = None,
-    region: str | None = None,
-    spot: bool = False,
-    idle_minutes: int | None = None,
-    max_hours: float | None = None,
-    sandbox: bool = False,
-) -> Any:
-    """The ClusterSpec `run --up` launches: options > project config > defaults."""
-    from gpuflow.config import load_project_config
-    from gpuflow.records import ClusterSpec
+def up_spec_for_run(name: str | None, *, project_dir: Path, **options: Any) -> Any:
+    """The ClusterSpec `run --up` launches: options > project config > defaults
+    (the provisioning layer's :func:`gpuflow.clusters.resolve_spec`)."""
+    from gpuflow import clusters
 
-    settings = load_project_config(project_dir).settings
-    defaults = ClusterSpec(name=name, region="us-east-1")
-
-    def pick(option: Any, key: str, default: Any) -> Any:
-        return option if option is not None else settings.get(key, default)
-
-    return ClusterSpec(
-        name=validate_name(name, "cluster name"),
-        region=str(pick(region, "region", os.environ.get("AWS_DEFAULT_REGION") or defaults.region)),
-        instance_type=str(pick(instance_type, "instance_type", defaults.instance_type)),
-        spot=bool(spot or settings.get("spot", False)),
-        idle_minutes=int(pick(idle_minutes, "idle_minutes", defaults.idle_minutes)),
-        max_hours=float(pick(max_hours, "max_hours", defaults.max_hours)),
-        sandbox=bool(sandbox or settings.get("sandbox", False)),
-    )
+    return clusters.resolve_spec(name, options, project_dir=project_dir)

@@ -1,5 +1,29 @@
-"""gpuflow CLI: demo commands (placeholder until its issue lands)."""
+"""gpuflow CLI: `gpuflow demo` (thin: the work is in gpuflow.demo)."""
 
 from __future__ import annotations
 
-from gpuflow.cli import app  # noqa: F401
+import sys
+
+import typer
+
+from gpuflow.cli import app
+
+
+@app.command("demo")
+def demo_command(
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Training epochs on the digits data."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
+) -> None:
+    """The whole workflow offline in the sandbox cloud: up → run training.cifar10_cnn on the
+    digits data → pull → down, then a summary (accuracy, time, checkpoint, curves)."""
+    import io
+
+    from gpuflow.demo import run_demo
+
+    def say(message: str) -> None:
+        typer.echo(f"gpuflow: {message}", err=True)
+
+    summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
+    typer.echo("")
+    for line in summary.lines():
+        typer.echo(line)

@@ -79,17 +79,14 @@ def run_command(
     project = (project_dir or find_project_root()).resolve()
     up_spec = None
     if up:
-        name = name or _default_new_cluster_name(project)
-        up_spec = runs.up_spec_for_run(
-            name,
-            project_dir=project,
-            instance_type=instance_type,
-            region=region,
-            spot=spot,
-            idle_minutes=idle_minutes,
-            max_hours=max_hours,
-            sandbox=sandbox,
-        )
+        options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
+                   "max_hours": max_hours, "spot": spot or None, "sandbox": sandbox or None}
+        up_spec = runs.up_spec_for_run(name, project_dir=project, **options)
+        name = up_spec.name
+    elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
+        from gpuflow.errors import UsageError
+
+        raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = runs.resolve_cluster_name(name, project_dir=project)
     outcome = runs.run_on_cluster(
         cluster_name,
@@ -135,12 +132,6 @@ def _split_positionals(positionals: list[str], job_args: list[str]) -> tuple[str
     if not job_args:
         raise UsageError("nothing to run", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND")
     return None, None
-
-
-def _default_new_cluster_name(project: Path) -> str:
-    from gpuflow.config import load_project_config
-
-    return str(load_project_config(project).get("cluster") or "gpuflow")
 
 
 @app.command("logs")
