@@ -159,12 +159,17 @@ def load_cluster(name: str) -> Cluster:
 
 
 def load_clusters() -> list[Cluster]:
-    try:
-        from gpuflow.clusters import list_clusters
-    except ImportError:
-        store = StateStore(gpuflow_home(), "clusters")
-        return [Cluster.from_dict(document) for document in store.all().values()]
-    return [cluster for cluster in list_clusters() if isinstance(cluster, Cluster)]
+    """Every cluster gpuflow knows locally, from the state cache (no cloud call:
+    ``ssh-config`` must work offline and fast)."""
+    from gpuflow.errors import ClusterNotFound
+
+    clusters = []
+    for name in StateStore(gpuflow_home(), "clusters").names():
+        try:
+            clusters.append(load_cluster(name))
+        except ClusterNotFound:  # deleted, kept as a tombstone
+            continue
+    return clusters
 
 
 def _cached_cluster(name: str) -> Cluster:
@@ -403,9 +408,9 @@ def ssh_invocation(
             # connection verifies the presented key and pins it for OpenSSH.
             alive = instance_alive_hook(cluster, node.instance_id)
             _ssh_runner(target, alive, expected, {}).connect().close()
-    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR", f"{target.user}@{target.host}"]
+    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR", "--", f"{target.user}@{target.host}"]
     if command:
-        argv += ["--", quote_argv(command)]
+        argv.append(quote_argv(command))  # one pre-quoted string: the remote shell splits it back exactly
     return Invocation(tuple(argv))
 
 

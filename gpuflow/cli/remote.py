@@ -9,7 +9,7 @@ import typer
 from gpuflow.cli import app
 
 
-@app.command("ssh", context_settings={"allow_interspersed_args": False})
+@app.command("ssh")
 def ssh(
     name: str = typer.Argument(..., help="The cluster to reach."),
     command: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10

@@ -1,0 +1,230 @@
+"""gpuflow.remote and the `gpuflow ssh` / `gpuflow ssh-config` commands, with
+cluster records pointing at a real loopback OpenSSH server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpuflow import remote
+from gpuflow.config import gpuflow_home
+from gpuflow.errors import ConfigError, HostKeyMismatch, InstanceGone, UnreachableHost, UsageError
+from gpuflow.records import Cluster, Node
+from gpuflow.state import StateStore
+from gpuflow.transport import hostkeys
+from gpuflow.transport.local import LocalRunner
+from gpuflow.transport.ssh import Backoff, SSHRunner
+from tests.transport.console_sample import console_output, fingerprint_line, server_console_output
+
+HOSTILE = ["$(touch pwned)", "; touch pwned", "a && b", "'q\"", "*", "new\nline", "ü ✓"]
+PRINT_ARGV = "import json, sys; print(json.dumps(sys.argv[1:]))"
+
+
+def make_cluster(server, name: str = "web", *, sandbox: bool = False, nodes: int = 1) -> Cluster:
+    cluster = Cluster(
+        name=name,
+        region="us-east-1",
+        instance_type="g5.xlarge",
+        ami="ami-0123456789abcdef0",
+        nodes=tuple(Node(f"i-0{index:016x}", "running", public_ip="127.0.0.1") for index in range(1, nodes + 1)),
+        key_path=str(server.client_key),
+        ssh_user=server.user,
+        ssh_port=server.port,
+        sandbox=sandbox,
+    )
+    StateStore(gpuflow_home(), "clusters").put(name, cluster.to_dict())
+    return cluster
+
+
+def sandbox_ssh_env(server) -> str:
+    return (
+        f"host=127.0.0.1,port={server.port},user={server.user},key={server.client_key},"
+        f"host_key={server.host_key}.pub"
+    )
+
+
+def test_runner_for_pins_host_keys_from_the_console_then_connects(sshd_session, fake_cloud, tmp_path):
+    cluster = make_cluster(sshd_session)
+    fake_cloud.console = server_console_output(sshd_session)
+    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"))
+    assert isinstance(runner, SSHRunner)
+    assert json.loads(runner.run([sys.executable, "-c", PRINT_ARGV, *HOSTILE]).stdout) == HOSTILE
+    runner.close()
+    pinned = hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+    assert pinned == [hostkeys.parse_public_key(sshd_session.host_public_key)]
+    # Pinned once: later runners do not ask the console again.
+    remote.runner_for(cluster, base_dir=str(tmp_path / "base")).run(["true"])
+    assert fake_cloud.console_calls == 1
+
+
+def test_console_keys_of_another_host_refuse_the_connection(sshd_session, fake_cloud, tmp_path):
+    cluster = make_cluster(sshd_session)
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    public = Path(f"{other}.pub")
+    fake_cloud.console = console_output([public.read_text().strip()], [fingerprint_line(public)])
+    with pytest.raises(HostKeyMismatch):
+        remote.runner_for(cluster, base_dir=str(tmp_path / "base"), backoff=Backoff(retries=0)).run(["true"])
+    assert not (tmp_path / "base").exists()
+
+
+def test_console_without_keys_needs_the_explicit_trust_flag(sshd_session, fake_cloud, tmp_path, capsys):
+    cluster = make_cluster(sshd_session)
+    fake_cloud.console = "[   3.1] cloud-init[600]: Cloud-init v. 24.1.3 running 'init-local'\r\n"
+    with pytest.raises(UnreachableHost, match="still booting") as raised:
+        remote.runner_for(cluster)
+    assert "--trust-on-first-use" in raised.value.one_line()
+    runner = remote.runner_for(cluster, trust_on_first_use=True, base_dir=str(tmp_path / "base"))
+    runner.run(["true"])
+    runner.close()
+    assert "gpuflow: warning: trusting" in capsys.readouterr().err
+    assert hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+
+
+def test_fingerprints_only_console_pins_the_matching_key(sshd_session, fake_cloud, tmp_path):
+    cluster = make_cluster(sshd_session)
+    fake_cloud.console = server_console_output(sshd_session, include_keys=False)
+    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"))
+    runner.run(["true"])
+    runner.close()
+    pinned = hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+    assert [key.fingerprint for key in pinned] == [hostkeys.parse_public_key(sshd_session.host_public_key).fingerprint]
+
+
+def test_a_terminated_instance_is_told_apart_from_a_network_blip(sshd, fake_cloud, tmp_path):
+    cluster = make_cluster(sshd)
+    fake_cloud.console = server_console_output(sshd)
+    slept: list[float] = []
+    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"), sleep=slept.append)
+    runner.run(["true"])
+    sshd.stop()
+    fake_cloud.state = "terminated"
+    with pytest.raises(InstanceGone):
+        runner.run(["true"])
+    assert fake_cloud.state_calls == 1 and slept == []
+
+
+def test_no_address_yet_is_a_clear_error(sshd_session):
+    cluster = make_cluster(sshd_session)
+    booting = Cluster.from_dict({**cluster.to_dict(), "nodes": [Node("i-0abc", "pending").to_dict()]})
+    with pytest.raises(UnreachableHost, match="has no IP address"):
+        remote.ssh_target_for(booting)
+
+
+def test_sandbox_runs_locally_or_through_a_configured_loopback_sshd(sshd_session, monkeypatch, tmp_path):
+    cluster = make_cluster(sshd_session, "sbx", sandbox=True)
+    local = remote.runner_for(cluster)
+    expected = gpuflow_home() / "sandbox" / "sbx" / cluster.head.instance_id
+    assert isinstance(local, LocalRunner) and local.base_dir == str(expected.resolve())
+    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session))
+    over_ssh = remote.runner_for(cluster)
+    assert isinstance(over_ssh, SSHRunner)
+    assert over_ssh.run(["pwd"]).stdout.decode().strip() == str(expected.resolve())
+    over_ssh.close()
+    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session).replace("127.0.0.1", "198.51.100.7"))
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        remote.runner_for(cluster)
+    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, "port=22")
+    with pytest.raises(ConfigError, match="lacks user, key, host_key"):
+        remote.runner_for(cluster)
+
+
+def _ssh_g(config: Path, alias: str) -> dict[str, str]:
+    output = subprocess.run(
+        ["ssh", "-G", "-F", str(config), alias], capture_output=True, text=True, check=True
+    ).stdout
+    values: dict[str, str] = {}
+    for line in output.splitlines():
+        key, _, value = line.partition(" ")
+        values.setdefault(key, value)
+    return values
+
+
+def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_path):
+    make_cluster(sshd_session, "web", nodes=2)
+    make_cluster(sshd_session, "sbx", sandbox=True)
+    report = remote.write_ssh_config()
+    assert report.path == gpuflow_home() / "ssh_config"
+    assert report.hosts == ("web", "web-1") and report.skipped[0].startswith("sbx: sandbox")
+    values = _ssh_g(report.path, "web-1")
+    assert values["hostname"] == "127.0.0.1"
+    assert values["user"] == sshd_session.user
+    assert values["port"] == str(sshd_session.port)
+    assert values["identityfile"] == str(sshd_session.client_key)
+    assert values["userknownhostsfile"] == str(remote.known_hosts_path("web"))
+    assert values["stricthostkeychecking"] == "true"
+    assert values["identitiesonly"] == "yes"
+    assert values["serveraliveinterval"] == "15"
+    # The Include line, once, at the top of ~/.ssh/config.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user_config = tmp_path / "home" / ".ssh" / "config"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text("Host other\n    User someone\n")
+    assert remote.install_ssh_include(report.include_line) is True
+    assert remote.install_ssh_include(report.include_line) is False
+    text = user_config.read_text()
+    assert text.count("Include ") == 1 and text.index("Include ") < text.index("Host other")
+    assert _ssh_g(user_config, "web")["port"] == str(sshd_session.port)
+
+
+def _gpuflow(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuflow", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        cwd=os.getcwd(),
+    )
+
+
+def test_cli_ssh_runs_a_command_with_arguments_literally(sshd_session, tmp_path):
+    cluster = make_cluster(sshd_session)
+    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+                           [hostkeys.parse_public_key(sshd_session.host_public_key)])
+    marker_dir = tmp_path / "cwd"
+    marker_dir.mkdir()
+    completed = _gpuflow("ssh", "web", "--", sys.executable, "-c", PRINT_ARGV, *HOSTILE)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == HOSTILE
+    failing = _gpuflow("ssh", "web", "--", "sh", "-c", "exit 7")
+    assert failing.returncode == 7  # the remote command's exit code
+
+
+def test_cli_ssh_refuses_a_changed_host_key(sshd_session, tmp_path):
+    cluster = make_cluster(sshd_session)
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+                           [hostkeys.parse_public_key(Path(f"{other}.pub").read_text())])
+    marker = tmp_path / "ran"
+    completed = _gpuflow("ssh", "web", "--", "touch", str(marker))
+    assert completed.returncode == 255 and not marker.exists()
+    assert "host key" in completed.stderr.lower()
+
+
+def test_cli_ssh_config_and_sandbox_ssh(sshd_session, tmp_path):
+    make_cluster(sshd_session, "sbx", sandbox=True)
+    completed = _gpuflow("ssh", "sbx", "--", "pwd")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str((gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001").resolve())
+    over_ssh = _gpuflow("ssh", "sbx", "--", "echo", "$(hostile)", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
+    assert over_ssh.returncode == 0, over_ssh.stderr
+    assert over_ssh.stdout == "$(hostile)\n"
+    written = _gpuflow("ssh-config", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
+    assert written.returncode == 0, written.stderr
+    assert "Include " in written.stdout and "1 host(s): sbx" in written.stdout
+    assert _ssh_g(gpuflow_home() / "ssh_config", "sbx")["port"] == str(sshd_session.port)
+
+
+def test_cli_errors_are_one_line(sshd_session):
+    missing = _gpuflow("ssh", "nope", "--", "true")
+    assert missing.returncode == 4 and missing.stderr.startswith("gpuflow: error: no cluster named 'nope'")
+    make_cluster(sshd_session)
+    node = _gpuflow("ssh", "web", "--node", "i-ffff", "--", "true")
+    assert node.returncode == UsageError.exit_code and len(node.stderr.strip().splitlines()) == 1
