@@ -129,17 +129,62 @@ def seed_deep_learning_ami(region: str, *, account_id: str | None = None) -> str
 
 @contextlib.contextmanager
 def in_process_sandbox(regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,)) -> Iterator[dict[str, str]]:
-    """``moto.mock_aws()`` seeded with the Deep Learning AMI in ``regions``.
+    """``moto.mock_aws()`` with the Deep Learning AMI seeded.
 
-    Yields ``{region: ami_id}``.  Everything boto3 does inside the block hits
-    moto in this process; nothing leaves the machine.
+    ``regions`` are seeded up front (yields ``{region: ami_id}``); any other
+    region is seeded on the first boto3 request that names it, so the
+    provisioner's own region choice works unchanged.  Everything boto3 does
+    inside the block hits moto in this process; nothing leaves the machine.
     """
+    from unittest import mock
+
     from moto import mock_aws
+    from moto.core import models as moto_models
 
+    seeder = _RegionSeeder(seed_deep_learning_ami)
+    stubber = getattr(moto_models, "botocore_stubber", None)
     with mock_aws():
-        yield {region: seed_deep_learning_ami(region) for region in regions}
+        amis = {region: seeder.seed(region) for region in regions}
+        if stubber is None or not hasattr(stubber, "process_request"):  # pragma: no cover - other moto versions
+            yield amis
+            return
+        original_process_request = stubber.process_request
+
+        def seeding_process_request(request: Any) -> Any:
+            seeder.seed_from_authorization(request.headers.get("Authorization"))
+            return original_process_request(request)
+
+        with mock.patch.object(stubber, "process_request", seeding_process_request):
+            yield amis
 
 
+class _RegionSeeder:
+    """Seeds each region once, the first time it is named (thread-safe: the
+    server answers requests on several threads)."""
+
+    def __init__(self, seed: Callable[[str], str]) -> None:
+        self._seed = seed
+        self._seeded: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def seed(self, region: str) -> str:
+        with self._lock:
+            if region not in self._seeded:
+                self._seeded[region] = self._seed(region)
+            return self._seeded[region]
+
+    def seed_from_authorization(self, authorization: str | bytes | None) -> None:
+        """Seed the region of a SigV4-signed request; unsigned or unparsable
+        requests, and regions moto does not know, are left to moto."""
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        match = _REGION_IN_AUTHORIZATION.search(authorization or "")
+        if not match:
+            return
+        try:
+            self.seed(match.group(1))
+        except Exception as exc:  # noqa: BLE001 - an unknown region: moto answers the request itself
+            print(f"gpuflow sandbox: could not seed region {match.group(1)!r}: {exc}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -358,34 +403,17 @@ def _tail(path: Path, limit: int = 300) -> str:
 
 
 class _SeedingMiddleware:
-    """Seeds the Deep Learning AMI into a region the first time a request for
-    that region arrives (read from the SigV4 credential scope), so
-    ``gpuflow up --region R --sandbox`` resolves the AMI in any region
+    """WSGI wrapper: seeds the Deep Learning AMI into a region the first time
+    a request for that region arrives (read from the SigV4 credential scope),
+    so ``gpuflow up --region R --sandbox`` resolves the AMI in any region
     without paying ~0.1 s per region up front for all of them."""
 
-    def __init__(self, application: Callable[..., Any], seed: Callable[[str], Any], regions: Iterable[str] = ()) -> None:
+    def __init__(self, application: Callable[..., Any], seeder: _RegionSeeder) -> None:
         self._application = application
-        self._seed = seed
-        self._seeded: set[str] = set()
-        self._lock = threading.Lock()
-        for region in regions:
-            self._seed_once(region)
-
-    def _seed_once(self, region: str) -> None:
-        if region in self._seeded:
-            return
-        with self._lock:
-            if region not in self._seeded:
-                self._seed(region)
-                self._seeded.add(region)
+        self._seeder = seeder
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        match = _REGION_IN_AUTHORIZATION.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if match:
-            try:
-                self._seed_once(match.group(1))
-            except Exception as exc:  # an unknown region: let moto answer the request itself
-                print(f"gpuflow sandbox: could not seed region {match.group(1)!r}: {exc}", file=sys.stderr, flush=True)
+        self._seeder.seed_from_authorization(environ.get("HTTP_AUTHORIZATION"))
         return self._application(environ, start_response)
 
 
@@ -402,9 +430,10 @@ def serve(directory: Path, *, port: int = 0, regions: Iterable[str] = (DEFAULT_S
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in the log
-    application = _SeedingMiddleware(
-        DomainDispatcherApplication(create_backend_app), seed_deep_learning_ami, regions
-    )
+    seeder = _RegionSeeder(seed_deep_learning_ami)
+    for region in regions:
+        seeder.seed(region)
+    application = _SeedingMiddleware(DomainDispatcherApplication(create_backend_app), seeder)
     server = make_server(LOOPBACK, port, application, threaded=True)
     record_path = Path(directory) / SERVER_RECORD_NAME
 

@@ -81,11 +81,18 @@ def test_seeding_is_idempotent():
         assert len(history["Parameters"]) == 1
 
 
-def test_in_process_sandbox_seeds_the_requested_regions():
+def test_in_process_sandbox_seeds_the_requested_regions_and_any_other_on_first_use():
     with in_process_sandbox(("us-east-1", "ap-south-1")) as amis:
         assert set(amis) == {"us-east-1", "ap-south-1"}
         for region, ami_id in amis.items():
             assert _resolve_dlami(region) == (ami_id, [ami_id])
+        # A region the caller did not name: seeded by its first request.
+        parameter_value, image_ids = _resolve_dlami("sa-east-1")
+        assert image_ids == [parameter_value] and parameter_value not in amis.values()
+    # Afterwards a fresh mock holds no seeded state (nothing leaked between sandboxes).
+    with mock_aws():
+        with pytest.raises(Exception, match="ParameterNotFound"):
+            boto3.client("ssm", region_name="sa-east-1").get_parameter(Name=DLAMI_SSM_PARAMETER)
 
 
 # --- the detached server ----------------------------------------------------------------------
