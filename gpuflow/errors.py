@@ -144,3 +144,10 @@ class JobFailed(GpuflowError):
         super().__init__(message, hint=hint)
         # Exit codes are 0..255; a job killed by a signal reports 128+N.
         self.exit_code = job_exit_code if 0 < job_exit_code < 256 else 1
+
+
+class DetachedByInterrupt(GpuflowError):
+    """Ctrl-C while following a run, answered with "detach": the job keeps
+    running on the instance; gpuflow exits 130 like any interrupted command."""
+
+    exit_code = 130
