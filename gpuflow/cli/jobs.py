@@ -75,8 +75,8 @@ def run_command(
     from gpuflow.config import find_project_root
 
     job_args: list[str] = ctx.meta.get("gpuflow_job_args", [])
-    name, module = _split_positionals(list(positionals or []), job_args)
     project = (project_dir or find_project_root()).resolve()
+    name, module = _split_positionals(list(positionals or []), job_args, project)
     up_spec = None
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
@@ -101,20 +101,26 @@ def run_command(
         say=_say,
     )
     if outcome.detached:
-        _say(
-            f"run {outcome.record.run_id} keeps running on {cluster_name}: "
-            f"`gpuflow logs {outcome.record.run_id} -f` to follow it, `gpuflow pull {outcome.record.run_id}` "
-            f"for its outputs, `gpuflow stop {outcome.record.run_id}` to stop it"
+        run_id = outcome.record.run_id
+        how = (
+            f"`gpuflow logs {run_id} -f` to follow it, `gpuflow pull {run_id}` for its outputs, "
+            f"`gpuflow stop {run_id}` to stop it"
         )
-        if not detach:  # detached by Ctrl-C
-            raise typer.Exit(130)
+        if not detach:  # Ctrl-C answered with "detach"
+            from gpuflow.errors import DetachedByInterrupt
+
+            raise DetachedByInterrupt(f"detached: run {run_id} keeps running on {cluster_name}", hint=how)
+        _say(f"run {run_id} keeps running on {cluster_name}: {how}")
         return
     _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
 
 
-def _split_positionals(positionals: list[str], job_args: list[str]) -> tuple[str | None, str | None]:
-    """[NAME] [MODULE]: two positionals are NAME MODULE; one is NAME when it
-    names a known cluster and a command follows `--`, else MODULE."""
+def _split_positionals(
+    positionals: list[str], job_args: list[str], project: Path
+) -> tuple[str | None, str | None]:
+    """[NAME] [MODULE]: two positionals are NAME MODULE.  A single one followed
+    by a command after `--` is NAME when it is a known cluster, or when it
+    looks like no module (no dot, no such module in the project); else MODULE."""
     from gpuflow import runs
     from gpuflow.errors import UsageError
 
@@ -126,8 +132,10 @@ def _split_positionals(positionals: list[str], job_args: list[str]) -> tuple[str
     if len(positionals) == 2:
         return positionals[0], positionals[1]
     if len(positionals) == 1:
-        if job_args and runs.is_known_cluster(positionals[0]):
-            return positionals[0], None
+        word = positionals[0]
+        looks_like_module = "." in word or (project / f"{word}.py").is_file() or (project / word).is_dir()
+        if job_args and (runs.is_known_cluster(word) or not looks_like_module):
+            return word, None
         return None, positionals[0]
     if not job_args:
         raise UsageError("nothing to run", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND")
@@ -144,7 +152,9 @@ def logs_command(
 
     exit_code = runs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     if follow and exit_code not in (None, 0):
-        raise typer.Exit(exit_code if 0 < exit_code < 256 else 1)
+        from gpuflow.errors import JobFailed
+
+        raise JobFailed(f"run {run_id} ended with exit code {exit_code}", job_exit_code=exit_code)
 
 
 @app.command("pull")

@@ -1,0 +1,126 @@
+"""The CLI against sandbox clusters: run/logs/pull/runs/stop, `run --up --down`, `gpuflow demo`.
+
+The sandbox's EC2 API is moto in this process (``in_process_sandbox``), so a
+test can look at what is left in the fake cloud after gpuflow is done; the
+"instance" is a LocalRunner directory under the test's GPUFLOW_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gpuflow import clusters, runs
+from gpuflow.errors import ClusterNotFound
+from infra.sandbox import in_process_sandbox
+
+pytestmark = pytest.mark.slow
+
+
+def cli(argv: list[str]) -> int:
+    from gpuflow.cli import _register_commands, app
+    from gpuflow.cli._errors import run_app
+
+    _register_commands()
+    return run_app(app, argv)
+
+
+def _gpuflow_leftovers() -> dict[str, list]:
+    """What gpuflow could have left in the (fake) cloud."""
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    instances = [
+        instance
+        for reservation in ec2.describe_instances()["Reservations"]
+        for instance in reservation["Instances"]
+        if instance["State"]["Name"] != "terminated"
+    ]
+    groups = [group for group in ec2.describe_security_groups()["SecurityGroups"] if group["GroupName"] != "default"]
+    return {"instances": instances, "security_groups": groups, "key_pairs": ec2.describe_key_pairs()["KeyPairs"]}
+
+
+def test_run_up_down_leaves_nothing_behind_when_the_job_fails(project, monkeypatch, capfd, gpuflow_home):
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        code = cli(["run", "--up", "--sandbox", "--down", "ci-box", "--", "python", "job.py", "3", "0", "5"])
+        captured = capfd.readouterr()
+        assert code == 5, captured.err
+        assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
+        [record] = runs.all_records()
+        # Something was really launched and then terminated.
+        import boto3
+
+        reservations = boto3.client("ec2", region_name="us-east-1").describe_instances()["Reservations"]
+        assert [instance["State"]["Name"] for r in reservations for instance in r["Instances"]] == ["terminated"]
+    assert "line 0002" in captured.out
+    assert re.search(r"gpuflow: error: run \S+ failed with exit code 5", captured.err)
+    with pytest.raises(ClusterNotFound):
+        clusters.get_cluster("ci-box")
+    assert not (gpuflow_home / "sandbox" / "ci-box").exists()
+    assert not list((gpuflow_home / "keys").glob("ci-box*")) if (gpuflow_home / "keys").exists() else True
+    local = Path(record.local_dir)
+    assert local == project / "runs" / record.run_id
+    assert json.loads((local / "outputs" / "metrics.json").read_text()) == {"lines": 3}
+
+
+def test_cli_run_detach_runs_logs_pull_stop_on_a_sandbox_cluster(project, monkeypatch, capfd):
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("box", {"sandbox": True}, project_dir=project))
+        try:
+            assert cli(["run", "box", "--", "python", "job.py", "4", "0", "0", "$(echo hi)"]) == 0
+            foreground = capfd.readouterr()
+            [finished] = runs.all_records()
+            assert foreground.out.encode() == (Path(finished.local_dir) / "job.log").read_bytes()
+            assert json.loads((Path(finished.local_dir) / "outputs" / "argv.json").read_text()) == ["$(echo hi)"]
+
+            assert cli(["run", "box", "--detach", "--", "python", "job.py", "100000", "0.05", "0"]) == 0
+            started = capfd.readouterr()
+            run_id = re.search(r"run (\d{8}-\d{6}-[0-9a-f]{4}) keeps running", started.err).group(1)
+
+            assert cli(["runs", "--json"]) == 0
+            listed = {item["run_id"]: item["status"] for item in json.loads(capfd.readouterr().out)}
+            assert listed == {finished.run_id: "succeeded", run_id: "running"}
+
+            assert cli(["pull", run_id]) == 0
+            assert "job still running" in capfd.readouterr().out
+            assert (project / "runs" / run_id / "outputs" / "checkpoints" / "latest.bin").stat().st_size == 200_000
+
+            assert cli(["logs", run_id]) == 0
+            assert capfd.readouterr().out.startswith("line 0000 ")
+
+            assert cli(["stop", run_id, "--grace", "3"]) == 0
+            assert "failed(143)" in capfd.readouterr().out
+            assert cli(["logs", run_id, "-f"]) == 143
+            capfd.readouterr()
+            assert cli(["runs"]) == 0
+            table = capfd.readouterr().out
+            assert re.search(rf"{run_id}\s+box\s+failed\(143\)", table)
+            assert cli(["logs", "no-such-run"]) == 4
+        finally:
+            clusters.down("box")
+
+
+def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
+    with in_process_sandbox():  # the demo's own (nested) sandbox shares this fake cloud: inspect it afterwards
+        code = cli(["demo", "--epochs", "8", "--quiet"])
+        captured = capfd.readouterr()
+        assert code == 0, captured.err
+        assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
+    accuracy = float(re.search(r"test accuracy ([\d.]+)% on digits", captured.out).group(1))
+    assert accuracy >= 85.0
+    seconds = float(re.search(r", (\d+) s from up to down", captured.out).group(1))
+    assert seconds < 120
+    checkpoint = Path(re.search(r"checkpoint: (\S+)", captured.out).group(1))
+    curves = Path(re.search(r"curves: +(\S+)", captured.out).group(1))
+    assert checkpoint.name == "best_model.keras" and checkpoint.stat().st_size > 10_000
+    assert curves.read_bytes().startswith(b"\x89PNG")
+    manifest = json.loads((checkpoint.parent.parent / "manifest.json").read_text())
+    assert manifest["sandbox"] is True and manifest["tensorflow"] and manifest["exit_code"] == 0
+    assert manifest["command"][-2:] == ["--output", manifest["command"][-1]]
+    assert not [name for name in (gpuflow_home / "sandbox").iterdir() if name.name.startswith("gpuflow-demo")]
+    assert all(status.status == "succeeded" for status in runs.list_runs())
