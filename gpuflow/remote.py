@@ -395,11 +395,17 @@ def ssh_invocation(
         directory.mkdir(parents=True, exist_ok=True)
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
+    remote_command = quote_argv(command) if command else None
     if cluster.sandbox:
         sandbox = sandbox_ssh_settings()
         assert sandbox is not None
         target = ssh_target_for(cluster, node)
         _pin_sandbox_host_key(target, sandbox)
+        # The loopback "instance" is this machine: start where the sandbox instance's files are.
+        directory = sandbox_directory(cluster, node)
+        directory.mkdir(parents=True, exist_ok=True)
+        enter = f"cd {quote_argv([str(directory)])} && "
+        remote_command = enter + (remote_command or 'exec "${SHELL:-/bin/sh}" -l')
     else:
         target = ssh_target_for(cluster, node, trust_on_first_use=trust_on_first_use)
         expected = ensure_host_keys(cluster, node, target)
@@ -408,9 +414,12 @@ def ssh_invocation(
             # connection verifies the presented key and pins it for OpenSSH.
             alive = instance_alive_hook(cluster, node.instance_id)
             _ssh_runner(target, alive, expected, {}).connect().close()
-    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR", "--", f"{target.user}@{target.host}"]
-    if command:
-        argv.append(quote_argv(command))  # one pre-quoted string: the remote shell splits it back exactly
+    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
+    if cluster.sandbox and not command:
+        argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
+    argv += ["--", f"{target.user}@{target.host}"]
+    if remote_command:
+        argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
     return Invocation(tuple(argv))
 
 

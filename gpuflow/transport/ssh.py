@@ -271,6 +271,15 @@ class SSHRunner:
                 f"SSH key file {target.key_path} not found",
                 hint="the cluster's key is created by `gpuflow up`; check $GPUFLOW_HOME/keys",
             )
+        private_key = None
+        if target.key_path:
+            try:
+                private_key = paramiko.PKey.from_path(Path(target.key_path).expanduser())
+            except (OSError, ValueError, paramiko.SSHException) as exc:
+                raise CredentialsError(
+                    f"cannot use the SSH key file {target.key_path}: {exc}",
+                    hint="it must be an unencrypted OpenSSH/PEM private key (gpuflow creates one per cluster)",
+                ) from exc
         client = paramiko.SSHClient()
         known_hosts = Path(target.known_hosts_path) if target.known_hosts_path else None
         if known_hosts is not None and known_hosts.is_file():
@@ -281,13 +290,12 @@ class SSHRunner:
                 target.host,
                 port=target.port,
                 username=target.user,
-                key_filename=str(Path(target.key_path).expanduser()) if target.key_path else None,
-                allow_agent=not target.key_path,
-                look_for_keys=not target.key_path,
+                pkey=private_key,
+                allow_agent=private_key is None,
+                look_for_keys=private_key is None,
                 timeout=self.connect_timeout,
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,
-                channel_timeout=self.connect_timeout,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()

@@ -213,9 +213,12 @@ def test_cli_ssh_config_and_sandbox_ssh(sshd_session, tmp_path):
     completed = _gpuflow("ssh", "sbx", "--", "pwd")
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == str((gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001").resolve())
-    over_ssh = _gpuflow("ssh", "sbx", "--", "echo", "$(hostile)", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
+    over_ssh = _gpuflow(
+        "ssh", "sbx", "--", "sh", "-c", 'pwd; echo "$1"', "sh", "$(hostile)",
+        GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session),
+    )
     assert over_ssh.returncode == 0, over_ssh.stderr
-    assert over_ssh.stdout == "$(hostile)\n"
+    assert over_ssh.stdout == completed.stdout + "$(hostile)\n"  # same directory, argument literal
     written = _gpuflow("ssh-config", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
     assert written.returncode == 0, written.stderr
     assert "Include " in written.stdout and "1 host(s): sbx" in written.stdout

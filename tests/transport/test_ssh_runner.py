@@ -96,6 +96,13 @@ def test_a_refused_client_key_is_a_credentials_error(sshd_session, tmp_path, pin
     missing = SSHRunner(target.__class__(**{**target.__dict__, "key_path": str(tmp_path / "nope")}))
     with pytest.raises(CredentialsError, match="not found"):
         missing.run(["true"])
+    garbage = tmp_path / "garbage"
+    garbage.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n")
+    slept: list[float] = []
+    broken = SSHRunner(target.__class__(**{**target.__dict__, "key_path": str(garbage)}), sleep=slept.append)
+    with pytest.raises(CredentialsError, match="cannot use the SSH key file"):
+        broken.run(["true"])
+    assert slept == []  # a broken key is not retried
 
 
 def test_dropped_sessions_reconnect_and_continue(sshd, tmp_path):
