@@ -22,6 +22,9 @@
 #   --interval S             GPUFLOW_DEADMAN_INTERVAL       seconds between checks, default 30
 #   --shutdown-command CMD   GPUFLOW_DEADMAN_SHUTDOWN_COMMAND  default "shutdown -h now" (looked up on PATH)
 #   --log-file FILE          GPUFLOW_DEADMAN_LOG_FILE   default /var/log/gpuflow-deadman.log
+#   --state-file FILE        GPUFLOW_DEADMAN_STATE_FILE default /run/gpuflow-deadman.idle-since
+#                            (when the current idle period began, so a restart of
+#                            this script does not restart the idle timer)
 #   --uptime-from start      GPUFLOW_DEADMAN_UPTIME_FROM  "boot" (default: the kernel's uptime) or
 #                            "start" (this script's start; for tests on a long-running machine)
 #   GPUFLOW_DEADMAN_RETRY_SECONDS  wait after an accepted shutdown before asking again, default 60
@@ -41,6 +44,7 @@ uptime_from="${GPUFLOW_DEADMAN_UPTIME_FROM:-boot}"
 idle_seconds="${GPUFLOW_DEADMAN_IDLE_SECONDS:-}"
 max_seconds="${GPUFLOW_DEADMAN_MAX_SECONDS:-}"
 retry_seconds="${GPUFLOW_DEADMAN_RETRY_SECONDS:-60}"
+state_file="${GPUFLOW_DEADMAN_STATE_FILE:-/run/gpuflow-deadman.idle-since}"
 
 usage() {
     sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
@@ -54,6 +58,7 @@ while [ "$#" -gt 0 ]; do
         --interval) interval="${2-}"; shift 2 ;;
         --shutdown-command) shutdown_command="${2-}"; shift 2 ;;
         --log-file) log_file="${2-}"; shift 2 ;;
+        --state-file) state_file="${2-}"; shift 2 ;;
         --uptime-from) uptime_from="${2-}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpuflow-deadman: unknown option: $1" >&2; usage; exit 2 ;;
@@ -92,6 +97,10 @@ case "$uptime_from" in boot|start) ;; *) echo "gpuflow-deadman: --uptime-from mu
 case "$idle_seconds" in '') idle_seconds="$(to_seconds "$idle_minutes" 60)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_IDLE_SECONDS must be an integer" >&2; exit 2 ;; esac
 case "$max_seconds" in '') max_seconds="$(to_seconds "$max_hours" 3600)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_MAX_SECONDS must be an integer" >&2; exit 2 ;; esac
 [ -n "$shutdown_command" ] || { echo "gpuflow-deadman: empty --shutdown-command" >&2; exit 2; }
+if ! awk -v value="$interval" 'BEGIN { exit !(value > 0) }'; then
+    echo "gpuflow-deadman: --interval must be above 0" >&2
+    exit 2
+fi
 
 monotonic_seconds() {
     # Seconds on a clock that wall-clock steps (NTP at boot!) cannot move: the
@@ -141,10 +150,13 @@ pid_is_live_job() {
         start_ticks="${20}"
         written="$(file_mtime "$pid_file")"
         if [ -n "$boot_epoch" ] && [ -n "$written" ] && [ -n "$start_ticks" ]; then
+            # Written before this boot: left over from before a reboot, whatever
+            # process holds that pid now.
+            [ "$written" -lt "$boot_epoch" ] && return 1
+            # Started well after the file was written: the job ended and its pid
+            # was reused.  The margin absorbs a wall-clock step after boot.
             start_epoch=$(( boot_epoch + start_ticks / clock_ticks ))
-            if [ "$start_epoch" -gt $(( written + 5 )) ]; then
-                return 1
-            fi
+            [ "$start_epoch" -gt $(( written + 300 )) ] && return 1
         fi
         return 0
     fi
@@ -188,13 +200,13 @@ busy_reason() {
     return 1
 }
 
+# Word-split on purpose below: the command and its arguments, found on PATH.
+# shellcheck disable=SC2086
 fire() {
     # Ask for the shutdown; if the machine is somehow still here after the
     # wait, the loop asks again (the decision is re-taken each time).
     local status
     log "FIRE: $1; running: $shutdown_command"
-    # Word-split on purpose: the command and its arguments, found on PATH.
-    # shellcheck disable=SC2086
     # A log that cannot be opened must not stop the shutdown itself.
     if { : >>"$log_file"; } 2>/dev/null; then
         $shutdown_command >>"$log_file" 2>&1
@@ -218,6 +230,20 @@ log "start: base=$base_dir idle=${idle_seconds}s max=${max_seconds}s interval=${
 
 idle_since=""        # monotonic time when the idle period began; empty while busy
 last_state=""
+# Resume an idle period a previous run of this script began (same boot: /run
+# is emptied at boot and the clock is the kernel's uptime).
+if read -r saved_idle_since <"$state_file" 2>/dev/null; then
+    case "$saved_idle_since" in
+        ''|*[!0-9]*) ;;
+        *)
+            if [ "$saved_idle_since" -le "$start_monotonic" ]; then
+                idle_since="$saved_idle_since"
+                last_state=idle
+                log "resuming an idle period that began $(( start_monotonic - idle_since ))s ago"
+            fi
+            ;;
+    esac
+fi
 while :; do
     sleep_seconds="$interval"
     now_monotonic="$(monotonic_seconds)"
@@ -227,11 +253,13 @@ while :; do
     if [ "$up" -ge "$max_seconds" ]; then
         fire "uptime ${up}s reached the cap of ${max_seconds}s"
     elif reason="$(busy_reason)"; then
+        if [ -n "$idle_since" ]; then rm -f -- "$state_file" 2>/dev/null; fi
         idle_since=""
         if [ "$last_state" != busy ]; then log "busy: $reason"; last_state=busy; fi
     else
         if [ -z "$idle_since" ]; then
             idle_since="$now_monotonic"
+            { printf '%s\n' "$idle_since" >"$state_file"; } 2>/dev/null
             log "idle: no live job and no heartbeat within ${idle_seconds}s; shutting down in ${idle_seconds}s unless that changes"
             last_state=idle
         fi

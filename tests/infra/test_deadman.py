@@ -81,7 +81,7 @@ def start_switch(tmp_path: Path) -> Iterator:
         }
         process = subprocess.Popen(
             ["bash", str(DEADMAN_ASSET), "--base-dir", str(base), "--log-file", str(log),
-             "--interval", "0.1", "--uptime-from", "start", *extra],
+             "--state-file", str(tmp_path / "idle-since"), "--interval", "0.1", "--uptime-from", "start", *extra],
             env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         switch = Switch(process, marker, log, base, time.monotonic())
@@ -125,6 +125,27 @@ def test_fires_after_the_idle_window_and_not_before(start_switch):
     assert switch.marker.read_text().splitlines()[0] == "-h now"
     log = switch.log_text()
     assert "idle:" in log and "FIRE: idle for" in log
+
+
+def _kernel_uptime() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]))
+
+
+def test_a_restarted_switch_resumes_the_idle_period_it_had_begun(start_switch, tmp_path):
+    """systemd restarts the switch on any exit: that must not restart the idle timer."""
+    (tmp_path / "idle-since").write_text(f"{_kernel_uptime() - 100}\n")
+    switch = start_switch(idle_seconds=50)
+    elapsed = switch.wait_fired(timeout=5)
+    assert elapsed < 5
+    assert "resuming an idle period that began" in switch.log_text()
+
+
+def test_busy_clears_the_saved_idle_period(start_switch, running_job, tmp_path):
+    running_job(tmp_path / "gpuflow")
+    (tmp_path / "idle-since").write_text(f"{_kernel_uptime() - 100}\n")
+    switch = start_switch(idle_seconds=50)
+    switch.stays_quiet(1.5)
+    assert not (tmp_path / "idle-since").exists()
 
 
 def test_missing_base_directory_counts_as_idle(start_switch, tmp_path):
@@ -205,13 +226,22 @@ def test_stale_and_garbage_pid_files_do_not_keep_it_up(start_switch, tmp_path):
     switch.wait_fired(timeout=6)
 
 
-def test_a_reused_pid_does_not_count_as_the_job(start_switch, running_job, tmp_path):
-    """A pid file written before the live process with that pid started names
-    a job that is gone (the pid was reused): not busy."""
+def _boot_epoch() -> int:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return int(line.split()[1])
+    raise AssertionError("no btime in /proc/stat")
+
+
+@pytest.mark.parametrize("written", ["before this boot", "long before the process started"])
+def test_a_pid_file_older_than_its_process_does_not_count(written, start_switch, running_job, tmp_path):
+    """A live process whose pid file was written before this boot (a reboot
+    reused the pid), or minutes before the process started (the job ended and
+    its pid was reused), is not the job: not busy."""
     base = tmp_path / "gpuflow"
     _job, run_directory = running_job(base)
-    an_hour_ago = time.time() - 3600
-    os.utime(run_directory / "job.pid", (an_hour_ago, an_hour_ago))
+    mtime = _boot_epoch() - 10 if written == "before this boot" else time.time() - 400
+    os.utime(run_directory / "job.pid", (mtime, mtime))
     switch = start_switch(idle_seconds=1)
     switch.wait_fired(timeout=6)
 
@@ -247,7 +277,8 @@ def test_an_unwritable_log_does_not_stop_it(start_switch, tmp_path):
 
 @pytest.mark.parametrize(
     "arguments",
-    [["--idle-minutes", "soon"], ["--max-hours", "-1"], ["--interval", "1; reboot"], ["--uptime-from", "yesterday"], ["--bogus"]],
+    [["--idle-minutes", "soon"], ["--max-hours", "-1"], ["--interval", "1; reboot"], ["--interval", "0"],
+     ["--uptime-from", "yesterday"], ["--bogus"]],
 )
 def test_bad_settings_are_refused_at_start(arguments, tmp_path):
     result = subprocess.run(
