@@ -224,3 +224,17 @@ def test_a_server_that_cannot_start_is_a_clear_error(sandbox_home, monkeypatch):
     with pytest.raises(CloudError, match="sandbox cloud .* exited at start"):
         sandbox_endpoint(sandbox_home, startup_timeout=10)
     assert read_server_record(sandbox_home) is None
+
+
+def test_importing_the_sandbox_and_userdata_modules_stays_cheap():
+    """The CLI imports these lazily, but even then moto/boto3 load only when a
+    sandbox is actually used."""
+    program = (
+        "import sys, infra.sandbox, infra.userdata, infra.dlami; "
+        "print(sorted(m for m in ('moto', 'boto3', 'botocore', 'werkzeug', 'flask') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)},
+    ).stdout.strip()
+    assert loaded == "[]"
