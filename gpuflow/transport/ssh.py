@@ -265,6 +265,7 @@ class SSHRunner:
     def _open_client(self) -> Any:
         import paramiko
 
+        _quiet_paramiko_logging()
         target = self.target
         if target.key_path and not Path(target.key_path).expanduser().is_file():
             raise CredentialsError(
@@ -571,6 +572,19 @@ class _PinningPolicy:
                 target.port,
                 [hostkeys.PublicHostKey(key.get_name(), key.get_base64())],
             )
+
+
+def _quiet_paramiko_logging() -> None:
+    """paramiko logs a dropped connection ("Socket exception: Connection reset
+    by peer") at ERROR; with no logging configured Python prints that on
+    stderr, outside gpuflow's one-line errors.  A dropped connection is handled
+    here (reconnect, or a clear error), so give paramiko's logger a sink unless
+    the application configured one."""
+    import logging
+
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
 
 
 def _feed_stdin(channel: Any, data: bytes) -> None:
