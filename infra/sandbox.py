@@ -36,15 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpuflow.errors import CloudError
+from gpuflow.state import atomic_write_json
 from infra.dlami import (
     DLAMI_OWNER_ALIAS,
     DLAMI_OWNER_ID,
     DLAMI_SANDBOX_IMAGE_NAME,
     DLAMI_SSM_PARAMETERS,
 )
-
-from gpuflow.errors import CloudError
-from gpuflow.state import atomic_write_json
 
 DEFAULT_SANDBOX_REGION = "us-east-1"
 LOOPBACK = "127.0.0.1"
