@@ -413,7 +413,7 @@ def ssh_invocation(
             # Only fingerprints on the console (or trust-on-first-use): one paramiko
             # connection verifies the presented key and pins it for OpenSSH.
             alive = instance_alive_hook(cluster, node.instance_id)
-            _ssh_runner(target, alive, expected, {}).connect().close()
+            _ssh_runner(target, alive, expected, {}).check_host_key()
     argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
     if cluster.sandbox and not command:
         argv.append("-t")  # an interactive shell behind a command needs a terminal asked for

@@ -241,6 +241,12 @@ class SSHRunner:
         self._with_reconnect(lambda client: None, what="connect")
         return self
 
+    def check_host_key(self) -> None:
+        """Connect and authenticate once, run nothing, disconnect: verifies the
+        host key against the pins (and pins it when the console fingerprints or
+        trust-on-first-use allow), e.g. before handing over to the system ssh."""
+        self._with_reconnect(lambda client: client.close(), what="check the host key", connect=self._open_client)
+
     @property
     def _where(self) -> str:
         return f"{self.target.user}@{self.target.host}:{self.target.port}"
@@ -383,13 +389,16 @@ class SSHRunner:
         transport = client.get_transport() if client is not None else None
         return transport is None or not transport.is_active()
 
-    def _with_reconnect(self, operation: Callable[[Any], _Result], *, what: str) -> _Result:
+    def _with_reconnect(
+        self, operation: Callable[[Any], _Result], *, what: str, connect: Callable[[], Any] | None = None
+    ) -> _Result:
         """Run ``operation(client)``; on a connection failure reconnect with
         backoff and run it again (operations passed here are idempotent)."""
+        connect = connect or self._connection
         attempt = 0
         while True:
             try:
-                return operation(self._connection())
+                return operation(connect())
             except (_CommandNotSent, _Lost) as exc:
                 last_error: BaseException = exc.__cause__ or exc
             except GpuflowError:

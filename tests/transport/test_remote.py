@@ -231,3 +231,18 @@ def test_cli_errors_are_one_line(sshd_session):
     make_cluster(sshd_session)
     node = _gpuflow("ssh", "web", "--node", "i-ffff", "--", "true")
     assert node.returncode == UsageError.exit_code and len(node.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("console", ["fingerprints only", "nothing yet, trusted on first use"])
+def test_ssh_invocation_pins_before_handing_over_to_openssh(sshd_session, fake_cloud, console, capsys):
+    make_cluster(sshd_session)
+    trust = console.startswith("nothing")
+    fake_cloud.console = "" if trust else server_console_output(sshd_session, include_keys=False)
+    if trust:
+        with pytest.raises(UnreachableHost, match="still booting"):
+            remote.ssh_invocation("web", ["true"])
+    invocation = remote.ssh_invocation("web", ["echo", "a b", "$(x)"], trust_on_first_use=trust)
+    assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1] == "echo 'a b' '$(x)'"
+    assert ("without verification" in capsys.readouterr().err) is trust
+    completed = subprocess.run(list(invocation.argv), capture_output=True, text=True, timeout=60)
+    assert (completed.returncode, completed.stdout) == (0, "a b $(x)\n"), completed.stderr

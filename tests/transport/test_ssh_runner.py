@@ -213,3 +213,12 @@ def test_keepalives_are_on(sshd_session, tmp_path, pinned_known_hosts):
     packetizer._check_keepalive()
     assert sent == ["keepalive@lag.net"]
     runner.close()
+
+
+def test_check_host_key_pins_without_running_anything(sshd_session, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    presented = hostkeys.parse_public_key(sshd_session.host_public_key)
+    runner = _runner(sshd_session, known_hosts, tmp_path, expected_fingerprints=[presented.fingerprint])
+    runner.check_host_key()
+    assert hostkeys.pinned_keys(known_hosts, "127.0.0.1", sshd_session.port) == [presented]
+    assert not (tmp_path / "base").exists() and runner.connections_made == 0
