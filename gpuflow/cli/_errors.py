@@ -24,7 +24,12 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
     """Run the typer app with ``argv``; return the process exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="gpuflow", standalone_mode=False)
+        result = command.main(args=argv, prog_name="gpuflow", standalone_mode=False)
+        # Not standalone, typer returns the code of a typer.Exit (Ctrl-C becomes Exit(130)) instead of raising it.
+        if type(result) is int:
+            if result == 130:
+                print(error_line("interrupted"), file=sys.stderr)
+            return result
         return 0
     except GpuflowError as exc:
         _maybe_traceback()
