@@ -1,5 +1,229 @@
-"""gpuflow CLI: cluster commands (placeholder until its issue lands)."""
+"""gpuflow CLI: cluster commands — up, status, ls, down, reap.
+
+Thin: parse options, call :mod:`gpuflow.clusters`, print.  Only typer is
+imported at module level (``gpuflow --help`` must stay fast); the use cases,
+rich and boto3 load when a command runs.  Progress goes to stderr and only
+when stderr is a terminal and ``--json`` is off, so scripts and CI see clean
+output.
+"""
 
 from __future__ import annotations
 
-from gpuflow.cli import app  # noqa: F401
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import typer
+
+from gpuflow.cli import app
+
+_NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
+_JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    """A callable that shows the latest step on a live stderr line, or does nothing."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda message: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("starting") as live_status:
+        yield lambda message: live_status.update(message)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"gpuflow: warning: {message}", err=True)
+
+
+def _money(value: float | None) -> str:
+    return "?" if value is None else f"${value:,.2f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@app.command()
+def up(
+    name: Optional[str] = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, else the project directory's name)."),
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", help="EC2 instance type (default g5.xlarge)."),
+    region: Optional[str] = typer.Option(None, "--region", "-r", help="AWS region (default: config, AWS_REGION, us-east-1)."),
+    count: Optional[int] = typer.Option(None, "--count", "-n", help="Number of instances (default 1)."),
+    spot: Optional[bool] = typer.Option(None, "--spot/--on-demand", help="Spot instances (default on-demand)."),
+    spot_fallback: Optional[bool] = typer.Option(None, "--spot-fallback", help="Launch on-demand when no spot capacity."),
+    disk_gb: Optional[int] = typer.Option(None, "--disk-gb", help="Root volume size in GiB (encrypted gp3, default 100)."),
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="Terminate after this long without a job or heartbeat (default 60)."),
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Terminate after this many hours in any case (default 24)."),
+    ami: Optional[str] = typer.Option(None, "--ami", help="AMI id (default: the AWS Deep Learning AMI with TensorFlow)."),
+    key_name: Optional[str] = typer.Option(None, "--key-name", help="Use this existing EC2 key pair (with --key-path)."),
+    key_path: Optional[str] = typer.Option(None, "--key-path", help="Private key file of --key-name."),
+    ssh_cidr: Optional[str] = typer.Option(None, "--ssh-cidr", help="Allow SSH from this range (default: your public IP /32)."),
+    allow_ssh_from_anywhere: bool = typer.Option(False, "--allow-ssh-from-anywhere", help="Permit --ssh-cidr 0.0.0.0/0 (not recommended)."),
+    allow_cpu: Optional[bool] = typer.Option(None, "--allow-cpu", help="Accept an instance type without GPUs."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="AWS profile (default: the standard credential chain)."),
+    sandbox: Optional[bool] = typer.Option(None, "--sandbox", help="Use the offline sandbox cloud (moto) instead of AWS."),
+    as_json: bool = _JSON,
+) -> None:
+    """Launch a GPU cluster that terminates itself when idle (and cleans up after any failure)."""
+    from gpuflow import clusters
+
+    options = {
+        "instance_type": instance_type,
+        "region": region,
+        "count": count,
+        "spot": spot,
+        "spot_fallback": spot_fallback,
+        "disk_gb": disk_gb,
+        "idle_minutes": idle_minutes,
+        "max_hours": max_hours,
+        "ami": ami,
+        "key_name": key_name,
+        "key_path": key_path,
+        "ssh_cidr": ssh_cidr,
+        "allow_ssh_from_anywhere": allow_ssh_from_anywhere or None,
+        "allow_cpu": allow_cpu,
+        "profile": profile,
+        "sandbox": sandbox,
+    }
+    spec = clusters.resolve_spec(name, options)
+    with _progress(not as_json) as progress:
+        cluster = clusters.up(spec, progress=progress, warn=_warn)
+    if as_json:
+        typer.echo(json.dumps(cluster.to_dict(), indent=2))
+        return
+    market = "spot" if any(node.lifecycle == "spot" for node in cluster.nodes) else "on-demand"
+    typer.echo(f"cluster {cluster.name} is up: {len(cluster.nodes)} x {cluster.instance_type} ({market}) in {cluster.region}")
+    for node in cluster.nodes:
+        typer.echo(f"  {node.instance_id}  {node.public_ip or '-'}  {node.availability_zone or ''}  {node.state}")
+    head = cluster.nodes[0] if cluster.nodes else None
+    if head is not None and head.public_ip and not cluster.sandbox:
+        typer.echo(f"reach it: gpuflow ssh {cluster.name}   (or ssh -i {cluster.key_path} {cluster.ssh_user}@{head.public_ip})")
+    price = None if cluster.price_per_hour is None else cluster.price_per_hour * len(cluster.nodes)
+    typer.echo(f"cost: {_money(price)}/h; terminates itself after {spec.idle_minutes} idle min or {spec.max_hours:g} h; `gpuflow down {cluster.name}` when done")
+
+
+def _print_statuses(statuses: list[Any]) -> None:
+    if not statuses:
+        typer.echo("no clusters")
+        return
+    header = ("NAME", "STATE", "TYPE", "N", "REGION", "ADDRESS", "UPTIME", "$/H", "$ SO FAR")
+    rows = [
+        (
+            item.cluster.name,
+            item.state,
+            item.cluster.instance_type,
+            str(len(item.cluster.nodes)),
+            item.cluster.region + (" (sandbox)" if item.cluster.sandbox else ""),
+            item.address or "-",
+            _duration(item.uptime_seconds) if item.uptime_seconds else "-",
+            _money(item.price_per_hour),
+            _money(item.cost_so_far),
+        )
+        for item in statuses
+    ]
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    for row in (header, *rows):
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if any(item.state == "unmanaged" for item in statuses):
+        typer.echo("unmanaged: tagged by gpuflow but unknown here; `gpuflow reap` removes them", err=True)
+
+
+@app.command()
+def status(name: Optional[str] = _NAME, as_json: bool = _JSON) -> None:
+    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far."""
+    from gpuflow import clusters
+
+    result = clusters.status(name)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_statuses([result])
+
+
+@app.command("ls")
+def list_command(
+    region: Optional[str] = typer.Option(None, "--region", "-r", help="Also scan this region for unknown gpuflow instances."),
+    as_json: bool = _JSON,
+) -> None:
+    """List clusters (reconciled with EC2), including gpuflow-tagged ones unknown here."""
+    from gpuflow import clusters
+
+    results = clusters.list_clusters(region=region)
+    if as_json:
+        typer.echo(json.dumps([item.to_dict() for item in results], indent=2))
+    else:
+        _print_statuses(results)
+
+
+@app.command()
+def down(
+    name: Optional[str] = _NAME,
+    all_clusters: bool = typer.Option(False, "--all", help="Take down every cluster gpuflow knows."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    region: Optional[str] = typer.Option(None, "--region", "-r", help="Where to look when the cluster is not in the local state."),
+    as_json: bool = _JSON,
+) -> None:
+    """Terminate a cluster and delete the security group and key pair gpuflow made for it."""
+    from gpuflow import clusters
+    from gpuflow.errors import UsageError
+
+    if all_clusters and name:
+        raise UsageError("give a cluster name or --all, not both")
+    target = "every cluster" if all_clusters else f"cluster {clusters.resolve_cluster_name(name)}"
+    if not yes:
+        if not sys.stdin.isatty():
+            if all_clusters:
+                raise UsageError("`down --all` needs --yes when not run from a terminal")
+        elif not typer.confirm(f"terminate {target}?", default=False, err=True):
+            raise typer.Exit(1)
+    with _progress(not as_json) as progress:
+        if all_clusters:
+            reports = clusters.down_all(progress=progress)
+        else:
+            reports = [clusters.down(name, region=region, progress=progress)]
+    if as_json:
+        typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
+        return
+    if not reports:
+        typer.echo("no clusters")
+    for report in reports:
+        if report.already_down:
+            typer.echo(f"cluster {report.name} is already down")
+            continue
+        typer.echo(
+            f"cluster {report.name} is down: {len(report.terminated)} instance(s) terminated, "
+            f"ran {_duration(report.run_seconds)}, estimated cost {_money(report.estimated_cost)}"
+        )
+
+
+@app.command()
+def reap(
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found (default: only list it)."),
+    region: Optional[str] = typer.Option(None, "--region", "-r", help="Region to scan (plus those of known clusters)."),
+    sandbox: bool = typer.Option(False, "--sandbox", help="Reap the sandbox cloud instead of AWS."),
+    as_json: bool = _JSON,
+) -> None:
+    """Remove everything gpuflow tagged that no live cluster owns (safe to run from CI)."""
+    from gpuflow import clusters
+
+    with _progress(not as_json) as progress:
+        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    if not result.items:
+        typer.echo(f"nothing to reap in {', '.join(result.regions)}")
+        return
+    verb = "deleted" if result.deleted else "would delete"
+    for item in result.items:
+        typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}: {item.reason})")
+    if not result.deleted:
+        typer.echo("dry run: run `gpuflow reap --yes` to delete these", err=True)

@@ -1,0 +1,992 @@
+"""Cluster use cases: up, status, ls, down, reap — and what the SSH layer asks EC2.
+
+These functions own the bookkeeping around the AWS provisioner
+(:mod:`infra.aws`, imported inside the functions so ``gpuflow --help`` stays
+fast):
+
+* **Rollback.**  ``up`` records each thing it creates as it creates it; any
+  failure — an exception, a refused call, Ctrl-C — deletes exactly those
+  things (instances terminated and waited for, security group, key pair,
+  local key file, state record) before the error propagates.
+* **State.**  AWS tags are the truth; ``state/clusters/<name>.json`` under
+  the gpuflow home is a cache, written atomically under the store's lock.
+  Each record carries a ``phase``: ``creating`` (an ``up`` is in progress or
+  crashed; ``down`` finishes it), ``up``, or ``deleted`` (a tombstone, so a
+  second ``down`` knows the cluster is already gone).  ``status`` and ``ls``
+  reconcile the cache with what EC2 reports.
+* **Cost.**  On-demand $/h from the dated table ``infra/prices.json``; spot
+  from the spot price history.
+
+Every use case takes ``provisioner_factory`` (region, profile, sandbox ->
+provisioner) so tests can inject one that never sleeps; the default opens a
+real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import getpass
+import ipaddress
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from gpuflow.config import gpuflow_home, load_project_config
+from gpuflow.errors import (
+    CapacityError,
+    CloudError,
+    ClusterNotFound,
+    ConfigError,
+    GpuflowError,
+    UsageError,
+)
+from gpuflow.records import Cluster, ClusterSpec, Node
+from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+
+DEFAULT_REGION = "us-east-1"
+DEFAULT_INSTANCE_TYPE = "g5.xlarge"
+SANDBOX_SSH_CIDR = "127.0.0.1/32"
+MAX_COUNT = 64
+MAX_DISK_GB = 16384
+
+PHASE_CREATING = "creating"
+PHASE_UP = "up"
+PHASE_DELETED = "deleted"
+
+Progress = Callable[[str], None]
+ProvisionerFactory = Callable[..., Any]  # (region, *, profile, sandbox) -> infra.aws.provisioner.Ec2Provisioner
+
+# ClusterSpec fields a project config may set (gpuflow.toml / [tool.gpuflow]), with their types.
+_SPEC_CONFIG_TYPES: dict[str, type] = {
+    "region": str,
+    "instance_type": str,
+    "count": int,
+    "spot": bool,
+    "spot_fallback": bool,
+    "disk_gb": int,
+    "idle_minutes": int,
+    "max_hours": float,
+    "ami": str,
+    "key_name": str,
+    "key_path": str,
+    "ssh_cidr": str,
+    "allow_cpu": bool,
+    "profile": str,
+    "sandbox": bool,
+}
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ClusterStatus:
+    """A cluster reconciled with EC2, with its cost so far."""
+
+    cluster: Cluster
+    state: str  # running | pending | partial | stopped | gone | creating | unmanaged
+    known_locally: bool = True
+    uptime_seconds: float = 0.0
+    price_per_hour: float | None = None  # the whole cluster, USD
+    cost_so_far: float | None = None  # USD, estimate
+    price_source: str = ""
+
+    @property
+    def address(self) -> str | None:
+        return self.cluster.nodes[0].public_ip if self.cluster.nodes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.cluster.name,
+            "state": self.state,
+            "known_locally": self.known_locally,
+            "region": self.cluster.region,
+            "instance_type": self.cluster.instance_type,
+            "count": len(self.cluster.nodes),
+            "address": self.address,
+            "uptime_seconds": round(self.uptime_seconds, 1),
+            "price_per_hour": self.price_per_hour,
+            "cost_so_far": None if self.cost_so_far is None else round(self.cost_so_far, 4),
+            "price_source": self.price_source,
+            "sandbox": self.cluster.sandbox,
+            "nodes": [node.to_dict() for node in self.cluster.nodes],
+        }
+
+
+@dataclass(frozen=True)
+class DownReport:
+    name: str
+    already_down: bool = False
+    terminated: tuple[str, ...] = ()
+    deleted_security_groups: tuple[str, ...] = ()
+    deleted_key_pairs: tuple[str, ...] = ()
+    run_seconds: float = 0.0
+    estimated_cost: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        for key in ("terminated", "deleted_security_groups", "deleted_key_pairs"):
+            data[key] = list(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class ReapItem:
+    kind: str  # instance | spot-request | volume | security-group | key-pair
+    resource_id: str
+    region: str
+    cluster: str | None
+    reason: str
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    items: tuple[ReapItem, ...] = ()
+    deleted: bool = False  # False: a dry run (no --yes)
+    regions: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": self.deleted, "regions": list(self.regions), "items": [item.to_dict() for item in self.items]}
+
+
+@dataclass
+class _Created:
+    """What one `up` has created so far: exactly what its rollback deletes."""
+
+    key_name: str | None = None
+    key_file: Path | None = None
+    security_group_id: str | None = None
+    instance_ids: list[str] = field(default_factory=list)
+    state_written: bool = False
+
+
+# --------------------------------------------------------------------------- helpers
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _parse_iso(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def _store(home: Path | None = None) -> StateStore:
+    return StateStore(home or gpuflow_home(), "clusters")
+
+
+def key_file_path(name: str, home: Path | None = None) -> Path:
+    """Where ``up`` keeps a cluster's private key (mode 0600)."""
+    return (home or gpuflow_home()) / "keys" / f"{validate_name(name, 'cluster name')}.pem"
+
+
+def default_region(environ: Mapping[str, str] | None = None) -> str:
+    """Project config is applied by the caller; this is the built-in chain:
+    ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1."""
+    environ = os.environ if environ is None else environ
+    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+def _default_provisioner(region: str, *, profile: str | None = None, sandbox: bool = False) -> Any:
+    from infra.aws import open_provisioner
+
+    return open_provisioner(region, profile=profile, sandbox=sandbox)
+
+
+def _provisioner(factory: ProvisionerFactory | None, region: str, profile: str | None, sandbox: bool) -> Any:
+    return (factory or _default_provisioner)(region, profile=profile, sandbox=sandbox)
+
+
+def _owner() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"[:255]
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _default_cluster_name(project_root: Path) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", project_root.name).strip("-._")[:63]
+    return cleaned or "gpuflow"
+
+
+# --------------------------------------------------------------------------- spec
+def resolve_spec(name: str | None = None, options: Mapping[str, Any] | None = None, *, project_dir: Path | None = None) -> ClusterSpec:
+    """The ClusterSpec for ``up``: command-line ``options`` (None = not given)
+    over the project config over built-in defaults; then validated."""
+    config = load_project_config(project_dir)
+    values: dict[str, Any] = {}
+    for key, expected in _SPEC_CONFIG_TYPES.items():
+        if key in config.settings:
+            values[key] = _config_value(key, config.settings[key], expected, config.source)
+    for key, value in (options or {}).items():
+        if value is not None:
+            values[key] = value
+    cluster_name = name or config.get("cluster") or config.get("name") or _default_cluster_name(config.root)
+    values.setdefault("region", default_region())
+    values.setdefault("instance_type", DEFAULT_INSTANCE_TYPE)
+    known = set(ClusterSpec.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise UsageError(f"unknown cluster option(s): {', '.join(sorted(unknown))}")
+    return validate_spec(ClusterSpec(name=str(cluster_name), **values))
+
+
+def _config_value(key: str, value: Any, expected: type, source: Path | None) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be a {expected.__name__}, got {value!r}")
+    return value
+
+
+def validate_spec(spec: ClusterSpec) -> ClusterSpec:
+    """Local checks (no AWS call): name, sizes, timers, CIDR.  Returns the spec
+    with the CIDR normalised."""
+    from infra.userdata import validate_idle_minutes, validate_max_hours
+
+    validate_name(spec.name, "cluster name")
+    if not isinstance(spec.count, int) or isinstance(spec.count, bool) or not 1 <= spec.count <= MAX_COUNT:
+        raise UsageError(f"--count must be between 1 and {MAX_COUNT}, got {spec.count!r}")
+    if not isinstance(spec.disk_gb, int) or isinstance(spec.disk_gb, bool) or not 1 <= spec.disk_gb <= MAX_DISK_GB:
+        raise UsageError(
+            f"--disk-gb must be a whole number of GiB between 1 and {MAX_DISK_GB}, got {spec.disk_gb!r}",
+            hint="the Deep Learning AMI needs about 100",
+        )
+    validate_idle_minutes(spec.idle_minutes)
+    validate_max_hours(spec.max_hours)
+    if not spec.instance_type or not re.fullmatch(r"[a-z0-9-]+\.[a-z0-9-]+", spec.instance_type):
+        raise UsageError(f"invalid instance type {spec.instance_type!r}", hint="use a name such as g5.xlarge")
+    if spec.key_name and not spec.key_path:
+        raise UsageError("--key-name needs --key-path (the private key file of that key pair)")
+    if spec.key_path and not spec.key_name:
+        raise UsageError("--key-path needs --key-name (the EC2 key pair it belongs to)")
+    if spec.key_path and not Path(spec.key_path).expanduser().is_file():
+        raise UsageError(f"key file {spec.key_path!r} does not exist")
+    if spec.ssh_cidr is None:
+        return spec
+    return replace(spec, ssh_cidr=normalise_cidr(spec.ssh_cidr, allow_anywhere=spec.allow_ssh_from_anywhere))
+
+
+def normalise_cidr(cidr: str, *, allow_anywhere: bool = False) -> str:
+    """A valid IPv4/IPv6 CIDR (a bare address becomes /32 or /128); the whole
+    internet only with explicit consent."""
+    try:
+        network = ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError as exc:
+        raise UsageError(f"invalid --ssh-cidr {cidr!r}", hint="use an address range such as 203.0.113.7/32") from exc
+    if network.prefixlen == 0 and not allow_anywhere:
+        raise UsageError(
+            f"--ssh-cidr {cidr} opens SSH to the whole internet",
+            hint="pass your own address/32, or add --allow-ssh-from-anywhere if you really mean it",
+        )
+    return str(network)
+
+
+# --------------------------------------------------------------------------- up
+def up(
+    spec: ClusterSpec,
+    *,
+    progress: Progress | None = None,
+    warn: Progress | None = None,
+    detect_caller_ip: Callable[[], str] | None = None,
+    provisioner_factory: ProvisionerFactory | None = None,
+) -> Cluster:
+    """Launch the cluster ``spec`` describes and wait until every instance
+    passes its status checks; return it.  If a live cluster of that name
+    already exists, return it unchanged (a second ``up`` never makes a second
+    cluster).  On any failure, delete what this call created, then re-raise.
+    """
+    from infra.aws.provisioner import TAG_CLUSTER, TAG_CREATED_AT, TAG_LAUNCH, TAG_MANAGED, TAG_OWNER, Ec2Provisioner
+    from infra.dlami import DLAMI_SSH_USER
+    from infra.userdata import render_user_data
+
+    report = progress or (lambda message: None)
+    warning = warn or (lambda message: None)
+    spec = validate_spec(spec)
+    Ec2Provisioner.validate_region(spec.region)
+    home = gpuflow_home()
+    store = _store(home)
+    provisioner = _provisioner(provisioner_factory, spec.region, spec.profile, spec.sandbox)
+
+    # 1. Validate against AWS before creating anything.
+    report(f"checking {spec.instance_type} in {spec.region}")
+    info = provisioner.instance_type_info(spec.instance_type)
+    if info.gpu_count == 0 and not spec.allow_cpu:
+        raise UsageError(
+            f"instance type {spec.instance_type!r} has no GPU",
+            hint="pick a GPU type such as g5.xlarge, or pass --allow-cpu",
+        )
+    zones = provisioner.offered_zones(spec.instance_type)
+    if not zones:
+        raise UsageError(
+            f"instance type {spec.instance_type!r} is not offered in any availability zone of {spec.region}",
+            hint="try another --region",
+        )
+    report("resolving the AMI")
+    image = provisioner.resolve_image(spec.ami)
+    if spec.key_name and not provisioner.key_pair_exists(spec.key_name):
+        raise UsageError(f"key pair {spec.key_name!r} does not exist in {spec.region}", hint="check --key-name")
+    ssh_cidr = _ssh_cidr(spec, detect_caller_ip, report)
+    if ipaddress.ip_network(ssh_cidr).prefixlen == 0:
+        warning(f"SSH to cluster {spec.name!r} is open to the whole internet ({ssh_cidr}); anyone may try to log in")
+    user_data = render_user_data(
+        cluster_name=spec.name, idle_minutes=spec.idle_minutes, max_hours=spec.max_hours, ssh_user=DLAMI_SSH_USER
+    )
+
+    # 2. Claim the name (under the lock) unless a cluster of that name exists.
+    launch_id = uuid.uuid4().hex
+    created_at = _now()
+    tags = {
+        TAG_CLUSTER: spec.name,
+        TAG_OWNER: _owner(),
+        TAG_CREATED_AT: _iso(created_at),
+        TAG_MANAGED: "true",
+        TAG_LAUNCH: launch_id,
+    }
+    cluster = Cluster(
+        name=spec.name,
+        region=spec.region,
+        instance_type=spec.instance_type,
+        ami=image.image_id,
+        key_name=spec.key_name,
+        key_path=str(Path(spec.key_path).expanduser()) if spec.key_path else None,
+        ssh_user=DLAMI_SSH_USER,
+        created_at=_iso(created_at),
+        spec=spec,
+        sandbox=spec.sandbox,
+        profile=spec.profile,
+    )
+    existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory)
+    if existing is not None:
+        return existing
+
+    created = _Created(state_written=True)
+    suffix = launch_id[:8]
+    try:
+        # 3. Key pair.
+        if not spec.key_name:
+            key_name = f"gpuflow-{spec.name}-{suffix}"
+            report(f"creating key pair {key_name}")
+            private_key = provisioner.create_key_pair(key_name, tags)
+            created.key_name = key_name
+            key_file = key_file_path(spec.name, home)
+            key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_bytes(key_file, private_key.encode() if private_key.endswith("\n") else (private_key + "\n").encode(), mode=0o600)
+            created.key_file = key_file
+            cluster = replace(cluster, key_name=key_name, key_path=str(key_file), key_created=True)
+            _save(store, cluster, PHASE_CREATING, launch_id)
+
+        # 4. Security group: SSH from one address range only.
+        vpc_id = provisioner.default_vpc()
+        group_name = f"gpuflow-{spec.name}-{suffix}"
+        report(f"creating security group {group_name} (SSH from {ssh_cidr})")
+        group_id = provisioner.create_security_group(
+            group_name, f"gpuflow cluster {spec.name}: SSH from {ssh_cidr} only", vpc_id, tags
+        )
+        created.security_group_id = group_id
+        cluster = replace(cluster, security_group_id=group_id, security_group_created=True)
+        _save(store, cluster, PHASE_CREATING, launch_id)
+        provisioner.authorize_ssh(group_id, ssh_cidr, f"gpuflow {spec.name}: SSH")
+
+        # 5. Launch, with zone and market fallbacks.
+        from infra.aws.provisioner import LaunchRequest
+
+        request = LaunchRequest(
+            cluster_name=spec.name,
+            launch_id=launch_id,
+            instance_type=spec.instance_type,
+            image=image,
+            count=spec.count,
+            key_name=cluster.key_name or "",
+            security_group_id=group_id,
+            subnets=provisioner.launch_subnets(vpc_id, zones),
+            disk_gb=spec.disk_gb,
+            user_data=user_data,
+            tags=tags,
+            spot=spec.spot,
+            spot_fallback=spec.spot_fallback,
+        )
+        result = provisioner.launch(request, on_attempt=report)
+        created.instance_ids = list(result.instance_ids)
+        for failure in result.failed_attempts:
+            warning(f"no capacity: {failure}; tried the next option")
+        if spec.spot and result.market == "on-demand":
+            warning("no spot capacity: launched on-demand instead (--spot-fallback)")
+        cluster = replace(cluster, nodes=tuple(Node(instance_id, "pending") for instance_id in result.instance_ids))
+        _save(store, cluster, PHASE_CREATING, launch_id)
+
+        # 6. Wait: running, then both status checks ok.
+        views = provisioner.wait_until(result.instance_ids, "running", on_progress=lambda text: report(f"waiting: {text}"))
+        cluster = replace(cluster, nodes=tuple(view.to_node() for view in views))
+        _save(store, cluster, PHASE_CREATING, launch_id)
+        views = provisioner.wait_until(result.instance_ids, "ok", on_progress=lambda text: report(f"waiting: {text}"))
+        price, _source = _price_per_instance(provisioner, spec.instance_type, result.market, result.availability_zone)
+        cluster = replace(cluster, nodes=tuple(view.to_node() for view in views), price_per_hour=price)
+        _save(store, cluster, PHASE_UP, launch_id)
+        return cluster
+    except BaseException as exc:
+        _rollback(store, provisioner, spec.name, launch_id, created, exc)
+        raise
+
+
+def _ssh_cidr(spec: ClusterSpec, detect_caller_ip: Callable[[], str] | None, report: Progress) -> str:
+    if spec.ssh_cidr:
+        return spec.ssh_cidr
+    if spec.sandbox:
+        return SANDBOX_SSH_CIDR
+    if detect_caller_ip is None:
+        from infra.aws.caller_ip import detect_caller_ip as detect
+    else:
+        detect = detect_caller_ip
+    report("detecting your public IP address")
+    address = ipaddress.ip_address(detect())
+    return f"{address}/{32 if address.version == 4 else 128}"
+
+
+def _claim_name(
+    store: StateStore,
+    provisioner: Any,
+    cluster: Cluster,
+    launch_id: str,
+    report: Progress,
+    provisioner_factory: ProvisionerFactory | None,
+) -> Cluster | None:
+    """Write the ``creating`` record unless a cluster of this name is live
+    (then return it).  A record whose instances are all gone is torn down
+    first (a cluster the dead-man's switch ended); an interrupted ``up`` must
+    be cleaned with ``down`` first."""
+    from infra.aws.provisioner import TAG_LAUNCH
+
+    with store.locked():
+        document = store.get(cluster.name)
+        if document is not None and document.get("phase") == PHASE_CREATING:
+            if document.get("host") == socket.gethostname() and _pid_alive(document.get("pid")):
+                raise UsageError(
+                    f"cluster {cluster.name!r} is being created by another gpuflow process (pid {document.get('pid')})",
+                    hint="wait for it, or pick another name",
+                )
+            raise UsageError(
+                f"an earlier `gpuflow up {cluster.name}` was interrupted and may have left resources",
+                hint=f"run `gpuflow down {cluster.name}` first",
+            )
+        live_tagged = provisioner.find_instances(cluster=cluster.name)
+        previous_up = document is not None and document.get("phase") == PHASE_UP
+        if previous_up:
+            previous = Cluster.from_dict(document)
+            mine = [view for view in live_tagged if view.tags.get(TAG_LAUNCH) == document.get("launch_id")]
+            if mine:
+                report(f"cluster {cluster.name!r} is already up")
+                return replace(previous, nodes=tuple(view.to_node() for view in mine))
+        if live_tagged:
+            ids = ", ".join(view.instance_id for view in live_tagged)
+            raise UsageError(
+                f"instances tagged as gpuflow cluster {cluster.name!r} already run in {cluster.region} ({ids})",
+                hint=f"run `gpuflow down {cluster.name} --region {cluster.region}` or `gpuflow reap`",
+            )
+        if not previous_up:
+            _write(store, cluster, PHASE_CREATING, launch_id)
+            return None
+    # The previous cluster of this name ended (dead-man's switch, console): remove its leftovers first.
+    report(f"cluster {cluster.name!r} ended earlier: removing what is left of it")
+    down(cluster.name, provisioner_factory=provisioner_factory)
+    with store.locked():
+        document = store.get(cluster.name)
+        if document is not None and document.get("phase") != PHASE_DELETED:
+            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint="run `gpuflow status`")
+        _write(store, cluster, PHASE_CREATING, launch_id)
+    return None
+
+
+def _write(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None, **extra: Any) -> None:
+    document = cluster.to_dict()
+    document.update(phase=phase, launch_id=launch_id, pid=os.getpid(), host=socket.gethostname(), **extra)
+    store.put(cluster.name, document)
+
+
+def _save(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None, **extra: Any) -> None:
+    with store.locked():
+        _write(store, cluster, phase, launch_id, **extra)
+
+
+def _rollback(
+    store: StateStore, provisioner: Any, name: str, launch_id: str, created: _Created, cause: BaseException
+) -> None:
+    """Delete what one ``up`` created, best effort per step; if something
+    could not be deleted, keep the record (so ``down`` can finish) and say so."""
+    left: list[str] = []
+    instance_ids = set(created.instance_ids)
+    with contextlib.suppress(GpuflowError):
+        # Instances whose RunInstances answer was lost still carry this up's launch tag.
+        instance_ids.update(view.instance_id for view in provisioner.find_instances(cluster=name, launch_id=launch_id))
+    if instance_ids:
+        try:
+            provisioner.terminate(sorted(instance_ids))
+        except GpuflowError:
+            left.extend(sorted(instance_ids))
+        else:
+            with contextlib.suppress(GpuflowError):
+                provisioner.wait_until(sorted(instance_ids), "terminated")
+    if created.security_group_id:
+        try:
+            provisioner.delete_security_group(created.security_group_id)
+        except GpuflowError:
+            left.append(created.security_group_id)
+    if created.key_name:
+        try:
+            provisioner.delete_key_pair(created.key_name)
+        except GpuflowError:
+            left.append(f"key pair {created.key_name}")
+    if created.key_file is not None and not left:
+        created.key_file.unlink(missing_ok=True)
+    if created.state_written and not left:
+        with store.locked():
+            store.delete(name)
+    if left:
+        message = f"`up` failed and could not remove {', '.join(left)}"
+        hint = f"run `gpuflow down {name}` (or `gpuflow reap`)"
+        if isinstance(cause, GpuflowError):
+            cause.hint = f"{cause.hint + '; ' if cause.hint else ''}{message}; {hint}"
+        elif isinstance(cause, Exception):
+            cause.args = (f"{cause}; {message}; {hint}",)
+
+
+# --------------------------------------------------------------------------- status / ls
+def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = None) -> str:
+    """``name``; else the project config's ``cluster``; else the only cluster
+    in the local state."""
+    if name:
+        return validate_name(name, "cluster name")
+    config = load_project_config(project_dir)
+    configured = config.get("cluster") or config.get("name")
+    if configured:
+        return validate_name(str(configured), "cluster name")
+    names = [key for key, document in _store().all().items() if document.get("phase") != PHASE_DELETED]
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise ClusterNotFound("no clusters", hint="start one with `gpuflow up`")
+    raise UsageError(f"several clusters exist ({', '.join(names)}): name one")
+
+
+def get_cluster(name: str | None = None) -> Cluster:
+    """The cached record of cluster ``name`` (no AWS call); ClusterNotFound
+    when gpuflow knows no live cluster of that name."""
+    cluster_name = resolve_cluster_name(name)
+    document = _store().get(cluster_name)
+    if document is None or document.get("phase") == PHASE_DELETED:
+        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`, or start it with `gpuflow up`")
+    return Cluster.from_dict(document)
+
+
+def _live_views(provisioner: Any, cluster: Cluster, launch_id: str | None) -> list[Any]:
+    from infra.aws.provisioner import LIVE_STATES
+
+    return [view for view in _cluster_views(provisioner, cluster.name, launch_id) if view.state in LIVE_STATES]
+
+
+def _cluster_views(provisioner: Any, name: str, launch_id: str | None) -> list[Any]:
+    """All instances (any state) of cluster ``name``, of its latest ``up`` when known."""
+    from infra.aws.provisioner import TAG_LAUNCH
+
+    views = provisioner.find_instances(cluster=name, states=())
+    if launch_id:
+        views = [view for view in views if view.tags.get(TAG_LAUNCH) == launch_id]
+    return views
+
+
+def _summarise(nodes: Iterable[Node]) -> str:
+    states = [node.state for node in nodes]
+    if not states or all(state in ("terminated", "shutting-down", "not-found") for state in states):
+        return "gone"
+    if all(state == "running" for state in states):
+        return "running"
+    if all(state in ("pending", "running") for state in states):
+        return "pending"
+    if all(state in ("stopped", "stopping") for state in states):
+        return "stopped"
+    return "partial"
+
+
+def _price_per_instance(provisioner: Any, instance_type: str, market: str, zone: str | None) -> tuple[float | None, str]:
+    from infra.aws.pricing import load_price_table
+
+    if market == "spot":
+        with contextlib.suppress(GpuflowError):
+            spot = provisioner.spot_price(instance_type, zone)
+            if spot is not None:
+                return spot, "spot price history"
+    table = load_price_table()
+    price = table.on_demand_price(instance_type)
+    if price is None:
+        return None, "not in the price table"
+    return price, f"on-demand list price ({table.region}, {table.as_of})"
+
+
+def _status_from(cluster: Cluster, state: str, *, known: bool, price_source: str = "", now: datetime.datetime | None = None) -> ClusterStatus:
+    now = now or _now()
+    live = [node for node in cluster.nodes if node.state in ("pending", "running")]
+    starts = [moment for moment in (_parse_iso(node.launch_time) for node in cluster.nodes) if moment]
+    start = min(starts) if starts else _parse_iso(cluster.created_at)
+    uptime = max(0.0, (now - start).total_seconds()) if (start and live) else 0.0
+    per_hour = cluster.price_per_hour * len(live) if cluster.price_per_hour is not None else None
+    cost = cluster.price_per_hour * len(live) * uptime / 3600.0 if cluster.price_per_hour is not None else None
+    return ClusterStatus(cluster, state, known, uptime, per_hour, cost, price_source)
+
+
+def status(name: str | None = None, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterStatus:
+    """Cluster ``name`` reconciled with EC2 (the cache is updated): an
+    instance terminated outside gpuflow shows as gone."""
+    cluster_name = resolve_cluster_name(name)
+    store = _store()
+    document = store.get(cluster_name)
+    if document is None or document.get("phase") == PHASE_DELETED:
+        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`")
+    cluster = Cluster.from_dict(document)
+    provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+    return _reconcile(store, provisioner, cluster, document)
+
+
+def _reconcile(store: StateStore, provisioner: Any, cluster: Cluster, document: dict[str, Any], views: list[Any] | None = None) -> ClusterStatus:
+    launch_id = document.get("launch_id")
+    if views is None:
+        views = _cluster_views(provisioner, cluster.name, launch_id)
+    by_id = {view.instance_id: view for view in views}
+    known_ids = [node.instance_id for node in cluster.nodes]
+    nodes = [by_id[i].to_node() if i in by_id else Node(i, "not-found") for i in known_ids]
+    nodes += [view.to_node() for view in views if view.instance_id not in known_ids]
+    cluster = replace(cluster, nodes=tuple(nodes))
+    phase = document.get("phase", PHASE_UP)
+    state = PHASE_CREATING if phase == PHASE_CREATING else _summarise(cluster.nodes)
+    with store.locked():
+        current = store.get(cluster.name)
+        if current is not None and current.get("launch_id") == launch_id and current.get("phase") == phase:
+            current.update(nodes=[node.to_dict() for node in cluster.nodes])
+            store.put(cluster.name, current)
+    source = ""
+    if cluster.price_per_hour is not None:
+        source = "spot price history" if any(node.lifecycle == "spot" for node in cluster.nodes) else "on-demand list price"
+    return _status_from(cluster, state, known=True, price_source=source)
+
+
+def list_clusters(
+    *, region: str | None = None, provisioner_factory: ProvisionerFactory | None = None
+) -> list[ClusterStatus]:
+    """Every cluster gpuflow knows locally, reconciled, plus clusters EC2 has
+    tagged instances of that the local state does not know (state
+    ``unmanaged``; ``reap`` removes them).  Scans ``region`` (default: the
+    configured one) and the regions of the local clusters."""
+    store = _store()
+    documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
+    scan_region = region or _configured_region()
+    groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, False): []}
+    for name, document in documents.items():
+        key = (document["region"], document.get("profile"), bool(document.get("sandbox")))
+        groups.setdefault(key, []).append(name)
+    results: list[ClusterStatus] = []
+    for (group_region, profile, sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
+        provisioner = _provisioner(provisioner_factory, group_region, profile, sandbox)
+        views = provisioner.find_instances(states=())
+        by_cluster: dict[str, list[Any]] = {}
+        for view in views:
+            if view.cluster:
+                by_cluster.setdefault(view.cluster, []).append(view)
+        for name in names:
+            document = documents[name]
+            launch_id = document.get("launch_id")
+            mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get("gpuflow:launch-id") == launch_id]
+            results.append(_reconcile(store, provisioner, Cluster.from_dict(document), document, mine))
+        if sandbox:
+            continue
+        for cluster_name, cluster_views in sorted(by_cluster.items()):
+            if cluster_name in documents:
+                continue
+            live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
+            if not live:
+                continue
+            results.append(_unmanaged_status(provisioner, group_region, cluster_name, live))
+    return results
+
+
+def _unmanaged_status(provisioner: Any, region: str, name: str, views: list[Any]) -> ClusterStatus:
+    from infra.aws.provisioner import TAG_CREATED_AT
+
+    instance_type = views[0].instance_type
+    market = "spot" if any(view.lifecycle == "spot" for view in views) else "on-demand"
+    price, source = _price_per_instance(provisioner, instance_type, market, views[0].availability_zone)
+    cluster = Cluster(
+        name=name,
+        region=region,
+        instance_type=instance_type,
+        ami="",
+        nodes=tuple(view.to_node() for view in views),
+        created_at=views[0].tags.get(TAG_CREATED_AT),
+        price_per_hour=price,
+    )
+    return replace(_status_from(cluster, "unmanaged", known=False, price_source=source), state="unmanaged")
+
+
+def _configured_region() -> str:
+    configured = load_project_config().get("region")
+    return str(configured) if configured else default_region()
+
+
+# --------------------------------------------------------------------------- down
+def down(
+    name: str | None = None,
+    *,
+    region: str | None = None,
+    progress: Progress | None = None,
+    provisioner_factory: ProvisionerFactory | None = None,
+) -> DownReport:
+    """Terminate cluster ``name``, wait until terminated, delete the security
+    group and key pair gpuflow created for it (never the user's own), and
+    report run time and estimated cost.  Idempotent: a second ``down``, or the
+    ``down`` of a half-created cluster, succeeds.  Without a local record the
+    cluster is found by its tags in ``region``."""
+    report = progress or (lambda message: None)
+    cluster_name = resolve_cluster_name(name)
+    store = _store()
+    document = store.get(cluster_name)
+    if document is not None and document.get("phase") == PHASE_DELETED:
+        cluster = Cluster.from_dict(document)
+        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        leftovers = provisioner.find_instances(cluster=cluster_name)
+        groups, keys = provisioner.find_cluster_resources(cluster_name)
+        if not (leftovers or groups or keys):
+            return DownReport(cluster_name, already_down=True, estimated_cost=document.get("final_cost"))
+        document = None  # something reappeared under the name: clean it by its tags
+    if document is None:
+        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="")
+        provisioner = _provisioner(provisioner_factory, cluster.region, None, False)
+        launch_id = None
+    else:
+        cluster = Cluster.from_dict(document)
+        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        launch_id = document.get("launch_id")
+
+    report(f"finding the resources of {cluster_name}")
+    live = provisioner.find_instances(cluster=cluster_name)
+    groups, keys = provisioner.find_cluster_resources(cluster_name)
+    if document is None and not (live or groups or keys):
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r} in {cluster.region}",
+            hint="see `gpuflow ls`, or pass --region",
+        )
+    instance_ids = sorted({view.instance_id for view in live} | {node.instance_id for node in cluster.nodes if node.state != "terminated"})
+    spot_requests = sorted({view.spot_request_id for view in live if view.spot_request_id})
+    provisioner.cancel_spot_requests(spot_requests)
+    terminated: list[str] = []
+    final_views: list[Any] = []
+    if instance_ids:
+        report(f"terminating {len(instance_ids)} instance(s)")
+        before = provisioner.describe_instances(instance_ids)
+        provisioner.terminate(instance_ids)
+        terminated = [view.instance_id for view in before if view.state != "terminated"]
+        final_views = provisioner.wait_until(instance_ids, "terminated", on_progress=lambda text: report(f"waiting: {text}"))
+    else:
+        before = []
+
+    group_ids = set(groups)
+    if cluster.security_group_created and cluster.security_group_id:
+        group_ids.add(cluster.security_group_id)
+    for group_id in sorted(group_ids):
+        report(f"deleting security group {group_id}")
+        provisioner.delete_security_group(group_id)
+    key_names = set(keys)
+    if cluster.key_created and cluster.key_name:
+        key_names.add(cluster.key_name)
+    for key_name in sorted(key_names):
+        report(f"deleting key pair {key_name}")
+        provisioner.delete_key_pair(key_name)
+    if cluster.key_created or key_names:
+        key_file_path(cluster_name).unlink(missing_ok=True)
+
+    run_seconds, cost = _run_time_and_cost(cluster, before, final_views)
+    with store.locked():
+        tombstone = replace(cluster, nodes=tuple(view.to_node() for view in final_views) or cluster.nodes)
+        _write(store, tombstone, PHASE_DELETED, launch_id, deleted_at=_iso(_now()), final_cost=cost, run_seconds=run_seconds)
+    return DownReport(
+        cluster_name,
+        already_down=not (terminated or group_ids or key_names),
+        terminated=tuple(terminated),
+        deleted_security_groups=tuple(sorted(group_ids)),
+        deleted_key_pairs=tuple(sorted(key_names)),
+        run_seconds=run_seconds,
+        estimated_cost=cost,
+    )
+
+
+def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) -> tuple[float, float | None]:
+    now = _now()
+    seconds_total = 0.0
+    longest = 0.0
+    for view in before:
+        start = _parse_iso(view.launch_time) or _parse_iso(cluster.created_at)
+        if start is None or view.state == "terminated":
+            continue
+        seconds = max(0.0, (now - start).total_seconds())
+        seconds_total += seconds
+        longest = max(longest, seconds)
+    if cluster.price_per_hour is None:
+        return longest, None
+    return longest, cluster.price_per_hour * seconds_total / 3600.0
+
+
+def down_all(*, progress: Progress | None = None, provisioner_factory: ProvisionerFactory | None = None) -> list[DownReport]:
+    """``down`` every cluster in the local state."""
+    names = [name for name, document in _store().all().items() if document.get("phase") != PHASE_DELETED]
+    return [down(name, progress=progress, provisioner_factory=provisioner_factory) for name in names]
+
+
+# --------------------------------------------------------------------------- reap
+def reap(
+    *,
+    yes: bool = False,
+    region: str | None = None,
+    sandbox: bool = False,
+    progress: Progress | None = None,
+    provisioner_factory: ProvisionerFactory | None = None,
+) -> ReapReport:
+    """Find everything tagged ``gpuflow:managed`` that no live cluster owns —
+    instances of clusters the local state does not know, and the security
+    groups, key pairs, unattached volumes and open spot requests of clusters
+    that are gone — and, with ``yes``, delete it.  Without ``yes`` nothing is
+    deleted (a dry run).  Scans ``region`` (default: the configured one) and
+    the regions of the local clusters."""
+    report = progress or (lambda message: None)
+    store = _store()
+    documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
+    regions = {region or _configured_region()} | {
+        doc["region"] for doc in documents.values() if bool(doc.get("sandbox")) == sandbox
+    }
+    items: list[ReapItem] = []
+    plans: list[tuple[Any, list[Any], str]] = []
+    for scan_region in sorted(regions):
+        provisioner = _provisioner(provisioner_factory, scan_region, None, sandbox)
+        report(f"scanning {scan_region}")
+        resources = provisioner.managed_resources()
+        live_by_cluster: dict[str, int] = {}
+        for resource in resources:
+            if resource.kind == "instance" and resource.cluster:
+                live_by_cluster[resource.cluster] = live_by_cluster.get(resource.cluster, 0) + 1
+        owned = set()
+        for name, document in documents.items():
+            if document["region"] != scan_region or bool(document.get("sandbox")) != sandbox:
+                continue
+            creating_alive = (
+                document.get("phase") == PHASE_CREATING
+                and document.get("host") == socket.gethostname()
+                and _pid_alive(document.get("pid"))
+            )
+            if creating_alive or (document.get("phase") == PHASE_UP and live_by_cluster.get(name)):
+                owned.add(name)
+        orphans = [resource for resource in resources if resource.cluster not in owned]
+        for resource in orphans:
+            if resource.kind == "instance":
+                reason = "instance of a cluster gpuflow does not know here"
+            elif resource.cluster in live_by_cluster:
+                reason = "belongs to a cluster gpuflow does not know here"
+            else:
+                reason = "its cluster has no live instances"
+            items.append(ReapItem(resource.kind, resource.resource_id, scan_region, resource.cluster, reason, resource.detail))
+        plans.append((provisioner, orphans, scan_region))
+    if not yes:
+        return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)))
+
+    reaped_clusters: set[str] = set()
+    for provisioner, orphans, scan_region in plans:
+        by_kind: dict[str, list[Any]] = {}
+        for resource in orphans:
+            by_kind.setdefault(resource.kind, []).append(resource)
+            if resource.cluster:
+                reaped_clusters.add(resource.cluster)
+        provisioner.cancel_spot_requests([r.resource_id for r in by_kind.get("spot-request", [])])
+        instance_ids = [r.resource_id for r in by_kind.get("instance", [])]
+        if instance_ids:
+            report(f"{scan_region}: terminating {len(instance_ids)} instance(s)")
+            provisioner.terminate(instance_ids)
+            provisioner.wait_until(instance_ids, "terminated")
+        for resource in by_kind.get("volume", []):
+            provisioner.delete_volume(resource.resource_id)
+        for resource in by_kind.get("security-group", []):
+            report(f"{scan_region}: deleting security group {resource.resource_id}")
+            provisioner.delete_security_group(resource.resource_id)
+        for resource in by_kind.get("key-pair", []):
+            provisioner.delete_key_pair(resource.resource_id)
+    with store.locked():
+        for name in sorted(reaped_clusters):
+            document = store.get(name)
+            if document is None or document.get("phase") == PHASE_DELETED:
+                continue
+            _write(store, Cluster.from_dict(document), PHASE_DELETED, document.get("launch_id"), deleted_at=_iso(_now()), reaped=True)
+            key_file_path(name).unlink(missing_ok=True)
+    return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)))
+
+
+# --------------------------------------------------------------------------- for the SSH layer
+def instance_state(cluster: Cluster, instance_id: str, *, provisioner_factory: ProvisionerFactory | None = None) -> str:
+    """What EC2 says about one instance now: 'running', 'terminated', ...,
+    or 'not-found'.  Lets the SSH layer tell a network blip from a dead instance."""
+    provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+    return provisioner.instance_state(instance_id)
+
+
+def console_output(cluster: Cluster, instance_id: str, *, provisioner_factory: ProvisionerFactory | None = None) -> str:
+    """The instance's console text (cloud-init prints the SSH host key
+    fingerprints there; the SSH layer pins them)."""
+    provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+    return provisioner.console_output(instance_id)
+
+
+__all__ = [
+    "CapacityError",
+    "CloudError",
+    "ClusterStatus",
+    "DownReport",
+    "ReapItem",
+    "ReapReport",
+    "console_output",
+    "default_region",
+    "down",
+    "down_all",
+    "get_cluster",
+    "instance_state",
+    "key_file_path",
+    "list_clusters",
+    "normalise_cidr",
+    "reap",
+    "resolve_cluster_name",
+    "resolve_spec",
+    "status",
+    "up",
+    "validate_spec",
+]

@@ -1,0 +1,305 @@
+"""boto3 clients for one region, every call through one retrying, error-mapping path.
+
+Why a wrapper instead of bare clients:
+
+* **Throttling.**  botocore's ``standard`` retry mode retries throttling and
+  5xx answers a few times within a second or two.  EC2's request-rate limits
+  (``RequestLimitExceeded``) need longer, jittered back-off than that, so every
+  call also goes through :meth:`AwsApi.call`, which retries those codes with
+  capped exponential back-off and full jitter.  The sleep function is
+  injectable so tests do not sleep.
+* **Capacity errors fail fast.**  ``InsufficientInstanceCapacity`` and friends
+  are never retried here: the provisioner falls back to another zone or market
+  at once.
+* **One-line errors.**  botocore exceptions become :mod:`gpuflow.errors`
+  exceptions (missing credentials -> :class:`CredentialsError`, a refused call
+  -> :class:`CloudError`), keeping the AWS error code in ``.code`` for callers
+  that branch on it.
+* **Endpoint injection.**  The sandbox points clients at a loopback moto
+  server (``endpoint_url``) with fixed fake credentials, so no real credential
+  is ever sent anywhere but AWS.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.session
+
+from gpuflow.errors import CapacityError, CloudError, CredentialsError, GpuflowError
+
+# Codes worth waiting for: the request was fine, AWS was busy.
+RETRYABLE_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+# No capacity for this type/market/zone right now: try elsewhere, do not wait.
+CAPACITY_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientCapacityOnHost",
+        "InsufficientReservedInstanceCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+        "Unsupported",  # type not supported in this zone
+    }
+)
+
+# The caller's credentials are missing, wrong, expired or lack a permission.
+CREDENTIAL_CODES = frozenset(
+    {
+        "AuthFailure",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "UnauthorizedOperation",
+        "AccessDenied",
+        "AccessDeniedException",
+        "OptInRequired",
+    }
+)
+
+SANDBOX_ACCESS_KEY = "gpuflow-sandbox"  # fake credentials sent only to the loopback sandbox
+
+
+class AwsCallError(CloudError):
+    """A refused AWS call; ``code`` is AWS's error code (e.g. ``InvalidGroup.NotFound``)."""
+
+    def __init__(self, message: str, *, code: str, operation: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+        self.operation = operation
+
+
+class AwsCapacityError(CapacityError):
+    """No capacity for the request (a capacity code); ``code`` as for :class:`AwsCallError`."""
+
+    def __init__(self, message: str, *, code: str, operation: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+        self.operation = operation
+
+
+class AwsCredentialsError(CredentialsError):
+    """Credentials missing or refused; ``code`` is AWS's code or the botocore exception name."""
+
+    def __init__(self, message: str, *, code: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+def error_code(exc: BaseException) -> str | None:
+    """AWS's error code of a mapped or raw botocore error, else None."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) or None
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off for throttling and server errors: attempt n waits
+    ``uniform(0, min(max_delay, base_delay * 2**n))`` (full jitter)."""
+
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int, uniform: Callable[[], float] = random.random) -> float:
+        return uniform() * min(self.max_delay, self.base_delay * (2**attempt))
+
+
+@dataclass(frozen=True)
+class AwsTarget:
+    """Where API calls go: a region, a profile from the standard chain, and an
+    optional endpoint (the sandbox's loopback moto server)."""
+
+    region: str
+    profile: str | None = None
+    endpoint_url: str | None = None
+    sandbox: bool = False
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_data_loader() -> Any:
+    """botocore's loader of service models, shared by every session this
+    process opens: parsing the EC2 model takes ~0.5 s, once is enough."""
+    return botocore.session.get_session().get_component("data_loader")
+
+
+def _botocore_session(profile: str | None) -> Any:
+    session = botocore.session.Session(profile=profile)
+    session.register_component("data_loader", _shared_data_loader())
+    return session
+
+
+@functools.lru_cache(maxsize=1)
+def known_regions() -> frozenset[str]:
+    """Every EC2 region botocore knows, in all partitions (no network call;
+    constant for a botocore version, so computed once)."""
+    session = _botocore_session(None)
+    regions: set[str] = set()
+    for partition in session.get_available_partitions():
+        regions.update(session.get_available_regions("ec2", partition_name=partition))
+    return frozenset(regions)
+
+
+def in_process_mock_active() -> bool:
+    """True when a ``moto.mock_aws()`` is active in this process (the in-process
+    sandbox or a test): then clients need no endpoint, moto intercepts them.
+
+    moto is consulted only when something already imported it, so a normal
+    run never pays for importing moto.
+    """
+    models = sys.modules.get("moto.core.models")
+    mock_class = getattr(models, "MockAWS", None) if models is not None else None
+    return bool(mock_class is not None and getattr(mock_class, "_nested_count", 0) > 0)
+
+
+@dataclass
+class AwsApi:
+    """The clients of one :class:`AwsTarget`; every call goes through :meth:`call`."""
+
+    target: AwsTarget
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    sleep: Callable[[float], None] = time.sleep
+    uniform: Callable[[], float] = random.random
+    _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _session: Any = field(default=None, init=False, repr=False)
+
+    def _boto_session(self) -> Any:
+        if self._session is None:
+            try:
+                if self.target.sandbox:
+                    # Never send a real credential to the sandbox (or anywhere but AWS).
+                    self._session = boto3.session.Session(
+                        aws_access_key_id=SANDBOX_ACCESS_KEY,
+                        aws_secret_access_key=SANDBOX_ACCESS_KEY,
+                        region_name=self.target.region,
+                        botocore_session=_botocore_session(None),
+                    )
+                else:
+                    self._session = boto3.session.Session(
+                        region_name=self.target.region, botocore_session=_botocore_session(self.target.profile)
+                    )
+            except botocore.exceptions.ProfileNotFound as exc:
+                raise AwsCredentialsError(
+                    f"AWS profile {self.target.profile!r} not found",
+                    code="ProfileNotFound",
+                    hint="check ~/.aws/config or pass another --profile",
+                ) from exc
+        return self._session
+
+    def client(self, service: str) -> Any:
+        """A cached boto3 client for ``service`` in the target's region."""
+        if service not in self._clients:
+            config = botocore.config.Config(
+                region_name=self.target.region,
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=10,
+                read_timeout=60,
+                user_agent_extra="gpuflow",
+            )
+            self._clients[service] = self._boto_session().client(
+                service, config=config, endpoint_url=self.target.endpoint_url
+            )
+        return self._clients[service]
+
+    def call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
+        """Call ``operation`` (snake_case method name) with retries for
+        throttling/server errors; botocore errors become gpuflow errors."""
+        method = getattr(self.client(service), operation)
+        attempt = 0
+        while True:
+            try:
+                return method(**params)
+            except botocore.exceptions.ClientError as exc:
+                code = error_code(exc) or "Unknown"
+                if code in RETRYABLE_CODES and attempt + 1 < self.retry.attempts:
+                    self.sleep(self.retry.delay(attempt, self.uniform))
+                    attempt += 1
+                    continue
+                raise map_client_error(exc, operation) from exc
+            except GpuflowError:
+                raise
+            except botocore.exceptions.BotoCoreError as exc:
+                raise map_botocore_error(exc, operation) from exc
+
+    def paginate(self, service: str, operation: str, result_key: str, **params: Any) -> list[Any]:
+        """All items of a paginated ``operation`` (each page through :meth:`call`)."""
+        items: list[Any] = []
+        token_field = "NextToken"
+        while True:
+            page = self.call(service, operation, **params)
+            items.extend(page.get(result_key, []))
+            token = page.get(token_field)
+            if not token:
+                return items
+            params = {**params, token_field: token}
+
+
+def map_client_error(exc: botocore.exceptions.ClientError, operation: str) -> GpuflowError:
+    """A refused call as a one-line gpuflow error (keeps the AWS code)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", "Unknown"))
+    message = str(error.get("Message", "")).strip().replace("\n", " ")
+    text = f"AWS refused {operation}: {code}: {message}" if message else f"AWS refused {operation}: {code}"
+    if code in CREDENTIAL_CODES:
+        hint = (
+            "grant the permissions in infra/iam-policy.json"
+            if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+            else "check your AWS credentials (aws configure, AWS_PROFILE or --profile)"
+        )
+        return AwsCredentialsError(text, code=code, hint=hint)
+    if code in CAPACITY_CODES:
+        return AwsCapacityError(text, code=code, operation=operation)
+    return AwsCallError(text, code=code, operation=operation)
+
+
+def map_botocore_error(exc: botocore.exceptions.BotoCoreError, operation: str) -> GpuflowError:
+    """Missing credentials, unknown profile, unreachable endpoint -> one line."""
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return AwsCredentialsError(
+            "no usable AWS credentials found",
+            code=type(exc).__name__,
+            hint="run `aws configure`, set AWS_PROFILE, or pass --profile",
+        )
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return AwsCredentialsError(str(exc), code="ProfileNotFound", hint="check ~/.aws/config or pass --profile")
+    if isinstance(exc, botocore.exceptions.NoRegionError):
+        return AwsCallError("no AWS region configured", code="NoRegion", operation=operation, hint="pass --region")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError)):
+        return AwsCallError(
+            f"cannot reach the AWS endpoint for {operation}: {exc}",
+            code="EndpointConnectionError",
+            operation=operation,
+            hint="check the network (or that the sandbox server runs)",
+        )
+    return AwsCallError(f"AWS call {operation} failed: {exc}", code=type(exc).__name__, operation=operation)

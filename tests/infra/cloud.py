@@ -1,0 +1,188 @@
+"""Shared helpers for the cluster tests: a seeded moto cloud, a provisioner
+factory that never sleeps, a botocore call recorder / fault injector, and a
+census of everything gpuflow could have left behind.
+
+Imported by the test modules (not a conftest, so it cannot affect other
+helpers' tests in this directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import botocore.client
+import botocore.exceptions
+import pytest
+
+from gpuflow.records import ClusterSpec
+
+REGION = "us-east-1"
+CALLER_CIDR = "203.0.113.7/32"
+
+# Every (service-prefix, operation) any test in this directory made, for the IAM test.
+RECORDED_OPERATIONS: set[tuple[str, str]] = set()
+
+
+@pytest.fixture
+def cloud(monkeypatch) -> Iterator[Any]:
+    """moto's EC2/SSM with the Deep Learning AMI seeded; yields an EC2 client
+    for asserting what really exists (never for driving gpuflow)."""
+    monkeypatch.setenv("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+    # moto parses ~0.5 MB of stock AMIs per region otherwise; the seeded Deep Learning AMI is all gpuflow needs.
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    import boto3
+    from moto import mock_aws
+
+    from infra.sandbox import seed_deep_learning_ami
+
+    with mock_aws():
+        seed_deep_learning_ami(REGION)
+        yield boto3.client("ec2", region_name=REGION)
+
+
+@dataclass
+class FastProvisioners:
+    """A provisioner factory for the use cases: no sleeping, short timeouts;
+    records the back-off delays it would have slept."""
+
+    sleeps: list[float] = field(default_factory=list)
+    poll_seconds: float = 0.0
+    timeout_seconds: float = 5.0
+
+    def __call__(self, region: str, *, profile: str | None = None, sandbox: bool = False) -> Any:
+        from infra.aws import open_provisioner
+
+        return open_provisioner(
+            region,
+            profile=profile,
+            sandbox=sandbox,
+            sleep=self.sleeps.append,
+            poll_seconds=self.poll_seconds,
+            timeout_seconds=self.timeout_seconds,
+        )
+
+
+@pytest.fixture
+def provisioners() -> FastProvisioners:
+    return FastProvisioners()
+
+
+def make_spec(name: str = "c1", **overrides: Any) -> ClusterSpec:
+    values: dict[str, Any] = {"name": name, "region": REGION, "ssh_cidr": CALLER_CIDR}
+    values.update(overrides)
+    return ClusterSpec(**values)
+
+
+@dataclass
+class ApiCalls:
+    """Records every botocore call; optionally fails chosen ones."""
+
+    calls: list[str] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
+    # (operation, predicate(call index of that operation, params) -> exception or None, after the real call?)
+    faults: list[tuple[str, Callable[[int, dict[str, Any]], BaseException | None], bool]] = field(default_factory=list)
+
+    def fail(self, operation: str, *, code: str = "InjectedFailure", nth: int | None = None, times: int | None = None,
+             when: Callable[[dict[str, Any]], bool] | None = None, exception: BaseException | None = None,
+             lose_response: bool = False) -> None:
+        """Make ``operation`` fail: its ``nth`` call only (0-based), or its first
+        ``times`` calls, or every call; optionally only when ``when(params)``.
+        ``lose_response``: AWS performs the call, the answer never arrives."""
+        state = {"failed": 0}
+
+        def predicate(index: int, params: dict[str, Any]) -> BaseException | None:
+            if when is not None and not when(params):
+                return None
+            if nth is not None and index != nth:
+                return None
+            if times is not None and state["failed"] >= times:
+                return None
+            state["failed"] += 1
+            if exception is not None:
+                return exception
+            return botocore.exceptions.ClientError(
+                {"Error": {"Code": code, "Message": f"injected failure of {operation}"}}, operation
+            )
+
+        self.faults.append((operation, predicate, lose_response))
+
+    def count(self, operation: str) -> int:
+        return self.calls.count(operation)
+
+
+@pytest.fixture
+def api_calls(monkeypatch) -> ApiCalls:
+    """Patch botocore's one funnel for API calls: record each, inject faults."""
+    recorder = ApiCalls()
+    original = botocore.client.BaseClient._make_api_call
+
+    def recording(client: Any, operation_name: str, api_params: dict[str, Any]) -> Any:
+        index = recorder.calls.count(operation_name)
+        recorder.calls.append(operation_name)
+        recorder.params.append(api_params)
+        RECORDED_OPERATIONS.add((client.meta.service_model.signing_name, operation_name))
+        for operation, predicate, lose_response in recorder.faults:
+            if operation == operation_name:
+                failure = predicate(index, api_params)
+                if failure is not None:
+                    if lose_response:
+                        original(client, operation_name, api_params)
+                    raise failure
+        return original(client, operation_name, api_params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
+    return recorder
+
+
+def tag_filter(key: str, value: str) -> list[dict[str, Any]]:
+    return [{"Name": f"tag:{key}", "Values": [value]}]
+
+
+def leftovers(ec2: Any, home: Path, name: str | None = None) -> dict[str, list[str]]:
+    """Everything gpuflow-made that still exists (for cluster ``name`` or all)."""
+    filters = tag_filter("gpuflow:managed", "true") + (tag_filter("gpuflow:cluster", name) if name else [])
+    instances = [
+        instance["InstanceId"]
+        for reservation in ec2.describe_instances(Filters=filters)["Reservations"]
+        for instance in reservation["Instances"]
+        if instance["State"]["Name"] != "terminated"
+    ]
+    groups = [group["GroupId"] for group in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]]
+    keys = [key["KeyName"] for key in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]]
+    volumes = [
+        volume["VolumeId"]
+        for volume in ec2.describe_volumes(Filters=filters)["Volumes"]
+        if volume["State"] not in ("deleted", "deleting")
+    ]
+    state_dir = home / "state" / "clusters"
+    states = sorted(
+        path.name
+        for path in state_dir.glob("*.json")
+        if (name is None or path.stem == name) and '"phase": "deleted"' not in path.read_text()
+    ) if state_dir.is_dir() else []
+    key_files = sorted(path.name for path in (home / "keys").glob("*.pem")) if (home / "keys").is_dir() else []
+    if name is not None:
+        key_files = [key for key in key_files if key == f"{name}.pem"]
+    found = {
+        "instances": instances,
+        "security_groups": groups,
+        "key_pairs": keys,
+        "volumes": volumes,
+        "state": states,
+        "key_files": key_files,
+    }
+    return {kind: items for kind, items in found.items() if items}
+
+
+@contextlib.contextmanager
+def no_network_detector() -> Iterator[Callable[[], str]]:
+    """A caller-IP detector that fails the test if called."""
+
+    def detector() -> str:
+        raise AssertionError("caller IP detection must not run here")
+
+    yield detector
