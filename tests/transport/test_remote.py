@@ -183,12 +183,10 @@ def _gpuflow(*argv: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_ssh_runs_a_command_with_arguments_literally(sshd_session, tmp_path):
+def test_cli_ssh_runs_a_command_with_arguments_literally(sshd_session):
     cluster = make_cluster(sshd_session)
     hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
                            [hostkeys.parse_public_key(sshd_session.host_public_key)])
-    marker_dir = tmp_path / "cwd"
-    marker_dir.mkdir()
     completed = _gpuflow("ssh", "web", "--", sys.executable, "-c", PRINT_ARGV, *HOSTILE)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == HOSTILE
