@@ -264,7 +264,7 @@ def _config_value(key: str, value: Any, expected: type, source: Path | None) -> 
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {key} must be a {expected.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be of type {expected.__name__}, got {value!r}")
     return value
 
 
@@ -923,12 +923,15 @@ def reap(
         return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)))
 
     reaped_clusters: set[str] = set()
+    reaped_key_clusters: set[str] = set()
     for provisioner, orphans, scan_region in plans:
         by_kind: dict[str, list[Any]] = {}
         for resource in orphans:
             by_kind.setdefault(resource.kind, []).append(resource)
             if resource.cluster:
                 reaped_clusters.add(resource.cluster)
+                if resource.kind == "key-pair":
+                    reaped_key_clusters.add(resource.cluster)
         provisioner.cancel_spot_requests([r.resource_id for r in by_kind.get("spot-request", [])])
         instance_ids = [r.resource_id for r in by_kind.get("instance", [])]
         if instance_ids:
@@ -944,12 +947,24 @@ def reap(
             provisioner.delete_key_pair(resource.resource_id)
     with store.locked():
         for name in sorted(reaped_clusters):
+            if not _is_valid_name(name):  # a tag value gpuflow did not write: no local file can match it
+                continue
             document = store.get(name)
             if document is None or document.get("phase") == PHASE_DELETED:
+                if name in reaped_key_clusters:
+                    key_file_path(name).unlink(missing_ok=True)  # its key pair is gone: the private key is useless
                 continue
             _write(store, Cluster.from_dict(document), PHASE_DELETED, document.get("launch_id"), deleted_at=_iso(_now()), reaped=True)
             key_file_path(name).unlink(missing_ok=True)
     return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)))
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except UsageError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- for the SSH layer

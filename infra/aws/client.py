@@ -227,9 +227,12 @@ class AwsApi:
                 read_timeout=60,
                 user_agent_extra="gpuflow",
             )
-            self._clients[service] = self._boto_session().client(
-                service, config=config, endpoint_url=self.target.endpoint_url
-            )
+            try:
+                self._clients[service] = self._boto_session().client(
+                    service, config=config, endpoint_url=self.target.endpoint_url
+                )
+            except botocore.exceptions.BotoCoreError as exc:  # e.g. an unknown --profile surfaces here
+                raise map_botocore_error(exc, f"create {service} client") from exc
         return self._clients[service]
 
     def call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
@@ -292,7 +295,10 @@ def map_botocore_error(exc: botocore.exceptions.BotoCoreError, operation: str) -
             hint="run `aws configure`, set AWS_PROFILE, or pass --profile",
         )
     if isinstance(exc, botocore.exceptions.ProfileNotFound):
-        return AwsCredentialsError(str(exc), code="ProfileNotFound", hint="check ~/.aws/config or pass --profile")
+        profile = exc.kwargs.get("profile", "?")
+        return AwsCredentialsError(
+            f"AWS profile {profile!r} not found", code="ProfileNotFound", hint="check ~/.aws/config or pass another --profile"
+        )
     if isinstance(exc, botocore.exceptions.NoRegionError):
         return AwsCallError("no AWS region configured", code="NoRegion", operation=operation, hint="pass --region")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError)):

@@ -82,6 +82,7 @@ class ApiCalls:
     """Records every botocore call; optionally fails chosen ones."""
 
     calls: list[str] = field(default_factory=list)
+    gpuflow_calls: list[tuple[str, str]] = field(default_factory=list)  # (service, operation) made by gpuflow
     params: list[dict[str, Any]] = field(default_factory=list)
     # (operation, predicate(call index of that operation, params) -> exception or None, after the real call?)
     faults: list[tuple[str, Callable[[int, dict[str, Any]], BaseException | None], bool]] = field(default_factory=list)
@@ -124,7 +125,9 @@ def api_calls(monkeypatch) -> ApiCalls:
         index = recorder.calls.count(operation_name)
         recorder.calls.append(operation_name)
         recorder.params.append(api_params)
-        RECORDED_OPERATIONS.add((client.meta.service_model.signing_name, operation_name))
+        if "gpuflow" in (client.meta.config.user_agent_extra or ""):  # gpuflow's clients, not the test's own
+            recorder.gpuflow_calls.append((client.meta.service_model.signing_name, operation_name))
+            RECORDED_OPERATIONS.add((client.meta.service_model.signing_name, operation_name))
         for operation, predicate, lose_response in recorder.faults:
             if operation == operation_name:
                 failure = predicate(index, api_params)
