@@ -284,24 +284,29 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _is_our_server_process(pid: int) -> bool:
-    """The pid is alive and (where /proc can tell) is an ``infra.sandbox serve``
-    process, not an unrelated process that reused the pid."""
+def _is_our_server_process(pid: int, *, proc: Path = Path("/proc")) -> bool:
+    """The pid is alive and is an ``infra.sandbox serve`` process, not an
+    unrelated process that reused the pid.  Never signal what fails this."""
     if not _process_exists(pid):
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if not cmdline.parent.exists():
-        return True  # no /proc (macOS): the HTTP health check decides
+    words = _command_words(pid, proc=proc)
+    return _SERVE_MARKER in words and "serve" in words
+
+
+def _command_words(pid: int, *, proc: Path) -> list[str]:
+    """The process's command line: from /proc where there is one, else from
+    ``ps`` (macOS); empty when neither can tell."""
+    if proc.is_dir():
+        try:
+            return [word.decode(errors="replace") for word in (proc / str(pid) / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            return []
     try:
-        arguments = cmdline.read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if Path(f"/proc/{pid}/stat").exists():
-        with contextlib.suppress(OSError, IndexError):
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X"):
-                return False
-    return _SERVE_MARKER.encode() in arguments and b"serve" in arguments
+        return subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []
 
 
 def _health_check(port: int, timeout: float = 2.0) -> bool:
@@ -332,14 +337,26 @@ def _terminate_server(record: SandboxServer, *, timeout: float = 10.0) -> bool:
         os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _reap(record.pid)
-        if not _is_our_server_process(record.pid):
+        if _has_exited(record.pid):
             return True
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(record.pid, signal.SIGKILL)
-    _reap(record.pid)
+    while not _has_exited(record.pid) and time.monotonic() < deadline + timeout:
+        time.sleep(0.05)
     return True
+
+
+def _has_exited(pid: int) -> bool:
+    """Gone, or a zombie (then reaped when it is our child).  Identity is not
+    re-checked here: an exiting process's cmdline reads empty before it dies."""
+    _reap(pid)
+    if not _process_exists(pid):
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X")
+    return False
 
 
 def _reap(pid: int) -> None:

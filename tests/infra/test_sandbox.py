@@ -219,6 +219,21 @@ def test_a_record_naming_an_unrelated_process_is_never_killed(sandbox_home):
         bystander.wait()
 
 
+def test_server_identity_is_checked_before_signalling(sandbox_home, tmp_path):
+    """Through /proc, and through ps where there is no /proc (macOS)."""
+    sandbox_endpoint(sandbox_home)
+    server = read_server_record(sandbox_home)
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        for proc in (Path("/proc"), tmp_path / "no-proc"):
+            assert sandbox._is_our_server_process(server.pid, proc=proc) is True
+            assert sandbox._is_our_server_process(bystander.pid, proc=proc) is False
+            assert sandbox._is_our_server_process(os.getpid(), proc=proc) is False
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_a_server_that_cannot_start_is_a_clear_error(sandbox_home, monkeypatch):
     monkeypatch.setattr(sandbox.sys, "executable", "/bin/false")
     with pytest.raises(CloudError, match="sandbox cloud .* exited at start"):
