@@ -11,6 +11,9 @@ as root, once) that
    in case the switch itself cannot run at all,
 5. creates the gpuflow base directory owned by the login user.
 
+The switch's rules, and why it is built the way it is, are in the script's
+header and in the README ("The dead-man's switch").
+
 The instance is launched with InstanceInitiatedShutdownBehavior=terminate, so
 every shutdown here is a termination: nothing keeps billing.
 
@@ -125,11 +128,11 @@ cat > {q(DEADMAN_ENV_PATH)} <<'GPUFLOW_DEADMAN_ENV_END'
 GPUFLOW_DEADMAN_ENV_END
 chmod 0644 {q(DEADMAN_ENV_PATH)}
 
-# The gpuflow directory the jobs and heartbeats live in, owned by the login user.
+# The gpuflow directory the jobs and heartbeats live in, owned by the login user
+# (cloud-init made that user before running this; if not, gpuflow creates it on
+# first connection, and until then the switch simply sees no job).
 if id -u {q(ssh_user)} >/dev/null 2>&1; then
     install -d -m 0755 -o {q(ssh_user)} -g "$(id -gn {q(ssh_user)})" {q(base_dir)} {q(base_dir + "/runs")}
-else
-    install -d -m 0755 {q(base_dir)} {q(base_dir + "/runs")}
 fi
 
 # Backstop hour cap, independent of the switch: if it could never start, this still ends the instance.
