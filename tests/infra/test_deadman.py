@@ -148,6 +148,18 @@ def test_busy_clears_the_saved_idle_period(start_switch, running_job, tmp_path):
     assert not (tmp_path / "idle-since").exists()
 
 
+def test_hostile_directory_names_are_handled_literally(start_switch, running_job, tmp_path):
+    base = tmp_path / "gpu flow 'x' $(touch pwned) *"
+    job, _ = running_job(base, run_id="run $(id) ; *")
+    switch = start_switch(idle_seconds=1, base=base)
+    switch.stays_quiet(2)
+    assert "busy: job run $(id) ; *" in switch.log_text()
+    job.kill()
+    job.wait()
+    switch.wait_fired(timeout=6)
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+
+
 def test_missing_base_directory_counts_as_idle(start_switch, tmp_path):
     switch = start_switch(idle_seconds=1, base=tmp_path / "does" / "not" / "exist")
     switch.wait_fired(timeout=6)
