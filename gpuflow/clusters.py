@@ -43,6 +43,7 @@ from gpuflow.errors import (
     CloudError,
     ClusterNotFound,
     ConfigError,
+    CredentialsError,
     GpuflowError,
     UsageError,
 )
@@ -704,17 +705,26 @@ def list_clusters(
     tagged instances of that the local state does not know (state
     ``unmanaged``; ``reap`` removes them).  Scans ``region`` (default: the
     configured one) and the regions of the local clusters."""
+    from infra.aws.provisioner import TAG_LAUNCH
+
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     scan_region = region or _configured_region()
-    groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, False): []}
+    scan_sandbox = bool(load_project_config().get("sandbox", False))
+    groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, scan_sandbox): []}
     for name, document in documents.items():
         key = (document["region"], document.get("profile"), bool(document.get("sandbox")))
         groups.setdefault(key, []).append(name)
     results: list[ClusterStatus] = []
+    strays_seen: set[tuple[str, str]] = set()  # one in-process mock can back two groups
     for (group_region, profile, sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
         provisioner = _provisioner(provisioner_factory, group_region, profile, sandbox)
-        views = provisioner.find_instances(states=())
+        try:
+            views = provisioner.find_instances(states=())
+        except CredentialsError:
+            if names or region:
+                raise
+            continue  # only scanning for strays, and no AWS account configured (sandbox-only users)
         by_cluster: dict[str, list[Any]] = {}
         for view in views:
             if view.cluster:
@@ -722,13 +732,12 @@ def list_clusters(
         for name in names:
             document = documents[name]
             launch_id = document.get("launch_id")
-            mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get("gpuflow:launch-id") == launch_id]
+            mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get(TAG_LAUNCH) == launch_id]
             results.append(_reconcile(store, provisioner, Cluster.from_dict(document), document, mine))
-        if sandbox:
-            continue
         for cluster_name, cluster_views in sorted(by_cluster.items()):
-            if cluster_name in documents:
+            if cluster_name in documents or (group_region, cluster_name) in strays_seen:
                 continue
+            strays_seen.add((group_region, cluster_name))
             live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
             if not live:
                 continue

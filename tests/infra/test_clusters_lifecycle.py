@@ -15,6 +15,7 @@ from gpuflow.cli import main
 from gpuflow.errors import ClusterNotFound, UsageError
 from gpuflow.state import StateStore
 from infra.aws.provisioner import client_token
+from infra.sandbox import seed_deep_learning_ami
 from infra.userdata import USER_DATA_MARKER
 from tests.infra.cloud import (  # noqa: F401 - fixtures
     CALLER_CIDR,
@@ -278,3 +279,30 @@ def test_instance_state_and_console_output_for_the_ssh_layer(cloud, provisioners
     clusters.down("probe", provisioner_factory=provisioners)
     assert clusters.instance_state(cluster, instance_id, provisioner_factory=provisioners) == "terminated"
     assert clusters.instance_state(cluster, "i-0123456789abcdef0", provisioner_factory=provisioners) == "not-found"
+
+
+def test_reap_removes_stray_volumes_and_spot_requests(cloud, provisioners, gpuflow_home):
+    tags = [{"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "crashed-long-ago"}]
+    volume_id = cloud.create_volume(
+        AvailabilityZone="us-east-1a", Size=100, VolumeType="gp3", Encrypted=True,
+        TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
+    )["VolumeId"]
+    unrelated = cloud.create_volume(AvailabilityZone="us-east-1a", Size=8)["VolumeId"]
+    image = seed_deep_learning_ami(REGION)  # idempotent: the AMI the fixture seeded
+    request_id = cloud.request_spot_instances(
+        InstanceCount=1, LaunchSpecification={"ImageId": image, "InstanceType": "g5.xlarge"},
+        TagSpecifications=[{"ResourceType": "spot-instances-request", "Tags": tags}],
+    )["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
+
+    plan = clusters.reap(provisioner_factory=provisioners)
+    kinds = {(item.kind, item.resource_id) for item in plan.items}
+    assert ("volume", volume_id) in kinds and ("spot-request", request_id) in kinds
+    assert all(item.cluster == "crashed-long-ago" for item in plan.items if item.kind in ("volume", "spot-request"))
+    assert unrelated not in {item.resource_id for item in plan.items}  # never touch what gpuflow did not tag
+
+    clusters.reap(yes=True, provisioner_factory=provisioners)
+    assert not cloud.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])["Volumes"]
+    assert cloud.describe_volumes(VolumeIds=[unrelated])["Volumes"]
+    requests = cloud.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"]
+    assert [request["State"] for request in requests] in ([], ["cancelled"])  # moto forgets cancelled requests
+    assert leftovers(cloud, gpuflow_home) == {}
