@@ -5,9 +5,10 @@ How a sync works, whatever the destination:
 1. :func:`gpuflow.ignore.scan_tree` lists the local files (``.gitignore``,
    ``.gpuflowignore``, fixed skips, symlink policy) with size, mtime and mode.
 2. One look at the destination lists what is already there (size, mtime,
-   mode, link target; never following links).  Over SSH this is one command
-   on the connection that the rest of the sync reuses (OpenSSH connection
-   multiplexing), and it also says whether the remote has rsync.
+   mode, link target; never following links).  Over SSH this is the first
+   command of one OpenSSH connection (a ControlMaster the rest of the sync
+   reuses); it also says whether the remote has rsync, and it stays open to
+   carry the next step on the same stdin.
 3. The plan: a file is sent when the destination lacks it or its size, mode or
    mtime differ (rsync's quick check); a destination file or link the local
    tree no longer has is deleted, unless the ignore rules cover it (a remote
@@ -15,14 +16,20 @@ How a sync works, whatever the destination:
    ``rsync --delete`` leaves excluded files alone).  Deletions only ever name
    paths from the destination's own listing, relative to the destination,
    without ``..``: nothing outside the destination directory is touched.
-4. Only the files in the plan travel: with rsync over the pinned SSH when both
-   ends have it (``--files-from`` the plan, NUL-separated, so rsync's delta
-   transfer still applies to large files), otherwise one uncompressed tar
-   stream (``tar -cf - --null -T list | ssh ... tar -xpf -``); to a local
-   directory, a Python copy (temp file + rename, mtime and mode kept).
+4. Only the files in the plan travel.  Over SSH, the deletions and an
+   uncompressed tar stream of the planned files go down the listing session's
+   stdin (``tar -cf - --null -T list`` here, ``tar -xpf -`` there): one
+   connection, one remote shell for the whole sync.  rsync (``--files-from``
+   the plan, NUL-separated, over the same multiplexed connection) is used when
+   it can save bytes: when the plan rewrites at least ``RSYNC_DELTA_MIN_BYTES``
+   of files the destination already holds an older version of, so its delta
+   transfer sends only the changed blocks; ``method="rsync"`` forces it,
+   ``method="tar"`` forbids it.  To a local directory: a Python copy (temp
+   file + rename, mtime and mode kept).
 
 A no-change re-sync therefore costs one SSH connection and one remote
-``find``: no rsync process, no file list exchange.
+``find``: no rsync process, no file list exchange; a first sync or an edit
+costs one connection plus the bytes of the changed files.
 
 Why the destination listing and not a local manifest of the last sync: the
 listing is the truth (another laptop, or a job, may have changed the remote
@@ -73,6 +80,13 @@ DEFAULT_LARGE_BYTES = 1 << 30
 DEFAULT_LARGE_FILES = 20_000
 
 METHODS = ("auto", "rsync", "tar", "copy")
+# `auto` runs rsync only when it can save bytes: when the plan rewrites files the
+# destination already holds, this many bytes of them or more (its delta transfer
+# then sends changed blocks only).  Anything else (new files: a first sync, a
+# few edited sources) travels as tar inside the session that listed the
+# destination: rsync could not send it in fewer bytes, and its own session costs
+# a round trip (measured in bench/sync_bench.py).
+RSYNC_DELTA_MIN_BYTES = 4 << 20
 _COPY_CHUNK = 1 << 20
 
 
@@ -294,8 +308,13 @@ def _ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
 
 
 class _SshSession:
-    """One multiplexed OpenSSH connection (a ControlMaster in a private
-    socket directory) that every command of a sync reuses; closed at the end."""
+    """One OpenSSH connection for the whole sync.
+
+    The first command (the :class:`_Exchange`) opens it as a ControlMaster in
+    a private socket directory (``ControlPersist`` keeps it after that command
+    ends, for at most a minute of idleness); rsync reuses it through the same
+    ``ControlPath``; :meth:`close` ends it.
+    """
 
     def __init__(self, target: SSHTarget) -> None:
         self.target = target
@@ -303,48 +322,61 @@ class _SshSession:
         self._socket_directory = tempfile.mkdtemp(prefix="gpuflow-ssh-")
         self.control_path = os.path.join(self._socket_directory, "%C")
         self.base_argv = ssh_argv(target, self.control_path)
-        self._master_started = False
+        self.master_started = False
 
-    def command_argv(self, remote_command: str) -> list[str]:
-        return [*self.base_argv, self.target.host, remote_command]
-
-    def run(self, remote_command: str, *, stdin: bytes = b"", what: str = "sync", first: bool = False) -> bytes:
-        """Run a gpuflow-written shell command; the first call opens the master."""
-        argv = self.base_argv + (["-o", "ControlMaster=auto", "-o", "ControlPersist=60"] if first else [])
-        completed = subprocess.run(
-            [*argv, self.target.host, remote_command], input=stdin, capture_output=True, check=False
-        )
-        if first and completed.returncode != 255:
-            self._master_started = True
-        if completed.returncode == 255:
-            raise _ssh_failure(self.target, completed.stderr, what)
-        if completed.returncode != 0:
-            message = completed.stderr.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
-            raise RemoteCommandFailed(f"{what} failed on {self.target.host} (exit {completed.returncode}): {message}")
-        return completed.stdout
+    def master_argv(self, remote_command: str) -> list[str]:
+        return [
+            *self.base_argv,
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            "ControlPersist=60",
+            self.target.host,
+            remote_command,
+        ]
 
     def close(self) -> None:
-        if self._master_started:
-            subprocess.run(
-                [*self.base_argv, "-O", "exit", self.target.host],
-                capture_output=True,
-                check=False,
-                timeout=15,
-            )
+        if self.master_started:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                subprocess.run(
+                    [*self.base_argv, "-O", "exit", self.target.host],
+                    capture_output=True,
+                    check=False,
+                    timeout=15,
+                )
         shutil.rmtree(self._socket_directory, ignore_errors=True)
 
 
 _PROBE_HEADER = re.compile(rb"^GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
+_LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce (kinds are one letter)
 
-# The probe: does rsync exist, does the destination exist, and what is in it.
-# `find -printf` fields are NUL-terminated so any file name (newlines included) survives.
-_PROBE_SCRIPT = (
+# The exchange, one remote shell session:
+#   1. say whether rsync exists, whether the destination exists (creating it
+#      unless dry-run), and list it with `find -printf` (NUL-terminated fields:
+#      any file name survives), then an END record;
+#   2. read one line from stdin, "<bytes> <next>": that many bytes of
+#      NUL-separated paths to delete (relative, from the listing), removed
+#      without following links (a directory only when empty);
+#   3. <next> is "tar": unpack the rest of stdin here; "none": done.
+# `read` takes exactly one line and `head -c` exactly <bytes>, so the tar
+# stream that follows on the same stdin is untouched.
+_EXCHANGE_SCRIPT = (
     "d={directory}; r=0; e=0; l=0; command -v rsync >/dev/null 2>&1 && r=1; "
     "{make}"
-    "if [ -d \"$d\" ]; then e=1; "
-    "if cd -- \"$d\" && find . -maxdepth 0 -printf '' >/dev/null 2>&1; then l=1; fi; fi; "
+    "if [ -d \"$d\" ] && cd -- \"$d\"; then e=1; "
+    "find . -maxdepth 0 -printf '' >/dev/null 2>&1 && l=1; fi; "
     "printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\\n' \"$r\" \"$e\" \"$l\"; "
-    "if [ \"$l\" = 1 ]; then find . -mindepth 1 -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'; fi"
+    "if [ \"$l\" = 1 ]; then find . -mindepth 1 -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0' || exit 5; fi; "
+    "printf 'END\\0\\0\\0\\0\\0\\0'; "
+    "IFS=' ' read -r n next || exit 0; "
+    "if [ \"$n\" -gt 0 ]; then [ \"$e\" = 1 ] || exit 3; "
+    "head -c \"$n\" | xargs -0 -r sh -c {delete_loop} sh || exit 4; fi; "
+    "if [ \"$next\" = tar ]; then [ \"$e\" = 1 ] || exit 3; "
+    "exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword; fi"
+)
+_DELETE_LOOP = (
+    'for p in "$@"; do if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; '
+    'else rm -f -- "$p"; fi; done'
 )
 
 
@@ -378,28 +410,108 @@ def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
     return entries
 
 
-def _probe_ssh(session: _SshSession, directory: str, *, create: bool) -> DestinationState:
-    script = _PROBE_SCRIPT.format(
-        directory=shlex.quote(directory),
-        make='mkdir -p -- "$d" || exit 3; ' if create else "",
-    )
-    output = session.run(f"sh -c {shlex.quote(script)}", what="sync", first=True)
-    match = _PROBE_HEADER.match(output)
-    if match is None:
-        raise RemoteCommandFailed(f"unexpected answer from {session.target.host} to the sync probe")
-    has_rsync, exists, listed = (value == b"1" for value in match.groups())
-    entries = parse_find_listing(output[match.end() :]) if listed else {}
-    return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
+def _tail(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
 
 
-def _delete_script(directory: str) -> str:
-    # Each path comes NUL-separated on stdin, from the destination's own listing.
-    # A directory is removed only when empty; a link is removed, never followed.
-    loop = (
-        'for p in "$@"; do if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; '
-        'else rm -f -- "$p"; fi; done'
-    )
-    return f"cd -- {shlex.quote(directory)} && xargs -0 -r sh -c {shlex.quote(loop)} sh"
+class _Exchange:
+    """The sync's first (and, for tar or no change, only) remote session:
+    probe and list the destination, then delete and unpack on the same stdin.
+
+    stderr goes to a temp file, never a pipe, so a chatty remote cannot fill a
+    pipe while this process is busy writing the tar stream.
+    """
+
+    def __init__(self, session: _SshSession, directory: str, *, create: bool) -> None:
+        self.session = session
+        self.directory = directory
+        script = _EXCHANGE_SCRIPT.format(
+            directory=shlex.quote(directory),
+            make='mkdir -p -- "$d" || exit 3; ' if create else "",
+            delete_loop=shlex.quote(_DELETE_LOOP),
+        )
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            session.master_argv(f"sh -c {shlex.quote(script)}"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._finished = False
+
+    def _failure(self, code: int, what: str) -> Exception:
+        self._stderr.seek(0)
+        stderr = self._stderr.read()
+        if code == 255:
+            return _ssh_failure(self.session.target, stderr, what)
+        return RemoteCommandFailed(f"{what} failed on {self.session.target.host} (exit {code}): {_tail(stderr)}")
+
+    def read_state(self) -> DestinationState:
+        """Read the probe header and the listing (until the END record)."""
+        assert self.process.stdout is not None
+        chunks: list[bytes] = []
+        tail = b""
+        while True:
+            chunk = self.process.stdout.read1(1 << 16)
+            if not chunk:
+                code = self.process.wait()
+                self._finished = True
+                raise self._failure(code if code else 1, "listing the destination")
+            chunks.append(chunk)
+            tail = (tail + chunk)[-len(_LISTING_END) :]
+            if tail == _LISTING_END:
+                break
+        self.session.master_started = True
+        output = b"".join(chunks)[: -len(_LISTING_END)]
+        match = _PROBE_HEADER.match(output)
+        if match is None:
+            raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
+        has_rsync, exists, listed = (value == b"1" for value in match.groups())
+        entries = parse_find_listing(output[match.end() :]) if listed else {}
+        return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
+
+    def finish(
+        self,
+        deletions: Sequence[str] = (),
+        tar_source: Path | None = None,
+        tar_paths: Sequence[str] = (),
+        progress: _Progress | None = None,
+    ) -> None:
+        """Send the deletions, then (with ``tar_source``) the tar stream of ``tar_paths``; wait."""
+        assert self.process.stdin is not None
+        payload = b"".join(os.fsencode(path) + b"\0" for path in deletions)
+        next_step = "tar" if tar_source is not None else "none"
+        packer_failure = None
+        try:
+            self.process.stdin.write(f"{len(payload)} {next_step}\n".encode() + payload)
+            if tar_source is not None:
+                packer_failure = _stream_tar(tar_source, tar_paths, self.process.stdin, progress)
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # the remote side ended early: its exit status says why
+        code = self.process.wait()
+        self._finished = True
+        if code != 0:
+            raise self._failure(code, "unpacking" if tar_source is not None else "deleting removed files")
+        if packer_failure:
+            raise DataError(
+                f"reading the files to send failed: {packer_failure}", hint="a file changed or vanished; sync again"
+            )
+
+    def abandon(self) -> None:
+        """End the session without changing anything (dry-run, cancelled, error)."""
+        if self._finished:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._finished = True
+        self._stderr.close()
 
 
 # --------------------------------------------------------------------------- progress
@@ -504,13 +616,16 @@ def _send_rsync(session: _SshSession, source: Path, directory: str, plan: SyncPl
         raise RemoteCommandFailed(f"rsync to {session.target.host} failed (exit {code}): {message}")
 
 
-def _send_tar(session: _SshSession, source: Path, directory: str, plan: SyncPlan, progress: _Progress) -> None:
-    """One uncompressed tar stream of the planned files, copied through here
-    so the progress bar sees every byte.  ``--format=posix`` keeps nanosecond
-    mtimes and any file name; ``--null`` reads the list verbatim (a name that
-    starts with '-' is a name, not an option)."""
-    list_path = _write_file_list([entry.path for entry in plan.to_send])
-    environment = {**os.environ, "LC_ALL": "C"}
+def _stream_tar(source: Path, paths: Sequence[str], sink: Any, progress: _Progress | None) -> str | None:
+    """Write one uncompressed tar stream of ``paths`` (relative to ``source``)
+    into ``sink``, through here so the progress bar sees every byte.
+
+    ``--format=posix`` keeps nanosecond mtimes and any file name; ``--null``
+    reads the list verbatim (a name starting with '-' is a name, not an
+    option); ``--no-recursion`` sends exactly the planned entries; links are
+    archived as links.  Returns tar's error text when it failed, else None.
+    """
+    list_path = _write_file_list(paths)
     create = [
         "tar",
         "-C",
@@ -524,48 +639,32 @@ def _send_tar(session: _SshSession, source: Path, directory: str, plan: SyncPlan
         "-T",
         list_path,
     ]
-    extract = (
-        f"cd -- {shlex.quote(directory)} && "
-        "LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword"
+    packer_errors = tempfile.TemporaryFile()
+    packer = subprocess.Popen(
+        create, stdout=subprocess.PIPE, stderr=packer_errors, env={**os.environ, "LC_ALL": "C"}
     )
-    packer = subprocess.Popen(create, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
-    receiver = subprocess.Popen(
-        session.command_argv(f"sh -c {shlex.quote(extract)}"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert packer.stdout is not None and receiver.stdin is not None
-    broken_pipe = False
+    assert packer.stdout is not None
+    streamed = False
     try:
         while True:
-            chunk = packer.stdout.read1(_COPY_CHUNK) if hasattr(packer.stdout, "read1") else packer.stdout.read(_COPY_CHUNK)
+            chunk = packer.stdout.read1(_COPY_CHUNK)
             if not chunk:
                 break
-            try:
-                receiver.stdin.write(chunk)
-            except BrokenPipeError:
-                broken_pipe = True
-                break
-            progress.advance(len(chunk))
+            sink.write(chunk)  # BrokenPipeError propagates: the receiver's exit status explains it
+            if progress is not None:
+                progress.advance(len(chunk))
+        streamed = True
     finally:
-        with contextlib.suppress(BrokenPipeError):
-            receiver.stdin.close()
-        if broken_pipe:
+        if not streamed and packer.poll() is None:
             packer.kill()
-        packer_error = packer.stderr.read() if packer.stderr else b""
-        packer_code = packer.wait()
-        receiver_error = receiver.stderr.read() if receiver.stderr else b""
-        receiver_code = receiver.wait()
+        code = packer.wait()
         os.unlink(list_path)
-    if receiver_code == 255:
-        raise _ssh_failure(session.target, receiver_error, "sync")
-    if receiver_code != 0:
-        message = receiver_error.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
-        raise RemoteCommandFailed(f"unpacking on {session.target.host} failed (exit {receiver_code}): {message}")
-    if packer_code != 0 and not broken_pipe:
-        message = packer_error.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
-        raise DataError(f"reading the files to send failed: {message}", hint="a file changed or vanished; sync again")
+        packer_errors.seek(0)
+        errors = packer_errors.read()
+        packer_errors.close()
+    if code == 0:
+        return None
+    return _tail(errors) or f"tar exit status {code}"
 
 
 def list_local_destination(directory: Path) -> DestinationState:
@@ -676,8 +775,9 @@ def sync_directory(
 ) -> SyncReport:
     """Make ``destination`` mirror ``source`` (after ignore rules); send only changes.
 
-    ``method``: ``auto`` (rsync over SSH when the remote has it, else tar; a
-    Python copy for a local destination), or force ``rsync``/``tar``/``copy``.
+    ``method``: ``auto`` (over SSH: tar in the listing session, rsync when its
+    delta transfer can save bytes and both ends have it; a Python copy for a
+    local destination), or force ``rsync``/``tar``/``copy``.
     ``confirm_large`` is asked (with a one-line description) before sending
     more than ``large_bytes`` or ``large_files``; without it the sync warns
     through ``warn`` and goes on.  Returns a :class:`SyncReport`.
@@ -754,34 +854,53 @@ def _sync_local(tree, destination, dry_run, progress, large_bytes, large_files, 
     return _report(tree, destination, "copy", plan, started, dry_run)
 
 
+def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
+    """Bytes of planned files the destination already has an older version of:
+    what rsync's delta transfer could avoid resending."""
+    total = 0
+    for entry in plan.to_send:
+        existing = state.entries.get(entry.path)
+        if entry.kind == "file" and existing is not None and existing.kind == "file" and existing.size:
+            total += entry.size
+    return total
+
+
 def _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_files, confirm_large, warn, started):
     if shutil.which("ssh") is None:
         raise UsageError("the OpenSSH client `ssh` is not installed", hint="install openssh-client")
     session = _SshSession(destination.target)
+    exchange = None
     try:
-        state = _probe_ssh(session, destination.directory, create=not dry_run)
+        exchange = _Exchange(session, destination.directory, create=not dry_run)
+        state = exchange.read_state()
         if not state.listed:
             warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
-        use_rsync = method == "rsync" or (method == "auto" and state.has_rsync and shutil.which("rsync"))
-        if method == "rsync" and not (state.has_rsync and shutil.which("rsync")):
+        rsync_here = shutil.which("rsync") is not None
+        if method == "rsync" and not (state.has_rsync and rsync_here):
             raise UsageError("rsync is missing on this machine or on the target", hint="use --method tar")
-        chosen = "rsync" if use_rsync else "tar"
         plan = plan_sync(tree, state)
+        if method == "auto":
+            worth_a_delta = _delta_basis_bytes(plan, state) >= RSYNC_DELTA_MIN_BYTES
+            chosen = "rsync" if worth_a_delta and state.has_rsync and rsync_here else "tar"
+        else:
+            chosen = method
         if dry_run:
             return _report(tree, destination, chosen, plan, started, True)
         _check_size(plan, destination, large_bytes, large_files, confirm_large, warn)
-        if plan.to_delete:
-            payload = b"".join(os.fsencode(path) + b"\0" for path in plan.to_delete)
-            session.run(_delete_script(destination.directory), stdin=payload, what="deleting removed files")
-        if plan.to_send:
-            bar = _Progress(progress, plan.bytes_to_send, f"sync ({chosen})")
-            try:
-                sender = _send_rsync if use_rsync else _send_tar
-                sender(session, tree.root, destination.directory, plan, bar)
-            finally:
-                bar.close()
+        bar = _Progress(progress, plan.bytes_to_send, f"sync ({chosen})")
+        try:
+            if chosen == "tar" and plan.to_send:
+                exchange.finish(plan.to_delete, tree.root, [entry.path for entry in plan.to_send], bar)
+            else:
+                exchange.finish(plan.to_delete)
+                if plan.to_send:
+                    _send_rsync(session, tree.root, destination.directory, plan, bar)
+        finally:
+            bar.close()
         return _report(tree, destination, chosen, plan, started, False)
     finally:
+        if exchange is not None:
+            exchange.abandon()
         session.close()
 
 

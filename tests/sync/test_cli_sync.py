@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -84,13 +86,16 @@ def test_sync_through_the_sandbox_sshd(in_project, sandbox_cluster, sshd_session
     assert _gpuflow("sync", "box", "--json") == 0
 
     report = json.loads(capsys.readouterr().out)
-    assert report["method"] == "rsync" and report["files_sent"] == len(HOSTILE_NAMES) + 5
+    assert report["method"] == "tar" and report["files_sent"] == len(HOSTILE_NAMES) + 5
     for name in HOSTILE_NAMES:
         assert (sandbox_cluster / "project" / name).read_text() == f"content of {name!r}\n"
 
-    assert _gpuflow("sync", "box", "--method", "tar", "--json") == 0
+    (in_project / "train.py").write_text("print('v2')\n")
+    os.utime(in_project / "train.py", ns=(0, time.time_ns() + 2_000_000_000))
+    assert _gpuflow("sync", "box", "--method", "rsync", "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["method"] == "tar" and report["files_sent"] == 0
+    assert (report["method"], report["sent"]) == ("rsync", ["train.py"])
+    assert (sandbox_cluster / "project" / "train.py").read_text() == "print('v2')\n"
 
 
 def test_a_changed_host_key_is_one_line_and_exit_code_7(in_project, sandbox_cluster, sshd, monkeypatch, capsys,

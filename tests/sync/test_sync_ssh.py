@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import pytest
@@ -57,23 +58,58 @@ def test_an_unreachable_host_fails_fast_with_one_line(project, sshd_session, tmp
     assert "\n" not in caught.value.one_line()
 
 
-def test_auto_prefers_rsync_when_both_ends_have_it(project, sshd_session, tmp_path):
+def test_auto_uses_rsync_only_where_its_delta_transfer_saves_bytes(project, sshd_session, tmp_path):
+    from gpuflow.sync import RSYNC_DELTA_MIN_BYTES
+
     target = make_target(sshd_session, tmp_path / "kh")
-    report = sync_directory(project, SSHDestination(target, str(tmp_path / "remote")))
-    assert report.method == "rsync"
-    assert (tmp_path / "remote" / "train.py").is_file()
+    destination = SSHDestination(target, str(tmp_path / "remote"))
+    weights = project / "weights.bin"
+    weights.write_bytes(os.urandom(RSYNC_DELTA_MIN_BYTES + 4096))
+
+    first = sync_directory(project, destination)  # every file is new: no delta basis
+    assert first.method == "tar" and first.files_sent == first.files_considered
+
+    with weights.open("r+b") as handle:  # rewrite a few bytes of the big file
+        handle.seek(1000)
+        handle.write(b"fine-tuned")
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1_000_000_000))
+    second = sync_directory(project, destination)
+    assert (second.method, second.sent) == ("rsync", ("weights.bin",))
+    assert (tmp_path / "remote" / "weights.bin").read_bytes() == weights.read_bytes()
+
+    (project / "train.py").write_text("print('edited')\n")  # a small edit: not worth a second session
+    os.utime(project / "train.py", ns=(0, time.time_ns() + 2_000_000_000))
+    third = sync_directory(project, destination)
+    assert (third.method, third.sent) == ("tar", ("train.py",))
+
+
+def test_rsync_is_refused_when_the_remote_lacks_it(project, sshd_session, tmp_path, monkeypatch):
+    import gpuflow.sync as sync_module
+    from gpuflow.errors import UsageError
+
+    target = make_target(sshd_session, tmp_path / "kh")
+    monkeypatch.setattr(sync_module, "_EXCHANGE_SCRIPT", sync_module._EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
+
+    with pytest.raises(UsageError, match="rsync is missing"):
+        sync_directory(project, SSHDestination(target, str(tmp_path / "remote")), method="rsync")
 
 
 def test_tar_is_used_when_the_remote_has_no_rsync(project, sshd_session, tmp_path, monkeypatch):
     import gpuflow.sync as sync_module
+    from gpuflow.sync import RSYNC_DELTA_MIN_BYTES
 
     target = make_target(sshd_session, tmp_path / "kh")
-    monkeypatch.setattr(sync_module, "_PROBE_SCRIPT", sync_module._PROBE_SCRIPT.replace("command -v rsync", "false"))
+    destination = SSHDestination(target, str(tmp_path / "remote"))
+    weights = project / "weights.bin"
+    weights.write_bytes(os.urandom(RSYNC_DELTA_MIN_BYTES + 1))
+    sync_directory(project, destination)
+    weights.write_bytes(os.urandom(RSYNC_DELTA_MIN_BYTES + 1))  # rsync would be chosen ...
+    monkeypatch.setattr(sync_module, "_EXCHANGE_SCRIPT", sync_module._EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
 
-    report = sync_directory(project, SSHDestination(target, str(tmp_path / "remote")))
+    report = sync_directory(project, destination)  # ... but the remote has none
 
-    assert report.method == "tar"
-    assert (tmp_path / "remote" / "pkg" / "model.py").read_text() == "LAYERS = 3\n"
+    assert (report.method, report.sent) == ("tar", ("weights.bin",))
+    assert (tmp_path / "remote" / "weights.bin").read_bytes() == weights.read_bytes()
 
 
 def test_a_file_replaced_by_a_directory_and_back(project, make_destination, tmp_path):
