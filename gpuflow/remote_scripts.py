@@ -15,7 +15,8 @@ ever parsed by the remote shell.
   Because the supervisor is a separate session and ignores SIGHUP, neither a
   dropped SSH connection nor a sleeping laptop nor gpuflow exiting touches it;
   ``gpuflow stop`` signals only the job's process group, so the supervisor
-  survives to record the exit code.
+  survives to record the exit code.  It also writes ``environment.json`` (the
+  probe below, run with the job's interpreter) for the run manifest.
 * :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
   path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
 * :data:`RUN_STATUS_PY` — for each run directory: its exit code, or whether the
@@ -43,7 +44,9 @@ heartbeat_seconds={heartbeat_seconds}
 write_atomically() {{ printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }}
 
 cd "$run_dir" || exit 1
-mkdir -p outputs
+# Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
+mkdir .supervisor 2>/dev/null || exit 0
+mkdir -p outputs "$work_dir"
 touch "$base_dir/heartbeat"
 # Heartbeat: feeds the instance's dead-man's switch while the job runs.
 (
@@ -62,8 +65,13 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   setsid {env_prefix}{command} </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
   write_atomically "$run_dir/job.pid" "$job_pid"
+  # The manifest's environment facts, gathered here so no extra round trip is needed.
+  ( {probe_python} -c {probe_source} >"$run_dir/environment.json.tmp" 2>/dev/null \
+      && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
+  probe_pid=$!
   wait "$job_pid"
   code=$?
+  wait "$probe_pid"  # the manifest is complete by the time exit_code appears
 else
   code=127
 fi
@@ -82,6 +90,7 @@ def render_supervisor(
     argv: Sequence[str],
     env: Mapping[str, str],
     heartbeat_seconds: float = 30,
+    probe_python: str = "python3",
 ) -> str:
     """The supervisor script for one run; every value is shell-quoted here."""
     if heartbeat_seconds <= 0:
@@ -94,6 +103,8 @@ def render_supervisor(
         heartbeat_seconds=shlex.quote(f"{heartbeat_seconds:g}"),
         env_prefix=env_prefix(env),
         command=quote_argv(argv),
+        probe_python=shlex.quote(probe_python),
+        probe_source=shlex.quote(ENVIRONMENT_PROBE_PY),
     )
 
 
@@ -107,6 +118,17 @@ def launch_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
     return (
         f"cd {shlex.quote(run_dir)} && "
         f"setsid -f nohup bash {shlex.quote(script_name)} </dev/null >/dev/null 2>&1"
+    )
+
+
+def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
+    """Shell line that waits (on the target, no round trips) until the
+    supervisor has written ``job.pid`` or ``exit_code``."""
+    directory = shlex.quote(run_dir)
+    tries = max(1, int(timeout_seconds / 0.05))
+    return (
+        f"for _ in $(seq {tries}); do "
+        f"[ -e {directory}/job.pid ] || [ -e {directory}/exit_code ] && break; sleep 0.05; done"
     )
 
 

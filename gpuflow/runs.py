@@ -32,6 +32,7 @@ import io
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -53,7 +54,7 @@ from gpuflow.errors import (
     UnsafePath,
     UsageError,
 )
-from gpuflow.records import Cluster
+from gpuflow.records import Cluster, CommandResult
 from gpuflow.state import StateStore, atomic_write_json, validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -62,6 +63,7 @@ LOG_NAME = "job.log"
 EXIT_CODE_NAME = "exit_code"
 PID_NAME = "job.pid"
 MANIFEST_NAME = "manifest.json"
+ENVIRONMENT_NAME = "environment.json"  # written by the supervisor's probe
 OUTPUTS_NAME = "outputs"
 SUPERVISOR_NAME = "supervisor.sh"
 # What `pull` copies from the remote run directory.
@@ -302,7 +304,7 @@ def prepare_environment(runner: CommandRunner, project_dir: Path, *, say: Say = 
     requirements_path = f"{env_dir}.requirements.txt"
     runner.put_bytes(text.encode(), requirements_path)
     script = _PREPARE_ENV_SCRIPT.format(
-        env_dir=_q(env_dir), base_python=_q(base_python), requirements=_q(requirements_path)
+        env_dir=shlex.quote(env_dir), base_python=shlex.quote(base_python), requirements=shlex.quote(requirements_path)
     )
     say(f"preparing the environment {digest} (once per requirements hash)")
     result = runner.run_script(script, timeout=3600, check=False)
@@ -315,12 +317,6 @@ def prepare_environment(runner: CommandRunner, project_dir: Path, *, say: Say = 
     if result.text().strip().endswith("reused"):
         say(f"reusing the environment {digest}")
     return f"{env_dir}/bin/python"
-
-
-def _q(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def _package_tarball(package_name: str) -> bytes:
@@ -346,9 +342,8 @@ def _package_tarball(package_name: str) -> bytes:
 def _ship_package(runner: CommandRunner, package_name: str, site_dir: str) -> None:
     tar_path = f"{site_dir}.tar"
     runner.put_bytes(_package_tarball(package_name), tar_path)
-    runner.run(["mkdir", "-p", site_dir])
-    runner.run(["tar", "-xf", tar_path, "-C", site_dir])
-    runner.run(["rm", "-f", tar_path])
+    site, archive = shlex.quote(site_dir), shlex.quote(tar_path)
+    runner.run_script(f"mkdir -p {site} && tar -xf {archive} -C {site} && rm -f {archive}", timeout=120)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -376,16 +371,6 @@ def git_state(project_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def probe_environment(runner: CommandRunner, python: str) -> dict[str, Any]:
-    result = runner.run([python, "-c", remote_scripts.ENVIRONMENT_PROBE_PY], timeout=120, check=False)
-    if not result.ok:
-        return {"error": result.stderr.decode(errors="replace").strip()[-300:]}
-    try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        return {"error": "unreadable environment probe output"}
-
-
 def build_manifest(
     *,
     record: RunRecord,
@@ -393,6 +378,9 @@ def build_manifest(
     project_dir: Path,
     environment: dict[str, Any],
 ) -> dict[str, Any]:
+    """What is known at start; the environment facts come from the
+    supervisor's ``environment.json`` (merged at pull), end time and cost
+    when the job has ended."""
     node = cluster.nodes[0] if cluster.nodes else None
     return {
         "run_id": record.run_id,
@@ -407,17 +395,24 @@ def build_manifest(
         "sandbox": cluster.sandbox,
         "price_per_hour": cluster.price_per_hour,
         "git": git_state(project_dir),
-        "gpu": environment.get("gpu", "none"),
-        "gpu_driver": environment.get("gpu_driver", "none"),
-        "python": environment.get("python"),
-        "tensorflow": environment.get("tensorflow"),
-        "keras": environment.get("keras"),
-        "pip_freeze": environment.get("pip_freeze", []),
+        **environment_fields(environment),
         "started_at": record.started_at,
         "ended_at": None,
         "exit_code": None,
         "duration_seconds": None,
         "estimated_cost_usd": None,
+    }
+
+
+def environment_fields(environment: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's view of the environment probe (None where unknown)."""
+    return {
+        "gpu": environment.get("gpu"),
+        "gpu_driver": environment.get("gpu_driver"),
+        "python": environment.get("python"),
+        "tensorflow": environment.get("tensorflow"),
+        "keras": environment.get("keras"),
+        "pip_freeze": environment.get("pip_freeze", []),
     }
 
 
@@ -462,8 +457,6 @@ def start_run(
     if target.sync_project is not None:
         say(f"syncing {project_dir} to {target.cluster.name}")
         target.sync_project(project_dir)
-    runner.run(["mkdir", "-p", f"{remote_dir}/{OUTPUTS_NAME}", work_dir])
-
     python = prepare_environment(runner, project_dir, say=say)
     env = {
         "GPUFLOW_RUN_ID": run_id,
@@ -488,10 +481,6 @@ def start_run(
         started_at=_iso(_now()),
         module=module,
     )
-    manifest = build_manifest(
-        record=record, cluster=target.cluster, project_dir=project_dir, environment=probe_environment(runner, python)
-    )
-    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
     script = remote_scripts.render_supervisor(
         run_id=run_id,
         run_dir=remote_dir,
@@ -500,13 +489,36 @@ def start_run(
         argv=argv,
         env=env,
         heartbeat_seconds=heartbeat_seconds,
+        probe_python=python,
     )
     runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
+    manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
+    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
     save_record(record, home)
-    runner.run_script(remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME), timeout=60)
+    # One round trip: start the supervisor and wait (on the target) until it
+    # has recorded the job's pid.
+    _launch(
+        runner,
+        f"{remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME)} && "
+        f"{remote_scripts.wait_for_start_command(remote_dir)}",
+    )
     _wait_for_start(runner, remote_dir)
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
+
+
+def _launch(runner: CommandRunner, launch: str, attempts: int = 3) -> CommandResult:
+    """Run the launch line; repeat it when the connection drops mid-command
+    (safe: the supervisor claims the run directory, so a second start is a no-op)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return runner.run_script(launch, timeout=120, check=False)
+        except InstanceGone:
+            raise
+        except UnreachableHost:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _read_small(runner: CommandRunner, path: str) -> str | None:
@@ -659,7 +671,14 @@ def list_remote_tree(runner: CommandRunner, remote_dir: str, names: Sequence[str
     return entries
 
 
-def pull_files(runner: CommandRunner, remote_dir: str, local_dir: Path, *, say: Say = _quiet) -> PullReport:
+def pull_files(
+    runner: CommandRunner,
+    remote_dir: str,
+    local_dir: Path,
+    *,
+    say: Say = _quiet,
+    entries: list[dict] | None = None,
+) -> PullReport:
     """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
 
     Refuses (:class:`UnsafePath`) any entry that is a symlink or special file,
@@ -668,7 +687,8 @@ def pull_files(runner: CommandRunner, remote_dir: str, local_dir: Path, *, say: 
     while it is being pulled (a checkpoint) is skipped and reported.
     """
     local_dir.mkdir(parents=True, exist_ok=True)
-    entries = list_remote_tree(runner, remote_dir)
+    if entries is None:
+        entries = list_remote_tree(runner, remote_dir)
     refused: list[str] = []
     fetched: list[str] = []
     unchanged: list[str] = []
@@ -724,25 +744,42 @@ def pull_files(runner: CommandRunner, remote_dir: str, local_dir: Path, *, say: 
     return report
 
 
-def _finalize_local(record: RunRecord, local_dir: Path, exit_code: int | None, ended_at: str | None) -> None:
-    """Complete the pulled manifest with end time, exit code, duration and cost."""
+def _finalize_local(
+    local_dir: Path, environment: dict[str, Any] | None, exit_code: int | None, ended_at: str | None
+) -> None:
+    """Complete the pulled manifest with the environment facts, end time, exit code, duration and cost."""
     manifest_path = local_dir / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError):
         return
+    if environment:
+        manifest.update(environment_fields(environment))
     if exit_code is not None and ended_at is not None:
         manifest = finish_manifest(manifest, ended_at=ended_at, exit_code=exit_code)
     atomic_write_json(manifest_path, manifest, mode=0o644)
 
 
-def _remote_end_time(runner: CommandRunner, remote_dir: str) -> str | None:
-    entries = list_remote_tree(runner, remote_dir, (EXIT_CODE_NAME,))
+def _end_time(entries: list[dict]) -> str | None:
+    """When the job ended: the mtime of its ``exit_code`` file (instance clock)."""
     for entry in entries:
         if entry.get("path") == EXIT_CODE_NAME and entry.get("mtime") is not None:
             moment = datetime.datetime.fromtimestamp(float(entry["mtime"]), datetime.timezone.utc)
             return _iso(moment)
     return None
+
+
+def _read_environment(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
+    """The supervisor's environment probe, or None while it is not there yet."""
+    chunks, offset = [], 0
+    while chunk := runner.read_from(f"{remote_dir}/{ENVIRONMENT_NAME}", offset, READ_CHUNK):
+        chunks.append(chunk)
+        offset += len(chunk)
+    try:
+        document = json.loads(b"".join(chunks)) if chunks else None
+    except json.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _status_for(exit_code: int | None) -> str:
@@ -757,9 +794,12 @@ def pull_run(
     """Pull a run's files (while it runs: the latest outputs) and update its record."""
     local_dir = Path(record.local_dir)
     exit_code = _read_exit_code(runner, record.remote_dir)
-    ended_at = _remote_end_time(runner, record.remote_dir) if exit_code is not None else None
-    report = pull_files(runner, record.remote_dir, local_dir, say=say)
-    _finalize_local(record, local_dir, exit_code, ended_at)
+    # One listing serves both: the files to pull, and exit_code's mtime as the end time.
+    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, EXIT_CODE_NAME))
+    ended_at = _end_time(listing) if exit_code is not None else None
+    entries = [entry for entry in listing if entry.get("path") != EXIT_CODE_NAME]
+    report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
+    _finalize_local(local_dir, _read_environment(runner, record.remote_dir), exit_code, ended_at)
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=ended_at)
         save_record(record, home)
@@ -925,6 +965,8 @@ def logs(
         exit_code, _offset = follow_log(
             connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow
         )
+        if exit_code is not None and not record.finished:
+            save_record(replace(record, status=_status_for(exit_code), exit_code=exit_code), home)
         return exit_code
     finally:
         with contextlib.suppress(Exception):

@@ -293,3 +293,21 @@ def test_git_commit_and_uncommitted_diff_are_in_the_manifest(local_target, proje
     manifest = json.loads((Path(outcome.record.local_dir) / "manifest.json").read_text())
     assert manifest["git"]["commit"] == clean["commit"] and manifest["git"]["dirty"] is True
     assert len(manifest["git"]["diff_sha256"]) == 64
+
+
+def test_a_repeated_launch_starts_nothing_twice(local_target, project):
+    """After a connection drop the launch line is sent again: it must be a no-op."""
+    from gpuflow import remote_scripts
+
+    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(3, 0.05), out=io.BytesIO(),
+                       detach=True)
+    remote_dir = outcome.record.remote_dir
+    runner = local_target.connect()
+    pid_before = runner.read_from(f"{remote_dir}/job.pid")
+    runner.run_script(remote_scripts.launch_command(remote_dir))
+    exit_code, _offset = runs.follow_log(
+        runs._Connection(local_target, runner, 10, runs._quiet), remote_dir, io.BytesIO(), poll_interval=0.05
+    )
+    assert exit_code == 0
+    assert runner.read_from(f"{remote_dir}/job.pid") == pid_before
+    assert _remote_bytes(local_target, f"{remote_dir}/job.log").count(b"line 0000") == 1
