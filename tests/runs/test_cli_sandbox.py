@@ -124,3 +124,38 @@ def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     assert manifest["command"][-2:] == ["--output", manifest["command"][-1]]
     assert not [name for name in (gpuflow_home / "sandbox").iterdir() if name.name.startswith("gpuflow-demo")]
     assert all(status.status == "succeeded" for status in runs.list_runs())
+
+
+@pytest.mark.ssh
+def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, capfd, sshd, gpuflow_home):
+    """GPUFLOW_SANDBOX_SSH: the sandbox instance is reached through the loopback
+    OpenSSH server, so sync, run, the log stream and pull all cross real SSH."""
+    (project / "data dir").mkdir()
+    (project / "data dir" / "naïve 'quoted' file.txt").write_text("payload")
+    monkeypatch.setenv(
+        "GPUFLOW_SANDBOX_SSH",
+        f"host=127.0.0.1,port={sshd.port},user={sshd.user},key={sshd.client_key},"
+        f"host_key={sshd.directory / 'ssh_host_ed25519_key.pub'}",
+    )
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        cluster = clusters.up(clusters.resolve_spec("sshbox", {"sandbox": True}, project_dir=project))
+        try:
+            from gpuflow import remote
+
+            runner = remote.runner_for(cluster)
+            assert type(runner).__name__ == "SSHRunner"
+            runner.close()
+            code = cli(["run", "sshbox", "--", "python", "job.py", "30", "0.02", "3", "a b", "$HOME"])
+            captured = capfd.readouterr()
+            assert code == 3, captured.err
+            synced = Path(remote.sandbox_directory(cluster)) / "project" / "data dir" / "naïve 'quoted' file.txt"
+            assert synced.read_text() == "payload"
+        finally:
+            clusters.down("sshbox")
+    [record] = runs.all_records()
+    local = Path(record.local_dir)
+    assert captured.out.encode() == (local / "job.log").read_bytes()
+    assert captured.out.count("line ") == 30
+    assert json.loads((local / "outputs" / "argv.json").read_text()) == ["a b", "$HOME"]
+    assert json.loads((local / "outputs" / "metrics.json").read_text()) == {"lines": 30}
