@@ -18,8 +18,8 @@ fast):
   from the spot price history.
 
 Every use case takes ``provisioner_factory`` (region, profile, sandbox ->
-provisioner) so tests can inject one that never sleeps; the default opens a
-real one.
+:class:`gpuflow.provisioner.Provisioner`) so tests can inject one that never
+sleeps; the default opens the EC2 one (``infra.aws.open_provisioner``).
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ from typing import Any
 
 from gpuflow.config import gpuflow_home, load_project_config
 from gpuflow.errors import (
-    CapacityError,
-    CloudError,
     ClusterNotFound,
     ConfigError,
     CredentialsError,
     GpuflowError,
     UsageError,
 )
+from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, ClusterSpec, Node
 from gpuflow.state import StateStore, atomic_write_bytes, validate_name
 
@@ -61,7 +60,6 @@ PHASE_UP = "up"
 PHASE_DELETED = "deleted"
 
 Progress = Callable[[str], None]
-ProvisionerFactory = Callable[..., Any]  # (region, *, profile, sandbox) -> infra.aws.provisioner.Ec2Provisioner
 
 # ClusterSpec fields a project config may set (gpuflow.toml / [tool.gpuflow]), with their types.
 _SPEC_CONFIG_TYPES: dict[str, type] = {
@@ -204,13 +202,13 @@ def default_region(environ: Mapping[str, str] | None = None) -> str:
     return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
-def _default_provisioner(region: str, *, profile: str | None = None, sandbox: bool = False) -> Any:
+def _default_provisioner(region: str, *, profile: str | None = None, sandbox: bool = False) -> Provisioner:
     from infra.aws import open_provisioner
 
     return open_provisioner(region, profile=profile, sandbox=sandbox)
 
 
-def _provisioner(factory: ProvisionerFactory | None, region: str, profile: str | None, sandbox: bool) -> Any:
+def _provisioner(factory: ProvisionerFactory | None, region: str, profile: str | None, sandbox: bool) -> Provisioner:
     return (factory or _default_provisioner)(region, profile=profile, sandbox=sandbox)
 
 
@@ -475,7 +473,7 @@ def _ssh_cidr(spec: ClusterSpec, detect_caller_ip: Callable[[], str] | None, rep
 
 def _claim_name(
     store: StateStore,
-    provisioner: Any,
+    provisioner: Provisioner,
     cluster: Cluster,
     launch_id: str,
     report: Progress,
@@ -539,7 +537,7 @@ def _save(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None
 
 
 def _rollback(
-    store: StateStore, provisioner: Any, name: str, launch_id: str, created: _Created, cause: BaseException
+    store: StateStore, provisioner: Provisioner, name: str, launch_id: str, created: _Created, cause: BaseException
 ) -> None:
     """Delete what one ``up`` created, best effort per step; if something
     could not be deleted, keep the record (so ``down`` can finish) and say so."""
@@ -608,13 +606,7 @@ def get_cluster(name: str | None = None) -> Cluster:
     return Cluster.from_dict(document)
 
 
-def _live_views(provisioner: Any, cluster: Cluster, launch_id: str | None) -> list[Any]:
-    from infra.aws.provisioner import LIVE_STATES
-
-    return [view for view in _cluster_views(provisioner, cluster.name, launch_id) if view.state in LIVE_STATES]
-
-
-def _cluster_views(provisioner: Any, name: str, launch_id: str | None) -> list[Any]:
+def _cluster_views(provisioner: Provisioner, name: str, launch_id: str | None) -> list[Any]:
     """All instances (any state) of cluster ``name``, of its latest ``up`` when known."""
     from infra.aws.provisioner import TAG_LAUNCH
 
@@ -637,7 +629,7 @@ def _summarise(nodes: Iterable[Node]) -> str:
     return "partial"
 
 
-def _price_per_instance(provisioner: Any, instance_type: str, market: str, zone: str | None) -> tuple[float | None, str]:
+def _price_per_instance(provisioner: Provisioner, instance_type: str, market: str, zone: str | None) -> tuple[float | None, str]:
     from infra.aws.pricing import load_price_table
 
     if market == "spot":
@@ -676,7 +668,7 @@ def status(name: str | None = None, *, provisioner_factory: ProvisionerFactory |
     return _reconcile(store, provisioner, cluster, document)
 
 
-def _reconcile(store: StateStore, provisioner: Any, cluster: Cluster, document: dict[str, Any], views: list[Any] | None = None) -> ClusterStatus:
+def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, document: dict[str, Any], views: list[Any] | None = None) -> ClusterStatus:
     launch_id = document.get("launch_id")
     if views is None:
         views = _cluster_views(provisioner, cluster.name, launch_id)
@@ -745,7 +737,7 @@ def list_clusters(
     return results
 
 
-def _unmanaged_status(provisioner: Any, region: str, name: str, views: list[Any]) -> ClusterStatus:
+def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any]) -> ClusterStatus:
     from infra.aws.provisioner import TAG_CREATED_AT
 
     instance_type = views[0].instance_type
@@ -898,7 +890,7 @@ def reap(
         doc["region"] for doc in documents.values() if bool(doc.get("sandbox")) == sandbox
     }
     items: list[ReapItem] = []
-    plans: list[tuple[Any, list[Any], str]] = []
+    plans: list[tuple[Provisioner, list[Any], str]] = []
     for scan_region in sorted(regions):
         provisioner = _provisioner(provisioner_factory, scan_region, None, sandbox)
         report(f"scanning {scan_region}")
@@ -992,8 +984,6 @@ def console_output(cluster: Cluster, instance_id: str, *, provisioner_factory: P
 
 
 __all__ = [
-    "CapacityError",
-    "CloudError",
     "ClusterStatus",
     "DownReport",
     "ReapItem",

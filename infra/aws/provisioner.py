@@ -21,7 +21,7 @@ from typing import Any
 
 from gpuflow.errors import CapacityError, CloudError, UsageError
 from gpuflow.records import Node
-from infra.aws.client import AwsApi, AwsCallError, AwsCapacityError, error_code, known_regions
+from infra.aws.client import AwsApi, AwsCallError, AwsCapacityError, known_regions
 from infra.dlami import (
     DLAMI_BASE_SSM_PARAMETER,
     DLAMI_NAME_PATTERN,
@@ -657,5 +657,4 @@ __all__ = [
     "TAG_MANAGED",
     "TAG_OWNER",
     "client_token",
-    "error_code",
 ]

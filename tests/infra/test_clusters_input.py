@@ -12,7 +12,6 @@ from gpuflow.cli import main
 from gpuflow.errors import CloudError, ConfigError, CredentialsError, UsageError
 from tests.infra.cloud import (  # noqa: F401 - fixtures
     CALLER_CIDR,
-    REGION,
     api_calls,
     cloud,
     leftovers,

@@ -7,8 +7,6 @@ import fnmatch
 import json
 from pathlib import Path
 
-import pytest
-
 from gpuflow import clusters
 from tests.infra.cloud import (  # noqa: F401 - fixtures
     RECORDED_OPERATIONS,
