@@ -210,6 +210,35 @@ def _target_python(runner: CommandRunner) -> str:
     return sys.executable if isinstance(runner, LocalRunner) else "python3"
 
 
+# Where the Deep Learning AMIs keep their framework's Python (their release notes'
+# "python_location"; the PyTorch ones say /opt/pytorch/bin/python).  A
+# non-interactive SSH command does not activate it, so gpuflow looks for it.
+AMI_FRAMEWORK_PYTHONS = ("/opt/tensorflow/bin/python3", "/opt/tensorflow/bin/python")
+
+
+def base_python(runner: CommandRunner, project_dir: Path) -> str:
+    """The interpreter jobs (and their virtualenvs) start from.
+
+    The project's ``remote_python`` setting if given; on this machine (sandbox,
+    tests) the interpreter running gpuflow; on an instance the AMI's
+    TensorFlow Python when present, else ``python3``.
+    """
+    from gpuflow.config import load_project_config
+
+    configured = load_project_config(project_dir).get("remote_python")
+    if configured:
+        return str(configured)
+    from gpuflow.transport.local import LocalRunner
+
+    if isinstance(runner, LocalRunner):
+        return sys.executable
+    probe = "".join(
+        f"[ -x {shlex.quote(path)} ] && {{ echo {shlex.quote(path)}; exit 0; }}; " for path in AMI_FRAMEWORK_PYTHONS
+    )
+    found = runner.run_script(probe + "command -v python3", check=False).text().strip().splitlines()
+    return found[-1] if found else "python3"
+
+
 def is_training_module(module: str | None) -> bool:
     return module is not None and (module == TRAINING_PACKAGE or module.startswith(TRAINING_PACKAGE + "."))
 
@@ -289,22 +318,22 @@ fi
 def prepare_environment(runner: CommandRunner, project_dir: Path, *, say: Say = _quiet) -> str:
     """The interpreter the job runs with.
 
-    No requirements: the target's own Python (the Deep Learning AMI's, with
-    its TensorFlow; this interpreter in the sandbox).  Otherwise a virtualenv
+    No requirements: :func:`base_python` (the Deep Learning AMI's, with its
+    TensorFlow; this interpreter in the sandbox).  Otherwise a virtualenv
     ``<base>/envs/<hash>/`` with ``--system-site-packages`` (so the AMI's
     TensorFlow is still used), created once per requirements hash under a
     lock and reused while the marker ``.gpuflow-ready`` exists.
     """
-    base_python = _target_python(runner)
+    interpreter = base_python(runner, project_dir)
     text = requirements_of(project_dir)
     if text is None:
-        return base_python
+        return interpreter
     digest = requirements_hash(text)
     env_dir = f"{runner.base_dir}/envs/{digest}"
     requirements_path = f"{env_dir}.requirements.txt"
     runner.put_bytes(text.encode(), requirements_path)
     script = _PREPARE_ENV_SCRIPT.format(
-        env_dir=shlex.quote(env_dir), base_python=shlex.quote(base_python), requirements=shlex.quote(requirements_path)
+        env_dir=shlex.quote(env_dir), base_python=shlex.quote(interpreter), requirements=shlex.quote(requirements_path)
     )
     say(f"preparing the environment {digest} (once per requirements hash)")
     result = runner.run_script(script, timeout=3600, check=False)
@@ -456,7 +485,10 @@ def start_run(
     work_dir = f"{base_dir}/project"
     if target.sync_project is not None:
         say(f"syncing {project_dir} to {target.cluster.name}")
-        target.sync_project(project_dir)
+        report = target.sync_project(project_dir)
+        summary = getattr(report, "summary", None)
+        if callable(summary):
+            say(str(summary()))
     python = prepare_environment(runner, project_dir, say=say)
     env = {
         "GPUFLOW_RUN_ID": run_id,

@@ -334,3 +334,19 @@ def test_module_names_are_checked(module):
 
     with pytest.raises(UsageError):
         runs.build_job_argv(python="py", module=module, args=[], output_dir="/r")
+
+
+def test_instance_python_is_found_over_ssh_and_can_be_configured(ssh_connect, project, tmp_path):
+    import sys
+
+    runner = ssh_connect()
+    try:
+        found = runs.base_python(runner, project)
+        assert found.startswith("/") and found.rsplit("/", 1)[-1].startswith("python3")  # `command -v python3`
+        fake = tmp_path / "bin" / "my python"
+        fake.parent.mkdir()
+        fake.symlink_to(sys.executable)
+        (project / "gpuflow.toml").write_text(f"remote_python = {str(fake)!r}\n".replace("'", '"'))
+        assert runs.base_python(runner, project) == str(fake)
+    finally:
+        runner.close()
