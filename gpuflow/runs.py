@@ -529,11 +529,16 @@ def start_run(
     save_record(record, home)
     # One round trip: start the supervisor and wait (on the target) until it
     # has recorded the job's pid.
-    _launch(
+    launched = _launch(
         runner,
         f"{remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME)} && "
         f"{remote_scripts.wait_for_start_command(remote_dir)}",
     )
+    if not launched.ok:
+        raise RemoteCommandFailed(
+            f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
+            hint="the instance needs bash, setsid (util-linux) and nohup",
+        )
     _wait_for_start(runner, remote_dir)
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
