@@ -352,6 +352,11 @@ def up(
         )
     report("resolving the AMI")
     image = provisioner.resolve_image(spec.ami)
+    if image.root_volume_gb and spec.disk_gb < image.root_volume_gb:
+        raise UsageError(
+            f"--disk-gb {spec.disk_gb} is smaller than the AMI's root snapshot ({image.root_volume_gb} GiB)",
+            hint=f"use --disk-gb {image.root_volume_gb} or more",
+        )
     if spec.key_name and not provisioner.key_pair_exists(spec.key_name):
         raise UsageError(f"key pair {spec.key_name!r} does not exist in {spec.region}", hint="check --key-name")
     ssh_cidr = _ssh_cidr(spec, detect_caller_ip, report)

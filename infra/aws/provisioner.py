@@ -82,6 +82,18 @@ class ImageInfo:
     name: str
     root_device_name: str
     source: str  # "ssm" | "name-search" | "explicit"
+    root_volume_gb: int | None = None  # size of the root snapshot: the smallest root volume EC2 accepts
+
+    @classmethod
+    def from_api(cls, image: dict[str, Any], source: str) -> ImageInfo:
+        root_device = image.get("RootDeviceName") or "/dev/sda1"
+        sizes = [
+            mapping.get("Ebs", {}).get("VolumeSize")
+            for mapping in image.get("BlockDeviceMappings", [])
+            if mapping.get("DeviceName") == root_device
+        ]
+        size = next((int(value) for value in sizes if value), None)
+        return cls(image["ImageId"], image.get("Name", ""), root_device, source, size)
 
 
 @dataclass(frozen=True)
@@ -259,7 +271,7 @@ class Ec2Provisioner:
         ).get("Images", [])
         if images:
             newest = max(images, key=lambda image: image.get("CreationDate", ""))
-            return ImageInfo(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"), "name-search")
+            return ImageInfo.from_api(newest, "name-search")
         image_id = self._ssm_image_id(DLAMI_BASE_SSM_PARAMETER)
         if image_id:
             return self._describe_image(image_id, source="ssm")
@@ -285,8 +297,7 @@ class Ec2Provisioner:
             raise
         if not images:
             raise UsageError(f"AMI {image_id!r} does not exist in {self.region}", hint="check --ami")
-        image = images[0]
-        return ImageInfo(image_id, image.get("Name", ""), image.get("RootDeviceName") or "/dev/sda1", source)
+        return ImageInfo.from_api(images[0], source)
 
     # ------------------------------------------------------- key pair / SG
     def create_key_pair(self, key_name: str, tags: dict[str, str]) -> str:

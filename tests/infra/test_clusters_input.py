@@ -39,6 +39,7 @@ def _run(argv, capsys):
         (["up", "x", "--ssh-cidr", "0.0.0.0/0"], 2, "opens SSH to the whole internet"),
         (["up", "x", "--disk-gb", "-5"], 2, "--disk-gb must be a whole number of GiB"),
         (["up", "x", "--count", "0"], 2, "--count must be between 1"),
+        (["up", "x", "--disk-gb", "10"], 2, "--disk-gb 10 is smaller than the AMI's root snapshot (15 GiB)"),
         (["up", "x", "--idle-minutes", "0"], 2, "--idle-minutes must be between"),
         (["up", "bad name;rm -rf ~"], 2, "invalid cluster name"),
         (["up", "x", "--ami", "ami-00000000deadbeef0"], 2, "AMI 'ami-00000000deadbeef0' does not exist"),
