@@ -145,12 +145,12 @@ class SyncReport:
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
         text = (
-            f"{verb} {self.files_sent} of {self.files_considered} files "
+            f"{verb} {self.files_sent:,} of {self.files_considered:,} files "
             f"({_human_bytes(self.bytes_sent)} of {_human_bytes(self.bytes_considered)}) "
             f"to {self.destination} via {self.method} in {self.seconds:.2f} s"
         )
         if self.files_deleted:
-            text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted}"
+            text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted:,}"
         return text
 
 
@@ -246,12 +246,12 @@ def _ssh_option_path(path: str) -> str:
 def ssh_argv(target: SSHTarget, control_path: str | None = None) -> list[str]:
     """The ``ssh`` command line (without the host) that reaches ``target``
     with its pinned host keys and nothing from ~/.ssh/config."""
-    if not target.known_hosts_path and not target.trust_on_first_use:
+    if not target.known_hosts_path:
         raise SecurityError(
             f"no pinned host key for {target.host}:{target.port}",
             hint="the cluster's known_hosts file is missing; run `gpuflow ssh NAME` to pin the instance's key",
         )
-    known_hosts = target.known_hosts_path or os.devnull
+    known_hosts = target.known_hosts_path
     argv = [
         "ssh",
         "-F",
@@ -261,7 +261,10 @@ def ssh_argv(target: SSHTarget, control_path: str | None = None) -> list[str]:
         "-o",
         "GlobalKnownHostsFile=/dev/null",
         "-o",
+        # accept-new (trust on first use, only when the target says so) still refuses a *changed* key.
         "StrictHostKeyChecking=" + ("accept-new" if target.trust_on_first_use else "yes"),
+        "-o",
+        "CheckHostIP=no",
         "-o",
         "IdentitiesOnly=yes",
         "-o",
@@ -310,10 +313,11 @@ def _ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
 class _SshSession:
     """One OpenSSH connection for the whole sync.
 
-    The first command (the :class:`_Exchange`) opens it as a ControlMaster in
-    a private socket directory (``ControlPersist`` keeps it after that command
-    ends, for at most a minute of idleness); rsync reuses it through the same
-    ``ControlPath``; :meth:`close` ends it.
+    The listing session (:class:`_Exchange`) opens it as a ControlMaster on a
+    socket in a private temp directory; when rsync is used it rides on the same
+    connection through that ``ControlPath`` while the listing session is kept
+    open.  No ``ControlPersist``: the connection ends with the listing session,
+    and nothing is left running if gpuflow is killed.
     """
 
     def __init__(self, target: SSHTarget) -> None:
@@ -322,32 +326,16 @@ class _SshSession:
         self._socket_directory = tempfile.mkdtemp(prefix="gpuflow-ssh-")
         self.control_path = os.path.join(self._socket_directory, "%C")
         self.base_argv = ssh_argv(target, self.control_path)
-        self.master_started = False
 
     def master_argv(self, remote_command: str) -> list[str]:
-        return [
-            *self.base_argv,
-            "-o",
-            "ControlMaster=auto",
-            "-o",
-            "ControlPersist=60",
-            self.target.host,
-            remote_command,
-        ]
+        return [*self.base_argv, "-o", "ControlMaster=yes", self.target.host, remote_command]
 
     def close(self) -> None:
-        if self.master_started:
-            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                subprocess.run(
-                    [*self.base_argv, "-O", "exit", self.target.host],
-                    capture_output=True,
-                    check=False,
-                    timeout=15,
-                )
         shutil.rmtree(self._socket_directory, ignore_errors=True)
 
 
-_PROBE_HEADER = re.compile(rb"^GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
+# Searched for, not matched at the start: a login shell may print a banner first.
+_PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
 _LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce (kinds are one letter)
 
 # The exchange, one remote shell session:
@@ -357,7 +345,8 @@ _LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce
 #   2. read one line from stdin, "<bytes> <next>": that many bytes of
 #      NUL-separated paths to delete (relative, from the listing), removed
 #      without following links (a directory only when empty);
-#   3. <next> is "tar": unpack the rest of stdin here; "none": done.
+#   3. <next> is "tar": unpack the rest of stdin here; "wait": stay until stdin
+#      closes (rsync is using the connection meanwhile); "none": done.
 # `read` takes exactly one line and `head -c` exactly <bytes>, so the tar
 # stream that follows on the same stdin is untouched.
 _EXCHANGE_SCRIPT = (
@@ -372,7 +361,8 @@ _EXCHANGE_SCRIPT = (
     "if [ \"$n\" -gt 0 ]; then [ \"$e\" = 1 ] || exit 3; "
     "head -c \"$n\" | xargs -0 -r sh -c {delete_loop} sh || exit 4; fi; "
     "if [ \"$next\" = tar ]; then [ \"$e\" = 1 ] || exit 3; "
-    "exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword; fi"
+    "exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword; fi; "
+    "if [ \"$next\" = wait ]; then exec cat >/dev/null; fi"
 )
 _DELETE_LOOP = (
     'for p in "$@"; do if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; '
@@ -438,6 +428,8 @@ class _Exchange:
             stderr=self._stderr,
         )
         self._finished = False
+        self._what = "sync"
+        self._packer_failure: str | None = None
 
     def _failure(self, code: int, what: str) -> Exception:
         self._stderr.seek(0)
@@ -461,9 +453,8 @@ class _Exchange:
             tail = (tail + chunk)[-len(_LISTING_END) :]
             if tail == _LISTING_END:
                 break
-        self.session.master_started = True
         output = b"".join(chunks)[: -len(_LISTING_END)]
-        match = _PROBE_HEADER.match(output)
+        match = _PROBE_HEADER.search(output)
         if match is None:
             raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
         has_rsync, exists, listed = (value == b"1" for value in match.groups())
@@ -473,44 +464,59 @@ class _Exchange:
     def finish(
         self,
         deletions: Sequence[str] = (),
+        *,
         tar_source: Path | None = None,
         tar_paths: Sequence[str] = (),
         progress: _Progress | None = None,
+        keep_open: bool = False,
     ) -> None:
-        """Send the deletions, then (with ``tar_source``) the tar stream of ``tar_paths``; wait."""
+        """Send the deletions, then (with ``tar_source``) the tar stream of
+        ``tar_paths``, and wait for the remote side; with ``keep_open`` the
+        session stays up (for rsync) until :meth:`end`."""
         assert self.process.stdin is not None
         payload = b"".join(os.fsencode(path) + b"\0" for path in deletions)
-        next_step = "tar" if tar_source is not None else "none"
-        packer_failure = None
+        next_step = "tar" if tar_source is not None else "wait" if keep_open else "none"
+        self._what = "unpacking" if tar_source is not None else "deleting removed files"
         try:
             self.process.stdin.write(f"{len(payload)} {next_step}\n".encode() + payload)
+            self.process.stdin.flush()
             if tar_source is not None:
-                packer_failure = _stream_tar(tar_source, tar_paths, self.process.stdin, progress)
-            self.process.stdin.close()
+                self._packer_failure = _stream_tar(tar_source, tar_paths, self.process.stdin, progress)
         except BrokenPipeError:
             pass  # the remote side ended early: its exit status says why
+        if not keep_open:
+            self.end()
+
+    def end(self) -> None:
+        """Close the session's stdin, wait, and raise if the remote side failed."""
+        assert self.process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
         code = self.process.wait()
         self._finished = True
         if code != 0:
-            raise self._failure(code, "unpacking" if tar_source is not None else "deleting removed files")
-        if packer_failure:
+            raise self._failure(code, self._what)
+        if self._packer_failure:
             raise DataError(
-                f"reading the files to send failed: {packer_failure}", hint="a file changed or vanished; sync again"
+                f"reading the files to send failed: {self._packer_failure}", hint="a file changed or vanished; sync again"
             )
 
     def abandon(self) -> None:
-        """End the session without changing anything (dry-run, cancelled, error)."""
-        if self._finished:
-            return
-        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._finished = True
+        """End the session without changing anything more (dry-run, cancelled,
+        error; a no-op after :meth:`end`): closing stdin makes the remote
+        ``read`` see end-of-file and exit."""
+        if not self._finished:
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self._finished = True
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self._stderr.close()
 
 
@@ -760,6 +766,19 @@ def _human_bytes(count: int) -> str:
     return f"{count} B"
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The caller's choices for one sync, passed whole to the transports."""
+
+    method: str
+    dry_run: bool
+    progress: bool
+    large_bytes: int
+    large_files: int
+    confirm_large: Callable[[str], bool] | None
+    warn: Callable[[str], None]
+
+
 def sync_directory(
     source: Path,
     destination: Destination,
@@ -778,45 +797,45 @@ def sync_directory(
     ``method``: ``auto`` (over SSH: tar in the listing session, rsync when its
     delta transfer can save bytes and both ends have it; a Python copy for a
     local destination), or force ``rsync``/``tar``/``copy``.
+    ``skip_top_level``: names skipped at the root besides the ignore rules.
     ``confirm_large`` is asked (with a one-line description) before sending
     more than ``large_bytes`` or ``large_files``; without it the sync warns
     through ``warn`` and goes on.  Returns a :class:`SyncReport`.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    local = isinstance(destination, LocalDestination)
+    if local and method not in ("auto", "copy"):
+        raise UsageError(f"method {method!r} needs an SSH destination; a local directory uses 'copy'")
+    if not local and method == "copy":
+        raise UsageError("method 'copy' is for a local destination; over SSH use rsync or tar")
     source = Path(source).expanduser()
     if not source.is_dir():
         raise DataError(f"cannot sync {source}: not a directory")
     started = time.perf_counter()
-    tree = scan_tree(source, skip_top_level=skip_top_level)
-    for link in tree.skipped_links[:3]:
-        warn(f"not sending symlink {link!r}: it is absolute or leads outside {source}")
-    if isinstance(destination, LocalDestination):
-        if method not in ("auto", "copy"):
-            raise UsageError(f"method {method!r} needs an SSH destination; a local directory uses 'copy'")
-        return _sync_local(tree, destination, dry_run, progress, large_bytes, large_files, confirm_large, warn, started)
-    if method == "copy":
-        raise UsageError("method 'copy' is for a local destination; over SSH use rsync or tar")
-    return _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_files, confirm_large, warn, started)
+    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn)
+
+    def scan() -> SourceTree:
+        tree = scan_tree(source, skip_top_level=skip_top_level)
+        for link in tree.skipped_links[:3]:
+            warn(f"not sending symlink {link!r}: it is absolute or leads outside {source}")
+        return tree
+
+    if local:
+        return _sync_local(scan, destination, options, started)
+    return _sync_ssh(scan, destination, options, started)
 
 
-def _check_size(
-    plan: SyncPlan,
-    destination: Destination,
-    large_bytes: int,
-    large_files: int,
-    confirm_large: Callable[[str], bool] | None,
-    warn: Callable[[str], None],
-) -> None:
-    if plan.bytes_to_send <= large_bytes and len(plan.to_send) <= large_files:
+def _check_size(plan: SyncPlan, destination: Destination, options: _Options) -> None:
+    if plan.bytes_to_send <= options.large_bytes and len(plan.to_send) <= options.large_files:
         return
     message = (
         f"about to send {len(plan.to_send):,} files ({_human_bytes(plan.bytes_to_send)}) to {destination.describe()}; "
         "list big paths in .gpuflowignore, or sync data once with `gpuflow sync --data PATH`"
     )
-    if confirm_large is None:
-        warn(message)
-    elif not confirm_large(message):
+    if options.confirm_large is None:
+        options.warn(message)
+    elif not options.confirm_large(message):
         raise UsageError("sync cancelled", hint="add large paths to .gpuflowignore, or pass --yes")
 
 
@@ -840,18 +859,20 @@ def _report(
     )
 
 
-def _sync_local(tree, destination, dry_run, progress, large_bytes, large_files, confirm_large, warn, started):
+def _sync_local(
+    scan: Callable[[], SourceTree], destination: LocalDestination, options: _Options, started: float
+) -> SyncReport:
+    tree = scan()
     directory = Path(destination.directory)
-    state = list_local_destination(directory)
-    plan = plan_sync(tree, state)
-    if not dry_run:
-        _check_size(plan, destination, large_bytes, large_files, confirm_large, warn)
-        bar = _Progress(progress, plan.bytes_to_send, "sync")
+    plan = plan_sync(tree, list_local_destination(directory))
+    if not options.dry_run:
+        _check_size(plan, destination, options)
+        bar = _Progress(options.progress, plan.bytes_to_send, "sync")
         try:
             _apply_local(tree.root, directory, plan, bar)
         finally:
             bar.close()
-    return _report(tree, destination, "copy", plan, started, dry_run)
+    return _report(tree, destination, "copy", plan, started, options.dry_run)
 
 
 def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
@@ -865,36 +886,44 @@ def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
     return total
 
 
-def _sync_ssh(tree, destination, method, dry_run, progress, large_bytes, large_files, confirm_large, warn, started):
+def _sync_ssh(
+    scan: Callable[[], SourceTree], destination: SSHDestination, options: _Options, started: float
+) -> SyncReport:
     if shutil.which("ssh") is None:
         raise UsageError("the OpenSSH client `ssh` is not installed", hint="install openssh-client")
     session = _SshSession(destination.target)
     exchange = None
     try:
-        exchange = _Exchange(session, destination.directory, create=not dry_run)
+        # Connect first and scan while the handshake runs: the scan is then free.
+        exchange = _Exchange(session, destination.directory, create=not options.dry_run)
+        tree = scan()
         state = exchange.read_state()
         if not state.listed:
-            warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
+            options.warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
         rsync_here = shutil.which("rsync") is not None
-        if method == "rsync" and not (state.has_rsync and rsync_here):
+        if options.method == "rsync" and not (state.has_rsync and rsync_here):
             raise UsageError("rsync is missing on this machine or on the target", hint="use --method tar")
         plan = plan_sync(tree, state)
-        if method == "auto":
+        if options.method == "auto":
             worth_a_delta = _delta_basis_bytes(plan, state) >= RSYNC_DELTA_MIN_BYTES
             chosen = "rsync" if worth_a_delta and state.has_rsync and rsync_here else "tar"
         else:
-            chosen = method
-        if dry_run:
+            chosen = options.method
+        if options.dry_run:
             return _report(tree, destination, chosen, plan, started, True)
-        _check_size(plan, destination, large_bytes, large_files, confirm_large, warn)
-        bar = _Progress(progress, plan.bytes_to_send, f"sync ({chosen})")
+        _check_size(plan, destination, options)
+        bar = _Progress(options.progress, plan.bytes_to_send, f"sync ({chosen})")
         try:
-            if chosen == "tar" and plan.to_send:
-                exchange.finish(plan.to_delete, tree.root, [entry.path for entry in plan.to_send], bar)
+            if chosen == "rsync" and plan.to_send:
+                # Keep the listing session (the connection's master) open while rsync rides on it.
+                exchange.finish(plan.to_delete, keep_open=True)
+                _send_rsync(session, tree.root, destination.directory, plan, bar)
+                exchange.end()
+            elif plan.to_send:
+                exchange.finish(plan.to_delete, tar_source=tree.root, tar_paths=[e.path for e in plan.to_send],
+                                progress=bar)
             else:
                 exchange.finish(plan.to_delete)
-                if plan.to_send:
-                    _send_rsync(session, tree.root, destination.directory, plan, bar)
         finally:
             bar.close()
         return _report(tree, destination, chosen, plan, started, False)
