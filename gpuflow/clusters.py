@@ -141,6 +141,7 @@ class ReapItem:
     cluster: str | None
     reason: str
     detail: str | None = None
+    owner: str | None = None  # who created it (the gpuflow:owner tag)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -923,7 +924,9 @@ def reap(
                 reason = "belongs to a cluster gpuflow does not know here"
             else:
                 reason = "its cluster has no live instances"
-            items.append(ReapItem(resource.kind, resource.resource_id, scan_region, resource.cluster, reason, resource.detail))
+            items.append(
+                ReapItem(resource.kind, resource.resource_id, scan_region, resource.cluster, reason, resource.detail, resource.owner)
+            )
         plans.append((provisioner, orphans, scan_region))
     if not yes:
         return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)))

@@ -41,7 +41,9 @@ def _warn(message: str) -> None:
 
 
 def _money(value: float | None) -> str:
-    return "?" if value is None else f"${value:,.2f}"
+    if value is None:
+        return "?"
+    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}"  # spot prices and short runs are cents
 
 
 def _duration(seconds: float) -> str:
@@ -224,6 +226,7 @@ def reap(
         return
     verb = "deleted" if result.deleted else "would delete"
     for item in result.items:
-        typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}: {item.reason})")
+        owner = f", owner {item.owner}" if item.owner else ""
+        typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
         typer.echo("dry run: run `gpuflow reap --yes` to delete these", err=True)

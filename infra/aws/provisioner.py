@@ -183,6 +183,7 @@ class ManagedResource:
     created_at: str | None = None
     state: str | None = None
     detail: str | None = None
+    owner: str | None = None  # the gpuflow:owner tag (user@host that created it)
 
 
 ProgressCallback = Callable[[str], None]
@@ -594,38 +595,28 @@ class Ec2Provisioner:
     def managed_resources(self) -> list[ManagedResource]:
         """Everything in the region tagged ``gpuflow:managed=true`` that still costs or clutters."""
         managed = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
-        resources: list[ManagedResource] = []
-        for view in self.find_instances():
-            resources.append(
-                ManagedResource("instance", view.instance_id, view.cluster, view.tags.get(TAG_CREATED_AT), view.state, view.instance_type)
-            )
+
+        def resource(kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None) -> ManagedResource:
+            return ManagedResource(kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail, tags.get(TAG_OWNER))
+
+        resources = [
+            resource("instance", view.instance_id, view.tags, view.state, view.instance_type) for view in self.find_instances()
+        ]
         for request in self.api.paginate(
             "ec2",
             "describe_spot_instance_requests",
             "SpotInstanceRequests",
             Filters=managed + [{"Name": "state", "Values": ["open", "active"]}],
         ):
-            tags = tag_dict(request.get("Tags"))
-            resources.append(
-                ManagedResource("spot-request", request["SpotInstanceRequestId"], tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), request.get("State"))
-            )
+            resources.append(resource("spot-request", request["SpotInstanceRequestId"], tag_dict(request.get("Tags")), request.get("State")))
         for volume in self.api.paginate(
             "ec2", "describe_volumes", "Volumes", Filters=managed + [{"Name": "status", "Values": ["available"]}]
         ):
-            tags = tag_dict(volume.get("Tags"))
-            resources.append(
-                ManagedResource("volume", volume["VolumeId"], tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), volume.get("State"), f"{volume.get('Size')} GiB")
-            )
+            resources.append(resource("volume", volume["VolumeId"], tag_dict(volume.get("Tags")), volume.get("State"), f"{volume.get('Size')} GiB"))
         for group in self.api.paginate("ec2", "describe_security_groups", "SecurityGroups", Filters=managed):
-            tags = tag_dict(group.get("Tags"))
-            resources.append(
-                ManagedResource("security-group", group["GroupId"], tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), None, group.get("GroupName"))
-            )
+            resources.append(resource("security-group", group["GroupId"], tag_dict(group.get("Tags")), None, group.get("GroupName")))
         for key_pair in self.api.call("ec2", "describe_key_pairs", Filters=managed).get("KeyPairs", []):
-            tags = tag_dict(key_pair.get("Tags"))
-            resources.append(
-                ManagedResource("key-pair", key_pair["KeyName"], tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT))
-            )
+            resources.append(resource("key-pair", key_pair["KeyName"], tag_dict(key_pair.get("Tags"))))
         return resources
 
     def find_cluster_resources(self, cluster: str) -> tuple[list[str], list[str]]:

@@ -226,3 +226,21 @@ def test_server_errors_are_gpuflow_errors_not_tracebacks(cloud, provisioners, ap
         clusters.up(make_spec("five-hundred"), provisioner_factory=provisioners)
     assert "InternalError" in error.value.one_line()
     assert api_calls.count("DescribeInstanceTypes") == 6
+
+
+def test_cli_spot_fallback_flag(cloud, api_calls, gpuflow_home, capsys):
+    api_calls.fail("RunInstances", code="InsufficientInstanceCapacity", when=_is_spot)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", "cli-spot", "--spot", "--spot-fallback", "--ssh-cidr", "203.0.113.7/32"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "(on-demand)" in captured.out
+    assert "gpuflow: warning: no spot capacity: launched on-demand instead" in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", "cli-spot-strict", "--spot", "--ssh-cidr", "203.0.113.7/32"])
+    assert exit_info.value.code == 5
+    assert "no capacity" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["down", "cli-spot", "--yes"])
+    api_calls.faults.clear()
+    assert leftovers(cloud, gpuflow_home) == {}

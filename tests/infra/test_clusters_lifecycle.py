@@ -209,6 +209,7 @@ def test_status_reconciles_an_instance_terminated_outside_gpuflow(cloud, provisi
         ("security-group", cluster.security_group_id),
         ("key-pair", cluster.key_name),
     }
+    assert all(item.cluster == "outside" and "@" in (item.owner or "") for item in dry.items)
     assert cloud.describe_security_groups(GroupIds=[cluster.security_group_id])["SecurityGroups"]
     done = clusters.reap(yes=True, provisioner_factory=provisioners)
     assert done.deleted
