@@ -47,12 +47,14 @@ cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
 mkdir .supervisor 2>/dev/null || exit 0
 mkdir -p outputs "$work_dir"
+write_atomically "$run_dir/supervisor.pid" "$$"
 touch "$base_dir/heartbeat"
-# Heartbeat: feeds the instance's dead-man's switch while the job runs.
+# Heartbeat: feeds the instance's dead-man's switch while the job runs, and
+# stops by itself if this supervisor is killed (a crash must not feed it forever).
 (
   sleeper=""
   trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null; exit 0' TERM
-  while :; do
+  while kill -0 "$$" 2>/dev/null; do
     touch "$base_dir/heartbeat"
     sleep "$heartbeat_seconds" & sleeper=$!
     wait "$sleeper"
@@ -168,17 +170,21 @@ for name in sys.argv[2:]:
 print(json.dumps(entries))
 """
 
-# argv: RUN_DIR...  — prints {run_dir: {"exit_code": int|null, "pid": int|null, "alive": bool}}
+# argv: RUN_DIR... (or --all BASE: every BASE/runs/*)
+# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "alive": bool}}
 RUN_STATUS_PY = r"""
-import json, os, sys
+import glob, json, os, sys
 report = {}
+run_dirs = sys.argv[1:]
+if run_dirs[:1] == ["--all"]:
+    run_dirs = sorted(path for path in glob.glob(os.path.join(run_dirs[1], "runs", "*")) if os.path.isdir(path))
 def read(path):
     try:
         with open(path) as handle:
             return handle.read().strip()
     except OSError:
         return None
-for run_dir in sys.argv[1:]:
+for run_dir in run_dirs:
     code = read(os.path.join(run_dir, "exit_code"))
     pid = read(os.path.join(run_dir, "job.pid"))
     pid = int(pid) if pid and pid.isdigit() else None

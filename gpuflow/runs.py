@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 from gpuflow import remote_scripts
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import (
+    GpuflowError,
     InstanceGone,
     JobFailed,
     NotFound,
@@ -1258,6 +1259,8 @@ def _run_on_cluster(
         if down:
             say(f"tearing down cluster {cluster_name}")
             try:
+                if cluster is not None:
+                    _stop_live_jobs(resolve(cluster_name), say)
                 clusters.down(cluster_name)
                 if cluster is not None and cluster.sandbox:
                     _remove_sandbox_disk(cluster)
@@ -1265,6 +1268,27 @@ def _run_on_cluster(
                 if primary is None:
                     raise
                 say(f"teardown of {cluster_name} failed too: {teardown_error} — run `gpuflow down {cluster_name}`")
+
+
+def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> None:
+    """Before teardown: stop jobs still running on the head node (a sandbox
+    "instance" is this machine, whose processes no termination would end).
+    Best effort: teardown goes ahead whatever happens here."""
+    try:
+        runner = target.connect()
+        try:
+            result = runner.run(
+                [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, "--all", runner.base_dir], timeout=60
+            )
+            for run_dir, report in json.loads(result.stdout).items():
+                if report.get("alive") and report.get("exit_code") is None:
+                    say(f"stopping the job still running in {run_dir}")
+                    stop_job(runner, run_dir, grace_seconds=grace_seconds)
+        finally:
+            with contextlib.suppress(Exception):
+                runner.close()
+    except (GpuflowError, OSError, json.JSONDecodeError) as exc:
+        say(f"could not check for running jobs before teardown: {exc}")
 
 
 def _remove_sandbox_disk(cluster: Cluster) -> None:

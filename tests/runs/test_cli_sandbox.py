@@ -7,8 +7,12 @@ test can look at what is left in the fake cloud after gpuflow is done; the
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +163,64 @@ def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, ca
     assert captured.out.count("line ") == 30
     assert json.loads((local / "outputs" / "argv.json").read_text()) == ["a b", "$HOME"]
     assert json.loads((local / "outputs" / "metrics.json").read_text()) == {"lines": 30}
+
+
+class _BreaksOnFirstWrite(io.BytesIO):
+    """Output that fails as soon as the job's log starts (gpuflow crashing mid-run),
+    remembering the pid of the job that was running."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__()
+        self.home = home
+        self.job_pid: int | None = None
+
+    def write(self, data):
+        [pid_file] = self.home.glob("sandbox/*/*/runs/*/job.pid")
+        self.job_pid = int(pid_file.read_text())
+        raise RuntimeError("gpuflow broke while streaming")
+
+
+def test_run_down_stops_a_still_running_job_before_teardown(project, gpuflow_home):
+    out = _BreaksOnFirstWrite(gpuflow_home)
+    spec = clusters.resolve_spec("crashy", {"sandbox": True}, project_dir=project)
+    with pytest.raises(RuntimeError, match="broke while streaming"):
+        runs.run_on_cluster(
+            "crashy", project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
+            out=out, up_spec=spec, down=True,
+        )
+    assert out.job_pid is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(out.job_pid):
+        time.sleep(0.05)
+    assert not _alive(out.job_pid)
+    with pytest.raises(ClusterNotFound):
+        clusters.get_cluster("crashy")
+    assert not (gpuflow_home / "sandbox" / "crashy").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_run_whose_supervisor_died_is_lost_and_stops_feeding_the_heartbeat(local_target, project):
+    outcome = runs.run(local_target, project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
+                       out=io.BytesIO(), detach=True, heartbeat_seconds=0.2)
+    run_dir = Path(outcome.record.remote_dir)
+    heartbeat = run_dir.parent.parent / "heartbeat"
+    job_pid = int((run_dir / "job.pid").read_text())
+    supervisor_pid = int((run_dir / "supervisor.pid").read_text())
+    os.kill(supervisor_pid, signal.SIGKILL)  # a crash (OOM killer, ...) of the supervisor
+    os.killpg(job_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_alive(job_pid) or _alive(supervisor_pid)):
+        time.sleep(0.05)
+    time.sleep(0.5)  # the heartbeat loop notices within one interval
+    before = heartbeat.stat().st_mtime_ns
+    time.sleep(0.6)
+    assert heartbeat.stat().st_mtime_ns == before  # no orphan keeps the instance "busy"
+    assert not (run_dir / "exit_code").exists()
+    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["lost"]
