@@ -727,9 +727,12 @@ def _apply_local(source: Path, destination: Path, plan: SyncPlan, progress: _Pro
             pass  # a directory still holding ignored files stays
     for entry in plan.to_send:
         target = destination / entry.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not _inside(destination_real, str(target.parent)):
+        existing_ancestor = target.parent
+        while not existing_ancestor.exists() and existing_ancestor != destination:
+            existing_ancestor = existing_ancestor.parent
+        if not _inside(destination_real, str(existing_ancestor)):  # checked before mkdir can follow a link
             raise SecurityError(f"refusing to write {target}: it resolves outside {destination}")
+        target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / f".{target.name}.gpuflow-sync.tmp"
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()

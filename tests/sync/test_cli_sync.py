@@ -135,3 +135,15 @@ def test_unknown_cluster_and_bad_data_name(in_project, sandbox_cluster, tmp_path
     assert "invalid data directory name 'my data'" in capsys.readouterr().err
     assert _gpuflow("sync", "box", "--data", str(tmp_path / "missing")) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_large_tree_thresholds_come_from_the_project_config(in_project, sandbox_cluster, capsys):
+    write(in_project / "pyproject.toml", "[project]\nname = 'demo'\n\n[tool.gpuflow]\nsync-warn-files = 5\n")
+
+    assert _gpuflow("sync", "box") == 0  # not a terminal: warn and go on
+
+    captured = capsys.readouterr()
+    assert captured.err.startswith("gpuflow: warning: about to send 17 files")
+    assert captured.out.startswith("sent 17 of 17 files")
+    assert _gpuflow("sync", "box", "--yes") == 0  # nothing left to send: no warning either
+    assert capsys.readouterr().err == ""
