@@ -12,6 +12,7 @@ from gpuflow.cli import main
 from gpuflow.errors import CloudError, ConfigError, CredentialsError, UsageError
 from tests.infra.cloud import (  # noqa: F401 - fixtures
     CALLER_CIDR,
+    REGION,
     api_calls,
     cloud,
     leftovers,
@@ -192,3 +193,49 @@ def test_config_with_a_wrong_type_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="disk_gb must be of type int"):
         clusters.resolve_spec("x", {})
+
+
+# ---------------------------------------------------------------- AMI resolution
+def _image_of(ec2, cluster):
+    return ec2.describe_instances(InstanceIds=[cluster.head.instance_id])["Reservations"][0]["Instances"][0]["ImageId"]
+
+
+def test_ami_from_the_public_ssm_parameter(cloud, provisioners, api_calls):
+    from infra.dlami import DLAMI_SSM_PARAMETER
+    from infra.sandbox import seed_deep_learning_ami
+
+    cluster = clusters.up(make_spec("ami-ssm"), provisioner_factory=provisioners)
+    assert _image_of(cloud, cluster) == seed_deep_learning_ami(REGION)
+    get_parameter = api_calls.params[api_calls.calls.index("GetParameter")]
+    assert get_parameter == {"Name": DLAMI_SSM_PARAMETER}
+
+
+def test_ami_by_name_when_the_parameter_is_missing(cloud, provisioners, api_calls):
+    from infra.dlami import DLAMI_NAME_PATTERN
+    from infra.sandbox import seed_deep_learning_ami
+
+    api_calls.fail("GetParameter", code="ParameterNotFound")
+    cluster = clusters.up(make_spec("ami-name"), provisioner_factory=provisioners)
+    assert _image_of(cloud, cluster) == seed_deep_learning_ami(REGION)
+    search = api_calls.params[api_calls.calls.index("DescribeImages")]
+    assert {"Name": "name", "Values": [DLAMI_NAME_PATTERN]} in search["Filters"]
+
+
+def test_explicit_ami_wins(cloud, provisioners, api_calls):
+    image_id = cloud.register_image(Name="my-own-image", RootDeviceName="/dev/xvda")["ImageId"]
+    root_device = cloud.describe_images(ImageIds=[image_id])["Images"][0]["RootDeviceName"]
+    cluster = clusters.up(make_spec("ami-own", ami=image_id), provisioner_factory=provisioners)
+    assert _image_of(cloud, cluster) == image_id
+    assert "GetParameter" not in api_calls.calls
+    run = api_calls.params[api_calls.calls.index("RunInstances")]
+    assert run["BlockDeviceMappings"][0]["DeviceName"] == root_device  # the root device of that AMI
+
+
+def test_no_deep_learning_ami_anywhere_asks_for_ami(provisioners, gpuflow_home, monkeypatch):
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    from moto import mock_aws
+
+    with mock_aws():  # not seeded: like a region without the DLAMI
+        with pytest.raises(UsageError, match="no AWS Deep Learning AMI found in us-east-1") as error:
+            clusters.up(make_spec("ami-none"), provisioner_factory=provisioners)
+    assert "--ami" in error.value.one_line()
