@@ -459,7 +459,7 @@ def up(
         _save(store, cluster, PHASE_UP, launch_id)
         return cluster
     except BaseException as exc:
-        _rollback(store, provisioner, spec.name, launch_id, created, exc)
+        _rollback(store, provisioner, spec.name, launch_id, created, exc, report)
         raise
 
 
@@ -543,16 +543,24 @@ def _save(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None
 
 
 def _rollback(
-    store: StateStore, provisioner: Provisioner, name: str, launch_id: str, created: _Created, cause: BaseException
+    store: StateStore,
+    provisioner: Provisioner,
+    name: str,
+    launch_id: str,
+    created: _Created,
+    cause: BaseException,
+    report: Progress = lambda message: None,
 ) -> None:
     """Delete what one ``up`` created, best effort per step; if something
     could not be deleted, keep the record (so ``down`` can finish) and say so."""
+    report(f"`up` failed: removing what it created for {name}")
     left: list[str] = []
     instance_ids = set(created.instance_ids)
     with contextlib.suppress(GpuflowError):
         # Instances whose RunInstances answer was lost still carry this up's launch tag.
         instance_ids.update(view.instance_id for view in provisioner.find_instances(cluster=name, launch_id=launch_id))
     if instance_ids:
+        report(f"`up` failed: terminating {len(instance_ids)} instance(s)")
         try:
             provisioner.terminate(sorted(instance_ids))
         except GpuflowError:
