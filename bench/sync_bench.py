@@ -69,6 +69,16 @@ def interleaved(contenders: dict, repeat: int, before=None) -> dict:
     return {name: (statistics.median(values), min(values), results[name]) for name, values in timings.items()}
 
 
+def tree_signature(root: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every file: what a correct sync reproduces."""
+    signature = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            status = os.lstat(os.path.join(directory, name))
+            signature[os.path.relpath(os.path.join(directory, name), root)] = (status.st_size, status.st_mtime_ns)
+    return signature
+
+
 _STATS = {
     "files": re.compile(r"Number of regular files transferred: ([\d,]+)"),
     "bytes": re.compile(r"Total bytes sent: ([\d,]+)"),
@@ -138,16 +148,14 @@ def main() -> int:
         sync_directory(small, SSHDestination(target, str(remote / "gf-small")))
         sync_directory(small, SSHDestination(target, str(remote / "gf-small-rsync")), method="rsync")
         repeat = max(arguments.repeat, 5)
-        unchanged = interleaved(
-            {
-                "rsync": lambda a: rsync(target, small, remote / "rsync-small"),
-                "auto": lambda a: sync_directory(small, SSHDestination(target, str(remote / "gf-small"))),
-                "forced": lambda a: sync_directory(
-                    small, SSHDestination(target, str(remote / "gf-small-rsync")), method="rsync"
-                ),
-            },
-            repeat,
-        )
+        resync = {
+            "rsync": lambda a: rsync(target, small, remote / "rsync-small"),
+            "auto": lambda a: sync_directory(small, SSHDestination(target, str(remote / "gf-small"))),
+            "forced": lambda a: sync_directory(
+                small, SSHDestination(target, str(remote / "gf-small-rsync")), method="rsync"
+            ),
+        }
+        unchanged = interleaved(resync, repeat)
         label = f"no-change re-sync, {arguments.small_files} files"
         rows.append((label, "gpuflow (auto)", unchanged["auto"], unchanged["rsync"], 1.0))
         rows.append((label, "gpuflow --method rsync", unchanged["forced"], unchanged["rsync"], "(same path: no transfer)"))
@@ -160,17 +168,7 @@ def main() -> int:
             stamp = time.time_ns() + (attempt + 1) * 2_000_000_000
             os.utime(changed, ns=(stamp, stamp))
 
-        one = interleaved(
-            {
-                "rsync": lambda a: rsync(target, small, remote / "rsync-small"),
-                "auto": lambda a: sync_directory(small, SSHDestination(target, str(remote / "gf-small"))),
-                "forced": lambda a: sync_directory(
-                    small, SSHDestination(target, str(remote / "gf-small-rsync")), method="rsync"
-                ),
-            },
-            repeat,
-            before=touch,
-        )
+        one = interleaved(resync, repeat, before=touch)
         label = "one file changed"
         rows.append((label, f"gpuflow (auto: {one['auto'][2].method})", one["auto"], one["rsync"], "sends 1 file"))
         rows.append((label, "gpuflow --method rsync", one["forced"], one["rsync"], "(for comparison)"))
@@ -191,6 +189,11 @@ def main() -> int:
               f"= {report_one.bytes_sent:,} bytes; --method rsync {report_forced.files_sent} file(s) "
               f"= {report_forced.bytes_sent:,} bytes; rsync -az {stats_one['files']} file(s), "
               f"{stats_one['bytes']:,} bytes on the wire")
+        for copy, original in (("gf-first-0", full), ("gf-rsync-0", full), ("gf-small", small), ("gf-small-rsync", small)):
+            if tree_signature(remote / copy) != tree_signature(original):
+                print(f"MISMATCH: {copy} differs from {original.name}")
+                return 2
+        print("verified: every gpuflow destination equals its source (paths, sizes, mtimes)")
         failed = [row for row in rows if isinstance(row[4], float) and row[2][0] / row[3][0] > row[4]]
         return 1 if failed and arguments.strict else 0
     finally:

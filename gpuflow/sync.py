@@ -597,29 +597,30 @@ def _send_rsync(session: _SshSession, source: Path, directory: str, plan: SyncPl
         f"{source}/",
         f"{session.target.host}:{remote_directory}",
     ]
+    errors = tempfile.TemporaryFile()  # a file, not a pipe: rsync may write much to it while we read stdout
     try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
         assert process.stdout is not None
         buffer = b""
         while True:
-            chunk = process.stdout.read1(65536) if hasattr(process.stdout, "read1") else process.stdout.read(65536)
+            chunk = process.stdout.read1(1 << 16)
             if not chunk:
                 break
-            buffer += chunk
-            *lines, buffer = re.split(rb"[\r\n]", buffer)
+            *lines, buffer = re.split(rb"[\r\n]", buffer + chunk)
             for line in lines:
                 match = _RSYNC_PROGRESS.match(line)
                 if match:
                     progress.update(int(match.group(1).replace(b",", b"")))
-        stderr = process.stderr.read() if process.stderr else b""
         code = process.wait()
+        errors.seek(0)
+        stderr = errors.read()
     finally:
+        errors.close()
         os.unlink(list_path)
     if code == 255 or b"Host key verification failed" in stderr:
         raise _ssh_failure(session.target, stderr, "sync")
     if code != 0:
-        message = stderr.decode("utf-8", errors="replace").strip().replace("\n", " ")[-300:]
-        raise RemoteCommandFailed(f"rsync to {session.target.host} failed (exit {code}): {message}")
+        raise RemoteCommandFailed(f"rsync to {session.target.host} failed (exit {code}): {_tail(stderr)}")
 
 
 def _stream_tar(source: Path, paths: Sequence[str], sink: Any, progress: _Progress | None) -> str | None:

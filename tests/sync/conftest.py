@@ -13,6 +13,7 @@ import pytest
 
 from gpuflow.records import SSHTarget
 from gpuflow.sync import LocalDestination, SSHDestination
+from tests.transport.conftest import target_for
 
 # Names that break naive quoting: spaces, both quotes, unicode, leading dashes,
 # a newline, a tab, a backslash, shell syntax and glob characters.
@@ -42,14 +43,9 @@ def write(path: Path, text: str | bytes) -> Path:
 
 
 def make_target(server, known_hosts: Path) -> SSHTarget:
+    """The server's target, its host key pinned in ``known_hosts``."""
     known_hosts.write_text(server.known_hosts_line() + "\n")
-    return SSHTarget(
-        host="127.0.0.1",
-        port=server.port,
-        user=server.user,
-        key_path=str(server.client_key),
-        known_hosts_path=str(known_hosts),
-    )
+    return target_for(server, known_hosts)
 
 
 @pytest.fixture
