@@ -1240,7 +1240,7 @@ def _run_on_cluster(
     from gpuflow import clusters
 
     primary: BaseException | None = None
-    cluster: Cluster | None = None
+    target: RunTarget | None = None
     try:
         if up_spec is not None:
             try:
@@ -1250,7 +1250,6 @@ def _run_on_cluster(
                 say(f"launching cluster {cluster_name}")
                 clusters.up(up_spec)
         target = resolve(cluster_name)
-        cluster = target.cluster
         return run(target, say=say, **run_arguments)
     except BaseException as exc:
         primary = exc
@@ -1259,11 +1258,11 @@ def _run_on_cluster(
         if down:
             say(f"tearing down cluster {cluster_name}")
             try:
-                if cluster is not None:
-                    _stop_live_jobs(resolve(cluster_name), say)
+                if target is not None:
+                    _stop_live_jobs(target, say)
                 clusters.down(cluster_name)
-                if cluster is not None and cluster.sandbox:
-                    _remove_sandbox_disk(cluster)
+                if target is not None and target.cluster.sandbox:
+                    _remove_sandbox_disk(target.cluster)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
