@@ -1100,11 +1100,9 @@ def _refresh_cluster(
     try:
         target = resolve(cluster_name)
         runner = target.connect()
-    except NotFound:
+    except (NotFound, InstanceGone):  # the cluster or its instance is gone: so are its runs
         return _mark_lost(pending, home)
-    except InstanceGone:
-        return _mark_lost(pending, home)
-    except UnreachableHost:
+    except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
         return {record.run_id: "unreachable" for record in pending}
     try:
         result = runner.run(
@@ -1114,7 +1112,7 @@ def _refresh_cluster(
         reports = json.loads(result.stdout)
     except InstanceGone:
         return _mark_lost(pending, home)
-    except (UnreachableHost, OSError, json.JSONDecodeError):
+    except (GpuflowError, OSError, json.JSONDecodeError):
         return {record.run_id: "unreachable" for record in pending}
     finally:
         with contextlib.suppress(Exception):

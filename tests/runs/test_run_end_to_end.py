@@ -350,3 +350,21 @@ def test_instance_python_is_found_over_ssh_and_can_be_configured(ssh_connect, pr
         assert runs.base_python(runner, project) == str(fake)
     finally:
         runner.close()
+
+
+def test_runs_on_a_vanished_or_unreachable_cluster(local_target, project):
+    from gpuflow.errors import ClusterNotFound, UnreachableHost
+
+    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=io.BytesIO(),
+                       detach=True)
+
+    def unreachable(name):
+        raise UnreachableHost("network down")
+
+    def vanished(name):
+        raise ClusterNotFound(f"no cluster named {name!r}")
+
+    assert [status.status for status in runs.list_runs(resolve=unreachable)] == ["unreachable"]
+    assert runs.load_record(outcome.record.run_id).status == "running"  # not concluded from a network blip
+    assert [status.status for status in runs.list_runs(resolve=vanished)] == ["lost"]
+    runs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
