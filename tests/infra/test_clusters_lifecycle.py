@@ -307,3 +307,13 @@ def test_reap_removes_stray_volumes_and_spot_requests(cloud, provisioners, gpufl
     requests = cloud.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"]
     assert [request["State"] for request in requests] in ([], ["cancelled"])  # moto forgets cancelled requests
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_down_waits_out_a_security_group_still_in_use(cloud, provisioners, api_calls, gpuflow_home):
+    cluster = clusters.up(make_spec("busy-group"), provisioner_factory=provisioners)
+    api_calls.fail("DeleteSecurityGroup", code="DependencyViolation", times=2)  # ENIs still detaching
+    report = clusters.down("busy-group", provisioner_factory=provisioners)
+    assert report.deleted_security_groups == (cluster.security_group_id,)
+    assert api_calls.count("DeleteSecurityGroup") == 3
+    assert provisioners.sleeps == [provisioners.poll_seconds] * 2
+    assert leftovers(cloud, gpuflow_home) == {}
