@@ -792,14 +792,24 @@ def down(
     store = _store()
     document = store.get(cluster_name)
     if document is not None and document.get("phase") == PHASE_DELETED:
-        cluster = Cluster.from_dict(document)
-        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        tombstone = Cluster.from_dict(document)
+        provisioner = _provisioner(provisioner_factory, tombstone.region, tombstone.profile, tombstone.sandbox)
         leftovers = provisioner.find_instances(cluster=cluster_name)
         groups, keys = provisioner.find_cluster_resources(cluster_name)
         if not (leftovers or groups or keys):
             return DownReport(cluster_name, already_down=True, estimated_cost=document.get("final_cost"))
-        document = None  # something reappeared under the name: clean it by its tags
-    if document is None:
+        # Something reappeared under the name (another machine?): clean it by its tags, where the cluster was.
+        document = None
+        cluster = Cluster(
+            name=cluster_name,
+            region=tombstone.region,
+            instance_type=tombstone.instance_type,
+            ami="",
+            profile=tombstone.profile,
+            sandbox=tombstone.sandbox,
+        )
+        launch_id = None
+    elif document is None:
         cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="")
         provisioner = _provisioner(provisioner_factory, cluster.region, None, False)
         launch_id = None

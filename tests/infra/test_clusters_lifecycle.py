@@ -317,3 +317,17 @@ def test_down_waits_out_a_security_group_still_in_use(cloud, provisioners, api_c
     assert api_calls.count("DeleteSecurityGroup") == 3
     assert provisioners.sleeps == [provisioners.poll_seconds] * 2
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_down_after_down_cleans_what_reappeared_under_the_name(cloud, provisioners, gpuflow_home):
+    first = clusters.up(make_spec("again"), provisioner_factory=provisioners)
+    clusters.down("again", provisioner_factory=provisioners)
+    # someone else (another laptop) launched a cluster of that name meanwhile
+    stray = cloud.run_instances(
+        ImageId=first.ami, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "again"}]}],
+    )["Instances"][0]["InstanceId"]
+    report = clusters.down("again", provisioner_factory=provisioners)
+    assert report.terminated == (stray,) and not report.already_down
+    assert leftovers(cloud, gpuflow_home) == {}
