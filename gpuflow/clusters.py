@@ -87,7 +87,7 @@ class ClusterStatus:
     """A cluster reconciled with EC2, with its cost so far."""
 
     cluster: Cluster
-    state: str  # running | pending | partial | stopped | gone | creating | unmanaged
+    state: str  # running | pending | partial | stopped | gone | creating | interrupted | unmanaged
     known_locally: bool = True
     uptime_seconds: float = 0.0
     price_per_hour: float | None = None  # the whole cluster, USD
@@ -692,7 +692,11 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
     nodes += [view.to_node() for view in views if view.instance_id not in known_ids]
     cluster = replace(cluster, nodes=tuple(nodes))
     phase = document.get("phase", PHASE_UP)
-    state = PHASE_CREATING if phase == PHASE_CREATING else _summarise(cluster.nodes)
+    if phase == PHASE_CREATING:
+        in_progress = document.get("host") == socket.gethostname() and _pid_alive(document.get("pid"))
+        state = PHASE_CREATING if in_progress else "interrupted"  # a crashed `up`: `down` finishes it
+    else:
+        state = _summarise(cluster.nodes)
     with store.locked():
         current = store.get(cluster.name)
         if current is not None and current.get("launch_id") == launch_id and current.get("phase") == phase:

@@ -110,6 +110,7 @@ def test_crashed_up_is_finished_by_down(cloud, provisioners, api_calls, gpuflow_
     store.put("crashed", document)
     with pytest.raises(UsageError, match="interrupted"):
         clusters.up(make_spec("crashed"), provisioner_factory=provisioners)
+    assert clusters.status("crashed", provisioner_factory=provisioners).state == "interrupted"
     report = clusters.down("crashed", provisioner_factory=provisioners)
     assert report.terminated == tuple(left["instances"])
     assert leftovers(cloud, gpuflow_home) == {}
