@@ -18,8 +18,8 @@ How a sync works, whatever the destination:
    without ``..``: nothing outside the destination directory is touched.
 4. Only the files in the plan travel.  Over SSH, the deletions and an
    uncompressed tar stream of the planned files go down the listing session's
-   stdin (``tar -cf - --null -T list`` here, ``tar -xpf -`` there): one
-   connection, one remote shell for the whole sync.  rsync (``--files-from``
+   stdin (written here by :mod:`tarfile`, pax format; ``tar -xpf -`` there):
+   one connection, one remote shell for the whole sync.  rsync (``--files-from``
    the plan, NUL-separated, over the same multiplexed connection) is used when
    it can save bytes: when the plan rewrites at least ``RSYNC_DELTA_MIN_BYTES``
    of files the destination already holds an older version of, so its delta
@@ -466,12 +466,12 @@ class _Exchange:
         deletions: Sequence[str] = (),
         *,
         tar_source: Path | None = None,
-        tar_paths: Sequence[str] = (),
+        tar_entries: Sequence[LocalEntry] = (),
         progress: _Progress | None = None,
         keep_open: bool = False,
     ) -> None:
         """Send the deletions, then (with ``tar_source``) the tar stream of
-        ``tar_paths``, and wait for the remote side; with ``keep_open`` the
+        ``tar_entries``, and wait for the remote side; with ``keep_open`` the
         session stays up (for rsync) until :meth:`end`."""
         assert self.process.stdin is not None
         payload = b"".join(os.fsencode(path) + b"\0" for path in deletions)
@@ -481,7 +481,7 @@ class _Exchange:
             self.process.stdin.write(f"{len(payload)} {next_step}\n".encode() + payload)
             self.process.stdin.flush()
             if tar_source is not None:
-                self._packer_failure = _stream_tar(tar_source, tar_paths, self.process.stdin, progress)
+                self._packer_failure = _stream_tar(tar_source, tar_entries, self.process.stdin, progress)
         except BrokenPipeError:
             pass  # the remote side ended early: its exit status says why
         if not keep_open:
@@ -494,12 +494,12 @@ class _Exchange:
             self.process.stdin.close()
         code = self.process.wait()
         self._finished = True
-        if code != 0:
-            raise self._failure(code, self._what)
-        if self._packer_failure:
+        if self._packer_failure:  # the root cause; the receiver then fails on the cut-off archive
             raise DataError(
                 f"reading the files to send failed: {self._packer_failure}", hint="a file changed or vanished; sync again"
             )
+        if code != 0:
+            raise self._failure(code, self._what)
 
     def abandon(self) -> None:
         """End the session without changing anything more (dry-run, cancelled,
@@ -623,55 +623,64 @@ def _send_rsync(session: _SshSession, source: Path, directory: str, plan: SyncPl
         raise RemoteCommandFailed(f"rsync to {session.target.host} failed (exit {code}): {_tail(stderr)}")
 
 
-def _stream_tar(source: Path, paths: Sequence[str], sink: Any, progress: _Progress | None) -> str | None:
-    """Write one uncompressed tar stream of ``paths`` (relative to ``source``)
-    into ``sink``, through here so the progress bar sees every byte.
+class _CountingSink:
+    """A write-only file object that forwards to ``sink`` and advances the progress bar."""
 
-    ``--format=posix`` keeps nanosecond mtimes and any file name; ``--null``
-    reads the list verbatim (a name starting with '-' is a name, not an
-    option); ``--no-recursion`` sends exactly the planned entries; links are
-    archived as links.  Returns tar's error text when it failed, else None.
+    def __init__(self, sink: Any, progress: _Progress | None) -> None:
+        self._sink = sink
+        self._progress = progress
+
+    def write(self, data: bytes) -> int:
+        self._sink.write(data)  # BrokenPipeError propagates: the receiver's exit status explains it
+        if self._progress is not None:
+            self._progress.advance(len(data))
+        return len(data)
+
+
+def _stream_tar(source: Path, entries: Sequence[LocalEntry], sink: Any, progress: _Progress | None) -> str | None:
+    """Write one uncompressed POSIX (pax) tar stream of ``entries`` into ``sink``.
+
+    Written here with :mod:`tarfile` rather than by the local ``tar``: the
+    same bytes on Linux and macOS (whose bsdtar lacks GNU options), no name
+    ever passes through an argument list, and each member carries the exact
+    nanosecond mtime the plan compared (a pax ``mtime`` record) and the mode,
+    so the next sync sees the file as unchanged.  Links are archived as links;
+    owners are left out (the receiver runs ``tar --no-same-owner``).  Returns
+    what went wrong reading a file (it changed or vanished), else None.
     """
-    list_path = _write_file_list(paths)
-    create = [
-        "tar",
-        "-C",
-        str(source),
-        "--format=posix",
-        "--pax-option=delete=atime,delete=ctime",
-        "--null",
-        "--no-recursion",
-        "-cf",
-        "-",
-        "-T",
-        list_path,
-    ]
-    packer_errors = tempfile.TemporaryFile()
-    packer = subprocess.Popen(
-        create, stdout=subprocess.PIPE, stderr=packer_errors, env={**os.environ, "LC_ALL": "C"}
+    import tarfile
+
+    archive = tarfile.open(
+        fileobj=_CountingSink(sink, progress),
+        mode="w|",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+        copybufsize=_COPY_CHUNK,
     )
-    assert packer.stdout is not None
-    streamed = False
-    try:
-        while True:
-            chunk = packer.stdout.read1(_COPY_CHUNK)
-            if not chunk:
-                break
-            sink.write(chunk)  # BrokenPipeError propagates: the receiver's exit status explains it
-            if progress is not None:
-                progress.advance(len(chunk))
-        streamed = True
-    finally:
-        if not streamed and packer.poll() is None:
-            packer.kill()
-        code = packer.wait()
-        os.unlink(list_path)
-        packer_errors.seek(0)
-        errors = packer_errors.read()
-        packer_errors.close()
-    if code == 0:
-        return None
-    return _tail(errors) or f"tar exit status {code}"
+    for entry in entries:
+        member = tarfile.TarInfo(entry.path)
+        seconds, nanoseconds = divmod(entry.mtime_ns, 1_000_000_000)
+        member.mtime = seconds
+        member.pax_headers = {"mtime": f"{seconds}.{nanoseconds:09d}"}
+        if entry.kind == "link":
+            member.type = tarfile.SYMTYPE
+            member.linkname = entry.link_target or ""
+            member.mode = 0o777
+            archive.addfile(member)
+            continue
+        member.mode = entry.mode
+        member.size = entry.size
+        try:
+            with open(source / entry.path, "rb") as handle:
+                archive.addfile(member, handle)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise
+            # Leave the archive unterminated: the receiver fails rather than keep a short file.
+            return f"{entry.path!r}: {exc.strerror or exc}"
+    archive.close()  # the end-of-archive blocks
+    return None
 
 
 def list_local_destination(directory: Path) -> DestinationState:
@@ -890,6 +899,20 @@ def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
     return total
 
 
+def _local_rsync_usable() -> bool:
+    """An rsync here that speaks protocol 31+ (3.1+: ``--info=progress2``,
+    ``--from0``); macOS ships rsync 2.6.9 or openrsync, which do not."""
+    path = shutil.which("rsync")
+    if path is None:
+        return False
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    match = re.search(r"protocol version (\d+)", version)
+    return match is not None and int(match.group(1)) >= 31
+
+
 def _sync_ssh(
     scan: Callable[[], SourceTree], destination: SSHDestination, options: _Options, started: float
 ) -> SyncReport:
@@ -904,13 +927,12 @@ def _sync_ssh(
         state = exchange.read_state()
         if not state.listed:
             options.warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
-        rsync_here = shutil.which("rsync") is not None
-        if options.method == "rsync" and not (state.has_rsync and rsync_here):
-            raise UsageError("rsync is missing on this machine or on the target", hint="use --method tar")
+        if options.method == "rsync" and not (state.has_rsync and _local_rsync_usable()):
+            raise UsageError("rsync 3.1+ is missing on this machine or rsync on the target", hint="use --method tar")
         plan = plan_sync(tree, state)
         if options.method == "auto":
             worth_a_delta = _delta_basis_bytes(plan, state) >= RSYNC_DELTA_MIN_BYTES
-            chosen = "rsync" if worth_a_delta and state.has_rsync and rsync_here else "tar"
+            chosen = "rsync" if worth_a_delta and state.has_rsync and _local_rsync_usable() else "tar"
         else:
             chosen = options.method
         if options.dry_run:
@@ -924,8 +946,7 @@ def _sync_ssh(
                 _send_rsync(session, tree.root, destination.directory, plan, bar)
                 exchange.end()
             elif plan.to_send:
-                exchange.finish(plan.to_delete, tar_source=tree.root, tar_paths=[e.path for e in plan.to_send],
-                                progress=bar)
+                exchange.finish(plan.to_delete, tar_source=tree.root, tar_entries=plan.to_send, progress=bar)
             else:
                 exchange.finish(plan.to_delete)
         finally:

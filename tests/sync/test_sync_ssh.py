@@ -90,7 +90,7 @@ def test_rsync_is_refused_when_the_remote_lacks_it(project, sshd_session, tmp_pa
     target = make_target(sshd_session, tmp_path / "kh")
     monkeypatch.setattr(sync_module, "_EXCHANGE_SCRIPT", sync_module._EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
 
-    with pytest.raises(UsageError, match="rsync is missing"):
+    with pytest.raises(UsageError, match="rsync on the target"):
         sync_directory(project, SSHDestination(target, str(tmp_path / "remote")), method="rsync")
 
 
@@ -127,3 +127,27 @@ def test_a_file_replaced_by_a_directory_and_back(project, make_destination, tmp_
 
     assert (remote / "train.py" / "main.py").read_text() == "x"
     assert (remote / "pkg").read_text() == "now a file"
+
+
+def test_a_file_vanishing_mid_sync_fails_cleanly_and_the_next_sync_repairs(project, make_destination, monkeypatch):
+    import gpuflow.sync as sync_module
+    from gpuflow.errors import DataError
+
+    destination, remote, method = make_destination("tar")
+    real_scan = sync_module.scan_tree
+
+    def scan_then_delete(*args, **kwargs):
+        tree = real_scan(*args, **kwargs)
+        (project / "pkg" / "model.py").unlink()  # gone between the scan and the send
+        return tree
+
+    monkeypatch.setattr(sync_module, "scan_tree", scan_then_delete)
+    with pytest.raises(DataError, match="model.py"):
+        sync_directory(project, destination, method=method)
+    monkeypatch.setattr(sync_module, "scan_tree", real_scan)
+
+    report = sync_directory(project, destination, method=method)
+
+    assert "pkg/model.py" not in report.sent
+    assert (remote / "train.py").read_text() == (project / "train.py").read_text()
+    assert not (remote / "pkg" / "model.py").exists()
