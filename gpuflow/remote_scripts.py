@@ -30,7 +30,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 
-from gpuflow.transport.base import env_prefix, quote_argv
+from gpuflow.transport.base import quote_argv
 
 _SUPERVISOR_TEMPLATE = r"""#!/usr/bin/env bash
 # gpuflow job supervisor for run {run_id} (written by gpuflow; see gpuflow/remote_scripts.py).
@@ -64,7 +64,7 @@ heartbeat_pid=$!
 
 if cd "$work_dir" 2>>"$run_dir/job.log"; then
   # setsid: the job leads its own process group, which `gpuflow stop` signals.
-  setsid {env_prefix}{command} </dev/null >>"$run_dir/job.log" 2>&1 &
+  setsid {command} </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
   write_atomically "$run_dir/job.pid" "$job_pid"
   # The manifest's environment facts, gathered here so no extra round trip is needed.
@@ -81,6 +81,30 @@ kill "$heartbeat_pid" 2>/dev/null
 touch "$base_dir/heartbeat"
 write_atomically "$run_dir/exit_code" "$code"
 """
+
+
+# Never handed to a job: the sandbox "instance" is this machine, whose
+# environment may hold the user's cloud credentials (on a real instance the
+# SSH session has none; unsetting is harmless there).
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+def job_command(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``env -u CREDENTIALS... K=V... ARGV...`` as one argv (quoted once, later)."""
+    for key in env:
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"invalid environment variable name {key!r}")
+    unset = [flag for name in CREDENTIAL_VARIABLES for flag in ("-u", name)]
+    return ["env", *unset, *(f"{key}={value}" for key, value in env.items()), *argv]
 
 
 def render_supervisor(
@@ -103,8 +127,7 @@ def render_supervisor(
         base_dir=shlex.quote(base_dir),
         work_dir=shlex.quote(work_dir),
         heartbeat_seconds=shlex.quote(f"{heartbeat_seconds:g}"),
-        env_prefix=env_prefix(env),
-        command=quote_argv(argv),
+        command=quote_argv(job_command(argv, env)),
         probe_python=shlex.quote(probe_python),
         probe_source=shlex.quote(ENVIRONMENT_PROBE_PY),
     )

@@ -24,6 +24,8 @@ with open(os.path.join(output_dir, "checkpoints", "latest.bin"), "wb") as handle
     handle.write(os.urandom(200_000))
 with open(os.path.join(output_dir, "argv.json"), "w") as handle:
     json.dump(sys.argv[4:], handle)
+with open(os.path.join(output_dir, "environment.json"), "w") as handle:
+    json.dump({key: value for key, value in os.environ.items() if key.startswith(("AWS_", "GPUFLOW_"))}, handle)
 for number in range(lines):
     print(f"line {number:04d} " + "x" * 60, flush=True)
     time.sleep(delay)

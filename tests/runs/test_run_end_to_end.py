@@ -65,6 +65,14 @@ def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, proj
     assert manifest["estimated_cost_usd"] == pytest.approx(1.006 * manifest["duration_seconds"] / 3600, abs=1e-3)
     assert manifest["git"] is None  # the project is not a git repository
 
+    job_environment = json.loads((local / "outputs" / "environment.json").read_text())
+    # The test environment holds (fake) AWS credentials: none of them reaches a job.
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "testing"
+    assert not set(job_environment) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                       "AWS_SECURITY_TOKEN", "AWS_SHARED_CREDENTIALS_FILE"}
+    assert job_environment["GPUFLOW_OUTPUT_DIR"] == f"{record.remote_dir}/outputs"
+    assert job_environment["GPUFLOW_RUN_ID"] == record.run_id
+
     stored = runs.load_record(record.run_id)
     assert stored.status == "succeeded" and stored.cluster == "testbox"
     listed = runs.list_runs(resolve=lambda name: target)
