@@ -228,3 +228,30 @@ def test_a_run_whose_supervisor_died_is_lost_and_stops_feeding_the_heartbeat(loc
         assert time.monotonic() < deadline, "the heartbeat is still being touched after its supervisor died"
     assert not (run_dir / "exit_code").exists()
     assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["lost"]
+
+
+def test_ctrl_c_without_a_terminal_detaches_and_says_how_to_reattach(project, monkeypatch, capfd):
+    monkeypatch.chdir(project)
+    real_follow = runs.follow_log
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_follow(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "follow_log", interrupted_once)
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("ctrlc", {"sandbox": True}, project_dir=project))
+        try:
+            code = cli(["run", "ctrlc", "--", "python", "job.py", "100000", "0.05", "0"])
+            captured = capfd.readouterr()
+            [record] = runs.all_records()
+            assert code == 130
+            assert f"detached: run {record.run_id} keeps running on ctrlc" in captured.err
+            assert f"gpuflow logs {record.run_id} -f" in captured.err
+            assert [status.status for status in runs.list_runs()] == ["running"]
+            assert cli(["stop", record.run_id, "--grace", "2"]) == 0
+        finally:
+            clusters.down("ctrlc")
