@@ -438,7 +438,7 @@ def train_and_evaluate(
         "xla": options.xla,
         "seed": options.seed,
         "limit": options.limit,
-        "strategy": f"{type(strategy).__name__} ({strategy.num_replicas_in_sync} replicas)",
+        "strategy": f"{type(strategy).__name__.lstrip('_')} ({strategy.num_replicas_in_sync} replica(s))",
         "devices": describe_devices(),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,

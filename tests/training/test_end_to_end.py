@@ -104,6 +104,22 @@ def test_cifar10_augmentation_end_to_end_on_synthetic(tmp_path):
     assert reloaded_test_accuracy(output, splits) == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+def test_mixed_precision_keeps_a_float32_softmax_and_is_recorded(tmp_path):
+    output = tmp_path / "mixed"
+    argv = ["--dataset", "synthetic", "--limit", "100", "--epochs", "1", "--mixed-precision", "--output", str(output)]
+    try:
+        assert mnist_mlp.main(argv) == 0
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")  # the policy is process-wide
+    metrics = assert_outputs(output, dataset="synthetic", epochs=1)
+    assert metrics["mixed_precision"] is True and metrics["xla"] is False
+    model = load_model(output / "best_model.keras")
+    assert model.layers[0].dtype_policy.name == "mixed_float16"
+    assert model.layers[-1].dtype_policy.name == "float32"
+
+
 def test_augmentation_changes_train_images_but_not_evaluation_images():
     images = np.random.default_rng(0).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(16) % 10
