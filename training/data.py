@@ -273,7 +273,7 @@ def _load_cifar10(data_dir: Path | None) -> ImageData:
     if data_dir is not None:
         return read_cifar10(locate_cifar10(data_dir))
     (x_train, y_train), (x_test, y_test) = _keras_download(
-        "cifar10", f"a directory holding {CIFAR10_DIRECTORY}/ or {CIFAR10_TARBALL} ({CIFAR10_URL})"
+        "cifar10", f"{CIFAR10_DIRECTORY}/ or {CIFAR10_TARBALL} ({CIFAR10_URL})"
     )
     return ImageData(
         name="cifar10",
@@ -326,7 +326,7 @@ def _mnist_image_data(x_train, y_train, x_test, y_test, source: str) -> ImageDat
 def _load_mnist(data_dir: Path | None) -> ImageData:
     if data_dir is not None:
         return read_mnist(locate_mnist(data_dir))
-    (x_train, y_train), (x_test, y_test) = _keras_download("mnist", f"a directory holding {MNIST_FILE} ({MNIST_URL})")
+    (x_train, y_train), (x_test, y_test) = _keras_download("mnist", f"{MNIST_FILE} ({MNIST_URL})")
     return _mnist_image_data(x_train, y_train, x_test, y_test, "keras.datasets.mnist")
 
 
@@ -414,5 +414,5 @@ def _keras_download(name: str, what_to_provide: str):
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TrainingError(
             f"could not fetch {name} through keras.datasets ({reason}); without network, "
-            f"pass --data-dir DIR with {what_to_provide}"
+            f"pass --data-dir DIR where DIR holds {what_to_provide}"
         ) from exc

@@ -153,9 +153,20 @@ def build_parser(
     return parser
 
 
-def parse_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None, module: str):
-    """(RunOptions, the full namespace), after the checks that need no TensorFlow."""
+def parse_options(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    module: str,
+    validate: Callable[[argparse.Namespace], None] | None = None,
+):
+    """(RunOptions, the full namespace), after the checks that need no TensorFlow.
+
+    ``validate`` checks a module's own options; it runs before ``--output`` is created,
+    so a rejected command leaves nothing behind.
+    """
     namespace = parser.parse_args(argv)
+    if validate is not None:
+        validate(namespace)
     options = RunOptions(
         module=module,
         dataset=namespace.dataset,

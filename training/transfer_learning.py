@@ -330,8 +330,7 @@ def train(options: run.RunOptions, namespace, *, extra_callbacks: Sequence[objec
 
 
 def _main(argv: Sequence[str] | None) -> dict:
-    options, namespace = run.parse_options(build_parser(), argv, MODULE)
-    validate(namespace)
+    options, namespace = run.parse_options(build_parser(), argv, MODULE, validate=validate)
     if namespace.learning_rate is None:
         options = replace(options, learning_rate=CASE_LEARNING_RATES[namespace.case])
     return train(options, namespace)

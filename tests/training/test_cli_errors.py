@@ -69,6 +69,16 @@ def test_missing_data_dir_files(tmp_path):
     assert_one_line_error(result, "--data-dir is only read for cifar10 and mnist")
 
 
+def test_no_network_and_no_data_dir_ends_in_one_error_line(tmp_path):
+    # Loopback only: keras.datasets cannot download.  TensorFlow's own start-up chatter
+    # may precede it on stderr; the error itself is the last line, without a traceback.
+    result = run_module("mnist_mlp", "--output", str(tmp_path / "out"))
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last_line.startswith("training: error: could not fetch mnist through keras.datasets")
+    assert last_line.endswith("pass --data-dir DIR where DIR holds mnist.npz (" + "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz)")
+
+
 def test_output_that_cannot_be_written(tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("not a directory")
@@ -90,6 +100,7 @@ def test_transfer_learning_option_errors(tmp_path):
     )
     assert_one_line_error(run_module("transfer_learning", "--case", "medium", *output), "invalid choice: 'medium'")
     assert_one_line_error(run_module("transfer_learning", "--image-size", "16", *output), "--image-size must be at least 32")
+    assert not (tmp_path / "out").exists(), "a rejected command creates no output directory"
 
 
 def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpuflow():
