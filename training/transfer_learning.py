@@ -169,7 +169,12 @@ def load_base(namespace, input_shape: tuple[int, ...]):
     height, width, channels = input_shape
     cut = "early" if namespace.case == "small-different" else "full"
     if namespace.base_model is not None:
-        base = keras.models.load_model(namespace.base_model, compile=False)
+        try:
+            base = keras.models.load_model(namespace.base_model, compile=False)
+        except (ValueError, OSError, TypeError, KeyError) as exc:
+            raise TrainingError(
+                f"cannot load --base-model {namespace.base_model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
         base_shape = tuple(base.inputs[0].shape[1:])
         layer_name = _cut_layer_of_saved_model(base, namespace.case)
         description = {"base": str(namespace.base_model), "weights": "from the saved model", "cut_layer": layer_name}
@@ -236,10 +241,15 @@ def extract_features(namespace, options: run.RunOptions, splits: Splits) -> tupl
     from training import pipeline
 
     path = options.output / FEATURES_FILE
+    weights_file = namespace.base_model or (
+        Path(namespace.weights).expanduser() if namespace.weights not in (None, "imagenet", "none") else None
+    )
     signature = json.dumps(
         {
             "base": str(namespace.base_model) if namespace.base_model else namespace.base,
             "weights": namespace.weights or "imagenet",
+            # A file replaced in place (same path, new content) must not reuse old features.
+            "weights_file_stat": [weights_file.stat().st_size, weights_file.stat().st_mtime_ns] if weights_file else None,
             "case": namespace.case,
             "image_size": namespace.image_size,
             "dataset": splits.name,

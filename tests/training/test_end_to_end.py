@@ -225,6 +225,14 @@ def first_conv_kernel(model) -> np.ndarray:
     return None
 
 
+def test_a_damaged_base_model_is_a_one_line_error(tmp_path, capsys):
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(b"not a zip archive")
+    argv = ["--dataset", "digits", "--limit", "100", "--base-model", str(damaged), "--output", str(tmp_path / "out")]
+    assert transfer_learning.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"training: error: cannot load --base-model {damaged}")
+
+
 def test_bottleneck_on_the_saved_cnn(saved_cnn, tmp_path):
     output = tmp_path / "bottleneck-cnn"
     argv = ["--dataset", "digits", "--limit", "300", "--epochs", "3", "--base-model", str(saved_cnn),
