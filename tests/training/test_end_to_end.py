@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +188,54 @@ def saved_cnn(tmp_path_factory) -> Path:
         assert cifar10_cnn.main(["--dataset", "digits", "--limit", "400", "--epochs", "2", "--optimizer", "adam",
                                  "--output", str(output)]) == 0
     return output / "best_model.keras"
+
+
+def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
+    """SIGKILL a real run once its backup holds epoch 2 or later; the rerun continues from there."""
+    output = tmp_path / "killed"
+    argv = ["--dataset", "digits", "--limit", "300", "--epochs", "12", "--optimizer", "adam", "--output", str(output)]
+    repository = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cifar10_cnn", *argv],
+        cwd=repository,
+        env={**os.environ, "PYTHONPATH": str(repository)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metadata = output / "backup" / "training_metadata.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if _backup_epoch(metadata) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+    assert 2 <= saved_epoch < 12
+
+    assert cifar10_cnn.main(argv) == 0
+    metrics = assert_outputs(output, dataset="digits", epochs=12)  # every epoch once in history.csv
+    assert metrics["resumed_from_epoch"] == saved_epoch
+    assert metrics["epochs_this_session"] == 12 - saved_epoch
+
+
+def _backup_epoch(metadata: Path) -> int:
+    """The epoch in BackupAndRestore's metadata, 0 while it is missing or half-written."""
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_imagenet_weights_without_network_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--dataset", "digits", "--limit", "100", "--base", "mobilenetv2", "--output", str(tmp_path / "out")]
+    assert transfer_learning.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("training: error: could not fetch the imagenet weights of mobilenetv2")
+    assert "--weights PATH" in error and "\n" not in error
 
 
 def test_transfer_learning_four_cases_on_the_cnn_saved_by_cifar10_cnn(saved_cnn, tmp_path):
