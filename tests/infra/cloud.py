@@ -9,6 +9,8 @@ helpers' tests in this directory).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,24 @@ from gpuflow.records import ClusterSpec
 REGION = "us-east-1"
 CALLER_CIDR = "203.0.113.7/32"
 
-# Every (service-prefix, operation) any test in this directory made, for the IAM test.
-RECORDED_OPERATIONS: set[tuple[str, str]] = set()
+POLICY_PATH = Path(__file__).resolve().parents[2] / "infra" / "iam-policy.json"
+
+
+def policy_allow_patterns() -> list[str]:
+    """The Action patterns of infra/iam-policy.json's Allow statements."""
+    policy = json.loads(POLICY_PATH.read_text())
+    patterns: list[str] = []
+    for statement in policy["Statement"]:
+        if statement["Effect"] != "Allow":
+            continue
+        actions = statement["Action"]
+        patterns.extend([actions] if isinstance(actions, str) else actions)
+    return patterns
+
+
+def policy_allows(service: str, operation: str) -> bool:
+    action = f"{service}:{operation}".lower()
+    return any(fnmatch.fnmatchcase(action, pattern.lower()) for pattern in policy_allow_patterns())
 
 
 @pytest.fixture
@@ -116,8 +134,11 @@ class ApiCalls:
 
 
 @pytest.fixture
-def api_calls(monkeypatch) -> ApiCalls:
-    """Patch botocore's one funnel for API calls: record each, inject faults."""
+def api_calls(monkeypatch) -> Iterator[ApiCalls]:
+    """Patch botocore's one funnel for API calls: record each, inject faults.
+
+    At teardown every operation gpuflow made in the test must be allowed by
+    infra/iam-policy.json, so each test that records calls also checks the policy."""
     recorder = ApiCalls()
     original = botocore.client.BaseClient._make_api_call
 
@@ -127,7 +148,6 @@ def api_calls(monkeypatch) -> ApiCalls:
         recorder.params.append(api_params)
         if "gpuflow" in (client.meta.config.user_agent_extra or ""):  # gpuflow's clients, not the test's own
             recorder.gpuflow_calls.append((client.meta.service_model.signing_name, operation_name))
-            RECORDED_OPERATIONS.add((client.meta.service_model.signing_name, operation_name))
         for operation, predicate, lose_response in recorder.faults:
             if operation == operation_name:
                 failure = predicate(index, api_params)
@@ -138,7 +158,10 @@ def api_calls(monkeypatch) -> ApiCalls:
         return original(client, operation_name, api_params)
 
     monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
-    return recorder
+    yield recorder
+    refused = sorted({f"{service}:{operation}" for service, operation in recorder.gpuflow_calls
+                      if not policy_allows(service, operation)})
+    assert refused == [], f"infra/iam-policy.json does not allow {refused}"
 
 
 def tag_filter(key: str, value: str) -> list[dict[str, Any]]:

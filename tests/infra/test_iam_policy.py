@@ -3,41 +3,22 @@ than it needs: the calls are recorded from real lifecycle runs against moto."""
 
 from __future__ import annotations
 
-import fnmatch
-import json
-from pathlib import Path
-
 from gpuflow import clusters
 from tests.infra.cloud import (  # noqa: F401 - fixtures
-    RECORDED_OPERATIONS,
     api_calls,
     cloud,
     leftovers,
     make_spec,
+    policy_allow_patterns,
+    policy_allows,
     provisioners,
 )
 
-POLICY_PATH = Path(__file__).resolve().parents[2] / "infra" / "iam-policy.json"
-
-
-def _allow_patterns() -> list[str]:
-    policy = json.loads(POLICY_PATH.read_text())
-    patterns: list[str] = []
-    for statement in policy["Statement"]:
-        if statement["Effect"] != "Allow":
-            continue
-        actions = statement["Action"]
-        patterns.extend([actions] if isinstance(actions, str) else actions)
-    return patterns
-
-
-def allowed(service: str, operation: str) -> bool:
-    action = f"{service}:{operation}".lower()
-    return any(fnmatch.fnmatchcase(action, pattern.lower()) for pattern in _allow_patterns())
+allowed = policy_allows
 
 
 def test_policy_is_narrow():
-    patterns = _allow_patterns()
+    patterns = policy_allow_patterns()
     assert "*" not in patterns and "ec2:*" not in patterns
     assert not any(pattern.lower().startswith("iam:") for pattern in patterns)  # no PassRole: no credentials on instances
     assert not allowed("ec2", "DeleteVpc")
@@ -71,8 +52,19 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
     assert refused == [], f"infra/iam-policy.json does not allow {refused}"
 
 
-def test_operations_recorded_by_the_other_tests_are_allowed():
-    """Whatever gpuflow called in the tests that ran before this one (the
-    lifecycle, fault and fallback tests when the directory runs together)."""
-    refused = sorted(f"{service}:{operation}" for service, operation in RECORDED_OPERATIONS if not allowed(service, operation))
-    assert refused == [], f"infra/iam-policy.json does not allow {refused}"
+def test_a_call_outside_the_policy_fails_the_recording_test(cloud, monkeypatch):
+    """The api_calls fixture's teardown check bites: a refused operation made by
+    a gpuflow client is reported (here: one the policy deliberately omits)."""
+    import inspect
+
+    from tests.infra import cloud as cloud_module
+
+    generator = inspect.unwrap(cloud_module.api_calls)(monkeypatch)
+    recorder = next(generator)
+    recorder.gpuflow_calls.append(("ec2", "DeleteVpc"))
+    try:
+        next(generator)
+    except AssertionError as exc:
+        assert "ec2:DeleteVpc" in str(exc)
+    else:  # pragma: no cover - the check did not fire
+        raise AssertionError("the policy check in api_calls did not fire")
