@@ -23,6 +23,7 @@ through :mod:`gpuflow.clusters` (imported inside the functions that need it).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -61,6 +62,33 @@ def sandbox_directory(cluster: Cluster, node: Node | None = None) -> Path:
     return gpuflow_home() / "sandbox" / validate_name(cluster.name, "cluster name") / validate_name(
         node.instance_id, "instance id"
     )
+
+
+def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one:
+    every job and supervisor running "on" it is killed (their process groups,
+    as a power-off would) and its "disk" — the sandbox directory — is deleted.
+    Without this a sandbox ``down`` would leave jobs running on this machine."""
+    import shutil
+    import signal
+
+    directory = sandbox_directory(cluster, node)
+    for pid_file in sorted(directory.glob("runs/*/*.pid")):
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 1 or pid == os.getpid():
+            continue
+        for send in (os.killpg, os.kill):  # the job leads its own group; the supervisor may not
+            try:
+                send(pid, signal.SIGKILL)
+                break
+            except (ProcessLookupError, PermissionError):
+                continue
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        directory.parent.rmdir()  # the cluster's directory, once its last node is gone
 
 
 def ssh_config_path() -> Path:

@@ -1259,8 +1259,6 @@ def _run_on_cluster(
                 if target is not None:
                     _stop_live_jobs(target, say)
                 clusters.down(cluster_name)
-                if target is not None and target.cluster.sandbox:
-                    _remove_sandbox_disk(target.cluster)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
@@ -1286,20 +1284,6 @@ def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> No
                 runner.close()
     except (GpuflowError, OSError, json.JSONDecodeError) as exc:
         say(f"could not check for running jobs before teardown: {exc}")
-
-
-def _remove_sandbox_disk(cluster: Cluster) -> None:
-    """A terminated sandbox instance's "disk" (its directory under the gpuflow
-    home) goes with it, as an EC2 root volume does."""
-    import shutil
-
-    from gpuflow import remote
-
-    for node in cluster.nodes:
-        directory = remote.sandbox_directory(cluster, node)
-        shutil.rmtree(directory, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            directory.parent.rmdir()  # the cluster's directory, once empty
 
 
 def _stop_on_interrupt(_record: RunRecord) -> str:

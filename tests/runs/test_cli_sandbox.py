@@ -255,3 +255,28 @@ def test_ctrl_c_without_a_terminal_detaches_and_says_how_to_reattach(project, mo
             assert cli(["stop", record.run_id, "--grace", "2"]) == 0
         finally:
             clusters.down("ctrlc")
+
+
+def test_plain_down_of_a_sandbox_cluster_ends_its_jobs_and_its_disk(project, monkeypatch, capfd, gpuflow_home):
+    """`gpuflow down` terminates a sandbox instance as EC2 would a real one:
+    a detached job still running "on" it dies and its directory goes."""
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("doomed", {"sandbox": True}, project_dir=project))
+        assert cli(["run", "doomed", "--detach", "--", "python", "job.py", "100000", "0.05", "0"]) == 0
+        capfd.readouterr()
+        [record] = runs.all_records()
+        pid_file = Path(record.remote_dir) / "job.pid"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.05)
+        job_pid = int(pid_file.read_text())
+        assert _alive(job_pid)
+
+        assert cli(["down", "doomed", "--yes"]) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(job_pid):
+            time.sleep(0.05)
+        assert not _alive(job_pid)
+        assert not (gpuflow_home / "sandbox" / "doomed").exists()
+        assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
