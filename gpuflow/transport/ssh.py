@@ -333,6 +333,10 @@ class SSHRunner:
         base = quote_argv([self._requested_base]) if self._requested_base else f'"{DEFAULT_REMOTE_BASE}"'
         script = f"set -e; mkdir -p {base}; cd {base}; touch heartbeat; pwd -P"
         result = self._exec(quote_argv(["sh", "-c", script]), stdin=None, timeout=self.connect_timeout)
+        if result.exit_code == 255 and not result.stdout:
+            # The session died under the command (a drop just after connecting): this
+            # step is idempotent, so treat it as a lost connection and let the caller retry.
+            raise _Lost() from EOFError("the SSH session ended while preparing the gpuflow directory")
         if result.exit_code != 0:
             raise RemoteCommandFailed(
                 f"cannot create the gpuflow directory on {self.target.host}: "

@@ -222,3 +222,26 @@ def test_check_host_key_pins_without_running_anything(sshd_session, tmp_path):
     runner.check_host_key()
     assert hostkeys.pinned_keys(known_hosts, "127.0.0.1", sshd_session.port) == [presented]
     assert not (tmp_path / "base").exists() and runner.connections_made == 0
+
+
+def test_a_session_killed_while_preparing_the_base_dir_is_retried(sshd_session, tmp_path, pinned_known_hosts, monkeypatch):
+    """A drop right after connecting kills the idempotent set-up command (OpenSSH's
+    'no exit status' → 255): the runner reconnects instead of failing the call."""
+    from gpuflow.records import CommandResult
+
+    runner = _runner(sshd_session, pinned_known_hosts, tmp_path)
+    real_exec = SSHRunner._exec
+    calls = {"n": 0}
+
+    def first_setup_dies(self, command, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return CommandResult(255, b"", b"")
+        return real_exec(self, command, **kwargs)
+
+    monkeypatch.setattr(SSHRunner, "_exec", first_setup_dies)
+    try:
+        assert runner.run(["echo", "still here"]).stdout == b"still here\n"
+        assert runner.connections_made == 2
+    finally:
+        runner.close()
