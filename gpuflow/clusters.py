@@ -869,6 +869,8 @@ def down(
     with store.locked():
         tombstone = replace(cluster, nodes=tuple(view.to_node() for view in final_views) or cluster.nodes)
         _write(store, tombstone, PHASE_DELETED, launch_id, deleted_at=_iso(_now()), final_cost=cost, run_seconds=run_seconds)
+    if cluster.sandbox:
+        _release_sandbox_server_when_unused(store)
     return DownReport(
         cluster_name,
         already_down=not (terminated or group_ids or key_names),
@@ -878,6 +880,21 @@ def down(
         run_seconds=run_seconds,
         estimated_cost=cost,
     )
+
+
+def _release_sandbox_server_when_unused(store: StateStore) -> None:
+    """The sandbox's loopback moto server exists for sandbox clusters: once the
+    last one is down it is stopped too, so nothing gpuflow started keeps running
+    on this machine.  (An in-process sandbox has no server to stop.)"""
+    if any(document.get("sandbox") and document.get("phase") != PHASE_DELETED for document in store.all().values()):
+        return
+    from infra.aws.client import in_process_mock_active
+
+    if in_process_mock_active():
+        return
+    from infra.sandbox import stop_sandbox
+
+    stop_sandbox(gpuflow_home())
 
 
 def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) -> tuple[float, float | None]:
@@ -993,6 +1010,8 @@ def reap(
                 continue
             _write(store, Cluster.from_dict(document), PHASE_DELETED, document.get("launch_id"), deleted_at=_iso(_now()), reaped=True)
             key_file_path(name).unlink(missing_ok=True)
+    if sandbox:
+        _release_sandbox_server_when_unused(store)
     return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)))
 
 

@@ -253,3 +253,30 @@ def test_importing_the_sandbox_and_userdata_modules_stays_cheap():
         env={**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)},
     ).stdout.strip()
     assert loaded == "[]"
+
+
+def test_the_server_goes_with_the_last_sandbox_cluster(gpuflow_home, tmp_path):
+    """up --sandbox and down in separate gpuflow processes share the loopback
+    server; once the last sandbox cluster is down nothing gpuflow started is
+    left running on this machine."""
+    environment = {**os.environ, "GPUFLOW_HOME": str(gpuflow_home)}
+
+    def gpuflow(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gpuflow", *argv], capture_output=True, text=True, env=environment,
+            cwd=tmp_path, timeout=120,
+        )
+
+    for name in ("first", "second"):
+        assert gpuflow("up", name, "--sandbox").returncode == 0
+    record = sandbox.read_server_record(gpuflow_home)
+    assert record is not None
+    assert gpuflow("down", "first", "--yes").returncode == 0
+    assert sandbox.read_server_record(gpuflow_home) == record  # still needed by "second"
+    assert gpuflow("status", "second").returncode == 0
+    down = gpuflow("down", "second", "--yes")
+    assert down.returncode == 0, down.stderr
+    assert sandbox.read_server_record(gpuflow_home) is None
+    assert sandbox._has_exited(record.pid)  # gone (or a zombie awaiting its reaper)
+    assert "already down" in gpuflow("down", "second", "--yes").stdout
+    sandbox.stop_sandbox(gpuflow_home)  # the last command started a fresh server to look: it is idempotent to stop
