@@ -6,6 +6,7 @@ stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -189,7 +190,7 @@ def runs_command(
     typer.echo(f"{'RUN':<22} {'CLUSTER':<16} {'STATUS':<13} {'STARTED':<26} COMMAND")
     for status in statuses:
         record = status.record
-        command = record.module or " ".join(record.command)
+        command = record.module or shlex.join(record.command)  # as it would be typed: arguments stay distinct
         typer.echo(f"{record.run_id:<22} {record.cluster:<16} {status.status:<13} {record.started_at:<26} {command}")
 
 
