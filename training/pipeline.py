@@ -63,8 +63,12 @@ def make_dataset(
             batch_images = layer(batch_images, training=True)
         return batch_images, tf.one_hot(tf.gather(all_labels, batch_indices), num_classes)
 
-    dataset = indices.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = indices.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # Parallelism comes from the map running several batches at once; single-threaded ops
+    # inside each call keep the pipeline from fighting the model's own thread pool.
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    return dataset.with_options(options)
 
 
 def make_splits_datasets(splits, *, batch_size: int, seed: int, augment: bool = False):
