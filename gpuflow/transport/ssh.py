@@ -58,6 +58,8 @@ _Result = TypeVar("_Result")
 
 DEFAULT_REMOTE_BASE = "$HOME/gpuflow"  # expanded by the remote shell
 _READ_CHUNK = 1 << 16
+# After the exit status, how long to wait for EOF while no output arrives (see _collect).
+_EOF_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -496,6 +498,8 @@ class SSHRunner:
         stdout: list[bytes] = []
         stderr: list[bytes] = []
         poll_fd = channel.fileno()
+        last_output = time.monotonic()
+        status_seen_at: float | None = None
         while True:
             received = False
             while channel.recv_ready():
@@ -504,13 +508,21 @@ class SSHRunner:
             while channel.recv_stderr_ready():
                 stderr.append(channel.recv_stderr(_READ_CHUNK))
                 received = True
+            if received:
+                last_output = time.monotonic()
             if channel.exit_status_ready():
-                # Exit status arrives after all output (SSH messages are ordered): drain and stop.
-                while channel.recv_ready():
-                    stdout.append(channel.recv(_READ_CHUNK))
-                while channel.recv_stderr_ready():
-                    stderr.append(channel.recv_stderr(_READ_CHUNK))
-                break
+                status_seen_at = status_seen_at or time.monotonic()
+                # OpenSSH may send the exit status *before* the last of the output, so the
+                # output is complete only at EOF (or close).  A background process that
+                # kept the command's stdout open never lets EOF come: after a quiet grace
+                # period following the status, take what arrived.
+                quiet = time.monotonic() - max(last_output, status_seen_at)
+                if channel.eof_received or channel.closed or quiet > _EOF_GRACE_SECONDS:
+                    while channel.recv_ready():
+                        stdout.append(channel.recv(_READ_CHUNK))
+                    while channel.recv_stderr_ready():
+                        stderr.append(channel.recv_stderr(_READ_CHUNK))
+                    break
             if channel.closed or not channel.get_transport().is_active():
                 raise _Lost() from EOFError("connection closed before the command's exit status arrived")
             if deadline is not None and time.monotonic() > deadline:
