@@ -47,7 +47,7 @@ from gpuflow.errors import (
 )
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, ClusterSpec, Node
-from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+from gpuflow.state import StateStore, atomic_write_bytes, process_alive, validate_name
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_INSTANCE_TYPE = "g5.xlarge"
@@ -219,18 +219,6 @@ def _owner() -> str:
     except (KeyError, OSError):  # no passwd entry (containers)
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"[:255]
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _default_cluster_name(project_root: Path) -> str:
@@ -494,7 +482,7 @@ def _claim_name(
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") == PHASE_CREATING:
-            if document.get("host") == socket.gethostname() and _pid_alive(document.get("pid")):
+            if document.get("host") == socket.gethostname() and process_alive(document.get("pid")):
                 raise UsageError(
                     f"cluster {cluster.name!r} is being created by another gpuflow process (pid {document.get('pid')})",
                     hint="wait for it, or pick another name",
@@ -693,7 +681,7 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
     cluster = replace(cluster, nodes=tuple(nodes))
     phase = document.get("phase", PHASE_UP)
     if phase == PHASE_CREATING:
-        in_progress = document.get("host") == socket.gethostname() and _pid_alive(document.get("pid"))
+        in_progress = document.get("host") == socket.gethostname() and process_alive(document.get("pid"))
         state = PHASE_CREATING if in_progress else "interrupted"  # a crashed `up`: `down` finishes it
     else:
         state = _summarise(cluster.nodes)
@@ -957,7 +945,7 @@ def reap(
             creating_alive = (
                 document.get("phase") == PHASE_CREATING
                 and document.get("host") == socket.gethostname()
-                and _pid_alive(document.get("pid"))
+                and process_alive(document.get("pid"))
             )
             if creating_alive or (document.get("phase") == PHASE_UP and live_by_cluster.get(name)):
                 owned.add(name)

@@ -42,6 +42,20 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+def process_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this machine (used to tell a
+    state record of a still-running gpuflow process from a stale one)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new
     content, never a mix; survives a crash at any point."""

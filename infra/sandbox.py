@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import CloudError
-from gpuflow.state import atomic_write_json
+from gpuflow.state import atomic_write_json, process_alive
 from infra.dlami import (
     DLAMI_OWNER_ALIAS,
     DLAMI_OWNER_ID,
@@ -274,20 +274,10 @@ def _remove_record(directory: Path) -> None:
         (directory / SERVER_RECORD_NAME).unlink()
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_our_server_process(pid: int, *, proc: Path = Path("/proc")) -> bool:
     """The pid is alive and is an ``infra.sandbox serve`` process, not an
     unrelated process that reused the pid.  Never signal what fails this."""
-    if not _process_exists(pid):
+    if not process_alive(pid):
         return False
     words = _command_words(pid, proc=proc)
     return _SERVE_MARKER in words and "serve" in words
@@ -351,7 +341,7 @@ def _has_exited(pid: int) -> bool:
     """Gone, or a zombie (then reaped when it is our child).  Identity is not
     re-checked here: an exiting process's cmdline reads empty before it dies."""
     _reap(pid)
-    if not _process_exists(pid):
+    if not process_alive(pid):
         return True
     with contextlib.suppress(OSError, IndexError):
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
