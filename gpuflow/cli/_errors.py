@@ -37,8 +37,10 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        print(error_line("aborted"), file=sys.stderr)
+    except typer.Abort as exc:
+        # click turns Ctrl-C into Abort (older typer); a declined confirmation is an Abort too.
+        interrupted = isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
+        print(error_line("interrupted" if interrupted else "aborted"), file=sys.stderr)
         return 130
     except ClickException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gpuflow`: show the help

@@ -259,7 +259,7 @@ def test_the_server_goes_with_the_last_sandbox_cluster(gpuflow_home, tmp_path):
     """up --sandbox and down in separate gpuflow processes share the loopback
     server; once the last sandbox cluster is down nothing gpuflow started is
     left running on this machine."""
-    environment = {**os.environ, "GPUFLOW_HOME": str(gpuflow_home)}
+    environment = {**os.environ, "GPUFLOW_HOME": str(gpuflow_home), "PYTHONPATH": str(REPOSITORY_ROOT)}
 
     def gpuflow(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(
