@@ -109,6 +109,8 @@ class RunTarget:
     cluster: Cluster
     connect: Callable[[], CommandRunner]
     sync_project: Callable[[Path], object] | None = None
+    # Pushes a data directory to ``<base>/data/<basename>/`` (``gpuflow run --data``).
+    sync_data: Callable[[Path], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,22 +247,25 @@ def is_training_module(module: str | None) -> bool:
 
 
 def build_job_argv(
-    *, python: str, module: str | None, args: Sequence[str], output_dir: str
+    *, python: str, module: str | None, args: Sequence[str], output_dir: str, data_dir: str | None = None
 ) -> list[str]:
     """``python -m MODULE ARGS`` or the command ARGS, as an argv (never a string).
 
-    A training module gets ``--output <run>/outputs`` unless the user passed
-    ``--output`` already.  A command starting with ``python``/``python3`` runs
-    with the run's environment interpreter.
+    A training module gets ``--output <run>/outputs`` (and, with ``gpuflow run
+    --data``, ``--data-dir <the synced data>``) unless the user passed that
+    option already.  A command starting with ``python``/``python3`` runs with
+    the run's environment interpreter.
     """
     args = [str(arg) for arg in args]
     if module is not None:
         if not module.replace(".", "").replace("_", "").isalnum() or module.startswith("."):
             raise UsageError(f"{module!r} is not a Python module name", hint="e.g. training.cifar10_cnn")
         argv = [python, "-m", module, *args]
-        gave_output = any(arg == "--output" or arg.startswith("--output=") for arg in args)
-        if is_training_module(module) and not gave_output:
-            argv += ["--output", output_dir]
+        if is_training_module(module):
+            for option, value in (("--output", output_dir), ("--data-dir", data_dir)):
+                given = any(arg == option or arg.startswith(option + "=") for arg in args)
+                if value is not None and not given:
+                    argv += [option, value]
         return argv
     if not args:
         raise UsageError("nothing to run", hint="give a module (training.cifar10_cnn) or a command after `--`")
@@ -470,11 +475,16 @@ def start_run(
     module: str | None,
     args: Sequence[str],
     run_id: str | None = None,
+    data_dir: Path | None = None,
     heartbeat_seconds: float = 30,
     home: Path | None = None,
     say: Say = _quiet,
 ) -> RunRecord:
     """Sync, prepare the environment, write the manifest and start the job detached.
+
+    ``data_dir`` (``gpuflow run --data``) is pushed to ``<base>/data/<basename>/``
+    first — only what changed, so later runs reuse it — and named to the job
+    in ``$GPUFLOW_DATA_DIR`` (and ``--data-dir`` for a training module).
 
     Returns once the supervisor has recorded the job's pid (or its exit
     code, for a job that ended at once).
@@ -490,19 +500,36 @@ def start_run(
         summary = getattr(report, "summary", None)
         if callable(summary):
             say(str(summary()))
+    remote_data_dir = None
+    if data_dir is not None:
+        from gpuflow.sync import data_name
+
+        if target.sync_data is None:
+            raise UsageError("this target cannot receive a data directory")
+        say(f"syncing data {data_dir} to {target.cluster.name}")
+        report = target.sync_data(Path(data_dir))
+        summary = getattr(report, "summary", None)
+        if callable(summary):
+            say(str(summary()))
+        remote_data_dir = f"{base_dir}/data/{data_name(Path(data_dir))}"
     python = prepare_environment(runner, project_dir, say=say)
     env = {
         "GPUFLOW_RUN_ID": run_id,
         "GPUFLOW_RUN_DIR": remote_dir,
         "GPUFLOW_OUTPUT_DIR": f"{remote_dir}/{OUTPUTS_NAME}",
+        "GPUFLOW_DATA_ROOT": f"{base_dir}/data",  # where `gpuflow sync --data` puts data directories
         "PYTHONUNBUFFERED": "1",
     }
+    if remote_data_dir is not None:
+        env["GPUFLOW_DATA_DIR"] = remote_data_dir
     if is_training_module(module) and not (project_dir / TRAINING_PACKAGE / "__init__.py").is_file():
         # `gpuflow run training.cifar10_cnn` from any directory: ship the installed package.
         site_dir = f"{remote_dir}/site"
         _ship_package(runner, TRAINING_PACKAGE, site_dir)
         env["PYTHONPATH"] = site_dir
-    argv = build_job_argv(python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}")
+    argv = build_job_argv(
+        python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
+    )
     record = RunRecord(
         run_id=run_id,
         cluster=target.cluster.name,
@@ -901,6 +928,7 @@ def run(
     poll_interval: float = 0.5,
     reconnect_timeout: float = 300,
     run_id: str | None = None,
+    data_dir: Path | None = None,
 ) -> RunOutcome:
     """``gpuflow run``: start detached, stream the log, pull, return the outcome.
 
@@ -918,6 +946,7 @@ def run(
             module=module,
             args=args,
             run_id=run_id,
+            data_dir=data_dir,
             heartbeat_seconds=heartbeat_seconds,
             home=home,
             say=say,
@@ -978,7 +1007,14 @@ def target_for_cluster(cluster_name: str) -> RunTarget:
 
         return sync.sync_project(cluster, project_dir)
 
-    return RunTarget(cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project)
+    def sync_data(data_dir: Path) -> object:
+        from gpuflow import sync
+
+        return sync.sync_data(cluster, data_dir)
+
+    return RunTarget(
+        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data
+    )
 
 
 def logs(

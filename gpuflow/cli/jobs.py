@@ -61,6 +61,10 @@ def run_command(
     project_dir: Optional[Path] = typer.Option(  # noqa: UP007
         None, "--project-dir", help="Project to sync and run (default: the project around the current directory)."
     ),
+    data: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--data", help="Sync this data directory to the instance first (kept for later runs); the job finds it "
+        "in $GPUFLOW_DATA_DIR, and a training module gets --data-dir pointing at it.",
+    ),
     up: bool = typer.Option(False, "--up", help="Launch the cluster first if it does not exist."),
     down: bool = typer.Option(False, "--down", help="Tear the cluster down afterwards, even when the job fails."),
     instance_type: Optional[str] = typer.Option(None, "--instance-type", help="With --up: the instance type."),  # noqa: UP007
@@ -100,6 +104,7 @@ def run_command(
         detach=detach,
         on_interrupt=_ask_stop_or_detach,
         say=_say,
+        data_dir=_existing_directory(data, "--data") if data is not None else None,
     )
     if outcome.detached:
         run_id = outcome.record.run_id
@@ -114,6 +119,18 @@ def run_command(
         _say(f"run {run_id} keeps running on {cluster_name}: {how}")
         return
     _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
+
+
+def _existing_directory(path: Path, option: str) -> Path:
+    from gpuflow.errors import DataError
+
+    from gpuflow.sync import data_name
+
+    resolved = path.expanduser().resolve()
+    if not resolved.is_dir():
+        raise DataError(f"{option} {path}: no such directory")
+    data_name(resolved)  # its basename names the remote directory: refuse a bad one before syncing anything
+    return resolved
 
 
 def _split_positionals(

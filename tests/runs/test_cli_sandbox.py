@@ -280,3 +280,45 @@ def test_plain_down_of_a_sandbox_cluster_ends_its_jobs_and_its_disk(project, mon
         assert not _alive(job_pid)
         assert not (gpuflow_home / "sandbox" / "doomed").exists()
         assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
+
+
+def test_run_with_data_syncs_it_once_and_names_it_to_the_job(project, monkeypatch, capfd, tmp_path):
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "labels.txt").write_text("cat\ndog\n")
+    (project / "read_data.py").write_text(
+        "import os, pathlib\n"
+        "root = pathlib.Path(os.environ['GPUFLOW_DATA_DIR'])\n"
+        "print('data at', root.name, 'root', pathlib.Path(os.environ['GPUFLOW_DATA_ROOT']).name)\n"
+        "print((root / 'labels.txt').read_text(), end='')\n"
+    )
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("databox", {"sandbox": True}, project_dir=project))
+        try:
+            assert cli(["run", "databox", "--data", str(data), "--", "python", "read_data.py"]) == 0
+            first = capfd.readouterr()
+            assert "data at my-data root data\ncat\ndog\n" in first.out
+            assert "sent 1 of 1 files" in first.err
+            assert cli(["run", "databox", "--data", str(data), "--", "python", "read_data.py"]) == 0
+            assert "sent 0 of 1 files" in capfd.readouterr().err  # later runs reuse the synced data
+            assert cli(["run", "databox", "--data", str(tmp_path / "missing"), "--", "true"]) == 2
+            error = capfd.readouterr().err.strip().splitlines()
+            assert error == [f"gpuflow: error: --data {tmp_path / 'missing'}: no such directory"]
+            (tmp_path / "bad name").mkdir()
+            assert cli(["run", "databox", "--data", str(tmp_path / "bad name"), "--", "true"]) == 2
+            assert "invalid data directory name 'bad name'" in capfd.readouterr().err
+        finally:
+            clusters.down("databox")
+
+
+def test_a_training_module_gets_the_synced_data_dir_unless_given():
+    argv = runs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--epochs", "1"],
+                               output_dir="/r/outputs", data_dir="/b/data/cifar")
+    assert argv == ["py", "-m", "training.cifar10_cnn", "--epochs", "1", "--output", "/r/outputs",
+                    "--data-dir", "/b/data/cifar"]
+    mine = runs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--data-dir=/elsewhere"],
+                               output_dir="/r/outputs", data_dir="/b/data/cifar")
+    assert mine == ["py", "-m", "training.cifar10_cnn", "--data-dir=/elsewhere", "--output", "/r/outputs"]
+    assert runs.build_job_argv(python="py", module="mine.train", args=[], output_dir="/o", data_dir="/d") == [
+        "py", "-m", "mine.train"]
