@@ -11,13 +11,10 @@ from gpuflow import clusters
 from gpuflow.cli import main
 from gpuflow.errors import CapacityError, CloudError, GpuflowError, UsageError
 from gpuflow.state import StateStore
-from tests.infra.cloud import (  # noqa: F401 - fixtures
+from tests.infra.cloud import (
     REGION,
-    api_calls,
-    cloud,
     leftovers,
     make_spec,
-    provisioners,
 )
 
 # The AWS calls of one successful `up` (1 on-demand instance, new key pair, --ssh-cidr given), in order.

@@ -10,15 +10,12 @@ import pytest
 from gpuflow import clusters
 from gpuflow.cli import main
 from gpuflow.errors import CloudError, ConfigError, CredentialsError, UsageError
-from tests.infra.cloud import (  # noqa: F401 - fixtures
+from tests.infra.cloud import (
     CALLER_CIDR,
     REGION,
-    api_calls,
-    cloud,
     leftovers,
     make_spec,
     no_network_detector,
-    provisioners,
 )
 
 

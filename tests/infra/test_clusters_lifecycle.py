@@ -17,14 +17,11 @@ from gpuflow.state import StateStore
 from infra.aws.provisioner import client_token
 from infra.sandbox import seed_deep_learning_ami
 from infra.userdata import USER_DATA_MARKER
-from tests.infra.cloud import (  # noqa: F401 - fixtures
+from tests.infra.cloud import (
     CALLER_CIDR,
     REGION,
-    api_calls,
-    cloud,
     leftovers,
     make_spec,
-    provisioners,
 )
 
 

@@ -4,14 +4,11 @@ than it needs: the calls are recorded from real lifecycle runs against moto."""
 from __future__ import annotations
 
 from gpuflow import clusters
-from tests.infra.cloud import (  # noqa: F401 - fixtures
-    api_calls,
-    cloud,
+from tests.infra.cloud import (
     leftovers,
     make_spec,
     policy_allow_patterns,
     policy_allows,
-    provisioners,
 )
 
 allowed = policy_allows

@@ -69,7 +69,7 @@ def test_the_rendered_switch_settings_are_accepted_by_the_script(tmp_path):
     log = tmp_path / "deadman.log"
     # Run it for a moment with a harmless shutdown command; it must start and log its settings.
     process = subprocess.Popen(
-        ["bash", "-c", f'set -a; . "$1"; set +a; exec bash "$2" --log-file "$3" --base-dir "$4" --state-file "$5" --shutdown-command true',
+        ["bash", "-c", 'set -a; . "$1"; set +a; exec bash "$2" --log-file "$3" --base-dir "$4" --state-file "$5" --shutdown-command true',
          "_", str(env_file), str(script), str(log), str(tmp_path / "base"), str(tmp_path / "idle-since")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
