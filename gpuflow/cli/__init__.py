@@ -1,7 +1,7 @@
 """The gpuflow command line: thin typer commands, one module per group.
 
 This module and the command modules import only typer (and rich when they
-print): boto3, paramiko, fabric and TensorFlow are imported inside the
+print): boto3, paramiko and TensorFlow are imported inside the
 use-case functions that need them, so ``gpuflow --help`` starts fast.
 
 :func:`main` is the one place where domain errors become a one-line message
