@@ -4,9 +4,9 @@ overfitting than :mod:`training.cifar10_cnn`, so more epochs keep helping.
 
 The course trained the CNN of :mod:`training.cifar10_cnn` on images randomly shifted by
 up to 10% horizontally and vertically and flipped left-right, with Keras 2's
-ImageDataGenerator — gone from Keras 3's public API.  Here the same augmentation is
-``RandomFlip("horizontal")`` + ``RandomTranslation(0.1, 0.1)`` applied to whole batches
-in a tf.data map with ``num_parallel_calls=AUTOTUNE`` and ``prefetch``: it runs on the
+ImageDataGenerator — gone from Keras 3's public API.  Here the same augmentation (a
+random shift of up to 10%, bilinear, edges repeated, and a left-right flip;
+:func:`training.pipeline.augment_batch`) is applied to whole batches in a tf.data map with ``num_parallel_calls=AUTOTUNE`` and ``prefetch``: it runs on the
 CPU in parallel with training, and it is not part of the saved model (so the model
 stays XLA-compilable and predicts on unaugmented images).
 

@@ -3,10 +3,11 @@
 Why tf.data rather than numpy into ``model.fit``: scaling, one-hot encoding and
 augmentation run in a parallel map (``num_parallel_calls=AUTOTUNE``) and ``prefetch``
 overlaps the next batches with the accelerator's work on the current one.  The
-augmentation is the course's (horizontal flip, width/height shift 0.1) expressed with
-Keras 3 preprocessing layers in the map — not in the model, where random translation
-would switch XLA off for the whole model and would run on the accelerator's critical
-path.  The map works on whole batches, so each call augments ``batch_size`` images.
+augmentation is the course's (horizontal flip, width/height shift 0.1, bilinear, edges
+repeated) written as two separable resamplings in the map (:func:`shift_and_flip`) — not
+in the model, where random translation would switch XLA off for the whole model and would
+run on the accelerator's critical path.  The map works on whole batches, so each call
+augments ``batch_size`` images.
 """
 
 from __future__ import annotations
@@ -16,15 +17,67 @@ import numpy as np
 SHIFT_FRACTION = 0.1
 
 
-def build_augmentation(seed: int):
-    """The course's ImageDataGenerator(width/height_shift_range=0.1, horizontal_flip=True)."""
-    import keras
+def shift_and_flip(images, shift_x, shift_y, flip):
+    """Shift each image by (``shift_x``, ``shift_y``) pixels, then mirror it left-right where ``flip``.
 
-    return [
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        # ImageDataGenerator's default fill mode was "nearest".
-        keras.layers.RandomTranslation(SHIFT_FRACTION, SHIFT_FRACTION, fill_mode="nearest", seed=seed + 1),
-    ]
+    ``images`` is a float batch [batch, height, width, channels]; the shifts are float
+    pixels per image (positive moves the content right / down), ``flip`` a bool per image.
+    Sampling is bilinear and pixels beyond the border repeat the edge, as the course's
+    ImageDataGenerator (interpolation order 1, fill_mode "nearest") and Keras'
+    ``RandomTranslation(fill_mode="nearest")`` do; the result equals
+    ``ImageProjectiveTransformV3`` with those settings to float rounding (tested).
+
+    Why not those layers: a translation is separable, so it is two one-dimensional
+    resamplings (two gathers and a blend each) and the flip folds into the column
+    indices for free.  On one CPU thread that is ~4x cheaper than RandomFlip +
+    RandomTranslation's general projective transform, which matters because the
+    augmentation shares the CPU with the training loop.
+    """
+    import tensorflow as tf
+
+    resampled = _resample_rows(images, shift_y)
+    columns_first = tf.transpose(resampled, [0, 2, 1, 3])
+    return tf.transpose(_resample_rows(columns_first, shift_x, mirror=flip), [0, 2, 1, 3])
+
+
+def _resample_rows(images, shift, mirror=None):
+    """Row r of the result samples row ``r - shift`` of the input (bilinear, edges repeated).
+
+    Where ``mirror`` is set, row r of the result is row ``n - 1 - r`` of the shifted image.
+    """
+    import tensorflow as tf
+
+    rows = images.shape[1] if images.shape[1] is not None else tf.shape(images)[1]
+    last = tf.cast(rows - 1, tf.float32)
+    target = tf.cast(tf.range(rows), tf.float32)[None, :]
+    if mirror is not None:
+        target = tf.where(mirror[:, None], last - target, target)
+    source = tf.clip_by_value(target - shift[:, None], 0.0, last)
+    below = tf.floor(source)
+    weight = (source - below)[:, :, None, None]
+    below = tf.cast(below, tf.int32)
+    above = tf.minimum(below + 1, rows - 1)
+    lower_rows = tf.gather(images, below, axis=1, batch_dims=1)
+    upper_rows = tf.gather(images, above, axis=1, batch_dims=1)
+    return lower_rows + (upper_rows - lower_rows) * weight
+
+
+def augment_batch(images, seed, shift_fraction: float = SHIFT_FRACTION):
+    """The course's ImageDataGenerator(width/height_shift_range=0.1, horizontal_flip=True).
+
+    Each image gets its own shift, uniform in +-``shift_fraction`` of its width and
+    height, and a left-right flip with probability 1/2, drawn statelessly from ``seed``
+    (an int64 pair): the same seed gives the same batch.
+    """
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    draws = tf.random.stateless_uniform([batch, 3], seed=seed)
+    shift_x = (2.0 * draws[:, 0] - 1.0) * shift_fraction * width
+    shift_y = (2.0 * draws[:, 1] - 1.0) * shift_fraction * height
+    return shift_and_flip(images, shift_x, shift_y, draws[:, 2] < 0.5)
 
 
 def make_dataset(
@@ -55,14 +108,18 @@ def make_dataset(
         indices = indices.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     indices = indices.batch(batch_size)
     scale = 1.0 / float(pixel_max)
-    augmentation_layers = build_augmentation(seed) if augment else []
 
-    def prepare(batch_indices):
+    def prepare(batch_indices, batch_seed=None):
         batch_images = tf.cast(tf.gather(all_images, batch_indices), tf.float32) * scale
-        for layer in augmentation_layers:
-            batch_images = layer(batch_images, training=True)
+        if batch_seed is not None:
+            batch_images = augment_batch(batch_images, batch_seed)
         return batch_images, tf.one_hot(tf.gather(all_labels, batch_indices), num_classes)
 
+    if augment:
+        # One stateless seed pair per batch, from a stream that is fixed by ``seed`` and
+        # differs every epoch: augmentation is reproducible, and never repeats itself.
+        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        indices = tf.data.Dataset.zip((indices, batch_seeds))
     dataset = indices.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     # Parallelism comes from the map running several batches at once; single-threaded ops
     # inside each call keep the pipeline from fighting the model's own thread pool.
