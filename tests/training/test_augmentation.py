@@ -49,19 +49,49 @@ def test_whole_pixel_shifts_move_content_and_repeat_the_edge():
     np.testing.assert_array_equal(mirrored.numpy()[0], image[0, :, ::-1])
 
 
-def test_augment_batch_draws_shifts_within_ten_percent_and_flips_about_half():
-    # Each image is a horizontal ramp 0..31: after a shift by s and no flip, pixel (r, c)
-    # holds clip(c - s), and after a flip clip(31 - c - s): the slope tells the flip, the
-    # middle column the shift.
-    ramp = np.tile(np.arange(32, dtype=np.float32)[None, :, None], (32, 1, 1))
-    images = np.tile(ramp[None], (512, 1, 1, 3))
-    augmented = pipeline.augment_batch(tf.constant(images), tf.constant([3, 4], tf.int64)).numpy()
-    middle = augmented[:, 16, 16, 0]
-    flipped = augmented[:, 16, 20, 0] < augmented[:, 16, 12, 0]
-    shift = np.where(flipped, 15.0 - middle, 16.0 - middle)
-    assert np.all(np.abs(shift) <= 0.1 * 32 + 1e-4)
-    assert shift.max() > 2.5 and shift.min() < -2.5  # spread over the range, not a constant
+def augmented_through(route: str, images: np.ndarray) -> np.ndarray:
+    """Augment uint8 ``images`` by calling augment_batch directly or through make_dataset."""
+    if route == "augment_batch":
+        return pipeline.augment_batch(tf.constant(images, tf.float32), tf.constant([3, 4], tf.int64)).numpy()
+    dataset = pipeline.make_dataset(
+        images, np.zeros(len(images), np.int64), num_classes=10, pixel_max=1.0,
+        batch_size=len(images), shuffle=False, seed=3, augment=True,
+    )
+    return next(iter(dataset))[0].numpy()
+
+
+@pytest.mark.parametrize("route", ["augment_batch", "make_dataset"])
+def test_shifts_stay_within_ten_percent_of_each_side_and_half_the_images_flip(route):
+    # Images 20 high and 40 wide (so width and height cannot be mixed up unseen): in the
+    # first channel a ramp across (value = column), in the second a ramp down (value = row).
+    # A shift by (sx, sy) turns pixel (r, c) into (clip(r - sy), clip(c - sx)), a flip
+    # reverses the columns: the middle pixel gives the shifts, the slope the flip.
+    height, width = 20, 40
+    rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = np.stack([columns, rows, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    augmented = augmented_through(route, np.repeat(image[None], 512, axis=0))
+    assert augmented.shape == (512, height, width, 3)
+    centre_row, centre_column = height // 2, width // 2
+    flipped = augmented[:, centre_row, centre_column + 4, 0] < augmented[:, centre_row, centre_column - 4, 0]
+    across = augmented[:, centre_row, centre_column, 0]
+    shift_x = np.where(flipped, (width - 1 - centre_column) - across, centre_column - across)
+    shift_y = centre_row - augmented[:, centre_row, centre_column, 1]
+    assert np.all(np.abs(shift_x) <= 0.1 * width + 1e-4) and np.all(np.abs(shift_y) <= 0.1 * height + 1e-4)
+    # Spread over the whole range, not a constant: near both ends on each axis.
+    assert shift_x.max() > 0.08 * width and shift_x.min() < -0.08 * width
+    assert shift_y.max() > 0.08 * height and shift_y.min() < -0.08 * height
     assert 0.4 < flipped.mean() < 0.6
+
+
+def test_columns_first_input_gives_the_same_result():
+    images = np.random.default_rng(2).random((3, 12, 18, 2), dtype=np.float32)
+    shift_x, shift_y = np.float32([1.7, -1.8, 0.2]), np.float32([-1.2, 0.5, 1.1])
+    flip = tf.constant([True, False, True])
+    standard = pipeline.shift_and_flip(tf.constant(images), shift_x, shift_y, flip)
+    columns_first = pipeline.shift_and_flip(
+        tf.constant(np.swapaxes(images, 1, 2)), shift_x, shift_y, flip, columns_first=True
+    )
+    np.testing.assert_array_equal(standard.numpy(), columns_first.numpy())
 
 
 def test_augmentation_is_reproducible_per_seed_and_new_every_epoch():
