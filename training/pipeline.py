@@ -34,7 +34,9 @@ def shift_and_flip(images, shift_x, shift_y, flip, *, columns_first: bool = Fals
     resamplings (two gathers and a blend each) and the flip folds into the column
     indices for free.  On one CPU thread that is ~4x cheaper than RandomFlip +
     RandomTranslation's general projective transform, which matters because the
-    augmentation shares the CPU with the training loop.
+    augmentation shares the CPU with the training loop.  And those layers draw from one
+    seed state that the parallel map calls share, so a seeded run did not repeat its
+    augmentation (0 of 3 tries here); :func:`augment_batch` draws statelessly per batch.
     """
     import tensorflow as tf
 
