@@ -432,6 +432,7 @@ def build_manifest(
         "git": git_state(project_dir),
         **environment_fields(environment),
         "started_at": record.started_at,
+        "job_started_at": None,
         "ended_at": None,
         "exit_code": None,
         "duration_seconds": None,
@@ -451,17 +452,31 @@ def environment_fields(environment: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def finish_manifest(manifest: dict[str, Any], *, ended_at: str, exit_code: int | None) -> dict[str, Any]:
-    """Add end time, exit code, duration and cost (price/h x instances x hours)."""
-    started = datetime.datetime.fromisoformat(manifest["started_at"])
-    ended = datetime.datetime.fromisoformat(ended_at)
-    seconds = max(0.0, (ended - started).total_seconds())
-    price = manifest.get("price_per_hour")
-    cost = None
-    if price is not None:
-        cost = round(float(price) * manifest.get("instance_count", 1) * seconds / 3600, 4)
-    return {**manifest, "ended_at": ended_at, "exit_code": exit_code, "duration_seconds": round(seconds, 1),
-            "estimated_cost_usd": cost}
+def finish_manifest(
+    manifest: dict[str, Any], *, job_started_at: str | None, ended_at: str, exit_code: int | None
+) -> dict[str, Any]:
+    """Add the job's start and end, exit code, duration and cost (price/h x instances x hours).
+
+    ``started_at`` is when gpuflow started the run, on this machine's clock; the job's
+    start and end are read on the instance's clock, and the duration comes from those two
+    only, so a skewed laptop clock cannot distort it.  A job that never started (its
+    working directory was missing) has no duration and no cost.
+    """
+    seconds = cost = None
+    if job_started_at is not None:
+        started = datetime.datetime.fromisoformat(job_started_at)
+        seconds = max(0.0, (datetime.datetime.fromisoformat(ended_at) - started).total_seconds())
+        price = manifest.get("price_per_hour")
+        if price is not None:
+            cost = round(float(price) * manifest.get("instance_count", 1) * seconds / 3600, 4)
+    return {
+        **manifest,
+        "job_started_at": job_started_at,
+        "ended_at": ended_at,
+        "exit_code": exit_code,
+        "duration_seconds": None if seconds is None else round(seconds, 1),
+        "estimated_cost_usd": cost,
+    }
 
 
 # --------------------------------------------------------------------------- start
@@ -810,9 +825,13 @@ def pull_files(
 
 
 def _finalize_local(
-    local_dir: Path, environment: dict[str, Any] | None, exit_code: int | None, ended_at: str | None
+    local_dir: Path,
+    environment: dict[str, Any] | None,
+    exit_code: int | None,
+    job_started_at: str | None,
+    ended_at: str | None,
 ) -> None:
-    """Complete the pulled manifest with the environment facts, end time, exit code, duration and cost."""
+    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost."""
     manifest_path = local_dir / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -821,14 +840,17 @@ def _finalize_local(
     if environment:
         manifest.update(environment_fields(environment))
     if exit_code is not None and ended_at is not None:
-        manifest = finish_manifest(manifest, ended_at=ended_at, exit_code=exit_code)
+        manifest = finish_manifest(manifest, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)
     atomic_write_json(manifest_path, manifest, mode=0o644)
 
 
-def _end_time(entries: list[dict]) -> str | None:
-    """When the job ended: the mtime of its ``exit_code`` file (instance clock)."""
+def _instance_time(entries: list[dict], name: str) -> str | None:
+    """The mtime of run-directory file ``name``, on the instance's clock (None if absent).
+
+    The supervisor writes ``job.pid`` as the job starts and ``exit_code`` as it ends.
+    """
     for entry in entries:
-        if entry.get("path") == EXIT_CODE_NAME and entry.get("mtime") is not None:
+        if entry.get("path") == name and entry.get("mtime") is not None:
             moment = datetime.datetime.fromtimestamp(float(entry["mtime"]), datetime.timezone.utc)
             return _iso(moment)
     return None
@@ -859,12 +881,15 @@ def pull_run(
     """Pull a run's files (while it runs: the latest outputs) and update its record."""
     local_dir = Path(record.local_dir)
     exit_code = _read_exit_code(runner, record.remote_dir)
-    # One listing serves both: the files to pull, and exit_code's mtime as the end time.
-    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, EXIT_CODE_NAME))
-    ended_at = _end_time(listing) if exit_code is not None else None
-    entries = [entry for entry in listing if entry.get("path") != EXIT_CODE_NAME]
+    # One listing serves both: the files to pull, and the job's start and end times
+    # (job.pid's and exit_code's mtimes, both on the instance's clock).
+    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
+    job_started_at = _instance_time(listing, PID_NAME)
+    ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
+    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
     report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
-    _finalize_local(local_dir, _read_environment(runner, record.remote_dir), exit_code, ended_at)
+    environment = _read_environment(runner, record.remote_dir)
+    _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at)
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=ended_at)
         save_record(record, home)

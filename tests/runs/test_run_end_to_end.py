@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -61,7 +62,11 @@ def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, proj
     assert manifest["gpu"] == "none" and manifest["gpu_driver"] == "none"  # no nvidia-smi here
     assert manifest["python"].count(".") == 2
     assert any(line.lower().startswith("pip==") or "==" in line for line in manifest["pip_freeze"])
-    assert manifest["exit_code"] == 0 and manifest["ended_at"] >= manifest["started_at"]
+    assert manifest["exit_code"] == 0 and manifest["ended_at"] >= manifest["job_started_at"] >= manifest["started_at"]
+    # The duration is the job's own, both ends read on the instance's clock.
+    job_seconds = (datetime.datetime.fromisoformat(manifest["ended_at"])
+                   - datetime.datetime.fromisoformat(manifest["job_started_at"])).total_seconds()
+    assert manifest["duration_seconds"] == pytest.approx(job_seconds, abs=0.05)
     assert manifest["estimated_cost_usd"] == pytest.approx(1.006 * manifest["duration_seconds"] / 3600, abs=1e-3)
     assert manifest["git"] is None  # the project is not a git repository
 
@@ -376,3 +381,21 @@ def test_runs_on_a_vanished_or_unreachable_cluster(local_target, project):
     assert runs.load_record(outcome.record.run_id).status == "running"  # not concluded from a network blip
     assert [status.status for status in runs.list_runs(resolve=vanished)] == ["lost"]
     runs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
+
+
+def test_manifest_duration_ignores_a_skewed_laptop_clock():
+    # The laptop's clock is an hour ahead of the instance's: the job's 90 s on the
+    # instance stay 90 s, and the cost is that of 90 s.
+    manifest = {"started_at": "2026-11-28T11:00:00+00:00", "price_per_hour": 1.2, "instance_count": 2}
+    finished = runs.finish_manifest(
+        manifest, job_started_at="2026-11-28T10:00:05+00:00", ended_at="2026-11-28T10:01:35+00:00", exit_code=0
+    )
+    assert finished["duration_seconds"] == 90.0
+    assert finished["estimated_cost_usd"] == pytest.approx(1.2 * 2 * 90 / 3600)
+    assert finished["started_at"] == manifest["started_at"] and finished["job_started_at"] == "2026-11-28T10:00:05+00:00"
+
+
+def test_a_job_that_never_started_has_no_duration_or_cost():
+    manifest = {"started_at": "2026-11-28T10:00:00+00:00", "price_per_hour": 1.2}
+    finished = runs.finish_manifest(manifest, job_started_at=None, ended_at="2026-11-28T10:00:01+00:00", exit_code=127)
+    assert finished["exit_code"] == 127 and finished["duration_seconds"] is None and finished["estimated_cost_usd"] is None
