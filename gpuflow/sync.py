@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -66,6 +66,7 @@ from gpuflow.errors import (
     HostKeyMismatch,
     RemoteCommandFailed,
     SecurityError,
+    StateError,
     UnreachableHost,
     UsageError,
 )
@@ -88,6 +89,14 @@ METHODS = ("auto", "rsync", "tar", "copy")
 # a round trip (measured in bench/sync_bench.py).
 RSYNC_DELTA_MIN_BYTES = 4 << 20
 _COPY_CHUNK = 1 << 20
+# Two syncs to one destination at once (two terminals, a laptop and CI) would interleave
+# their deletions and unpacking.  Each sync holds an exclusive lock on a file beside the
+# destination ("<dir>.gpuflow-sync.lock", outside the mirrored tree) for its whole
+# session; a second one waits up to this long, saying so, then gives up.  Over SSH the
+# lock is flock(1) held by the remote session itself, so a dropped connection frees it.
+SYNC_LOCK_SUFFIX = ".gpuflow-sync.lock"
+SYNC_LOCK_WAIT_SECONDS = 600
+_LOCK_EXIT_CODE = 6
 
 
 # --------------------------------------------------------------------------- records
@@ -339,6 +348,9 @@ _PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) liste
 _LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce (kinds are one letter)
 
 # The exchange, one remote shell session:
+#   0. (unless dry-run) take the destination's sync lock on fd 9 — inherited by
+#      tar / cat below, so it is held until the session ends — printing
+#      GPUFLOW-SYNC-WAIT first if another sync holds it (exit 6 after the wait);
 #   1. say whether rsync exists, whether the destination exists (creating it
 #      unless dry-run), and list it with `find -printf` (NUL-terminated fields:
 #      any file name survives), then an END record;
@@ -352,6 +364,7 @@ _LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce
 _EXCHANGE_SCRIPT = (
     "d={directory}; r=0; e=0; l=0; command -v rsync >/dev/null 2>&1 && r=1; "
     "{make}"
+    "{lock}"
     "if [ -d \"$d\" ] && cd -- \"$d\"; then e=1; "
     "find . -maxdepth 0 -printf '' >/dev/null 2>&1 && l=1; fi; "
     "printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\\n' \"$r\" \"$e\" \"$l\"; "
@@ -364,6 +377,13 @@ _EXCHANGE_SCRIPT = (
     "exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword; fi; "
     "if [ \"$next\" = wait ]; then exec cat >/dev/null; fi"
 )
+# Without flock(1) or a writable lock path the sync goes on unlocked (as before locks).
+_LOCK_SCRIPT = (
+    'k="${{d%/}}{suffix}"; '
+    'if command -v flock >/dev/null 2>&1 && touch -- "$k" 2>/dev/null; then exec 9>>"$k"; '
+    "flock -n 9 || {{ printf 'GPUFLOW-SYNC-WAIT\\n'; flock -w {wait} 9 || exit {code}; }}; fi; "
+)
+_SYNC_WAIT_LINE = b"GPUFLOW-SYNC-WAIT\n"
 _DELETE_LOOP = (
     'for p in "$@"; do if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; '
     'else rm -f -- "$p"; fi; done'
@@ -412,12 +432,17 @@ class _Exchange:
     pipe while this process is busy writing the tar stream.
     """
 
-    def __init__(self, session: _SshSession, directory: str, *, create: bool) -> None:
+    def __init__(
+        self, session: _SshSession, directory: str, *, create: bool, lock_wait: float = SYNC_LOCK_WAIT_SECONDS
+    ) -> None:
         self.session = session
         self.directory = directory
+        self.lock_wait = lock_wait
+        lock = _LOCK_SCRIPT.format(suffix=SYNC_LOCK_SUFFIX, wait=f"{lock_wait:g}", code=_LOCK_EXIT_CODE)
         script = _EXCHANGE_SCRIPT.format(
             directory=shlex.quote(directory),
             make='mkdir -p -- "$d" || exit 3; ' if create else "",
+            lock=lock if create else "",  # a dry run changes nothing: it need not wait
             delete_loop=shlex.quote(_DELETE_LOOP),
         )
         self._stderr = tempfile.TemporaryFile()
@@ -438,17 +463,26 @@ class _Exchange:
             return _ssh_failure(self.session.target, stderr, what)
         return RemoteCommandFailed(f"{what} failed on {self.session.target.host} (exit {code}): {_tail(stderr)}")
 
-    def read_state(self) -> DestinationState:
-        """Read the probe header and the listing (until the END record)."""
+    def read_state(self, waiting: Callable[[str], None] = lambda message: None) -> DestinationState:
+        """Read the probe header and the listing (until the END record).
+
+        ``waiting`` hears once when another sync holds the destination's lock.
+        """
         assert self.process.stdout is not None
         chunks: list[bytes] = []
         tail = b""
+        told = False
         while True:
             chunk = self.process.stdout.read1(1 << 16)
             if not chunk:
                 code = self.process.wait()
                 self._finished = True
+                if code == _LOCK_EXIT_CODE and told:
+                    raise _lock_timeout(f"{self.session.target.host}:{self.directory}", self.lock_wait)
                 raise self._failure(code if code else 1, "listing the destination")
+            if not told and _SYNC_WAIT_LINE in b"".join(chunks[-1:]) + chunk:
+                told = True
+                waiting(f"another sync to {self.session.target.host}:{self.directory} is running; waiting for it to finish")
             chunks.append(chunk)
             tail = (tail + chunk)[-len(_LISTING_END) :]
             if tail == _LISTING_END:
@@ -794,6 +828,7 @@ class _Options:
     large_files: int
     confirm_large: Callable[[str], bool] | None
     warn: Callable[[str], None]
+    lock_wait: float = SYNC_LOCK_WAIT_SECONDS
 
 
 def sync_directory(
@@ -808,6 +843,7 @@ def sync_directory(
     large_files: int = DEFAULT_LARGE_FILES,
     confirm_large: Callable[[str], bool] | None = None,
     warn: Callable[[str], None] = _stderr_warning,
+    lock_wait: float = SYNC_LOCK_WAIT_SECONDS,
 ) -> SyncReport:
     """Make ``destination`` mirror ``source`` (after ignore rules); send only changes.
 
@@ -817,7 +853,8 @@ def sync_directory(
     ``skip_top_level``: names skipped at the root besides the ignore rules.
     ``confirm_large`` is asked (with a one-line description) before sending
     more than ``large_bytes`` or ``large_files``; without it the sync warns
-    through ``warn`` and goes on.  Returns a :class:`SyncReport`.
+    through ``warn`` and goes on.  Another sync to the same destination is waited
+    for, up to ``lock_wait`` seconds (see SYNC_LOCK_SUFFIX).  Returns a :class:`SyncReport`.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -830,7 +867,7 @@ def sync_directory(
     if not source.is_dir():
         raise DataError(f"cannot sync {source}: not a directory")
     started = time.perf_counter()
-    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn)
+    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn, lock_wait)
 
     def scan() -> SourceTree:
         tree = scan_tree(source, skip_top_level=skip_top_level)
@@ -876,20 +913,58 @@ def _report(
     )
 
 
+def _lock_timeout(where: str, waited: float) -> StateError:
+    return StateError(
+        f"another sync to {where} still holds its lock after {waited:g} s",
+        hint="let it finish (or stop it) and sync again",
+    )
+
+
+@contextlib.contextmanager
+def _local_sync_lock(directory: Path, warn: Callable[[str], None], wait_seconds: float) -> Iterator[None]:
+    """Hold ``<directory>.gpuflow-sync.lock`` exclusively (see SYNC_LOCK_SUFFIX)."""
+    import fcntl
+
+    lock_path = directory.parent / (directory.name + SYNC_LOCK_SUFFIX)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock_file:
+        deadline = time.monotonic() + wait_seconds
+        told = False
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise _lock_timeout(str(directory), wait_seconds) from None
+                if not told:
+                    warn(f"another sync to {directory} is running; waiting for it to finish")
+                    told = True
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
 def _sync_local(
     scan: Callable[[], SourceTree], destination: LocalDestination, options: _Options, started: float
 ) -> SyncReport:
     tree = scan()
     directory = Path(destination.directory)
-    plan = plan_sync(tree, list_local_destination(directory))
-    if not options.dry_run:
+    if options.dry_run:
+        plan = plan_sync(tree, list_local_destination(directory))
+        return _report(tree, destination, "copy", plan, started, True)
+    with _local_sync_lock(directory, options.warn, options.lock_wait):
+        # Listed under the lock: a sync that waited sees what the other one left.
+        plan = plan_sync(tree, list_local_destination(directory))
         _check_size(plan, destination, options)
         bar = _Progress(options.progress, plan.bytes_to_send, "sync")
         try:
             _apply_local(tree.root, directory, plan, bar)
         finally:
             bar.close()
-    return _report(tree, destination, "copy", plan, started, options.dry_run)
+    return _report(tree, destination, "copy", plan, started, False)
 
 
 def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
@@ -926,9 +1001,9 @@ def _sync_ssh(
     exchange = None
     try:
         # Connect first and scan while the handshake runs: the scan is then free.
-        exchange = _Exchange(session, destination.directory, create=not options.dry_run)
+        exchange = _Exchange(session, destination.directory, create=not options.dry_run, lock_wait=options.lock_wait)
         tree = scan()
-        state = exchange.read_state()
+        state = exchange.read_state(waiting=options.warn)
         if not state.listed:
             options.warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
         if options.method == "rsync" and not (state.has_rsync and _local_rsync_usable()):

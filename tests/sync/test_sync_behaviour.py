@@ -3,13 +3,17 @@ copy), rsync over the loopback OpenSSH server, and the tar stream over it."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from gpuflow.sync import sync_directory
+from gpuflow.errors import StateError
+from gpuflow.sync import SYNC_LOCK_SUFFIX, sync_directory
 from tests.sync.conftest import HOSTILE_NAMES, write
 
 pytestmark = pytest.mark.ssh
@@ -199,3 +203,44 @@ def test_a_large_tree_asks_first_and_can_be_cancelled(project, make_destination,
     warnings = []
     report = sync_directory(project, destination, method=method, large_bytes=10, warn=warnings.append)
     assert report.files_sent == 15 and len(warnings) == 1 and "gpuflowignore" in warnings[0]
+
+
+@contextlib.contextmanager
+def _held_sync_lock(directory: Path):
+    """Hold the destination's sync lock as another gpuflow sync would (flock(2), as flock(1) does)."""
+    lock_path = directory.parent / (directory.name + SYNC_LOCK_SUFFIX)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield lock_file
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def test_a_second_sync_waits_for_the_first_and_says_so(project, make_destination, destination_kind):
+    destination, directory, method = make_destination(destination_kind)
+    warnings: list[str] = []
+    with _held_sync_lock(directory) as lock_file:
+        release = threading.Timer(1.0, fcntl.flock, (lock_file.fileno(), fcntl.LOCK_UN))
+        release.start()
+        started = time.monotonic()
+        report = sync_directory(project, destination, method=method, warn=warnings.append, lock_wait=30)
+        release.join()
+    assert time.monotonic() - started >= 0.9  # it did wait for the release
+    assert [warning for warning in warnings if "another sync" in warning and "waiting" in warning]
+    assert report.files_sent == len(_tree(project))
+    assert _tree(directory) == _tree(project)  # the lock file lives beside the tree, not in it
+
+
+def test_a_sync_gives_up_on_a_lock_held_too_long_and_changes_nothing(project, make_destination, destination_kind):
+    destination, directory, method = make_destination(destination_kind)
+    warnings: list[str] = []
+    with _held_sync_lock(directory):
+        with pytest.raises(StateError, match="another sync to .* still holds its lock after 1 s"):
+            sync_directory(project, destination, method=method, warn=warnings.append, lock_wait=1)
+        # A dry run changes nothing, so it does not wait.
+        dry = sync_directory(project, destination, method=method, dry_run=True, warn=warnings.append, lock_wait=30)
+    assert dry.dry_run and dry.files_sent == len(_tree(project))
+    assert len([warning for warning in warnings if "another sync" in warning]) == 1
+    assert _tree(directory) == {}
