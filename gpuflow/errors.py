@@ -126,7 +126,7 @@ class UnsafePath(SecurityError):
 
 
 class StateError(GpuflowError):
-    """The local state cache is corrupt or locked."""
+    """The local state cache is corrupt or locked, or another gpuflow holds a lock (a sync destination's)."""
 
     exit_code = 8
 
