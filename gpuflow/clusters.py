@@ -30,6 +30,7 @@ import getpass
 import ipaddress
 import os
 import re
+import secrets
 import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ from gpuflow.errors import (
     ConfigError,
     CredentialsError,
     GpuflowError,
+    StateError,
     UsageError,
 )
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
@@ -142,6 +144,7 @@ class ReapItem:
     reason: str
     detail: str | None = None
     owner: str | None = None  # who created it (the gpuflow:owner tag)
+    owner_id: str | None = None  # the gpuflow:owner-id tag
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -152,9 +155,16 @@ class ReapReport:
     items: tuple[ReapItem, ...] = ()
     deleted: bool = False  # False: a dry run (no --yes)
     regions: tuple[str, ...] = ()
+    # Orphans another gpuflow created (another owner id, or none): left alone without any_owner.
+    skipped: tuple[ReapItem, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"deleted": self.deleted, "regions": list(self.regions), "items": [item.to_dict() for item in self.items]}
+        return {
+            "deleted": self.deleted,
+            "regions": list(self.regions),
+            "items": [item.to_dict() for item in self.items],
+            "skipped_other_owners": [item.to_dict() for item in self.skipped],
+        }
 
 
 @dataclass
@@ -219,6 +229,41 @@ def _owner() -> str:
     except (KeyError, OSError):  # no passwd entry (containers)
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"[:255]
+
+
+ENV_OWNER_ID = "GPUFLOW_OWNER_ID"
+OWNER_ID_FILE = "owner-id"
+
+
+def owner_id(home: Path | None = None) -> str:
+    """Who "this gpuflow" is, for the ``gpuflow:owner-id`` tag that ``reap`` goes by.
+
+    ``$GPUFLOW_OWNER_ID`` when set (CI jobs on fresh machines share one that way), else a
+    random id made once per gpuflow home and kept in ``<home>/owner-id``: unlike
+    user@host it survives a laptop's hostname changing with the network.
+    """
+    override = os.environ.get(ENV_OWNER_ID)
+    if override:
+        return validate_name(override, ENV_OWNER_ID)
+    path = (home or gpuflow_home()) / OWNER_ID_FILE
+    if not path.exists():
+        # Create-if-absent atomically: the first of two racing processes wins, both read its id.
+        temporary = path.with_name(f".{OWNER_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        atomic_write_bytes(temporary, f"gf-{secrets.token_hex(8)}\n".encode())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink(missing_ok=True)
+    value = path.read_text().strip()
+    try:
+        return validate_name(value, "owner id")
+    except UsageError as exc:
+        raise StateError(
+            f"{path} is damaged ({value[:40]!r})",
+            hint="delete it to make a new id; what the old id created then counts as another owner's for reap",
+        ) from exc
 
 
 def _default_cluster_name(project_root: Path) -> str:
@@ -313,7 +358,15 @@ def up(
     already exists, return it unchanged (a second ``up`` never makes a second
     cluster).  On any failure, delete what this call created, then re-raise.
     """
-    from infra.aws.provisioner import TAG_CLUSTER, TAG_CREATED_AT, TAG_LAUNCH, TAG_MANAGED, TAG_OWNER, Ec2Provisioner
+    from infra.aws.provisioner import (
+        TAG_CLUSTER,
+        TAG_CREATED_AT,
+        TAG_LAUNCH,
+        TAG_MANAGED,
+        TAG_OWNER,
+        TAG_OWNER_ID,
+        Ec2Provisioner,
+    )
     from infra.dlami import DLAMI_SSH_USER
     from infra.userdata import render_user_data
 
@@ -361,6 +414,7 @@ def up(
     tags = {
         TAG_CLUSTER: spec.name,
         TAG_OWNER: _owner(),
+        TAG_OWNER_ID: owner_id(),
         TAG_CREATED_AT: _iso(created_at),
         TAG_MANAGED: "true",
         TAG_LAUNCH: launch_id,
@@ -913,6 +967,7 @@ def reap(
     yes: bool = False,
     region: str | None = None,
     sandbox: bool = False,
+    any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
 ) -> ReapReport:
@@ -921,8 +976,14 @@ def reap(
     groups, key pairs, unattached volumes and open spot requests of clusters
     that are gone — and, with ``yes``, delete it.  Without ``yes`` nothing is
     deleted (a dry run).  Scans ``region`` (default: the configured one) and
-    the regions of the local clusters."""
+    the regions of the local clusters.
+
+    Only what this gpuflow created (its :func:`owner_id` in ``gpuflow:owner-id``)
+    is reaped: in a shared account another person's clusters are unknown here but
+    not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too."""
     report = progress or (lambda message: None)
+    me = owner_id()
+    skipped: list[ReapItem] = []
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     regions = {region or _configured_region()} | {
@@ -949,20 +1010,26 @@ def reap(
             )
             if creating_alive or (document.get("phase") == PHASE_UP and live_by_cluster.get(name)):
                 owned.add(name)
-        orphans = [resource for resource in resources if resource.cluster not in owned]
-        for resource in orphans:
+        orphans, others = [], []
+        for resource in resources:
+            if resource.cluster in owned:
+                continue
             if resource.kind == "instance":
                 reason = "instance of a cluster gpuflow does not know here"
             elif resource.cluster in live_by_cluster:
                 reason = "belongs to a cluster gpuflow does not know here"
             else:
                 reason = "its cluster has no live instances"
-            items.append(
-                ReapItem(resource.kind, resource.resource_id, scan_region, resource.cluster, reason, resource.detail, resource.owner)
+            item = ReapItem(
+                resource.kind, resource.resource_id, scan_region, resource.cluster, reason,
+                resource.detail, resource.owner, resource.owner_id,
             )
+            mine = any_owner or resource.owner_id == me
+            (orphans if mine else others).append(resource)
+            (items if mine else skipped).append(item)
         plans.append((provisioner, orphans, scan_region))
     if not yes:
-        return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)))
+        return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped))
 
     reaped_clusters: set[str] = set()
     reaped_key_clusters: set[str] = set()
@@ -1000,7 +1067,7 @@ def reap(
             key_file_path(name).unlink(missing_ok=True)
     if sandbox:
         _release_sandbox_server_when_unused(store)
-    return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)))
+    return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped))
 
 
 def _is_valid_name(name: str) -> bool:

@@ -211,16 +211,26 @@ def reap(
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found (default: only list it)."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Region to scan (plus those of known clusters)."),
     sandbox: bool = typer.Option(False, "--sandbox", help="Reap the sandbox cloud instead of AWS."),
+    any_owner: bool = typer.Option(
+        False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
+    ),
     as_json: bool = _JSON,
 ) -> None:
-    """Remove everything gpuflow tagged that no live cluster owns (safe to run from CI)."""
+    """Remove everything this gpuflow tagged that no live cluster owns (safe to run from CI)."""
     from gpuflow import clusters
 
     with _progress(not as_json) as progress:
-        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, progress=progress)
+        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
+    if result.skipped:
+        owners = sorted({item.owner or item.owner_id or "unknown" for item in result.skipped})
+        typer.echo(
+            f"left alone: {len(result.skipped)} item(s) other gpuflow installs created ({', '.join(owners)}); "
+            "--any-owner includes them",
+            err=True,
+        )
     if not result.items:
         typer.echo(f"nothing to reap in {', '.join(result.regions)}")
         return
@@ -229,4 +239,5 @@ def reap(
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
-        typer.echo("dry run: run `gpuflow reap --yes` to delete these", err=True)
+        again = "gpuflow reap --yes --any-owner" if any_owner else "gpuflow reap --yes"
+        typer.echo(f"dry run: run `{again}` to delete these", err=True)

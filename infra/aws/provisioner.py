@@ -30,7 +30,8 @@ from infra.dlami import (
 )
 
 TAG_CLUSTER = "gpuflow:cluster"
-TAG_OWNER = "gpuflow:owner"
+TAG_OWNER = "gpuflow:owner"  # user@host, for people reading the console
+TAG_OWNER_ID = "gpuflow:owner-id"  # the creating gpuflow home's id: what `reap` goes by
 TAG_CREATED_AT = "gpuflow:created-at"
 TAG_MANAGED = "gpuflow:managed"
 TAG_LAUNCH = "gpuflow:launch-id"  # one per `up` invocation: what rollback may delete
@@ -184,6 +185,7 @@ class ManagedResource:
     state: str | None = None
     detail: str | None = None
     owner: str | None = None  # the gpuflow:owner tag (user@host that created it)
+    owner_id: str | None = None  # the gpuflow:owner-id tag
 
 
 ProgressCallback = Callable[[str], None]
@@ -597,7 +599,10 @@ class Ec2Provisioner:
         managed = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
 
         def resource(kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None) -> ManagedResource:
-            return ManagedResource(kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail, tags.get(TAG_OWNER))
+            return ManagedResource(
+                kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail,
+                tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID),
+            )
 
         resources = [
             resource("instance", view.instance_id, view.tags, view.state, view.instance_type) for view in self.find_instances()
@@ -658,5 +663,6 @@ __all__ = [
     "TAG_LAUNCH",
     "TAG_MANAGED",
     "TAG_OWNER",
+    "TAG_OWNER_ID",
     "client_token",
 ]

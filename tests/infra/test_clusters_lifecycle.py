@@ -12,7 +12,7 @@ import pytest
 
 from gpuflow import clusters
 from gpuflow.cli import main
-from gpuflow.errors import ClusterNotFound, UsageError
+from gpuflow.errors import ClusterNotFound, StateError, UsageError
 from gpuflow.state import StateStore
 from infra.aws.provisioner import client_token
 from infra.sandbox import seed_deep_learning_ami
@@ -224,14 +224,23 @@ def test_up_after_the_cluster_ended_replaces_it(cloud, provisioners, gpuflow_hom
     assert leftovers(cloud, gpuflow_home) == {}
 
 
+def _tagged_instance(cloud, image: str, cluster: str, owner_id: str | None) -> str:
+    """An instance another gpuflow run left behind: tagged for ``cluster``, unknown to this state."""
+    tags = [{"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": cluster}]
+    if owner_id is not None:
+        tags.append({"Key": "gpuflow:owner-id", "Value": owner_id})
+    return cloud.run_instances(
+        ImageId=image, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
+
+
 def test_ls_and_reap_show_instances_unknown_locally(cloud, provisioners, gpuflow_home, capsys):
     known = clusters.up(make_spec("known"), provisioner_factory=provisioners)
-    image = known.ami
-    ghost = cloud.run_instances(
-        ImageId=image, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [
-            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "ghost"}]}],
-    )["Instances"][0]["InstanceId"]
+    # One of ours whose local record is gone, one a colleague's running cluster, one untagged by owner id.
+    ghost = _tagged_instance(cloud, known.ami, "ghost", clusters.owner_id())
+    colleague = _tagged_instance(cloud, known.ami, "their-run", "gf-colleague")
+    unowned = _tagged_instance(cloud, known.ami, "old-run", None)
     listed = {item.cluster.name: item for item in clusters.list_clusters(provisioner_factory=provisioners)}
     assert listed["known"].state == "running" and listed["known"].known_locally
     assert listed["ghost"].state == "unmanaged" and not listed["ghost"].known_locally
@@ -243,14 +252,45 @@ def test_ls_and_reap_show_instances_unknown_locally(cloud, provisioners, gpuflow
     plan = json.loads(capsys.readouterr().out)
     assert plan["deleted"] is False
     assert [(item["kind"], item["resource_id"]) for item in plan["items"]] == [("instance", ghost)]
+    assert sorted(item["resource_id"] for item in plan["skipped_other_owners"]) == sorted([colleague, unowned])
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["reap", "--yes", "--json"])
+        main(["reap", "--yes"])
     assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert f"deleted instance {ghost}" in captured.out
+    assert "left alone: 2 item(s) other gpuflow installs created" in captured.err and "--any-owner" in captured.err
     assert _instance(cloud, ghost)["State"]["Name"] == "terminated"
+    assert _instance(cloud, colleague)["State"]["Name"] == "running"  # a shared account: not ours to reap
+    assert _instance(cloud, unowned)["State"]["Name"] == "running"
     assert _instance(cloud, known.head.instance_id)["State"]["Name"] == "running"  # owned by a live cluster
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reap", "--yes", "--any-owner", "--json"])
+    assert exit_info.value.code == 0
+    assert _instance(cloud, colleague)["State"]["Name"] == "terminated"
+    assert _instance(cloud, unowned)["State"]["Name"] == "terminated"
+    assert _instance(cloud, known.head.instance_id)["State"]["Name"] == "running"
     clusters.down("known", provisioner_factory=provisioners)
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_the_owner_id_is_made_once_per_home_and_can_be_set_for_ci(gpuflow_home, monkeypatch, capsys):
+    monkeypatch.delenv("GPUFLOW_OWNER_ID", raising=False)
+    first = clusters.owner_id()
+    assert first.startswith("gf-") and clusters.owner_id() == first
+    assert (gpuflow_home / "owner-id").read_text().strip() == first
+    monkeypatch.setenv("GPUFLOW_OWNER_ID", "ci-myproject")
+    assert clusters.owner_id() == "ci-myproject"
+    monkeypatch.setenv("GPUFLOW_OWNER_ID", "bad id; rm -rf /")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reap", "--sandbox"])
+    assert exit_info.value.code == 2
+    assert "invalid GPUFLOW_OWNER_ID" in capsys.readouterr().err
+    monkeypatch.delenv("GPUFLOW_OWNER_ID")
+    (gpuflow_home / "owner-id").write_text("not valid!\n")
+    with pytest.raises(StateError, match="owner-id is damaged"):
+        clusters.owner_id()
 
 
 def test_down_all_needs_yes_without_a_terminal(cloud, provisioners, gpuflow_home, capsys, monkeypatch):
@@ -280,7 +320,8 @@ def test_instance_state_and_console_output_for_the_ssh_layer(cloud, provisioners
 
 
 def test_reap_removes_stray_volumes_and_spot_requests(cloud, provisioners, gpuflow_home):
-    tags = [{"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "crashed-long-ago"}]
+    tags = [{"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "crashed-long-ago"},
+            {"Key": "gpuflow:owner-id", "Value": clusters.owner_id()}]
     volume_id = cloud.create_volume(
         AvailabilityZone="us-east-1a", Size=100, VolumeType="gp3", Encrypted=True,
         TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
