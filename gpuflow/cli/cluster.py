@@ -135,7 +135,11 @@ def _print_statuses(statuses: list[Any]) -> None:
     for row in (header, *rows):
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if any(item.state == "unmanaged" for item in statuses):
-        typer.echo("unmanaged: tagged by gpuflow but unknown here; `gpuflow reap` removes them", err=True)
+        typer.echo(
+            "unmanaged: tagged by gpuflow but unknown here; `gpuflow reap` removes those this gpuflow created "
+            "(--any-owner: anyone's)",
+            err=True,
+        )
 
 
 @app.command()
