@@ -794,6 +794,8 @@ def list_clusters(
             if not live:
                 continue
             results.append(_unmanaged_status(provisioner, group_region, cluster_name, live))
+    if any(sandbox for _, _, sandbox in groups):
+        _release_sandbox_server_when_unused(store)  # a sandbox project's `ls` may have started it to look
     return results
 
 
@@ -843,6 +845,8 @@ def down(
         leftovers = provisioner.find_instances(cluster=cluster_name)
         groups, keys = provisioner.find_cluster_resources(cluster_name)
         if not (leftovers or groups or keys):
+            if tombstone.sandbox:
+                _release_sandbox_server_when_unused(store)  # it may have been started just to look
             return DownReport(cluster_name, already_down=True, estimated_cost=document.get("final_cost"))
         # Something reappeared under the name (another machine?): clean it by its tags, where the cluster was.
         document = None
@@ -1029,6 +1033,8 @@ def reap(
             (items if mine else skipped).append(item)
         plans.append((provisioner, orphans, scan_region))
     if not yes:
+        if sandbox:
+            _release_sandbox_server_when_unused(store)  # it may have been started just to look
         return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped))
 
     reaped_clusters: set[str] = set()

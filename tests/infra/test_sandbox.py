@@ -278,5 +278,12 @@ def test_the_server_goes_with_the_last_sandbox_cluster(gpuflow_home, tmp_path):
     assert down.returncode == 0, down.stderr
     assert sandbox.read_server_record(gpuflow_home) is None
     assert sandbox._has_exited(record.pid)  # gone (or a zombie awaiting its reaper)
+    # Read-only looks at the sandbox start a server to ask it, and stop it again.
     assert "already down" in gpuflow("down", "second", "--yes").stdout
-    sandbox.stop_sandbox(gpuflow_home)  # the last command started a fresh server to look: it is idempotent to stop
+    assert sandbox.read_server_record(gpuflow_home) is None
+    dry_reap = gpuflow("reap", "--sandbox")
+    assert dry_reap.returncode == 0 and "nothing to reap" in dry_reap.stdout, dry_reap.stderr
+    assert sandbox.read_server_record(gpuflow_home) is None
+    (tmp_path / "gpuflow.toml").write_text("sandbox = true\n")
+    assert gpuflow("ls").returncode == 0
+    assert sandbox.read_server_record(gpuflow_home) is None
