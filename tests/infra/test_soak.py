@@ -12,6 +12,9 @@ observes around gpuflow):
 * **other owner untouched**: the other owner's instances, security groups, key
   pairs, instance directories and job processes are exactly as before (except
   jobs that ended by themselves with exit code 0);
+* **own scope**: ``up``, ``run``, ``ls``, ``runs`` end nothing of their owner's
+  either, ``stop RUN`` only that run, ``down NAME`` only cluster NAME, ``reap``
+  nothing of a cluster its owner has up;
 * **accounted for**: every live tagged resource carries a known owner id and is
   either in its owner's local state or listed by its owner's ``reap`` dry run;
 * **no stray process**: every process "on" a sandbox instance belongs to a run
@@ -69,9 +72,9 @@ BUDGET_SECONDS = float(os.environ.get("GPUFLOW_SOAK_SECONDS", "60"))
 SEED = os.environ.get("GPUFLOW_SOAK_SEED", "").strip()
 SHRINK = os.environ.get("GPUFLOW_SOAK_SHRINK", "1").strip() not in ("0", "no", "false")
 # Kinds of violation to report without failing (to look past a known bug):
-# hang, traceback, real-aws, other-owner, accounted, stray-process, final, final-server, final-keyfile.
+# hang, traceback, real-aws, other-owner, own-scope, accounted, stray-process, final, final-server, final-keyfile.
 IGNORE = {kind.strip() for kind in os.environ.get("GPUFLOW_SOAK_IGNORE", "").split(",") if kind.strip()}
-COMMAND_BOUND = 45.0  # seconds; every soak command is ~1-3 s here
+COMMAND_BOUND = 90.0  # seconds; a soak command takes ~1-3 s here (up to ~20 s on a loaded machine)
 SETTLE_SECONDS = 6.0  # how long a just-stopped job's processes may take to go
 JOB = ["python", "-c", "import time; time.sleep(20)"]
 
@@ -166,7 +169,7 @@ class SoakMachine(RuleBasedStateMachine):
                 problems.append(f"[hang] `gpuflow {' '.join(argv)}` still ran after {COMMAND_BOUND:g} s (killed)")
             if not result.interrupted and "Traceback (most recent call last)" in result.stderr:
                 problems.append(f"[traceback] traceback instead of a one-line error:\n{result.stderr[-1500:]}")
-            problems += self._check(owner, before)
+            problems += self._check(owner, argv, before)
             self._fail(problems)
         except Violation:
             raise
@@ -182,9 +185,12 @@ class SoakMachine(RuleBasedStateMachine):
             owner: sorted(str(path) for path in (world.homes[owner] / "sandbox").glob("[!.]*/*"))
             for owner in OWNERS
         }
-        return {"server_up": server_up, "items": items, "procs": node_procs, "node_dirs": node_dirs}
+        clusters = {owner: world.records(owner, "clusters") for owner in OWNERS}
+        leaders = {node.proc.pid for node in node_procs if soak.leads_run(node)}  # jobs and supervisors
+        return {"server_up": server_up, "items": items, "procs": node_procs, "node_dirs": node_dirs,
+                "clusters": clusters, "leaders": leaders}
 
-    def _check(self, owner, before):
+    def _check(self, owner, argv, before):
         world = self.world
         problems = []
         if world.proxy.requests:
@@ -210,7 +216,7 @@ class SoakMachine(RuleBasedStateMachine):
                             f"{before['node_dirs'][other]} -> {after['node_dirs'][other]}")
         alive_now = {node.proc.pid for node in after["procs"]}
         for node in before["procs"]:
-            if node.owner != other or node.proc.pid in alive_now or node.run_id is None:
+            if node.owner != other or node.proc.pid in alive_now or node.proc.pid not in before["leaders"]:
                 continue
             exit_code = node.node_dir / "runs" / node.run_id / "exit_code"
             ended_by_itself = exit_code.is_file() and exit_code.read_text().strip() == "0"
@@ -219,6 +225,8 @@ class SoakMachine(RuleBasedStateMachine):
                     f"[other-owner] {owner}'s command ended {other}'s process {node.proc.pid} ({node.proc.cmdline[:80]}) of run "
                     f"{node.run_id} on {node.cluster}/{node.instance_id}"
                 )
+
+        problems += self._own_scope(owner, argv, before, after, ids[owner])
 
         # Every live resource has a known owner, who knows it or whose reap would take it.
         unknown: dict[tuple[str, str], list] = {}
@@ -239,6 +247,61 @@ class SoakMachine(RuleBasedStateMachine):
                     )
 
         problems += self._stray_processes(settle=SETTLE_SECONDS)
+        return problems
+
+    def _own_scope(self, owner, argv, before, after, my_id):
+        """A command takes only what it is about, of its own owner's too: `up`, `run`,
+        `ls`, `runs` end nothing; `stop RUN` only that run's processes; `down NAME`
+        only cluster NAME's; `reap` nothing of a cluster its owner has up (live)."""
+        command = argv[0]
+        if command == "down" and "--all" in argv:
+            return []
+        live_before = {item.resource_id for item in before["items"] if item.kind == "instance"}
+        live_clusters = {  # (cluster, region) of this owner with a live instance before the command
+            (item.tags.get("gpuflow:cluster"), item.region)
+            for item in before["items"]
+            if item.kind == "instance" and item.tags.get(TAG_OWNER_ID) == my_id
+        }
+        records = before["clusters"][owner]
+
+        def protected_cluster(cluster, region=None):
+            if command == "down":
+                return cluster != argv[1]
+            if command == "reap":  # orphans only: not a cluster this owner has up and running
+                document = records.get(cluster)
+                if not isinstance(document, dict) or document.get("phase") != "up":
+                    return False
+                if region is not None and document.get("region") != region:
+                    return False
+                nodes = {node.get("instance_id") for node in document.get("nodes", []) if isinstance(node, dict)}
+                return bool(nodes & live_before)
+            if command == "up":  # may clear what is left of a cluster that ended, never a live one
+                return region is None or (cluster, region) in live_clusters
+            return True  # run, stop, ls, runs
+
+        problems = []
+        after_ids = {(item.kind, item.resource_id) for item in after["items"]}
+        for item in before["items"]:
+            if item.tags.get(TAG_OWNER_ID) != my_id or (item.kind, item.resource_id) in after_ids:
+                continue
+            if protected_cluster(item.tags.get("gpuflow:cluster"), item.region):
+                problems.append(
+                    f"[own-scope] `{command}` removed {owner}'s {item.kind} {item.resource_id} ({item.region}) of "
+                    f"cluster {item.tags.get('gpuflow:cluster')}" + ("" if after["server_up"] else " (the sandbox server is down)")
+                )
+        alive_now = {node.proc.pid for node in after["procs"]}
+        for node in before["procs"]:
+            if node.owner != owner or node.proc.pid in alive_now or node.proc.pid not in before["leaders"]:
+                continue
+            if command == "stop" and node.run_id == argv[1]:
+                continue
+            if command == "stop" or protected_cluster(node.cluster):
+                exit_code = node.node_dir / "runs" / node.run_id / "exit_code"
+                if not (exit_code.is_file() and exit_code.read_text().strip() == "0"):
+                    problems.append(
+                        f"[own-scope] `{command}` ended {owner}'s process {node.proc.pid} ({node.proc.cmdline[:60]}) of "
+                        f"run {node.run_id} on {node.cluster}/{node.instance_id}"
+                    )
         return problems
 
     def _stray_processes(self, settle: float):
