@@ -508,3 +508,15 @@ def _run_of(proc: Proc, node_dir: Path, parts: tuple[str, ...]) -> str | None:
             if int(pid_file.read_text().strip()) in (proc.sid, proc.pid):
                 return pid_file.parent.name
     return None
+
+
+def leads_run(node: NodeProc) -> bool:
+    """The run's job or its supervisor (the pids in job.pid / supervisor.pid), not
+    one of the supervisor's short-lived helpers (the environment probe, a sleep)."""
+    if node.run_id is None:
+        return False
+    for name in ("job.pid", "supervisor.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            if int((node.node_dir / "runs" / node.run_id / name).read_text().strip()) == node.proc.pid:
+                return True
+    return False
