@@ -243,6 +243,7 @@ class SoakWorld:
         # children may still do must end within LEFTOVER_CHILD_BOUND of that.
         self.cli_ended: dict[int, float] = {}
         self._clients: dict[str, Any] = {}
+        self.cleaned = False
         self._clients_port: int | None = None
 
     # -- gpuflow as a user runs it

@@ -32,8 +32,12 @@ Budget: ``GPUFLOW_SOAK_EXAMPLES`` walks of ``GPUFLOW_SOAK_STEPS`` commands, at m
 the CI defaults fit in ~2 minutes on 2 busy cores).  Deterministic by default
 (derandomized); ``GPUFLOW_SOAK_SEED=N`` picks another walk, ``=random`` a fresh one.
 ``GPUFLOW_SOAK_SHRINK=0`` reports the first failing walk without shrinking it.
-A failure reports the (shrunk) walk twice: hypothesis' ``state.up(...)`` program,
-and the command lines with their outcomes, in the assertion message.
+A failure reports the (shrunk) walk twice: hypothesis' program
+(``state = SoakMachine()``, ``state.step(cmd=Cmd(...))``..., ``state.teardown()``),
+and the command lines with their outcomes, in the assertion message.  The program
+replays as it is, outside pytest (in a loopback-only namespace, from the repository
+root, with ``PYTHONPATH=.``): put ``from tests.infra.test_soak import Cmd, SoakMachine``
+above it and run it with python3.
 
     GPUFLOW_SOAK_EXAMPLES=20 GPUFLOW_SOAK_STEPS=25 GPUFLOW_SOAK_SECONDS=3600 \\
       unshare -n sh -c 'ip link set lo up && python3 -m pytest -s tests/infra/test_soak.py'
@@ -41,6 +45,7 @@ and the command lines with their outcomes, in the assertion message.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -55,6 +60,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, rule
 
 from tests.infra import soak
@@ -128,7 +134,11 @@ class Violation(AssertionError):
 class SoakMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.replaying = current_build_context().is_final  # hypothesis' last run, which prints the walk
+        try:
+            self.replaying = current_build_context().is_final  # hypothesis' last run, which prints the walk
+        except InvalidArgument:  # outside hypothesis: a printed walk pasted into Python
+            self.replaying = True
+            atexit.register(lambda: self.world and _hard_cleanup(self.world))  # also when a step raised
         self.active = self.replaying or time.monotonic() < _deadline[0]
         self.world: SoakWorld | None = None
         self.log: list[str] = []
@@ -418,6 +428,9 @@ def _hard_cleanup(world: SoakWorld) -> None:
     """What the soak started must not outlive it, whatever gpuflow did: job
     processes under its directory and its sandbox servers (all found by their
     working directory or command line inside the soak's own directory)."""
+    if world.cleaned:
+        return
+    world.cleaned = True
     for _ in range(3):
         for proc in soak.processes_under(world.root):
             with_suppress_kill(proc.pid)
