@@ -78,7 +78,7 @@ BUDGET_SECONDS = float(os.environ.get("GPUFLOW_SOAK_SECONDS", "60"))
 SEED = os.environ.get("GPUFLOW_SOAK_SEED", "").strip()
 SHRINK = os.environ.get("GPUFLOW_SOAK_SHRINK", "1").strip() not in ("0", "no", "false")
 # Kinds of violation to report without failing (to look past a known bug):
-# hang, traceback, real-aws, other-owner, own-scope, accounted, stray-process, final, final-server, final-keyfile.
+# setup, hang, traceback, real-aws, other-owner, own-scope, accounted, stray-process, final, final-server, final-keyfile.
 IGNORE = {kind.strip() for kind in os.environ.get("GPUFLOW_SOAK_IGNORE", "").split(",") if kind.strip()}
 COMMAND_BOUND = 90.0  # seconds; a soak command takes ~1-3 s here (up to ~20 s on a loaded machine)
 SETTLE_SECONDS = 6.0  # how long a just-stopped job's processes may take to go
@@ -90,7 +90,8 @@ JOB = ["python", "-c", "import time; time.sleep(20)"]
 class Cmd:
     """One step: ``owner`` runs ``gpuflow ARGV``, maybe SIGKILLed ("kill") or
     Ctrl-C'd ("int") that many seconds after it started.  Its repr is what
-    hypothesis prints for a failing walk (``stop RUN#k``: the k-th known run)."""
+    hypothesis prints for a failing walk (``stop RUN#k``: the k-th run either owner
+    knows; ``run MINE#k``: the owner's k-th cluster that is up)."""
 
     owner: str
     argv: tuple[str, ...]
@@ -113,7 +114,8 @@ def _cmd(argv, owner=OWNER, interrupt=INTERRUPT):
 
 
 UP = _cmd(st.tuples(st.just("up"), NAME, st.just("--sandbox"), st.just("--region"), REGION))
-RUN = _cmd(st.builds(lambda name: ("run", name, "--detach", "--", *JOB), NAME))
+# `run MINE#k`: the owner's k-th cluster that its records have up (c1 when none), so runs mostly start.
+RUN = _cmd(st.builds(lambda k: ("run", f"MINE#{k}", "--detach", "--", *JOB), st.integers(0, 3)))
 STOP = _cmd(st.builds(lambda k: ("stop", f"RUN#{k}", "--grace", "1"), st.integers(0, 50)), owner=st.just(""))
 DOWN = _cmd(st.builds(lambda name, region: ("down", name, "--yes", *region), NAME, MAYBE_REGION))
 REAP = _cmd(st.builds(lambda region, yes: ("reap", "--sandbox", "--region", region, "--json", *yes), REGION,
@@ -162,6 +164,10 @@ class SoakMachine(RuleBasedStateMachine):
                 return
             owner, run_id = runs[int(argv[1].split("#")[1]) % len(runs)]
             argv[1] = run_id
+        if argv[0] == "run" and argv[1].startswith("MINE#"):
+            mine = sorted(name for name, document in self.world.records(owner, "clusters").items()
+                          if isinstance(document, dict) and document.get("phase") == "up")
+            argv[1] = mine[int(argv[1].split("#")[1]) % len(mine)] if mine else "c1"
         self._command(owner, argv, cmd.interrupt)
 
     # ------------------------------------------------------------------ one step, then the invariants
@@ -208,6 +214,8 @@ class SoakMachine(RuleBasedStateMachine):
             world.proxy.requests.clear()
         after = self._observe()
         ids = {each: world.owner_id(each) for each in OWNERS}
+        if ids["A"] and ids["A"] == ids["B"]:
+            problems.append(f"[setup] both gpuflow homes have the owner id {ids['A']}: the soak needs two owners")
 
         # The other owner's cloud resources, directories and jobs are untouched.
         other = next(each for each in OWNERS if each != owner)
