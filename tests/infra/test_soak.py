@@ -123,7 +123,7 @@ REAP = _cmd(st.builds(lambda region, yes: ("reap", "--sandbox", "--region", regi
 LS = _cmd(st.builds(lambda region: ("ls", "--json", *region), MAYBE_REGION))
 RUNS = _cmd(st.just(("runs", "--json")), interrupt=st.none())
 # In shrinking order (a failing walk shrinks towards `up`s); repeated branches are drawn more often.
-COMMANDS = st.one_of(UP, RUN, STOP, DOWN, UP, RUN, REAP, LS, RUNS, UP, RUN, STOP, DOWN)
+COMMANDS = st.one_of(UP, RUN, STOP, UP, RUN, DOWN, UP, RUN, REAP, LS, RUN, STOP, RUNS, DOWN)
 
 
 _deadline = [float("inf")]
