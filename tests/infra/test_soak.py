@@ -463,6 +463,7 @@ def with_suppress_kill(pid: int) -> None:
         pass
 
 
+@pytest.mark.timeout(BUDGET_SECONDS + 900)  # the last walk, its final checks and hypothesis' replay come after
 def test_soak_two_owners_two_regions_random_commands_and_interrupts():
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
     test = get_state_machine_test(
