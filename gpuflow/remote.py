@@ -421,9 +421,10 @@ def ssh_invocation(
     if cluster.sandbox and sandbox_ssh_settings() is None:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
-    remote_command = quote_argv(command) if command else None
+    remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
     if cluster.sandbox:
         sandbox = sandbox_ssh_settings()
         assert sandbox is not None
@@ -432,8 +433,7 @@ def ssh_invocation(
         # The loopback "instance" is this machine: start where the sandbox instance's files are.
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
-        enter = f"cd {quote_argv([str(directory)])} && "
-        remote_command = enter + (remote_command or 'exec "${SHELL:-/bin/sh}" -l')
+        remote_command = _touch_heartbeat(str(directory)) + f"cd {quote_argv([str(directory)])} && " + remote_command
     else:
         target = ssh_target_for(cluster, node, trust_on_first_use=trust_on_first_use)
         expected = ensure_host_keys(cluster, node, target)
@@ -442,13 +442,22 @@ def ssh_invocation(
             # connection verifies the presented key and pins it for OpenSSH.
             alive = instance_alive_hook(cluster, node.instance_id)
             _ssh_runner(target, alive, expected, {}).check_host_key()
+        remote_command = _touch_heartbeat(None) + remote_command
     argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
-    if cluster.sandbox and not command:
+    if not command:
         argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
     argv += ["--", f"{target.user}@{target.host}"]
-    if remote_command:
-        argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
+    argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
     return Invocation(tuple(argv))
+
+
+def _touch_heartbeat(base_dir: str | None) -> str:
+    """A prefix for a remote command that touches the dead-man's switch's
+    heartbeat in ``base_dir`` (None: the instance's ``~/gpuflow``), as every
+    gpuflow connection does; it never fails the command, and it is one quoted
+    ``sh -c`` so any login shell runs it."""
+    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
+    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
 
 
 # ---------------------------------------------------------------------- ssh-config

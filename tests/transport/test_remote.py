@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,33 @@ def test_ssh_invocation_pins_before_handing_over_to_openssh(sshd_session, fake_c
         with pytest.raises(UnreachableHost, match="still booting"):
             remote.ssh_invocation("web", ["true"])
     invocation = remote.ssh_invocation("web", ["echo", "a b", "$(x)"], trust_on_first_use=trust)
-    assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1] == "echo 'a b' '$(x)'"
+    assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1].endswith("; echo 'a b' '$(x)'")
     assert ("without verification" in capsys.readouterr().err) is trust
     completed = subprocess.run(list(invocation.argv), capture_output=True, text=True, timeout=60)
     assert (completed.returncode, completed.stdout) == (0, "a b $(x)\n"), completed.stderr
+
+
+def test_cli_ssh_touches_the_heartbeat_like_every_connection(sshd_session, tmp_path):
+    """`gpuflow ssh` (a shell or a command) keeps the dead-man's switch from
+    counting the instance idle: on an instance, over a loopback sshd sandbox,
+    and in a local sandbox directory."""
+    cluster = make_cluster(sshd_session)
+    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+                           [hostkeys.parse_public_key(sshd_session.host_public_key)])
+    before = int(time.time()) - 1
+    # The remote command runs after the touch: it sees the heartbeat's mtime.
+    completed = _gpuflow("ssh", "web", "--", "sh", "-c", 'stat -c %Y "$HOME/gpuflow/heartbeat"')
+    assert completed.returncode == 0, completed.stderr
+    assert int(completed.stdout) >= before
+    invocation = remote.ssh_invocation("web")  # an interactive shell: the same touch, then the login shell
+    assert invocation.argv[-1].endswith('exec "${SHELL:-/bin/sh}" -l') and "-t" in invocation.argv
+    assert "heartbeat" in invocation.argv[-1]
+
+    make_cluster(sshd_session, "sbx", sandbox=True)
+    heartbeat = gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001" / "heartbeat"
+    assert _gpuflow("ssh", "sbx", "--", "true").returncode == 0
+    assert heartbeat.stat().st_mtime >= before
+    heartbeat.unlink()
+    over_ssh = _gpuflow("ssh", "sbx", "--", "true", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
+    assert over_ssh.returncode == 0, over_ssh.stderr
+    assert heartbeat.stat().st_mtime >= before
