@@ -386,6 +386,8 @@ def up(
             f"instance type {spec.instance_type!r} has no GPU",
             hint="pick a GPU type such as g5.xlarge, or pass --allow-cpu",
         )
+    if spec.spot and not spec.sandbox:
+        _check_spot_role(provisioner, warning)
     zones = provisioner.offered_zones(spec.instance_type)
     if not zones:
         raise UsageError(
@@ -503,6 +505,26 @@ def up(
     except BaseException as exc:
         _rollback(store, provisioner, spec.name, launch_id, created, exc, report)
         raise
+
+
+def _check_spot_role(provisioner: Provisioner, warning: Progress) -> None:
+    """Spot through the API needs the account's spot service-linked role (AWS
+    makes it by itself only for console requests): refuse before creating
+    anything when it is missing; go on, saying so, when it cannot be checked."""
+    from gpuflow.errors import CloudError
+    from infra.aws.provisioner import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE
+
+    exists = provisioner.spot_role_exists()
+    if exists is False:
+        raise CloudError(
+            f"--spot needs the account's {SPOT_SERVICE_LINKED_ROLE} service-linked role, and it does not exist",
+            hint=f"create it once (needs iam:CreateServiceLinkedRole): {CREATE_SPOT_ROLE_COMMAND}",
+        )
+    if exists is None:
+        warning(
+            f"could not check for the {SPOT_SERVICE_LINKED_ROLE} role (iam:GetRole denied); "
+            f"if the spot launch is refused, create it: {CREATE_SPOT_ROLE_COMMAND}"
+        )
 
 
 def _ssh_cidr(spec: ClusterSpec, detect_caller_ip: Callable[[], str] | None, report: Progress) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuflow.errors import CapacityError, CloudError, UsageError
+from gpuflow.errors import CapacityError, CloudError, CredentialsError, UsageError
 from gpuflow.records import Node
 from infra.aws.client import AwsApi, AwsCallError, AwsCapacityError, known_regions
 from infra.dlami import (
@@ -35,6 +35,11 @@ TAG_OWNER_ID = "gpuflow:owner-id"  # the creating gpuflow home's id: what `reap`
 TAG_CREATED_AT = "gpuflow:created-at"
 TAG_MANAGED = "gpuflow:managed"
 TAG_LAUNCH = "gpuflow:launch-id"  # one per `up` invocation: what rollback may delete
+
+# Spot launches through the API need this service-linked role in the account
+# (AWS creates it by itself only for spot requests made in the console).
+SPOT_SERVICE_LINKED_ROLE = "AWSServiceRoleForEC2Spot"
+CREATE_SPOT_ROLE_COMMAND = "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 GONE_STATES = ("shutting-down", "terminated")
@@ -244,6 +249,21 @@ class Ec2Provisioner:
             vcpus=int(data.get("VCpuInfo", {}).get("DefaultVCpus", 0)),
             memory_mib=int(data.get("MemoryInfo", {}).get("SizeInMiB", 0)),
         )
+
+    def spot_role_exists(self) -> bool | None:
+        """Whether the account has the spot service-linked role: True, False,
+        or None when this identity may not ask (``iam:GetRole`` denied)."""
+        try:
+            self.api.call("iam", "get_role", RoleName=SPOT_SERVICE_LINKED_ROLE)
+        except AwsCallError as exc:
+            if exc.code in ("NoSuchEntity", "NoSuchEntityException"):
+                return False
+            raise
+        except CredentialsError as exc:
+            if getattr(exc, "code", "") in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
+                return None
+            raise
+        return True
 
     def offered_zones(self, instance_type: str) -> list[str]:
         """Availability zones of the region that offer ``instance_type``."""
