@@ -144,14 +144,18 @@ def _print_statuses(statuses: list[Any]) -> None:
 
 @app.command()
 def status(name: Optional[str] = _NAME, as_json: bool = _JSON) -> None:
-    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far."""
-    from gpuflow import clusters
+    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
+    and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
+    from gpuflow import clusters, switch_status
 
     result = clusters.status(name)
+    switches = switch_status.read_switches(result.cluster)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches]}, indent=2))
     else:
         _print_statuses([result])
+        for line in switch_status.describe(switches):
+            typer.echo(line)
 
 
 @app.command("ls")
