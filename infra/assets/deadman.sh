@@ -178,6 +178,12 @@ ensure_deadline() {
     case "$saved" in
         ''|*[!0-9]*)
             now="$(epoch_now)"
+            if [ "$now" -eq 0 ]; then
+                # No wall clock: persist nothing; the uptime cap still holds.
+                deadline=99999999999
+                log "no wall clock; the cap counts from this boot only"
+                return
+            fi
             deadline=$(( now - $(uptime_seconds) + max_seconds ))
             if write_atomically "$deadline_file" "$deadline"$'\n'; then
                 log "max-hours deadline set to $deadline ($(date -u -d "@$deadline" '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)) in $deadline_file"
