@@ -206,7 +206,7 @@ def describe(statuses: Sequence[SwitchStatus], *, now: float | None = None) -> l
         elif status.verdict is Verdict.IDLE:
             since = _clock(status.idle_since, now) if status.idle_since is not None else "?"
             stop = _clock(status.stops_at, now) if status.stops_at is not None else "?"
-            lines.append(head + f"idle since {since}: no job, heartbeat, SSH connection or GPU use")
+            lines.append(head + f"idle since {since}: no job, heartbeat, SSH session or GPU use")
             lines.append(f"  stops at {stop} unless that changes ({cap})")
         else:
             lines.append(head + "stopping now (idle window over or max-hours cap reached)")

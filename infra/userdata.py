@@ -160,7 +160,7 @@ fi
 shutdown -h +{backstop_minutes} 'gpuflow: max-hours cap reached' >/dev/null 2>&1 || true
 # A new instance (even from an image of an old one) gets a new deadline; the switch writes it.
 rm -f {q(DEADMAN_DEADLINE_PATH)}
-# An SSH connection counts as busy: let sshd drop one whose client vanished (~5 min).
+# An SSH session counts as busy: let sshd drop one whose client vanished (~5 min).
 if [ -d /etc/ssh/sshd_config.d ]; then
     printf 'ClientAliveInterval 60\\nClientAliveCountMax 5\\n' > /etc/ssh/sshd_config.d/60-gpuflow.conf
     systemctl reload ssh >/dev/null 2>&1 || systemctl reload sshd >/dev/null 2>&1 || true

@@ -6,8 +6,9 @@
 # BUSY  while any of: some <base>/runs/*/job.pid names a live process whose
 #       run has no exit_code yet; <base>/heartbeat was touched within the idle
 #       window (gpuflow touches it on every connection, a job's supervisor
-#       every 30 s); an SSH connection is open (ss: established TCP to the
-#       sshd port -- `gpuflow ssh`, plain ssh, editors, port forwards); a GPU
+#       every 30 s); an SSH session is logged in (ss: established TCP to the
+#       sshd port held by "sshd: user@..." -- `gpuflow ssh`, plain ssh,
+#       editors, port forwards; not a scanner that never logs in); a GPU
 #       is at least --gpu-threshold % busy (nvidia-smi, when there is one).
 # IDLE  otherwise; after --idle-minutes of uninterrupted IDLE: shut down.
 # CAP   at the --max-hours deadline: shut down, busy or not.  The deadline is
@@ -274,13 +275,25 @@ busy_reasons() {
                 ;;
         esac
     fi
-    # Established TCP connections to sshd: interactive shells, editors' remote
-    # sessions, port forwards -- anything a person keeps open.
-    peers="$(probe ss -tn state established "( sport = :$ssh_port )" 2>/dev/null |
-        awk '$1 != "Recv-Q" && NF >= 4 { print $4 }')"
+    # Logged-in SSH sessions: interactive shells, editors' remote sessions,
+    # port forwards -- anything a person keeps open.  An established TCP
+    # connection to sshd counts once some process holding it is a logged-in
+    # session ("sshd: user@pts/0", "sshd-session: user@notty"): a scanner's
+    # connection that never logs in ("sshd: [accepted]", "[preauth]") does not.
+    # Holders that cannot be read: counted (it may be a person).
+    peers="$(probe ss -tnp state established "( sport = :$ssh_port )" 2>/dev/null |
+        while read -r first _ _ peer holders; do
+            [ "$first" = Recv-Q ] || [ -z "$peer" ] && continue
+            seen=unknown
+            for pid in $(printf '%s' "$holders" | grep -o 'pid=[0-9]*' | cut -d= -f2); do
+                title="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+                case "$title" in *@*) seen=session; break ;; ?*) seen=not-logged-in ;; esac
+            done
+            [ "$seen" = not-logged-in ] || printf '%s\n' "$peer"
+        done)"
     if [ -n "$peers" ]; then
         count="$(printf '%s\n' "$peers" | wc -l)"
-        printf 'SSH connection(s): %s from %s\n' "${count// /}" "$(printf '%s\n' "$peers" | head -n 3 | tr '\n' ' ')"
+        printf 'SSH session(s): %s from %s\n' "${count// /}" "$(printf '%s\n' "$peers" | head -n 3 | tr '\n' ' ')"
     fi
     if command -v nvidia-smi >/dev/null 2>&1; then
         utilisation="$(probe nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
@@ -366,7 +379,7 @@ while :; do
         if [ -z "$idle_since" ]; then
             idle_since="$now_monotonic"
             { printf '%s\n' "$idle_since" >"$state_file"; } 2>/dev/null
-            log "idle: no live job, heartbeat, SSH connection or GPU use; shutting down in ${idle_seconds}s unless that changes"
+            log "idle: no live job, heartbeat, SSH session or GPU use; shutting down in ${idle_seconds}s unless that changes"
             last_state=idle
         fi
         idle_for=$(( now_monotonic - idle_since ))

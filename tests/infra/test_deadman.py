@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -343,22 +344,29 @@ def test_an_open_ssh_session_keeps_it_up_until_it_ends(start_switch, sshd, tmp_p
     session = subprocess.Popen(
         ["ssh", "-F", "none", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "IdentitiesOnly=yes",
          "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-         f"{sshd.user}@127.0.0.1", "sleep 60"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         f"{sshd.user}@127.0.0.1", "echo logged-in; sleep 60"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
+    assert session.stdout.readline() == b"logged-in\n", session.stderr.read()
+    # A connection that never logs in (a scanner) stays open throughout: it is not a session.
+    scanner = socket.create_connection(("127.0.0.1", sshd.port), timeout=10)
     try:
-        switch = start_switch(idle_seconds=1, ssh_port=sshd.port)
-        _wait_for(lambda: "busy: SSH connection(s): 1 from 127.0.0.1:" in switch.log_text(), 10, "the SSH session")
-        switch.stays_quiet(2.5)  # more than two idle windows
-        status = _status(tmp_path)
-        assert status["verdict"] == ["busy"] and status["stop_at"] == [""]
-        assert status["reason"][0].startswith("SSH connection(s): 1 from 127.0.0.1:")
+        try:
+            switch = start_switch(idle_seconds=1, ssh_port=sshd.port)
+            _wait_for(lambda: "busy: SSH session(s): 1 from 127.0.0.1:" in switch.log_text(), 10, "the SSH session")
+            switch.stays_quiet(2.5)  # more than two idle windows
+            status = _status(tmp_path)
+            assert status["verdict"] == ["busy"] and status["stop_at"] == [""]
+            assert status["reason"][0].startswith("SSH session(s): 1 from 127.0.0.1:")  # one: not the scanner
+        finally:
+            session.kill()
+            session.wait(timeout=10)
+            session.stdout.close()
+            session.stderr.close()
+        switch.wait_fired(timeout=8)
+        assert "FIRE: idle for" in switch.log_text()
     finally:
-        session.kill()
-        session.wait(timeout=10)
-        session.stderr.close()
-    switch.wait_fired(timeout=8)
-    assert "FIRE: idle for" in switch.log_text()
+        scanner.close()
 
 
 def _fake_nvidia_smi(tmp_path: Path, body: str) -> None:

@@ -118,7 +118,7 @@ def test_status_says_why_the_instance_is_idle_or_busy_and_when_it_stops(sshd, mo
             [reported] = json.loads(capfd.readouterr().out)["switch"]
             assert reported["instance_id"] == instance and reported["verdict"] == "busy"
             reasons = reported["reasons"]
-            assert any(reason.startswith("SSH connection(s): 1 from 127.0.0.1:") for reason in reasons), reasons
+            assert any(reason.startswith("SSH session(s): 1 from 127.0.0.1:") for reason in reasons), reasons
             assert any(reason.startswith("heartbeat ") for reason in reasons), reasons
             assert reported["stops_at"] == reported["max_hours_deadline"] and reported["error"] is None
             assert reported["idle_minutes"] == 10.0 and reported["stale"] is False
