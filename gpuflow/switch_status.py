@@ -196,7 +196,7 @@ def describe(statuses: Sequence[SwitchStatus], *, now: float | None = None) -> l
     for status in statuses:
         head = f"dead-man's switch on {status.instance_id}: "
         if status.verdict is None:
-            lines.append(head + f"unknown ({status.error})")
+            lines.append(head + f"unknown: {status.error}")
             continue
         cap = f"max-hours cap at {_clock(status.deadline, now)}" if status.deadline is not None else "no max-hours cap read"
         window = f"{_span(status.idle_seconds)}" if status.idle_seconds is not None else "the idle window"

@@ -162,7 +162,7 @@ def test_an_unreachable_node_is_reported_not_raised(sshd_session, fake_cloud):
     [status] = read_switches(cluster)
     assert status.verdict is None and "cannot reach" in status.error
     assert time.monotonic() - started < 30  # one attempt, no back-off
-    assert describe([status]) == [f"dead-man's switch on i-0000000000000001: unknown ({status.error})"]
+    assert describe([status]) == [f"dead-man's switch on i-0000000000000001: unknown: {status.error}"]
 
 
 def test_parse_converts_the_instance_clock_and_refuses_garbage():
