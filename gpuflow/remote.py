@@ -472,6 +472,17 @@ def _config_value(value: str) -> str:
     return value
 
 
+# Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
+# "a"): cluster names cannot hold it (validate_name), so no alias of one cluster
+# can be another cluster's name or alias.
+NODE_ALIAS_SEPARATOR = "+"
+
+
+def node_alias(cluster_name: str, index: int) -> str:
+    """The ssh-config Host alias of node ``index`` (0 is the head: the bare name)."""
+    return cluster_name if index == 0 else f"{cluster_name}{NODE_ALIAS_SEPARATOR}{index}"
+
+
 def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[str]]:
     """The include file's text, the Host aliases in it, and what was left out."""
     lines = [
@@ -486,7 +497,7 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
             skipped.append(f"{cluster.name}: sandbox cluster, runs on this machine (no SSH)")
             continue
         for index, node in enumerate(cluster.nodes):
-            alias = cluster.name if index == 0 else f"{cluster.name}-{index}"
+            alias = node_alias(cluster.name, index)
             try:
                 target = ssh_target_for(cluster, node)
             except GpuflowError as exc:
