@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuflow.config import gpuflow_home, load_project_config
-from gpuflow.errors import ConfigError, GpuflowError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, DamagedRecord, GpuflowError, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node, SSHTarget
-from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+from gpuflow.state import StateStore, atomic_write_bytes, validate_name, warn_damaged
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -196,6 +196,9 @@ def load_clusters() -> list[Cluster]:
         try:
             clusters.append(load_cluster(name))
         except ClusterNotFound:  # deleted, kept as a tombstone
+            continue
+        except DamagedRecord as exc:  # concerns its own name only
+            warn_damaged(exc)
             continue
     return clusters
 
