@@ -224,6 +224,8 @@ def _check_cluster_record(name: str, document: dict[str, Any]) -> None:
     check_shape(_RecordBookkeeping, document)
     if document["name"] != name:
         raise ValueError(f"it holds cluster {document['name']!r}, not {name!r}")
+    if _recorded_region(document) is None:
+        raise ValueError(f"region {document['region']!r} is not an AWS region name")
     if document.get("phase", PHASE_UP) not in (PHASE_CREATING, PHASE_UP, PHASE_DELETED):
         raise ValueError(f"unknown phase {document['phase']!r}")
 

@@ -43,6 +43,7 @@ def _damages(home) -> dict[str, object]:
         "wrong-types": lambda sound: json.dumps({**sound, "ssh_port": "22", "sandbox": "no"}),
         "another-name": lambda sound: json.dumps({**sound, "name": "cb"}),  # writing it back would clobber cb's record
         "bad-phase": lambda sound: json.dumps({**sound, "phase": "gone?"}),
+        "bad-region": lambda sound: json.dumps({**sound, "region": "../../x"}),
     }
 
 
@@ -141,7 +142,7 @@ def test_down_all_and_the_sandbox_check_skip_a_damaged_record(cloud, provisioner
 
 
 @pytest.mark.parametrize("damage", ["not-json", "a-list", "empty-object", "null", "no-nodes-shape", "wrong-types",
-                                    "another-name", "bad-phase"])
+                                    "another-name", "bad-phase", "bad-region"])
 def test_every_kind_of_damage_is_one_line_naming_the_record(gpuflow_home, capsys, damage):
     sound = {"name": "ca", "region": OTHER_REGION, "instance_type": "g5.xlarge", "ami": "ami-1", "phase": "up",
              "nodes": [{"instance_id": "i-0abc", "state": "running"}]}
