@@ -43,12 +43,13 @@ from gpuflow.errors import (
     ClusterNotFound,
     ConfigError,
     CredentialsError,
+    DamagedRecord,
     GpuflowError,
     StateError,
     UsageError,
 )
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
-from gpuflow.records import Cluster, ClusterSpec, Node
+from gpuflow.records import Cluster, ClusterSpec, Node, check_shape
 from gpuflow.state import StateStore, atomic_write_bytes, process_alive, validate_name
 
 DEFAULT_REGION = "us-east-1"
@@ -198,7 +199,58 @@ def _parse_iso(text: str | None) -> datetime.datetime | None:
 
 
 def _store(home: Path | None = None) -> StateStore:
-    return StateStore(home or gpuflow_home(), "clusters")
+    return StateStore(home or gpuflow_home(), "clusters", shape=_check_cluster_record, repair_hint=_damaged_cluster_hint)
+
+
+@dataclass(frozen=True)
+class _RecordBookkeeping:
+    """What a cluster record holds besides the :class:`Cluster` (see ``_write``)."""
+
+    phase: str = PHASE_UP
+    launch_id: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    deleted_at: str | None = None
+    final_cost: float | None = None
+    run_seconds: float | None = None
+    reaped: bool = False
+
+
+def _check_cluster_record(name: str, document: dict[str, Any]) -> None:
+    """A cluster record parses into a Cluster (plus its bookkeeping) and is
+    the record of the name it is stored under (else writing it back would
+    overwrite another cluster's record)."""
+    check_shape(Cluster, document)
+    check_shape(_RecordBookkeeping, document)
+    if document["name"] != name:
+        raise ValueError(f"it holds cluster {document['name']!r}, not {name!r}")
+    if _recorded_region(document) is None:
+        raise ValueError(f"region {document['region']!r} is not an AWS region name")
+    if document.get("phase", PHASE_UP) not in (PHASE_CREATING, PHASE_UP, PHASE_DELETED):
+        raise ValueError(f"unknown phase {document['phase']!r}")
+
+
+def _recorded(raw: Any, key: str, kind: type) -> Any:
+    """One field of a damaged record, if it can still be read (else None)."""
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, kind) else None
+
+
+def _recorded_region(raw: Any) -> str | None:
+    region = _recorded(raw, "region", str)
+    return region if region and re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", region) else None
+
+
+def _recorded_sandbox(raw: Any) -> bool:
+    recorded = _recorded(raw, "sandbox", bool)
+    return recorded if recorded is not None else bool(load_project_config().get("sandbox", False))
+
+
+def _damaged_cluster_hint(name: str, raw: Any) -> str:
+    region = _recorded_region(raw)
+    where = f"in {region}" if region else "in --region REGION (the record does not say where it ran)"
+    command = f"gpuflow down {name}" + ("" if region else " --region REGION")
+    return f"`{command}` tears the cluster down from its AWS tags {where} and replaces the record"
 
 
 def key_file_path(name: str, home: Path | None = None) -> Path:
@@ -809,7 +861,7 @@ def list_clusters(
             mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get(TAG_LAUNCH) == launch_id]
             results.append(_reconcile(store, provisioner, Cluster.from_dict(document), document, mine))
         for cluster_name, cluster_views in sorted(by_cluster.items()):
-            if cluster_name in documents or (group_region, cluster_name) in strays_seen:
+            if cluster_name in documents or cluster_name in {record.name for record in store.damaged} or (group_region, cluster_name) in strays_seen:
                 continue
             strays_seen.add((group_region, cluster_name))
             live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
@@ -860,8 +912,23 @@ def down(
     report = progress or (lambda message: None)
     cluster_name = resolve_cluster_name(name)
     store = _store()
-    document = store.get(cluster_name)
-    if document is not None and document.get("phase") == PHASE_DELETED:
+    damaged: DamagedRecord | None = None
+    try:
+        document = store.get(cluster_name)
+    except DamagedRecord as exc:  # torn down from its AWS tags, where it says it ran if that is readable
+        document, damaged = None, exc
+    if damaged is not None:
+        cluster = Cluster(
+            name=cluster_name,
+            region=region or _recorded_region(damaged.raw) or _configured_region(),
+            instance_type="",
+            ami="",
+            profile=_recorded(damaged.raw, "profile", str),
+            sandbox=_recorded_sandbox(damaged.raw),
+        )
+        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        launch_id = None
+    elif document is not None and document.get("phase") == PHASE_DELETED:
         tombstone = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, tombstone.region, tombstone.profile, tombstone.sandbox)
         leftovers = provisioner.find_instances(cluster=cluster_name)
@@ -893,6 +960,11 @@ def down(
     report(f"finding the resources of {cluster_name}")
     live = provisioner.find_instances(cluster=cluster_name)
     groups, keys = provisioner.find_cluster_resources(cluster_name)
+    if damaged is not None and not (live or groups or keys):
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r} in {cluster.region}, and its state record {damaged.path} is damaged",
+            hint=f"if it ran in another region pass --region; if it is gone, remove {damaged.path}",
+        )
     if document is None and not (live or groups or keys):
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r} in {cluster.region}",
@@ -956,6 +1028,8 @@ def _release_sandbox_server_when_unused(store: StateStore) -> None:
     on this machine.  (An in-process sandbox has no server to stop.)"""
     if any(document.get("sandbox") and document.get("phase") != PHASE_DELETED for document in store.all().values()):
         return
+    if any(_recorded(record.raw, "sandbox", bool) is not False for record in store.damaged):
+        return  # a damaged record may be a sandbox cluster's: keep its cloud
     from infra.aws.client import in_process_mock_active
 
     if in_process_mock_active():
@@ -1038,8 +1112,8 @@ def reap(
                 owned.add(name)
         orphans, others = [], []
         for resource in resources:
-            if resource.cluster in owned:
-                continue
+            if resource.cluster in owned or resource.cluster in {record.name for record in store.damaged}:
+                continue  # a damaged record's cluster is left to `gpuflow down NAME` (warned above)
             if resource.kind == "instance":
                 reason = "instance of a cluster gpuflow does not know here"
             elif resource.cluster in live_by_cluster:

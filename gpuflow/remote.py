@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuflow.config import gpuflow_home, load_project_config
-from gpuflow.errors import ConfigError, GpuflowError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, DamagedRecord, GpuflowError, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node, SSHTarget
-from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+from gpuflow.state import StateStore, atomic_write_bytes, validate_name, warn_damaged
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -196,6 +196,9 @@ def load_clusters() -> list[Cluster]:
         try:
             clusters.append(load_cluster(name))
         except ClusterNotFound:  # deleted, kept as a tombstone
+            continue
+        except DamagedRecord as exc:  # concerns its own name only
+            warn_damaged(exc)
             continue
     return clusters
 
@@ -481,6 +484,17 @@ def _config_value(value: str) -> str:
     return value
 
 
+# Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
+# "a"): cluster names cannot hold it (validate_name), so no alias of one cluster
+# can be another cluster's name or alias.
+NODE_ALIAS_SEPARATOR = "+"
+
+
+def node_alias(cluster_name: str, index: int) -> str:
+    """The ssh-config Host alias of node ``index`` (0 is the head: the bare name)."""
+    return cluster_name if index == 0 else f"{cluster_name}{NODE_ALIAS_SEPARATOR}{index}"
+
+
 def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[str]]:
     """The include file's text, the Host aliases in it, and what was left out."""
     lines = [
@@ -495,7 +509,7 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
             skipped.append(f"{cluster.name}: sandbox cluster, runs on this machine (no SSH)")
             continue
         for index, node in enumerate(cluster.nodes):
-            alias = cluster.name if index == 0 else f"{cluster.name}-{index}"
+            alias = node_alias(cluster.name, index)
             try:
                 target = ssh_target_for(cluster, node)
             except GpuflowError as exc:

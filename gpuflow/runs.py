@@ -55,7 +55,7 @@ from gpuflow.errors import (
     UnsafePath,
     UsageError,
 )
-from gpuflow.records import Cluster, CommandResult
+from gpuflow.records import Cluster, CommandResult, check_shape
 from gpuflow.state import StateStore, atomic_write_json, validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -178,7 +178,19 @@ class RunStatus:
 
 
 def _store(home: Path | None) -> StateStore:
-    return StateStore(home or gpuflow_home(), RUNS_COLLECTION)
+    return StateStore(home or gpuflow_home(), RUNS_COLLECTION, shape=_check_run_record, repair_hint=_damaged_run_hint)
+
+
+def _check_run_record(run_id: str, document: dict[str, Any]) -> None:
+    """A run record parses into a RunRecord, stored under its own run id."""
+    check_shape(RunRecord, document)
+    if document["run_id"] != run_id:
+        raise ValueError(f"it holds run {document['run_id']!r}, not {run_id!r}")
+    validate_name(document["cluster"], "cluster name")
+
+
+def _damaged_run_hint(run_id: str, raw: Any) -> str:
+    return f"remove that file to forget run {run_id} (its files stay on the instance, under runs/{run_id})"
 
 
 def save_record(record: RunRecord, home: Path | None = None) -> None:

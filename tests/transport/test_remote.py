@@ -16,7 +16,7 @@ from gpuflow import remote
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import ConfigError, HostKeyMismatch, InstanceGone, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node
-from gpuflow.state import StateStore
+from gpuflow.state import StateStore, validate_name
 from gpuflow.transport import hostkeys
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.ssh import Backoff, SSHRunner
@@ -151,8 +151,8 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     make_cluster(sshd_session, "sbx", sandbox=True)
     report = remote.write_ssh_config()
     assert report.path == gpuflow_home() / "ssh_config"
-    assert report.hosts == ("web", "web-1") and report.skipped[0].startswith("sbx: sandbox")
-    values = _ssh_g(report.path, "web-1")
+    assert report.hosts == ("web", "web+1") and report.skipped[0].startswith("sbx: sandbox")
+    values = _ssh_g(report.path, "web+1")
     assert values["hostname"] == "127.0.0.1"
     assert values["user"] == sshd_session.user
     assert values["port"] == str(sshd_session.port)
@@ -171,6 +171,25 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     text = user_config.read_text()
     assert text.count("Include ") == 1 and text.index("Include ") < text.index("Host other")
     assert _ssh_g(user_config, "web")["port"] == str(sshd_session.port)
+
+
+def test_ssh_config_aliases_are_unique_whatever_the_cluster_names(sshd_session):
+    # A 2-node cluster `a` and clusters named like its second node under any scheme
+    # built from name characters: every alias is distinct, and each reaches its own cluster.
+    make_cluster(sshd_session, "a", nodes=3)
+    for name in ("a-1", "a.1", "a_1", "a-2"):
+        make_cluster(sshd_session, name)
+    report = remote.write_ssh_config()
+    assert len(set(report.hosts)) == len(report.hosts) == 7
+    assert set(report.hosts) == {"a", "a+1", "a+2", "a-1", "a.1", "a_1", "a-2"}
+    for name in ("a-1", "a.1", "a_1", "a-2"):
+        assert _ssh_g(report.path, name)["userknownhostsfile"] == str(remote.known_hosts_path(name))
+    for alias in ("a", "a+1", "a+2"):
+        assert _ssh_g(report.path, alias)["userknownhostsfile"] == str(remote.known_hosts_path("a"))
+    text = report.path.read_text()
+    assert [line for line in text.splitlines() if line.startswith("Host ")] == [f"Host {alias}" for alias in report.hosts]
+    with pytest.raises(UsageError):  # the separator can never start a cluster name of its own
+        validate_name("a+1", "cluster name")
 
 
 def _gpuflow(*argv: str, **env: str) -> subprocess.CompletedProcess:
