@@ -389,3 +389,38 @@ def test_sandbox_reap_terminates_like_ec2_its_jobs_and_directory_go(project, mon
         assert not (gpuflow_home / "sandbox" / "orphan").exists()
         assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
         assert [status.status for status in runs.list_runs()] == ["lost"]  # and it really is
+
+
+def test_sigterm_to_run_up_down_still_stops_the_job_and_tears_down(project, gpuflow_home):
+    """SIGTERM (a cancelled CI job) is an exit path too: gpuflow ends as on Ctrl-C —
+    the job is stopped, its outputs pulled, the sandbox cluster torn down — and
+    nothing of the job is left running."""
+    import subprocess
+    import sys
+
+    repository = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, "PYTHONPATH": str(repository)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpuflow", "run", "--up", "--sandbox", "--down", "termed", "--",
+         "python", "job.py", "100000", "0.05", "0"],
+        cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(gpuflow_home.glob("sandbox/termed/*/runs/*/job.pid")):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        [pid_file] = gpuflow_home.glob("sandbox/termed/*/runs/*/job.pid")
+        job_pid = int(pid_file.read_text())
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, err.decode()
+    assert b"was stopped with exit code 143" in err
+    assert _wait_until_none_left(gpuflow_home / "sandbox") == []
+    assert not _alive(job_pid)
+    assert not (gpuflow_home / "sandbox" / "termed").exists()
+    assert [record.status for record in runs.all_records()] == ["failed"]
