@@ -1102,6 +1102,9 @@ def stop(
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=_iso(_now()))
         save_record(record, home)
+    elif outcome == "gone":  # no exit code and no process proven to be the job: what `runs` calls lost
+        record = replace(record, status="lost")
+        save_record(record, home)
     return record, outcome
 
 

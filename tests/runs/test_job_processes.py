@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -289,3 +290,23 @@ def test_no_credential_variable_reaches_a_job_started_over_ssh(project, tmp_path
         server.stop()
     assert outcome.exit_code == 0
     assert _job_aws_variables(outcome) == {"AWS_REGION": "eu-west-1"}
+
+
+def test_stop_of_a_run_whose_pid_went_to_another_process_says_gone_and_marks_it_lost(local_target, project, stranger):
+    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(100000, 0.05),
+                       out=io.BytesIO(), detach=True, heartbeat_seconds=0.2)
+    run_dir = Path(outcome.record.remote_dir)
+    supervisor_pid = int((run_dir / "supervisor.pid").read_text())
+    job_pid = int((run_dir / "job.pid").read_text())
+    os.killpg(supervisor_pid, signal.SIGKILL)  # the supervisor and its job die together (OOM killer, ...)
+    os.killpg(job_pid, signal.SIGKILL)
+    # ... and the job's pid now names another process (as the kernel may hand it out again)
+    (run_dir / "job.pid").write_text(f"{stranger.pid}\n")
+    (run_dir / "job.proc").write_text(f"{stranger.pid} {_with_other_start_time(procs.identity(stranger.pid))}\n")
+
+    record, result = runs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
+
+    assert result == "gone"
+    assert record.status == "lost" and runs.load_record(record.run_id).status == "lost"
+    time.sleep(0.2)
+    assert _alive(stranger)
