@@ -185,10 +185,18 @@ def signal_run_group(run_dir: str, sig: int) -> bool:
 
 
 def stop(run_dir: str, grace_seconds: float) -> str:
-    """SIGTERM the job, SIGKILL what is left after ``grace_seconds``: 'gone'
-    (nothing of it ran), 'terminated' or 'killed'."""
+    """SIGTERM the job, SIGKILL what is left after ``grace_seconds``: 'terminated',
+    'killed', 'finished' (it had just ended: its supervisor wrote the exit code)
+    or 'gone' (nothing of it runs, and no exit code)."""
     if not signal_run_group(run_dir, signal.SIGTERM):
-        return "gone"
+        # Ended just now? Its supervisor, while it lives, writes the exit code at once.
+        deadline = time.monotonic() + 5
+        exit_code = os.path.join(run_dir, EXIT_CODE)
+        while not os.path.exists(exit_code) and time.monotonic() < deadline:
+            if proven(os.path.join(run_dir, SUPERVISOR_RECORD)) is None:
+                break
+            time.sleep(0.05)
+        return "finished" if os.path.exists(exit_code) else "gone"
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
         time.sleep(0.1)
