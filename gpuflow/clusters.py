@@ -983,13 +983,6 @@ def down(
         final_views = provisioner.wait_until(instance_ids, "terminated", on_progress=lambda text: report(f"waiting: {text}"))
     else:
         before = []
-    if cluster.sandbox:
-        # A sandbox "instance" is a directory on this machine: terminating it must also end its jobs and its disk.
-        from gpuflow import remote
-
-        for instance_id in instance_ids:
-            remote.discard_sandbox_node(cluster, Node(instance_id=instance_id, state="terminated"))
-
     group_ids = set(groups)
     if cluster.security_group_created and cluster.security_group_id:
         group_ids.add(cluster.security_group_id)

@@ -65,27 +65,28 @@ def sandbox_directory(cluster: Cluster, node: Node | None = None) -> Path:
 
 
 def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one."""
+    discard_sandbox_instance(cluster.name, node.instance_id)
+
+
+def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
     """What EC2 termination does to a real instance, done to a sandbox one:
     every job and supervisor running "on" it is killed (their process groups,
-    as a power-off would) and its "disk" — the sandbox directory — is deleted.
-    Without this a sandbox ``down`` would leave jobs running on this machine."""
+    and on Linux every process carrying a run's marker, as a power-off would)
+    and its "disk" — the sandbox directory — is deleted.  Only processes proven
+    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
+    pid file naming a process that merely reused the pid kills nothing.  The
+    sandbox provisioner calls this for every instance it terminates."""
     import shutil
-    import signal
 
-    directory = sandbox_directory(cluster, node)
-    for pid_file in sorted(directory.glob("runs/*/*.pid")):
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if pid <= 1 or pid == os.getpid():
-            continue
-        for send in (os.killpg, os.kill):  # the job leads its own group; the supervisor may not
-            try:
-                send(pid, signal.SIGKILL)
-                break
-            except (ProcessLookupError, PermissionError):
-                continue
+    from gpuflow import procs
+
+    directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
+        instance_id, "instance id"
+    )
+    if not directory.is_dir():
+        return
+    procs.terminate_base(str(directory))
     shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.parent.rmdir()  # the cluster's directory, once its last node is gone

@@ -686,3 +686,39 @@ __all__ = [
     "TAG_OWNER_ID",
     "client_token",
 ]
+
+
+class SandboxProvisioner(Ec2Provisioner):
+    """The sandbox cloud's provisioner (:func:`infra.aws.open_provisioner` picks it
+    once, for ``sandbox=True``): moto's EC2, plus what moto cannot do — a
+    terminated sandbox instance's jobs die and its directory goes
+    (:func:`gpuflow.remote.discard_sandbox_instance`), whichever use case
+    terminates it (``down``, ``reap``, ``run --down``, an ``up`` rolled back)."""
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        from gpuflow.remote import discard_sandbox_instance
+
+        tagged = {view.instance_id: view.cluster for view in self.describe_instances(instance_ids)}
+        super().terminate(instance_ids)
+        for instance_id in instance_ids:
+            for cluster in _sandbox_clusters_of(instance_id, tagged.get(instance_id)):
+                discard_sandbox_instance(cluster, instance_id)
+
+
+def _sandbox_clusters_of(instance_id: str, tagged: str | None) -> list[str]:
+    """The cluster whose sandbox directory holds the instance: its tag; for an
+    instance the fake cloud no longer knows (its server was restarted), the
+    cluster directories holding a directory named by that instance id."""
+    from gpuflow.config import gpuflow_home
+    from gpuflow.state import validate_name
+
+    try:
+        validate_name(instance_id, "instance id")
+        if tagged is not None:
+            return [validate_name(tagged, "cluster name")]
+    except UsageError:  # a tag gpuflow did not write: no directory of ours can match it
+        return []
+    root = gpuflow_home() / "sandbox"
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / instance_id).is_dir())
