@@ -1319,7 +1319,9 @@ def _run_on_cluster(
             try:
                 if target is not None:
                     _stop_live_jobs(target, say)
-                clusters.down(cluster_name)
+                # The cluster this run used, where it was made (not where the project's `sandbox` points).
+                recorded_sandbox = target.cluster.sandbox if target is not None else getattr(up_spec, "sandbox", None)
+                clusters.down(cluster_name, sandbox=recorded_sandbox)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
