@@ -391,12 +391,12 @@ def read_server_record(home: Path) -> SandboxServer | None:
 
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[Any]:
+    """Hold the exclusive flock; it goes when the file is closed -- and, when a
+    starting server inherited it, only once the server has closed it too (hence
+    no explicit unlock, which would release it for both)."""
     with open(lock_path, "a+") as lock_file:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield lock_file
-        finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+        yield lock_file
 
 
 def _remove_record(directory: Path) -> None:
@@ -522,25 +522,37 @@ def _start_server(directory: Path, startup_timeout: float, lock_file: Any) -> Sa
             pass_fds=(lock_fd,),
         )
     deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        exit_status = process.poll()
-        if exit_status is not None:
-            raise CloudError(
-                f"the sandbox cloud (a local moto server) exited at start with status {exit_status}: "
-                f"{_tail(log_path)}",
-                hint=f"see {log_path}; is moto[server] installed (pip install 'gpuflow[sandbox]')?",
-            )
-        record = read_server_record(directory.parent.parent)
-        if record is not None and record.pid == process.pid and _health_check(record.port):
-            return record
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
-    raise CloudError(
-        f"the sandbox cloud (a local moto server) did not answer within {startup_timeout:g} s",
-        hint=f"see {log_path}",
-    )
+    try:
+        while time.monotonic() < deadline:
+            exit_status = process.poll()
+            if exit_status is not None:
+                raise CloudError(
+                    f"the sandbox cloud (a local moto server) exited at start with status {exit_status}: "
+                    f"{_tail(log_path)}",
+                    hint=f"see {log_path}; is moto[server] installed (pip install 'gpuflow[sandbox]')?",
+                )
+            record = read_server_record(directory.parent.parent)
+            if record is not None and record.pid == process.pid and _health_check(record.port):
+                return record
+            time.sleep(0.05)
+        raise CloudError(
+            f"the sandbox cloud (a local moto server) did not answer within {startup_timeout:g} s",
+            hint=f"see {log_path}",
+        )
+    except BaseException:
+        # Timed out, or interrupted (Ctrl-C) while it started: a server no one will use must not be left.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait()
+        _remove_record_of(directory, process.pid)
+        raise
+
+
+def _remove_record_of(directory: Path, pid: int) -> None:
+    """Remove the record if it names ``pid`` (a server that has just been killed)."""
+    record = read_server_record(directory.parent.parent)
+    if record is not None and record.pid == pid:
+        _remove_record(directory)
 
 
 def _tail(path: Path, limit: int = 300) -> str:

@@ -482,6 +482,23 @@ def test_sigkill_during_the_server_start_never_leaves_a_second_server(sandbox_ho
             os.kill(pid, signal.SIGKILL)
 
 
+def test_ctrl_c_during_the_server_start_leaves_no_server(sandbox_home):
+    directory = sandbox_home / "sandbox" / ".moto-server"
+    program = "import sys; from pathlib import Path; from infra.sandbox import sandbox_endpoint; sandbox_endpoint(Path(sys.argv[1]))"
+    try:
+        starter = subprocess.Popen([sys.executable, "-c", program, str(sandbox_home)], stderr=subprocess.PIPE,
+                                   env={**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)})
+        _wait_for(lambda: _serve_processes(directory), what="the server process")
+        assert read_server_record(sandbox_home) is None  # interrupted during the start
+        starter.send_signal(signal.SIGINT)
+        assert b"KeyboardInterrupt" in starter.communicate(timeout=60)[1]
+        assert _serve_processes(directory) == []
+        assert read_server_record(sandbox_home) is None
+    finally:
+        for pid in _serve_processes(directory):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_an_orphaned_server_exits_by_itself_once_it_holds_nothing_and_no_one_uses_it(sandbox_home):
     """Its starter died without stopping it (os._exit: no atexit).  While a process uses it,
     or it holds a key pair, it stays; then it removes its record and exits."""
