@@ -571,7 +571,7 @@ def _claim_name(
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") != PHASE_DELETED:
-            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint="run `gpuflow status`")
+            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint=f"run {_command_hint(f'status {cluster.name}', cluster.sandbox)}")
         _write(store, cluster, PHASE_CREATING, launch_id)
     return None
 
