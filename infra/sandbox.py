@@ -603,6 +603,13 @@ def held_resources() -> dict[str, list[str]]:
     return held
 
 
+def _records_this_process(record_path: Path) -> bool:
+    try:
+        return int(json.loads(record_path.read_text())["pid"]) == os.getpid()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_seconds: float, stop: Callable[[], None]) -> None:
     """The server's own backstop against being orphaned (its starter was killed, or
     every cluster was taken down by other invocations): once it has served no
@@ -628,15 +635,15 @@ def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_second
                 if not unused:
                     staying("in use by a gpuflow process")
                     continue
+                recorded = _records_this_process(record_path)
                 held = {kind: items for kind, items in held_resources().items() if items}
-                if held:
+                if held and recorded:  # unrecorded, no new caller can find it: what it holds is lost anyway
                     staying("it holds " + ", ".join(f"{len(items)} {kind}" for kind, items in sorted(held.items())))
                     continue
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    if json.loads(record_path.read_text())["pid"] == os.getpid():
-                        record_path.unlink()
+                if recorded:
+                    record_path.unlink(missing_ok=True)
         break
-    print(f"gpuflow sandbox: idle for {idle_seconds:g} s, holding nothing, used by no one: exiting", flush=True)
+    print(f"gpuflow sandbox: idle for {idle_seconds:g} s and used by no one: exiting", flush=True)
     stop()
 
 
@@ -686,9 +693,8 @@ def serve(
         server.serve_forever()
     finally:
         server.server_close()
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if json.loads(record_path.read_text())["pid"] == os.getpid():
-                record_path.unlink()
+        if _records_this_process(record_path):
+            record_path.unlink(missing_ok=True)
         print("gpuflow sandbox: stopped", flush=True)
 
 
