@@ -543,7 +543,7 @@ def _claim_name(
                 )
             raise UsageError(
                 f"an earlier `gpuflow up {cluster.name}` was interrupted and may have left resources",
-                hint=f"run {_command_hint(f'down {cluster.name}', cluster.sandbox)} first",
+                hint=f"run {command_hint(f'down {cluster.name}', cluster.sandbox)} first",
             )
         live_tagged = provisioner.find_instances(cluster=cluster.name)
         previous_up = document is not None and document.get("phase") == PHASE_UP
@@ -558,8 +558,8 @@ def _claim_name(
             raise UsageError(
                 f"instances tagged as gpuflow cluster {cluster.name!r} already run in {cluster.region} ({ids})",
                 hint=(
-                    f"run {_command_hint(f'down {cluster.name} --region {cluster.region}', cluster.sandbox)} "
-                    f"or {_command_hint('reap', cluster.sandbox)}"
+                    f"run {command_hint(f'down {cluster.name} --region {cluster.region}', cluster.sandbox)} "
+                    f"or {command_hint('reap', cluster.sandbox)}"
                 ),
             )
         if not previous_up:
@@ -571,7 +571,7 @@ def _claim_name(
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") != PHASE_DELETED:
-            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint=f"run {_command_hint(f'status {cluster.name}', cluster.sandbox)}")
+            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint=f"run {command_hint(f'status {cluster.name}', cluster.sandbox)}")
         _write(store, cluster, PHASE_CREATING, launch_id)
     return None
 
@@ -632,7 +632,7 @@ def _rollback(
             store.delete(name)
     if left:
         message = f"`up` failed and could not remove {', '.join(left)}"
-        hint = f"run {_command_hint(f'down {name}', sandbox)} (or {_command_hint('reap', sandbox)})"
+        hint = f"run {command_hint(f'down {name}', sandbox)} (or {command_hint('reap', sandbox)})"
         if isinstance(cause, GpuflowError):
             cause.hint = f"{cause.hint + '; ' if cause.hint else ''}{message}; {hint}"
         elif isinstance(cause, Exception):
@@ -653,7 +653,7 @@ def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = 
     if len(names) == 1:
         return names[0]
     if not names:
-        raise ClusterNotFound("no clusters", hint=f"start one with {_command_hint('up', sandbox_in_effect(project_dir=project_dir))}")
+        raise ClusterNotFound("no clusters", hint=f"start one with {command_hint('up', sandbox_in_effect(project_dir=project_dir))}")
     raise UsageError(f"several clusters exist ({', '.join(names)}): name one")
 
 
@@ -666,7 +666,7 @@ def get_cluster(name: str | None = None) -> Cluster:
         in_sandbox = sandbox_in_effect()
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r}",
-            hint=f"see {_command_hint('ls', in_sandbox)}, or start it with {_command_hint('up', in_sandbox)}",
+            hint=f"see {command_hint('ls', in_sandbox)}, or start it with {command_hint('up', in_sandbox)}",
         )
     return Cluster.from_dict(document)
 
@@ -730,7 +730,7 @@ def status(
     store = _store()
     document = store.get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint=f"see {_command_hint('ls', in_sandbox)}")
+        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint=f"see {command_hint('ls', in_sandbox)}")
     cluster = Cluster.from_dict(document)
     _refuse_aws_record_in_sandbox(cluster, in_sandbox, "status")
     provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
@@ -855,7 +855,7 @@ def sandbox_in_effect(sandbox: bool | None = None, *, project_dir: Path | None =
     return _config_value("sandbox", config.settings["sandbox"], bool, config.source)
 
 
-def _command_hint(command: str, sandbox: bool) -> str:
+def command_hint(command: str, sandbox: bool) -> str:
     """A gpuflow command for a hint; in a sandbox context it always says --sandbox
     (the same command without it could act on the real AWS account)."""
     return f"`gpuflow {command}{' --sandbox' if sandbox else ''}`"
@@ -925,7 +925,7 @@ def down(
     if document is None and not (live or groups or keys):
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r} in {cluster.region}",
-            hint=f"see {_command_hint('ls', in_sandbox)}, or pass --region",
+            hint=f"see {command_hint('ls', in_sandbox)}, or pass --region",
         )
     instance_ids = sorted({view.instance_id for view in live} | {node.instance_id for node in cluster.nodes if node.state != "terminated"})
     spot_requests = sorted({view.spot_request_id for view in live if view.spot_request_id})
@@ -1142,6 +1142,7 @@ __all__ = [
     "DownReport",
     "ReapItem",
     "ReapReport",
+    "command_hint",
     "console_output",
     "default_region",
     "down",

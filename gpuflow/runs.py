@@ -1325,8 +1325,8 @@ def _run_on_cluster(
             except BaseException as teardown_error:
                 if primary is None:
                     raise
-                again = f"gpuflow down {cluster_name}" + (" --sandbox" if recorded_sandbox else "")
-                say(f"teardown of {cluster_name} failed too: {teardown_error} — run `{again}`")
+                again = clusters.command_hint(f"down {cluster_name}", bool(recorded_sandbox))
+                say(f"teardown of {cluster_name} failed too: {teardown_error} — run {again}")
 
 
 def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> None:

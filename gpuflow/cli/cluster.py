@@ -25,12 +25,6 @@ _SANDBOX = typer.Option(
     None, "--sandbox/--no-sandbox", help="The sandbox cloud, or AWS (default: the project config's `sandbox`, else AWS)."
 )
 
-
-def _with_sandbox(command: str, sandbox: bool) -> str:
-    """A command for a hint: in a sandbox context it always says --sandbox."""
-    return f"{command} --sandbox" if sandbox else command
-
-
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
     """A callable that shows the latest step on a live stderr line, or does nothing."""
@@ -119,11 +113,13 @@ def up(
     price = None if cluster.price_per_hour is None else cluster.price_per_hour * len(cluster.nodes)
     typer.echo(
         f"cost: {_money(price)}/h; terminates itself after {spec.idle_minutes} idle min or {spec.max_hours:g} h; "
-        f"`{_with_sandbox(f'gpuflow down {cluster.name}', cluster.sandbox)}` when done"
+        f"{clusters.command_hint(f'down {cluster.name}', cluster.sandbox)} when done"
     )
 
 
 def _print_statuses(statuses: list[Any]) -> None:
+    from gpuflow.clusters import command_hint
+
     if not statuses:
         typer.echo("no clusters")
         return
@@ -148,7 +144,7 @@ def _print_statuses(statuses: list[Any]) -> None:
     for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state == "unmanaged"}):
         typer.echo(
             f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
-            f"`{_with_sandbox('gpuflow reap', sandbox)}` removes those this gpuflow created (--any-owner: anyone's)",
+            f"{command_hint('reap', sandbox)} removes those this gpuflow created (--any-owner: anyone's)",
             err=True,
         )
     if any(item.state == "unchecked" for item in statuses):
@@ -262,5 +258,5 @@ def reap(
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
-        again = _with_sandbox("gpuflow reap --yes --any-owner" if any_owner else "gpuflow reap --yes", sandbox)
-        typer.echo(f"dry run: run `{again}` to delete these", err=True)
+        again = clusters.command_hint("reap --yes --any-owner" if any_owner else "reap --yes", sandbox)
+        typer.echo(f"dry run: run {again} to delete these", err=True)
