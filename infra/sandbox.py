@@ -256,11 +256,17 @@ def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
     with _locked(directory / SERVER_LOCK_NAME) as lock_file:
         _hold_as_user(directory)
         record = read_server_record(home)
-        if record is not None and _server_is_alive(record):
-            return record.url
+        if record is not None and _is_our_server_process(record.pid):
+            # Alive: reuse it, however slow it answers -- never replace a server that may hold clusters.
+            if _wait_until_healthy(record, startup_timeout):
+                return record.url
+            raise CloudError(
+                f"the sandbox cloud (moto server, pid {record.pid}) does not answer on {record.url}",
+                hint=f"see {directory / SERVER_LOG_NAME}; if it is stuck, `kill {record.pid}` ends it "
+                "(and the sandbox clusters with it)",
+            )
         if record is not None:
-            _terminate_server(record)
-            _remove_record(directory)
+            _remove_record(directory)  # its process is gone, or the pid is now another program's: nothing to signal
         server = _start_server(directory, startup_timeout, lock_file)
         _STARTED_HERE[directory] = server
         _register_release_at_exit()
@@ -445,8 +451,14 @@ def _health_check(port: int, timeout: float = 2.0) -> bool:
         connection.close()
 
 
-def _server_is_alive(record: SandboxServer) -> bool:
-    return _is_our_server_process(record.pid) and _health_check(record.port)
+def _wait_until_healthy(record: SandboxServer, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if _health_check(record.port):
+            return True
+        if time.monotonic() >= deadline or not _is_our_server_process(record.pid):
+            return False
+        time.sleep(0.2)
 
 
 def _terminate_server(record: SandboxServer, *, timeout: float = 10.0) -> bool:

@@ -200,6 +200,24 @@ def test_a_dead_server_is_replaced(sandbox_home):
     assert _resolve_dlami("us-east-1", endpoint_url=url)[0]
 
 
+def test_a_server_that_answers_slowly_is_never_replaced(sandbox_home):
+    """A live server that does not answer in time (SIGSTOP here; a loaded machine in life)
+    may hold clusters: the caller gets a clear error, the server is left alone, and once it
+    answers again it is reused."""
+    url = sandbox_endpoint(sandbox_home)
+    record = read_server_record(sandbox_home)
+    boto3.client("ec2", region_name="us-east-1", endpoint_url=url).create_key_pair(KeyName="kept")
+    os.kill(record.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(CloudError, match=f"pid {record.pid}.* does not answer"):
+            sandbox_endpoint(sandbox_home, startup_timeout=1)
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+    assert sandbox_endpoint(sandbox_home) == url and read_server_record(sandbox_home) == record
+    pairs = boto3.client("ec2", region_name="us-east-1", endpoint_url=url).describe_key_pairs()["KeyPairs"]
+    assert [pair["KeyName"] for pair in pairs] == ["kept"]
+
+
 def test_a_record_naming_an_unrelated_process_is_never_killed(sandbox_home):
     """A stale record whose pid now belongs to someone else: start a new server,
     and leave that process alone."""
