@@ -890,7 +890,7 @@ def down(
     in_sandbox = sandbox_in_effect(sandbox)
     store = _store()
     document = store.get(cluster_name)
-    if document is not None:
+    if document is not None and in_sandbox and not document.get("sandbox"):
         _refuse_aws_record_in_sandbox(Cluster.from_dict(document), in_sandbox, "down")
     if document is not None and document.get("phase") == PHASE_DELETED:
         tombstone = Cluster.from_dict(document)
