@@ -170,10 +170,12 @@ def _accountless_environment(environment: dict[str, str] | Any) -> dict[str, str
     """``environment`` for moto, which builds botocore sessions from it (at import and
     per backend): no AWS profile and no AWS config or credentials file, so an
     ``AWS_PROFILE`` naming no profile, or a config file that does not parse, cannot
-    break the sandbox -- it needs no account."""
+    break the sandbox -- it needs no account -- and no ``AWS_ENDPOINT_URL*`` can
+    send a request past the in-process mock."""
     kept = {
         key: value for key, value in environment.items()
         if key not in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+        and not key.startswith("AWS_ENDPOINT_URL")  # moto intercepts AWS's own endpoints only
     }
     return {**kept, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 

@@ -152,10 +152,12 @@ class AwsTarget:
 # A session that reads no profile and no config file: AWS_PROFILE naming a profile that
 # does not exist, or a config file that does not parse, must not break what needs no account
 # (the sandbox, botocore's service models and region list).
+# Nor does it take an endpoint from AWS_ENDPOINT_URL[_EC2]: the sandbox's endpoint is its own.
 _ACCOUNTLESS_SESSION_VARIABLES = {
     "profile": (None, None, None, None),
     "config_file": (None, None, os.devnull, None),
     "credentials_file": (None, None, os.devnull, None),
+    "ignore_configured_endpoint_urls": (None, None, True, None),
 }
 
 

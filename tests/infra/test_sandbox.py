@@ -358,6 +358,7 @@ def guarded_gpuflow(gpuflow_home, tmp_path):
         # A proxy from the environment must not carry sandbox traffic off loopback.
         HTTPS_PROXY="http://203.0.113.9:3128",
         HTTP_PROXY="http://203.0.113.9:3128",
+        AWS_ENDPOINT_URL_SSM="https://203.0.113.9",
     )
     (tmp_path / "aws-config").write_text("[profile broken\nnot a config file\n")
 
@@ -549,7 +550,8 @@ def test_sandbox_clients_refuse_anything_but_loopback(monkeypatch):
 
 def test_the_in_process_sandbox_needs_no_aws_profile(monkeypatch, tmp_path):
     """Item 9, the one-process sandbox (run --up --sandbox --down, demo): AWS_PROFILE naming
-    no profile and an unparsable config file do not matter."""
+    no profile, an unparsable config file and AWS_ENDPOINT_URL do not matter (the conftest
+    guard refuses any connection off loopback)."""
     from gpuflow import clusters
     from gpuflow.records import ClusterSpec
     from infra.aws import client
@@ -557,6 +559,9 @@ def test_the_in_process_sandbox_needs_no_aws_profile(monkeypatch, tmp_path):
     (tmp_path / "aws-config").write_text("[profile broken\n")
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    # An endpoint override would take requests past the mock (moto intercepts AWS's own endpoints only).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://203.0.113.9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "https://203.0.113.9")
     monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     client.known_regions.cache_clear()
     client._shared_data_loader.cache_clear()
