@@ -421,6 +421,9 @@ def test_a_sandbox_project_never_reaches_aws_and_its_hints_say_sandbox(guarded_g
         assert "is an AWS cluster" in refused.stderr and "--no-sandbox` acts on it" in refused.stderr
     down = run("down", "s1", "--yes")  # no record: found by its tags in the sandbox
     assert down.returncode == 0 and "cluster s1 is down: 1 instance(s) terminated" in down.stdout, down.stderr
+    down_all = run("down", "--all", "--yes")  # the sandbox clusters only: "billing" is not touched
+    assert down_all.returncode == 0 and down_all.stdout.strip() == "no clusters", down_all.stderr
+    assert json.loads((gpuflow_home / "state" / "clusters" / "billing.json").read_text())["phase"] == "up"
 
     assert not netlog.exists(), netlog.read_text()
     # The explicit flag decides over the project: --no-sandbox does ask AWS (and the guard sees it).
