@@ -498,6 +498,9 @@ class Maximized:
     start: np.ndarray
     end: np.ndarray
 
+    def part(self, rows: slice) -> "Maximized":
+        return Maximized(self.images[rows], self.start[rows], self.end[rows])
+
 
 def maximize(
     objective, shape: tuple[int, ...], count: int, *, steps: int, seed: int, centre: float = 0.5,
@@ -538,9 +541,10 @@ def maximize(
 
 
 def starting_noise(shape: tuple[int, ...], seed: int, centre: float = 0.5) -> np.ndarray:
-    """Uniform noise of +-0.05 around ``centre`` (the test images' mean pixel): where every ascent starts."""
+    """Uniform noise of +-0.05 around ``centre`` (the test images' median pixel), in [0, 1]:
+    where every ascent starts."""
     rng = np.random.default_rng([seed, 1])
-    return (centre + 0.1 * (rng.random(shape, dtype=np.float32) - 0.5)).astype(np.float32)
+    return np.clip(centre + 0.1 * (rng.random(shape, dtype=np.float32) - 0.5), 0.0, 1.0).astype(np.float32)
 
 
 def filter_objective(probe: Probe, step: Step, filters: Sequence[int]):
@@ -555,6 +559,15 @@ def filter_objective(probe: Probe, step: Step, filters: Sequence[int]):
         return tf.gather(means, columns, batch_dims=1)
 
     return objective
+
+
+def stacked_objective(first, first_count: int, second):
+    """``first`` on the first ``first_count`` images, ``second`` on the rest (``first`` may be None)."""
+    import tensorflow as tf
+
+    if first is None:
+        return second
+    return lambda images: tf.concat([first(images[:first_count]), second(images[first_count:])], axis=0)
 
 
 def class_objective(probe: Probe, classes: Sequence[int]):
@@ -662,19 +675,17 @@ def plot_filters(probe: Probe, path: Path, title: str) -> dict:
     else:
         grid = mosaic(enlarge(tiles[..., 0] if channels == 1 else tiles.mean(axis=-1)), 16)
         note = "one input channel" if channels == 1 else f"mean over the {channels} input channels"
-    figure, axis = pyplot.subplots(figsize=(10, 1.4 + 8.0 * grid.shape[0] / grid.shape[1]))
+    figure, axis = pyplot.subplots(figsize=(10, 1.4 + 8.0 * grid.shape[0] / grid.shape[1]), layout="constrained")
     if channels == 3:
         axis.imshow(grid, interpolation="nearest")
     else:
-        colours = pyplot.get_cmap("RdBu_r").copy()
-        colours.set_bad("white")
+        colours = pyplot.get_cmap("RdBu_r").with_extremes(bad="white")
         drawn = axis.imshow(grid, cmap=colours, vmin=-scale, vmax=scale, interpolation="nearest")
         figure.colorbar(drawn, ax=axis, fraction=0.03, pad=0.02, label="weight")
     axis.set_title(f"{first.layer.name}: {count} kernels of {kh}x{kw}x{channels}{shown} ({note})", fontsize=10)
     axis.set_xticks([])
     axis.set_yticks([])
     figure.suptitle(f"First-layer filters — {title}", fontsize=11)
-    figure.tight_layout()
     _save(figure, path)
     return {"layer": first.layer.name, "kernels": int(count), "kernel_shape": [int(kh), int(kw), int(channels)]}
 
@@ -696,13 +707,13 @@ def plot_feature_maps(probe: Probe, image: np.ndarray, label: str, path: Path, t
         rows.append((step, values, channels, grid))
     heights = [2.2] + [0.5 + 9.0 * grid.shape[0] / grid.shape[1] for *_, grid in rows]
     figure, axes = pyplot.subplots(
-        len(heights), 1, figsize=(11, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
+        len(heights), 1, figsize=(11, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False,
+        layout="constrained",
     )
     axes = axes[:, 0]
     show_image(axes[0], image)
     axes[0].set_title(f"input image ({label})", fontsize=10)
-    colours = pyplot.get_cmap("viridis").copy()
-    colours.set_bad("white")
+    colours = pyplot.get_cmap("viridis").with_extremes(bad="white")
     for axis, (step, values, channels, grid) in zip(axes[1:], rows):
         low, high = float(values.min()), float(values.max())
         drawn = axis.imshow(grid, cmap=colours, vmin=low, vmax=high if high > low else low + 1e-6, interpolation="nearest")
@@ -714,7 +725,6 @@ def plot_feature_maps(probe: Probe, image: np.ndarray, label: str, path: Path, t
         axis.set_yticks([])
     layers_note = "" if len(steps) == len(probe.feature_steps) else f" ({len(steps)} of {len(probe.feature_steps)} layers)"
     figure.suptitle(f"Feature maps{layers_note} — {title}")
-    figure.tight_layout()
     _save(figure, path)
     return {"layers": [step.layer.name for step in steps]}
 
@@ -727,7 +737,7 @@ def plot_maximization(
     rows = ([("filter", filters, filter_ids)] if filters is not None else []) + [("class", classes, class_ids)]
     columns = max(len(ids) for _, _, ids in rows)
     figure, axes = pyplot.subplots(
-        len(rows), columns, figsize=(1.45 * columns + 0.5, 1.9 * len(rows) + 0.9), squeeze=False
+        len(rows), columns, figsize=(1.45 * columns + 0.5, 1.9 * len(rows) + 0.9), squeeze=False, layout="constrained"
     )
     for row, (kind, result, ids) in enumerate(rows):
         for column in range(columns):
@@ -751,7 +761,6 @@ def plot_maximization(
         f"{rows_note}; each image contrast-stretched",
         fontsize=9,
     )
-    figure.tight_layout()
     _save(figure, path)
 
 
@@ -762,7 +771,7 @@ def _label(names: Sequence[str], predicted: int, true: int, confidence: float) -
 def plot_saliency(images, maps, labels, predictions, confidences, names, path: Path, title: str) -> None:
     pyplot = _pyplot()
     count = len(images)
-    figure, axes = pyplot.subplots(2, count, figsize=(1.6 * count + 1.2, 4.0), squeeze=False)
+    figure, axes = pyplot.subplots(2, count, figsize=(1.6 * count + 1.4, 4.2), squeeze=False, layout="constrained")
     scaled = heat(maps)
     for column in range(count):
         show_image(axes[0, column], images[column])
@@ -780,7 +789,7 @@ def plot_saliency(images, maps, labels, predictions, confidences, names, path: P
 def plot_cam(images, heats, method: str, layer: str, map_shape, labels, predictions, confidences, names, path, title):
     pyplot = _pyplot()
     count = len(images)
-    figure, axes = pyplot.subplots(2, count, figsize=(1.6 * count + 1.2, 4.0), squeeze=False)
+    figure, axes = pyplot.subplots(2, count, figsize=(1.6 * count + 1.4, 4.2), squeeze=False, layout="constrained")
     for column in range(count):
         show_image(axes[0, column], images[column])
         axes[0, column].set_title(_label(names, predictions[column], labels[column], confidences[column]), fontsize=8)
@@ -794,8 +803,8 @@ def plot_cam(images, heats, method: str, layer: str, map_shape, labels, predicti
     figure.colorbar(drawn, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label=f"{method} / max")
     formula = "sum_k w_k A_k" if method == "CAM" else "ReLU(sum_k alpha_k A_k)"
     figure.suptitle(
-        f"{method} ({formula}) of the predicted class on {layer} {map_shape[0]}x{map_shape[1]}, "
-        f"upsampled — {title}",
+        f"{method} ({formula}) of the predicted class on {layer} ({map_shape[0]}x{map_shape[1]}, "
+        f"each cell drawn at the centre of what it sees) — {title}",
         fontsize=10,
     )
     _save(figure, path)
@@ -807,7 +816,7 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
     side = max(4.5, 0.5 * count + 1.5)
-    figure, axes = pyplot.subplots(1, 2, figsize=(2 * side + 1.5, side))
+    figure, axes = pyplot.subplots(1, 2, figsize=(2 * side + 1.5, side), layout="constrained")
     for axis, values, label, number in (
         (axes[0], matrix, "images", "{:d}"),
         (axes[1], normalised, "fraction of the true class", "{:.2f}"),
@@ -823,34 +832,36 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
             for row in range(count):
                 for column in range(count):
                     value = values[row, column]
+                    if matrix[row, column] == 0:
+                        continue  # blank cells stay blank: the mistakes stand out
                     axis.text(
                         column, row, number.format(int(value) if values is matrix else value), ha="center",
-                        va="center", fontsize=7, color="white" if value > threshold else "black",
+                        va="center", fontsize=9 if count <= 10 else 7, color="white" if value > threshold else "black",
                     )
     axes[0].set_title("counts")
     axes[1].set_title("row-normalised (recall on the diagonal)")
     figure.suptitle(f"Confusion matrix on {int(matrix.sum())} test images — {title}")
-    figure.tight_layout()
     _save(figure, path)
 
 
-def plot_misclassified(images, labels, predictions, confidences, names, total: int, path: Path, title: str) -> None:
+def plot_misclassified(images, labels, predictions, confidences, names, mistakes: int, total: int, path: Path, title: str) -> None:
     pyplot = _pyplot()
     count = len(images)
     if count == 0:
-        figure, axis = pyplot.subplots(figsize=(6, 2))
+        figure, axis = pyplot.subplots(figsize=(6, 2), layout="constrained")
         axis.axis("off")
         axis.text(0.5, 0.5, f"no misclassified images among the {total} test images", ha="center", va="center")
     else:
         rows, columns = _grid(count, 8)
-        figure, axes = pyplot.subplots(rows, columns, figsize=(1.6 * columns + 0.4, 2.0 * rows + 0.6), squeeze=False)
+        figure, axes = pyplot.subplots(
+            rows, columns, figsize=(1.6 * columns + 0.4, 2.0 * rows + 0.6), squeeze=False, layout="constrained"
+        )
         for index, axis in enumerate(axes.flat):
             axis.axis("off")
             if index < count:
                 show_image(axis, images[index])
                 axis.set_title(_label(names, predictions[index], labels[index], confidences[index]), fontsize=8)
-    figure.suptitle(f"The {count} most confident mistakes of {total} test images — {title}", fontsize=10)
-    figure.tight_layout()
+    figure.suptitle(f"The {count} most confident of {mistakes} mistakes on {total} test images — {title}", fontsize=10)
     _save(figure, path)
 
 
@@ -939,22 +950,28 @@ def visualize_model(
             report["skipped"][name] = "the model has no convolution layer"
 
     class_ids = list(range(min(count, MAXIMIZED_CLASSES)))
-    centre = float(data.images.mean())
-    ascent = {"steps": steps, "seed": seed, "centre": centre}
-    classes = maximize(class_objective(probe, class_ids), data.images.shape[1:], len(class_ids), **ascent)
-    filters, filter_ids, layer = None, [], None
-    maximization = {"steps": steps, "seed": seed, "start": f"uniform noise of +-0.05 around {centre:.3f}"}
+    centre = float(np.median(data.images))  # the typical background pixel: black for digits, grey for CIFAR-10
+    filter_ids, layer = [], None
+    maximization = {"steps": steps, "seed": seed, "start": f"uniform noise of +-0.05 around {centre:.3f} (the median pixel)"}
     if probe.convolutions:
         target = probe.gradcam_step
         layer = target.layer.name
         filter_ids = selective_filters(probe, target, data.images[:256], MAXIMIZED_FILTERS, seed, centre)
-        if filter_ids:
-            filters = maximize(filter_objective(probe, target, filter_ids), data.images.shape[1:], len(filter_ids), **ascent)
-            maximization["layer"] = layer
-            maximization["filters"] = [
-                {"filter": k, "start_mean_activation": float(a), "end_mean_activation": float(b)}
-                for k, a, b in zip(filter_ids, filters.start, filters.end)
-            ]
+    # One ascent for both rows (one graph to trace): the filters' images first, then the classes'.
+    objective = stacked_objective(
+        filter_objective(probe, probe.gradcam_step, filter_ids) if filter_ids else None,
+        len(filter_ids),
+        class_objective(probe, class_ids),
+    )
+    ascended = maximize(objective, data.images.shape[1:], len(filter_ids) + len(class_ids), steps=steps, seed=seed, centre=centre)
+    filters = ascended.part(slice(0, len(filter_ids))) if filter_ids else None
+    classes = ascended.part(slice(len(filter_ids), None))
+    if filters is not None:
+        maximization["layer"] = layer
+        maximization["filters"] = [
+            {"filter": k, "start_mean_activation": float(a), "end_mean_activation": float(b)}
+            for k, a, b in zip(filter_ids, filters.start, filters.end)
+        ]
     maximization["classes"] = [
         {"class": names[c], "start_logit": float(a), "end_logit": float(b)}
         for c, a, b in zip(class_ids, classes.start, classes.end)
@@ -983,7 +1000,7 @@ def visualize_model(
     wrong = np.flatnonzero(predictions != data.labels)
     worst = wrong[np.argsort(-confidences[wrong], kind="stable")][:images]
     plot_misclassified(
-        data.images[worst], data.labels[worst], predictions[worst], confidences[worst], names, len(data.images),
+        data.images[worst], data.labels[worst], predictions[worst], confidences[worst], names, len(wrong), len(data.images),
         output / "misclassified.png", title,
     )
     written("misclassified.png", "the most confident mistakes")
