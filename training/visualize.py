@@ -7,12 +7,13 @@ The course's part on *looking inside* CNNs, for any classifier these modules sav
 * ``filters.png`` — the first convolution's kernels (RGB for colour inputs);
 * ``feature_maps.png`` — one test image's activations after every convolution / pooling;
 * ``activation_maximization.png`` — inputs that maximise a few filters of the last
-  convolution and each class score: gradient ascent from noise with jitter, blur and L2
-  decay, a fixed seed and a fixed number of steps;
+  convolution and each class score: gradient ascent from noise around the median pixel,
+  with jitter, blur and L2 decay, a fixed seed and a fixed number of steps;
 * ``saliency.png`` — |d class score / d input| beside each image;
 * ``cam.png`` — where the network looked: true CAM (sum_k w_k A_k of the last feature
   map) for a GlobalAveragePooling2D + Dense head (the transfer-learning models), Grad-CAM
-  for the course CNN's Flatten + Dense head, upsampled and laid over the image;
+  for the course CNN's Flatten + Dense head, laid over the image with each cell drawn at
+  the centre of its receptive field (:func:`geometry_of`);
 * ``confusion_matrix.png`` (counts and row-normalised) and ``misclassified.png`` (the
   most confident mistakes);
 * ``visualization.json`` — accuracy, per-class precision / recall / F1, the confusion
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -529,8 +531,9 @@ def maximize(
         gradient = tape.gradient(value, images)
         norm = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=(1, 2, 3), keepdims=True)) + 1e-8
         updated = centre + (images + step_size * gradient / norm - centre) * decay  # L2 decay towards the centre
-        if smooth:
-            updated = tf.nn.depthwise_conv2d(updated, blur, strides=[1, 1, 1, 1], padding="SAME")
+        updated = tf.cond(  # explicit, not left to AutoGraph (which needs the source file)
+            smooth, lambda: tf.nn.depthwise_conv2d(updated, blur, strides=[1, 1, 1, 1], padding="SAME"), lambda: updated
+        )
         images.assign(tf.clip_by_value(updated, 0.0, 1.0))
 
     start = objective(tf.constant(images)).numpy()
@@ -1007,7 +1010,9 @@ def visualize_model(
     report["misclassified"] = int(len(wrong))
     for name, reason in report["skipped"].items():
         say(f"training: skipped {name}: {reason}")
-    (output / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    partial = output / f".{REPORT_FILE}.part"
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, output / REPORT_FILE)  # a reader never sees half a report
     return report
 
 

@@ -132,7 +132,7 @@ def test_a_digits_mlp_skips_the_convolution_pictures_with_a_note(digits_mlp, cap
 
 
 def test_a_transfer_model_gets_every_picture_and_true_cam(transfer_model, capsys):
-    assert visualize.main([str(transfer_model / "best_model.keras"), "--steps", "20"]) == 0
+    assert visualize.main([str(transfer_model / "best_model.keras"), "--steps", "20", "--images", "4"]) == 0
     report = assert_pictures(transfer_model / "visualization", visualize.PICTURES)
     # The base is a nested model: its layers are inlined, the head's GAP makes CAM apply.
     assert report["cam"]["method"] == "CAM" and report["cam"]["feature_map_shape"] == [8, 8, 16]
