@@ -1296,6 +1296,11 @@ def logs(
                 liveness_interval=liveness_interval,
             )
         except JobVanished as vanished:
+            if record.finished:  # its outcome is known: a run directory deleted since does not change it
+                raise NotFound(
+                    f"run {record.run_id} {record.status_text()}, but {vanished.reason}",
+                    hint=f"its pulled log is in {record.local_dir}",
+                ) from vanished
             raise _lose(record, vanished.reason, home) from vanished
         if exit_code is not None and not record.finished:
             save_record(replace(record, status=_status_for(exit_code), exit_code=exit_code, lost_reason=None), home)

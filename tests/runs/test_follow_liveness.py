@@ -317,3 +317,43 @@ def test_the_outcome_is_recorded_when_the_pull_cannot_reach_the_instance(local_t
     assert caught.value.exit_code == 5
     assert "failed with exit code 5" in caught.value.message and "network down" in caught.value.message
     assert record.status == "failed" and record.exit_code == 5 and record.job_started_at
+
+
+# --------------------------------------------------------------------------- every other wait ends too
+
+
+def test_a_job_never_seen_to_start_is_recorded_lost(local_target, project, monkeypatch):
+    """The start wait is bounded; when it runs out the record says lost, and why, not 'running'."""
+    from gpuflow import remote_scripts
+    from gpuflow.errors import RemoteCommandFailed
+
+    monkeypatch.setattr(remote_scripts, "render_supervisor", lambda **_kwargs: "#!/bin/sh\nexit 0\n")  # dies at once
+    monkeypatch.setattr(remote_scripts, "wait_for_start_command", lambda *_args, **_kwargs: "true")
+    real_wait = runs._wait_for_start
+    monkeypatch.setattr(runs, "_wait_for_start", lambda runner, remote_dir: real_wait(runner, remote_dir, timeout=1))
+    with pytest.raises(RemoteCommandFailed, match="did not start within 1s"):
+        _bounded(lambda: runs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO()))
+    [record] = runs.all_records()
+    assert record.status == "lost" and "not seen to start" in record.lost_reason
+
+
+def test_stopping_a_vanished_job_records_it_lost(local_target, project):
+    outcome = _detached(local_target, project)
+    _kill_job_and_supervisor(outcome.record.remote_dir)
+    record, stopped = _bounded(lambda: runs.stop(outcome.record.run_id, grace_seconds=0,
+                                                 resolve=lambda name: local_target))
+    assert stopped == "gone"
+    assert record.status == "lost" and "without an exit code" in record.lost_reason
+    assert runs.load_record(outcome.record.run_id).status == "lost"
+
+
+def test_following_a_finished_run_whose_directory_is_gone_keeps_its_outcome(local_target, project):
+    from gpuflow.errors import NotFound
+
+    finished = runs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
+    shutil.rmtree(finished.record.remote_dir)
+    with pytest.raises(NotFound) as caught:
+        _bounded(lambda: runs.logs(finished.record.run_id, out=io.BytesIO(), follow=True,
+                                   resolve=lambda name: local_target, liveness_interval=FAST))
+    assert f"run {finished.record.run_id} succeeded, but its run directory" in caught.value.message
+    assert runs.load_record(finished.record.run_id).status == "succeeded"
