@@ -956,13 +956,28 @@ def _finalize_local(
     exit_code: int | None,
     job_started_at: str | None,
     ended_at: str | None,
+    record: RunRecord | None = None,
 ) -> None:
-    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost."""
+    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost.
+
+    When the instance's manifest did not arrive as a JSON object (refused as a
+    symlink, or rewritten by the job) and the job has ended, a manifest with
+    what ``record`` knows still records the outcome."""
     manifest_path = local_dir / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        if record is None or exit_code is None:
+            return
+        manifest = {
+            "run_id": record.run_id,
+            "command": list(record.command),
+            "module": record.module,
+            "cluster": record.cluster,
+            "started_at": record.started_at,
+        }
     if environment:
         manifest.update(environment_fields(environment))
     if exit_code is not None and ended_at is not None:
@@ -1056,7 +1071,7 @@ def pull_run(
     try:
         report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
     finally:  # also after a refused entry: the manifest pulled with the safe files is completed
-        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at)
+        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
     say(
         f"pulled {len(report.fetched)} file(s), {report.bytes_fetched:,} bytes "
         f"({len(report.unchanged)} unchanged) into {local_dir}"

@@ -357,3 +357,22 @@ def test_following_a_finished_run_whose_directory_is_gone_keeps_its_outcome(loca
                                    resolve=lambda name: local_target, liveness_interval=FAST))
     assert f"run {finished.record.run_id} succeeded, but its run directory" in caught.value.message
     assert runs.load_record(finished.record.run_id).status == "succeeded"
+
+
+@pytest.mark.parametrize("tampering", [
+    "os.remove(manifest); os.symlink('/etc/passwd', manifest)",
+    "open(manifest, 'w').write('[]')",
+    "open(manifest, 'wb').write(b'\\xff\\xfe not json')",
+])
+def test_the_outcome_reaches_the_local_manifest_when_the_job_spoils_the_remote_one(local_target, project, tampering):
+    (project / "spoil.py").write_text(
+        "import os, sys\nmanifest = os.path.join(os.environ['GPUFLOW_RUN_DIR'], 'manifest.json')\n"
+        f"{tampering}\nsys.exit(3)\n"
+    )
+    with pytest.raises(JobFailed) as caught:
+        runs.run(local_target, project_dir=project, module=None, args=["python", "spoil.py"], out=io.BytesIO())
+    assert caught.value.exit_code == 3
+    [record] = runs.all_records()
+    manifest = _manifest(record)
+    assert manifest["run_id"] == record.run_id and manifest["exit_code"] == 3
+    assert manifest["job_started_at"] == record.job_started_at and manifest["python"] == platform.python_version()
