@@ -177,11 +177,13 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
     """The SSH server disappears for good (the instance was terminated) while the
     log is followed: gpuflow asks EC2 instead of retrying, and gives up at once."""
     outcome = _detached(ssh_target, project)
-    asked = []
+    terminated_now = threading.Event()
+    asked_after = []
 
-    def alive() -> bool:
-        asked.append(1)
-        return False
+    def alive() -> bool:  # "EC2": running until the server goes away, terminated after
+        if terminated_now.is_set():
+            asked_after.append(1)
+        return not terminated_now.is_set()
 
     first = ssh_target.connect()
     pinned = first.target  # the same server, host key and base directory
@@ -196,6 +198,7 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
 
     def stop_server_once_streaming() -> None:
         _wait_for(lambda: printed.getvalue().count(b"\n") >= 3, timeout=60)
+        terminated_now.set()
         sshd.stop()
 
     printed = io.BytesIO()
@@ -205,7 +208,8 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
         with pytest.raises(RunLost) as caught:
             _bounded(lambda: runs.logs(outcome.record.run_id, out=printed, follow=True,
                                        resolve=lambda name: terminated, liveness_interval=FAST, poll_interval=0.05))
-        assert "is no longer running" in caught.value.message and asked
+        assert terminated_now.is_set() and printed.getvalue().startswith(b"line 0000 ")  # it was following
+        assert "is no longer running" in caught.value.message and asked_after
         assert runs.load_record(outcome.record.run_id).status == "lost"
     finally:
         stopper.join(5)
