@@ -76,12 +76,15 @@ def _runs(project: Path, env: dict) -> dict[str, dict]:
     return {item["run_id"]: item for item in json.loads(listed.stdout)}
 
 
-def _assert_lost_when_downed_elsewhere(project: Path, gpuflow_home: Path, cluster: str, env: dict) -> str:
+def _assert_lost_when_downed_elsewhere(
+    project: Path, gpuflow_home: Path, cluster: str, env: dict, *, meanwhile=lambda run_id: None
+) -> str:
     """`run` follows a job; `down` from another terminal ends it: `run` exits 9 saying why."""
     before = set(gpuflow_home.glob(f"sandbox/{cluster}/*/runs/*"))
     running = _start(project, "run", cluster, "--", *job_args(100_000, 0.05), env=env)
     run_dirs = _wait_for_job(gpuflow_home, cluster, count=len(before) + 1)
     [run_dir] = [path for path in run_dirs if path not in before]
+    meanwhile(run_dir.name)
     downed = _gpuflow(project, "down", cluster, "--yes", env=env)
     assert downed.returncode == 0, downed.stderr
     code, out, err = _finish(running)
@@ -101,9 +104,17 @@ def test_run_over_ssh_ends_lost_when_the_cluster_is_downed_from_another_terminal
         "GPUFLOW_SANDBOX_SSH": f"host=127.0.0.1,port={sshd.port},user={sshd.user},key={sshd.client_key},"
         f"host_key={sshd.directory / 'ssh_host_ed25519_key.pub'}",
     })
+
+    def interrupt_a_follower(run_id: str) -> None:  # over SSH too, Ctrl-C ends `logs -f` (even `&`-ignored)
+        following = _start(project, "logs", run_id, "-f", env=env, ignore_sigint=True)
+        assert following.stdout.readline().startswith(b"line 0000 ")
+        following.send_signal(signal.SIGINT)
+        code, _out, err = _finish(following)
+        assert code == 130 and err.strip().splitlines()[-1] == "gpuflow: error: interrupted", err
+
     assert _gpuflow(project, "up", "gone", "--sandbox", env=env).returncode == 0
     try:
-        _assert_lost_when_downed_elsewhere(project, gpuflow_home, "gone", env)
+        _assert_lost_when_downed_elsewhere(project, gpuflow_home, "gone", env, meanwhile=interrupt_a_follower)
     finally:
         _gpuflow(project, "down", "gone", "--yes", env=env)
 
