@@ -269,11 +269,14 @@ print(json.dumps({
 
 # argv: RUN_DIR — is the run's job (or its supervisor) still alive?  Each pid is
 # checked by identity: it must lead its own process group (the job and the
-# supervisor are both started with setsid) and must have started no later than
-# the file naming it was written (plus slack for clock granularity), so a pid
-# the system has since handed to another process is not taken for the job.
-# Processes are checked *before* exit_code is read: a supervisor that wrote
-# exit_code and exited is never reported as gone without it.
+# supervisor are both started with setsid) and carry the run's marker where
+# /proc shows it (the job's environment holds GPUFLOW_RUN_DIR=RUN_DIR, the
+# supervisor's command line names supervisor.sh); without the marker it must
+# have started no later than the file naming it was written (plus slack for
+# clock granularity).  So a pid the system has since handed to another process
+# is not taken for the job, and a wall-clock step cannot make a marked job look
+# gone.  Processes are checked *before* exit_code is read: a supervisor that
+# wrote exit_code and exited is never reported as gone without it.
 # prints {"exists": bool, "job": "alive"|"gone"|"none", "supervisor": ..., "exit_code": int|null}
 JOB_LIVENESS_PY = r"""
 import json, os, subprocess, sys, time
@@ -303,7 +306,13 @@ def start_time(pid):
         return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y")) if text else None
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
-def state(name):
+def marked(pid, proc_file, marker):
+    try:
+        with open(f"/proc/{pid}/{proc_file}", "rb") as handle:
+            return marker in handle.read().split(b"\0")
+    except OSError:
+        return False
+def state(name, proc_file, marker):
     path = os.path.join(run_dir, name)
     try:
         written = os.stat(path).st_mtime
@@ -318,11 +327,16 @@ def state(name):
             return "gone"
     except OSError:
         return "gone"
+    if marked(pid, proc_file, marker):
+        return "alive"
     started = start_time(pid)
     if started is not None and started > written + SLACK:
         return "gone"
     return "alive"
-report = {"job": state("job.pid"), "supervisor": state("supervisor.pid")}
+report = {
+    "job": state("job.pid", "environ", os.fsencode("GPUFLOW_RUN_DIR=" + run_dir)),
+    "supervisor": state("supervisor.pid", "cmdline", b"supervisor.sh"),
+}
 try:
     with open(os.path.join(run_dir, "exit_code")) as handle:
         code = handle.read().strip()

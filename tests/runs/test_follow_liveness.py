@@ -224,6 +224,13 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     remote_dir = outcome.record.remote_dir
     runner = local_target.connect()
     assert runs.job_liveness(runner, remote_dir).job == "alive"
+    # The wall clock stepped an hour forward since the job started (NTP at boot): its pid
+    # files look older than its processes, but their markers still name them.
+    for name in ("job.pid", "supervisor.pid"):
+        path = Path(remote_dir) / name
+        os.utime(path, (path.stat().st_mtime - 3600, path.stat().st_mtime - 3600))
+    liveness = runs.job_liveness(runner, remote_dir)
+    assert (liveness.job, liveness.supervisor) == ("alive", "alive")
     _kill_job_and_supervisor(remote_dir)
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like the job did
     try:
