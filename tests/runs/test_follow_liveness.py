@@ -329,6 +329,15 @@ def test_the_outcome_is_recorded_when_the_pull_cannot_reach_the_instance(local_t
     assert "failed with exit code 5" in caught.value.message and "network down" in caught.value.message
     assert record.status == "failed" and record.exit_code == 5 and record.job_started_at
 
+    with pytest.raises(UnreachableHost) as unreachable_error:  # a job that succeeded: the pull's code, and why
+        runs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
+    succeeded = next(record for record in runs.all_records() if record.exit_code == 0)
+    assert unreachable_error.value.exit_code == 6
+    assert f"run {succeeded.run_id} succeeded, but pulling its files failed: network down" in (
+        unreachable_error.value.message
+    )
+    assert succeeded.status == "succeeded" and succeeded.job_started_at
+
 
 # --------------------------------------------------------------------------- every other wait ends too
 
