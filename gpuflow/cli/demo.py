@@ -24,7 +24,10 @@ def demo_command(
     def say(message: str) -> None:
         typer.echo(f"gpuflow: {message}", err=True)
 
-    summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
+    from gpuflow.cli.jobs import _ended_by_signals
+
+    with _ended_by_signals():  # SIGTERM, too, stops the job and tears the sandbox down
+        summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
     typer.echo("")
     for line in summary.lines():
         typer.echo(line)
