@@ -127,11 +127,14 @@ class DownReport:
     deleted_key_pairs: tuple[str, ...] = ()
     run_seconds: float = 0.0
     estimated_cost: float | None = None
+    # Tagged with the cluster's name but created by another gpuflow: left alone without any_owner.
+    skipped: tuple[ReapItem, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         for key in ("terminated", "deleted_security_groups", "deleted_key_pairs"):
             data[key] = list(data[key])
+        data["skipped_other_owners"] = [item.to_dict() for item in data.pop("skipped")]
         return data
 
 
@@ -157,6 +160,8 @@ class ReapReport:
     regions: tuple[str, ...] = ()
     # Orphans another gpuflow created (another owner id, or none): left alone without any_owner.
     skipped: tuple[ReapItem, ...] = ()
+    # With expired_only: this gpuflow's orphans not yet past their --max-hours (their job may still run).
+    unexpired: tuple[ReapItem, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +169,7 @@ class ReapReport:
             "regions": list(self.regions),
             "items": [item.to_dict() for item in self.items],
             "skipped_other_owners": [item.to_dict() for item in self.skipped],
+            "left_unexpired": [item.to_dict() for item in self.unexpired],
         }
 
 
@@ -266,6 +272,60 @@ def owner_id(home: Path | None = None) -> str:
         ) from exc
 
 
+OTHER_OWNER_REASON = "another gpuflow created it"
+
+
+def _owned_cluster_resources(
+    provisioner: Provisioner, name: str, *, launch_id: str | None = None, any_owner: bool = False
+) -> tuple[list[Any], list[str], list[str], list[ReapItem]]:
+    """What is tagged as cluster ``name`` where ``provisioner`` looks, split by whose it is:
+    (live instance views, security group ids, key pair names) this gpuflow created — its
+    :func:`owner_id`, or the ``up`` ``launch_id`` its record names — and the rest, another
+    gpuflow's, as skipped items.  ``any_owner`` takes everything.  A name alone never says
+    whose something is: two people may both call a cluster ``ml``."""
+    from infra.aws.provisioner import TAG_LAUNCH, TAG_OWNER, TAG_OWNER_ID
+
+    me = owner_id()
+
+    def mine(owner: str | None, launch: str | None) -> bool:
+        return any_owner or owner == me or (launch_id is not None and launch == launch_id)
+
+    live: list[Any] = []
+    groups: list[str] = []
+    keys: list[str] = []
+    skipped: list[ReapItem] = []
+    for view in provisioner.find_instances(cluster=name):
+        if mine(view.tags.get(TAG_OWNER_ID), view.tags.get(TAG_LAUNCH)):
+            live.append(view)
+        else:
+            skipped.append(ReapItem(
+                "instance", view.instance_id, provisioner.region, name, OTHER_OWNER_REASON, view.instance_type,
+                view.tags.get(TAG_OWNER), view.tags.get(TAG_OWNER_ID),
+            ))
+    for resource in provisioner.cluster_resources(name):
+        if mine(resource.owner_id, resource.launch_id):
+            (groups if resource.kind == "security-group" else keys).append(resource.resource_id)
+        else:
+            skipped.append(ReapItem(
+                resource.kind, resource.resource_id, provisioner.region, name, OTHER_OWNER_REASON, resource.detail,
+                resource.owner, resource.owner_id,
+            ))
+    return live, groups, keys, skipped
+
+
+def whose(items: Iterable[Any]) -> str:
+    """Who created these (ReapItems or InstanceViews): "user@host (owner id X)", for messages."""
+    from infra.aws.provisioner import TAG_OWNER, TAG_OWNER_ID
+
+    labels = set()
+    for item in items:
+        tags = getattr(item, "tags", None)
+        owner, owner_tag = (tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID)) if tags is not None else (item.owner, item.owner_id)
+        identity = f"owner id {owner_tag}" if owner_tag else "no owner id"
+        labels.add(f"{owner} ({identity})" if owner else identity)
+    return ", ".join(sorted(labels)) or "unknown"
+
+
 def _default_cluster_name(project_root: Path) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", project_root.name).strip("-._")[:63]
     return cleaned or "gpuflow"
@@ -361,6 +421,7 @@ def up(
     from infra.aws.provisioner import (
         TAG_CLUSTER,
         TAG_CREATED_AT,
+        TAG_EXPIRES_AT,
         TAG_LAUNCH,
         TAG_MANAGED,
         TAG_OWNER,
@@ -416,6 +477,7 @@ def up(
         TAG_OWNER: _owner(),
         TAG_OWNER_ID: owner_id(),
         TAG_CREATED_AT: _iso(created_at),
+        TAG_EXPIRES_AT: _iso(created_at + datetime.timedelta(hours=spec.max_hours)),
         TAG_MANAGED: "true",
         TAG_LAUNCH: launch_id,
     }
@@ -432,7 +494,7 @@ def up(
         sandbox=spec.sandbox,
         profile=spec.profile,
     )
-    existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory)
+    existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory, warning)
     if existing is not None:
         return existing
 
@@ -526,13 +588,19 @@ def _claim_name(
     launch_id: str,
     report: Progress,
     provisioner_factory: ProvisionerFactory | None,
+    warning: Progress | None = None,
 ) -> Cluster | None:
     """Write the ``creating`` record unless a cluster of this name is live
-    (then return it).  A record whose instances are all gone is torn down
-    first (a cluster the dead-man's switch ended); an interrupted ``up`` must
-    be cleaned with ``down`` first."""
+    (then return it).  A recorded cluster is looked for where it was recorded
+    (region, profile, sandbox), not only where this ``up`` asks: live there, it
+    is returned when the places agree and refused otherwise — ``up`` never tears
+    down a live cluster.  A record whose instances are all gone there is torn
+    down first (a cluster the dead-man's switch ended); an interrupted ``up``
+    must be cleaned with ``down`` first.  A name another gpuflow's live instances
+    carry is refused with whose they are."""
     from infra.aws.provisioner import TAG_LAUNCH
 
+    warning = warning or report
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") == PHASE_CREATING:
@@ -545,25 +613,33 @@ def _claim_name(
                 f"an earlier `gpuflow up {cluster.name}` was interrupted and may have left resources",
                 hint=f"run `gpuflow down {cluster.name}` first",
             )
-        live_tagged = provisioner.find_instances(cluster=cluster.name)
-        previous_up = document is not None and document.get("phase") == PHASE_UP
-        if previous_up:
-            previous = Cluster.from_dict(document)
-            mine = [view for view in live_tagged if view.tags.get(TAG_LAUNCH) == document.get("launch_id")]
-            if mine:
+        previous = Cluster.from_dict(document) if document is not None and document.get("phase") == PHASE_UP else None
+        same_place = previous is not None and _place(previous) == _place(cluster)
+        if previous is not None:
+            recorded = provisioner if same_place else _provisioner(
+                provisioner_factory, previous.region, previous.profile, previous.sandbox
+            )
+            recorded_live = recorded.find_instances(cluster=cluster.name)
+            mine = [view for view in recorded_live if view.tags.get(TAG_LAUNCH) == document.get("launch_id")]
+            if mine and same_place:
                 report(f"cluster {cluster.name!r} is already up")
                 return replace(previous, nodes=tuple(view.to_node() for view in mine))
+            if mine:
+                raise UsageError(
+                    f"cluster {cluster.name!r} is already up in {_place(previous)}, not {_place(cluster)}",
+                    hint=f"it is the same cluster: use it there (`gpuflow status {cluster.name}`), or pick another name",
+                )
+            if recorded_live and not same_place:
+                _refuse_taken(previous, recorded_live)
+        live_tagged = recorded_live if same_place else provisioner.find_instances(cluster=cluster.name)
         if live_tagged:
-            ids = ", ".join(view.instance_id for view in live_tagged)
-            raise UsageError(
-                f"instances tagged as gpuflow cluster {cluster.name!r} already run in {cluster.region} ({ids})",
-                hint=f"run `gpuflow down {cluster.name} --region {cluster.region}` or `gpuflow reap`",
-            )
-        if not previous_up:
+            _refuse_taken(cluster, live_tagged)
+        if previous is None:
             _write(store, cluster, PHASE_CREATING, launch_id)
             return None
-    # The previous cluster of this name ended (dead-man's switch, console): remove its leftovers first.
-    report(f"cluster {cluster.name!r} ended earlier: removing what is left of it")
+    # The previous cluster of this name ended (dead-man's switch, console) — checked where it was
+    # recorded: remove its leftovers there first.
+    warning(f"cluster {cluster.name!r} in {_place(previous)} ended earlier (no instance of it is live there): removing what is left of it")
     down(cluster.name, provisioner_factory=provisioner_factory)
     with store.locked():
         document = store.get(cluster.name)
@@ -571,6 +647,31 @@ def _claim_name(
             raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint="run `gpuflow status`")
         _write(store, cluster, PHASE_CREATING, launch_id)
     return None
+
+
+def _place(cluster: Cluster) -> str:
+    """Where a cluster lives, for comparing and for messages: region, sandbox, profile."""
+    return cluster.region + (" (sandbox)" if cluster.sandbox else "") + (f" (profile {cluster.profile})" if cluster.profile else "")
+
+
+def _refuse_taken(where: Cluster, live: list[Any]) -> None:
+    """Live instances carry ``where.name`` in its place: refuse the name, saying whose they are.
+    Another gpuflow's cluster gets no hint towards ``down`` or ``reap``: it is not ours."""
+    from infra.aws.provisioner import TAG_OWNER_ID
+
+    me = owner_id()
+    name, place = where.name, _place(where)
+    others = [view for view in live if view.tags.get(TAG_OWNER_ID) != me]
+    ids = ", ".join(view.instance_id for view in live)
+    if others:
+        raise UsageError(
+            f"cluster name {name!r} is taken in {place}: another gpuflow runs it ({whose(others)}; {ids})",
+            hint="pick another name: names are shared by everyone who uses this account in that region",
+        )
+    raise UsageError(
+        f"instances tagged as gpuflow cluster {name!r} already run in {place} ({ids})",
+        hint=f"this gpuflow launched them without a record here: `gpuflow down {name} --region {where.region}` or `gpuflow reap`",
+    )
 
 
 def _write(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None, **extra: Any) -> None:
@@ -711,17 +812,90 @@ def _status_from(cluster: Cluster, state: str, *, known: bool, price_source: str
     return ClusterStatus(cluster, state, known, uptime, per_hour, cost, price_source)
 
 
-def status(name: str | None = None, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterStatus:
+def status(
+    name: str | None = None, *, any_owner: bool = False, provisioner_factory: ProvisionerFactory | None = None
+) -> ClusterStatus:
     """Cluster ``name`` reconciled with EC2 (the cache is updated): an
-    instance terminated outside gpuflow shows as gone."""
+    instance terminated outside gpuflow shows as gone.  A name without a local
+    record is looked up by its tags in the configured region: this gpuflow's
+    instances show as ``unmanaged``; another gpuflow's are a ClusterNotFound
+    saying whose, and shown only with ``any_owner``."""
     cluster_name = resolve_cluster_name(name)
     store = _store()
     document = store.get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`")
+        return _unrecorded_status(store, cluster_name, document, any_owner, provisioner_factory)
     cluster = Cluster.from_dict(document)
     provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
     return _reconcile(store, provisioner, cluster, document)
+
+
+def _unrecorded_status(
+    store: StateStore,
+    name: str,
+    tombstone: dict[str, Any] | None,
+    any_owner: bool,
+    provisioner_factory: ProvisionerFactory | None,
+) -> ClusterStatus:
+    provisioner, region, live, others = _look_up_unrecorded(store, name, tombstone, any_owner, provisioner_factory)
+    if live:
+        return _unmanaged_status(provisioner, region, name, live)
+    if others:
+        raise _another_owners(name, region, others, hint=f"`gpuflow status {name} --any-owner` shows it")
+    raise ClusterNotFound(f"no cluster named {name!r}", hint="see `gpuflow ls`")
+
+
+def _look_up_unrecorded(
+    store: StateStore,
+    name: str,
+    tombstone: dict[str, Any] | None,
+    any_owner: bool,
+    provisioner_factory: ProvisionerFactory | None,
+) -> tuple[Provisioner, str, list[Any], list[ReapItem]]:
+    """A name without a live record, looked up by its tags where a tombstone says it was,
+    else in the configured region: (provisioner, region, live instances this gpuflow created
+    — all with ``any_owner`` —, another gpuflow's live instances)."""
+    if tombstone is not None:  # a cluster downed here: look where it was
+        region, profile, sandbox = tombstone["region"], tombstone.get("profile"), bool(tombstone.get("sandbox"))
+    else:
+        region, profile, sandbox = _configured_region(), None, bool(load_project_config().get("sandbox", False))
+    provisioner = _provisioner(provisioner_factory, region, profile, sandbox)
+    try:
+        live, _groups, _keys, skipped = _owned_cluster_resources(provisioner, name, any_owner=any_owner)
+    finally:
+        if sandbox:
+            _release_sandbox_server_when_unused(store)  # it may have been started just to look
+    return provisioner, region, live, [item for item in skipped if item.kind == "instance"]
+
+
+def _another_owners(name: str, region: str, others: list[ReapItem], *, hint: str) -> ClusterNotFound:
+    return ClusterNotFound(
+        f"no cluster of this gpuflow named {name!r}: the one in {region} belongs to another gpuflow ({whose(others)})",
+        hint=hint,
+    )
+
+
+def explain_unknown(name: str, cause: ClusterNotFound, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterNotFound:
+    """The error for ``ssh``/``run`` on a name this gpuflow has no live record of: says
+    whose the cluster of that name is when its tags show one (neither command can reach
+    it — the key and pinned host keys live with whoever launched it), else ``cause``."""
+    store = _store()
+    document = store.get(name)
+    if document is not None and document.get("phase") != PHASE_DELETED:
+        return cause
+    try:
+        _provisioner_used, region, live, others = _look_up_unrecorded(store, name, document, False, provisioner_factory)
+    except GpuflowError:
+        return cause  # no account to ask, or it refused: the plain "not found" stands
+    if live:
+        return ClusterNotFound(
+            f"cluster {name!r} runs in {region}, launched by this gpuflow elsewhere, but it has no record here "
+            "(no key, no pinned host keys): it cannot be reached from here",
+            hint=f"use the machine that launched it, or end it with `gpuflow down {name} --region {region}`",
+        )
+    if others:
+        return _another_owners(name, region, others, hint="only its owner has its key; pick another name for yours")
+    return cause
 
 
 def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, document: dict[str, Any], views: list[Any] | None = None) -> ClusterStatus:
@@ -827,6 +1001,7 @@ def down(
     name: str | None = None,
     *,
     region: str | None = None,
+    any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
 ) -> DownReport:
@@ -834,7 +1009,12 @@ def down(
     group and key pair gpuflow created for it (never the user's own), and
     report run time and estimated cost.  Idempotent: a second ``down``, or the
     ``down`` of a half-created cluster, succeeds.  Without a local record the
-    cluster is found by its tags in ``region``."""
+    cluster is found by its tags in ``region``.
+
+    Only what this gpuflow created is touched (its owner id, or the launch id of
+    its record): what another gpuflow tagged with the same name is left alone and
+    reported in ``skipped``; without a record and with nothing of ours, that is a
+    ClusterNotFound naming the owner.  ``any_owner`` takes everything."""
     report = progress or (lambda message: None)
     cluster_name = resolve_cluster_name(name)
     store = _store()
@@ -842,13 +1022,17 @@ def down(
     if document is not None and document.get("phase") == PHASE_DELETED:
         tombstone = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, tombstone.region, tombstone.profile, tombstone.sandbox)
-        leftovers = provisioner.find_instances(cluster=cluster_name)
-        groups, keys = provisioner.find_cluster_resources(cluster_name)
+        leftovers, groups, keys, skipped = _owned_cluster_resources(
+            provisioner, cluster_name, launch_id=document.get("launch_id"), any_owner=any_owner
+        )
         if not (leftovers or groups or keys):
             if tombstone.sandbox:
                 _release_sandbox_server_when_unused(store)  # it may have been started just to look
-            return DownReport(cluster_name, already_down=True, estimated_cost=document.get("final_cost"))
-        # Something reappeared under the name (another machine?): clean it by its tags, where the cluster was.
+            return DownReport(
+                cluster_name, already_down=True, estimated_cost=document.get("final_cost"), skipped=tuple(skipped)
+            )
+        # Something of ours reappeared under the name (another machine?): clean it by its tags, where the cluster was.
+        scope_launch_id = document.get("launch_id")
         document = None
         cluster = Cluster(
             name=cluster_name,
@@ -862,16 +1046,23 @@ def down(
     elif document is None:
         cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="")
         provisioner = _provisioner(provisioner_factory, cluster.region, None, False)
-        launch_id = None
+        launch_id = scope_launch_id = None
     else:
         cluster = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
-        launch_id = document.get("launch_id")
+        launch_id = scope_launch_id = document.get("launch_id")
 
     report(f"finding the resources of {cluster_name}")
-    live = provisioner.find_instances(cluster=cluster_name)
-    groups, keys = provisioner.find_cluster_resources(cluster_name)
+    live, groups, keys, skipped = _owned_cluster_resources(
+        provisioner, cluster_name, launch_id=scope_launch_id, any_owner=any_owner
+    )
     if document is None and not (live or groups or keys):
+        if skipped:
+            raise ClusterNotFound(
+                f"cluster {cluster_name!r} in {cluster.region} belongs to another gpuflow ({whose(skipped)}); "
+                "this one created none of it and leaves it alone",
+                hint=f"only if you are sure its owner is done with it: `gpuflow down {cluster_name} --region {cluster.region} --any-owner`",
+            )
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r} in {cluster.region}",
             hint="see `gpuflow ls`, or pass --region",
@@ -925,6 +1116,7 @@ def down(
         deleted_key_pairs=tuple(sorted(key_names)),
         run_seconds=run_seconds,
         estimated_cost=cost,
+        skipped=tuple(skipped),
     )
 
 
@@ -959,10 +1151,13 @@ def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) ->
     return longest, cluster.price_per_hour * seconds_total / 3600.0
 
 
-def down_all(*, progress: Progress | None = None, provisioner_factory: ProvisionerFactory | None = None) -> list[DownReport]:
-    """``down`` every cluster in the local state."""
+def down_all(
+    *, any_owner: bool = False, progress: Progress | None = None, provisioner_factory: ProvisionerFactory | None = None
+) -> list[DownReport]:
+    """``down`` every cluster in the local state (each scoped to this gpuflow's resources
+    unless ``any_owner``)."""
     names = [name for name, document in _store().all().items() if document.get("phase") != PHASE_DELETED]
-    return [down(name, progress=progress, provisioner_factory=provisioner_factory) for name in names]
+    return [down(name, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory) for name in names]
 
 
 # --------------------------------------------------------------------------- reap
@@ -972,6 +1167,8 @@ def reap(
     region: str | None = None,
     sandbox: bool = False,
     any_owner: bool = False,
+    owner_prefix: str | None = None,
+    expired_only: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
 ) -> ReapReport:
@@ -984,10 +1181,21 @@ def reap(
 
     Only what this gpuflow created (its :func:`owner_id` in ``gpuflow:owner-id``)
     is reaped: in a shared account another person's clusters are unknown here but
-    not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too."""
+    not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too.
+
+    For CI (README, "Clusters in CI"): ``owner_prefix`` takes the owner ids that start
+    with it instead of this gpuflow's own (every job of one pipeline run, once they have
+    all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
+    (created-at + ``--max-hours``), whose job cannot be running any more."""
     report = progress or (lambda message: None)
+    if owner_prefix is not None:
+        validate_name(owner_prefix, "owner prefix")
+        if any_owner:
+            raise UsageError("--owner-prefix and --any-owner contradict each other", hint="drop one of them")
     me = owner_id()
+    now = _now()
     skipped: list[ReapItem] = []
+    unexpired: list[ReapItem] = []
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     regions = {region or _configured_region()} | {
@@ -1028,14 +1236,23 @@ def reap(
                 resource.kind, resource.resource_id, scan_region, resource.cluster, reason,
                 resource.detail, resource.owner, resource.owner_id,
             )
-            mine = any_owner or resource.owner_id == me
+            if owner_prefix is not None:
+                mine = (resource.owner_id or "").startswith(owner_prefix)
+            else:
+                mine = any_owner or resource.owner_id == me
+            expires_at = _parse_iso(resource.expires_at)
+            if mine and expired_only and (expires_at is None or expires_at > now):
+                unexpired.append(item)
+                continue
             (orphans if mine else others).append(resource)
             (items if mine else skipped).append(item)
         plans.append((provisioner, orphans, scan_region))
     if not yes:
         if sandbox:
             _release_sandbox_server_when_unused(store)  # it may have been started just to look
-        return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped))
+        return ReapReport(
+            tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
+        )
 
     reaped_clusters: set[str] = set()
     reaped_key_clusters: set[str] = set()
@@ -1073,7 +1290,9 @@ def reap(
             key_file_path(name).unlink(missing_ok=True)
     if sandbox:
         _release_sandbox_server_when_unused(store)
-    return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped))
+    return ReapReport(
+        tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
+    )
 
 
 def _is_valid_name(name: str) -> bool:
@@ -1108,6 +1327,7 @@ __all__ = [
     "default_region",
     "down",
     "down_all",
+    "explain_unknown",
     "get_cluster",
     "instance_state",
     "key_file_path",
@@ -1119,4 +1339,5 @@ __all__ = [
     "status",
     "up",
     "validate_spec",
+    "whose",
 ]

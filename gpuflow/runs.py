@@ -1314,7 +1314,11 @@ def _run_on_cluster(
         primary = exc
         raise
     finally:
-        if down:
+        if down and not is_known_cluster(cluster_name):
+            # Nothing of ours to tear down (an `up` refused the name, e.g. another owner's
+            # cluster has it, or rolled back): never go looking for the name by its tags.
+            say(f"no cluster {cluster_name} of this gpuflow to tear down")
+        elif down:
             say(f"tearing down cluster {cluster_name}")
             try:
                 if target is not None:

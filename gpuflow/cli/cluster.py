@@ -21,6 +21,7 @@ from gpuflow.cli import app
 
 _NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
+_ANY_OWNER_HELP = "Also what other gpuflow installs created (default: only this one's)."
 
 
 @contextlib.contextmanager
@@ -143,11 +144,15 @@ def _print_statuses(statuses: list[Any]) -> None:
 
 
 @app.command()
-def status(name: Optional[str] = _NAME, as_json: bool = _JSON) -> None:
+def status(
+    name: Optional[str] = _NAME,
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
+    as_json: bool = _JSON,
+) -> None:
     """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far."""
     from gpuflow import clusters
 
-    result = clusters.status(name)
+    result = clusters.status(name, any_owner=any_owner)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -175,6 +180,7 @@ def down(
     all_clusters: bool = typer.Option(False, "--all", help="Take down every cluster gpuflow knows."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Where to look when the cluster is not in the local state."),
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
     """Terminate a cluster and delete the security group and key pair gpuflow made for it."""
@@ -192,15 +198,21 @@ def down(
             raise typer.Exit(1)
     with _progress(not as_json) as progress:
         if all_clusters:
-            reports = clusters.down_all(progress=progress)
+            reports = clusters.down_all(any_owner=any_owner, progress=progress)
         else:
-            reports = [clusters.down(name, region=region, progress=progress)]
+            reports = [clusters.down(name, region=region, any_owner=any_owner, progress=progress)]
     if as_json:
         typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
         return
     if not reports:
         typer.echo("no clusters")
     for report in reports:
+        if report.skipped:
+            typer.echo(
+                f"left alone: {len(report.skipped)} resource(s) named {report.name} that another gpuflow created "
+                f"({clusters.whose(report.skipped)}); --any-owner includes them",
+                err=True,
+            )
         if report.already_down:
             typer.echo(f"cluster {report.name} is already down")
             continue
@@ -218,13 +230,20 @@ def reap(
     any_owner: bool = typer.Option(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
+    owner_prefix: Optional[str] = typer.Option(
+        None, "--owner-prefix", help="Reap what owner ids starting with this created (CI: every job of one pipeline run)."
+    ),
+    expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,
 ) -> None:
     """Remove everything this gpuflow tagged that no live cluster owns (safe to run from CI)."""
     from gpuflow import clusters
 
     with _progress(not as_json) as progress:
-        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)
+        result = clusters.reap(
+            yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, owner_prefix=owner_prefix,
+            expired_only=expired, progress=progress,
+        )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -235,6 +254,8 @@ def reap(
             "--any-owner includes them",
             err=True,
         )
+    if result.unexpired:
+        typer.echo(f"left alone: {len(result.unexpired)} item(s) not past their --max-hours yet", err=True)
     if not result.items:
         typer.echo(f"nothing to reap in {', '.join(result.regions)}")
         return
@@ -243,5 +264,7 @@ def reap(
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
-        again = "gpuflow reap --yes --any-owner" if any_owner else "gpuflow reap --yes"
+        again = "gpuflow reap --yes" + (" --any-owner" if any_owner else "") + (
+            f" --owner-prefix {owner_prefix}" if owner_prefix else ""
+        ) + (" --expired" if expired else "")
         typer.echo(f"dry run: run `{again}` to delete these", err=True)
