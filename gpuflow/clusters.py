@@ -1208,9 +1208,11 @@ def reap(
         report(f"scanning {scan_region}")
         resources = provisioner.managed_resources()
         live_by_cluster: dict[str, int] = {}
+        live_launches: set[tuple[str | None, str | None]] = set()
         for resource in resources:
             if resource.kind == "instance" and resource.cluster:
                 live_by_cluster[resource.cluster] = live_by_cluster.get(resource.cluster, 0) + 1
+                live_launches.add((resource.cluster, resource.launch_id))
         owned = set()
         for name, document in documents.items():
             if document["region"] != scan_region or bool(document.get("sandbox")) != sandbox:
@@ -1220,7 +1222,9 @@ def reap(
                 and document.get("host") == socket.gethostname()
                 and process_alive(document.get("pid"))
             )
-            if creating_alive or (document.get("phase") == PHASE_UP and live_by_cluster.get(name)):
+            # Live means live instances of *this record's* `up`: another owner's cluster that took
+            # the name after ours ended does not keep our leftovers from being reaped.
+            if creating_alive or (document.get("phase") == PHASE_UP and (name, document.get("launch_id")) in live_launches):
                 owned.add(name)
         orphans, others = [], []
         for resource in resources:

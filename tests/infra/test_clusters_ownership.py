@@ -161,6 +161,10 @@ def test_down_of_a_recorded_name_takes_only_its_own_of_a_shared_name(cloud, prov
 
     with pytest.raises(UsageError, match="another gpuflow"):  # Bob retypes `up ml`: refused, nothing torn down
         clusters.up(make_spec("ml"), provisioner_factory=provisioners)
+    # Bob's reap sees his own leftovers of `ml` (Alice's live `ml` does not make them live) and only those
+    plan = clusters.reap(provisioner_factory=provisioners)
+    assert {item.resource_id for item in plan.items} == {bobs.security_group_id, bobs.key_name}
+    assert {item.resource_id for item in plan.skipped} == {alices.head.instance_id, alices.security_group_id, alices.key_name}
     report = clusters.down("ml", provisioner_factory=provisioners)
     assert report.deleted_security_groups == (bobs.security_group_id,)
     assert report.deleted_key_pairs == (bobs.key_name,)
