@@ -1183,15 +1183,18 @@ def reap(
     is reaped: in a shared account another person's clusters are unknown here but
     not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too.
 
-    For CI (README, "Clusters in CI"): ``owner_prefix`` takes the owner ids that start
-    with it instead of this gpuflow's own (every job of one pipeline run, once they have
-    all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
+    For CI (README, "Clusters in CI"): ``owner_prefix`` narrows ``any_owner`` (which it
+    needs) to the owner ids that start with it (every job of one pipeline run, once they
+    have all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
     (created-at + ``--max-hours``), whose job cannot be running any more."""
     report = progress or (lambda message: None)
     if owner_prefix is not None:
         validate_name(owner_prefix, "owner prefix")
-        if any_owner:
-            raise UsageError("--owner-prefix and --any-owner contradict each other", hint="drop one of them")
+        if not any_owner:
+            raise UsageError(
+                "--owner-prefix narrows --any-owner (other owners' resources are taken only when you say so)",
+                hint=f"gpuflow reap --any-owner --owner-prefix {owner_prefix}",
+            )
     me = owner_id()
     now = _now()
     skipped: list[ReapItem] = []
@@ -1240,10 +1243,9 @@ def reap(
                 resource.kind, resource.resource_id, scan_region, resource.cluster, reason,
                 resource.detail, resource.owner, resource.owner_id,
             )
-            if owner_prefix is not None:
-                mine = (resource.owner_id or "").startswith(owner_prefix)
-            else:
-                mine = any_owner or resource.owner_id == me
+            mine = (any_owner or resource.owner_id == me) and (
+                owner_prefix is None or (resource.owner_id or "").startswith(owner_prefix)
+            )
             expires_at = _parse_iso(resource.expires_at)
             if mine and expired_only and (expires_at is None or expires_at > now):
                 unexpired.append(item)

@@ -231,7 +231,7 @@ def reap(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
     owner_prefix: Optional[str] = typer.Option(
-        None, "--owner-prefix", help="Reap what owner ids starting with this created (CI: every job of one pipeline run)."
+        None, "--owner-prefix", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
     ),
     expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,
@@ -251,7 +251,7 @@ def reap(
         owners = sorted({item.owner or item.owner_id or "unknown" for item in result.skipped})
         typer.echo(
             f"left alone: {len(result.skipped)} item(s) other gpuflow installs created ({', '.join(owners)}); "
-            "--any-owner includes them",
+            + (f"their owner ids do not start with {owner_prefix}" if owner_prefix else "--any-owner includes them"),
             err=True,
         )
     if result.unexpired:

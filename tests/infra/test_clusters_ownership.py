@@ -245,7 +245,7 @@ def test_concurrent_ci_jobs_never_reap_each_other_and_the_pipeline_reaps_finishe
     monkeypatch.setenv("GPUFLOW_HOME", str(tmp_path / "final"))
     monkeypatch.delenv("GPUFLOW_OWNER_ID")
     with pytest.raises(SystemExit) as exit_info:
-        main(["reap", "--yes", "--owner-prefix", "ci-4711-", "--json"])
+        main(["reap", "--yes", "--any-owner", "--owner-prefix", "ci-4711-", "--json"])
     assert exit_info.value.code == 0
     assert not any(_exists(cloud, job_a).values())
     assert _exists(cloud, other_run) == ALIVE
@@ -272,7 +272,7 @@ def test_a_scheduled_reap_takes_only_what_is_past_its_max_hours(cloud, provision
     monkeypatch.delenv("GPUFLOW_OWNER_ID")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["reap", "--yes", "--owner-prefix", "ci-", "--expired", "--json"])
+        main(["reap", "--yes", "--any-owner", "--owner-prefix", "ci-", "--expired", "--json"])
     assert exit_info.value.code == 0
     result = json.loads(capsys.readouterr().out)
     assert [item["resource_id"] for item in result["items"]] == [stale]
@@ -280,8 +280,12 @@ def test_a_scheduled_reap_takes_only_what_is_past_its_max_hours(cloud, provision
     assert _exists(cloud, fresh) == ALIVE  # job still within its --max-hours: maybe running
 
 
-def test_owner_prefix_is_validated(gpuflow_home, capsys):
+def test_owner_prefix_is_validated_and_needs_any_owner(gpuflow_home, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["reap", "--sandbox", "--owner-prefix", ""])
+        main(["reap", "--sandbox", "--any-owner", "--owner-prefix", ""])
     assert exit_info.value.code == 2
     assert "owner prefix" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reap", "--sandbox", "--yes", "--owner-prefix", "ci-"])
+    assert exit_info.value.code == 2
+    assert "--any-owner" in capsys.readouterr().err
