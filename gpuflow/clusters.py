@@ -273,6 +273,9 @@ def owner_id(home: Path | None = None) -> str:
 
 
 OTHER_OWNER_REASON = "another gpuflow created it"
+# `reap --expired` waits this long past gpuflow:expires-at: the dead-man's switch counts
+# --max-hours from the instance's boot, which comes minutes after the tag's created-at.
+EXPIRY_GRACE = datetime.timedelta(hours=1)
 
 
 def _owned_cluster_resources(
@@ -1247,7 +1250,7 @@ def reap(
                 owner_prefix is None or (resource.owner_id or "").startswith(owner_prefix)
             )
             expires_at = _parse_iso(resource.expires_at)
-            if mine and expired_only and (expires_at is None or expires_at > now):
+            if mine and expired_only and (expires_at is None or expires_at + EXPIRY_GRACE > now):
                 unexpired.append(item)
                 continue
             (orphans if mine else others).append(resource)

@@ -268,6 +268,15 @@ def test_a_scheduled_reap_takes_only_what_is_past_its_max_hours(cloud, provision
             {"Key": "gpuflow:owner-id", "Value": "ci-4000-1-train"},
             {"Key": "gpuflow:expires-at", "Value": "2020-01-01T00:00:00+00:00"}]}],
     )["Instances"][0]["InstanceId"]
+    # one whose --max-hours ended minutes ago: its switch (counting from boot) may not have fired yet
+    just_now = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=10)).isoformat(timespec="seconds")
+    recent = cloud.run_instances(
+        ImageId=fresh.ami, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "recent"},
+            {"Key": "gpuflow:owner-id", "Value": "ci-4001-1-train"},
+            {"Key": "gpuflow:expires-at", "Value": just_now}]}],
+    )["Instances"][0]["InstanceId"]
     monkeypatch.setenv("GPUFLOW_HOME", str(tmp_path / "nightly"))
     monkeypatch.delenv("GPUFLOW_OWNER_ID")
     capsys.readouterr()
@@ -278,6 +287,8 @@ def test_a_scheduled_reap_takes_only_what_is_past_its_max_hours(cloud, provision
     assert [item["resource_id"] for item in result["items"]] == [stale]
     assert _state(cloud, stale) == "terminated"
     assert _exists(cloud, fresh) == ALIVE  # job still within its --max-hours: maybe running
+    assert _state(cloud, recent) == "running"
+    assert recent in {item["resource_id"] for item in result["left_unexpired"]}
 
 
 def test_owner_prefix_is_validated_and_needs_any_owner(gpuflow_home, capsys):
