@@ -165,7 +165,7 @@ def test_down_of_a_recorded_name_takes_only_its_own_of_a_shared_name(cloud, prov
     plan = clusters.reap(provisioner_factory=provisioners)
     assert {item.resource_id for item in plan.items} == {bobs.security_group_id, bobs.key_name}
     assert {item.resource_id for item in plan.skipped} == {alices.head.instance_id, alices.security_group_id, alices.key_name}
-    report = clusters.down("ml", provisioner_factory=provisioners)
+    [report] = clusters.down_all(provisioner_factory=provisioners)  # `down --all`: the same scoping
     assert report.deleted_security_groups == (bobs.security_group_id,)
     assert report.deleted_key_pairs == (bobs.key_name,)
     assert report.terminated == ()
