@@ -673,7 +673,7 @@ def _refuse_taken(where: Cluster, live: list[Any]) -> None:
         )
     raise UsageError(
         f"instances tagged as gpuflow cluster {name!r} already run in {place} ({ids})",
-        hint=f"this gpuflow launched them without a record here: `gpuflow down {name} --region {where.region}` or `gpuflow reap`",
+        hint=f"this gpuflow launched them without a record here: `gpuflow down {name} --region {where.region}` or `gpuflow reap{' --sandbox' if where.sandbox else ''}`",
     )
 
 
