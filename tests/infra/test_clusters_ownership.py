@@ -300,3 +300,16 @@ def test_owner_prefix_is_validated_and_needs_any_owner(gpuflow_home, capsys):
         main(["reap", "--sandbox", "--yes", "--owner-prefix", "ci-"])
     assert exit_info.value.code == 2
     assert "--any-owner" in capsys.readouterr().err
+
+
+def test_status_and_ssh_of_our_own_cluster_without_a_record(cloud, provisioners, gpuflow_home, capsys):
+    ours = clusters.up(make_spec("lost-record"), provisioner_factory=provisioners)
+    (gpuflow_home / "state" / "clusters" / "lost-record.json").unlink()  # launched from another machine
+    shown = clusters.status("lost-record", provisioner_factory=provisioners)
+    assert shown.state == "unmanaged" and [node.instance_id for node in shown.cluster.nodes] == [ours.head.instance_id]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ssh", "lost-record", "--", "true"])
+    assert exit_info.value.code == 4
+    assert "launched by this gpuflow elsewhere" in capsys.readouterr().err
+    clusters.down("lost-record", region=REGION, provisioner_factory=provisioners)  # ours: down takes it
+    assert leftovers(cloud, gpuflow_home) == {}
