@@ -43,12 +43,13 @@ from gpuflow.errors import (
     ClusterNotFound,
     ConfigError,
     CredentialsError,
+    DamagedRecord,
     GpuflowError,
     StateError,
     UsageError,
 )
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
-from gpuflow.records import Cluster, ClusterSpec, Node
+from gpuflow.records import Cluster, ClusterSpec, Node, check_shape
 from gpuflow.state import StateStore, atomic_write_bytes, process_alive, validate_name
 
 DEFAULT_REGION = "us-east-1"
@@ -204,7 +205,58 @@ def _parse_iso(text: str | None) -> datetime.datetime | None:
 
 
 def _store(home: Path | None = None) -> StateStore:
-    return StateStore(home or gpuflow_home(), "clusters")
+    return StateStore(home or gpuflow_home(), "clusters", shape=_check_cluster_record, repair_hint=_damaged_cluster_hint)
+
+
+@dataclass(frozen=True)
+class _RecordBookkeeping:
+    """What a cluster record holds besides the :class:`Cluster` (see ``_write``)."""
+
+    phase: str = PHASE_UP
+    launch_id: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    deleted_at: str | None = None
+    final_cost: float | None = None
+    run_seconds: float | None = None
+    reaped: bool = False
+
+
+def _check_cluster_record(name: str, document: dict[str, Any]) -> None:
+    """A cluster record parses into a Cluster (plus its bookkeeping) and is
+    the record of the name it is stored under (else writing it back would
+    overwrite another cluster's record)."""
+    check_shape(Cluster, document)
+    check_shape(_RecordBookkeeping, document)
+    if document["name"] != name:
+        raise ValueError(f"it holds cluster {document['name']!r}, not {name!r}")
+    if _recorded_region(document) is None:
+        raise ValueError(f"region {document['region']!r} is not an AWS region name")
+    if document.get("phase", PHASE_UP) not in (PHASE_CREATING, PHASE_UP, PHASE_DELETED):
+        raise ValueError(f"unknown phase {document['phase']!r}")
+
+
+def _recorded(raw: Any, key: str, kind: type) -> Any:
+    """One field of a damaged record, if it can still be read (else None)."""
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, kind) else None
+
+
+def _recorded_region(raw: Any) -> str | None:
+    region = _recorded(raw, "region", str)
+    return region if region and re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", region) else None
+
+
+def _recorded_sandbox(raw: Any) -> bool:
+    recorded = _recorded(raw, "sandbox", bool)
+    return recorded if recorded is not None else bool(load_project_config().get("sandbox", False))
+
+
+def _damaged_cluster_hint(name: str, raw: Any) -> str:
+    region = _recorded_region(raw)
+    where = f"in {region}" if region else "in --region REGION (the record does not say where it ran)"
+    command = f"gpuflow down {name}" + ("" if region else " --region REGION")
+    return f"`{command}` tears the cluster down from its AWS tags {where} and replaces the record"
 
 
 def key_file_path(name: str, home: Path | None = None) -> Path:
@@ -450,6 +502,8 @@ def up(
             f"instance type {spec.instance_type!r} has no GPU",
             hint="pick a GPU type such as g5.xlarge, or pass --allow-cpu",
         )
+    if spec.spot and not spec.sandbox:
+        _check_spot_role(provisioner, warning)
     zones = provisioner.offered_zones(spec.instance_type)
     if not zones:
         raise UsageError(
@@ -568,6 +622,26 @@ def up(
     except BaseException as exc:
         _rollback(store, provisioner, spec.name, launch_id, created, exc, report)
         raise
+
+
+def _check_spot_role(provisioner: Provisioner, warning: Progress) -> None:
+    """Spot through the API needs the account's spot service-linked role (AWS
+    makes it by itself only for console requests): refuse before creating
+    anything when it is missing; go on, saying so, when it cannot be checked."""
+    from gpuflow.errors import CloudError
+    from infra.aws.provisioner import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE
+
+    exists = provisioner.spot_role_exists()
+    if exists is False:
+        raise CloudError(
+            f"--spot needs the account's {SPOT_SERVICE_LINKED_ROLE} service-linked role, and it does not exist",
+            hint=f"create it once (needs iam:CreateServiceLinkedRole): {CREATE_SPOT_ROLE_COMMAND}",
+        )
+    if exists is None:
+        warning(
+            f"could not check for the {SPOT_SERVICE_LINKED_ROLE} role (iam:GetRole denied); "
+            f"if the spot launch is refused, create it: {CREATE_SPOT_ROLE_COMMAND}"
+        )
 
 
 def _ssh_cidr(spec: ClusterSpec, detect_caller_ip: Callable[[], str] | None, report: Progress) -> str:
@@ -964,7 +1038,7 @@ def list_clusters(
             mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get(TAG_LAUNCH) == launch_id]
             results.append(_reconcile(store, provisioner, Cluster.from_dict(document), document, mine))
         for cluster_name, cluster_views in sorted(by_cluster.items()):
-            if cluster_name in documents or (group_region, cluster_name) in strays_seen:
+            if cluster_name in documents or cluster_name in {record.name for record in store.damaged} or (group_region, cluster_name) in strays_seen:
                 continue
             strays_seen.add((group_region, cluster_name))
             live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
@@ -1021,8 +1095,24 @@ def down(
     report = progress or (lambda message: None)
     cluster_name = resolve_cluster_name(name)
     store = _store()
-    document = store.get(cluster_name)
-    if document is not None and document.get("phase") == PHASE_DELETED:
+    damaged: DamagedRecord | None = None
+    try:
+        document = store.get(cluster_name)
+    except DamagedRecord as exc:  # torn down from its AWS tags, where it says it ran if that is readable
+        document, damaged = None, exc
+    if damaged is not None:
+        cluster = Cluster(
+            name=cluster_name,
+            region=region or _recorded_region(damaged.raw) or _configured_region(),
+            instance_type="",
+            ami="",
+            profile=_recorded(damaged.raw, "profile", str),
+            sandbox=_recorded_sandbox(damaged.raw),
+        )
+        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        launch_id = None
+        scope_launch_id = _recorded(damaged.raw, "launch_id", str)  # its own `up`'s resources, if still readable
+    elif document is not None and document.get("phase") == PHASE_DELETED:
         tombstone = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, tombstone.region, tombstone.profile, tombstone.sandbox)
         leftovers, groups, keys, skipped = _owned_cluster_resources(
@@ -1059,6 +1149,12 @@ def down(
     live, groups, keys, skipped = _owned_cluster_resources(
         provisioner, cluster_name, launch_id=scope_launch_id, any_owner=any_owner
     )
+    if damaged is not None and not (live or groups or keys):
+        others = f"; what carries its name there belongs to another gpuflow ({whose(skipped)})" if skipped else ""
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r} in {cluster.region}, and its state record {damaged.path} is damaged{others}",
+            hint=f"if it ran in another region pass --region; if it is gone, remove {damaged.path}",
+        )
     if document is None and not (live or groups or keys):
         if skipped:
             raise ClusterNotFound(
@@ -1083,13 +1179,6 @@ def down(
         final_views = provisioner.wait_until(instance_ids, "terminated", on_progress=lambda text: report(f"waiting: {text}"))
     else:
         before = []
-    if cluster.sandbox:
-        # A sandbox "instance" is a directory on this machine: terminating it must also end its jobs and its disk.
-        from gpuflow import remote
-
-        for instance_id in instance_ids:
-            remote.discard_sandbox_node(cluster, Node(instance_id=instance_id, state="terminated"))
-
     group_ids = set(groups)
     if cluster.security_group_created and cluster.security_group_id:
         group_ids.add(cluster.security_group_id)
@@ -1129,6 +1218,8 @@ def _release_sandbox_server_when_unused(store: StateStore) -> None:
     on this machine.  (An in-process sandbox has no server to stop.)"""
     if any(document.get("sandbox") and document.get("phase") != PHASE_DELETED for document in store.all().values()):
         return
+    if any(_recorded(record.raw, "sandbox", bool) is not False for record in store.damaged):
+        return  # a damaged record may be a sandbox cluster's: keep its cloud
     from infra.aws.client import in_process_mock_active
 
     if in_process_mock_active():
@@ -1234,8 +1325,8 @@ def reap(
                 owned.add(name)
         orphans, others = [], []
         for resource in resources:
-            if resource.cluster in owned:
-                continue
+            if resource.cluster in owned or resource.cluster in {record.name for record in store.damaged}:
+                continue  # a damaged record's cluster is left to `gpuflow down NAME` (warned above)
             if resource.kind == "instance":
                 reason = "instance of a cluster gpuflow does not know here"
             elif resource.cluster in live_by_cluster:

@@ -131,6 +131,20 @@ class StateError(GpuflowError):
     exit_code = 8
 
 
+class DamagedRecord(StateError):
+    """A local state record that is not JSON, or not of its collection's shape.
+
+    It concerns one record only: commands on other names skip it with a
+    warning; ``raw`` is the parsed JSON when there was any (for what can still
+    be read from it, e.g. a cluster's region), else None."""
+
+    def __init__(self, message: str, *, path: object, name: str, raw: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.name = name
+        self.raw = raw
+
+
 class RemoteCommandFailed(GpuflowError):
     """A command gpuflow itself ran on the target (not the user's job) failed."""
 

@@ -55,7 +55,7 @@ from gpuflow.errors import (
     UnsafePath,
     UsageError,
 )
-from gpuflow.records import Cluster, CommandResult
+from gpuflow.records import Cluster, CommandResult, check_shape
 from gpuflow.state import StateStore, atomic_write_json, validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -178,7 +178,19 @@ class RunStatus:
 
 
 def _store(home: Path | None) -> StateStore:
-    return StateStore(home or gpuflow_home(), RUNS_COLLECTION)
+    return StateStore(home or gpuflow_home(), RUNS_COLLECTION, shape=_check_run_record, repair_hint=_damaged_run_hint)
+
+
+def _check_run_record(run_id: str, document: dict[str, Any]) -> None:
+    """A run record parses into a RunRecord, stored under its own run id."""
+    check_shape(RunRecord, document)
+    if document["run_id"] != run_id:
+        raise ValueError(f"it holds run {document['run_id']!r}, not {run_id!r}")
+    validate_name(document["cluster"], "cluster name")
+
+
+def _damaged_run_hint(run_id: str, raw: Any) -> str:
+    return f"remove that file to forget run {run_id} (its files stay on the instance, under runs/{run_id})"
 
 
 def save_record(record: RunRecord, home: Path | None = None) -> None:
@@ -903,32 +915,24 @@ def pull_run(
 # --------------------------------------------------------------------------- stop
 
 
-_STOP_SCRIPT = r"""
-pgid={pgid}
-grace={grace}
-kill -TERM -- "-$pgid" 2>/dev/null || {{ echo gone; exit 0; }}
-end=$((SECONDS + grace))
-while kill -0 -- "-$pgid" 2>/dev/null; do
-  if [ "$SECONDS" -ge "$end" ]; then kill -KILL -- "-$pgid" 2>/dev/null; echo killed; exit 0; fi
-  sleep 0.2
-done
-echo terminated
-"""
-
-
 def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> str:
     """SIGTERM the job's process group, SIGKILL after ``grace_seconds``.
 
     Returns 'finished' (it had already ended), 'terminated', 'killed' or 'gone'.
-    The supervisor is outside that group and records the exit code.
+    The supervisor is outside that group and records the exit code.  Only the
+    process recorded with its identity is signalled (:mod:`gpuflow.procs`): a
+    process that merely reuses the job's pid is never touched ('gone').
     """
     if _read_exit_code(runner, remote_dir) is not None:
         return "finished"
     pid_text = _read_small(runner, f"{remote_dir}/{PID_NAME}")
     if pid_text is None or not pid_text.isdigit() or int(pid_text) <= 1:
         raise RemoteCommandFailed(f"{remote_dir}/{PID_NAME} holds no job pid", hint="the job may not have started")
-    script = _STOP_SCRIPT.format(pgid=int(pid_text), grace=max(0, int(round(grace_seconds))))
-    outcome = runner.run_script(script, timeout=grace_seconds + 60).text().strip() or "terminated"
+    grace = max(0.0, float(grace_seconds))
+    argv = [_target_python(runner), "-I", "-S", "-c", remote_scripts.STOP_JOB_PY, remote_dir, f"{grace:g}"]
+    outcome = runner.run(argv, timeout=grace + 60).text().strip() or "terminated"
+    if outcome == "gone":
+        return outcome
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _read_exit_code(runner, remote_dir) is None:
         time.sleep(0.1)
@@ -1109,6 +1113,9 @@ def stop(
             runner.close()
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=_iso(_now()))
+        save_record(record, home)
+    elif outcome == "gone":  # no exit code and no process proven to be the job: what `runs` calls lost
+        record = replace(record, status="lost")
         save_record(record, home)
     return record, outcome
 

@@ -149,14 +149,19 @@ def status(
     any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
-    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far."""
-    from gpuflow import clusters
+    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
+    and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
+    from gpuflow import clusters, switch_status
 
     result = clusters.status(name, any_owner=any_owner)
+    # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
+    switches = switch_status.read_switches(result.cluster) if result.known_locally else []
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches]}, indent=2))
     else:
         _print_statuses([result])
+        for line in switch_status.describe(switches):
+            typer.echo(line)
 
 
 @app.command("ls")

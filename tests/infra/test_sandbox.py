@@ -287,3 +287,54 @@ def test_the_server_goes_with_the_last_sandbox_cluster(gpuflow_home, tmp_path):
     (tmp_path / "gpuflow.toml").write_text("sandbox = true\n")
     assert gpuflow("ls").returncode == 0
     assert sandbox.read_server_record(gpuflow_home) is None
+
+
+# --- terminating a sandbox instance -----------------------------------------------------------
+
+
+def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow_home):
+    """The sandbox provisioner (picked once, by open_provisioner) does to a sandbox
+    instance what EC2 does to a real one — also for an instance the fake cloud no
+    longer knows (its server restarted), whose directory is found by its id — and
+    spares a process that is not the instance's."""
+    from infra.aws import open_provisioner
+    from infra.aws.provisioner import SandboxProvisioner
+
+    started: list[subprocess.Popen] = []
+
+    def process_of_run(run_dir: Path) -> subprocess.Popen:
+        run_dir.mkdir(parents=True)
+        process = subprocess.Popen(["sleep", "120"], env={**os.environ, "GPUFLOW_RUN_DIR": str(run_dir)},
+                                   start_new_session=True)
+        started.append(process)
+        return process
+
+    try:
+        with in_process_sandbox():
+            provisioner = open_provisioner("us-east-1", sandbox=True)
+            assert isinstance(provisioner, SandboxProvisioner)
+            ec2 = boto3.client("ec2", region_name="us-east-1")
+            image = ec2.describe_images(Owners=[DLAMI_OWNER_ID])["Images"][0]["ImageId"]
+            [instance] = ec2.run_instances(
+                ImageId=image, MinCount=1, MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "gpuflow:cluster", "Value": "c1"}]}],
+            )["Instances"]
+            known = gpuflow_home / "sandbox" / "c1" / instance["InstanceId"]
+            job = process_of_run(known / "runs" / "20260101-000000-aaaa")
+            forgotten = gpuflow_home / "sandbox" / "c2" / "i-0123456789abcdef0"
+            orphan_job = process_of_run(forgotten / "runs" / "20260101-000000-bbbb")
+            bystander = process_of_run(gpuflow_home / "elsewhere" / "runs" / "x")
+
+            provisioner.terminate([instance["InstanceId"], "i-0123456789abcdef0"])
+
+            assert job.wait(timeout=10) == -signal.SIGKILL
+            assert orphan_job.wait(timeout=10) == -signal.SIGKILL
+            assert not (gpuflow_home / "sandbox" / "c1").exists()
+            assert not (gpuflow_home / "sandbox" / "c2").exists()
+            assert bystander.poll() is None
+            state = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"][0]["Instances"][0]
+            assert state["State"]["Name"] == "terminated"
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
