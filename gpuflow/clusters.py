@@ -90,7 +90,7 @@ class ClusterStatus:
     """A cluster reconciled with EC2, with its cost so far."""
 
     cluster: Cluster
-    state: str  # running | pending | partial | stopped | gone | creating | interrupted | unmanaged
+    state: str  # running | pending | partial | stopped | gone | creating | interrupted | unmanaged | unchecked
     known_locally: bool = True
     uptime_seconds: float = 0.0
     price_per_hour: float | None = None  # the whole cluster, USD
@@ -245,11 +245,6 @@ def _recorded(raw: Any, key: str, kind: type) -> Any:
 def _recorded_region(raw: Any) -> str | None:
     region = _recorded(raw, "region", str)
     return region if region and re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", region) else None
-
-
-def _recorded_sandbox(raw: Any) -> bool:
-    recorded = _recorded(raw, "sandbox", bool)
-    return recorded if recorded is not None else bool(load_project_config().get("sandbox", False))
 
 
 def _damaged_cluster_hint(name: str, raw: Any) -> str:
@@ -620,7 +615,7 @@ def up(
         _save(store, cluster, PHASE_UP, launch_id)
         return cluster
     except BaseException as exc:
-        _rollback(store, provisioner, spec.name, launch_id, created, exc, report)
+        _rollback(store, provisioner, spec.name, launch_id, created, exc, report, sandbox=spec.sandbox)
         raise
 
 
@@ -688,7 +683,7 @@ def _claim_name(
                 )
             raise UsageError(
                 f"an earlier `gpuflow up {cluster.name}` was interrupted and may have left resources",
-                hint=f"run `gpuflow down {cluster.name}` first",
+                hint=f"run {command_hint(f'down {cluster.name}', cluster.sandbox)} first",
             )
         previous = Cluster.from_dict(document) if document is not None and document.get("phase") == PHASE_UP else None
         same_place = previous is not None and _place(previous) == _place(cluster)
@@ -704,7 +699,12 @@ def _claim_name(
             if mine:
                 raise UsageError(
                     f"cluster {cluster.name!r} is already up in {_place(previous)}, not {_place(cluster)}",
-                    hint=f"it is the same cluster: use it there (`gpuflow status {cluster.name}`), or pick another name",
+                    hint=(
+                        "it is the same cluster: use it there ("
+                        + (f"`gpuflow status {cluster.name} --no-sandbox`" if cluster.sandbox and not previous.sandbox
+                           else command_hint(f"status {cluster.name}", previous.sandbox))
+                        + "), or pick another name"
+                    ),
                 )
             if recorded_live and not same_place:
                 _refuse_taken(previous, recorded_live)
@@ -717,11 +717,11 @@ def _claim_name(
     # The previous cluster of this name ended (dead-man's switch, console) — checked where it was
     # recorded: remove its leftovers there first.
     warning(f"cluster {cluster.name!r} in {_place(previous)} ended earlier (no instance of it is live there): removing what is left of it")
-    down(cluster.name, provisioner_factory=provisioner_factory)
+    down(cluster.name, sandbox=previous.sandbox, provisioner_factory=provisioner_factory)
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") != PHASE_DELETED:
-            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint="run `gpuflow status`")
+            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint=f"run {command_hint(f'status {cluster.name}', cluster.sandbox)}")
         _write(store, cluster, PHASE_CREATING, launch_id)
     return None
 
@@ -747,7 +747,10 @@ def _refuse_taken(where: Cluster, live: list[Any]) -> None:
         )
     raise UsageError(
         f"instances tagged as gpuflow cluster {name!r} already run in {place} ({ids})",
-        hint=f"this gpuflow launched them without a record here: `gpuflow down {name} --region {where.region}` or `gpuflow reap{' --sandbox' if where.sandbox else ''}`",
+        hint=(
+            f"this gpuflow launched them without a record here: {command_hint(f'down {name} --region {where.region}', where.sandbox)} "
+            f"or {command_hint('reap', where.sandbox)}"
+        ),
     )
 
 
@@ -770,6 +773,8 @@ def _rollback(
     created: _Created,
     cause: BaseException,
     report: Progress = lambda message: None,
+    *,
+    sandbox: bool = False,
 ) -> None:
     """Delete what one ``up`` created, best effort per step; if something
     could not be deleted, keep the record (so ``down`` can finish) and say so."""
@@ -805,7 +810,7 @@ def _rollback(
             store.delete(name)
     if left:
         message = f"`up` failed and could not remove {', '.join(left)}"
-        hint = f"run `gpuflow down {name}` (or `gpuflow reap`)"
+        hint = f"run {command_hint(f'down {name}', sandbox)} (or {command_hint('reap', sandbox)})"
         if isinstance(cause, GpuflowError):
             cause.hint = f"{cause.hint + '; ' if cause.hint else ''}{message}; {hint}"
         elif isinstance(cause, Exception):
@@ -826,7 +831,7 @@ def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = 
     if len(names) == 1:
         return names[0]
     if not names:
-        raise ClusterNotFound("no clusters", hint="start one with `gpuflow up`")
+        raise ClusterNotFound("no clusters", hint=f"start one with {command_hint('up', sandbox_in_effect(project_dir=project_dir))}")
     raise UsageError(f"several clusters exist ({', '.join(names)}): name one")
 
 
@@ -836,7 +841,11 @@ def get_cluster(name: str | None = None) -> Cluster:
     cluster_name = resolve_cluster_name(name)
     document = _store().get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`, or start it with `gpuflow up`")
+        in_sandbox = sandbox_in_effect()
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r}",
+            hint=f"see {command_hint('ls', in_sandbox)}, or start it with {command_hint('up', in_sandbox)}",
+        )
     return Cluster.from_dict(document)
 
 
@@ -890,7 +899,11 @@ def _status_from(cluster: Cluster, state: str, *, known: bool, price_source: str
 
 
 def status(
-    name: str | None = None, *, any_owner: bool = False, provisioner_factory: ProvisionerFactory | None = None
+    name: str | None = None,
+    *,
+    sandbox: bool | None = None,
+    any_owner: bool = False,
+    provisioner_factory: ProvisionerFactory | None = None,
 ) -> ClusterStatus:
     """Cluster ``name`` reconciled with EC2 (the cache is updated): an
     instance terminated outside gpuflow shows as gone.  A name without a local
@@ -898,11 +911,13 @@ def status(
     instances show as ``unmanaged``; another gpuflow's are a ClusterNotFound
     saying whose, and shown only with ``any_owner``."""
     cluster_name = resolve_cluster_name(name)
+    in_sandbox = sandbox_in_effect(sandbox)
     store = _store()
     document = store.get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        return _unrecorded_status(store, cluster_name, document, any_owner, provisioner_factory)
+        return _unrecorded_status(store, cluster_name, document, any_owner, in_sandbox, provisioner_factory)
     cluster = Cluster.from_dict(document)
+    _refuse_aws_record_in_sandbox(cluster, in_sandbox, "status")
     provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
     return _reconcile(store, provisioner, cluster, document)
 
@@ -912,14 +927,17 @@ def _unrecorded_status(
     name: str,
     tombstone: dict[str, Any] | None,
     any_owner: bool,
+    in_sandbox: bool,
     provisioner_factory: ProvisionerFactory | None,
 ) -> ClusterStatus:
-    provisioner, region, live, others = _look_up_unrecorded(store, name, tombstone, any_owner, provisioner_factory)
+    provisioner, region, live, others = _look_up_unrecorded(
+        store, name, tombstone, any_owner, in_sandbox, provisioner_factory
+    )
     if live:
         return _unmanaged_status(provisioner, region, name, live)
     if others:
-        raise _another_owners(name, region, others, hint=f"`gpuflow status {name} --any-owner` shows it")
-    raise ClusterNotFound(f"no cluster named {name!r}", hint="see `gpuflow ls`")
+        raise _another_owners(name, region, others, hint=f"{command_hint(f'status {name} --any-owner', in_sandbox)} shows it")
+    raise ClusterNotFound(f"no cluster named {name!r}", hint=f"see {command_hint('ls', in_sandbox)}")
 
 
 def _look_up_unrecorded(
@@ -927,21 +945,19 @@ def _look_up_unrecorded(
     name: str,
     tombstone: dict[str, Any] | None,
     any_owner: bool,
+    in_sandbox: bool,
     provisioner_factory: ProvisionerFactory | None,
 ) -> tuple[Provisioner, str, list[Any], list[ReapItem]]:
-    """A name without a live record, looked up by its tags where a tombstone says it was,
-    else in the configured region: (provisioner, region, live instances this gpuflow created
-    — all with ``any_owner`` —, another gpuflow's live instances)."""
-    if tombstone is not None:  # a cluster downed here: look where it was
-        region, profile, sandbox = tombstone["region"], tombstone.get("profile"), bool(tombstone.get("sandbox"))
+    """A name without a live record, looked up by its tags where a tombstone of the same
+    cloud says it was, else in the configured region of the cloud in effect: (provisioner,
+    region, live instances this gpuflow created — all with ``any_owner`` —, another
+    gpuflow's live instances)."""
+    if tombstone is not None and bool(tombstone.get("sandbox")) == in_sandbox:  # downed here: look where it was
+        region, profile = tombstone["region"], tombstone.get("profile")
     else:
-        region, profile, sandbox = _configured_region(), None, bool(load_project_config().get("sandbox", False))
-    provisioner = _provisioner(provisioner_factory, region, profile, sandbox)
-    try:
-        live, _groups, _keys, skipped = _owned_cluster_resources(provisioner, name, any_owner=any_owner)
-    finally:
-        if sandbox:
-            _release_sandbox_server_when_unused(store)  # it may have been started just to look
+        region, profile = _configured_region(), None
+    provisioner = _provisioner(provisioner_factory, region, profile, in_sandbox)
+    live, _groups, _keys, skipped = _owned_cluster_resources(provisioner, name, any_owner=any_owner)
     return provisioner, region, live, [item for item in skipped if item.kind == "instance"]
 
 
@@ -961,14 +977,17 @@ def explain_unknown(name: str, cause: ClusterNotFound, *, provisioner_factory: P
     if document is not None and document.get("phase") != PHASE_DELETED:
         return cause
     try:
-        _provisioner_used, region, live, others = _look_up_unrecorded(store, name, document, False, provisioner_factory)
+        in_sandbox = sandbox_in_effect()
+        _provisioner_used, region, live, others = _look_up_unrecorded(
+            store, name, document, False, in_sandbox, provisioner_factory
+        )
     except GpuflowError:
         return cause  # no account to ask, or it refused: the plain "not found" stands
     if live:
         return ClusterNotFound(
             f"cluster {name!r} runs in {region}, launched by this gpuflow elsewhere, but it has no record here "
             "(no key, no pinned host keys): it cannot be reached from here",
-            hint=f"use the machine that launched it, or end it with `gpuflow down {name} --region {region}`",
+            hint=f"use the machine that launched it, or end it with {command_hint(f'down {name} --region {region}', in_sandbox)}",
         )
     if others:
         return _another_owners(name, region, others, hint="only its owner has its key; pick another name for yours")
@@ -1002,26 +1021,32 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
 
 
 def list_clusters(
-    *, region: str | None = None, provisioner_factory: ProvisionerFactory | None = None
+    *, region: str | None = None, sandbox: bool | None = None, provisioner_factory: ProvisionerFactory | None = None
 ) -> list[ClusterStatus]:
     """Every cluster gpuflow knows locally, reconciled, plus clusters EC2 has
     tagged instances of that the local state does not know (state
     ``unmanaged``; ``reap`` removes them).  Scans ``region`` (default: the
-    configured one) and the regions of the local clusters."""
+    configured one) and the regions of the local clusters.  Where the sandbox
+    is in effect the stray scan is of the sandbox cloud, and AWS clusters known
+    here are listed as ``unchecked``, without asking AWS."""
     from infra.aws.provisioner import TAG_LAUNCH
 
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     scan_region = region or _configured_region()
-    scan_sandbox = bool(load_project_config().get("sandbox", False))
+    scan_sandbox = sandbox_in_effect(sandbox)
     groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, scan_sandbox): []}
+    unchecked: list[ClusterStatus] = []
     for name, document in documents.items():
+        if scan_sandbox and not document.get("sandbox"):
+            unchecked.append(_status_from(Cluster.from_dict(document), "unchecked", known=True))
+            continue
         key = (document["region"], document.get("profile"), bool(document.get("sandbox")))
         groups.setdefault(key, []).append(name)
     results: list[ClusterStatus] = []
     strays_seen: set[tuple[str, str]] = set()  # one in-process mock can back two groups
-    for (group_region, profile, sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
-        provisioner = _provisioner(provisioner_factory, group_region, profile, sandbox)
+    for (group_region, profile, group_sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
+        provisioner = _provisioner(provisioner_factory, group_region, profile, group_sandbox)
         try:
             views = provisioner.find_instances(states=())
         except CredentialsError:
@@ -1044,13 +1069,11 @@ def list_clusters(
             live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
             if not live:
                 continue
-            results.append(_unmanaged_status(provisioner, group_region, cluster_name, live))
-    if any(sandbox for _, _, sandbox in groups):
-        _release_sandbox_server_when_unused(store)  # a sandbox project's `ls` may have started it to look
-    return results
+            results.append(_unmanaged_status(provisioner, group_region, cluster_name, live, group_sandbox))
+    return results + unchecked
 
 
-def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any]) -> ClusterStatus:
+def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any], sandbox: bool = False) -> ClusterStatus:
     from infra.aws.provisioner import TAG_CREATED_AT
 
     instance_type = views[0].instance_type
@@ -1064,6 +1087,7 @@ def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: l
         nodes=tuple(view.to_node() for view in views),
         created_at=views[0].tags.get(TAG_CREATED_AT),
         price_per_hour=price,
+        sandbox=sandbox,
     )
     return replace(_status_from(cluster, "unmanaged", known=False, price_source=source), state="unmanaged")
 
@@ -1073,11 +1097,42 @@ def _configured_region() -> str:
     return str(configured) if configured else default_region()
 
 
+def sandbox_in_effect(sandbox: bool | None = None, *, project_dir: Path | None = None) -> bool:
+    """Whether the sandbox cloud is in effect where no cluster record decides:
+    the ``--sandbox`` / ``--no-sandbox`` flag when given, else the project
+    config's ``sandbox`` (False without one).  The one place this is decided;
+    the provisioner factory is then called with it.  A recorded cluster is
+    asked where it was made, except that a sandbox context never asks AWS
+    about a recorded AWS cluster (:func:`_refuse_aws_record_in_sandbox`)."""
+    if sandbox is not None:
+        return bool(sandbox)
+    config = load_project_config(project_dir)
+    if "sandbox" not in config.settings:
+        return False
+    return _config_value("sandbox", config.settings["sandbox"], bool, config.source)
+
+
+def command_hint(command: str, sandbox: bool) -> str:
+    """A gpuflow command for a hint; in a sandbox context it always says --sandbox
+    (the same command without it could act on the real AWS account)."""
+    return f"`gpuflow {command}{' --sandbox' if sandbox else ''}`"
+
+
+def _refuse_aws_record_in_sandbox(cluster: Cluster, sandbox: bool, command: str) -> None:
+    if sandbox and not cluster.sandbox:
+        raise UsageError(
+            f"cluster {cluster.name!r} is an AWS cluster ({cluster.region}), but the sandbox is in effect here "
+            "(--sandbox, or sandbox = true in the project config): nothing is asked of AWS",
+            hint=f"`gpuflow {command} {cluster.name} --no-sandbox` acts on it",
+        )
+
+
 # --------------------------------------------------------------------------- down
 def down(
     name: str | None = None,
     *,
     region: str | None = None,
+    sandbox: bool | None = None,
     any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
@@ -1086,7 +1141,8 @@ def down(
     group and key pair gpuflow created for it (never the user's own), and
     report run time and estimated cost.  Idempotent: a second ``down``, or the
     ``down`` of a half-created cluster, succeeds.  Without a local record the
-    cluster is found by its tags in ``region``.
+    cluster is found by its tags in ``region``, in the sandbox cloud where the
+    sandbox is in effect (:func:`sandbox_in_effect`).
 
     Only what this gpuflow created is touched (its owner id, or the launch id of
     its record): what another gpuflow tagged with the same name is left alone and
@@ -1094,21 +1150,26 @@ def down(
     ClusterNotFound naming the owner.  ``any_owner`` takes everything."""
     report = progress or (lambda message: None)
     cluster_name = resolve_cluster_name(name)
+    in_sandbox = sandbox_in_effect(sandbox)
     store = _store()
     damaged: DamagedRecord | None = None
     try:
         document = store.get(cluster_name)
     except DamagedRecord as exc:  # torn down from its AWS tags, where it says it ran if that is readable
         document, damaged = None, exc
+    if document is not None and in_sandbox and not document.get("sandbox"):
+        _refuse_aws_record_in_sandbox(Cluster.from_dict(document), in_sandbox, "down")
     if damaged is not None:
+        recorded_sandbox = _recorded(damaged.raw, "sandbox", bool)
         cluster = Cluster(
             name=cluster_name,
             region=region or _recorded_region(damaged.raw) or _configured_region(),
             instance_type="",
             ami="",
             profile=_recorded(damaged.raw, "profile", str),
-            sandbox=_recorded_sandbox(damaged.raw),
+            sandbox=in_sandbox if recorded_sandbox is None else recorded_sandbox,
         )
+        _refuse_aws_record_in_sandbox(cluster, in_sandbox, "down")
         provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
         launch_id = None
         scope_launch_id = _recorded(damaged.raw, "launch_id", str)  # its own `up`'s resources, if still readable
@@ -1119,8 +1180,6 @@ def down(
             provisioner, cluster_name, launch_id=document.get("launch_id"), any_owner=any_owner
         )
         if not (leftovers or groups or keys):
-            if tombstone.sandbox:
-                _release_sandbox_server_when_unused(store)  # it may have been started just to look
             return DownReport(
                 cluster_name, already_down=True, estimated_cost=document.get("final_cost"), skipped=tuple(skipped)
             )
@@ -1137,8 +1196,8 @@ def down(
         )
         launch_id = None
     elif document is None:
-        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="")
-        provisioner = _provisioner(provisioner_factory, cluster.region, None, False)
+        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="", sandbox=in_sandbox)
+        provisioner = _provisioner(provisioner_factory, cluster.region, None, in_sandbox)
         launch_id = scope_launch_id = None
     else:
         cluster = Cluster.from_dict(document)
@@ -1160,11 +1219,14 @@ def down(
             raise ClusterNotFound(
                 f"cluster {cluster_name!r} in {cluster.region} belongs to another gpuflow ({whose(skipped)}); "
                 "this one created none of it and leaves it alone",
-                hint=f"only if you are sure its owner is done with it: `gpuflow down {cluster_name} --region {cluster.region} --any-owner`",
+                hint=(
+                    "only if you are sure its owner is done with it: "
+                    + command_hint(f"down {cluster_name} --region {cluster.region} --any-owner", cluster.sandbox)
+                ),
             )
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r} in {cluster.region}",
-            hint="see `gpuflow ls`, or pass --region",
+            hint=f"see {command_hint('ls', in_sandbox)}, or pass --region",
         )
     instance_ids = sorted({view.instance_id for view in live} | {node.instance_id for node in cluster.nodes if node.state != "terminated"})
     spot_requests = sorted({view.spot_request_id for view in live if view.spot_request_id})
@@ -1198,8 +1260,6 @@ def down(
     with store.locked():
         tombstone = replace(cluster, nodes=tuple(view.to_node() for view in final_views) or cluster.nodes)
         _write(store, tombstone, PHASE_DELETED, launch_id, deleted_at=_iso(_now()), final_cost=cost, run_seconds=run_seconds)
-    if cluster.sandbox:
-        _release_sandbox_server_when_unused(store)
     return DownReport(
         cluster_name,
         already_down=not (terminated or group_ids or key_names),
@@ -1210,23 +1270,6 @@ def down(
         estimated_cost=cost,
         skipped=tuple(skipped),
     )
-
-
-def _release_sandbox_server_when_unused(store: StateStore) -> None:
-    """The sandbox's loopback moto server exists for sandbox clusters: once the
-    last one is down it is stopped too, so nothing gpuflow started keeps running
-    on this machine.  (An in-process sandbox has no server to stop.)"""
-    if any(document.get("sandbox") and document.get("phase") != PHASE_DELETED for document in store.all().values()):
-        return
-    if any(_recorded(record.raw, "sandbox", bool) is not False for record in store.damaged):
-        return  # a damaged record may be a sandbox cluster's: keep its cloud
-    from infra.aws.client import in_process_mock_active
-
-    if in_process_mock_active():
-        return
-    from infra.sandbox import stop_sandbox
-
-    stop_sandbox(gpuflow_home())
 
 
 def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) -> tuple[float, float | None]:
@@ -1246,12 +1289,23 @@ def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) ->
 
 
 def down_all(
-    *, any_owner: bool = False, progress: Progress | None = None, provisioner_factory: ProvisionerFactory | None = None
+    *,
+    sandbox: bool | None = None,
+    any_owner: bool = False,
+    progress: Progress | None = None,
+    provisioner_factory: ProvisionerFactory | None = None,
 ) -> list[DownReport]:
-    """``down`` every cluster in the local state (each scoped to this gpuflow's resources
-    unless ``any_owner``)."""
-    names = [name for name, document in _store().all().items() if document.get("phase") != PHASE_DELETED]
-    return [down(name, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory) for name in names]
+    """``down`` every cluster in the local state (every sandbox cluster where the sandbox is in effect),
+    each scoped to this gpuflow's resources unless ``any_owner``."""
+    in_sandbox = sandbox_in_effect(sandbox)
+    names = [
+        name for name, document in _store().all().items()
+        if document.get("phase") != PHASE_DELETED and (document.get("sandbox") or not in_sandbox)
+    ]
+    return [
+        down(name, sandbox=in_sandbox, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory)
+        for name in names
+    ]
 
 
 # --------------------------------------------------------------------------- reap
@@ -1259,7 +1313,7 @@ def reap(
     *,
     yes: bool = False,
     region: str | None = None,
-    sandbox: bool = False,
+    sandbox: bool | None = None,
     any_owner: bool = False,
     owner_prefix: str | None = None,
     expired_only: bool = False,
@@ -1271,7 +1325,8 @@ def reap(
     groups, key pairs, unattached volumes and open spot requests of clusters
     that are gone — and, with ``yes``, delete it.  Without ``yes`` nothing is
     deleted (a dry run).  Scans ``region`` (default: the configured one) and
-    the regions of the local clusters.
+    the regions of the local clusters; the sandbox cloud instead of AWS where
+    the sandbox is in effect (``sandbox``, else the project config).
 
     Only what this gpuflow created (its :func:`owner_id` in ``gpuflow:owner-id``)
     is reaped: in a shared account another person's clusters are unknown here but
@@ -1289,6 +1344,7 @@ def reap(
                 "--owner-prefix narrows --any-owner (other owners' resources are taken only when you say so)",
                 hint=f"gpuflow reap --any-owner --owner-prefix {owner_prefix}",
             )
+    sandbox = sandbox_in_effect(sandbox)
     me = owner_id()
     now = _now()
     skipped: list[ReapItem] = []
@@ -1348,8 +1404,6 @@ def reap(
             (items if mine else skipped).append(item)
         plans.append((provisioner, orphans, scan_region))
     if not yes:
-        if sandbox:
-            _release_sandbox_server_when_unused(store)  # it may have been started just to look
         return ReapReport(
             tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
         )
@@ -1388,8 +1442,6 @@ def reap(
                 continue
             _write(store, Cluster.from_dict(document), PHASE_DELETED, document.get("launch_id"), deleted_at=_iso(_now()), reaped=True)
             key_file_path(name).unlink(missing_ok=True)
-    if sandbox:
-        _release_sandbox_server_when_unused(store)
     return ReapReport(
         tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
     )
@@ -1423,6 +1475,7 @@ __all__ = [
     "DownReport",
     "ReapItem",
     "ReapReport",
+    "command_hint",
     "console_output",
     "default_region",
     "down",
@@ -1436,6 +1489,7 @@ __all__ = [
     "reap",
     "resolve_cluster_name",
     "resolve_spec",
+    "sandbox_in_effect",
     "status",
     "up",
     "validate_spec",

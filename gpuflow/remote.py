@@ -209,7 +209,9 @@ def _cached_cluster(name: str) -> Cluster:
 
     document = StateStore(gpuflow_home(), "clusters").get(validate_name(name, "cluster name"))
     if document is None:
-        raise ClusterNotFound(f"no cluster named {name!r}", hint="`gpuflow status` lists your clusters")
+        from gpuflow.clusters import command_hint, sandbox_in_effect
+
+        raise ClusterNotFound(f"no cluster named {name!r}", hint=f"{command_hint('ls', sandbox_in_effect())} lists your clusters")
     return Cluster.from_dict(document)
 
 

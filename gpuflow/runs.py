@@ -1327,14 +1327,17 @@ def _run_on_cluster(
             say(f"no cluster {cluster_name} of this gpuflow to tear down")
         elif down:
             say(f"tearing down cluster {cluster_name}")
+            # The cluster this run used, where it was made (not where the project's `sandbox` points).
+            recorded_sandbox = target.cluster.sandbox if target is not None else getattr(up_spec, "sandbox", None)
             try:
                 if target is not None:
                     _stop_live_jobs(target, say)
-                clusters.down(cluster_name)
+                clusters.down(cluster_name, sandbox=recorded_sandbox)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
-                say(f"teardown of {cluster_name} failed too: {teardown_error} — run `gpuflow down {cluster_name}`")
+                again = clusters.command_hint(f"down {cluster_name}", bool(recorded_sandbox))
+                say(f"teardown of {cluster_name} failed too: {teardown_error} — run {again}")
 
 
 def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> None:

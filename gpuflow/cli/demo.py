@@ -15,7 +15,8 @@ def demo_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
 ) -> None:
     """The whole workflow offline in the sandbox cloud: up → run training.cifar10_cnn on the
-    digits data → pull → down, then a summary (accuracy, time, checkpoint, curves)."""
+    digits data (with --visualize) → pull → down, then a summary (accuracy, time, checkpoint,
+    curves, two of the pictures)."""
     import io
 
     from gpuflow.demo import run_demo

@@ -123,6 +123,15 @@ def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     curves = Path(re.search(r"curves: +(\S+)", captured.out).group(1))
     assert checkpoint.name == "best_model.keras" and checkpoint.stat().st_size > 10_000
     assert curves.read_bytes().startswith(b"\x89PNG")
+    # --visualize's pictures were pulled from outputs/visualization/ and two are named.
+    cam = Path(re.search(r"grad-cam: +(\S+)", captured.out).group(1))
+    confusion = Path(re.search(r"confusion: +(\S+)", captured.out).group(1))
+    assert cam == checkpoint.parent / "visualization" / "cam.png"
+    assert confusion == checkpoint.parent / "visualization" / "confusion_matrix.png"
+    for picture in (cam, confusion):
+        assert picture.read_bytes().startswith(b"\x89PNG") and picture.stat().st_size > 5_000
+    pictures = json.loads((checkpoint.parent / "visualization" / "visualization.json").read_text())
+    assert pictures["dataset"] == "digits" and pictures["cam"]["method"] == "Grad-CAM"
     manifest = json.loads((checkpoint.parent.parent / "manifest.json").read_text())
     assert manifest["sandbox"] is True and manifest["tensorflow"] and manifest["exit_code"] == 0
     assert manifest["command"][-2:] == ["--output", manifest["command"][-1]]
