@@ -1585,7 +1585,11 @@ def _run_on_cluster(
         primary = exc
         raise
     finally:
-        if down:
+        if down and not is_known_cluster(cluster_name):
+            # Nothing of ours to tear down (an `up` refused the name, e.g. another owner's
+            # cluster has it, or rolled back): never go looking for the name by its tags.
+            say(f"no cluster {cluster_name} of this gpuflow to tear down")
+        elif down:
             say(f"tearing down cluster {cluster_name}")
             # The cluster this run used, where it was made (not where the project's `sandbox` points).
             recorded_sandbox = target.cluster.sandbox if target is not None else getattr(up_spec, "sandbox", None)

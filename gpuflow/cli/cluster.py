@@ -24,6 +24,8 @@ _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress di
 _SANDBOX = typer.Option(
     None, "--sandbox/--no-sandbox", help="The sandbox cloud, or AWS (default: the project config's `sandbox`, else AWS)."
 )
+_ANY_OWNER_HELP = "Also what other gpuflow installs created (default: only this one's)."
+
 
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
@@ -155,13 +157,19 @@ def _print_statuses(statuses: list[Any]) -> None:
 
 
 @app.command()
-def status(name: Optional[str] = _NAME, sandbox: Optional[bool] = _SANDBOX, as_json: bool = _JSON) -> None:
+def status(
+    name: Optional[str] = _NAME,
+    sandbox: Optional[bool] = _SANDBOX,
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
+    as_json: bool = _JSON,
+) -> None:
     """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
     and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
     from gpuflow import clusters, switch_status
 
-    result = clusters.status(name, sandbox=sandbox)
-    switches = switch_status.read_switches(result.cluster)
+    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner)
+    # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
+    switches = switch_status.read_switches(result.cluster) if result.known_locally else []
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches]}, indent=2))
     else:
@@ -193,6 +201,7 @@ def down(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Where to look when the cluster is not in the local state."),
     sandbox: Optional[bool] = _SANDBOX,
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
     """Terminate a cluster and delete the security group and key pair gpuflow made for it."""
@@ -210,15 +219,21 @@ def down(
             raise typer.Exit(1)
     with _progress(not as_json) as progress:
         if all_clusters:
-            reports = clusters.down_all(sandbox=sandbox, progress=progress)
+            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress)
         else:
-            reports = [clusters.down(name, region=region, sandbox=sandbox, progress=progress)]
+            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)]
     if as_json:
         typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
         return
     if not reports:
         typer.echo("no clusters")
     for report in reports:
+        if report.skipped:
+            typer.echo(
+                f"left alone: {len(report.skipped)} resource(s) named {report.name} that another gpuflow created "
+                f"({clusters.whose(report.skipped)}); --any-owner includes them",
+                err=True,
+            )
         if report.already_down:
             typer.echo(f"cluster {report.name} is already down")
             continue
@@ -236,6 +251,10 @@ def reap(
     any_owner: bool = typer.Option(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
+    owner_prefix: Optional[str] = typer.Option(
+        None, "--owner-prefix", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
+    ),
+    expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,
 ) -> None:
     """Remove everything this gpuflow tagged that no live cluster owns (safe to run from CI)."""
@@ -243,7 +262,10 @@ def reap(
 
     sandbox = clusters.sandbox_in_effect(sandbox)
     with _progress(not as_json) as progress:
-        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)
+        result = clusters.reap(
+            yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, owner_prefix=owner_prefix,
+            expired_only=expired, progress=progress,
+        )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -251,9 +273,11 @@ def reap(
         owners = sorted({item.owner or item.owner_id or "unknown" for item in result.skipped})
         typer.echo(
             f"left alone: {len(result.skipped)} item(s) other gpuflow installs created ({', '.join(owners)}); "
-            "--any-owner includes them",
+            + (f"their owner ids do not start with {owner_prefix}" if owner_prefix else "--any-owner includes them"),
             err=True,
         )
+    if result.unexpired:
+        typer.echo(f"left alone: {len(result.unexpired)} item(s) not past their --max-hours yet", err=True)
     if not result.items:
         typer.echo(f"nothing to reap in {', '.join(result.regions)}")
         return
@@ -262,5 +286,9 @@ def reap(
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
-        again = clusters.command_hint("reap --yes --any-owner" if any_owner else "reap --yes", sandbox)
+        again = clusters.command_hint(
+            "reap --yes" + (" --any-owner" if any_owner else "") + (f" --owner-prefix {owner_prefix}" if owner_prefix else "")
+            + (" --expired" if expired else ""),
+            sandbox,
+        )
         typer.echo(f"dry run: run {again} to delete these", err=True)

@@ -134,20 +134,29 @@ def run_command(
 
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = runs.resolve_cluster_name(name, project_dir=project)
+    from gpuflow.errors import ClusterNotFound
+
     with _ended_by_signals() as signals:
-        outcome = runs.run_on_cluster(
-            cluster_name,
-            project_dir=project,
-            module=module,
-            args=job_args,
-            out=sys.stdout.buffer,
-            up_spec=up_spec,
-            down=down,
-            detach=detach,
-            on_interrupt=_ask_stop_or_detach,
-            say=_say,
-            data_dir=_existing_directory(data, "--data") if data is not None else None,
-        )
+        try:
+            outcome = runs.run_on_cluster(
+                cluster_name,
+                project_dir=project,
+                module=module,
+                args=job_args,
+                out=sys.stdout.buffer,
+                up_spec=up_spec,
+                down=down,
+                detach=detach,
+                on_interrupt=_ask_stop_or_detach,
+                say=_say,
+                data_dir=_existing_directory(data, "--data") if data is not None else None,
+            )
+        except ClusterNotFound as exc:
+            if up_spec is not None:  # --up made or refused the cluster itself, and said why
+                raise
+            from gpuflow.clusters import explain_unknown
+
+            raise explain_unknown(cluster_name, exc) from exc  # whose a cluster of that name is, when its tags say
     if outcome.detached:
         run_id = outcome.record.run_id
         how = (

@@ -35,6 +35,7 @@ TAG_OWNER_ID = "gpuflow:owner-id"  # the creating gpuflow home's id: what `reap`
 TAG_CREATED_AT = "gpuflow:created-at"
 TAG_MANAGED = "gpuflow:managed"
 TAG_LAUNCH = "gpuflow:launch-id"  # one per `up` invocation: what rollback may delete
+TAG_EXPIRES_AT = "gpuflow:expires-at"  # created-at + --max-hours: `reap --expired` takes only what is past it
 
 # Spot launches through the API need this service-linked role in the account
 # (AWS creates it by itself only for spot requests made in the console).
@@ -191,6 +192,17 @@ class ManagedResource:
     detail: str | None = None
     owner: str | None = None  # the gpuflow:owner tag (user@host that created it)
     owner_id: str | None = None  # the gpuflow:owner-id tag
+    expires_at: str | None = None  # the gpuflow:expires-at tag
+    launch_id: str | None = None  # the gpuflow:launch-id tag
+
+
+def _managed_resource(
+    kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None
+) -> ManagedResource:
+    return ManagedResource(
+        kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail,
+        tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID), tags.get(TAG_EXPIRES_AT), tags.get(TAG_LAUNCH),
+    )
 
 
 ProgressCallback = Callable[[str], None]
@@ -617,13 +629,7 @@ class Ec2Provisioner:
     def managed_resources(self) -> list[ManagedResource]:
         """Everything in the region tagged ``gpuflow:managed=true`` that still costs or clutters."""
         managed = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
-
-        def resource(kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None) -> ManagedResource:
-            return ManagedResource(
-                kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail,
-                tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID),
-            )
-
+        resource = _managed_resource
         resources = [
             resource("instance", view.instance_id, view.tags, view.state, view.instance_type) for view in self.find_instances()
         ]
@@ -645,14 +651,26 @@ class Ec2Provisioner:
         return resources
 
     def find_cluster_resources(self, cluster: str) -> tuple[list[str], list[str]]:
-        """(security group ids, key pair names) tagged as created for ``cluster``."""
+        """(security group ids, key pair names) tagged as created for ``cluster``, by anyone."""
+        resources = self.cluster_resources(cluster)
+        return (
+            [resource.resource_id for resource in resources if resource.kind == "security-group"],
+            [resource.resource_id for resource in resources if resource.kind == "key-pair"],
+        )
+
+    def cluster_resources(self, cluster: str) -> list[ManagedResource]:
+        """The security groups and key pairs tagged as created for ``cluster``, with
+        their owner tags (a name alone does not say whose they are)."""
         filters = [
             {"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]},
             {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
         ]
         groups = self.api.paginate("ec2", "describe_security_groups", "SecurityGroups", Filters=filters)
         keys = self.api.call("ec2", "describe_key_pairs", Filters=filters).get("KeyPairs", [])
-        return [group["GroupId"] for group in groups], [key["KeyName"] for key in keys]
+        return [
+            _managed_resource("security-group", group["GroupId"], tag_dict(group.get("Tags")), None, group.get("GroupName"))
+            for group in groups
+        ] + [_managed_resource("key-pair", key["KeyName"], tag_dict(key.get("Tags"))) for key in keys]
 
     def cancel_spot_requests(self, request_ids: Sequence[str]) -> None:
         if request_ids:
@@ -680,6 +698,7 @@ __all__ = [
     "ManagedResource",
     "TAG_CLUSTER",
     "TAG_CREATED_AT",
+    "TAG_EXPIRES_AT",
     "TAG_LAUNCH",
     "TAG_MANAGED",
     "TAG_OWNER",
