@@ -13,6 +13,7 @@ the "instance" is this machine, so a test can kill the job's processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import runs
+from gpuflow import procs, runs
 from gpuflow.errors import JobFailed, RunLost, UnsafePath
 from gpuflow.transport.ssh import Backoff, SSHRunner
 from tests.runs.conftest import job_args
@@ -218,8 +219,8 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
 
 
 def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
-    """job.pid names a live process group leader that started after the job did
-    (the pid was reused): the job is gone, whatever holds its pid now."""
+    """The job's pid now names a live process group leader that is not the recorded
+    process (the pid was reused): the job is gone, whatever holds its pid now."""
     outcome = _detached(local_target, project)
     remote_dir = outcome.record.remote_dir
     runner = local_target.connect()
@@ -234,11 +235,10 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     _kill_job_and_supervisor(remote_dir)
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like the job did
     try:
-        for name in ("job.pid", "supervisor.pid"):
-            path = Path(remote_dir) / name
-            recorded = path.stat().st_mtime
-            path.write_text(f"{stranger.pid}\n")
-            os.utime(path, (recorded - 60, recorded - 60))  # written a minute before the stranger started
+        for name in ("job", "supervisor"):  # the kernel handed the pid to the stranger; the record names the old process
+            identity = (Path(remote_dir) / f"{name}.proc").read_text().split(" ", 1)[1]
+            (Path(remote_dir) / f"{name}.proc").write_text(f"{stranger.pid} {identity}")
+            (Path(remote_dir) / f"{name}.pid").write_text(f"{stranger.pid}\n")
         liveness = runs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor) == ("gone", "gone")
         with pytest.raises(RunLost):
@@ -248,6 +248,96 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# --------------------------------------------------------------------------- one proof for every command
+
+
+def _run_status(runner, remote_dir: str) -> dict:
+    """What `gpuflow runs` (and the stop before teardown) learn of one run directory."""
+    argv = [runs._target_python(runner), "-I", "-S", "-c", runs.remote_scripts.RUN_STATUS_PY, remote_dir]
+    return json.loads(runner.run(argv).stdout)[remote_dir]
+
+
+def _kill_marked(remote_dir: str) -> None:
+    for pid in procs.marked(remote_dir, exact=True):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_jobs_child_left_in_its_group_is_the_job_for_follow_runs_and_stop(local_target, project):
+    """The job's leader and its supervisor die; a child the job started lives on in
+    the job's process group with the run's marker.  Following, `runs` and `stop`
+    all take it for the job: none calls it lost while another would signal it."""
+    (project / "forks.py").write_text(
+        "import subprocess, time\nsubprocess.Popen(['sleep', '120'])\nprint('forked', flush=True)\ntime.sleep(120)\n"
+    )
+    outcome = runs.run(local_target, project_dir=project, module=None, args=["python", "forks.py"],
+                       out=io.BytesIO(), detach=True)
+    remote_dir, run_id = outcome.record.remote_dir, outcome.record.run_id
+    try:
+        supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
+        _wait_for(lambda: len(procs.marked(remote_dir, exact=True)) == 2)  # the job and its child
+        [child] = [pid for pid in procs.marked(remote_dir, exact=True) if pid != job]
+        os.kill(supervisor, signal.SIGKILL)  # not the group: the child stays
+        os.kill(job, signal.SIGKILL)
+        _wait_for(lambda: procs.identity(job) is None and procs.identity(supervisor) is None)
+
+        runner = local_target.connect()
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("alive", "gone", True)
+        assert _run_status(runner, remote_dir)["alive"] is True
+        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+
+        record, stopped = runs.stop(run_id, grace_seconds=5, resolve=lambda name: local_target)
+        assert stopped == "terminated"  # the child was what stop signalled
+        _wait_for(lambda: procs.identity(child) is None)
+        assert record.status == "lost"
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.alive) == ("gone", False) and _run_status(runner, remote_dir)["alive"] is False
+    finally:
+        _kill_marked(remote_dir)
+
+
+def test_runs_and_follow_wait_for_a_supervisor_still_to_record_the_exit_code(local_target, project):
+    """The job has ended; its supervisor (stopped here) has yet to write the exit
+    code: the run is running, not lost, and its outcome is recorded once it does."""
+    outcome = _detached(local_target, project)
+    remote_dir = outcome.record.remote_dir
+    supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.killpg(job, signal.SIGKILL)
+        _wait_for(lambda: procs.identity(job) is None)  # dead (a zombie its stopped supervisor cannot reap)
+        runner = local_target.connect()
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("gone", "alive", True)
+        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    _wait_for(lambda: (Path(remote_dir) / "exit_code").exists())
+    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["failed(137)"]
+
+
+def test_a_supervisor_yet_to_start_its_job_is_alive_for_follow_and_runs(local_target):
+    """Between the supervisor's start and the job's, only the supervisor's record exists."""
+    runner = local_target.connect()
+    run_dir = Path(runner.base_dir) / "runs" / "20260101-000000-abcd"
+    run_dir.mkdir(parents=True)
+    supervisor = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own session, as it does
+    try:
+        assert procs.record(str(run_dir / "supervisor.proc"), supervisor.pid)
+        (run_dir / "supervisor.pid").write_text(f"{supervisor.pid}\n")
+        liveness = runs.job_liveness(runner, str(run_dir))
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "alive", True)
+        assert _run_status(runner, str(run_dir))["alive"] is True
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    liveness = runs.job_liveness(runner, str(run_dir))
+    assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "gone", False)
+    assert _run_status(runner, str(run_dir))["alive"] is False
+    assert "never started the job" in runs._lost_reason(liveness, str(run_dir))
 
 
 # --------------------------------------------------------------------------- the outcome survives a refused pull
