@@ -283,7 +283,8 @@ def test_a_jobs_child_left_in_its_group_is_the_job_for_follow_runs_and_stop(loca
 
 def test_runs_and_follow_wait_for_a_supervisor_still_to_record_the_exit_code(local_target, project):
     """The job has ended; its supervisor (stopped here) has yet to write the exit
-    code: the run is running, not lost, and its outcome is recorded once it does."""
+    code: for `runs`, the follow loop and `stop` the run is running, not lost, and
+    its outcome is recorded once the supervisor writes it."""
     outcome = _detached(local_target, project)
     remote_dir = outcome.record.remote_dir
     supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
@@ -295,6 +296,8 @@ def test_runs_and_follow_wait_for_a_supervisor_still_to_record_the_exit_code(loc
         liveness = runs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor, liveness.alive) == ("gone", "alive", True)
         assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+        record, stopped = runs.stop(outcome.record.run_id, grace_seconds=0, resolve=lambda name: local_target)
+        assert stopped == "gone" and record.status == "running"  # nothing left to signal, but not lost
     finally:
         os.kill(supervisor, signal.SIGCONT)
     wait_for(lambda: (Path(remote_dir) / "exit_code").exists())
