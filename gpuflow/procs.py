@@ -16,7 +16,10 @@ the recorded one; gpuflow signals nothing else.  Everything that signals a
 run's processes goes through :func:`signal_run_group` /
 :func:`terminate_base` here: ``gpuflow stop``, the stop before ``run
 --down``'s teardown, and the termination of a sandbox instance (``down``,
-``reap``, ``run --down``, an ``up`` rolled back).
+``reap``, ``run --down``, an ``up`` rolled back).  Whether a run still lives
+is decided here too, by the same proof (:func:`status`): ``gpuflow runs``, the
+follow loop of ``run`` and ``logs -f``, and ``stop`` recording a run lost, so
+no process is alive for one command and "not the job" for another.
 
 On Linux a process is also the run's when it carries the run's marker, the
 ``GPUFLOW_RUN_DIR=<run dir>`` its job was started with (children inherit it):
@@ -41,6 +44,7 @@ import time
 JOB_RECORD = "job.proc"  # the job (leader of its own session and process group)
 SUPERVISOR_RECORD = "supervisor.proc"  # the supervisor (leader of its own session and process group)
 JOB_PID = "job.pid"
+SUPERVISOR_PID = "supervisor.pid"
 EXIT_CODE = "exit_code"
 MARKER = "GPUFLOW_RUN_DIR"  # the job's environment names its run directory
 
@@ -230,7 +234,17 @@ def terminate_base(base_dir: str) -> list[int]:
 
 
 def status(run_dir: str) -> dict:
-    """What ``gpuflow runs`` needs of one run directory."""
+    """What ``gpuflow runs``, the follow loop (``run``, ``logs -f``) and ``stop``
+    know of one run directory, all from the same proof as the signalling above:
+
+    * ``job``: 'alive' (:func:`job_processes` finds its leader or marked members:
+      what :func:`stop` would signal), 'gone', or 'none' (never recorded: not started);
+    * ``supervisor``: 'alive' (its recorded process is proven), 'gone' or 'none';
+    * ``alive``: either is alive — a supervisor that has not started its job yet,
+      or has not yet written the exit code of the job that ended, keeps the run alive;
+    * ``exit_code``, read *after* the processes: a supervisor that wrote it and
+      ended is never reported gone without it.
+    """
 
     def read(name: str) -> str | None:
         try:
@@ -239,14 +253,23 @@ def status(run_dir: str) -> dict:
         except OSError:
             return None
 
+    def state(alive: bool, *names: str) -> str:
+        if alive:
+            return "alive"
+        return "gone" if any(os.path.lexists(os.path.join(run_dir, name)) for name in names) else "none"
+
+    leader, members = job_processes(run_dir)
+    job = state(leader is not None or bool(members), JOB_RECORD, JOB_PID)
+    supervisor = state(proven(os.path.join(run_dir, SUPERVISOR_RECORD)) is not None, SUPERVISOR_RECORD, SUPERVISOR_PID)
     code = read(EXIT_CODE)
     pid = read(JOB_PID)
-    leader, members = job_processes(run_dir)
     return {
         "exists": os.path.isdir(run_dir),
         "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
         "pid": int(pid) if pid and pid.isdigit() else None,
-        "alive": leader is not None or bool(members),
+        "job": job,
+        "supervisor": supervisor,
+        "alive": "alive" in (job, supervisor),
     }
 
 

@@ -22,12 +22,10 @@ ever parsed by the remote shell.
   probe below, run with the job's interpreter) for the run manifest.
 * :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
   path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
-* :data:`RUN_STATUS_PY` — for each run directory: its exit code, or whether its
-  job still runs (the recorded process, proven by its identity).
+* :data:`RUN_STATUS_PY` — for each run directory: whether its job and its
+  supervisor still run (the recorded processes, proven by their identity) and
+  its exit code: what ``gpuflow runs``, the follow loop and ``stop`` decide by.
 * :data:`STOP_JOB_PY` — SIGTERM, then SIGKILL, the run's job, proven the same way.
-* :data:`JOB_LIVENESS_PY` — for one run directory: whether its job and its
-  supervisor are alive, each checked by identity (process group leader,
-  started before its pid file was written), and its exit code.
 * :data:`ENVIRONMENT_PROBE_PY` — Python and TensorFlow versions, the installed
   distributions (the content of ``pip freeze``), GPU name and driver.
 """
@@ -62,9 +60,10 @@ cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
 mkdir .supervisor 2>/dev/null || exit 0
 mkdir -p outputs "$work_dir"
-write_atomically "$run_dir/supervisor.pid" "$$"
-# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py).
+# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
+# before the pid, so that whoever sees the pid file finds the identity too.
 "$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
+write_atomically "$run_dir/supervisor.pid" "$$"
 touch "$base_dir/heartbeat"
 # Heartbeat: feeds the instance's dead-man's switch while the job runs, and
 # stops by itself if this supervisor is killed (a crash must not feed it forever).
@@ -221,8 +220,8 @@ print(json.dumps(entries))
 """
 
 # argv: RUN_DIR... (or --all BASE: every BASE/runs/*)
-# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "alive": bool}};
-# "alive": the recorded job process (proven by its identity, gpuflow/procs.py) still runs.
+# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "job": "alive"|"gone"|"none",
+#                   "supervisor": "alive"|"gone"|"none", "alive": bool}}  (gpuflow.procs.status)
 RUN_STATUS_PY = procs_script("status")
 
 # argv: RUN_DIR GRACE_SECONDS — prints 'gone', 'terminated' or 'killed'.
@@ -264,84 +263,4 @@ print(json.dumps({
     "gpu_driver": driver or "none",
     "pip_freeze": packages,
 }))
-"""
-
-# argv: RUN_DIR — is the run's job (or its supervisor) still alive?  Each pid is
-# checked by identity: it must lead its own process group (the job and the
-# supervisor are both started with setsid) and carry the run's marker where
-# /proc shows it (the job's environment holds GPUFLOW_RUN_DIR=RUN_DIR, the
-# supervisor's command line names supervisor.sh); without the marker it must
-# have started no later than the file naming it was written (plus slack for
-# clock granularity).  So a pid the system has since handed to another process
-# is not taken for the job, and a wall-clock step cannot make a marked job look
-# gone.  Processes are checked *before* exit_code is read: a supervisor that
-# wrote exit_code and exited is never reported as gone without it.
-# prints {"exists": bool, "job": "alive"|"gone"|"none", "supervisor": ..., "exit_code": int|null}
-JOB_LIVENESS_PY = r"""
-import json, os, subprocess, sys, time
-run_dir = sys.argv[1]
-SLACK = 2.0
-def boot_time():
-    try:
-        with open("/proc/stat") as handle:
-            for line in handle:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-def start_time(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-        boot = boot_time()
-        if boot is not None:
-            return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:  # no /proc (macOS): ps, in the C locale
-        text = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10,
-                              env={**os.environ, "LC_ALL": "C"}).stdout.strip()
-        return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y")) if text else None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-def marked(pid, proc_file, marker):
-    try:
-        with open(f"/proc/{pid}/{proc_file}", "rb") as handle:
-            return marker in handle.read().split(b"\0")
-    except OSError:
-        return False
-def state(name, proc_file, marker):
-    path = os.path.join(run_dir, name)
-    try:
-        written = os.stat(path).st_mtime
-        with open(path) as handle:
-            pid = int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return "none"
-    if pid <= 1:
-        return "none"
-    try:
-        if os.getpgid(pid) != pid:
-            return "gone"
-    except OSError:
-        return "gone"
-    if marked(pid, proc_file, marker):
-        return "alive"
-    started = start_time(pid)
-    if started is not None and started > written + SLACK:
-        return "gone"
-    return "alive"
-report = {
-    "job": state("job.pid", "environ", os.fsencode("GPUFLOW_RUN_DIR=" + run_dir)),
-    "supervisor": state("supervisor.pid", "cmdline", b"supervisor.sh"),
-}
-try:
-    with open(os.path.join(run_dir, "exit_code")) as handle:
-        code = handle.read().strip()
-    report["exit_code"] = int(code) if code.lstrip("-").isdigit() else None
-except OSError:
-    report["exit_code"] = None
-report["exists"] = os.path.isdir(run_dir)
-print(json.dumps(report))
 """

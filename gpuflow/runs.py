@@ -733,33 +733,38 @@ LIVENESS_INTERVAL = 5.0
 
 @dataclass(frozen=True)
 class Liveness:
-    """What :data:`~gpuflow.remote_scripts.JOB_LIVENESS_PY` found in a run directory."""
+    """What :func:`gpuflow.procs.status` found in a run directory (the same proof
+    ``gpuflow runs``, ``stop`` and a sandbox termination use)."""
 
     exists: bool
-    job: str  # alive | gone | none (no job.pid yet)
+    job: str  # alive | gone | none (never recorded: not started)
     supervisor: str  # alive | gone | none
     exit_code: int | None
+    alive: bool  # the job or its supervisor
 
-    @property
-    def alive(self) -> bool:
-        return self.exists and "alive" in (self.job, self.supervisor)
+
+def run_status(runner: CommandRunner, *run_dirs: str) -> dict[str, dict[str, Any]]:
+    """:data:`~gpuflow.remote_scripts.RUN_STATUS_PY` on the target: for each run
+    directory (or ``"--all", BASE``), whether its job and its supervisor are
+    proven alive (:func:`gpuflow.procs.status`) and its exit code."""
+    # From "/": the check must work when the base directory itself is gone.
+    argv = [_target_python(runner), "-I", "-S", "-c", remote_scripts.RUN_STATUS_PY, *run_dirs]
+    return json.loads(runner.run(argv, cwd="/", timeout=60).stdout)
 
 
 def job_liveness(runner: CommandRunner, remote_dir: str) -> Liveness | None:
-    """Whether the run's job or its supervisor still lives, each checked by
-    identity (a reused pid is not the job); None when the check itself failed.
-    Connection failures are raised (the caller reconnects)."""
+    """Whether the run's job or its supervisor still lives, each proven by its
+    recorded identity (a reused pid is not the job); None when the check itself
+    failed.  Connection failures are raised (the caller reconnects)."""
     try:
-        # From "/": the check must work when the base directory itself is gone.
-        argv = [_target_python(runner), "-c", remote_scripts.JOB_LIVENESS_PY, remote_dir]
-        result = runner.run(argv, cwd="/", timeout=60)
-        report = json.loads(result.stdout)
+        report = run_status(runner, remote_dir)[remote_dir]
         code = report.get("exit_code")
         return Liveness(
             exists=bool(report["exists"]),
             job=str(report["job"]),
             supervisor=str(report["supervisor"]),
             exit_code=int(code) if code is not None else None,
+            alive=bool(report["alive"]),
         )
     except (RemoteCommandFailed, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -1374,8 +1379,10 @@ def stop(
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=_iso(_now()))
         save_record(record, home)
-    elif outcome == "gone" or (liveness is not None and liveness.exit_code is None and not liveness.alive):
-        # no exit code and no process proven to be the job: what `runs` calls lost
+    elif (liveness is None and outcome == "gone") or (
+        liveness is not None and liveness.exit_code is None and not liveness.alive
+    ):
+        # no exit code and no process proven to be the job or its supervisor: what `runs` calls lost
         reason = _lost_reason(liveness, record.remote_dir) if liveness is not None else "no process of the job is left"
         record = replace(record, status="lost", lost_reason=reason)
         save_record(record, home)
@@ -1435,11 +1442,7 @@ def _refresh_cluster(
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
         return {record.run_id: "unreachable" for record in pending}
     try:
-        result = runner.run(
-            [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, *(record.remote_dir for record in pending)],
-            timeout=60,
-        )
-        reports = json.loads(result.stdout)
+        reports = run_status(runner, *(record.remote_dir for record in pending))
     except InstanceGone as exc:
         return _mark_lost(pending, home, f"its instance is gone ({exc.message})")
     except (GpuflowError, OSError, json.JSONDecodeError):
@@ -1611,11 +1614,8 @@ def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> No
     try:
         runner = target.connect()
         try:
-            result = runner.run(
-                [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, "--all", runner.base_dir], timeout=60
-            )
-            for run_dir, report in json.loads(result.stdout).items():
-                if report.get("alive") and report.get("exit_code") is None:
+            for run_dir, report in run_status(runner, "--all", runner.base_dir).items():
+                if report.get("job") == "alive" and report.get("exit_code") is None:
                     say(f"stopping the job still running in {run_dir}")
                     stop_job(runner, run_dir, grace_seconds=grace_seconds)
         finally:

@@ -13,6 +13,7 @@ the "instance" is this machine, so a test can kill the job's processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,15 +22,14 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from gpuflow import runs
+from gpuflow import procs, runs
 from gpuflow.errors import JobFailed, RunLost, UnsafePath
 from gpuflow.transport.ssh import Backoff, SSHRunner
-from tests.runs.conftest import job_args
+from tests.runs.conftest import job_args, wait_for
 
 pytestmark = pytest.mark.ssh
 
@@ -55,37 +55,20 @@ def _bounded(call, timeout: float = 60.0):
     return result["value"]
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def _pid(remote_dir: str, name: str) -> int:
     path = Path(remote_dir) / name  # loopback: the "instance" is this machine
-    _wait_for(lambda: path.is_file() and path.read_text().strip() != "")
+    wait_for(lambda: path.is_file() and path.read_text().strip() != "")
     return int(path.read_text().split()[0])
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def _kill_job_and_supervisor(remote_dir: str) -> None:
     """Both die at once (OOM killer, a crash of the node's agent): nobody writes exit_code."""
     supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
     log = Path(remote_dir) / "job.log"
-    _wait_for(lambda: log.is_file() and log.stat().st_size > 0)  # it has said something first
+    wait_for(lambda: log.is_file() and log.stat().st_size > 0)  # it has said something first
     os.kill(supervisor, signal.SIGKILL)
     os.killpg(job, signal.SIGKILL)
-    _wait_for(lambda: _gone(supervisor) and _gone(job))
+    wait_for(lambda: procs.identity(supervisor) is None and procs.identity(job) is None)  # dead
 
 
 def _detached(target, project, **options) -> runs.RunOutcome:
@@ -113,7 +96,7 @@ def test_logs_follow_ends_lost_when_the_job_and_its_supervisor_die_together(targ
 
 def test_run_ends_lost_when_the_job_vanishes_mid_stream_and_keeps_what_it_wrote(target, project):
     def kill_once_streaming() -> None:
-        _wait_for(lambda: any(log.stat().st_size > 0 for log in Path(base).glob("runs/*/job.log")), timeout=60)
+        wait_for(lambda: any(log.stat().st_size > 0 for log in Path(base).glob("runs/*/job.log")), timeout=60)
         [run_dir] = Path(base).glob("runs/*")
         _kill_job_and_supervisor(str(run_dir))
 
@@ -197,7 +180,7 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
     terminated = runs.RunTarget(ssh_target.cluster, connect, ssh_target.sync_project, instance_alive=alive)
 
     def stop_server_once_streaming() -> None:
-        _wait_for(lambda: printed.getvalue().count(b"\n") >= 3, timeout=60)
+        wait_for(lambda: printed.getvalue().count(b"\n") >= 3, timeout=60)
         terminated_now.set()
         sshd.stop()
 
@@ -218,8 +201,8 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
 
 
 def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
-    """job.pid names a live process group leader that started after the job did
-    (the pid was reused): the job is gone, whatever holds its pid now."""
+    """The job's pid now names a live process group leader that is not the recorded
+    process (the pid was reused): the job is gone, whatever holds its pid now."""
     outcome = _detached(local_target, project)
     remote_dir = outcome.record.remote_dir
     runner = local_target.connect()
@@ -234,11 +217,10 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     _kill_job_and_supervisor(remote_dir)
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like the job did
     try:
-        for name in ("job.pid", "supervisor.pid"):
-            path = Path(remote_dir) / name
-            recorded = path.stat().st_mtime
-            path.write_text(f"{stranger.pid}\n")
-            os.utime(path, (recorded - 60, recorded - 60))  # written a minute before the stranger started
+        for name in ("job", "supervisor"):  # the kernel handed the pid to the stranger; the record names the old process
+            identity = (Path(remote_dir) / f"{name}.proc").read_text().split(" ", 1)[1]
+            (Path(remote_dir) / f"{name}.proc").write_text(f"{stranger.pid} {identity}")
+            (Path(remote_dir) / f"{name}.pid").write_text(f"{stranger.pid}\n")
         liveness = runs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor) == ("gone", "gone")
         with pytest.raises(RunLost):
@@ -248,6 +230,99 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+# --------------------------------------------------------------------------- one proof for every command
+
+
+def _run_status(runner, remote_dir: str) -> dict:
+    """What `gpuflow runs` (and the stop before teardown) learn of one run directory."""
+    argv = [runs._target_python(runner), "-I", "-S", "-c", runs.remote_scripts.RUN_STATUS_PY, remote_dir]
+    return json.loads(runner.run(argv).stdout)[remote_dir]
+
+
+def _kill_marked(remote_dir: str) -> None:
+    for pid in procs.marked(remote_dir, exact=True):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_jobs_child_left_in_its_group_is_the_job_for_follow_runs_and_stop(local_target, project):
+    """The job's leader and its supervisor die; a child the job started lives on in
+    the job's process group with the run's marker.  Following, `runs` and `stop`
+    all take it for the job: none calls it lost while another would signal it."""
+    (project / "forks.py").write_text(
+        "import subprocess, time\nsubprocess.Popen(['sleep', '120'])\nprint('forked', flush=True)\ntime.sleep(120)\n"
+    )
+    outcome = runs.run(local_target, project_dir=project, module=None, args=["python", "forks.py"],
+                       out=io.BytesIO(), detach=True)
+    remote_dir, run_id = outcome.record.remote_dir, outcome.record.run_id
+    try:
+        supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
+        wait_for(lambda: len(procs.marked(remote_dir, exact=True)) == 2)  # the job and its child
+        [child] = [pid for pid in procs.marked(remote_dir, exact=True) if pid != job]
+        os.kill(supervisor, signal.SIGKILL)  # not the group: the child stays
+        os.kill(job, signal.SIGKILL)
+        wait_for(lambda: procs.identity(job) is None and procs.identity(supervisor) is None)
+
+        runner = local_target.connect()
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("alive", "gone", True)
+        assert _run_status(runner, remote_dir)["alive"] is True
+        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+
+        record, stopped = runs.stop(run_id, grace_seconds=5, resolve=lambda name: local_target)
+        assert stopped == "terminated"  # the child was what stop signalled
+        wait_for(lambda: procs.identity(child) is None)
+        assert record.status == "lost"
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.alive) == ("gone", False) and _run_status(runner, remote_dir)["alive"] is False
+    finally:
+        _kill_marked(remote_dir)
+
+
+def test_runs_and_follow_wait_for_a_supervisor_still_to_record_the_exit_code(local_target, project):
+    """The job has ended; its supervisor (stopped here) has yet to write the exit
+    code: for `runs`, the follow loop and `stop` the run is running, not lost, and
+    its outcome is recorded once the supervisor writes it."""
+    outcome = _detached(local_target, project)
+    remote_dir = outcome.record.remote_dir
+    supervisor, job = _pid(remote_dir, "supervisor.pid"), _pid(remote_dir, "job.pid")
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.killpg(job, signal.SIGKILL)
+        wait_for(lambda: procs.identity(job) is None)  # dead (a zombie its stopped supervisor cannot reap)
+        runner = local_target.connect()
+        liveness = runs.job_liveness(runner, remote_dir)
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("gone", "alive", True)
+        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+        record, stopped = runs.stop(outcome.record.run_id, grace_seconds=0, resolve=lambda name: local_target)
+        assert stopped == "gone" and record.status == "running"  # nothing left to signal, but not lost
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    wait_for(lambda: (Path(remote_dir) / "exit_code").exists())
+    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["failed(137)"]
+
+
+def test_a_supervisor_yet_to_start_its_job_is_alive_for_follow_and_runs(local_target):
+    """Between the supervisor's start and the job's, only the supervisor's record exists."""
+    runner = local_target.connect()
+    run_dir = Path(runner.base_dir) / "runs" / "20260101-000000-abcd"
+    run_dir.mkdir(parents=True)
+    supervisor = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own session, as it does
+    try:
+        assert procs.record(str(run_dir / "supervisor.proc"), supervisor.pid)
+        (run_dir / "supervisor.pid").write_text(f"{supervisor.pid}\n")
+        liveness = runs.job_liveness(runner, str(run_dir))
+        assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "alive", True)
+        assert _run_status(runner, str(run_dir))["alive"] is True
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    liveness = runs.job_liveness(runner, str(run_dir))
+    assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "gone", False)
+    assert _run_status(runner, str(run_dir))["alive"] is False
+    assert "never started the job" in runs._lost_reason(liveness, str(run_dir))
 
 
 # --------------------------------------------------------------------------- the outcome survives a refused pull
@@ -277,15 +352,21 @@ def _assert_outcome_recorded(record, exit_code: int) -> None:
     assert manifest["duration_seconds"] is not None and manifest["estimated_cost_usd"] is not None
 
 
-def test_a_failed_job_is_reported_and_recorded_even_when_the_pull_refuses(target, project):
+def _run_leaving_a_symlink(target, project, code: int, error: type):
+    """Run the job that leaves a symlink in its outputs and exits ``code``: the error raised, and the run's record."""
     (project / "bad.py").write_text(_FAILS_WITH_A_SYMLINK)
-    with pytest.raises(JobFailed) as caught:
-        runs.run(target, project_dir=project, module=None, args=["python", "bad.py", "3"], out=io.BytesIO())
+    with pytest.raises(error) as caught:
+        runs.run(target, project_dir=project, module=None, args=["python", "bad.py", str(code)], out=io.BytesIO())
     [record] = runs.all_records()
+    return caught.value, record
+
+
+def test_a_failed_job_is_reported_and_recorded_even_when_the_pull_refuses(target, project):
+    failure, record = _run_leaving_a_symlink(target, project, 3, JobFailed)
     # The job's failure decides the exit code; the refusal is reported with it.
-    assert caught.value.exit_code == 3
-    assert f"run {record.run_id} failed with exit code 3" in caught.value.message
-    assert "refused 1 remote entry" in caught.value.message and "passwd-link" in caught.value.message
+    assert failure.exit_code == 3
+    assert f"run {record.run_id} failed with exit code 3" in failure.message
+    assert "refused 1 remote entry" in failure.message and "passwd-link" in failure.message
     _assert_outcome_recorded(record, 3)
     assert (Path(record.local_dir) / "outputs" / "model.bin").read_bytes() == b"weights"
     assert not os.path.lexists(Path(record.local_dir) / "outputs" / "passwd-link")
@@ -305,12 +386,9 @@ def test_a_failed_job_is_reported_and_recorded_even_when_the_pull_refuses(target
 
 
 def test_a_succeeded_job_whose_pull_refuses_exits_7_and_says_the_job_succeeded(local_target, project):
-    (project / "bad.py").write_text(_FAILS_WITH_A_SYMLINK)
-    with pytest.raises(UnsafePath) as caught:
-        runs.run(local_target, project_dir=project, module=None, args=["python", "bad.py", "0"], out=io.BytesIO())
-    [record] = runs.all_records()
-    assert caught.value.exit_code == 7
-    assert f"run {record.run_id} succeeded" in caught.value.message and "passwd-link" in caught.value.message
+    refusal, record = _run_leaving_a_symlink(local_target, project, 0, UnsafePath)
+    assert refusal.exit_code == 7
+    assert f"run {record.run_id} succeeded" in refusal.message and "passwd-link" in refusal.message
     _assert_outcome_recorded(record, 0)
 
 
