@@ -43,12 +43,13 @@ from gpuflow.errors import (
     ClusterNotFound,
     ConfigError,
     CredentialsError,
+    DamagedRecord,
     GpuflowError,
     StateError,
     UsageError,
 )
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
-from gpuflow.records import Cluster, ClusterSpec, Node
+from gpuflow.records import Cluster, ClusterSpec, Node, check_shape
 from gpuflow.state import StateStore, atomic_write_bytes, process_alive, validate_name
 
 DEFAULT_REGION = "us-east-1"
@@ -89,7 +90,7 @@ class ClusterStatus:
     """A cluster reconciled with EC2, with its cost so far."""
 
     cluster: Cluster
-    state: str  # running | pending | partial | stopped | gone | creating | interrupted | unmanaged
+    state: str  # running | pending | partial | stopped | gone | creating | interrupted | unmanaged | unchecked
     known_locally: bool = True
     uptime_seconds: float = 0.0
     price_per_hour: float | None = None  # the whole cluster, USD
@@ -127,11 +128,14 @@ class DownReport:
     deleted_key_pairs: tuple[str, ...] = ()
     run_seconds: float = 0.0
     estimated_cost: float | None = None
+    # Tagged with the cluster's name but created by another gpuflow: left alone without any_owner.
+    skipped: tuple[ReapItem, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         for key in ("terminated", "deleted_security_groups", "deleted_key_pairs"):
             data[key] = list(data[key])
+        data["skipped_other_owners"] = [item.to_dict() for item in data.pop("skipped")]
         return data
 
 
@@ -157,6 +161,8 @@ class ReapReport:
     regions: tuple[str, ...] = ()
     # Orphans another gpuflow created (another owner id, or none): left alone without any_owner.
     skipped: tuple[ReapItem, ...] = ()
+    # With expired_only: this gpuflow's orphans not yet past their --max-hours (their job may still run).
+    unexpired: tuple[ReapItem, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +170,7 @@ class ReapReport:
             "regions": list(self.regions),
             "items": [item.to_dict() for item in self.items],
             "skipped_other_owners": [item.to_dict() for item in self.skipped],
+            "left_unexpired": [item.to_dict() for item in self.unexpired],
         }
 
 
@@ -198,7 +205,53 @@ def _parse_iso(text: str | None) -> datetime.datetime | None:
 
 
 def _store(home: Path | None = None) -> StateStore:
-    return StateStore(home or gpuflow_home(), "clusters")
+    return StateStore(home or gpuflow_home(), "clusters", shape=_check_cluster_record, repair_hint=_damaged_cluster_hint)
+
+
+@dataclass(frozen=True)
+class _RecordBookkeeping:
+    """What a cluster record holds besides the :class:`Cluster` (see ``_write``)."""
+
+    phase: str = PHASE_UP
+    launch_id: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    deleted_at: str | None = None
+    final_cost: float | None = None
+    run_seconds: float | None = None
+    reaped: bool = False
+
+
+def _check_cluster_record(name: str, document: dict[str, Any]) -> None:
+    """A cluster record parses into a Cluster (plus its bookkeeping) and is
+    the record of the name it is stored under (else writing it back would
+    overwrite another cluster's record)."""
+    check_shape(Cluster, document)
+    check_shape(_RecordBookkeeping, document)
+    if document["name"] != name:
+        raise ValueError(f"it holds cluster {document['name']!r}, not {name!r}")
+    if _recorded_region(document) is None:
+        raise ValueError(f"region {document['region']!r} is not an AWS region name")
+    if document.get("phase", PHASE_UP) not in (PHASE_CREATING, PHASE_UP, PHASE_DELETED):
+        raise ValueError(f"unknown phase {document['phase']!r}")
+
+
+def _recorded(raw: Any, key: str, kind: type) -> Any:
+    """One field of a damaged record, if it can still be read (else None)."""
+    value = raw.get(key) if isinstance(raw, dict) else None
+    return value if isinstance(value, kind) else None
+
+
+def _recorded_region(raw: Any) -> str | None:
+    region = _recorded(raw, "region", str)
+    return region if region and re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", region) else None
+
+
+def _damaged_cluster_hint(name: str, raw: Any) -> str:
+    region = _recorded_region(raw)
+    where = f"in {region}" if region else "in --region REGION (the record does not say where it ran)"
+    command = f"gpuflow down {name}" + ("" if region else " --region REGION")
+    return f"`{command}` tears the cluster down from its AWS tags {where} and replaces the record"
 
 
 def key_file_path(name: str, home: Path | None = None) -> Path:
@@ -264,6 +317,63 @@ def owner_id(home: Path | None = None) -> str:
             f"{path} is damaged ({value[:40]!r})",
             hint="delete it to make a new id; what the old id created then counts as another owner's for reap",
         ) from exc
+
+
+OTHER_OWNER_REASON = "another gpuflow created it"
+# `reap --expired` waits this long past gpuflow:expires-at: the dead-man's switch counts
+# --max-hours from the instance's boot, which comes minutes after the tag's created-at.
+EXPIRY_GRACE = datetime.timedelta(hours=1)
+
+
+def _owned_cluster_resources(
+    provisioner: Provisioner, name: str, *, launch_id: str | None = None, any_owner: bool = False
+) -> tuple[list[Any], list[str], list[str], list[ReapItem]]:
+    """What is tagged as cluster ``name`` where ``provisioner`` looks, split by whose it is:
+    (live instance views, security group ids, key pair names) this gpuflow created — its
+    :func:`owner_id`, or the ``up`` ``launch_id`` its record names — and the rest, another
+    gpuflow's, as skipped items.  ``any_owner`` takes everything.  A name alone never says
+    whose something is: two people may both call a cluster ``ml``."""
+    from infra.aws.provisioner import TAG_LAUNCH, TAG_OWNER, TAG_OWNER_ID
+
+    me = owner_id()
+
+    def mine(owner: str | None, launch: str | None) -> bool:
+        return any_owner or owner == me or (launch_id is not None and launch == launch_id)
+
+    live: list[Any] = []
+    groups: list[str] = []
+    keys: list[str] = []
+    skipped: list[ReapItem] = []
+    for view in provisioner.find_instances(cluster=name):
+        if mine(view.tags.get(TAG_OWNER_ID), view.tags.get(TAG_LAUNCH)):
+            live.append(view)
+        else:
+            skipped.append(ReapItem(
+                "instance", view.instance_id, provisioner.region, name, OTHER_OWNER_REASON, view.instance_type,
+                view.tags.get(TAG_OWNER), view.tags.get(TAG_OWNER_ID),
+            ))
+    for resource in provisioner.cluster_resources(name):
+        if mine(resource.owner_id, resource.launch_id):
+            (groups if resource.kind == "security-group" else keys).append(resource.resource_id)
+        else:
+            skipped.append(ReapItem(
+                resource.kind, resource.resource_id, provisioner.region, name, OTHER_OWNER_REASON, resource.detail,
+                resource.owner, resource.owner_id,
+            ))
+    return live, groups, keys, skipped
+
+
+def whose(items: Iterable[Any]) -> str:
+    """Who created these (ReapItems or InstanceViews): "user@host (owner id X)", for messages."""
+    from infra.aws.provisioner import TAG_OWNER, TAG_OWNER_ID
+
+    labels = set()
+    for item in items:
+        tags = getattr(item, "tags", None)
+        owner, owner_tag = (tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID)) if tags is not None else (item.owner, item.owner_id)
+        identity = f"owner id {owner_tag}" if owner_tag else "no owner id"
+        labels.add(f"{owner} ({identity})" if owner else identity)
+    return ", ".join(sorted(labels)) or "unknown"
 
 
 def _default_cluster_name(project_root: Path) -> str:
@@ -361,6 +471,7 @@ def up(
     from infra.aws.provisioner import (
         TAG_CLUSTER,
         TAG_CREATED_AT,
+        TAG_EXPIRES_AT,
         TAG_LAUNCH,
         TAG_MANAGED,
         TAG_OWNER,
@@ -386,6 +497,8 @@ def up(
             f"instance type {spec.instance_type!r} has no GPU",
             hint="pick a GPU type such as g5.xlarge, or pass --allow-cpu",
         )
+    if spec.spot and not spec.sandbox:
+        _check_spot_role(provisioner, warning)
     zones = provisioner.offered_zones(spec.instance_type)
     if not zones:
         raise UsageError(
@@ -416,6 +529,7 @@ def up(
         TAG_OWNER: _owner(),
         TAG_OWNER_ID: owner_id(),
         TAG_CREATED_AT: _iso(created_at),
+        TAG_EXPIRES_AT: _iso(created_at + datetime.timedelta(hours=spec.max_hours)),
         TAG_MANAGED: "true",
         TAG_LAUNCH: launch_id,
     }
@@ -432,7 +546,7 @@ def up(
         sandbox=spec.sandbox,
         profile=spec.profile,
     )
-    existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory)
+    existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory, warning)
     if existing is not None:
         return existing
 
@@ -501,8 +615,28 @@ def up(
         _save(store, cluster, PHASE_UP, launch_id)
         return cluster
     except BaseException as exc:
-        _rollback(store, provisioner, spec.name, launch_id, created, exc, report)
+        _rollback(store, provisioner, spec.name, launch_id, created, exc, report, sandbox=spec.sandbox)
         raise
+
+
+def _check_spot_role(provisioner: Provisioner, warning: Progress) -> None:
+    """Spot through the API needs the account's spot service-linked role (AWS
+    makes it by itself only for console requests): refuse before creating
+    anything when it is missing; go on, saying so, when it cannot be checked."""
+    from gpuflow.errors import CloudError
+    from infra.aws.provisioner import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE
+
+    exists = provisioner.spot_role_exists()
+    if exists is False:
+        raise CloudError(
+            f"--spot needs the account's {SPOT_SERVICE_LINKED_ROLE} service-linked role, and it does not exist",
+            hint=f"create it once (needs iam:CreateServiceLinkedRole): {CREATE_SPOT_ROLE_COMMAND}",
+        )
+    if exists is None:
+        warning(
+            f"could not check for the {SPOT_SERVICE_LINKED_ROLE} role (iam:GetRole denied); "
+            f"if the spot launch is refused, create it: {CREATE_SPOT_ROLE_COMMAND}"
+        )
 
 
 def _ssh_cidr(spec: ClusterSpec, detect_caller_ip: Callable[[], str] | None, report: Progress) -> str:
@@ -526,13 +660,19 @@ def _claim_name(
     launch_id: str,
     report: Progress,
     provisioner_factory: ProvisionerFactory | None,
+    warning: Progress | None = None,
 ) -> Cluster | None:
     """Write the ``creating`` record unless a cluster of this name is live
-    (then return it).  A record whose instances are all gone is torn down
-    first (a cluster the dead-man's switch ended); an interrupted ``up`` must
-    be cleaned with ``down`` first."""
+    (then return it).  A recorded cluster is looked for where it was recorded
+    (region, profile, sandbox), not only where this ``up`` asks: live there, it
+    is returned when the places agree and refused otherwise — ``up`` never tears
+    down a live cluster.  A record whose instances are all gone there is torn
+    down first (a cluster the dead-man's switch ended); an interrupted ``up``
+    must be cleaned with ``down`` first.  A name another gpuflow's live instances
+    carry is refused with whose they are."""
     from infra.aws.provisioner import TAG_LAUNCH
 
+    warning = warning or report
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") == PHASE_CREATING:
@@ -543,34 +683,75 @@ def _claim_name(
                 )
             raise UsageError(
                 f"an earlier `gpuflow up {cluster.name}` was interrupted and may have left resources",
-                hint=f"run `gpuflow down {cluster.name}` first",
+                hint=f"run {command_hint(f'down {cluster.name}', cluster.sandbox)} first",
             )
-        live_tagged = provisioner.find_instances(cluster=cluster.name)
-        previous_up = document is not None and document.get("phase") == PHASE_UP
-        if previous_up:
-            previous = Cluster.from_dict(document)
-            mine = [view for view in live_tagged if view.tags.get(TAG_LAUNCH) == document.get("launch_id")]
-            if mine:
+        previous = Cluster.from_dict(document) if document is not None and document.get("phase") == PHASE_UP else None
+        same_place = previous is not None and _place(previous) == _place(cluster)
+        if previous is not None:
+            recorded = provisioner if same_place else _provisioner(
+                provisioner_factory, previous.region, previous.profile, previous.sandbox
+            )
+            recorded_live = recorded.find_instances(cluster=cluster.name)
+            mine = [view for view in recorded_live if view.tags.get(TAG_LAUNCH) == document.get("launch_id")]
+            if mine and same_place:
                 report(f"cluster {cluster.name!r} is already up")
                 return replace(previous, nodes=tuple(view.to_node() for view in mine))
+            if mine:
+                raise UsageError(
+                    f"cluster {cluster.name!r} is already up in {_place(previous)}, not {_place(cluster)}",
+                    hint=(
+                        "it is the same cluster: use it there ("
+                        + (f"`gpuflow status {cluster.name} --no-sandbox`" if cluster.sandbox and not previous.sandbox
+                           else command_hint(f"status {cluster.name}", previous.sandbox))
+                        + "), or pick another name"
+                    ),
+                )
+            if recorded_live and not same_place:
+                _refuse_taken(previous, recorded_live)
+        live_tagged = recorded_live if same_place else provisioner.find_instances(cluster=cluster.name)
         if live_tagged:
-            ids = ", ".join(view.instance_id for view in live_tagged)
-            raise UsageError(
-                f"instances tagged as gpuflow cluster {cluster.name!r} already run in {cluster.region} ({ids})",
-                hint=f"run `gpuflow down {cluster.name} --region {cluster.region}` or `gpuflow reap`",
-            )
-        if not previous_up:
+            _refuse_taken(cluster, live_tagged)
+        if previous is None:
             _write(store, cluster, PHASE_CREATING, launch_id)
             return None
-    # The previous cluster of this name ended (dead-man's switch, console): remove its leftovers first.
-    report(f"cluster {cluster.name!r} ended earlier: removing what is left of it")
-    down(cluster.name, provisioner_factory=provisioner_factory)
+    # The previous cluster of this name ended (dead-man's switch, console) — checked where it was
+    # recorded: remove its leftovers there first.
+    warning(f"cluster {cluster.name!r} in {_place(previous)} ended earlier (no instance of it is live there): removing what is left of it")
+    down(cluster.name, sandbox=previous.sandbox, provisioner_factory=provisioner_factory)
     with store.locked():
         document = store.get(cluster.name)
         if document is not None and document.get("phase") != PHASE_DELETED:
-            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint="run `gpuflow status`")
+            raise UsageError(f"cluster {cluster.name!r} was created concurrently", hint=f"run {command_hint(f'status {cluster.name}', cluster.sandbox)}")
         _write(store, cluster, PHASE_CREATING, launch_id)
     return None
+
+
+def _place(cluster: Cluster) -> str:
+    """Where a cluster lives, for comparing and for messages: region, sandbox, profile."""
+    return cluster.region + (" (sandbox)" if cluster.sandbox else "") + (f" (profile {cluster.profile})" if cluster.profile else "")
+
+
+def _refuse_taken(where: Cluster, live: list[Any]) -> None:
+    """Live instances carry ``where.name`` in its place: refuse the name, saying whose they are.
+    Another gpuflow's cluster gets no hint towards ``down`` or ``reap``: it is not ours."""
+    from infra.aws.provisioner import TAG_OWNER_ID
+
+    me = owner_id()
+    name, place = where.name, _place(where)
+    others = [view for view in live if view.tags.get(TAG_OWNER_ID) != me]
+    ids = ", ".join(view.instance_id for view in live)
+    if others:
+        raise UsageError(
+            f"cluster name {name!r} is taken in {place}: another gpuflow runs it ({whose(others)}; {ids})",
+            hint="pick another name: names are shared by everyone who uses this account in that region",
+        )
+    raise UsageError(
+        f"instances tagged as gpuflow cluster {name!r} already run in {place} ({ids})",
+        hint=(
+            f"this gpuflow launched them without a record here: {command_hint(f'down {name} --region {where.region}', where.sandbox)} "
+            f"or {command_hint('reap', where.sandbox)}"
+        ),
+    )
 
 
 def _write(store: StateStore, cluster: Cluster, phase: str, launch_id: str | None, **extra: Any) -> None:
@@ -592,6 +773,8 @@ def _rollback(
     created: _Created,
     cause: BaseException,
     report: Progress = lambda message: None,
+    *,
+    sandbox: bool = False,
 ) -> None:
     """Delete what one ``up`` created, best effort per step; if something
     could not be deleted, keep the record (so ``down`` can finish) and say so."""
@@ -627,7 +810,7 @@ def _rollback(
             store.delete(name)
     if left:
         message = f"`up` failed and could not remove {', '.join(left)}"
-        hint = f"run `gpuflow down {name}` (or `gpuflow reap`)"
+        hint = f"run {command_hint(f'down {name}', sandbox)} (or {command_hint('reap', sandbox)})"
         if isinstance(cause, GpuflowError):
             cause.hint = f"{cause.hint + '; ' if cause.hint else ''}{message}; {hint}"
         elif isinstance(cause, Exception):
@@ -648,7 +831,7 @@ def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = 
     if len(names) == 1:
         return names[0]
     if not names:
-        raise ClusterNotFound("no clusters", hint="start one with `gpuflow up`")
+        raise ClusterNotFound("no clusters", hint=f"start one with {command_hint('up', sandbox_in_effect(project_dir=project_dir))}")
     raise UsageError(f"several clusters exist ({', '.join(names)}): name one")
 
 
@@ -658,7 +841,11 @@ def get_cluster(name: str | None = None) -> Cluster:
     cluster_name = resolve_cluster_name(name)
     document = _store().get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`, or start it with `gpuflow up`")
+        in_sandbox = sandbox_in_effect()
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r}",
+            hint=f"see {command_hint('ls', in_sandbox)}, or start it with {command_hint('up', in_sandbox)}",
+        )
     return Cluster.from_dict(document)
 
 
@@ -711,17 +898,100 @@ def _status_from(cluster: Cluster, state: str, *, known: bool, price_source: str
     return ClusterStatus(cluster, state, known, uptime, per_hour, cost, price_source)
 
 
-def status(name: str | None = None, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterStatus:
+def status(
+    name: str | None = None,
+    *,
+    sandbox: bool | None = None,
+    any_owner: bool = False,
+    provisioner_factory: ProvisionerFactory | None = None,
+) -> ClusterStatus:
     """Cluster ``name`` reconciled with EC2 (the cache is updated): an
-    instance terminated outside gpuflow shows as gone."""
+    instance terminated outside gpuflow shows as gone.  A name without a local
+    record is looked up by its tags in the configured region: this gpuflow's
+    instances show as ``unmanaged``; another gpuflow's are a ClusterNotFound
+    saying whose, and shown only with ``any_owner``."""
     cluster_name = resolve_cluster_name(name)
+    in_sandbox = sandbox_in_effect(sandbox)
     store = _store()
     document = store.get(cluster_name)
     if document is None or document.get("phase") == PHASE_DELETED:
-        raise ClusterNotFound(f"no cluster named {cluster_name!r}", hint="see `gpuflow ls`")
+        return _unrecorded_status(store, cluster_name, document, any_owner, in_sandbox, provisioner_factory)
     cluster = Cluster.from_dict(document)
+    _refuse_aws_record_in_sandbox(cluster, in_sandbox, "status")
     provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
     return _reconcile(store, provisioner, cluster, document)
+
+
+def _unrecorded_status(
+    store: StateStore,
+    name: str,
+    tombstone: dict[str, Any] | None,
+    any_owner: bool,
+    in_sandbox: bool,
+    provisioner_factory: ProvisionerFactory | None,
+) -> ClusterStatus:
+    provisioner, region, live, others = _look_up_unrecorded(
+        store, name, tombstone, any_owner, in_sandbox, provisioner_factory
+    )
+    if live:
+        return _unmanaged_status(provisioner, region, name, live)
+    if others:
+        raise _another_owners(name, region, others, hint=f"{command_hint(f'status {name} --any-owner', in_sandbox)} shows it")
+    raise ClusterNotFound(f"no cluster named {name!r}", hint=f"see {command_hint('ls', in_sandbox)}")
+
+
+def _look_up_unrecorded(
+    store: StateStore,
+    name: str,
+    tombstone: dict[str, Any] | None,
+    any_owner: bool,
+    in_sandbox: bool,
+    provisioner_factory: ProvisionerFactory | None,
+) -> tuple[Provisioner, str, list[Any], list[ReapItem]]:
+    """A name without a live record, looked up by its tags where a tombstone of the same
+    cloud says it was, else in the configured region of the cloud in effect: (provisioner,
+    region, live instances this gpuflow created — all with ``any_owner`` —, another
+    gpuflow's live instances)."""
+    if tombstone is not None and bool(tombstone.get("sandbox")) == in_sandbox:  # downed here: look where it was
+        region, profile = tombstone["region"], tombstone.get("profile")
+    else:
+        region, profile = _configured_region(), None
+    provisioner = _provisioner(provisioner_factory, region, profile, in_sandbox)
+    live, _groups, _keys, skipped = _owned_cluster_resources(provisioner, name, any_owner=any_owner)
+    return provisioner, region, live, [item for item in skipped if item.kind == "instance"]
+
+
+def _another_owners(name: str, region: str, others: list[ReapItem], *, hint: str) -> ClusterNotFound:
+    return ClusterNotFound(
+        f"no cluster of this gpuflow named {name!r}: the one in {region} belongs to another gpuflow ({whose(others)})",
+        hint=hint,
+    )
+
+
+def explain_unknown(name: str, cause: ClusterNotFound, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterNotFound:
+    """The error for ``ssh``/``run`` on a name this gpuflow has no live record of: says
+    whose the cluster of that name is when its tags show one (neither command can reach
+    it — the key and pinned host keys live with whoever launched it), else ``cause``."""
+    store = _store()
+    document = store.get(name)
+    if document is not None and document.get("phase") != PHASE_DELETED:
+        return cause
+    try:
+        in_sandbox = sandbox_in_effect()
+        _provisioner_used, region, live, others = _look_up_unrecorded(
+            store, name, document, False, in_sandbox, provisioner_factory
+        )
+    except GpuflowError:
+        return cause  # no account to ask, or it refused: the plain "not found" stands
+    if live:
+        return ClusterNotFound(
+            f"cluster {name!r} runs in {region}, launched by this gpuflow elsewhere, but it has no record here "
+            "(no key, no pinned host keys): it cannot be reached from here",
+            hint=f"use the machine that launched it, or end it with {command_hint(f'down {name} --region {region}', in_sandbox)}",
+        )
+    if others:
+        return _another_owners(name, region, others, hint="only its owner has its key; pick another name for yours")
+    return cause
 
 
 def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, document: dict[str, Any], views: list[Any] | None = None) -> ClusterStatus:
@@ -751,26 +1021,32 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
 
 
 def list_clusters(
-    *, region: str | None = None, provisioner_factory: ProvisionerFactory | None = None
+    *, region: str | None = None, sandbox: bool | None = None, provisioner_factory: ProvisionerFactory | None = None
 ) -> list[ClusterStatus]:
     """Every cluster gpuflow knows locally, reconciled, plus clusters EC2 has
     tagged instances of that the local state does not know (state
     ``unmanaged``; ``reap`` removes them).  Scans ``region`` (default: the
-    configured one) and the regions of the local clusters."""
+    configured one) and the regions of the local clusters.  Where the sandbox
+    is in effect the stray scan is of the sandbox cloud, and AWS clusters known
+    here are listed as ``unchecked``, without asking AWS."""
     from infra.aws.provisioner import TAG_LAUNCH
 
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     scan_region = region or _configured_region()
-    scan_sandbox = bool(load_project_config().get("sandbox", False))
+    scan_sandbox = sandbox_in_effect(sandbox)
     groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, scan_sandbox): []}
+    unchecked: list[ClusterStatus] = []
     for name, document in documents.items():
+        if scan_sandbox and not document.get("sandbox"):
+            unchecked.append(_status_from(Cluster.from_dict(document), "unchecked", known=True))
+            continue
         key = (document["region"], document.get("profile"), bool(document.get("sandbox")))
         groups.setdefault(key, []).append(name)
     results: list[ClusterStatus] = []
     strays_seen: set[tuple[str, str]] = set()  # one in-process mock can back two groups
-    for (group_region, profile, sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
-        provisioner = _provisioner(provisioner_factory, group_region, profile, sandbox)
+    for (group_region, profile, group_sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
+        provisioner = _provisioner(provisioner_factory, group_region, profile, group_sandbox)
         try:
             views = provisioner.find_instances(states=())
         except CredentialsError:
@@ -787,19 +1063,17 @@ def list_clusters(
             mine = [view for view in by_cluster.get(name, []) if not launch_id or view.tags.get(TAG_LAUNCH) == launch_id]
             results.append(_reconcile(store, provisioner, Cluster.from_dict(document), document, mine))
         for cluster_name, cluster_views in sorted(by_cluster.items()):
-            if cluster_name in documents or (group_region, cluster_name) in strays_seen:
+            if cluster_name in documents or cluster_name in {record.name for record in store.damaged} or (group_region, cluster_name) in strays_seen:
                 continue
             strays_seen.add((group_region, cluster_name))
             live = [view for view in cluster_views if view.state in ("pending", "running", "stopping", "stopped")]
             if not live:
                 continue
-            results.append(_unmanaged_status(provisioner, group_region, cluster_name, live))
-    if any(sandbox for _, _, sandbox in groups):
-        _release_sandbox_server_when_unused(store)  # a sandbox project's `ls` may have started it to look
-    return results
+            results.append(_unmanaged_status(provisioner, group_region, cluster_name, live, group_sandbox))
+    return results + unchecked
 
 
-def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any]) -> ClusterStatus:
+def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any], sandbox: bool = False) -> ClusterStatus:
     from infra.aws.provisioner import TAG_CREATED_AT
 
     instance_type = views[0].instance_type
@@ -813,6 +1087,7 @@ def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: l
         nodes=tuple(view.to_node() for view in views),
         created_at=views[0].tags.get(TAG_CREATED_AT),
         price_per_hour=price,
+        sandbox=sandbox,
     )
     return replace(_status_from(cluster, "unmanaged", known=False, price_source=source), state="unmanaged")
 
@@ -822,11 +1097,43 @@ def _configured_region() -> str:
     return str(configured) if configured else default_region()
 
 
+def sandbox_in_effect(sandbox: bool | None = None, *, project_dir: Path | None = None) -> bool:
+    """Whether the sandbox cloud is in effect where no cluster record decides:
+    the ``--sandbox`` / ``--no-sandbox`` flag when given, else the project
+    config's ``sandbox`` (False without one).  The one place this is decided;
+    the provisioner factory is then called with it.  A recorded cluster is
+    asked where it was made, except that a sandbox context never asks AWS
+    about a recorded AWS cluster (:func:`_refuse_aws_record_in_sandbox`)."""
+    if sandbox is not None:
+        return bool(sandbox)
+    config = load_project_config(project_dir)
+    if "sandbox" not in config.settings:
+        return False
+    return _config_value("sandbox", config.settings["sandbox"], bool, config.source)
+
+
+def command_hint(command: str, sandbox: bool) -> str:
+    """A gpuflow command for a hint; in a sandbox context it always says --sandbox
+    (the same command without it could act on the real AWS account)."""
+    return f"`gpuflow {command}{' --sandbox' if sandbox else ''}`"
+
+
+def _refuse_aws_record_in_sandbox(cluster: Cluster, sandbox: bool, command: str) -> None:
+    if sandbox and not cluster.sandbox:
+        raise UsageError(
+            f"cluster {cluster.name!r} is an AWS cluster ({cluster.region}), but the sandbox is in effect here "
+            "(--sandbox, or sandbox = true in the project config): nothing is asked of AWS",
+            hint=f"`gpuflow {command} {cluster.name} --no-sandbox` acts on it",
+        )
+
+
 # --------------------------------------------------------------------------- down
 def down(
     name: str | None = None,
     *,
     region: str | None = None,
+    sandbox: bool | None = None,
+    any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
 ) -> DownReport:
@@ -834,21 +1141,50 @@ def down(
     group and key pair gpuflow created for it (never the user's own), and
     report run time and estimated cost.  Idempotent: a second ``down``, or the
     ``down`` of a half-created cluster, succeeds.  Without a local record the
-    cluster is found by its tags in ``region``."""
+    cluster is found by its tags in ``region``, in the sandbox cloud where the
+    sandbox is in effect (:func:`sandbox_in_effect`).
+
+    Only what this gpuflow created is touched (its owner id, or the launch id of
+    its record): what another gpuflow tagged with the same name is left alone and
+    reported in ``skipped``; without a record and with nothing of ours, that is a
+    ClusterNotFound naming the owner.  ``any_owner`` takes everything."""
     report = progress or (lambda message: None)
     cluster_name = resolve_cluster_name(name)
+    in_sandbox = sandbox_in_effect(sandbox)
     store = _store()
-    document = store.get(cluster_name)
-    if document is not None and document.get("phase") == PHASE_DELETED:
+    damaged: DamagedRecord | None = None
+    try:
+        document = store.get(cluster_name)
+    except DamagedRecord as exc:  # torn down from its AWS tags, where it says it ran if that is readable
+        document, damaged = None, exc
+    if document is not None and in_sandbox and not document.get("sandbox"):
+        _refuse_aws_record_in_sandbox(Cluster.from_dict(document), in_sandbox, "down")
+    if damaged is not None:
+        recorded_sandbox = _recorded(damaged.raw, "sandbox", bool)
+        cluster = Cluster(
+            name=cluster_name,
+            region=region or _recorded_region(damaged.raw) or _configured_region(),
+            instance_type="",
+            ami="",
+            profile=_recorded(damaged.raw, "profile", str),
+            sandbox=in_sandbox if recorded_sandbox is None else recorded_sandbox,
+        )
+        _refuse_aws_record_in_sandbox(cluster, in_sandbox, "down")
+        provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
+        launch_id = None
+        scope_launch_id = _recorded(damaged.raw, "launch_id", str)  # its own `up`'s resources, if still readable
+    elif document is not None and document.get("phase") == PHASE_DELETED:
         tombstone = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, tombstone.region, tombstone.profile, tombstone.sandbox)
-        leftovers = provisioner.find_instances(cluster=cluster_name)
-        groups, keys = provisioner.find_cluster_resources(cluster_name)
+        leftovers, groups, keys, skipped = _owned_cluster_resources(
+            provisioner, cluster_name, launch_id=document.get("launch_id"), any_owner=any_owner
+        )
         if not (leftovers or groups or keys):
-            if tombstone.sandbox:
-                _release_sandbox_server_when_unused(store)  # it may have been started just to look
-            return DownReport(cluster_name, already_down=True, estimated_cost=document.get("final_cost"))
-        # Something reappeared under the name (another machine?): clean it by its tags, where the cluster was.
+            return DownReport(
+                cluster_name, already_down=True, estimated_cost=document.get("final_cost"), skipped=tuple(skipped)
+            )
+        # Something of ours reappeared under the name (another machine?): clean it by its tags, where the cluster was.
+        scope_launch_id = document.get("launch_id")
         document = None
         cluster = Cluster(
             name=cluster_name,
@@ -860,21 +1196,37 @@ def down(
         )
         launch_id = None
     elif document is None:
-        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="")
-        provisioner = _provisioner(provisioner_factory, cluster.region, None, False)
-        launch_id = None
+        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="", sandbox=in_sandbox)
+        provisioner = _provisioner(provisioner_factory, cluster.region, None, in_sandbox)
+        launch_id = scope_launch_id = None
     else:
         cluster = Cluster.from_dict(document)
         provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
-        launch_id = document.get("launch_id")
+        launch_id = scope_launch_id = document.get("launch_id")
 
     report(f"finding the resources of {cluster_name}")
-    live = provisioner.find_instances(cluster=cluster_name)
-    groups, keys = provisioner.find_cluster_resources(cluster_name)
+    live, groups, keys, skipped = _owned_cluster_resources(
+        provisioner, cluster_name, launch_id=scope_launch_id, any_owner=any_owner
+    )
+    if damaged is not None and not (live or groups or keys):
+        others = f"; what carries its name there belongs to another gpuflow ({whose(skipped)})" if skipped else ""
+        raise ClusterNotFound(
+            f"no cluster named {cluster_name!r} in {cluster.region}, and its state record {damaged.path} is damaged{others}",
+            hint=f"if it ran in another region pass --region; if it is gone, remove {damaged.path}",
+        )
     if document is None and not (live or groups or keys):
+        if skipped:
+            raise ClusterNotFound(
+                f"cluster {cluster_name!r} in {cluster.region} belongs to another gpuflow ({whose(skipped)}); "
+                "this one created none of it and leaves it alone",
+                hint=(
+                    "only if you are sure its owner is done with it: "
+                    + command_hint(f"down {cluster_name} --region {cluster.region} --any-owner", cluster.sandbox)
+                ),
+            )
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r} in {cluster.region}",
-            hint="see `gpuflow ls`, or pass --region",
+            hint=f"see {command_hint('ls', in_sandbox)}, or pass --region",
         )
     instance_ids = sorted({view.instance_id for view in live} | {node.instance_id for node in cluster.nodes if node.state != "terminated"})
     spot_requests = sorted({view.spot_request_id for view in live if view.spot_request_id})
@@ -889,13 +1241,6 @@ def down(
         final_views = provisioner.wait_until(instance_ids, "terminated", on_progress=lambda text: report(f"waiting: {text}"))
     else:
         before = []
-    if cluster.sandbox:
-        # A sandbox "instance" is a directory on this machine: terminating it must also end its jobs and its disk.
-        from gpuflow import remote
-
-        for instance_id in instance_ids:
-            remote.discard_sandbox_node(cluster, Node(instance_id=instance_id, state="terminated"))
-
     group_ids = set(groups)
     if cluster.security_group_created and cluster.security_group_id:
         group_ids.add(cluster.security_group_id)
@@ -915,8 +1260,6 @@ def down(
     with store.locked():
         tombstone = replace(cluster, nodes=tuple(view.to_node() for view in final_views) or cluster.nodes)
         _write(store, tombstone, PHASE_DELETED, launch_id, deleted_at=_iso(_now()), final_cost=cost, run_seconds=run_seconds)
-    if cluster.sandbox:
-        _release_sandbox_server_when_unused(store)
     return DownReport(
         cluster_name,
         already_down=not (terminated or group_ids or key_names),
@@ -925,22 +1268,8 @@ def down(
         deleted_key_pairs=tuple(sorted(key_names)),
         run_seconds=run_seconds,
         estimated_cost=cost,
+        skipped=tuple(skipped),
     )
-
-
-def _release_sandbox_server_when_unused(store: StateStore) -> None:
-    """The sandbox's loopback moto server exists for sandbox clusters: once the
-    last one is down it is stopped too, so nothing gpuflow started keeps running
-    on this machine.  (An in-process sandbox has no server to stop.)"""
-    if any(document.get("sandbox") and document.get("phase") != PHASE_DELETED for document in store.all().values()):
-        return
-    from infra.aws.client import in_process_mock_active
-
-    if in_process_mock_active():
-        return
-    from infra.sandbox import stop_sandbox
-
-    stop_sandbox(gpuflow_home())
 
 
 def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) -> tuple[float, float | None]:
@@ -959,10 +1288,24 @@ def _run_time_and_cost(cluster: Cluster, before: list[Any], after: list[Any]) ->
     return longest, cluster.price_per_hour * seconds_total / 3600.0
 
 
-def down_all(*, progress: Progress | None = None, provisioner_factory: ProvisionerFactory | None = None) -> list[DownReport]:
-    """``down`` every cluster in the local state."""
-    names = [name for name, document in _store().all().items() if document.get("phase") != PHASE_DELETED]
-    return [down(name, progress=progress, provisioner_factory=provisioner_factory) for name in names]
+def down_all(
+    *,
+    sandbox: bool | None = None,
+    any_owner: bool = False,
+    progress: Progress | None = None,
+    provisioner_factory: ProvisionerFactory | None = None,
+) -> list[DownReport]:
+    """``down`` every cluster in the local state (every sandbox cluster where the sandbox is in effect),
+    each scoped to this gpuflow's resources unless ``any_owner``."""
+    in_sandbox = sandbox_in_effect(sandbox)
+    names = [
+        name for name, document in _store().all().items()
+        if document.get("phase") != PHASE_DELETED and (document.get("sandbox") or not in_sandbox)
+    ]
+    return [
+        down(name, sandbox=in_sandbox, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory)
+        for name in names
+    ]
 
 
 # --------------------------------------------------------------------------- reap
@@ -970,8 +1313,10 @@ def reap(
     *,
     yes: bool = False,
     region: str | None = None,
-    sandbox: bool = False,
+    sandbox: bool | None = None,
     any_owner: bool = False,
+    owner_prefix: str | None = None,
+    expired_only: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
 ) -> ReapReport:
@@ -980,14 +1325,30 @@ def reap(
     groups, key pairs, unattached volumes and open spot requests of clusters
     that are gone — and, with ``yes``, delete it.  Without ``yes`` nothing is
     deleted (a dry run).  Scans ``region`` (default: the configured one) and
-    the regions of the local clusters.
+    the regions of the local clusters; the sandbox cloud instead of AWS where
+    the sandbox is in effect (``sandbox``, else the project config).
 
     Only what this gpuflow created (its :func:`owner_id` in ``gpuflow:owner-id``)
     is reaped: in a shared account another person's clusters are unknown here but
-    not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too."""
+    not orphans.  The rest is reported as skipped; ``any_owner`` reaps it too.
+
+    For CI (README, "Clusters in CI"): ``owner_prefix`` narrows ``any_owner`` (which it
+    needs) to the owner ids that start with it (every job of one pipeline run, once they
+    have all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
+    (created-at + ``--max-hours``), whose job cannot be running any more."""
     report = progress or (lambda message: None)
+    if owner_prefix is not None:
+        validate_name(owner_prefix, "owner prefix")
+        if not any_owner:
+            raise UsageError(
+                "--owner-prefix narrows --any-owner (other owners' resources are taken only when you say so)",
+                hint=f"gpuflow reap --any-owner --owner-prefix {owner_prefix}",
+            )
+    sandbox = sandbox_in_effect(sandbox)
     me = owner_id()
+    now = _now()
     skipped: list[ReapItem] = []
+    unexpired: list[ReapItem] = []
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if doc.get("phase") != PHASE_DELETED}
     regions = {region or _configured_region()} | {
@@ -1000,9 +1361,11 @@ def reap(
         report(f"scanning {scan_region}")
         resources = provisioner.managed_resources()
         live_by_cluster: dict[str, int] = {}
+        live_launches: set[tuple[str | None, str | None]] = set()
         for resource in resources:
             if resource.kind == "instance" and resource.cluster:
                 live_by_cluster[resource.cluster] = live_by_cluster.get(resource.cluster, 0) + 1
+                live_launches.add((resource.cluster, resource.launch_id))
         owned = set()
         for name, document in documents.items():
             if document["region"] != scan_region or bool(document.get("sandbox")) != sandbox:
@@ -1012,12 +1375,14 @@ def reap(
                 and document.get("host") == socket.gethostname()
                 and process_alive(document.get("pid"))
             )
-            if creating_alive or (document.get("phase") == PHASE_UP and live_by_cluster.get(name)):
+            # Live means live instances of *this record's* `up`: another owner's cluster that took
+            # the name after ours ended does not keep our leftovers from being reaped.
+            if creating_alive or (document.get("phase") == PHASE_UP and (name, document.get("launch_id")) in live_launches):
                 owned.add(name)
         orphans, others = [], []
         for resource in resources:
-            if resource.cluster in owned:
-                continue
+            if resource.cluster in owned or resource.cluster in {record.name for record in store.damaged}:
+                continue  # a damaged record's cluster is left to `gpuflow down NAME` (warned above)
             if resource.kind == "instance":
                 reason = "instance of a cluster gpuflow does not know here"
             elif resource.cluster in live_by_cluster:
@@ -1028,14 +1393,20 @@ def reap(
                 resource.kind, resource.resource_id, scan_region, resource.cluster, reason,
                 resource.detail, resource.owner, resource.owner_id,
             )
-            mine = any_owner or resource.owner_id == me
+            mine = (any_owner or resource.owner_id == me) and (
+                owner_prefix is None or (resource.owner_id or "").startswith(owner_prefix)
+            )
+            expires_at = _parse_iso(resource.expires_at)
+            if mine and expired_only and (expires_at is None or expires_at + EXPIRY_GRACE > now):
+                unexpired.append(item)
+                continue
             (orphans if mine else others).append(resource)
             (items if mine else skipped).append(item)
         plans.append((provisioner, orphans, scan_region))
     if not yes:
-        if sandbox:
-            _release_sandbox_server_when_unused(store)  # it may have been started just to look
-        return ReapReport(tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped))
+        return ReapReport(
+            tuple(items), deleted=False, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
+        )
 
     reaped_clusters: set[str] = set()
     reaped_key_clusters: set[str] = set()
@@ -1071,9 +1442,9 @@ def reap(
                 continue
             _write(store, Cluster.from_dict(document), PHASE_DELETED, document.get("launch_id"), deleted_at=_iso(_now()), reaped=True)
             key_file_path(name).unlink(missing_ok=True)
-    if sandbox:
-        _release_sandbox_server_when_unused(store)
-    return ReapReport(tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped))
+    return ReapReport(
+        tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
+    )
 
 
 def _is_valid_name(name: str) -> bool:
@@ -1104,10 +1475,12 @@ __all__ = [
     "DownReport",
     "ReapItem",
     "ReapReport",
+    "command_hint",
     "console_output",
     "default_region",
     "down",
     "down_all",
+    "explain_unknown",
     "get_cluster",
     "instance_state",
     "key_file_path",
@@ -1116,7 +1489,9 @@ __all__ = [
     "reap",
     "resolve_cluster_name",
     "resolve_spec",
+    "sandbox_in_effect",
     "status",
     "up",
     "validate_spec",
+    "whose",
 ]

@@ -1,8 +1,9 @@
 """``gpuflow demo``: the whole workflow in the sandbox cloud, in one process.
 
 up (moto EC2 in this process; "the instance" is a directory on this machine)
-→ run ``training.cifar10_cnn --dataset digits`` detached, streaming its log →
-pull the checkpoint, history, metrics and curves, verified by sha256 → down.
+→ run ``training.cifar10_cnn --dataset digits --visualize`` detached, streaming its
+log → pull the checkpoint, history, metrics, curves and pictures, verified by sha256
+→ down.
 The same use cases as ``gpuflow run --up --sandbox --down``; nothing special
 is done for the demo except choosing the job and summarising its metrics.
 """
@@ -35,6 +36,8 @@ class DemoSummary:
     local_dir: Path
     checkpoint: Path
     curves: Path
+    cam: Path
+    confusion_matrix: Path
     manifest: Path
 
     def lines(self) -> list[str]:
@@ -43,6 +46,8 @@ class DemoSummary:
             f"{self.seconds:.0f} s from up to down",
             f"checkpoint: {self.checkpoint}",
             f"curves:     {self.curves}",
+            f"grad-cam:   {self.cam}",
+            f"confusion:  {self.confusion_matrix}",
             f"manifest:   {self.manifest}",
             f"cluster {self.cluster} is down; `gpuflow runs` lists run {self.run_id}",
         ]
@@ -72,7 +77,7 @@ def run_demo(
         cluster_name,
         project_dir=project_dir or demo_project_dir(),
         module=DEMO_MODULE,
-        args=["--dataset", "digits", "--optimizer", "adam", "--epochs", str(epochs)],
+        args=["--dataset", "digits", "--optimizer", "adam", "--epochs", str(epochs), "--visualize"],
         out=out,
         up_spec=spec,
         down=True,
@@ -93,5 +98,7 @@ def run_demo(
         local_dir=local_dir,
         checkpoint=outputs / "best_model.keras",
         curves=outputs / "training_curves.png",
+        cam=outputs / "visualization" / "cam.png",
+        confusion_matrix=outputs / "visualization" / "confusion_matrix.png",
         manifest=local_dir / runs.MANIFEST_NAME,
     )

@@ -17,10 +17,11 @@ code  meaning
 6     a host could not be reached (SSH down, instance gone)
 7     security refusal (host key mismatch, unsafe path)
 8     local state problem (corrupt or locked state file)
+9     a run was lost: its job ended without an exit code
 ====  ==========================================================
 
 A failed remote job exits gpuflow with the job's own exit code
-(:class:`JobFailed`).
+(:class:`JobFailed`); SIGTERM ends gpuflow with 143 (:class:`TerminatedError`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ class StateError(GpuflowError):
     exit_code = 8
 
 
+class DamagedRecord(StateError):
+    """A local state record that is not JSON, or not of its collection's shape.
+
+    It concerns one record only: commands on other names skip it with a
+    warning; ``raw`` is the parsed JSON when there was any (for what can still
+    be read from it, e.g. a cluster's region), else None."""
+
+    def __init__(self, message: str, *, path: object, name: str, raw: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.name = name
+        self.raw = raw
+
+
 class RemoteCommandFailed(GpuflowError):
     """A command gpuflow itself ran on the target (not the user's job) failed."""
 
@@ -144,6 +159,25 @@ class JobFailed(GpuflowError):
         super().__init__(message, hint=hint)
         # Exit codes are 0..255; a job killed by a signal reports 128+N.
         self.exit_code = job_exit_code if 0 < job_exit_code < 256 else 1
+
+
+class RunLost(GpuflowError):
+    """A run's job is gone without an exit code (its process vanished, its run
+    directory was deleted, its instance was terminated): its outcome is unknown."""
+
+    exit_code = 9
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that a
+    terminated gpuflow takes the same clean-up paths as an interrupted one."""
+
+
+class TerminatedError(GpuflowError):
+    """gpuflow ended because it received SIGTERM: exit 143 (128 + 15), as the
+    signal itself would have, but after cleaning up."""
+
+    exit_code = 143
 
 
 class DetachedByInterrupt(GpuflowError):

@@ -4,7 +4,8 @@
 transport, the tar transport, the local copy and the large-tree warning all
 use its result, so they can never disagree about what "the project" is.
 
-Rules, in git's own semantics (pathspec's ``GitIgnoreSpec``):
+Rules, in git's own semantics (matched by :mod:`gpuflow.wildmatch`, in time
+linear in pattern times path, as git's wildmatch: no pattern can hang a sync):
 
 * every ``.gitignore`` in the tree applies to the paths below its directory;
   a deeper file overrides a shallower one, ``!pattern`` re-includes, and a
@@ -31,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pathspec
+from gpuflow.wildmatch import IgnoreSpec
 
 ALWAYS_SKIPPED = frozenset({".git", "__pycache__", ".venv"})
 IGNORE_FILE_NAMES = (".gitignore", ".gpuflowignore")
@@ -63,7 +64,7 @@ class IgnoreRules:
 
     def __init__(self, skip_top_level: Iterable[str] = ()) -> None:
         self._skip_top_level = frozenset(skip_top_level)
-        self._specs: dict[str, pathspec.GitIgnoreSpec] = {}
+        self._specs: dict[str, IgnoreSpec] = {}
         self._directory_cache: dict[str, bool] = {}
 
     def load_directory(self, root: Path, relative_directory: str) -> None:
@@ -77,7 +78,7 @@ class IgnoreRules:
                 continue
             lines.extend(text.splitlines())
         if lines:
-            self._specs[relative_directory] = pathspec.GitIgnoreSpec.from_lines(lines)
+            self._specs[relative_directory] = IgnoreSpec(lines)
             self._directory_cache.clear()
 
     def _decide(self, parts: list[str], is_directory: bool) -> bool:
@@ -86,10 +87,9 @@ class IgnoreRules:
             spec = self._specs.get("/".join(parts[:depth]))
             if spec is None:
                 continue
-            relative = "/".join(parts[depth:]) + ("/" if is_directory else "")
-            include = spec.check_file(relative).include
-            if include is not None:
-                return bool(include)
+            decision = spec.decide("/".join(parts[depth:]), is_directory)
+            if decision is not None:
+                return decision
         return False
 
     def _fixed_skip(self, parts: list[str]) -> bool:

@@ -9,12 +9,80 @@ transport layer builds a command runner), as SkyPilot's ``sky/provision`` and
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def _to_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
+
+
+def check_shape(cls: type, data: Any, where: str = "") -> None:
+    """Raise TypeError unless ``data`` (decoded JSON) parses into dataclass
+    ``cls``: an object with every required field, each value of its annotated
+    type (a tuple is a JSON list, a nested dataclass an object).  Keys the
+    dataclass does not know are left alone (other layers' bookkeeping)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where or cls.__name__} is a JSON {type(data).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    for field_info in dataclasses.fields(cls):
+        label = f"{where}.{field_info.name}" if where else field_info.name
+        if field_info.name not in data:
+            required = field_info.default is dataclasses.MISSING and field_info.default_factory is dataclasses.MISSING
+            if required:
+                raise TypeError(f"field {label} is missing")
+            continue
+        if not _conforms(data[field_info.name], hints[field_info.name], label):
+            raise TypeError(f"field {label} is {json.dumps(data[field_info.name])[:60]}, not {_type_name(hints[field_info.name])}")
+
+
+def _conforms(value: Any, hint: Any, where: str) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, option, where) for option in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        arguments = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return all(_conforms(item, arguments[0], where) for item in value)
+        return len(value) == len(arguments) and all(map(lambda item, option: _conforms(item, option, where), value, arguments))
+    if origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return False
+        check_shape(hint, value, where)  # says which nested field is wrong
+        return True
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(hint):
+        return "an object"
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuflow.config import gpuflow_home, load_project_config
-from gpuflow.errors import ConfigError, GpuflowError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, DamagedRecord, GpuflowError, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node, SSHTarget
-from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+from gpuflow.state import StateStore, atomic_write_bytes, validate_name, warn_damaged
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -65,27 +65,28 @@ def sandbox_directory(cluster: Cluster, node: Node | None = None) -> Path:
 
 
 def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one."""
+    discard_sandbox_instance(cluster.name, node.instance_id)
+
+
+def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
     """What EC2 termination does to a real instance, done to a sandbox one:
     every job and supervisor running "on" it is killed (their process groups,
-    as a power-off would) and its "disk" — the sandbox directory — is deleted.
-    Without this a sandbox ``down`` would leave jobs running on this machine."""
+    and on Linux every process carrying a run's marker, as a power-off would)
+    and its "disk" — the sandbox directory — is deleted.  Only processes proven
+    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
+    pid file naming a process that merely reused the pid kills nothing.  The
+    sandbox provisioner calls this for every instance it terminates."""
     import shutil
-    import signal
 
-    directory = sandbox_directory(cluster, node)
-    for pid_file in sorted(directory.glob("runs/*/*.pid")):
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if pid <= 1 or pid == os.getpid():
-            continue
-        for send in (os.killpg, os.kill):  # the job leads its own group; the supervisor may not
-            try:
-                send(pid, signal.SIGKILL)
-                break
-            except (ProcessLookupError, PermissionError):
-                continue
+    from gpuflow import procs
+
+    directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
+        instance_id, "instance id"
+    )
+    if not directory.is_dir():
+        return
+    procs.terminate_base(str(directory))
     shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.parent.rmdir()  # the cluster's directory, once its last node is gone
@@ -197,6 +198,9 @@ def load_clusters() -> list[Cluster]:
             clusters.append(load_cluster(name))
         except ClusterNotFound:  # deleted, kept as a tombstone
             continue
+        except DamagedRecord as exc:  # concerns its own name only
+            warn_damaged(exc)
+            continue
     return clusters
 
 
@@ -205,7 +209,9 @@ def _cached_cluster(name: str) -> Cluster:
 
     document = StateStore(gpuflow_home(), "clusters").get(validate_name(name, "cluster name"))
     if document is None:
-        raise ClusterNotFound(f"no cluster named {name!r}", hint="`gpuflow status` lists your clusters")
+        from gpuflow.clusters import command_hint, sandbox_in_effect
+
+        raise ClusterNotFound(f"no cluster named {name!r}", hint=f"{command_hint('ls', sandbox_in_effect())} lists your clusters")
     return Cluster.from_dict(document)
 
 
@@ -421,9 +427,10 @@ def ssh_invocation(
     if cluster.sandbox and sandbox_ssh_settings() is None:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
-    remote_command = quote_argv(command) if command else None
+    remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
     if cluster.sandbox:
         sandbox = sandbox_ssh_settings()
         assert sandbox is not None
@@ -432,8 +439,7 @@ def ssh_invocation(
         # The loopback "instance" is this machine: start where the sandbox instance's files are.
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
-        enter = f"cd {quote_argv([str(directory)])} && "
-        remote_command = enter + (remote_command or 'exec "${SHELL:-/bin/sh}" -l')
+        remote_command = _touch_heartbeat(str(directory)) + f"cd {quote_argv([str(directory)])} && " + remote_command
     else:
         target = ssh_target_for(cluster, node, trust_on_first_use=trust_on_first_use)
         expected = ensure_host_keys(cluster, node, target)
@@ -442,13 +448,22 @@ def ssh_invocation(
             # connection verifies the presented key and pins it for OpenSSH.
             alive = instance_alive_hook(cluster, node.instance_id)
             _ssh_runner(target, alive, expected, {}).check_host_key()
+        remote_command = _touch_heartbeat(None) + remote_command
     argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
-    if cluster.sandbox and not command:
+    if not command:
         argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
     argv += ["--", f"{target.user}@{target.host}"]
-    if remote_command:
-        argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
+    argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
     return Invocation(tuple(argv))
+
+
+def _touch_heartbeat(base_dir: str | None) -> str:
+    """A prefix for a remote command that touches the dead-man's switch's
+    heartbeat in ``base_dir`` (None: the instance's ``~/gpuflow``), as every
+    gpuflow connection does; it never fails the command, and it is one quoted
+    ``sh -c`` so any login shell runs it."""
+    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
+    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
 
 
 # ---------------------------------------------------------------------- ssh-config
@@ -472,6 +487,17 @@ def _config_value(value: str) -> str:
     return value
 
 
+# Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
+# "a"): cluster names cannot hold it (validate_name), so no alias of one cluster
+# can be another cluster's name or alias.
+NODE_ALIAS_SEPARATOR = "+"
+
+
+def node_alias(cluster_name: str, index: int) -> str:
+    """The ssh-config Host alias of node ``index`` (0 is the head: the bare name)."""
+    return cluster_name if index == 0 else f"{cluster_name}{NODE_ALIAS_SEPARATOR}{index}"
+
+
 def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[str]]:
     """The include file's text, the Host aliases in it, and what was left out."""
     lines = [
@@ -486,7 +512,7 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
             skipped.append(f"{cluster.name}: sandbox cluster, runs on this machine (no SSH)")
             continue
         for index, node in enumerate(cluster.nodes):
-            alias = cluster.name if index == 0 else f"{cluster.name}-{index}"
+            alias = node_alias(cluster.name, index)
             try:
                 target = ssh_target_for(cluster, node)
             except GpuflowError as exc:

@@ -7,8 +7,11 @@ or arrives as an ``argv`` element (the Python probes): nothing a user typed is
 ever parsed by the remote shell.
 
 * :func:`render_supervisor` — a bash script started detached (``setsid -f
-  nohup``) in the run directory.  It puts the job in its own process group
-  (``setsid``), records that group leader's pid in ``job.pid``, appends the
+  nohup``) in the run directory.  It drops every ``AWS_*`` variable but the
+  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, records its own
+  identity in ``supervisor.proc``, puts the job in its own session and process
+  group, which records its identity in ``job.proc`` and then its pid in
+  ``job.pid`` (:mod:`gpuflow.procs`: a pid alone is never proof), appends the
   job's output to ``job.log``, touches ``<base>/heartbeat`` every
   ``heartbeat_seconds`` while the job lives (feeding the instance's
   dead-man's switch) and writes ``exit_code`` atomically when the job ends.
@@ -19,8 +22,10 @@ ever parsed by the remote shell.
   probe below, run with the job's interpreter) for the run manifest.
 * :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
   path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
-* :data:`RUN_STATUS_PY` — for each run directory: its exit code, or whether the
-  pid in ``job.pid`` still leads a live process group.
+* :data:`RUN_STATUS_PY` — for each run directory: whether its job and its
+  supervisor still run (the recorded processes, proven by their identity) and
+  its exit code: what ``gpuflow runs``, the follow loop and ``stop`` decide by.
+* :data:`STOP_JOB_PY` — SIGTERM, then SIGKILL, the run's job, proven the same way.
 * :data:`ENVIRONMENT_PROBE_PY` — Python and TensorFlow versions, the installed
   distributions (the content of ``pip freeze``), GPU name and driver.
 """
@@ -29,7 +34,9 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from gpuflow import procs
 from gpuflow.transport.base import quote_argv
 
 _SUPERVISOR_TEMPLATE = r"""#!/usr/bin/env bash
@@ -40,13 +47,22 @@ run_dir={run_dir}
 base_dir={base_dir}
 work_dir={work_dir}
 heartbeat_seconds={heartbeat_seconds}
+python={probe_python}
+procs_py={procs_source}
 
 write_atomically() {{ printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }}
+
+# No AWS credential reaches the job, nor anything else started here: every
+# AWS_* variable but the region goes (see KEPT_AWS_VARIABLES in gpuflow/remote_scripts.py).
+for name in ${{!AWS_@}}; do case "$name" in {kept_aws}) ;; *) unset "$name" ;; esac; done
 
 cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
 mkdir .supervisor 2>/dev/null || exit 0
 mkdir -p outputs "$work_dir"
+# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
+# before the pid, so that whoever sees the pid file finds the identity too.
+"$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
 write_atomically "$run_dir/supervisor.pid" "$$"
 touch "$base_dir/heartbeat"
 # Heartbeat: feeds the instance's dead-man's switch while the job runs, and
@@ -63,12 +79,13 @@ touch "$base_dir/heartbeat"
 heartbeat_pid=$!
 
 if cd "$work_dir" 2>>"$run_dir/job.log"; then
-  # setsid: the job leads its own process group, which `gpuflow stop` signals.
-  setsid {command} </dev/null >>"$run_dir/job.log" 2>&1 &
+  # The job leads its own session and process group, which `gpuflow stop` signals; it
+  # records its identity (job.proc), then its pid (job.pid), then execs the command.
+  "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {command} \
+    </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
-  write_atomically "$run_dir/job.pid" "$job_pid"
   # The manifest's environment facts, gathered here so no extra round trip is needed.
-  ( {probe_python} -c {probe_source} >"$run_dir/environment.json.tmp" 2>/dev/null \
+  ( "$python" -c {probe_source} >"$run_dir/environment.json.tmp" 2>/dev/null \
       && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
   probe_pid=$!
   wait "$job_pid"
@@ -83,28 +100,35 @@ write_atomically "$run_dir/exit_code" "$code"
 """
 
 
-# Never handed to a job: the sandbox "instance" is this machine, whose
-# environment may hold the user's cloud credentials (on a real instance the
-# SSH session has none; unsetting is harmless there).
-CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CONFIG_FILE",
-)
+# The AWS_* variables a job (and the supervisor) keep: the region, which is no
+# credential.  Every other AWS_* variable is dropped before anything starts, on a
+# real instance and in the sandbox (whose "instance" is this machine, where the
+# user's credentials live).  That removes the whole credential chain of the AWS
+# SDKs, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+# AWS_SECURITY_TOKEN, AWS_CREDENTIAL_EXPIRATION, AWS_PROFILE, AWS_DEFAULT_PROFILE,
+# AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI,
+# AWS_CONTAINER_CREDENTIALS_FULL_URI, AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE],
+# AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN, AWS_ROLE_SESSION_NAME,
+# AWS_BEARER_TOKEN_<service> — and any variable AWS adds to it later.
+KEPT_AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def job_command(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """``env -u CREDENTIALS... K=V... ARGV...`` as one argv (quoted once, later)."""
+    """``env K=V... ARGV...`` as one argv (quoted once, later)."""
     for key in env:
         if not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise ValueError(f"invalid environment variable name {key!r}")
-    unset = [flag for name in CREDENTIAL_VARIABLES for flag in ("-u", name)]
-    return ["env", *unset, *(f"{key}={value}" for key, value in env.items()), *argv]
+        if key.startswith("AWS_") and key not in KEPT_AWS_VARIABLES:
+            raise ValueError(f"{key} is never handed to a job")
+    return ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
+
+
+def procs_script(mode: str | None = None) -> str:
+    """:mod:`gpuflow.procs` as a ``python -c`` script: ``python -c SCRIPT MODE ARGS...``,
+    or with ``mode`` fixed, ``python -c SCRIPT ARGS...``."""
+    source = Path(procs.__file__).read_text(encoding="utf-8")
+    call = "main(sys.argv[1], sys.argv[2:])" if mode is None else f"main({mode!r}, sys.argv[1:])"
+    return f"{source}\n\nsys.exit({call})\n"
 
 
 def render_supervisor(
@@ -130,6 +154,8 @@ def render_supervisor(
         command=quote_argv(job_command(argv, env)),
         probe_python=shlex.quote(probe_python),
         probe_source=shlex.quote(ENVIRONMENT_PROBE_PY),
+        procs_source=shlex.quote(procs_script()),
+        kept_aws="|".join(KEPT_AWS_VARIABLES),
     )
 
 
@@ -194,37 +220,12 @@ print(json.dumps(entries))
 """
 
 # argv: RUN_DIR... (or --all BASE: every BASE/runs/*)
-# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "alive": bool}}
-RUN_STATUS_PY = r"""
-import glob, json, os, sys
-report = {}
-run_dirs = sys.argv[1:]
-if run_dirs[:1] == ["--all"]:
-    run_dirs = sorted(path for path in glob.glob(os.path.join(run_dirs[1], "runs", "*")) if os.path.isdir(path))
-def read(path):
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-for run_dir in run_dirs:
-    code = read(os.path.join(run_dir, "exit_code"))
-    pid = read(os.path.join(run_dir, "job.pid"))
-    pid = int(pid) if pid and pid.isdigit() else None
-    alive = False
-    if pid is not None:
-        try:
-            alive = os.getpgid(pid) == pid
-        except OSError:
-            alive = False
-    report[run_dir] = {
-        "exists": os.path.isdir(run_dir),
-        "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
-        "pid": pid,
-        "alive": alive,
-    }
-print(json.dumps(report))
-"""
+# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "job": "alive"|"gone"|"none",
+#                   "supervisor": "alive"|"gone"|"none", "alive": bool}}  (gpuflow.procs.status)
+RUN_STATUS_PY = procs_script("status")
+
+# argv: RUN_DIR GRACE_SECONDS — prints 'gone', 'terminated' or 'killed'.
+STOP_JOB_PY = procs_script("stop")
 
 # Run with the job's interpreter; prints one JSON object.  Versions come from
 # the installed distributions' metadata (what `pip freeze` reports) so that

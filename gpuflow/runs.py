@@ -50,12 +50,13 @@ from gpuflow.errors import (
     JobFailed,
     NotFound,
     RemoteCommandFailed,
+    RunLost,
     RunNotFound,
     UnreachableHost,
     UnsafePath,
     UsageError,
 )
-from gpuflow.records import Cluster, CommandResult
+from gpuflow.records import Cluster, CommandResult, check_shape
 from gpuflow.state import StateStore, atomic_write_json, validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -111,6 +112,9 @@ class RunTarget:
     sync_project: Callable[[Path], object] | None = None
     # Pushes a data directory to ``<base>/data/<basename>/`` (``gpuflow run --data``).
     sync_data: Callable[[Path], object] | None = None
+    # Whether the instance still runs (EC2's state; a sandbox instance's directory):
+    # lets a follower tell a dropped connection from a terminated instance.  None: unknown.
+    instance_alive: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,12 @@ class RunRecord:
     exit_code: int | None = None
     ended_at: str | None = None
     module: str | None = None
+    # The job's outcome beyond its exit code, recorded before its files are pulled
+    # (instance clock; Python version from the supervisor's probe).
+    job_started_at: str | None = None
+    python: str | None = None
+    duration_seconds: float | None = None
+    lost_reason: str | None = None  # why the run is 'lost'
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -178,7 +188,19 @@ class RunStatus:
 
 
 def _store(home: Path | None) -> StateStore:
-    return StateStore(home or gpuflow_home(), RUNS_COLLECTION)
+    return StateStore(home or gpuflow_home(), RUNS_COLLECTION, shape=_check_run_record, repair_hint=_damaged_run_hint)
+
+
+def _check_run_record(run_id: str, document: dict[str, Any]) -> None:
+    """A run record parses into a RunRecord, stored under its own run id."""
+    check_shape(RunRecord, document)
+    if document["run_id"] != run_id:
+        raise ValueError(f"it holds run {document['run_id']!r}, not {run_id!r}")
+    validate_name(document["cluster"], "cluster name")
+
+
+def _damaged_run_hint(run_id: str, raw: Any) -> str:
+    return f"remove that file to forget run {run_id} (its files stay on the instance, under runs/{run_id})"
 
 
 def save_record(record: RunRecord, home: Path | None = None) -> None:
@@ -572,17 +594,21 @@ def start_run(
     save_record(record, home)
     # One round trip: start the supervisor and wait (on the target) until it
     # has recorded the job's pid.
-    launched = _launch(
-        runner,
-        f"{remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME)} && "
-        f"{remote_scripts.wait_for_start_command(remote_dir)}",
-    )
-    if not launched.ok:
-        raise RemoteCommandFailed(
-            f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
-            hint="the instance needs bash, setsid (util-linux) and nohup",
+    try:
+        launched = _launch(
+            runner,
+            f"{remote_scripts.launch_command(remote_dir, SUPERVISOR_NAME)} && "
+            f"{remote_scripts.wait_for_start_command(remote_dir)}",
         )
-    _wait_for_start(runner, remote_dir)
+        if not launched.ok:
+            raise RemoteCommandFailed(
+                f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
+                hint="the instance needs bash, setsid (util-linux) and nohup",
+            )
+        _wait_for_start(runner, remote_dir)
+    except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
+        save_record(replace(record, status="lost", lost_reason=f"its job was not seen to start: {exc.message}"), home)
+        raise
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
 
@@ -636,6 +662,21 @@ def _wait_for_start(runner: CommandRunner, remote_dir: str, timeout: float = 30)
 # --------------------------------------------------------------------------- follow the log
 
 
+def _instance_gone(target: RunTarget) -> str | None:
+    """Why the target's instance is known to be gone (its ``instance_alive``
+    says so), or None: it runs, or nobody can tell right now."""
+    if target.instance_alive is None:
+        return None
+    try:
+        if target.instance_alive():
+            return None
+    except GpuflowError:
+        return None  # the cloud could not say: not a reason to give up
+    nodes = target.cluster.nodes
+    which = nodes[0].instance_id if nodes else f"(cluster {target.cluster.name})"
+    return f"its instance {which} is no longer running"
+
+
 @dataclass
 class _Connection:
     """The current runner and how to replace it after a drop (local to one call)."""
@@ -645,6 +686,9 @@ class _Connection:
     reconnect_timeout: float
     say: Say
     reconnects: int = 0
+
+    def instance_gone(self) -> str | None:
+        return _instance_gone(self.target)
 
     def reconnect(self, error: Exception) -> None:
         if isinstance(error, InstanceGone):
@@ -656,6 +700,9 @@ class _Connection:
         delay = 0.25
         last_error: Exception = error
         while time.monotonic() < deadline:
+            gone = self.instance_gone()  # a terminated instance never answers: stop asking it
+            if gone is not None:
+                raise InstanceGone(gone) from last_error
             try:
                 runner = self.target.connect()
                 runner.run(["true"], timeout=30)
@@ -678,6 +725,81 @@ class _Connection:
 
 _TRANSIENT = (UnreachableHost, OSError, EOFError)
 
+# While following a job without an exit code, how often gpuflow checks that it
+# still lives (one short command on the instance): a job that vanished is
+# noticed within about this long.
+LIVENESS_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What :func:`gpuflow.procs.status` found in a run directory (the same proof
+    ``gpuflow runs``, ``stop`` and a sandbox termination use)."""
+
+    exists: bool
+    job: str  # alive | gone | none (never recorded: not started)
+    supervisor: str  # alive | gone | none
+    exit_code: int | None
+    alive: bool  # the job or its supervisor
+
+
+def run_status(runner: CommandRunner, *run_dirs: str) -> dict[str, dict[str, Any]]:
+    """:data:`~gpuflow.remote_scripts.RUN_STATUS_PY` on the target: for each run
+    directory (or ``"--all", BASE``), whether its job and its supervisor are
+    proven alive (:func:`gpuflow.procs.status`) and its exit code."""
+    # From "/": the check must work when the base directory itself is gone.
+    argv = [_target_python(runner), "-I", "-S", "-c", remote_scripts.RUN_STATUS_PY, *run_dirs]
+    return json.loads(runner.run(argv, cwd="/", timeout=60).stdout)
+
+
+def job_liveness(runner: CommandRunner, remote_dir: str) -> Liveness | None:
+    """Whether the run's job or its supervisor still lives, each proven by its
+    recorded identity (a reused pid is not the job); None when the check itself
+    failed.  Connection failures are raised (the caller reconnects)."""
+    try:
+        report = run_status(runner, remote_dir)[remote_dir]
+        code = report.get("exit_code")
+        return Liveness(
+            exists=bool(report["exists"]),
+            job=str(report["job"]),
+            supervisor=str(report["supervisor"]),
+            exit_code=int(code) if code is not None else None,
+            alive=bool(report["alive"]),
+        )
+    except (RemoteCommandFailed, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+class JobVanished(Exception):
+    """Raised by :func:`follow_log`: the job is gone without an exit code (``reason`` says how)."""
+
+    def __init__(self, reason: str, offset: int, *, run_dir_exists: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.offset = offset
+        self.run_dir_exists = run_dir_exists
+
+
+def _vanished(connection: _Connection, remote_dir: str) -> tuple[str, bool] | None:
+    """(why, whether the run directory is still there) when the job is gone
+    without an exit code; None while it lives, has ended, or nobody can tell."""
+    liveness = job_liveness(connection.runner, remote_dir)
+    if liveness is None or liveness.exit_code is not None or liveness.alive:
+        return None
+    gone = connection.instance_gone()
+    if gone is not None:
+        return gone, liveness.exists
+    return _lost_reason(liveness, remote_dir), liveness.exists
+
+
+def _lost_reason(liveness: Liveness, remote_dir: str) -> str:
+    """Why a run whose job is not alive and has no exit code is lost."""
+    if not liveness.exists:
+        return f"its run directory {remote_dir} is gone"
+    if liveness.job == "none":
+        return "its supervisor is gone and never started the job"
+    return "the job's process is gone without an exit code (its supervisor is gone too)"
+
 
 def follow_log(
     connection: _Connection,
@@ -687,6 +809,7 @@ def follow_log(
     offset: int = 0,
     poll_interval: float = 0.5,
     follow: bool = True,
+    liveness_interval: float = LIVENESS_INTERVAL,
 ) -> tuple[int | None, int]:
     """Copy ``job.log`` from byte ``offset`` to ``out``; with ``follow`` until
     the job has ended and the log is fully read.
@@ -694,24 +817,44 @@ def follow_log(
     Returns (exit code or None, final offset).  The offset advances only by
     bytes already written to ``out``, and the exit code is checked *before*
     the final read, so after a reconnect nothing is repeated or lost.
+
+    While following, every ``liveness_interval`` seconds without an exit code
+    the job is checked by identity (:func:`job_liveness`): a job whose process
+    and supervisor are gone, a deleted run directory or a terminated instance
+    end the loop with :class:`JobVanished` (after the log is drained).
     """
     log_path = f"{remote_dir}/{LOG_NAME}"
-    while True:
-        try:
-            exit_code = _read_exit_code(connection.runner, remote_dir)
-            while True:
-                chunk = connection.runner.read_from(log_path, offset, READ_CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                out.flush()
-                offset += len(chunk)
-        except _TRANSIENT as exc:
-            connection.reconnect(exc)
-            continue
-        if exit_code is not None or not follow:
-            return exit_code, offset
-        time.sleep(poll_interval)
+
+    def drain() -> None:
+        nonlocal offset
+        while chunk := connection.runner.read_from(log_path, offset, READ_CHUNK):
+            out.write(chunk)
+            out.flush()
+            offset += len(chunk)
+
+    next_check = time.monotonic() + liveness_interval
+    try:
+        while True:
+            try:
+                exit_code = _read_exit_code(connection.runner, remote_dir)
+                drain()
+                if exit_code is None and follow and time.monotonic() >= next_check:
+                    vanished = _vanished(connection, remote_dir)
+                    next_check = time.monotonic() + liveness_interval
+                    if vanished is not None:
+                        drain()  # its last words, written before it died
+                        raise JobVanished(vanished[0], offset, run_dir_exists=vanished[1])
+            except _TRANSIENT as exc:
+                connection.reconnect(exc)  # raises InstanceGone for a terminated instance
+                continue
+            if exit_code is not None or not follow:
+                return exit_code, offset
+            time.sleep(poll_interval)
+    except InstanceGone as exc:
+        if not follow:
+            raise
+        reason = connection.instance_gone() or f"its instance is gone ({exc.message})"
+        raise JobVanished(reason, offset, run_dir_exists=False) from exc
 
 
 # --------------------------------------------------------------------------- pull
@@ -830,13 +973,28 @@ def _finalize_local(
     exit_code: int | None,
     job_started_at: str | None,
     ended_at: str | None,
+    record: RunRecord | None = None,
 ) -> None:
-    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost."""
+    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost.
+
+    When the instance's manifest did not arrive as a JSON object (refused as a
+    symlink, or rewritten by the job) and the job has ended, a manifest with
+    what ``record`` knows still records the outcome."""
     manifest_path = local_dir / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        if record is None or exit_code is None:
+            return
+        manifest = {
+            "run_id": record.run_id,
+            "command": list(record.command),
+            "module": record.module,
+            "cluster": record.cluster,
+            "started_at": record.started_at,
+        }
     if environment:
         manifest.update(environment_fields(environment))
     if exit_code is not None and ended_at is not None:
@@ -875,10 +1033,44 @@ def _status_for(exit_code: int | None) -> str:
     return "succeeded" if exit_code == 0 else "failed"
 
 
+def _record_outcome(
+    record: RunRecord,
+    *,
+    exit_code: int,
+    job_started_at: str | None,
+    ended_at: str | None,
+    environment: dict[str, Any] | None,
+    home: Path | None,
+) -> RunRecord:
+    """Write the job's outcome to its record (before any file is pulled)."""
+    duration = None
+    if job_started_at is not None and ended_at is not None:
+        duration = finish_manifest({}, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)[
+            "duration_seconds"
+        ]
+    record = replace(
+        record,
+        status=_status_for(exit_code),
+        exit_code=exit_code,
+        ended_at=ended_at or record.ended_at,
+        job_started_at=job_started_at or record.job_started_at,
+        python=(environment or {}).get("python") or record.python,
+        duration_seconds=duration if duration is not None else record.duration_seconds,
+        lost_reason=None,
+    )
+    save_record(record, home)
+    return record
+
+
 def pull_run(
     record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = _quiet
 ) -> tuple[RunRecord, PullReport]:
-    """Pull a run's files (while it runs: the latest outputs) and update its record."""
+    """Pull a run's files (while it runs: the latest outputs) and update its record.
+
+    The job's outcome (exit code, start and end, Python, duration) is recorded
+    first, and completes the local manifest whatever the pull finds (a refused
+    entry raises :class:`UnsafePath` after the safe files are pulled).
+    """
     local_dir = Path(record.local_dir)
     exit_code = _read_exit_code(runner, record.remote_dir)
     # One listing serves both: the files to pull, and the job's start and end times
@@ -886,13 +1078,17 @@ def pull_run(
     listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
     job_started_at = _instance_time(listing, PID_NAME)
     ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
-    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
-    report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
     environment = _read_environment(runner, record.remote_dir)
-    _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at)
     if exit_code is not None:
-        record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=ended_at)
-        save_record(record, home)
+        record = _record_outcome(
+            record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
+            environment=environment, home=home,
+        )
+    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
+    try:
+        report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
+    finally:  # also after a refused entry: the manifest pulled with the safe files is completed
+        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
     say(
         f"pulled {len(report.fetched)} file(s), {report.bytes_fetched:,} bytes "
         f"({len(report.unchanged)} unchanged) into {local_dir}"
@@ -903,32 +1099,24 @@ def pull_run(
 # --------------------------------------------------------------------------- stop
 
 
-_STOP_SCRIPT = r"""
-pgid={pgid}
-grace={grace}
-kill -TERM -- "-$pgid" 2>/dev/null || {{ echo gone; exit 0; }}
-end=$((SECONDS + grace))
-while kill -0 -- "-$pgid" 2>/dev/null; do
-  if [ "$SECONDS" -ge "$end" ]; then kill -KILL -- "-$pgid" 2>/dev/null; echo killed; exit 0; fi
-  sleep 0.2
-done
-echo terminated
-"""
-
-
 def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> str:
     """SIGTERM the job's process group, SIGKILL after ``grace_seconds``.
 
     Returns 'finished' (it had already ended), 'terminated', 'killed' or 'gone'.
-    The supervisor is outside that group and records the exit code.
+    The supervisor is outside that group and records the exit code.  Only the
+    process recorded with its identity is signalled (:mod:`gpuflow.procs`): a
+    process that merely reuses the job's pid is never touched ('gone').
     """
     if _read_exit_code(runner, remote_dir) is not None:
         return "finished"
     pid_text = _read_small(runner, f"{remote_dir}/{PID_NAME}")
     if pid_text is None or not pid_text.isdigit() or int(pid_text) <= 1:
         raise RemoteCommandFailed(f"{remote_dir}/{PID_NAME} holds no job pid", hint="the job may not have started")
-    script = _STOP_SCRIPT.format(pgid=int(pid_text), grace=max(0, int(round(grace_seconds))))
-    outcome = runner.run_script(script, timeout=grace_seconds + 60).text().strip() or "terminated"
+    grace = max(0.0, float(grace_seconds))
+    argv = [_target_python(runner), "-I", "-S", "-c", remote_scripts.STOP_JOB_PY, remote_dir, f"{grace:g}"]
+    outcome = runner.run(argv, timeout=grace + 60).text().strip() or "terminated"
+    if outcome == "gone":
+        return outcome
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _read_exit_code(runner, remote_dir) is None:
         time.sleep(0.1)
@@ -954,13 +1142,21 @@ def run(
     reconnect_timeout: float = 300,
     run_id: str | None = None,
     data_dir: Path | None = None,
+    liveness_interval: float = LIVENESS_INTERVAL,
 ) -> RunOutcome:
     """``gpuflow run``: start detached, stream the log, pull, return the outcome.
 
     Raises :class:`JobFailed` (carrying the job's exit code) when the job
     fails, after its outputs are pulled.  On Ctrl-C, ``on_interrupt(record)``
     answers 'stop' (stop the job, pull, fail) or 'detach' (leave it running);
-    without it gpuflow detaches.
+    without it gpuflow detaches.  A job that vanishes without an exit code
+    (:func:`follow_log`) makes the run ``lost``: :class:`RunLost`, after what
+    is left of its files is pulled.
+
+    The job's outcome is recorded before its files are pulled.  When the pull
+    fails (a refused entry, an unreachable instance), a failed job still raises
+    :class:`JobFailed` with its own exit code, naming the pull's failure too; a
+    succeeded job raises the pull's error, saying that the job succeeded.
     """
     connection = _Connection(target, target.connect(), reconnect_timeout, say)
     try:
@@ -983,9 +1179,17 @@ def run(
         while True:
             try:
                 exit_code, offset = follow_log(
-                    connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval
+                    connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval,
+                    liveness_interval=liveness_interval,
                 )
                 break
+            except JobVanished as vanished:
+                if vanished.run_dir_exists:  # what the job left (its log, a checkpoint) is still worth having
+                    try:
+                        _pull_with_reconnect(connection, record, home=home, say=say)
+                    except GpuflowError as pull_error:
+                        say(f"pulling what the lost run left failed: {pull_error.one_line()}")
+                raise _lose(record, vanished.reason, home) from vanished
             except KeyboardInterrupt:
                 choice = on_interrupt(record) if on_interrupt is not None else "detach"
                 if choice != "stop":
@@ -993,11 +1197,28 @@ def run(
                 say(f"stopping run {record.run_id}")
                 stop_job(connection.runner, record.remote_dir)
                 stopped = True
-        record, report = _pull_with_reconnect(connection, record, home=home, say=say)
+        # The outcome is known now: record it before the pull, which may fail.
+        record = replace(record, status=_status_for(exit_code), exit_code=exit_code, lost_reason=None)
+        save_record(record, home)
+        ended = f"{'was stopped' if stopped else 'failed'} with exit code {exit_code}"
+        try:
+            record, report = _pull_with_reconnect(connection, record, home=home, say=say)
+        except GpuflowError as pull_error:
+            if exit_code == 0:  # the pull's own failure decides: say that the job itself succeeded
+                pull_error.message = (
+                    f"run {record.run_id} succeeded, but pulling its files failed: {pull_error.message}"
+                )
+                raise
+            # A failed job's exit code wins; the pull's failure is reported with it.
+            raise JobFailed(
+                f"run {record.run_id} {ended}; pulling its files failed too: {pull_error.one_line()}",
+                job_exit_code=int(exit_code),
+                hint=f"what was pulled is in {record.local_dir}",
+            ) from pull_error
         outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
         if exit_code != 0:
             raise JobFailed(
-                f"run {record.run_id} {'was stopped' if stopped else 'failed'} with exit code {exit_code}",
+                f"run {record.run_id} {ended}",
                 job_exit_code=int(exit_code),
                 hint=f"its log and outputs are in {record.local_dir}",
             )
@@ -1016,6 +1237,15 @@ def _pull_with_reconnect(
         except _TRANSIENT as exc:
             connection.reconnect(exc)
     return pull_run(record, connection.runner, home=home, say=say)
+
+
+def _lose(record: RunRecord, reason: str, home: Path | None) -> RunLost:
+    """Record the run as lost (and why); the error that says so."""
+    save_record(replace(record, status="lost", lost_reason=reason), home)
+    return RunLost(
+        f"run {record.run_id} is lost: {reason}",
+        hint=f"its outcome is unknown; what was pulled is in {record.local_dir}",
+    )
 
 
 TargetResolver = Callable[[str], RunTarget]
@@ -1037,8 +1267,17 @@ def target_for_cluster(cluster_name: str) -> RunTarget:
 
         return sync.sync_data(cluster, data_dir)
 
+    def instance_alive() -> bool:
+        if cluster.sandbox:
+            # A sandbox instance's disk is its directory, deleted when it is terminated
+            # (down, reap); asking the sandbox's EC2 could start a server that the last
+            # `down` already stopped.
+            return remote.sandbox_directory(cluster).is_dir()
+        return remote.instance_alive_hook(cluster, cluster.head.instance_id)()
+
     return RunTarget(
-        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data
+        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
+        instance_alive=instance_alive,
     )
 
 
@@ -1052,20 +1291,43 @@ def logs(
     say: Say = _quiet,
     poll_interval: float = 0.5,
     reconnect_timeout: float = 300,
+    liveness_interval: float = LIVENESS_INTERVAL,
 ) -> int | None:
     """``gpuflow logs RUN [-f]``: print the log (and keep following it).
 
-    Returns the job's exit code if it has ended, else None.
+    Returns the job's exit code if it has ended, else None.  Following a job
+    that vanishes without an exit code (or whose cluster is gone) records the
+    run as lost and raises :class:`RunLost` with the reason.
     """
     record = load_record(run_id, home)
-    target = resolve(record.cluster)
-    connection = _Connection(target, target.connect(), reconnect_timeout, say)
+    following = follow and not record.finished
     try:
-        exit_code, _offset = follow_log(
-            connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow
-        )
+        target = resolve(record.cluster)
+        # Connecting to a terminated sandbox instance would re-create its directory: ask first.
+        gone = _instance_gone(target) if following else None
+        if gone is not None:
+            raise _lose(record, gone, home)
+        runner = target.connect()
+    except (NotFound, InstanceGone) as exc:
+        if not following:
+            raise
+        raise _lose(record, f"its cluster {record.cluster} is gone ({exc.message})", home) from exc
+    connection = _Connection(target, runner, reconnect_timeout, say)
+    try:
+        try:
+            exit_code, _offset = follow_log(
+                connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow,
+                liveness_interval=liveness_interval,
+            )
+        except JobVanished as vanished:
+            if record.finished:  # its outcome is known: a run directory deleted since does not change it
+                raise NotFound(
+                    f"run {record.run_id} {record.status_text()}, but {vanished.reason}",
+                    hint=f"its pulled log is in {record.local_dir}",
+                ) from vanished
+            raise _lose(record, vanished.reason, home) from vanished
         if exit_code is not None and not record.finished:
-            save_record(replace(record, status=_status_for(exit_code), exit_code=exit_code), home)
+            save_record(replace(record, status=_status_for(exit_code), exit_code=exit_code, lost_reason=None), home)
         return exit_code
     finally:
         with contextlib.suppress(Exception):
@@ -1084,7 +1346,11 @@ def pull(
     target = resolve(record.cluster)
     connection = _Connection(target, target.connect(), 60, say)
     try:
-        return _pull_with_reconnect(connection, record, home=home, say=say)
+        try:
+            return _pull_with_reconnect(connection, record, home=home, say=say)
+        except UnsafePath as refusal:  # the job's outcome was recorded all the same: say it too
+            refusal.message = f"run {run_id}: job {load_record(run_id, home).status_text()}; {refusal.message}"
+            raise
     finally:
         with contextlib.suppress(Exception):
             connection.runner.close()
@@ -1101,14 +1367,24 @@ def stop(
     record = load_record(run_id, home)
     target = resolve(record.cluster)
     runner = target.connect()
+    liveness = None
     try:
         outcome = stop_job(runner, record.remote_dir, grace_seconds=grace_seconds)
         exit_code = _read_exit_code(runner, record.remote_dir)
+        if exit_code is None:  # nobody recorded how it ended: is anything of it left?
+            liveness = job_liveness(runner, record.remote_dir)
     finally:
         with contextlib.suppress(Exception):
             runner.close()
     if exit_code is not None:
         record = replace(record, status=_status_for(exit_code), exit_code=exit_code, ended_at=_iso(_now()))
+        save_record(record, home)
+    elif (liveness is None and outcome == "gone") or (
+        liveness is not None and liveness.exit_code is None and not liveness.alive
+    ):
+        # no exit code and no process proven to be the job or its supervisor: what `runs` calls lost
+        reason = _lost_reason(liveness, record.remote_dir) if liveness is not None else "no process of the job is left"
+        record = replace(record, status="lost", lost_reason=reason)
         save_record(record, home)
     return record, outcome
 
@@ -1161,18 +1437,14 @@ def _refresh_cluster(
     try:
         target = resolve(cluster_name)
         runner = target.connect()
-    except (NotFound, InstanceGone):  # the cluster or its instance is gone: so are its runs
-        return _mark_lost(pending, home)
+    except (NotFound, InstanceGone) as exc:  # the cluster or its instance is gone: so are its runs
+        return _mark_lost(pending, home, f"its cluster {cluster_name} is gone ({exc.message})")
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
         return {record.run_id: "unreachable" for record in pending}
     try:
-        result = runner.run(
-            [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, *(record.remote_dir for record in pending)],
-            timeout=60,
-        )
-        reports = json.loads(result.stdout)
-    except InstanceGone:
-        return _mark_lost(pending, home)
+        reports = run_status(runner, *(record.remote_dir for record in pending))
+    except InstanceGone as exc:
+        return _mark_lost(pending, home, f"its instance is gone ({exc.message})")
     except (GpuflowError, OSError, json.JSONDecodeError):
         return {record.run_id: "unreachable" for record in pending}
     finally:
@@ -1182,14 +1454,16 @@ def _refresh_cluster(
     for record in pending:
         status, exit_code = _classify(reports.get(record.remote_dir, {}))
         if status != record.status or exit_code != record.exit_code:
-            save_record(replace(record, status=status, exit_code=exit_code), home)
+            reason = "no exit code and no live job" if status == "lost" else None
+            save_record(replace(record, status=status, exit_code=exit_code, lost_reason=reason), home)
         statuses[record.run_id] = f"failed({exit_code})" if status == "failed" else status
     return statuses
 
 
-def _mark_lost(pending: list[RunRecord], home: Path | None) -> dict[str, str]:
+def _mark_lost(pending: list[RunRecord], home: Path | None, reason: str) -> dict[str, str]:
     for record in pending:
-        save_record(replace(record, status="lost"), home)
+        if record.status != "lost" or not record.lost_reason:  # the first reason found stays
+            save_record(replace(record, status="lost", lost_reason=reason), home)
     return {record.run_id: "lost" for record in pending}
 
 
@@ -1314,16 +1588,23 @@ def _run_on_cluster(
         primary = exc
         raise
     finally:
-        if down:
+        if down and not is_known_cluster(cluster_name):
+            # Nothing of ours to tear down (an `up` refused the name, e.g. another owner's
+            # cluster has it, or rolled back): never go looking for the name by its tags.
+            say(f"no cluster {cluster_name} of this gpuflow to tear down")
+        elif down:
             say(f"tearing down cluster {cluster_name}")
+            # The cluster this run used, where it was made (not where the project's `sandbox` points).
+            recorded_sandbox = target.cluster.sandbox if target is not None else getattr(up_spec, "sandbox", None)
             try:
                 if target is not None:
                     _stop_live_jobs(target, say)
-                clusters.down(cluster_name)
+                clusters.down(cluster_name, sandbox=recorded_sandbox)
             except BaseException as teardown_error:
                 if primary is None:
                     raise
-                say(f"teardown of {cluster_name} failed too: {teardown_error} — run `gpuflow down {cluster_name}`")
+                again = clusters.command_hint(f"down {cluster_name}", bool(recorded_sandbox))
+                say(f"teardown of {cluster_name} failed too: {teardown_error} — run {again}")
 
 
 def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> None:
@@ -1333,11 +1614,8 @@ def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> No
     try:
         runner = target.connect()
         try:
-            result = runner.run(
-                [_target_python(runner), "-c", remote_scripts.RUN_STATUS_PY, "--all", runner.base_dir], timeout=60
-            )
-            for run_dir, report in json.loads(result.stdout).items():
-                if report.get("alive") and report.get("exit_code") is None:
+            for run_dir, report in run_status(runner, "--all", runner.base_dir).items():
+                if report.get("job") == "alive" and report.get("exit_code") is None:
                     say(f"stopping the job still running in {run_dir}")
                     stop_job(runner, run_dir, grace_seconds=grace_seconds)
         finally:

@@ -20,12 +20,13 @@ import fcntl
 import json
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gpuflow.errors import StateError, UsageError
+from gpuflow.errors import DamagedRecord, UsageError
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -88,7 +89,21 @@ def atomic_write_json(path: Path, document: Any, mode: int = 0o600) -> None:
 class StateStore:
     """One collection of JSON documents (e.g. ``clusters`` or ``runs``)."""
 
-    def __init__(self, home: Path, collection: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        collection: str,
+        *,
+        shape: Callable[[str, dict[str, Any]], None] | None = None,
+        repair_hint: Callable[[str, Any], str] | None = None,
+    ) -> None:
+        """``shape(name, document)`` raises TypeError/ValueError/KeyError when a
+        document is not a record of this collection (a record that does not
+        parse into its dataclass is damaged); ``repair_hint(name, raw)`` says
+        what to do about a damaged one."""
+        self._shape = shape
+        self._repair_hint = repair_hint
+        self.damaged: tuple[DamagedRecord, ...] = ()  # the records the last scan()/all() found damaged
         self.directory = Path(home) / "state" / validate_name(collection, "collection")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_path = self.directory / ".lock"
@@ -107,18 +122,32 @@ class StateStore:
         return self.directory / f"{validate_name(name)}.json"
 
     def get(self, name: str) -> dict[str, Any] | None:
+        """The record ``name`` (None when there is none); :class:`DamagedRecord`
+        when it is not JSON or does not have the collection's shape."""
         path = self.path(name)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise self._damaged(name, None, f"unreadable: {exc.strerror or exc}") from exc
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise StateError(
-                f"state file {path} is corrupt: {exc}",
-                hint="remove it; `gpuflow ls` rebuilds cluster state from AWS tags",
-            ) from exc
+            document = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self._damaged(name, None, f"not JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise self._damaged(name, document, f"a JSON {type(document).__name__}, not an object")
+        if self._shape is not None:
+            try:
+                self._shape(name, document)
+            except (TypeError, ValueError, KeyError, AttributeError, UsageError) as exc:
+                raise self._damaged(name, document, str(exc) or type(exc).__name__) from exc
+        return document
+
+    def _damaged(self, name: str, raw: Any, reason: str) -> DamagedRecord:
+        path = self.path(name)
+        hint = self._repair_hint(name, raw) if self._repair_hint else f"move {path} away"
+        return DamagedRecord(f"state record {path} is damaged ({reason})", path=path, name=name, raw=raw, hint=hint)
 
     def put(self, name: str, document: dict[str, Any]) -> None:
         atomic_write_json(self.path(name), document)
@@ -133,10 +162,39 @@ class StateStore:
     def names(self) -> list[str]:
         return sorted(path.stem for path in self.directory.glob("*.json"))
 
-    def all(self) -> dict[str, dict[str, Any]]:
-        documents = {}
+    def scan(self) -> tuple[dict[str, dict[str, Any]], tuple[DamagedRecord, ...]]:
+        """Every record: the sound ones by name, and the damaged ones (not raised)."""
+        documents: dict[str, dict[str, Any]] = {}
+        damaged: list[DamagedRecord] = []
         for name in self.names():
-            document = self.get(name)
+            try:
+                document = self.get(name)
+            except DamagedRecord as exc:
+                damaged.append(exc)
+                continue
+            except UsageError:  # a file name gpuflow never writes (hand-made): not a record
+                continue
             if document is not None:
                 documents[name] = document
+        self.damaged = tuple(damaged)
+        return documents, self.damaged
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """The sound records by name.  A damaged one concerns its own name only:
+        it is skipped, with a one-line warning on stderr naming its path (once
+        per process)."""
+        documents, damaged = self.scan()
+        for record in damaged:
+            warn_damaged(record)
         return documents
+
+
+_WARNED: set[str] = set()
+
+
+def warn_damaged(record: DamagedRecord) -> None:
+    """Say once per process that a damaged record is skipped, and what to do."""
+    if str(record.path) in _WARNED:
+        return
+    _WARNED.add(str(record.path))
+    print(f"gpuflow: warning: skipped: {record.one_line()}", file=sys.stderr, flush=True)

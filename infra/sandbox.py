@@ -53,6 +53,14 @@ SERVER_DIRECTORY_NAME = ".moto-server"
 SERVER_RECORD_NAME = "server.json"
 SERVER_LOG_NAME = "server.log"
 SERVER_LOCK_NAME = ".lock"
+# Every process that uses the server holds a shared flock on this file until it exits (the
+# kernel drops it even on SIGKILL); the server is stopped only when no one else holds it.
+SERVER_USERS_LOCK_NAME = "users.lock"
+# A server that holds no resource and that no process uses exits by itself after this long.
+ENV_IDLE_SECONDS = "GPUFLOW_SANDBOX_IDLE_SECONDS"
+DEFAULT_IDLE_SECONDS = 300.0
+# The server answers this path itself (not moto): what it holds, in every region.
+RESOURCES_PATH = "/gpuflow-sandbox/resources"
 _SERVE_MARKER = "infra.sandbox"
 # SigV4 credential scope: Credential=<key id>/<yyyymmdd>/<region>/<service>/aws4_request
 _REGION_IN_AUTHORIZATION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
@@ -137,24 +145,39 @@ def in_process_sandbox(regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,)) -> 
     """
     from unittest import mock
 
-    from moto import mock_aws
-    from moto.core import models as moto_models
+    with mock.patch.dict(os.environ, _accountless_environment(os.environ), clear=True):
+        from moto import mock_aws
+        from moto.core import models as moto_models
 
-    seeder = _RegionSeeder(seed_deep_learning_ami)
-    stubber = getattr(moto_models, "botocore_stubber", None)
-    with mock_aws():
-        amis = {region: seeder.seed(region) for region in regions}
-        if stubber is None or not hasattr(stubber, "process_request"):  # pragma: no cover - other moto versions
-            yield amis
-            return
-        original_process_request = stubber.process_request
+        seeder = _RegionSeeder(seed_deep_learning_ami)
+        stubber = getattr(moto_models, "botocore_stubber", None)
+        with mock_aws():
+            amis = {region: seeder.seed(region) for region in regions}
+            if stubber is None or not hasattr(stubber, "process_request"):  # pragma: no cover - other moto versions
+                yield amis
+                return
+            original_process_request = stubber.process_request
 
-        def seeding_process_request(request: Any) -> Any:
-            seeder.seed_from_authorization(request.headers.get("Authorization"))
-            return original_process_request(request)
+            def seeding_process_request(request: Any) -> Any:
+                seeder.seed_from_authorization(request.headers.get("Authorization"))
+                return original_process_request(request)
 
-        with mock.patch.object(stubber, "process_request", seeding_process_request):
-            yield amis
+            with mock.patch.object(stubber, "process_request", seeding_process_request):
+                yield amis
+
+
+def _accountless_environment(environment: dict[str, str] | Any) -> dict[str, str]:
+    """``environment`` for moto, which builds botocore sessions from it (at import and
+    per backend): no AWS profile and no AWS config or credentials file, so an
+    ``AWS_PROFILE`` naming no profile, or a config file that does not parse, cannot
+    break the sandbox -- it needs no account -- and no ``AWS_ENDPOINT_URL*`` can
+    send a request past the in-process mock."""
+    kept = {
+        key: value for key, value in environment.items()
+        if key not in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+        and not key.startswith("AWS_ENDPOINT_URL")  # moto intercepts AWS's own endpoints only
+    }
+    return {**kept, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
 class _RegionSeeder:
@@ -210,6 +233,12 @@ def server_directory(home: Path) -> Path:
     return directory
 
 
+# This process's shared locks on users.lock (one per server directory), and the servers it started.
+_USER_LOCKS: dict[Path, Any] = {}
+_STARTED_HERE: dict[Path, SandboxServer] = {}
+_RELEASE_AT_EXIT_REGISTERED = False
+
+
 def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
     """The URL of this gpuflow home's sandbox EC2/SSM API, starting it if needed.
 
@@ -218,31 +247,140 @@ def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
     as ``endpoint_url``.  A live server is reused, so fake clusters made by
     one ``gpuflow`` invocation are there for the next.  Concurrent callers
     serialise on a lock and get the same server.
+
+    Who stops it: the process that started it, as it exits, when the server
+    holds no resource and no other process uses it (:func:`release_started_servers`);
+    otherwise the server itself once it has held nothing and served no one for
+    ``$GPUFLOW_SANDBOX_IDLE_SECONDS`` (default 300).  Never a process that merely
+    looked at it.
     """
     directory = server_directory(home)
-    with _locked(directory / SERVER_LOCK_NAME):
+    with _locked(directory / SERVER_LOCK_NAME) as lock_file:
+        _hold_as_user(directory)
         record = read_server_record(home)
-        if record is not None and _server_is_alive(record):
-            return record.url
+        if record is not None and _is_our_server_process(record.pid):
+            # Alive: reuse it, however slow it answers -- never replace a server that may hold clusters.
+            if _wait_until_healthy(record, startup_timeout):
+                return record.url
+            raise CloudError(
+                f"the sandbox cloud (moto server, pid {record.pid}) does not answer on {record.url}",
+                hint=f"see {directory / SERVER_LOG_NAME}; if it is stuck, `kill {record.pid}` ends it "
+                "(and the sandbox clusters with it)",
+            )
         if record is not None:
-            _terminate_server(record)
-            _remove_record(directory)
-        return _start_server(directory, startup_timeout).url
+            _remove_record(directory)  # its process is gone, or the pid is now another program's: nothing to signal
+        server = _start_server(directory, startup_timeout, lock_file)
+        _STARTED_HERE[directory] = server
+        _register_release_at_exit()
+        return server.url
 
 
 def stop_sandbox(home: Path, *, timeout: float = 10.0) -> bool:
-    """Stop this home's sandbox server; all fake cloud state goes with it.
+    """Stop this home's sandbox server now, whoever uses it; all fake cloud state
+    goes with it (an explicit reset: gpuflow's commands never call this).
 
     Returns whether a server was running.  Idempotent.
     """
     directory = server_directory(home)
     with _locked(directory / SERVER_LOCK_NAME):
         record = read_server_record(home)
+        _STARTED_HERE.pop(directory, None)
+        _release_user(directory)
         if record is None:
             return False
         was_running = _terminate_server(record, timeout=timeout)
         _remove_record(directory)
         return was_running
+
+
+def release_started_servers() -> list[SandboxServer]:
+    """Stop each server this process started, unless it holds a resource (an
+    instance, a key pair, a security group: asked of the server itself) or
+    another process uses it; return those stopped.  Runs at exit (atexit), so
+    every way a gpuflow command ends -- success, error, Ctrl-C -- stops the server
+    it started only to look, or for an ``up`` that failed and rolled back."""
+    stopped = []
+    for directory, started in list(_STARTED_HERE.items()):
+        _STARTED_HERE.pop(directory, None)
+        with _locked(directory / SERVER_LOCK_NAME):
+            _release_user(directory)
+            if read_server_record(directory.parent.parent) != started:
+                continue  # already stopped, or replaced by another process's server
+            with _try_flock(directory / SERVER_USERS_LOCK_NAME, fcntl.LOCK_EX) as unused:
+                if not unused or server_holdings(started) != {}:
+                    continue  # in use, holding something, or not answering: leave it
+                _terminate_server(started)
+                _remove_record(directory)
+                stopped.append(started)
+    return stopped
+
+
+def server_holdings(record: SandboxServer, timeout: float = 5.0) -> dict[str, list[str]] | None:
+    """What the server holds, as the server itself reports it: ``{kind: [region/id, ...]}``
+    for each kind it holds any of (so ``{}`` when empty); None when it does not answer."""
+    import http.client
+
+    connection = http.client.HTTPConnection(LOOPBACK, record.port, timeout=timeout)
+    try:
+        connection.request("GET", RESOURCES_PATH)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return None
+        document = json.loads(body)
+        return {str(kind): [str(item) for item in items] for kind, items in document.items() if items}
+    except (OSError, http.client.HTTPException, ValueError, AttributeError, TypeError):
+        return None
+    finally:
+        connection.close()
+
+
+def _hold_as_user(directory: Path) -> None:
+    """Hold a shared lock on ``users.lock`` until this process exits (or releases it)."""
+    if directory in _USER_LOCKS:
+        return
+    handle = open(directory / SERVER_USERS_LOCK_NAME, "a+")  # noqa: SIM115 - held for the process's lifetime
+    fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+    os.set_inheritable(handle.fileno(), False)
+    _USER_LOCKS[directory] = handle
+
+
+def _release_user(directory: Path) -> None:
+    handle = _USER_LOCKS.pop(directory, None)
+    if handle is not None:
+        handle.close()
+
+
+@contextlib.contextmanager
+def _try_flock(lock_path: Path, operation: int) -> Iterator[bool]:
+    """Try to take a flock without waiting; yields whether it was taken."""
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file.fileno(), operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _register_release_at_exit() -> None:
+    global _RELEASE_AT_EXIT_REGISTERED
+    if not _RELEASE_AT_EXIT_REGISTERED:
+        import atexit
+
+        atexit.register(release_started_servers)
+        _RELEASE_AT_EXIT_REGISTERED = True
+
+
+def _idle_seconds() -> float:
+    try:
+        value = float(os.environ.get(ENV_IDLE_SECONDS, DEFAULT_IDLE_SECONDS))
+    except ValueError:
+        return DEFAULT_IDLE_SECONDS
+    return value if value > 0 else DEFAULT_IDLE_SECONDS
 
 
 def read_server_record(home: Path) -> SandboxServer | None:
@@ -260,13 +398,13 @@ def read_server_record(home: Path) -> SandboxServer | None:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def _locked(lock_path: Path) -> Iterator[Any]:
+    """Hold the exclusive flock; it goes when the file is closed -- and, when a
+    starting server inherited it, only once the server has closed it too (hence
+    no explicit unlock, which would release it for both)."""
     with open(lock_path, "a+") as lock_file:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+        yield lock_file
 
 
 def _remove_record(directory: Path) -> None:
@@ -315,8 +453,14 @@ def _health_check(port: int, timeout: float = 2.0) -> bool:
         connection.close()
 
 
-def _server_is_alive(record: SandboxServer) -> bool:
-    return _is_our_server_process(record.pid) and _health_check(record.port)
+def _wait_until_healthy(record: SandboxServer, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if _health_check(record.port):
+            return True
+        if time.monotonic() >= deadline or not _is_our_server_process(record.pid):
+            return False
+        time.sleep(0.2)
 
 
 def _terminate_server(record: SandboxServer, *, timeout: float = 10.0) -> bool:
@@ -339,33 +483,46 @@ def _terminate_server(record: SandboxServer, *, timeout: float = 10.0) -> bool:
 
 def _has_exited(pid: int) -> bool:
     """Gone, or a zombie (then reaped when it is our child).  Identity is not
-    re-checked here: an exiting process's cmdline reads empty before it dies."""
-    _reap(pid)
+    re-checked here: an exiting process's cmdline reads empty before it dies.
+    Our own child counts as gone only once reaped: its main thread can be a
+    zombie while another thread is still being torn down."""
+    try:
+        reaped, _status = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        our_child = False
+    else:
+        if reaped == pid:
+            return True
+        our_child = True
     if not process_alive(pid):
         return True
+    if our_child:
+        return False
     with contextlib.suppress(OSError, IndexError):
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         return state in ("Z", "X")
     return False
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the server is our own child (tests, or a
-    long-lived caller that started it), so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _start_server(directory: Path, startup_timeout: float) -> SandboxServer:
+def _start_server(directory: Path, startup_timeout: float, lock_file: Any) -> SandboxServer:
+    """Start the server and wait for its record.  The child inherits the start
+    lock (the same open file, so the same flock) and lets go of it only once it
+    has written its record: if this process dies meanwhile (even SIGKILL), the
+    next caller waits for that record and reuses the server instead of starting
+    a second one whose record would overwrite the first's."""
     log_path = directory / SERVER_LOG_NAME
     # The child must import this package even when gpuflow is not installed
     # (a source checkout): put the checkout first on its path.
     source_root = str(Path(__file__).resolve().parent.parent)
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("AWS_")
-    }  # the fake cloud needs no credentials; keep real ones out of its environment
+    environment = _accountless_environment(
+        {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    )  # the fake cloud needs no credentials; keep real ones out of its environment
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, environment.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", _SERVE_MARKER, "serve", "--directory", str(directory)]
+    lock_fd = lock_file.fileno()
+    command = [
+        sys.executable, "-m", _SERVE_MARKER, "serve", "--directory", str(directory),
+        "--lock-fd", str(lock_fd), "--idle-seconds", f"{_idle_seconds():g}",
+    ]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             command,
@@ -376,27 +533,40 @@ def _start_server(directory: Path, startup_timeout: float) -> SandboxServer:
             cwd=str(directory),
             start_new_session=True,
             close_fds=True,
+            pass_fds=(lock_fd,),
         )
     deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        exit_status = process.poll()
-        if exit_status is not None:
-            raise CloudError(
-                f"the sandbox cloud (a local moto server) exited at start with status {exit_status}: "
-                f"{_tail(log_path)}",
-                hint=f"see {log_path}; is moto[server] installed (pip install 'gpuflow[sandbox]')?",
-            )
-        record = read_server_record(directory.parent.parent)
-        if record is not None and record.pid == process.pid and _health_check(record.port):
-            return record
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
-    raise CloudError(
-        f"the sandbox cloud (a local moto server) did not answer within {startup_timeout:g} s",
-        hint=f"see {log_path}",
-    )
+    try:
+        while time.monotonic() < deadline:
+            exit_status = process.poll()
+            if exit_status is not None:
+                raise CloudError(
+                    f"the sandbox cloud (a local moto server) exited at start with status {exit_status}: "
+                    f"{_tail(log_path)}",
+                    hint=f"see {log_path}; is moto[server] installed (pip install 'gpuflow[sandbox]')?",
+                )
+            record = read_server_record(directory.parent.parent)
+            if record is not None and record.pid == process.pid and _health_check(record.port):
+                return record
+            time.sleep(0.05)
+        raise CloudError(
+            f"the sandbox cloud (a local moto server) did not answer within {startup_timeout:g} s",
+            hint=f"see {log_path}",
+        )
+    except BaseException:
+        # Timed out, or interrupted (Ctrl-C) while it started: a server no one will use must not be left.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait()
+        _remove_record_of(directory, process.pid)
+        raise
+
+
+def _remove_record_of(directory: Path, pid: int) -> None:
+    """Remove the record if it names ``pid`` (a server that has just been killed)."""
+    record = read_server_record(directory.parent.parent)
+    if record is not None and record.pid == pid:
+        _remove_record(directory)
 
 
 def _tail(path: Path, limit: int = 300) -> str:
@@ -417,18 +587,95 @@ class _SeedingMiddleware:
     def __init__(self, application: Callable[..., Any], seeder: _RegionSeeder) -> None:
         self._application = application
         self._seeder = seeder
+        self.last_request = time.monotonic()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        self.last_request = time.monotonic()
+        if environ.get("PATH_INFO") == RESOURCES_PATH:
+            body = json.dumps(held_resources()).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
         self._seeder.seed_from_authorization(environ.get("HTTP_AUTHORIZATION"))
         return self._application(environ, start_response)
 
 
-def serve(directory: Path, *, port: int = 0, regions: Iterable[str] = (DEFAULT_SANDBOX_REGION,)) -> None:
-    """Run the sandbox server in this process until SIGTERM/SIGINT.
+def held_resources() -> dict[str, list[str]]:
+    """What the moto backends of this process hold, in every account and region:
+    instances not terminated, key pairs, security groups other than a VPC's default."""
+    from moto.backends import get_backend
+
+    held: dict[str, list[str]] = {"instances": [], "key_pairs": [], "security_groups": []}
+    for _account, regions in list(get_backend("ec2").items()):
+        for region, backend in list(regions.items()):
+            held["instances"] += [
+                f"{region}/{instance.id}" for instance in backend.all_instances() if instance.state != "terminated"
+            ]
+            held["key_pairs"] += [f"{region}/{pair.key_name}" for pair in backend.describe_key_pairs([])]
+            held["security_groups"] += [
+                f"{region}/{group.id}" for group in backend.describe_security_groups() if group.name != "default"
+            ]
+    return held
+
+
+def _records_this_process(record_path: Path) -> bool:
+    try:
+        return int(json.loads(record_path.read_text())["pid"]) == os.getpid()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_seconds: float, stop: Callable[[], None]) -> None:
+    """The server's own backstop against being orphaned (its starter was killed, or
+    every cluster was taken down by other invocations): once it has served no
+    request for ``idle_seconds``, holds nothing and no process uses it, it removes
+    its record -- under the start lock, so no caller is handed it meanwhile -- and stops."""
+    record_path = directory / SERVER_RECORD_NAME
+    said = ""
+
+    def staying(reason: str) -> None:
+        nonlocal said
+        if reason != said:  # once per change, not once per check
+            print(f"gpuflow sandbox: idle, staying: {reason}", flush=True)
+            said = reason
+
+    while True:
+        time.sleep(min(5.0, idle_seconds / 4))
+        if time.monotonic() - middleware.last_request < idle_seconds:
+            continue
+        with _try_flock(directory / SERVER_LOCK_NAME, fcntl.LOCK_EX) as not_starting:
+            if not not_starting:
+                continue  # a caller is being handed this server, or a server is starting
+            with _try_flock(directory / SERVER_USERS_LOCK_NAME, fcntl.LOCK_EX) as unused:
+                if not unused:
+                    staying("in use by a gpuflow process")
+                    continue
+                recorded = _records_this_process(record_path)
+                held = {kind: items for kind, items in held_resources().items() if items}
+                if held and recorded:  # unrecorded, no new caller can find it: what it holds is lost anyway
+                    staying("it holds " + ", ".join(f"{len(items)} {kind}" for kind, items in sorted(held.items())))
+                    continue
+                if recorded:
+                    record_path.unlink(missing_ok=True)
+        break
+    print(f"gpuflow sandbox: idle for {idle_seconds:g} s and used by no one: exiting", flush=True)
+    stop()
+
+
+def serve(
+    directory: Path,
+    *,
+    port: int = 0,
+    regions: Iterable[str] = (DEFAULT_SANDBOX_REGION,),
+    lock_fd: int | None = None,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+) -> None:
+    """Run the sandbox server in this process until SIGTERM/SIGINT, or until it
+    has been idle, empty and unused for ``idle_seconds``.
 
     Listens on 127.0.0.1 only (port 0: any free port), then records pid and
     port atomically in ``directory/server.json`` — the record appears only
-    once the socket accepts connections.
+    once the socket accepts connections — and only then closes ``lock_fd``
+    (the start lock its starter holds, inherited).
     """
     import logging
 
@@ -439,8 +686,8 @@ def serve(directory: Path, *, port: int = 0, regions: Iterable[str] = (DEFAULT_S
     seeder = _RegionSeeder(seed_deep_learning_ami)
     for region in regions:
         seeder.seed(region)
-    application = _SeedingMiddleware(DomainDispatcherApplication(create_backend_app), seeder)
-    server = make_server(LOOPBACK, port, application, threaded=True)
+    middleware = _SeedingMiddleware(DomainDispatcherApplication(create_backend_app), seeder)
+    server = make_server(LOOPBACK, port, middleware, threaded=True)
     record_path = Path(directory) / SERVER_RECORD_NAME
 
     def _stop(signal_number: int, _frame: Any) -> None:
@@ -450,14 +697,18 @@ def serve(directory: Path, *, port: int = 0, regions: Iterable[str] = (DEFAULT_S
     signal.signal(signal.SIGINT, _stop)
     actual_port = server.server_address[1]
     atomic_write_json(record_path, {"pid": os.getpid(), "port": actual_port, "started_at": time.time()})
+    if lock_fd is not None:
+        os.close(lock_fd)  # recorded: callers waiting on the start lock now find this server
     print(f"gpuflow sandbox: moto listening on http://{LOOPBACK}:{actual_port} (pid {os.getpid()})", flush=True)
+    threading.Thread(
+        target=_exit_when_idle, args=(Path(directory), middleware, idle_seconds, server.shutdown), daemon=True
+    ).start()
     try:
         server.serve_forever()
     finally:
         server.server_close()
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if json.loads(record_path.read_text())["pid"] == os.getpid():
-                record_path.unlink()
+        if _records_this_process(record_path):
+            record_path.unlink(missing_ok=True)
         print("gpuflow sandbox: stopped", flush=True)
 
 
@@ -470,9 +721,27 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument(
         "--region", action="append", dest="regions", help="region to seed at start (repeatable; others on first use)"
     )
+    serve_parser.add_argument("--lock-fd", type=int, help="inherited start lock, closed once the record is written")
+    serve_parser.add_argument(
+        "--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
+        help="exit after this long without a request while holding nothing and used by no one",
+    )
     arguments = parser.parse_args(argv)
-    serve(arguments.directory, port=arguments.port, regions=arguments.regions or (DEFAULT_SANDBOX_REGION,))
-    return 0
+    try:
+        serve(
+            arguments.directory,
+            port=arguments.port,
+            regions=arguments.regions or (DEFAULT_SANDBOX_REGION,),
+            lock_fd=arguments.lock_fd,
+            idle_seconds=arguments.idle_seconds,
+        )
+        code = 0
+    except SystemExit as stop:  # SIGTERM/SIGINT
+        code = stop.code if isinstance(stop.code, int) else 1
+    # The record is gone and the socket closed: skip the interpreter's ~2 s teardown of moto.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ as root, once) that
 3. runs it as a systemd service that restarts on any exit (``nohup`` where
    there is no systemd),
 4. schedules ``shutdown -h +<max-hours>`` as a second, independent hour cap
-   in case the switch itself cannot run at all,
+   in case the switch itself cannot run at all, and a oneshot unit that
+   re-arms it at every later boot from the persisted deadline,
 5. creates the gpuflow base directory owned by the login user.
 
 The switch's rules, and why it is built the way it is, are in the script's
@@ -38,6 +39,11 @@ DEADMAN_INSTALL_PATH = "/usr/local/sbin/gpuflow-deadman"
 DEADMAN_ENV_PATH = "/etc/gpuflow/deadman.env"
 DEADMAN_LOG_PATH = "/var/log/gpuflow-deadman.log"
 DEADMAN_UNIT_NAME = "gpuflow-deadman.service"
+DEADMAN_BACKSTOP_UNIT_NAME = "gpuflow-deadman-backstop.service"
+# Where the switch keeps the max-hours deadline (survives reboots) and writes its
+# verdict for `gpuflow status` (the script's defaults; a test checks they agree).
+DEADMAN_DEADLINE_PATH = "/var/lib/gpuflow/deadline"
+DEADMAN_STATUS_PATH = "/run/gpuflow/deadman.status"
 # Marker the provisioning tests (and `gpuflow status`) can look for in user-data.
 USER_DATA_MARKER = "# gpuflow dead-man's switch"
 
@@ -80,6 +86,21 @@ def deadman_script() -> str:
     return DEADMAN_ASSET.read_text(encoding="utf-8")
 
 
+def installed_deadman_script() -> str:
+    """The switch as the user-data installs it: the asset without its comment
+    lines, blank lines and indentation (EC2 refuses user-data over 16 KB; the
+    comments are for people reading the asset).  The script has no heredocs or
+    multi-line strings, so this changes no command; the switch's tests run
+    exactly this text."""
+    lines = deadman_script().splitlines()
+    kept = [lines[0]]  # the #! line
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            kept.append(stripped)
+    return "\n".join(kept) + "\n"
+
+
 def render_user_data(*, cluster_name: str, idle_minutes: int, max_hours: float, ssh_user: str = "ubuntu") -> str:
     """The user-data script for one instance of ``cluster_name``.
 
@@ -91,7 +112,7 @@ def render_user_data(*, cluster_name: str, idle_minutes: int, max_hours: float, 
     validate_max_hours(max_hours)
     validate_ssh_user(ssh_user)
 
-    script = deadman_script()
+    script = installed_deadman_script()
     if _HEREDOC_DELIMITER in script:  # pragma: no cover - guards against editing the asset carelessly
         raise RuntimeError("the dead-man's switch script contains its own heredoc delimiter")
 
@@ -137,6 +158,13 @@ fi
 
 # Backstop hour cap, independent of the switch: if it could never start, this still ends the instance.
 shutdown -h +{backstop_minutes} 'gpuflow: max-hours cap reached' >/dev/null 2>&1 || true
+# A new instance (even from an image of an old one) gets a new deadline; the switch writes it.
+rm -f {q(DEADMAN_DEADLINE_PATH)}
+# An SSH session counts as busy: let sshd drop one whose client vanished (~5 min).
+if [ -d /etc/ssh/sshd_config.d ]; then
+    printf 'ClientAliveInterval 60\\nClientAliveCountMax 5\\n' > /etc/ssh/sshd_config.d/60-gpuflow.conf
+    systemctl reload ssh >/dev/null 2>&1 || systemctl reload sshd >/dev/null 2>&1 || true
+fi
 
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     cat > /etc/systemd/system/{DEADMAN_UNIT_NAME} <<'GPUFLOW_DEADMAN_UNIT_END'
@@ -154,7 +182,21 @@ RestartSec=10
 [Install]
 WantedBy=multi-user.target
 GPUFLOW_DEADMAN_UNIT_END
+    # At every later boot: re-arm the backstop from the persisted deadline.
+    cat > /etc/systemd/system/{DEADMAN_BACKSTOP_UNIT_NAME} <<'GPUFLOW_DEADMAN_UNIT_END'
+[Unit]
+Description=gpuflow: re-arm the max-hours backstop (shutdown -h at the deadline)
+
+[Service]
+Type=oneshot
+EnvironmentFile={DEADMAN_ENV_PATH}
+ExecStart={DEADMAN_INSTALL_PATH} --arm-backstop
+
+[Install]
+WantedBy=multi-user.target
+GPUFLOW_DEADMAN_UNIT_END
     systemctl daemon-reload
+    systemctl enable {DEADMAN_BACKSTOP_UNIT_NAME}
     systemctl enable --now {DEADMAN_UNIT_NAME}
 else
     (set -a; . {q(DEADMAN_ENV_PATH)}; set +a

@@ -46,7 +46,8 @@ def _keygen(path: Path, comment: str) -> None:
 
 
 class SshServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_config: tuple[str, ...] = ()) -> None:
+        self.extra_config = tuple(extra_config)  # more sshd_config lines (e.g. SetEnv for the sessions)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.host_key = self.directory / "ssh_host_ed25519_key"
@@ -101,6 +102,7 @@ class SshServer:
                     "MaxStartups 100:30:200",
                     "MaxSessions 50",
                     "LogLevel ERROR",
+                    *self.extra_config,
                     "",
                 ]
             )

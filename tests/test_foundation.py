@@ -42,7 +42,7 @@ def test_state_store_is_atomic_and_locked_across_processes(tmp_path):
 def test_corrupt_state_is_a_clear_error(tmp_path):
     store = StateStore(tmp_path, "clusters")
     store.path("broken").write_text("{not json")
-    with pytest.raises(StateError, match="corrupt"):
+    with pytest.raises(StateError, match=r"broken\.json is damaged \(not JSON"):
         store.get("broken")
 
 

@@ -6,6 +6,8 @@ Each module runs as ``python -m training.<module> [options]``:
 * :mod:`training.cifar10_cnn`          — the course CNN on CIFAR-10 (528,054 weights)
 * :mod:`training.cifar10_augmentation` — the same CNN with shift/flip augmentation in tf.data
 * :mod:`training.transfer_learning`    — the four transfer-learning cases and bottleneck features
+* :mod:`training.visualize`            — pictures of what a saved model learned (filters, feature
+  maps, activation maximisation, saliency, CAM / Grad-CAM, confusion matrix, mistakes)
 
 The shared machinery lives in :mod:`training.data` (datasets and readers, numpy only),
 :mod:`training.pipeline` (tf.data), :mod:`training.models` (the course models) and

@@ -42,6 +42,7 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 BACKUP_DIRECTORY = "backup"
+VISUALIZATION_DIRECTORY = "visualization"  # training.visualize's pictures, with --visualize
 INTERRUPTED_EXIT_CODE = 130
 
 
@@ -101,6 +102,7 @@ class RunOptions:
     learning_rate: float
     mixed_precision: bool
     xla: bool
+    visualize: bool = False
 
 
 def build_parser(
@@ -150,6 +152,11 @@ def build_parser(
         "--mixed-precision", action="store_true", help="mixed_float16 compute (float32 weights and softmax)"
     )
     parser.add_argument("--xla", action="store_true", help="compile the train step with XLA (jit_compile=True)")
+    parser.add_argument(
+        "--visualize",
+        action="store_true",
+        help="at the end, draw what the best model learned into <output>/visualization/ (training.visualize)",
+    )
     return parser
 
 
@@ -180,6 +187,7 @@ def parse_options(
         learning_rate=namespace.learning_rate if namespace.learning_rate is not None else 0.001,
         mixed_precision=namespace.mixed_precision,
         xla=namespace.xla,
+        visualize=namespace.visualize,
     )
     from training.data import check_data_dir
 
@@ -455,6 +463,7 @@ def train_and_evaluate(
         "keras_version": keras.__version__,
         "python_version": platform.python_version(),
         "options": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()},
+        "visualization": f"{VISUALIZATION_DIRECTORY}/" if options.visualize else None,
         **(extra_metrics or {}),
     }
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -464,6 +473,15 @@ def train_and_evaluate(
         f"(best epoch {metrics['best_epoch']}); outputs in {output}",
         flush=True,
     )
+    if options.visualize:
+        from training import visualize
+
+        test = visualize.image_set(
+            splits.name, splits.source, splits.x_test, splits.y_test, splits.pixel_max, splits.num_classes
+        )
+        visualize.visualize_model(
+            best_model, test, output / VISUALIZATION_DIRECTORY, seed=options.seed, model_name=f"{options.module} best model"
+        )
     return metrics
 
 

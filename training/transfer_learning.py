@@ -126,6 +126,10 @@ def validate(namespace) -> None:
         raise TrainingError(
             f"--bottleneck needs a frozen base, but --case {namespace.case} trains it: use --case small-similar or small-different"
         )
+    if namespace.bottleneck and namespace.visualize:
+        raise TrainingError(
+            "--visualize needs a model that takes images, but --bottleneck trains a head on features: drop one of them"
+        )
     if namespace.image_size is not None and namespace.image_size < MIN_IMAGE_SIZE:
         raise TrainingError(f"--image-size must be at least {MIN_IMAGE_SIZE} for keras.applications bases")
 

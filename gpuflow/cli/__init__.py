@@ -48,10 +48,26 @@ def _register_commands() -> None:
     from gpuflow.cli import cluster, demo, jobs, remote, sync  # noqa: F401
 
 
+def _terminate_like_ctrl_c() -> None:
+    """A SIGTERM (a CI runner cancelling a job, ``kill``, a closing terminal
+    multiplexer) ends gpuflow the way Ctrl-C does, so every cleanup path runs:
+    ``up`` rolls back, ``run --down`` stops the job and tears the cluster down.
+    A second SIGTERM ends gpuflow at once."""
+    import signal
+
+    def interrupt(signal_number: int, _frame: object) -> None:
+        signal.signal(signal_number, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not when the caller chose otherwise
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map domain errors to exit codes."""
     from gpuflow.cli._errors import run_app
 
+    _terminate_like_ctrl_c()
     _register_commands()
     code = run_app(app, sys.argv[1:] if argv is None else argv)
     raise SystemExit(code)

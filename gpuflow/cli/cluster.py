@@ -21,6 +21,10 @@ from gpuflow.cli import app
 
 _NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
+_SANDBOX = typer.Option(
+    None, "--sandbox/--no-sandbox", help="The sandbox cloud, or AWS (default: the project config's `sandbox`, else AWS)."
+)
+_ANY_OWNER_HELP = "Also what other gpuflow installs created (default: only this one's)."
 
 
 @contextlib.contextmanager
@@ -109,10 +113,15 @@ def up(
     if head is not None and head.public_ip and not cluster.sandbox:
         typer.echo(f"reach it: gpuflow ssh {cluster.name}   (or ssh -i {cluster.key_path} {cluster.ssh_user}@{head.public_ip})")
     price = None if cluster.price_per_hour is None else cluster.price_per_hour * len(cluster.nodes)
-    typer.echo(f"cost: {_money(price)}/h; terminates itself after {spec.idle_minutes} idle min or {spec.max_hours:g} h; `gpuflow down {cluster.name}` when done")
+    typer.echo(
+        f"cost: {_money(price)}/h; terminates itself after {spec.idle_minutes} idle min or {spec.max_hours:g} h; "
+        f"{clusters.command_hint(f'down {cluster.name}', cluster.sandbox)} when done"
+    )
 
 
 def _print_statuses(statuses: list[Any]) -> None:
+    from gpuflow.clusters import command_hint
+
     if not statuses:
         typer.echo("no clusters")
         return
@@ -134,35 +143,51 @@ def _print_statuses(statuses: list[Any]) -> None:
     widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
     for row in (header, *rows):
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if any(item.state == "unmanaged" for item in statuses):
+    for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state == "unmanaged"}):
         typer.echo(
-            "unmanaged: tagged by gpuflow but unknown here; `gpuflow reap` removes those this gpuflow created "
-            "(--any-owner: anyone's)",
+            f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
+            f"{command_hint('reap', sandbox)} removes those this gpuflow created (--any-owner: anyone's)",
+            err=True,
+        )
+    if any(item.state == "unchecked" for item in statuses):
+        typer.echo(
+            "unchecked: AWS clusters known here, not asked (the sandbox is in effect); `gpuflow ls --no-sandbox` asks AWS",
             err=True,
         )
 
 
 @app.command()
-def status(name: Optional[str] = _NAME, as_json: bool = _JSON) -> None:
-    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far."""
-    from gpuflow import clusters
+def status(
+    name: Optional[str] = _NAME,
+    sandbox: Optional[bool] = _SANDBOX,
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
+    as_json: bool = _JSON,
+) -> None:
+    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
+    and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
+    from gpuflow import clusters, switch_status
 
-    result = clusters.status(name)
+    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner)
+    # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
+    switches = switch_status.read_switches(result.cluster) if result.known_locally else []
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches]}, indent=2))
     else:
         _print_statuses([result])
+        for line in switch_status.describe(switches):
+            typer.echo(line)
 
 
 @app.command("ls")
 def list_command(
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Also scan this region for unknown gpuflow instances."),
+    sandbox: Optional[bool] = _SANDBOX,
     as_json: bool = _JSON,
 ) -> None:
     """List clusters (reconciled with EC2), including gpuflow-tagged ones unknown here."""
     from gpuflow import clusters
 
-    results = clusters.list_clusters(region=region)
+    results = clusters.list_clusters(region=region, sandbox=sandbox)
     if as_json:
         typer.echo(json.dumps([item.to_dict() for item in results], indent=2))
     else:
@@ -175,6 +200,8 @@ def down(
     all_clusters: bool = typer.Option(False, "--all", help="Take down every cluster gpuflow knows."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Where to look when the cluster is not in the local state."),
+    sandbox: Optional[bool] = _SANDBOX,
+    any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
     """Terminate a cluster and delete the security group and key pair gpuflow made for it."""
@@ -192,15 +219,21 @@ def down(
             raise typer.Exit(1)
     with _progress(not as_json) as progress:
         if all_clusters:
-            reports = clusters.down_all(progress=progress)
+            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress)
         else:
-            reports = [clusters.down(name, region=region, progress=progress)]
+            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)]
     if as_json:
         typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
         return
     if not reports:
         typer.echo("no clusters")
     for report in reports:
+        if report.skipped:
+            typer.echo(
+                f"left alone: {len(report.skipped)} resource(s) named {report.name} that another gpuflow created "
+                f"({clusters.whose(report.skipped)}); --any-owner includes them",
+                err=True,
+            )
         if report.already_down:
             typer.echo(f"cluster {report.name} is already down")
             continue
@@ -214,17 +247,25 @@ def down(
 def reap(
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found (default: only list it)."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="Region to scan (plus those of known clusters)."),
-    sandbox: bool = typer.Option(False, "--sandbox", help="Reap the sandbox cloud instead of AWS."),
+    sandbox: Optional[bool] = _SANDBOX,
     any_owner: bool = typer.Option(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
+    owner_prefix: Optional[str] = typer.Option(
+        None, "--owner-prefix", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
+    ),
+    expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,
 ) -> None:
     """Remove everything this gpuflow tagged that no live cluster owns (safe to run from CI)."""
     from gpuflow import clusters
 
+    sandbox = clusters.sandbox_in_effect(sandbox)
     with _progress(not as_json) as progress:
-        result = clusters.reap(yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)
+        result = clusters.reap(
+            yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, owner_prefix=owner_prefix,
+            expired_only=expired, progress=progress,
+        )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -232,9 +273,11 @@ def reap(
         owners = sorted({item.owner or item.owner_id or "unknown" for item in result.skipped})
         typer.echo(
             f"left alone: {len(result.skipped)} item(s) other gpuflow installs created ({', '.join(owners)}); "
-            "--any-owner includes them",
+            + (f"their owner ids do not start with {owner_prefix}" if owner_prefix else "--any-owner includes them"),
             err=True,
         )
+    if result.unexpired:
+        typer.echo(f"left alone: {len(result.unexpired)} item(s) not past their --max-hours yet", err=True)
     if not result.items:
         typer.echo(f"nothing to reap in {', '.join(result.regions)}")
         return
@@ -243,5 +286,9 @@ def reap(
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
     if not result.deleted:
-        again = "gpuflow reap --yes --any-owner" if any_owner else "gpuflow reap --yes"
-        typer.echo(f"dry run: run `{again}` to delete these", err=True)
+        again = clusters.command_hint(
+            "reap --yes" + (" --any-owner" if any_owner else "") + (f" --owner-prefix {owner_prefix}" if owner_prefix else "")
+            + (" --expired" if expired else ""),
+            sandbox,
+        )
+        typer.echo(f"dry run: run {again} to delete these", err=True)

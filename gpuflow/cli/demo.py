@@ -15,7 +15,8 @@ def demo_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
 ) -> None:
     """The whole workflow offline in the sandbox cloud: up → run training.cifar10_cnn on the
-    digits data → pull → down, then a summary (accuracy, time, checkpoint, curves)."""
+    digits data (with --visualize) → pull → down, then a summary (accuracy, time, checkpoint,
+    curves, two of the pictures)."""
     import io
 
     from gpuflow.demo import run_demo
@@ -23,7 +24,10 @@ def demo_command(
     def say(message: str) -> None:
         typer.echo(f"gpuflow: {message}", err=True)
 
-    summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
+    from gpuflow.cli.jobs import _ended_by_signals
+
+    with _ended_by_signals():  # SIGTERM, too, stops the job and tears the sandbox down
+        summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
     typer.echo("")
     for line in summary.lines():
         typer.echo(line)

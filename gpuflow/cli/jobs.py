@@ -6,8 +6,10 @@ stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,9 +37,48 @@ def _say(message: str) -> None:
     typer.echo(f"gpuflow: {message}", err=True)
 
 
+@contextlib.contextmanager
+def _ended_by_signals() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) and SIGTERM end `run` and `logs -f`, also without a terminal.
+
+    SIGINT raises KeyboardInterrupt even when it was inherited as ignored (a
+    shell starts `gpuflow run … &` that way); SIGTERM raises
+    :class:`~gpuflow.errors.Terminated` (a KeyboardInterrupt), so a terminated
+    gpuflow detaches, stops or tears down exactly as an interrupted one, and
+    then exits 143.  Yields the signals received, newest last.
+    """
+    import signal
+    import threading
+
+    from gpuflow.errors import Terminated, TerminatedError
+
+    received: list[int] = []
+
+    def interrupt(signal_number: int, _frame: Any) -> None:
+        received.append(signal_number)
+        raise Terminated() if signal_number == signal.SIGTERM else KeyboardInterrupt()
+
+    watched = (signal.SIGINT, signal.SIGTERM)
+    installed = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {number: signal.getsignal(number) for number in watched} if installed else {}
+    for number in previous:
+        signal.signal(number, interrupt)
+    try:
+        yield received
+    except Terminated as exc:
+        raise TerminatedError("terminated") from exc
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
 def _ask_stop_or_detach(record: Any) -> str:
-    """Ctrl-C during `run`: ask when a person is there, else detach."""
-    if sys.stdin.isatty():
+    """Ctrl-C during `run`: ask when a person is there, else detach (SIGTERM: detach, never ask)."""
+    from gpuflow.errors import Terminated
+
+    if isinstance(sys.exc_info()[1], Terminated):  # called while handling the interrupt
+        return "detach"
+    if sys.stdin is not None and sys.stdin.isatty():
         answer = typer.prompt(
             f"\nStop run {record.run_id} on the instance [s], or detach and leave it running [d]?",
             default="d",
@@ -93,29 +134,44 @@ def run_command(
 
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = runs.resolve_cluster_name(name, project_dir=project)
-    outcome = runs.run_on_cluster(
-        cluster_name,
-        project_dir=project,
-        module=module,
-        args=job_args,
-        out=sys.stdout.buffer,
-        up_spec=up_spec,
-        down=down,
-        detach=detach,
-        on_interrupt=_ask_stop_or_detach,
-        say=_say,
-        data_dir=_existing_directory(data, "--data") if data is not None else None,
-    )
+    from gpuflow.errors import ClusterNotFound
+
+    with _ended_by_signals() as signals:
+        try:
+            outcome = runs.run_on_cluster(
+                cluster_name,
+                project_dir=project,
+                module=module,
+                args=job_args,
+                out=sys.stdout.buffer,
+                up_spec=up_spec,
+                down=down,
+                detach=detach,
+                on_interrupt=_ask_stop_or_detach,
+                say=_say,
+                data_dir=_existing_directory(data, "--data") if data is not None else None,
+            )
+        except ClusterNotFound as exc:
+            if up_spec is not None:  # --up made or refused the cluster itself, and said why
+                raise
+            from gpuflow.clusters import explain_unknown
+
+            raise explain_unknown(cluster_name, exc) from exc  # whose a cluster of that name is, when its tags say
     if outcome.detached:
         run_id = outcome.record.run_id
         how = (
             f"`gpuflow logs {run_id} -f` to follow it, `gpuflow pull {run_id}` for its outputs, "
             f"`gpuflow stop {run_id}` to stop it"
         )
-        if not detach:  # Ctrl-C answered with "detach"
+        if not detach:  # Ctrl-C (or SIGTERM) answered with "detach"
+            import signal
+
             from gpuflow.errors import DetachedByInterrupt
 
-            raise DetachedByInterrupt(f"detached: run {run_id} keeps running on {cluster_name}", hint=how)
+            detached = DetachedByInterrupt(f"detached: run {run_id} keeps running on {cluster_name}", hint=how)
+            if signals and signals[-1] == signal.SIGTERM:
+                detached.exit_code = 128 + signal.SIGTERM
+            raise detached
         _say(f"run {run_id} keeps running on {cluster_name}: {how}")
         return
     _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
@@ -165,10 +221,12 @@ def logs_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
-    """Print a run's log; with -f follow it until the job ends (resumes after connection drops)."""
+    """Print a run's log; with -f follow it until the job ends (resumes after connection drops),
+    or until it is found lost (its process, run directory or instance gone: exit 9)."""
     from gpuflow import runs
 
-    exit_code = runs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
+    with _ended_by_signals():
+        exit_code = runs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     if follow and exit_code not in (None, 0):
         from gpuflow.errors import JobFailed
 

@@ -28,9 +28,15 @@ def ssh(
     import os
     import sys
 
+    from gpuflow.errors import ClusterNotFound
     from gpuflow.remote import ssh_invocation
 
-    invocation = ssh_invocation(name, command or None, instance_id=node, trust_on_first_use=trust_on_first_use)
+    try:
+        invocation = ssh_invocation(name, command or None, instance_id=node, trust_on_first_use=trust_on_first_use)
+    except ClusterNotFound as exc:
+        from gpuflow.clusters import explain_unknown
+
+        raise explain_unknown(name, exc) from exc  # whose a cluster of that name is, when its tags say
     sys.stdout.flush()
     sys.stderr.flush()
     if invocation.cwd:

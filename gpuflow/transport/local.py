@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from gpuflow.errors import RemoteCommandFailed, UnreachableHost
+from gpuflow.errors import InstanceGone, RemoteCommandFailed, UnreachableHost
 from gpuflow.records import CommandResult
 from gpuflow.state import atomic_write_bytes
 from gpuflow.transport.base import env_prefix, quote_argv
@@ -54,6 +54,10 @@ class LocalRunner:
         timeout: float | None = None,
         check: bool = True,
     ) -> CommandResult:
+        if not self._root.is_dir():
+            # The target's directory is its disk: gone means the (sandbox) instance
+            # was terminated.  Never re-created here: a follower must see it gone.
+            raise InstanceGone(f"the local target {self._root} is gone")
         full_env = dict(os.environ)
         full_env.update(env or {})
         try:

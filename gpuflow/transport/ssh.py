@@ -115,8 +115,10 @@ class SSHRunner:
         base_dir: str | None = None,
         expected_fingerprints: Sequence[str] = (),
         warn: Callable[[str], None] = _warn_stderr,
+        touch_heartbeat: bool = True,
     ) -> None:
         self.target = target
+        self._touch_heartbeat = touch_heartbeat
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.backoff = backoff
@@ -331,9 +333,12 @@ class SSHRunner:
 
     def _after_connect(self) -> None:
         """Create and resolve the base directory once; touch the heartbeat the
-        instance's dead-man's switch reads on every connection."""
+        instance's dead-man's switch reads on every connection (not for a
+        runner that only looks, e.g. `gpuflow status`: looking must not keep
+        the instance up)."""
         base = quote_argv([self._requested_base]) if self._requested_base else f'"{DEFAULT_REMOTE_BASE}"'
-        script = f"set -e; mkdir -p {base}; cd {base}; touch heartbeat; pwd -P"
+        touch = "touch heartbeat; " if self._touch_heartbeat else ""
+        script = f"set -e; mkdir -p {base}; cd {base}; {touch}pwd -P"
         result = self._exec(quote_argv(["sh", "-c", script]), stdin=None, timeout=self.connect_timeout)
         if result.exit_code == 255 and not result.stdout:
             # The session died under the command (a drop just after connecting): this

@@ -3,32 +3,30 @@
 # shuts the machine down -- which terminates it, because gpuflow launches with
 # InstanceInitiatedShutdownBehavior=terminate -- when nobody is using it.
 #
-# BUSY  when some <base>/runs/*/job.pid names a live process whose run has no
-#       exit_code file yet, or <base>/heartbeat was touched within the idle
+# BUSY  while any of: some <base>/runs/*/job.pid names a live process whose
+#       run has no exit_code yet; <base>/heartbeat was touched within the idle
 #       window (gpuflow touches it on every connection, a job's supervisor
-#       every 30 s).
+#       every 30 s); an SSH session is logged in (ss: established TCP to the
+#       sshd port held by "sshd: user@..." -- `gpuflow ssh`, plain ssh,
+#       editors, port forwards; not a scanner that never logs in); a GPU
+#       is at least --gpu-threshold % busy (nvidia-smi, when there is one).
 # IDLE  otherwise; after --idle-minutes of uninterrupted IDLE: shut down.
-# CAP   after --max-hours of uptime: shut down, busy or not.
+# CAP   at the --max-hours deadline: shut down, busy or not.  The deadline is
+#       written once (first boot) to --deadline-file as an absolute time, so
+#       neither a restart of this script nor a reboot moves it; within a boot
+#       the kernel's uptime caps it too (immune to wall-clock steps).
 #
-# Written to keep firing whatever happens: no `set -e` (a failed probe must
-# not end the loop), every probe that cannot decide says "not busy", and the
-# hour cap uses only the kernel's uptime, so a restart of this script (systemd
-# restarts it) does not reset the cap.
+# No `set -e`: a failed probe must not end the loop; a probe that cannot
+# decide says "not busy".  Each check writes the verdict to --status-file
+# (key=value lines; `gpuflow status` shows it).
 #
-# Options (each also settable through the environment variable shown):
-#   --base-dir DIR           GPUFLOW_DEADMAN_BASE_DIR   default /home/ubuntu/gpuflow
-#   --idle-minutes M         GPUFLOW_DEADMAN_IDLE_MINUTES   default 60 (fractions allowed)
-#   --max-hours H            GPUFLOW_DEADMAN_MAX_HOURS      default 12 (fractions allowed)
-#   --interval S             GPUFLOW_DEADMAN_INTERVAL       seconds between checks, default 30
-#   --shutdown-command CMD   GPUFLOW_DEADMAN_SHUTDOWN_COMMAND  default "shutdown -h now" (looked up on PATH)
-#   --log-file FILE          GPUFLOW_DEADMAN_LOG_FILE   default /var/log/gpuflow-deadman.log
-#   --state-file FILE        GPUFLOW_DEADMAN_STATE_FILE default /run/gpuflow-deadman.idle-since
-#                            (when the current idle period began, so a restart of
-#                            this script does not restart the idle timer)
-#   --uptime-from start      GPUFLOW_DEADMAN_UPTIME_FROM  "boot" (default: the kernel's uptime) or
-#                            "start" (this script's start; for tests on a long-running machine)
-#   GPUFLOW_DEADMAN_RETRY_SECONDS  wait after an accepted shutdown before asking again, default 60
-# Seconds-based overrides for tests: GPUFLOW_DEADMAN_IDLE_SECONDS, GPUFLOW_DEADMAN_MAX_SECONDS.
+# Options (or GPUFLOW_DEADMAN_<NAME> variables): --base-dir, --idle-minutes,
+# --max-hours, --interval S, --shutdown-command, --log-file, --state-file
+# (idle-period start, same boot), --status-file, --deadline-file, --ssh-port,
+# --gpu-threshold PERCENT, --uptime-from boot|start (start: for tests).
+# --arm-backstop: only make sure the deadline exists and schedule
+# `shutdown -h` at it (+5 min), then exit (run at every boot).
+# Tests: GPUFLOW_DEADMAN_IDLE_SECONDS, _MAX_SECONDS, _RETRY_SECONDS, _PROBE_TIMEOUT.
 
 set -u
 umask 022
@@ -45,9 +43,17 @@ idle_seconds="${GPUFLOW_DEADMAN_IDLE_SECONDS:-}"
 max_seconds="${GPUFLOW_DEADMAN_MAX_SECONDS:-}"
 retry_seconds="${GPUFLOW_DEADMAN_RETRY_SECONDS:-60}"
 state_file="${GPUFLOW_DEADMAN_STATE_FILE:-/run/gpuflow-deadman.idle-since}"
+status_file="${GPUFLOW_DEADMAN_STATUS_FILE:-/run/gpuflow/deadman.status}"
+deadline_file="${GPUFLOW_DEADMAN_DEADLINE_FILE:-/var/lib/gpuflow/deadline}"
+ssh_port="${GPUFLOW_DEADMAN_SSH_PORT:-22}"
+gpu_threshold="${GPUFLOW_DEADMAN_GPU_THRESHOLD:-5}"
+probe_timeout="${GPUFLOW_DEADMAN_PROBE_TIMEOUT:-20}"
+arm_backstop=""
 
 usage() {
-    sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
+    echo "usage: gpuflow-deadman [--arm-backstop] [--base-dir D] [--idle-minutes M] [--max-hours H] [--interval S]" \
+        "[--shutdown-command C] [--log-file F] [--state-file F] [--status-file F] [--deadline-file F] [--ssh-port P]" \
+        "[--gpu-threshold PERCENT] [--uptime-from boot|start]" >&2
 }
 
 while [ "$#" -gt 0 ]; do
@@ -59,7 +65,12 @@ while [ "$#" -gt 0 ]; do
         --shutdown-command) shutdown_command="${2-}"; shift 2 ;;
         --log-file) log_file="${2-}"; shift 2 ;;
         --state-file) state_file="${2-}"; shift 2 ;;
+        --status-file) status_file="${2-}"; shift 2 ;;
+        --deadline-file) deadline_file="${2-}"; shift 2 ;;
+        --ssh-port) ssh_port="${2-}"; shift 2 ;;
+        --gpu-threshold) gpu_threshold="${2-}"; shift 2 ;;
         --uptime-from) uptime_from="${2-}"; shift 2 ;;
+        --arm-backstop) arm_backstop=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpuflow-deadman: unknown option: $1" >&2; usage; exit 2 ;;
     esac
@@ -87,12 +98,14 @@ to_seconds() {
 
 # Validate everything once; a bad value is a bug in the caller, so refuse to
 # start (systemd shows the message) rather than run with a guess.
-for pair in "idle-minutes:$idle_minutes" "max-hours:$max_hours" "interval:$interval" "retry-seconds:$retry_seconds"; do
+for pair in "idle-minutes:$idle_minutes" "max-hours:$max_hours" "interval:$interval" "retry-seconds:$retry_seconds" \
+    "gpu-threshold:$gpu_threshold" "probe-timeout:$probe_timeout"; do
     if ! is_decimal "${pair#*:}"; then
         echo "gpuflow-deadman: --${pair%%:*} must be a non-negative number, got '${pair#*:}'" >&2
         exit 2
     fi
 done
+case "$ssh_port" in ''|*[!0-9]*) echo "gpuflow-deadman: --ssh-port must be a port number" >&2; exit 2 ;; esac
 case "$uptime_from" in boot|start) ;; *) echo "gpuflow-deadman: --uptime-from must be boot or start" >&2; exit 2 ;; esac
 case "$idle_seconds" in '') idle_seconds="$(to_seconds "$idle_minutes" 60)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_IDLE_SECONDS must be an integer" >&2; exit 2 ;; esac
 case "$max_seconds" in '') max_seconds="$(to_seconds "$max_hours" 3600)" ;; *[!0-9]*) echo "gpuflow-deadman: GPUFLOW_DEADMAN_MAX_SECONDS must be an integer" >&2; exit 2 ;; esac
@@ -125,9 +138,77 @@ uptime_seconds() {
     fi
 }
 
+epoch_now() {
+    local now
+    now="$(date +%s 2>/dev/null)"
+    case "$now" in ''|*[!0-9]*) now=0 ;; esac
+    printf '%s\n' "$now"
+}
+
 file_mtime() {
     stat -c %Y -- "$1" 2>/dev/null || date -r "$1" +%s 2>/dev/null
 }
+
+write_atomically() {
+    # write_atomically FILE TEXT: readers see the old or the new file, never half
+    # (a temp file in the same directory, renamed over it).
+    local temporary
+    mkdir -p -- "${1%/*}" 2>/dev/null
+    temporary="$(mktemp "${1%/*}/.${1##*/}.XXXXXX" 2>/dev/null)" || return 1
+    if printf '%s' "$2" >"$temporary" && chmod 0644 "$temporary" && mv -f -- "$temporary" "$1"; then
+        return 0
+    fi
+    rm -f -- "$temporary"
+    return 1
+}
+
+probe() {
+    # A probe must not hang the loop: bound it when timeout(1) exists.
+    if command -v timeout >/dev/null 2>&1; then
+        timeout -k 2 "$probe_timeout" "$@"
+    else
+        "$@"
+    fi
+}
+
+ensure_deadline() {
+    # The --max-hours deadline, as an absolute time: read it, or (first boot)
+    # write boot time + cap.  Sets $deadline.
+    local saved="" now
+    read -r saved <"$deadline_file" 2>/dev/null
+    case "$saved" in
+        ''|*[!0-9]*)
+            now="$(epoch_now)"
+            if [ "$now" -eq 0 ]; then
+                # No wall clock: persist nothing; the uptime cap still holds.
+                deadline=99999999999
+                log "no wall clock; the cap counts from this boot only"
+                return
+            fi
+            deadline=$(( now - $(uptime_seconds) + max_seconds ))
+            if write_atomically "$deadline_file" "$deadline"$'\n'; then
+                log "max-hours deadline set to $deadline ($(date -u -d "@$deadline" '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)) in $deadline_file"
+            else
+                log "cannot write $deadline_file; the cap counts from this boot only"
+            fi
+            ;;
+        *) deadline="$saved" ;;
+    esac
+}
+
+ensure_deadline
+
+if [ -n "$arm_backstop" ]; then
+    # Independent of the loop below: if the switch could never run, this still
+    # ends the instance at the deadline (plus a margin, so the switch's own,
+    # second-accurate cap normally fires first).
+    remaining=$(( deadline - $(epoch_now) ))
+    minutes=0
+    [ "$remaining" -gt 0 ] && minutes=$(( (remaining + 59) / 60 + 5 ))
+    log "backstop: shutdown -h +$minutes (deadline $deadline)"
+    shutdown -h "+$minutes" 'gpuflow: max-hours cap reached' >/dev/null 2>&1
+    exit $?
+fi
 
 clock_ticks="$(getconf CLK_TCK 2>/dev/null || echo 100)"
 case "$clock_ticks" in ''|*[!0-9]*|0) clock_ticks=100 ;; esac
@@ -150,11 +231,10 @@ pid_is_live_job() {
         start_ticks="${20}"
         written="$(file_mtime "$pid_file")"
         if [ -n "$boot_epoch" ] && [ -n "$written" ] && [ -n "$start_ticks" ]; then
-            # Written before this boot: left over from before a reboot, whatever
-            # process holds that pid now.
+            # Written before this boot: left over from before a reboot.
             [ "$written" -lt "$boot_epoch" ] && return 1
-            # Started well after the file was written: the job ended and its pid
-            # was reused.  The margin absorbs a wall-clock step after boot.
+            # Started well after the file was written: the pid was reused.
+            # The margin absorbs a wall-clock step after boot.
             start_epoch=$(( boot_epoch + start_ticks / clock_ticks ))
             [ "$start_epoch" -gt $(( written + 300 )) ] && return 1
         fi
@@ -163,10 +243,10 @@ pid_is_live_job() {
     kill -0 "$pid" 2>/dev/null
 }
 
-busy_reason() {
-    # Prints why the instance is busy and succeeds, or fails when it is idle.
-    local now pid_file run_dir pid heartbeat_time age
-    now="$(date +%s)"
+busy_reasons() {
+    # Prints one line per reason the instance is busy (none: idle).
+    local now pid_file run_dir pid heartbeat_time age peers count utilisation
+    now="$(epoch_now)"
     if [ -d "$base_dir/runs" ]; then
         for pid_file in "$base_dir"/runs/*/job.pid; do
             [ -f "$pid_file" ] || continue
@@ -177,7 +257,6 @@ busy_reason() {
             pid="${pid%%[!0-9]*}"
             if pid_is_live_job "$pid" "$pid_file"; then
                 printf 'job %s (pid %s) running\n' "${run_dir##*/}" "$pid"
-                return 0
             fi
         done
     fi
@@ -192,12 +271,46 @@ busy_reason() {
                 # instance up forever.
                 if [ "$age" -lt "$idle_seconds" ] && [ "$age" -gt $(( -idle_seconds )) ]; then
                     printf 'heartbeat %ss ago\n' "$age"
-                    return 0
                 fi
                 ;;
         esac
     fi
-    return 1
+    # Logged-in SSH sessions: interactive shells, editors' remote sessions,
+    # port forwards -- anything a person keeps open.  An established TCP
+    # connection to sshd counts once some process holding it is a logged-in
+    # session ("sshd: user@pts/0", "sshd-session: user@notty"): a scanner's
+    # connection that never logs in ("sshd: [accepted]", "[preauth]") does not.
+    # Holders that cannot be read: counted (it may be a person).
+    peers="$(probe ss -tnp state established "( sport = :$ssh_port )" 2>/dev/null |
+        while read -r first _ _ peer holders; do
+            [ "$first" = Recv-Q ] || [ -z "$peer" ] && continue
+            seen=unknown
+            for pid in $(printf '%s' "$holders" | grep -o 'pid=[0-9]*' | cut -d= -f2); do
+                title="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+                case "$title" in *@*) seen=session; break ;; ?*) seen=not-logged-in ;; esac
+            done
+            [ "$seen" = not-logged-in ] || printf '%s\n' "$peer"
+        done)"
+    if [ -n "$peers" ]; then
+        count="$(printf '%s\n' "$peers" | wc -l)"
+        printf 'SSH session(s): %s from %s\n' "${count// /}" "$(printf '%s\n' "$peers" | head -n 3 | tr '\n' ' ')"
+    fi
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        utilisation="$(probe nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
+            awk -v limit="$gpu_threshold" '$1 ~ /^[0-9.]+$/ && $1 + 0 > max { max = $1 + 0 } END { if (max >= limit && max > 0) print max }')"
+        [ -n "$utilisation" ] && printf 'GPU %s%% busy (threshold %s%%)\n' "$utilisation" "$gpu_threshold"
+    fi
+}
+
+write_status() {
+    # write_status VERDICT STOP_AT: the verdict `gpuflow status` shows.
+    local text line
+    text="verdict=$1"$'\n'"updated_at=$now_epoch"$'\n'"idle_seconds=$idle_seconds"$'\n'"deadline=$deadline"$'\n'
+    text+="idle_since=${idle_since_epoch}"$'\n'"stop_at=$2"$'\n'
+    while IFS= read -r line; do
+        [ -n "$line" ] && text+="reason=${line//[$'\001'-$'\037']/?}"$'\n'
+    done <<<"$reasons"
+    write_atomically "$status_file" "$text" 2>/dev/null
 }
 
 # Word-split on purpose below: the command and its arguments, found on PATH.
@@ -223,10 +336,10 @@ fire() {
     fi
 }
 
-trap 'log "exiting (signal or error); a supervisor restarts me, the uptime cap is kept"' EXIT
+trap 'log "exiting (signal or error); a supervisor restarts me, the deadline is kept"' EXIT
 trap 'exit 143' TERM INT HUP
 
-log "start: base=$base_dir idle=${idle_seconds}s max=${max_seconds}s interval=${interval}s uptime-from=$uptime_from shutdown='$shutdown_command'"
+log "start: base=$base_dir idle=${idle_seconds}s max=${max_seconds}s interval=${interval}s deadline=$deadline ssh-port=$ssh_port gpu-threshold=${gpu_threshold}% uptime-from=$uptime_from shutdown='$shutdown_command'"
 
 idle_since=""        # monotonic time when the idle period began; empty while busy
 last_state=""
@@ -248,24 +361,36 @@ while :; do
     sleep_seconds="$interval"
     now_monotonic="$(monotonic_seconds)"
     case "$now_monotonic" in ''|*[!0-9]*) now_monotonic="$SECONDS" ;; esac
+    now_epoch="$(epoch_now)"
     up="$(uptime_seconds)"
     case "$up" in ''|*[!0-9-]*) up="$SECONDS" ;; esac
-    if [ "$up" -ge "$max_seconds" ]; then
-        fire "uptime ${up}s reached the cap of ${max_seconds}s"
-    elif reason="$(busy_reason)"; then
+    reasons="$(busy_reasons)"
+    idle_since_epoch=""
+    if [ "$up" -ge "$max_seconds" ] || [ "$now_epoch" -ge "$deadline" ]; then
+        write_status stopping "$now_epoch"
+        fire "reached the cap: uptime ${up}s of ${max_seconds}s, or the max-hours deadline $deadline"
+    elif [ -n "$reasons" ]; then
         if [ -n "$idle_since" ]; then rm -f -- "$state_file" 2>/dev/null; fi
         idle_since=""
-        if [ "$last_state" != busy ]; then log "busy: $reason"; last_state=busy; fi
+        write_status busy ""
+        kinds="$(printf '%s\n' "$reasons" | awk '{ print $1 }' | tr '\n' ' ')"
+        if [ "$last_state" != "busy $kinds" ]; then log "busy: ${reasons//$'\n'/; }"; last_state="busy $kinds"; fi
     else
         if [ -z "$idle_since" ]; then
             idle_since="$now_monotonic"
             { printf '%s\n' "$idle_since" >"$state_file"; } 2>/dev/null
-            log "idle: no live job and no heartbeat within ${idle_seconds}s; shutting down in ${idle_seconds}s unless that changes"
+            log "idle: no live job, heartbeat, SSH session or GPU use; shutting down in ${idle_seconds}s unless that changes"
             last_state=idle
         fi
         idle_for=$(( now_monotonic - idle_since ))
+        idle_since_epoch=$(( now_epoch - idle_for ))
+        stop_at=$(( idle_since_epoch + idle_seconds ))
+        [ "$stop_at" -gt "$deadline" ] && stop_at="$deadline"
         if [ "$idle_for" -ge "$idle_seconds" ]; then
+            write_status stopping "$now_epoch"
             fire "idle for ${idle_for}s (limit ${idle_seconds}s)"
+        else
+            write_status idle "$stop_at"
         fi
     fi
     sleep "$sleep_seconds" || sleep 30

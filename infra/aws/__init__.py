@@ -52,4 +52,8 @@ def open_provisioner(
         endpoint_url = sandbox_endpoint_url(home or gpuflow_home())
     target = AwsTarget(region=region, profile=None if sandbox else profile, endpoint_url=endpoint_url, sandbox=sandbox)
     api = AwsApi(target, sleep=sleep or time.sleep)
+    if sandbox:  # its instances are directories and processes on this machine: terminating them ends those too
+        from infra.aws.provisioner import SandboxProvisioner
+
+        return SandboxProvisioner(api, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
     return Ec2Provisioner(api, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)

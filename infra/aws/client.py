@@ -23,6 +23,8 @@ Why a wrapper instead of bare clients:
 from __future__ import annotations
 
 import functools
+import ipaddress
+import os
 import random
 import sys
 import time
@@ -147,15 +149,31 @@ class AwsTarget:
     sandbox: bool = False
 
 
+# A session that reads no profile and no config file: AWS_PROFILE naming a profile that
+# does not exist, or a config file that does not parse, must not break what needs no account
+# (the sandbox, botocore's service models and region list).
+# Nor does it take an endpoint from AWS_ENDPOINT_URL[_EC2]: the sandbox's endpoint is its own.
+_ACCOUNTLESS_SESSION_VARIABLES = {
+    "profile": (None, None, None, None),
+    "config_file": (None, None, os.devnull, None),
+    "credentials_file": (None, None, os.devnull, None),
+    "ignore_configured_endpoint_urls": (None, None, True, None),
+}
+
+
+def _accountless_botocore_session() -> Any:
+    return botocore.session.Session(session_vars=dict(_ACCOUNTLESS_SESSION_VARIABLES))
+
+
 @functools.lru_cache(maxsize=1)
 def _shared_data_loader() -> Any:
     """botocore's loader of service models, shared by every session this
     process opens: parsing the EC2 model takes ~0.5 s, once is enough."""
-    return botocore.session.get_session().get_component("data_loader")
+    return _accountless_botocore_session().get_component("data_loader")
 
 
-def _botocore_session(profile: str | None) -> Any:
-    session = botocore.session.Session(profile=profile)
+def _botocore_session(profile: str | None, *, accountless: bool = False) -> Any:
+    session = _accountless_botocore_session() if accountless else botocore.session.Session(profile=profile)
     session.register_component("data_loader", _shared_data_loader())
     return session
 
@@ -164,7 +182,7 @@ def _botocore_session(profile: str | None) -> Any:
 def known_regions() -> frozenset[str]:
     """Every EC2 region botocore knows, in all partitions (no network call;
     constant for a botocore version, so computed once)."""
-    session = _botocore_session(None)
+    session = _botocore_session(None, accountless=True)
     regions: set[str] = set()
     for partition in session.get_available_partitions():
         regions.update(session.get_available_regions("ec2", partition_name=partition))
@@ -203,7 +221,7 @@ class AwsApi:
                         aws_access_key_id=SANDBOX_ACCESS_KEY,
                         aws_secret_access_key=SANDBOX_ACCESS_KEY,
                         region_name=self.target.region,
-                        botocore_session=_botocore_session(None),
+                        botocore_session=_botocore_session(None, accountless=True),
                     )
                 else:
                     self._session = boto3.session.Session(
@@ -211,7 +229,7 @@ class AwsApi:
                     )
             except botocore.exceptions.ProfileNotFound as exc:
                 raise AwsCredentialsError(
-                    f"AWS profile {self.target.profile!r} not found",
+                    f"AWS profile {exc.kwargs.get('profile', self.target.profile)!r} not found",
                     code="ProfileNotFound",
                     hint="check ~/.aws/config or pass another --profile",
                 ) from exc
@@ -220,12 +238,16 @@ class AwsApi:
     def client(self, service: str) -> Any:
         """A cached boto3 client for ``service`` in the target's region."""
         if service not in self._clients:
+            if self.target.sandbox:
+                _require_loopback_endpoint(self.target)
             config = botocore.config.Config(
                 region_name=self.target.region,
                 retries={"mode": "standard", "max_attempts": 3},
                 connect_timeout=10,
                 read_timeout=60,
                 user_agent_extra="gpuflow",
+                # The sandbox's requests go to 127.0.0.1 directly, never through an HTTP(S)_PROXY from the environment.
+                **({"proxies": {}} if self.target.sandbox else {}),
             )
             try:
                 self._clients[service] = self._boto_session().client(
@@ -266,6 +288,24 @@ class AwsApi:
             if not token:
                 return items
             params = {**params, token_field: token}
+
+
+def _require_loopback_endpoint(target: AwsTarget) -> None:
+    """A sandbox client talks to a loopback moto server, or to a moto mock in this
+    process (which answers before anything is sent) -- never to an AWS endpoint."""
+    if target.endpoint_url is None:
+        if in_process_mock_active():
+            return
+        raise CloudError("internal error: a sandbox AWS client without the sandbox's endpoint (refused: it would reach AWS)")
+    from urllib.parse import urlsplit
+
+    host = urlsplit(target.endpoint_url).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise CloudError(f"internal error: the sandbox endpoint {target.endpoint_url!r} is not a loopback address (refused)")
 
 
 def map_client_error(exc: botocore.exceptions.ClientError, operation: str) -> GpuflowError:

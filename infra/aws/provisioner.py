@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuflow.errors import CapacityError, CloudError, UsageError
+from gpuflow.errors import CapacityError, CloudError, CredentialsError, UsageError
 from gpuflow.records import Node
 from infra.aws.client import AwsApi, AwsCallError, AwsCapacityError, known_regions
 from infra.dlami import (
@@ -35,6 +35,12 @@ TAG_OWNER_ID = "gpuflow:owner-id"  # the creating gpuflow home's id: what `reap`
 TAG_CREATED_AT = "gpuflow:created-at"
 TAG_MANAGED = "gpuflow:managed"
 TAG_LAUNCH = "gpuflow:launch-id"  # one per `up` invocation: what rollback may delete
+TAG_EXPIRES_AT = "gpuflow:expires-at"  # created-at + --max-hours: `reap --expired` takes only what is past it
+
+# Spot launches through the API need this service-linked role in the account
+# (AWS creates it by itself only for spot requests made in the console).
+SPOT_SERVICE_LINKED_ROLE = "AWSServiceRoleForEC2Spot"
+CREATE_SPOT_ROLE_COMMAND = "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 GONE_STATES = ("shutting-down", "terminated")
@@ -186,6 +192,17 @@ class ManagedResource:
     detail: str | None = None
     owner: str | None = None  # the gpuflow:owner tag (user@host that created it)
     owner_id: str | None = None  # the gpuflow:owner-id tag
+    expires_at: str | None = None  # the gpuflow:expires-at tag
+    launch_id: str | None = None  # the gpuflow:launch-id tag
+
+
+def _managed_resource(
+    kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None
+) -> ManagedResource:
+    return ManagedResource(
+        kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail,
+        tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID), tags.get(TAG_EXPIRES_AT), tags.get(TAG_LAUNCH),
+    )
 
 
 ProgressCallback = Callable[[str], None]
@@ -244,6 +261,21 @@ class Ec2Provisioner:
             vcpus=int(data.get("VCpuInfo", {}).get("DefaultVCpus", 0)),
             memory_mib=int(data.get("MemoryInfo", {}).get("SizeInMiB", 0)),
         )
+
+    def spot_role_exists(self) -> bool | None:
+        """Whether the account has the spot service-linked role: True, False,
+        or None when this identity may not ask (``iam:GetRole`` denied)."""
+        try:
+            self.api.call("iam", "get_role", RoleName=SPOT_SERVICE_LINKED_ROLE)
+        except AwsCallError as exc:
+            if exc.code in ("NoSuchEntity", "NoSuchEntityException"):
+                return False
+            raise
+        except CredentialsError as exc:
+            if getattr(exc, "code", "") in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
+                return None
+            raise
+        return True
 
     def offered_zones(self, instance_type: str) -> list[str]:
         """Availability zones of the region that offer ``instance_type``."""
@@ -597,13 +629,7 @@ class Ec2Provisioner:
     def managed_resources(self) -> list[ManagedResource]:
         """Everything in the region tagged ``gpuflow:managed=true`` that still costs or clutters."""
         managed = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
-
-        def resource(kind: str, resource_id: str, tags: dict[str, str], state: str | None = None, detail: str | None = None) -> ManagedResource:
-            return ManagedResource(
-                kind, resource_id, tags.get(TAG_CLUSTER), tags.get(TAG_CREATED_AT), state, detail,
-                tags.get(TAG_OWNER), tags.get(TAG_OWNER_ID),
-            )
-
+        resource = _managed_resource
         resources = [
             resource("instance", view.instance_id, view.tags, view.state, view.instance_type) for view in self.find_instances()
         ]
@@ -625,14 +651,26 @@ class Ec2Provisioner:
         return resources
 
     def find_cluster_resources(self, cluster: str) -> tuple[list[str], list[str]]:
-        """(security group ids, key pair names) tagged as created for ``cluster``."""
+        """(security group ids, key pair names) tagged as created for ``cluster``, by anyone."""
+        resources = self.cluster_resources(cluster)
+        return (
+            [resource.resource_id for resource in resources if resource.kind == "security-group"],
+            [resource.resource_id for resource in resources if resource.kind == "key-pair"],
+        )
+
+    def cluster_resources(self, cluster: str) -> list[ManagedResource]:
+        """The security groups and key pairs tagged as created for ``cluster``, with
+        their owner tags (a name alone does not say whose they are)."""
         filters = [
             {"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]},
             {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
         ]
         groups = self.api.paginate("ec2", "describe_security_groups", "SecurityGroups", Filters=filters)
         keys = self.api.call("ec2", "describe_key_pairs", Filters=filters).get("KeyPairs", [])
-        return [group["GroupId"] for group in groups], [key["KeyName"] for key in keys]
+        return [
+            _managed_resource("security-group", group["GroupId"], tag_dict(group.get("Tags")), None, group.get("GroupName"))
+            for group in groups
+        ] + [_managed_resource("key-pair", key["KeyName"], tag_dict(key.get("Tags"))) for key in keys]
 
     def cancel_spot_requests(self, request_ids: Sequence[str]) -> None:
         if request_ids:
@@ -660,9 +698,46 @@ __all__ = [
     "ManagedResource",
     "TAG_CLUSTER",
     "TAG_CREATED_AT",
+    "TAG_EXPIRES_AT",
     "TAG_LAUNCH",
     "TAG_MANAGED",
     "TAG_OWNER",
     "TAG_OWNER_ID",
     "client_token",
 ]
+
+
+class SandboxProvisioner(Ec2Provisioner):
+    """The sandbox cloud's provisioner (:func:`infra.aws.open_provisioner` picks it
+    once, for ``sandbox=True``): moto's EC2, plus what moto cannot do — a
+    terminated sandbox instance's jobs die and its directory goes
+    (:func:`gpuflow.remote.discard_sandbox_instance`), whichever use case
+    terminates it (``down``, ``reap``, ``run --down``, an ``up`` rolled back)."""
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        from gpuflow.remote import discard_sandbox_instance
+
+        tagged = {view.instance_id: view.cluster for view in self.describe_instances(instance_ids)}
+        super().terminate(instance_ids)
+        for instance_id in instance_ids:
+            for cluster in _sandbox_clusters_of(instance_id, tagged.get(instance_id)):
+                discard_sandbox_instance(cluster, instance_id)
+
+
+def _sandbox_clusters_of(instance_id: str, tagged: str | None) -> list[str]:
+    """The cluster whose sandbox directory holds the instance: its tag; for an
+    instance the fake cloud no longer knows (its server was restarted), the
+    cluster directories holding a directory named by that instance id."""
+    from gpuflow.config import gpuflow_home
+    from gpuflow.state import validate_name
+
+    try:
+        validate_name(instance_id, "instance id")
+        if tagged is not None:
+            return [validate_name(tagged, "cluster name")]
+    except UsageError:  # a tag gpuflow did not write: no directory of ours can match it
+        return []
+    root = gpuflow_home() / "sandbox"
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / instance_id).is_dir())

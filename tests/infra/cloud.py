@@ -59,7 +59,21 @@ def cloud(monkeypatch) -> Iterator[Any]:
 
     with mock_aws():
         seed_deep_learning_ami(REGION)
+        create_spot_role()  # an account that has used spot before (tests of a missing role delete it)
         yield boto3.client("ec2", region_name=REGION)
+
+
+def create_spot_role() -> None:
+    """The AWSServiceRoleForEC2Spot service-linked role, as AWS names it (moto's
+    create_service_linked_role would call it AWSServiceRoleForspot)."""
+    import boto3
+
+    boto3.client("iam", region_name=REGION).create_role(
+        RoleName="AWSServiceRoleForEC2Spot",
+        Path="/aws-service-role/spot.amazonaws.com/",
+        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "spot.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+    )
 
 
 @dataclass

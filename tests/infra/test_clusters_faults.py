@@ -242,3 +242,55 @@ def test_cli_spot_fallback_flag(cloud, api_calls, gpuflow_home, capsys):
         main(["down", "cli-spot", "--yes"])
     api_calls.faults.clear()
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+# ---------------------------------------------------------------- the spot service-linked role
+def _delete_spot_role() -> None:
+    import boto3
+
+    boto3.client("iam", region_name=REGION).delete_role(RoleName="AWSServiceRoleForEC2Spot")
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_spot_without_the_service_linked_role_is_refused_before_anything_is_created(
+    cloud, provisioners, api_calls, gpuflow_home, fallback
+):
+    """Through the API, AWS does not create AWSServiceRoleForEC2Spot by itself:
+    `up --spot` says how to create it, and creates nothing."""
+    _delete_spot_role()
+    with pytest.raises(CloudError) as error:
+        clusters.up(make_spec("no-role", spot=True, spot_fallback=fallback), provisioner_factory=provisioners)
+    line = error.value.one_line()
+    assert "AWSServiceRoleForEC2Spot" in line
+    assert "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com" in line
+    assert "\n" not in line
+    assert api_calls.count("GetRole") == 1
+    for creating in ("CreateKeyPair", "CreateSecurityGroup", "RunInstances"):
+        assert api_calls.count(creating) == 0
+    assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_a_denied_role_check_does_not_block_the_spot_launch(cloud, provisioners, api_calls, gpuflow_home):
+    api_calls.fail("GetRole", code="AccessDenied")
+    warnings: list[str] = []
+    cluster = clusters.up(make_spec("denied", spot=True), provisioner_factory=provisioners, warn=warnings.append)
+    assert cluster.head.lifecycle == "spot"
+    assert any("could not check" in warning and "create-service-linked-role" in warning for warning in warnings)
+    clusters.down("denied", provisioner_factory=provisioners)
+
+
+def test_on_demand_launches_do_not_ask_iam(cloud, provisioners, api_calls):
+    _delete_spot_role()
+    clusters.up(make_spec("on-demand"), provisioner_factory=provisioners)
+    assert api_calls.count("GetRole") == 0
+
+
+def test_cli_spot_without_the_role_is_one_line_and_exit_5(cloud, api_calls, gpuflow_home, capsys):
+    _delete_spot_role()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["up", "cli-no-role", "--spot", "--ssh-cidr", "203.0.113.7/32"])
+    assert exit_info.value.code == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gpuflow: error: --spot needs the account's AWSServiceRoleForEC2Spot")
+    assert "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com" in err
+    assert leftovers(cloud, gpuflow_home) == {}

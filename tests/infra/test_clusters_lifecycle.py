@@ -360,11 +360,13 @@ def test_down_waits_out_a_security_group_still_in_use(cloud, provisioners, api_c
 def test_down_after_down_cleans_what_reappeared_under_the_name(cloud, provisioners, gpuflow_home):
     first = clusters.up(make_spec("again"), provisioner_factory=provisioners)
     clusters.down("again", provisioner_factory=provisioners)
-    # someone else (another laptop) launched a cluster of that name meanwhile
+    # this gpuflow (another laptop with the same owner id) launched a cluster of that name meanwhile;
+    # another owner's is left alone (tests/infra/test_clusters_ownership.py)
     stray = cloud.run_instances(
         ImageId=first.ami, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [
-            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "again"}]}],
+            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "again"},
+            {"Key": "gpuflow:owner-id", "Value": clusters.owner_id()}]}],
     )["Instances"][0]["InstanceId"]
     report = clusters.down("again", provisioner_factory=provisioners)
     assert report.terminated == (stray,) and not report.already_down

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.userdata import DEADMAN_ASSET
+from infra.userdata import installed_deadman_script
+from tests.sshd import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,18 +58,27 @@ class Switch:
         return self.log.read_text() if self.log.exists() else "(no log)"
 
 
+@pytest.fixture(scope="module")
+def switch_script(tmp_path_factory) -> Path:
+    """The switch exactly as the user-data installs it (comments stripped)."""
+    path = tmp_path_factory.mktemp("switch") / "gpuflow-deadman"
+    path.write_text(installed_deadman_script())
+    return path
+
+
 @pytest.fixture
-def start_switch(tmp_path: Path) -> Iterator:
+def start_switch(tmp_path: Path, switch_script: Path) -> Iterator:
     """Start deadman.sh with a stand-in shutdown; stop it (its whole process group) afterwards."""
     stand_in_bin = tmp_path / "bin"
-    stand_in_bin.mkdir()
+    stand_in_bin.mkdir(exist_ok=True)
     marker = tmp_path / "shutdown-called"
     shutdown = stand_in_bin / "shutdown"
     shutdown.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$DEADMAN_TEST_MARKER"\n')
     shutdown.chmod(0o755)
     started: list[Switch] = []
 
-    def start(*, idle_seconds: int, max_seconds: int = 3600, base: Path | None = None, extra: list[str] = (), env=None):
+    def start(*, idle_seconds: int, max_seconds: int = 3600, base: Path | None = None, extra: list[str] = (), env=None,
+              ssh_port: int | None = None):
         base = base if base is not None else tmp_path / "gpuflow"
         log = tmp_path / "deadman.log"
         environment = {
@@ -79,9 +90,12 @@ def start_switch(tmp_path: Path) -> Iterator:
             "GPUFLOW_DEADMAN_RETRY_SECONDS": "1",
             **(env or {}),
         }
+        # Every file the switch writes stays in tmp_path; no sshd listens on a fresh free port.
         process = subprocess.Popen(
-            ["bash", str(DEADMAN_ASSET), "--base-dir", str(base), "--log-file", str(log),
-             "--state-file", str(tmp_path / "idle-since"), "--interval", "0.1", "--uptime-from", "start", *extra],
+            ["bash", str(switch_script), "--base-dir", str(base), "--log-file", str(log),
+             "--state-file", str(tmp_path / "idle-since"), "--status-file", str(tmp_path / "status" / "deadman.status"),
+             "--deadline-file", str(tmp_path / "lib" / "deadline"), "--ssh-port", str(ssh_port or free_port()),
+             "--interval", "0.1", "--uptime-from", "start", *extra],
             env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         switch = Switch(process, marker, log, base, time.monotonic())
@@ -290,12 +304,190 @@ def test_an_unwritable_log_does_not_stop_it(start_switch, tmp_path):
 @pytest.mark.parametrize(
     "arguments",
     [["--idle-minutes", "soon"], ["--max-hours", "-1"], ["--interval", "1; reboot"], ["--interval", "0"],
-     ["--uptime-from", "yesterday"], ["--bogus"]],
+     ["--uptime-from", "yesterday"], ["--bogus"], ["--ssh-port", "22; reboot"], ["--gpu-threshold", "high"]],
 )
-def test_bad_settings_are_refused_at_start(arguments, tmp_path):
+def test_bad_settings_are_refused_at_start(arguments, tmp_path, switch_script):
     result = subprocess.run(
-        ["bash", str(DEADMAN_ASSET), "--log-file", str(tmp_path / "log"), *arguments],
+        ["bash", str(switch_script), "--log-file", str(tmp_path / "log"), *arguments],
         capture_output=True, text=True, timeout=10,
     )
     assert result.returncode == 2
     assert "gpuflow-deadman:" in result.stderr
+
+
+# ----------------------------------------------------------------- people, not just jobs
+
+
+def _status(tmp_path: Path) -> dict[str, list[str]]:
+    """The switch's status file as key -> values."""
+    values: dict[str, list[str]] = {}
+    for line in (tmp_path / "status" / "deadman.status").read_text().splitlines():
+        key, _, value = line.partition("=")
+        values.setdefault(key, []).append(value)
+    return values
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_an_open_ssh_session_keeps_it_up_until_it_ends(start_switch, sshd, tmp_path):
+    """A person in a plain `ssh` session (no gpuflow, no heartbeat) is busy:
+    the real sshd on loopback, the real `ss`."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts_line() + "\n")
+    session = subprocess.Popen(
+        ["ssh", "-F", "none", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "IdentitiesOnly=yes",
+         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+         f"{sshd.user}@127.0.0.1", "echo logged-in; sleep 60"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert session.stdout.readline() == b"logged-in\n", session.stderr.read()
+    # A connection that never logs in (a scanner) stays open throughout: it is not a session.
+    scanner = socket.create_connection(("127.0.0.1", sshd.port), timeout=10)
+    try:
+        try:
+            switch = start_switch(idle_seconds=1, ssh_port=sshd.port)
+            _wait_for(lambda: "busy: SSH session(s): 1 from 127.0.0.1:" in switch.log_text(), 10, "the SSH session")
+            switch.stays_quiet(2.5)  # more than two idle windows
+            status = _status(tmp_path)
+            assert status["verdict"] == ["busy"] and status["stop_at"] == [""]
+            assert status["reason"][0].startswith("SSH session(s): 1 from 127.0.0.1:")  # one: not the scanner
+        finally:
+            session.kill()
+            session.wait(timeout=10)
+            session.stdout.close()
+            session.stderr.close()
+        switch.wait_fired(timeout=8)
+        assert "FIRE: idle for" in switch.log_text()
+    finally:
+        scanner.close()
+
+
+def _fake_nvidia_smi(tmp_path: Path, body: str) -> None:
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+
+
+def test_gpu_utilisation_above_the_threshold_keeps_it_up(start_switch, tmp_path):
+    """A training process started by hand (no run, no connection) keeps the GPU busy."""
+    readings = tmp_path / "utilisation"
+    readings.write_text("0\n73\n")  # two GPUs, the second busy
+    _fake_nvidia_smi(tmp_path, f'[ "$*" = "--query-gpu=utilization.gpu --format=csv,noheader,nounits" ] || exit 9\n'
+                               f'cat {readings}\n')
+    switch = start_switch(idle_seconds=1, extra=["--gpu-threshold", "5"])
+    switch.stays_quiet(2.5)
+    assert "busy: GPU 73% busy (threshold 5%)" in switch.log_text()
+    assert _status(tmp_path)["reason"] == ["GPU 73% busy (threshold 5%)"]
+    readings.write_text("4\n[N/A]\n")  # below the threshold: idle
+    switch.wait_fired(timeout=8)
+
+
+def test_a_hanging_probe_does_not_stop_the_switch(start_switch, tmp_path):
+    _fake_nvidia_smi(tmp_path, "sleep 60\n")
+    hanging_ss = tmp_path / "bin" / "ss"
+    hanging_ss.write_text("#!/bin/sh\nsleep 60\n")
+    hanging_ss.chmod(0o755)
+    switch = start_switch(idle_seconds=1, env={"GPUFLOW_DEADMAN_PROBE_TIMEOUT": "1"})
+    switch.wait_fired(timeout=15)
+
+
+def test_the_status_file_says_idle_since_and_when_it_stops(start_switch, tmp_path):
+    switch = start_switch(idle_seconds=50, max_seconds=3600)
+    _wait_for(lambda: (tmp_path / "status" / "deadman.status").exists(), 10, "the status file")
+    status = _status(tmp_path)
+    now = time.time()
+    assert status["verdict"] == ["idle"] and "reason" not in status
+    idle_since, stop_at, deadline = int(status["idle_since"][0]), int(status["stop_at"][0]), int(status["deadline"][0])
+    assert abs(idle_since - now) < 5 and stop_at == idle_since + 50
+    assert abs(deadline - (now + 3600)) < 5
+    assert int(status["idle_seconds"][0]) == 50
+    assert switch.process.poll() is None
+
+
+# ----------------------------------------------------------------- the max-hours deadline survives reboots
+
+
+@pytest.fixture
+def fake_clock(tmp_path: Path) -> Path:
+    """A stand-in `date` whose `date +%s` reads a file (other uses go to the real one)."""
+    import shutil
+
+    clock = tmp_path / "clock"
+    real_date = shutil.which("date")
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    fake = tmp_path / "bin" / "date"
+    fake.write_text(f'#!/bin/sh\nif [ "$*" = "+%s" ]; then cat "{clock}"; exit 0; fi\nexec {real_date} "$@"\n')
+    fake.chmod(0o755)
+    return clock
+
+
+def test_a_reboot_does_not_move_the_deadline(start_switch, running_job, fake_clock, tmp_path):
+    """Run the switch, 'reboot' (a new process whose uptime starts at 0) 10 minutes
+    later: the deadline is the one written at first boot, and it fires there
+    while a job runs, long before a fresh max-hours of uptime."""
+    running_job(tmp_path / "gpuflow")
+    deadline_file = tmp_path / "lib" / "deadline"
+    first_boot = 1_900_000_000
+    fake_clock.write_text(f"{first_boot}\n")
+    first = start_switch(idle_seconds=60, max_seconds=1000)
+    _wait_for(lambda: deadline_file.exists(), 10, "the deadline file")
+    assert deadline_file.read_text() == f"{first_boot + 1000}\n"
+    first.stays_quiet(0.5)
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait(timeout=10)
+
+    fake_clock.write_text(f"{first_boot + 600}\n")  # the second boot
+    second = start_switch(idle_seconds=60, max_seconds=1000)
+    _wait_for(lambda: f"deadline={first_boot + 1000} " in second.log_text(), 10, "the second start")
+    second.stays_quiet(1)
+    assert deadline_file.read_text() == f"{first_boot + 1000}\n"  # not first_boot + 600 + 1000
+    fake_clock.write_text(f"{first_boot + 1000}\n")
+    second.wait_fired(timeout=8)
+    assert "reached the cap" in second.log_text()
+
+
+def _arm_backstop(tmp_path: Path, switch_script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(switch_script), "--arm-backstop", "--log-file", str(tmp_path / "deadman.log"),
+         "--deadline-file", str(tmp_path / "lib" / "deadline"), "--uptime-from", "start"],
+        env={**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+             "DEADMAN_TEST_MARKER": str(tmp_path / "shutdown-called"), "GPUFLOW_DEADMAN_MAX_SECONDS": "7200"},
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+def _stand_in_shutdown(tmp_path: Path) -> Path:
+    shutdown = tmp_path / "bin" / "shutdown"
+    shutdown.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$DEADMAN_TEST_MARKER"\n')
+    shutdown.chmod(0o755)
+    return tmp_path / "shutdown-called"
+
+
+def test_the_backstop_is_rearmed_at_boot_from_the_persisted_deadline(fake_clock, tmp_path, switch_script):
+    marker = _stand_in_shutdown(tmp_path)
+    first_boot = 1_900_000_000
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "deadline").write_text(f"{first_boot + 7200}\n")
+    fake_clock.write_text(f"{first_boot + 3600}\n")  # an hour left: 60 min + a 5 min margin
+    assert _arm_backstop(tmp_path, switch_script).returncode == 0
+    assert marker.read_text() == "-h +65 gpuflow: max-hours cap reached\n"
+    fake_clock.write_text(f"{first_boot + 7300}\n")  # booted after the deadline: now
+    assert _arm_backstop(tmp_path, switch_script).returncode == 0
+    assert marker.read_text().splitlines()[-1] == "-h +0 gpuflow: max-hours cap reached"
+    assert (tmp_path / "lib" / "deadline").read_text() == f"{first_boot + 7200}\n"
+
+
+def test_the_first_backstop_writes_the_deadline(fake_clock, tmp_path, switch_script):
+    _stand_in_shutdown(tmp_path)
+    fake_clock.write_text("1900000000\n")
+    assert _arm_backstop(tmp_path, switch_script).returncode == 0
+    deadline = int((tmp_path / "lib" / "deadline").read_text())
+    assert 1900000000 + 7200 - 5 <= deadline <= 1900000000 + 7200  # boot (this process's start) + the cap
+    assert (tmp_path / "shutdown-called").read_text() == "-h +125 gpuflow: max-hours cap reached\n"

@@ -3,8 +3,11 @@ than it needs: the calls are recorded from real lifecycle runs against moto."""
 
 from __future__ import annotations
 
+import json
+
 from gpuflow import clusters
 from tests.infra.cloud import (
+    POLICY_PATH,
     leftovers,
     make_spec,
     policy_allow_patterns,
@@ -17,7 +20,11 @@ allowed = policy_allows
 def test_policy_is_narrow():
     patterns = policy_allow_patterns()
     assert "*" not in patterns and "ec2:*" not in patterns
-    assert not any(pattern.lower().startswith("iam:") for pattern in patterns)  # no PassRole: no credentials on instances
+    # IAM: only reading whether the spot service-linked role exists; no PassRole: no credentials on instances.
+    assert [pattern for pattern in patterns if pattern.lower().startswith("iam:")] == ["iam:GetRole"]
+    [statement] = [item for item in json.loads(POLICY_PATH.read_text())["Statement"] if "iam:GetRole" in item["Action"]]
+    assert statement["Resource"] == "arn:aws:iam::*:role/aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot"
+    assert not allowed("iam", "PassRole") and not allowed("iam", "CreateServiceLinkedRole")
     assert not allowed("ec2", "DeleteVpc")
     assert not allowed("ec2", "ModifyInstanceAttribute")
     assert allowed("ec2", "RunInstances")
@@ -45,6 +52,7 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
                      "DescribeSpotPriceHistory", "DescribeVolumes", "DescribeSpotInstanceRequests"):
         assert ("ec2", expected) in made
     assert ("ssm", "GetParameter") in made
+    assert ("iam", "GetRole") in made  # --spot checks the service-linked role
     refused = sorted(f"{service}:{operation}" for service, operation in made if not allowed(service, operation))
     assert refused == [], f"infra/iam-policy.json does not allow {refused}"
 

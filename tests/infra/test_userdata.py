@@ -12,11 +12,15 @@ import pytest
 
 from gpuflow.errors import UsageError
 from infra.userdata import (
+    DEADMAN_BACKSTOP_UNIT_NAME,
+    DEADMAN_DEADLINE_PATH,
     DEADMAN_ENV_PATH,
     DEADMAN_INSTALL_PATH,
+    DEADMAN_STATUS_PATH,
     USER_DATA_LIMIT_BYTES,
     USER_DATA_MARKER,
     deadman_script,
+    installed_deadman_script,
     render_user_data,
 )
 
@@ -35,10 +39,16 @@ def test_user_data_is_valid_bash_and_carries_the_switch_verbatim(tmp_path):
     assert result.returncode == 0, result.stderr
     assert user_data.startswith("#!/bin/bash\n")
     assert USER_DATA_MARKER in user_data
-    assert _heredoc(user_data, "GPUFLOW_DEADMAN_SCRIPT_END") == deadman_script().rstrip()
+    assert _heredoc(user_data, "GPUFLOW_DEADMAN_SCRIPT_END") == installed_deadman_script().rstrip()
     assert f"ExecStart={DEADMAN_INSTALL_PATH}" in user_data
     assert "Restart=always" in user_data
     assert "systemctl enable --now gpuflow-deadman.service" in user_data
+    # Every later boot re-arms the backstop from the persisted deadline; a new
+    # instance (even from an image of an old one) starts with no deadline.
+    assert f"ExecStart={DEADMAN_INSTALL_PATH} --arm-backstop" in user_data
+    assert f"systemctl enable {DEADMAN_BACKSTOP_UNIT_NAME}" in user_data
+    assert f"rm -f {DEADMAN_DEADLINE_PATH}" in user_data
+    assert "ClientAliveInterval 60" in user_data
     # The independent backstop: ceil(6.5 h) in minutes plus a margin, never earlier than the switch.
     assert "shutdown -h +395 " in user_data
 
@@ -69,8 +79,10 @@ def test_the_rendered_switch_settings_are_accepted_by_the_script(tmp_path):
     log = tmp_path / "deadman.log"
     # Run it for a moment with a harmless shutdown command; it must start and log its settings.
     process = subprocess.Popen(
-        ["bash", "-c", 'set -a; . "$1"; set +a; exec bash "$2" --log-file "$3" --base-dir "$4" --state-file "$5" --shutdown-command true',
-         "_", str(env_file), str(script), str(log), str(tmp_path / "base"), str(tmp_path / "idle-since")],
+        ["bash", "-c", 'set -a; . "$1"; set +a; exec bash "$2" --log-file "$3" --base-dir "$4" --state-file "$5" '
+         '--status-file "$6" --deadline-file "$7" --shutdown-command true',
+         "_", str(env_file), str(script), str(log), str(tmp_path / "base"), str(tmp_path / "idle-since"),
+         str(tmp_path / "status"), str(tmp_path / "deadline")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -90,7 +102,31 @@ def test_user_data_fits_the_ec2_limit_with_the_longest_values():
     user_data = render_user_data(
         cluster_name="c" * 63, idle_minutes=10080, max_hours=720.0, ssh_user="u" * 32
     )
-    assert len(user_data.encode("utf-8")) < USER_DATA_LIMIT_BYTES
+    # README states the measured size (14,136 bytes typical, 14,422 with these values); keep room.
+    assert len(user_data.encode("utf-8")) < USER_DATA_LIMIT_BYTES - 1024
+
+
+def test_the_installed_switch_is_the_asset_without_comments(tmp_path):
+    """Only comment lines, blank lines and indentation go; every command stays, in order."""
+    installed = installed_deadman_script()
+    source_commands = [line.strip() for line in deadman_script().splitlines()[1:]
+                       if line.strip() and not line.strip().startswith("#")]
+    assert installed.splitlines()[1:] == source_commands
+    assert installed.startswith("#!/bin/bash\n")
+    script = tmp_path / "switch.sh"
+    script.write_text(installed)
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpuflow_reads_the_paths_the_switch_writes():
+    """The script's defaults are the paths user-data and `gpuflow status` use."""
+    from gpuflow import switch_status
+
+    script = deadman_script()
+    assert f'status_file="${{GPUFLOW_DEADMAN_STATUS_FILE:-{DEADMAN_STATUS_PATH}}}"' in script
+    assert f'deadline_file="${{GPUFLOW_DEADMAN_DEADLINE_FILE:-{DEADMAN_DEADLINE_PATH}}}"' in script
+    assert switch_status.INSTANCE_STATUS_PATH == DEADMAN_STATUS_PATH
 
 
 def test_no_credentials_in_user_data(monkeypatch):

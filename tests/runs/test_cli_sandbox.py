@@ -123,6 +123,15 @@ def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     curves = Path(re.search(r"curves: +(\S+)", captured.out).group(1))
     assert checkpoint.name == "best_model.keras" and checkpoint.stat().st_size > 10_000
     assert curves.read_bytes().startswith(b"\x89PNG")
+    # --visualize's pictures were pulled from outputs/visualization/ and two are named.
+    cam = Path(re.search(r"grad-cam: +(\S+)", captured.out).group(1))
+    confusion = Path(re.search(r"confusion: +(\S+)", captured.out).group(1))
+    assert cam == checkpoint.parent / "visualization" / "cam.png"
+    assert confusion == checkpoint.parent / "visualization" / "confusion_matrix.png"
+    for picture in (cam, confusion):
+        assert picture.read_bytes().startswith(b"\x89PNG") and picture.stat().st_size > 5_000
+    pictures = json.loads((checkpoint.parent / "visualization" / "visualization.json").read_text())
+    assert pictures["dataset"] == "digits" and pictures["cam"]["method"] == "Grad-CAM"
     manifest = json.loads((checkpoint.parent.parent / "manifest.json").read_text())
     assert manifest["sandbox"] is True and manifest["tensorflow"] and manifest["exit_code"] == 0
     assert manifest["command"][-2:] == ["--output", manifest["command"][-1]]
@@ -322,3 +331,102 @@ def test_a_training_module_gets_the_synced_data_dir_unless_given():
     assert mine == ["py", "-m", "training.cifar10_cnn", "--data-dir=/elsewhere", "--output", "/r/outputs"]
     assert runs.build_job_argv(python="py", module="mine.train", args=[], output_dir="/o", data_dir="/d") == [
         "py", "-m", "mine.train"]
+
+
+def _processes_of_runs_under(root: Path) -> list[int]:
+    """Pids whose environment names a run directory under ``root`` (GPUFLOW_RUN_DIR, which
+    every job and its children carry): what would still run "on" the sandbox's instances."""
+    wanted = f"GPUFLOW_RUN_DIR={os.path.realpath(root)}/".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environment = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(entry.startswith(wanted) for entry in environment):
+            found.append(int(name))
+    return found
+
+
+def _wait_until_none_left(root: Path, timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_of_runs_under(root)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def test_run_up_down_leaves_no_process_of_the_job_behind(project, monkeypatch, capfd, gpuflow_home):
+    """The job ends but leaves children: one in its process group, one in a session of its own.
+    `run --up --sandbox --down` terminates the instance, and with it both."""
+    monkeypatch.chdir(project)
+    spawn = "setsid sleep 300 </dev/null >/dev/null 2>&1 & sleep 300 </dev/null >/dev/null 2>&1 & echo spawned"
+    with in_process_sandbox():
+        code = cli(["run", "--up", "--sandbox", "--down", "spawner", "--", "sh", "-c", spawn])
+        captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "spawned" in captured.out
+    assert _wait_until_none_left(gpuflow_home / "sandbox") == []
+    assert not (gpuflow_home / "sandbox" / "spawner").exists()
+
+
+def test_sandbox_reap_terminates_like_ec2_its_jobs_and_directory_go(project, monkeypatch, capfd, gpuflow_home):
+    """A sandbox cluster gpuflow no longer knows (its record is gone) is reaped:
+    its running job and supervisor die and its directory is deleted, as EC2's
+    termination would do to a real instance."""
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("orphan", {"sandbox": True}, project_dir=project))
+        assert cli(["run", "orphan", "--detach", "--", "python", "job.py", "100000", "0.05", "0"]) == 0
+        capfd.readouterr()
+        [record] = runs.all_records()
+        run_dir = Path(record.remote_dir)
+        supervisor_pid = int((run_dir / "supervisor.pid").read_text())
+        job_pid = int((run_dir / "job.pid").read_text())
+        assert _alive(job_pid) and _alive(supervisor_pid)
+        (gpuflow_home / "state" / "clusters" / "orphan.json").unlink()
+
+        assert cli(["reap", "--sandbox", "--yes"]) == 0
+        capfd.readouterr()
+        assert _wait_until_none_left(gpuflow_home / "sandbox") == []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (_alive(job_pid) or _alive(supervisor_pid)):
+            time.sleep(0.05)
+        assert not _alive(job_pid) and not _alive(supervisor_pid)
+        assert not (gpuflow_home / "sandbox" / "orphan").exists()
+        assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
+        assert [status.status for status in runs.list_runs()] == ["lost"]  # and it really is
+
+
+def test_sigterm_to_run_up_down_still_stops_the_job_and_tears_down(project, gpuflow_home):
+    """SIGTERM (a cancelled CI job) is an exit path too: gpuflow ends as on Ctrl-C —
+    the job is stopped, its outputs pulled, the sandbox cluster torn down — and
+    nothing of the job is left running."""
+    import subprocess
+    import sys
+
+    repository = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, "PYTHONPATH": str(repository)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpuflow", "run", "--up", "--sandbox", "--down", "termed", "--",
+         "python", "job.py", "100000", "0.05", "0"],
+        cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout.readline().startswith(b"line 0000 ")  # the log streams: the job runs
+        [pid_file] = gpuflow_home.glob("sandbox/termed/*/runs/*/job.pid")
+        job_pid = int(pid_file.read_text())
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, err.decode()
+    assert b"was stopped with exit code 143" in err
+    assert _wait_until_none_left(gpuflow_home / "sandbox") == []
+    assert not _alive(job_pid)
+    assert not (gpuflow_home / "sandbox" / "termed").exists()
+    assert [record.status for record in runs.all_records()] == ["failed"]

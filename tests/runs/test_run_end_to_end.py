@@ -15,7 +15,7 @@ import pytest
 
 from gpuflow import runs
 from gpuflow.errors import JobFailed
-from tests.runs.conftest import job_args
+from tests.runs.conftest import job_args, wait_for
 
 pytestmark = pytest.mark.ssh
 
@@ -111,15 +111,6 @@ def test_failing_job_propagates_its_exit_code_after_pulling(target, project):
     assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["failed(7)"]
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def test_detach_logs_pull_while_running_runs_and_stop(target, project):
     outcome = runs.run(
         target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=io.BytesIO(), detach=True,
@@ -128,7 +119,7 @@ def test_detach_logs_pull_while_running_runs_and_stop(target, project):
     assert outcome.detached and outcome.exit_code is None
     run_id = outcome.record.run_id
     remote_dir = outcome.record.remote_dir
-    _wait_for(lambda: _remote_bytes(target, f"{remote_dir}/job.log").count(b"\n") >= 5)
+    wait_for(lambda: _remote_bytes(target, f"{remote_dir}/job.log").count(b"\n") >= 5)
 
     # The supervisor keeps the heartbeat fresh while the job runs.
     runner = target.connect()
@@ -142,7 +133,7 @@ def test_detach_logs_pull_while_running_runs_and_stop(target, project):
     assert "leader" in pgid_check  # the job leads its own process group
     # Nobody connects meanwhile: only the supervisor can move the heartbeat on.
     first = heartbeat.stat().st_mtime_ns
-    _wait_for(lambda: heartbeat.stat().st_mtime_ns > first, timeout=5)
+    wait_for(lambda: heartbeat.stat().st_mtime_ns > first, timeout=5)
 
     assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["running"]
 
@@ -180,7 +171,7 @@ def test_stop_kills_a_job_that_ignores_sigterm(local_target, project):
         local_target, project_dir=project, module=None, args=["python", "stubborn.py"], out=io.BytesIO(), detach=True
     )
     remote_dir = outcome.record.remote_dir
-    _wait_for(lambda: b"ready" in _remote_bytes(local_target, f"{remote_dir}/job.log"))
+    wait_for(lambda: b"ready" in _remote_bytes(local_target, f"{remote_dir}/job.log"))
     record, outcome_text = runs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
     assert outcome_text == "killed"
     assert record.exit_code == 137  # 128 + SIGKILL

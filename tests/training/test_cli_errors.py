@@ -100,6 +100,9 @@ def test_transfer_learning_option_errors(tmp_path):
     )
     assert_one_line_error(run_module("transfer_learning", "--case", "medium", *output), "invalid choice: 'medium'")
     assert_one_line_error(run_module("transfer_learning", "--image-size", "16", *output), "--image-size must be at least 32")
+    assert_one_line_error(
+        run_module("transfer_learning", "--bottleneck", "--visualize", *output), "--visualize needs a model that takes images"
+    )
     assert not (tmp_path / "out").exists(), "a rejected command creates no output directory"
 
 
@@ -108,7 +111,7 @@ def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpu
     assert result.returncode == 0 and "--bottleneck" in result.stdout and "--case" in result.stdout
     probe = (
         "import sys, training.mnist_mlp, training.cifar10_cnn, training.cifar10_augmentation, "
-        "training.transfer_learning, training.run, training.data, training.pipeline, training.models\n"
+        "training.transfer_learning, training.run, training.data, training.pipeline, training.models, training.visualize\n"
         "heavy = sorted(name for name in ('tensorflow', 'keras', 'gpuflow', 'sklearn', 'matplotlib') if name in sys.modules)\n"
         "print(heavy)"
     )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import pickle
+import pickletools
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +23,8 @@ from training.data import (
     read_mnist,
 )
 from training.errors import TrainingError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_cifar_matches(data, cifar_arrays):
@@ -49,6 +59,120 @@ def test_cifar_reader_refuses_a_pickle_that_would_run_code(cifar_directory):
 
     (cifar_directory / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(Exploit(), protocol=2))
     with pytest.raises(TrainingError, match="data_batch_3 is not a CIFAR-10 batch"):
+        load_dataset("cifar10", data_dir=cifar_directory)
+
+
+def _python2_batch(images, labels, name: str) -> bytes:
+    """A batch as the official files are: Python 2 cPickle, protocol 2 (str as
+    BINSTRING, no _codecs), the array reconstructed through numpy.core.multiarray."""
+
+    class Python2Pickler(pickle._Pickler):
+        def save_bytes(self, obj):
+            header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
+            self.write(header + obj)
+            self.memoize(obj)
+
+        dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump({
+        b"batch_label": name.encode(),
+        b"labels": [int(label) for label in labels],
+        b"data": np.ascontiguousarray(rows, dtype=np.uint8),
+        b"filenames": [f"image_{index}.png".encode() for index in range(len(images))],
+    })
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _globals(raw: bytes) -> set[str]:
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"}
+
+
+def test_cifar_reader_reads_batches_in_the_official_python2_format(cifar_directory, cifar_arrays):
+    x_train, y_train, x_test, y_test = cifar_arrays
+    batches = cifar_directory / "cifar-10-batches-py"
+    for index in range(5):
+        part = slice(index * 40, (index + 1) * 40)
+        raw = _python2_batch(x_train[part], y_train[part], f"training batch {index + 1} of 5")
+        assert _globals(raw) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+        (batches / f"data_batch_{index + 1}").write_bytes(raw)
+    (batches / "test_batch").write_bytes(_python2_batch(x_test, y_test, "testing batch 1 of 1"))
+    _assert_cifar_matches(load_dataset("cifar10", data_dir=cifar_directory), cifar_arrays)
+
+
+# Every global here is refused, with one line and exit 2, before its module is imported.
+REFUSED_GLOBALS = [
+    ("numpy.f2py.__main__", "ndarray"),  # importing it runs f2py's command line
+    ("numpy.f2py.__main__", "_reconstruct"),
+    ("numpy.f2py", "main"),
+    ("numpy.distutils", "dtype"),
+    ("numpy.testing", "ndarray"),
+    ("numpy", "load"),
+    ("numpy", "fromfile"),
+    ("numpy.lib.npyio", "load"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("os", "system"),
+    ("builtins", "eval"),
+    ("__builtin__", "eval"),
+    ("builtins", "bytearray"),
+    ("_codecs", "decode"),
+    ("subprocess", "Popen"),
+    ("pickle", "loads"),
+]
+
+_REFUSAL_DRIVER = """
+import contextlib, io, json, sys
+from pathlib import Path
+from training import cifar10_cnn
+batch, argv, cases = Path(sys.argv[1]), sys.argv[2:], json.loads(sys.stdin.read())
+baseline = set(sys.modules)
+results = []
+for stream in cases:
+    batch.write_bytes(bytes.fromhex(stream))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = cifar10_cnn.main(argv)
+    results.append({"code": code, "stderr": stderr.getvalue(), "imported": sorted(set(sys.modules) - baseline)})
+print(json.dumps(results))
+"""
+
+
+def _global_stream(module: str, name: str, protocol: int) -> bytes:
+    """A pickle whose first opcode names ``module.name`` (GLOBAL, or STACK_GLOBAL from protocol 4)."""
+    if protocol == 2:
+        return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b")R."
+    return (b"\x80\x04\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)])
+            + name.encode() + b"\x93)R.")
+
+
+def test_cifar_reader_refuses_every_other_global_before_importing_it(cifar_directory, tmp_path):
+    cases = [(module, name, protocol) for module, name in REFUSED_GLOBALS for protocol in (2, 4)]
+    completed = subprocess.run(
+        [sys.executable, "-c", _REFUSAL_DRIVER, str(cifar_directory / "cifar-10-batches-py" / "data_batch_1"),
+         "--dataset", "cifar10", "--data-dir", str(cifar_directory), "--output", str(tmp_path / "out"), "--epochs", "1"],
+        input=json.dumps([_global_stream(*case).hex() for case in cases]),
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "KERAS_HOME": str(tmp_path / "keras")},
+    )
+    assert completed.returncode == 0 and completed.stdout.strip(), completed.stdout[-2000:] + completed.stderr[-2000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for (module, name, protocol), result in zip(cases, results):
+        lines = result["stderr"].strip().splitlines()
+        assert result["code"] == 2, (module, name, protocol, result)
+        assert len(lines) == 1 and lines[0].startswith("training: error: "), (module, name, protocol, result)
+        assert f"global {module}.{name} is not allowed" in lines[0] and "data_batch_1" in lines[0]
+        # Nothing was imported to refuse it: neither the module named, nor TensorFlow.
+        assert module not in result["imported"] and "numpy.f2py" not in result["imported"], (module, name, result)
+        assert not any(loaded.startswith(("tensorflow", "keras")) for loaded in result["imported"])
+
+
+def test_cifar_reader_refuses_codecs_encode_other_than_latin1(cifar_directory):
+    batch = cifar_directory / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00zlib\x86R.")
+    with pytest.raises(TrainingError, match="data_batch_2 is not a CIFAR-10 batch.*latin1"):
         load_dataset("cifar10", data_dir=cifar_directory)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from gpuflow import remote
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import ConfigError, HostKeyMismatch, InstanceGone, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node
-from gpuflow.state import StateStore
+from gpuflow.state import StateStore, validate_name
 from gpuflow.transport import hostkeys
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.ssh import Backoff, SSHRunner
@@ -150,8 +151,8 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     make_cluster(sshd_session, "sbx", sandbox=True)
     report = remote.write_ssh_config()
     assert report.path == gpuflow_home() / "ssh_config"
-    assert report.hosts == ("web", "web-1") and report.skipped[0].startswith("sbx: sandbox")
-    values = _ssh_g(report.path, "web-1")
+    assert report.hosts == ("web", "web+1") and report.skipped[0].startswith("sbx: sandbox")
+    values = _ssh_g(report.path, "web+1")
     assert values["hostname"] == "127.0.0.1"
     assert values["user"] == sshd_session.user
     assert values["port"] == str(sshd_session.port)
@@ -170,6 +171,25 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     text = user_config.read_text()
     assert text.count("Include ") == 1 and text.index("Include ") < text.index("Host other")
     assert _ssh_g(user_config, "web")["port"] == str(sshd_session.port)
+
+
+def test_ssh_config_aliases_are_unique_whatever_the_cluster_names(sshd_session):
+    # A 2-node cluster `a` and clusters named like its second node under any scheme
+    # built from name characters: every alias is distinct, and each reaches its own cluster.
+    make_cluster(sshd_session, "a", nodes=3)
+    for name in ("a-1", "a.1", "a_1", "a-2"):
+        make_cluster(sshd_session, name)
+    report = remote.write_ssh_config()
+    assert len(set(report.hosts)) == len(report.hosts) == 7
+    assert set(report.hosts) == {"a", "a+1", "a+2", "a-1", "a.1", "a_1", "a-2"}
+    for name in ("a-1", "a.1", "a_1", "a-2"):
+        assert _ssh_g(report.path, name)["userknownhostsfile"] == str(remote.known_hosts_path(name))
+    for alias in ("a", "a+1", "a+2"):
+        assert _ssh_g(report.path, alias)["userknownhostsfile"] == str(remote.known_hosts_path("a"))
+    text = report.path.read_text()
+    assert [line for line in text.splitlines() if line.startswith("Host ")] == [f"Host {alias}" for alias in report.hosts]
+    with pytest.raises(UsageError):  # the separator can never start a cluster name of its own
+        validate_name("a+1", "cluster name")
 
 
 def _gpuflow(*argv: str, **env: str) -> subprocess.CompletedProcess:
@@ -240,7 +260,33 @@ def test_ssh_invocation_pins_before_handing_over_to_openssh(sshd_session, fake_c
         with pytest.raises(UnreachableHost, match="still booting"):
             remote.ssh_invocation("web", ["true"])
     invocation = remote.ssh_invocation("web", ["echo", "a b", "$(x)"], trust_on_first_use=trust)
-    assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1] == "echo 'a b' '$(x)'"
+    assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1].endswith("; echo 'a b' '$(x)'")
     assert ("without verification" in capsys.readouterr().err) is trust
     completed = subprocess.run(list(invocation.argv), capture_output=True, text=True, timeout=60)
     assert (completed.returncode, completed.stdout) == (0, "a b $(x)\n"), completed.stderr
+
+
+def test_cli_ssh_touches_the_heartbeat_like_every_connection(sshd_session, tmp_path):
+    """`gpuflow ssh` (a shell or a command) keeps the dead-man's switch from
+    counting the instance idle: on an instance, over a loopback sshd sandbox,
+    and in a local sandbox directory."""
+    cluster = make_cluster(sshd_session)
+    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+                           [hostkeys.parse_public_key(sshd_session.host_public_key)])
+    before = int(time.time()) - 1
+    # The remote command runs after the touch: it sees the heartbeat's mtime.
+    completed = _gpuflow("ssh", "web", "--", "sh", "-c", 'stat -c %Y "$HOME/gpuflow/heartbeat"')
+    assert completed.returncode == 0, completed.stderr
+    assert int(completed.stdout) >= before
+    invocation = remote.ssh_invocation("web")  # an interactive shell: the same touch, then the login shell
+    assert invocation.argv[-1].endswith('exec "${SHELL:-/bin/sh}" -l') and "-t" in invocation.argv
+    assert "heartbeat" in invocation.argv[-1]
+
+    make_cluster(sshd_session, "sbx", sandbox=True)
+    heartbeat = gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001" / "heartbeat"
+    assert _gpuflow("ssh", "sbx", "--", "true").returncode == 0
+    assert heartbeat.stat().st_mtime >= before
+    heartbeat.unlink()
+    over_ssh = _gpuflow("ssh", "sbx", "--", "true", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
+    assert over_ssh.returncode == 0, over_ssh.stderr
+    assert heartbeat.stat().st_mtime >= before
