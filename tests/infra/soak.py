@@ -48,6 +48,7 @@ FINISHED_RUN_STATES = ("succeeded", "failed")
 # A child that a killed gpuflow left behind (its own bounded helpers: a copy, a
 # 30 s "wait for the supervisor" loop) must be gone this long after the kill.
 LEFTOVER_CHILD_BOUND = 40.0
+SANDBOX_IDLE_SECONDS = 4.0
 
 
 # ------------------------------------------------------------------ the recording proxy
@@ -269,6 +270,8 @@ class SoakWorld:
             NO_PROXY="127.0.0.1,localhost",
             no_proxy="127.0.0.1,localhost",
             PYTHONDONTWRITEBYTECODE="1",
+            # An empty, unused sandbox server exits by itself after this long (default 300 s).
+            GPUFLOW_SANDBOX_IDLE_SECONDS=f"{SANDBOX_IDLE_SECONDS:g}",
         )
         return env
 

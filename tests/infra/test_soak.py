@@ -424,6 +424,10 @@ class SoakMachine(RuleBasedStateMachine):
         server_up, items = world.cloud_items()
         for item in items:
             problems.append(f"[final] left in the cloud: {item.kind} {item.resource_id} ({item.region}) {item.tags}")
+        # An empty server no one uses exits by itself (GPUFLOW_SANDBOX_IDLE_SECONDS): give it that long, asking nothing.
+        server_deadline = time.monotonic() + soak.SANDBOX_IDLE_SECONDS + 20
+        while world.server_pids() and time.monotonic() < server_deadline:
+            time.sleep(0.5)
         if world.server_pids():
             problems.append(f"[final-server] the sandbox server is still running (pids {world.server_pids()}, up: {server_up})")
         for owner in OWNERS:
