@@ -718,10 +718,12 @@ class SandboxProvisioner(Ec2Provisioner):
         from gpuflow.remote import discard_sandbox_instance
 
         tagged = {view.instance_id: view.cluster for view in self.describe_instances(instance_ids)}
-        super().terminate(instance_ids)
+        # Jobs and directory first: gpuflow killed in between then leaves a running instance
+        # with nothing on it (the next `down` terminates it), never jobs on a terminated one.
         for instance_id in instance_ids:
             for cluster in _sandbox_clusters_of(instance_id, tagged.get(instance_id)):
                 discard_sandbox_instance(cluster, instance_id)
+        super().terminate(instance_ids)
 
 
 def _sandbox_clusters_of(instance_id: str, tagged: str | None) -> list[str]:

@@ -622,3 +622,41 @@ def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow
         for process in started:
             process.kill()
             process.wait()
+
+
+def test_a_sandbox_instance_dies_with_its_jobs_even_if_gpuflow_dies_mid_terminate(gpuflow_home, monkeypatch):
+    """gpuflow killed between the two halves of a sandbox terminate (SIGKILL of `down`)
+    must not leave a job running on an instance the fake cloud is told is terminated:
+    the jobs and the directory go first, then the instance is terminated."""
+    from infra.aws import open_provisioner
+    from infra.aws.provisioner import Ec2Provisioner
+
+    started: list[subprocess.Popen] = []
+    try:
+        with in_process_sandbox():
+            provisioner = open_provisioner("us-east-1", sandbox=True)
+            ec2 = boto3.client("ec2", region_name="us-east-1")
+            image = ec2.describe_images(Owners=[DLAMI_OWNER_ID])["Images"][0]["ImageId"]
+            [instance] = ec2.run_instances(
+                ImageId=image, MinCount=1, MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "gpuflow:cluster", "Value": "c1"}]}],
+            )["Instances"]
+            run_dir = gpuflow_home / "sandbox" / "c1" / instance["InstanceId"] / "runs" / "20260101-000000-cccc"
+            run_dir.mkdir(parents=True)
+            job = subprocess.Popen(["sleep", "120"], env={**os.environ, "GPUFLOW_RUN_DIR": str(run_dir)},
+                                   start_new_session=True)
+            started.append(job)
+
+            def dies_here(self, instance_ids):  # gpuflow is killed as it asks EC2 to terminate
+                raise SystemExit(137)
+
+            monkeypatch.setattr(Ec2Provisioner, "terminate", dies_here)
+            with pytest.raises(SystemExit):
+                provisioner.terminate([instance["InstanceId"]])
+
+            assert job.wait(timeout=10) == -signal.SIGKILL
+            assert not (gpuflow_home / "sandbox" / "c1" / instance["InstanceId"]).exists()
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
