@@ -250,8 +250,8 @@ def _recorded_region(raw: Any) -> str | None:
 def _damaged_cluster_hint(name: str, raw: Any) -> str:
     region = _recorded_region(raw)
     where = f"in {region}" if region else "in --region REGION (the record does not say where it ran)"
-    command = f"gpuflow down {name}" + ("" if region else " --region REGION")
-    return f"`{command}` tears the cluster down from its AWS tags {where} and replaces the record"
+    command = command_hint(f"down {name}" + ("" if region else " --region REGION"), _recorded(raw, "sandbox", bool) is True)
+    return f"{command} tears the cluster down from its AWS tags {where} and replaces the record"
 
 
 def key_file_path(name: str, home: Path | None = None) -> Path:
@@ -1337,14 +1337,14 @@ def reap(
     have all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
     (created-at + ``--max-hours``), whose job cannot be running any more."""
     report = progress or (lambda message: None)
+    sandbox = sandbox_in_effect(sandbox)
     if owner_prefix is not None:
         validate_name(owner_prefix, "owner prefix")
         if not any_owner:
             raise UsageError(
                 "--owner-prefix narrows --any-owner (other owners' resources are taken only when you say so)",
-                hint=f"gpuflow reap --any-owner --owner-prefix {owner_prefix}",
+                hint=command_hint(f"reap --any-owner --owner-prefix {owner_prefix}", sandbox),
             )
-    sandbox = sandbox_in_effect(sandbox)
     me = owner_id()
     now = _now()
     skipped: list[ReapItem] = []

@@ -256,9 +256,11 @@ def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first
         )
     address = node.public_ip or node.private_ip
     if not address:
+        from gpuflow.clusters import command_hint
+
         raise UnreachableHost(
             f"instance {node.instance_id} of cluster {cluster.name!r} has no IP address (state: {node.state})",
-            hint=f"wait for it to start: `gpuflow status {cluster.name}`",
+            hint=f"wait for it to start: {command_hint(f'status {cluster.name}', cluster.sandbox)}",
         )
     return SSHTarget(
         host=address,

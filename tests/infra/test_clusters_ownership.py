@@ -299,7 +299,7 @@ def test_owner_prefix_is_validated_and_needs_any_owner(gpuflow_home, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["reap", "--sandbox", "--yes", "--owner-prefix", "ci-"])
     assert exit_info.value.code == 2
-    assert "--any-owner" in capsys.readouterr().err
+    assert "`gpuflow reap --any-owner --owner-prefix ci- --sandbox`" in capsys.readouterr().err  # never the real account
 
 
 def test_status_and_ssh_of_our_own_cluster_without_a_record(cloud, provisioners, gpuflow_home, capsys):

@@ -227,3 +227,17 @@ def test_a_damaged_sandbox_record_keeps_the_sandbox_cloud_and_can_be_torn_down(g
         assert sandbox.server_holdings(server) == {}
     finally:
         sandbox.stop_sandbox(gpuflow_home)
+
+
+def test_a_damaged_sandbox_records_hint_says_sandbox(gpuflow_home, capsys):
+    """The repair hint of a damaged record that still says it was a sandbox cluster
+    names the sandbox: the same `down` without it would go to the real account."""
+    _record(gpuflow_home, "sbx").parent.mkdir(parents=True, exist_ok=True)
+    _record(gpuflow_home, "sbx").write_text(json.dumps({"name": "sbx", "region": "eu-west-1", "sandbox": True, "nodes": 3}))
+    code, _, err = _run(["status", "sbx"], capsys)
+    assert code == 8
+    assert "`gpuflow down sbx --sandbox` tears the cluster down" in err
+    _record(gpuflow_home, "aws").write_text(json.dumps({"name": "aws", "region": "eu-west-1", "sandbox": False, "nodes": 3}))
+    code, _, err = _run(["status", "aws"], capsys)
+    assert code == 8
+    assert "`gpuflow down aws` tears the cluster down" in err
