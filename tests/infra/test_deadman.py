@@ -22,6 +22,7 @@ import pytest
 
 from infra.userdata import installed_deadman_script
 from tests.sshd import free_port
+from tests.waiting import wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -325,15 +326,6 @@ def _status(tmp_path: Path) -> dict[str, list[str]]:
         key, _, value = line.partition("=")
         values.setdefault(key, []).append(value)
     return values
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_an_open_ssh_session_keeps_it_up_until_it_ends(start_switch, sshd, tmp_path):

@@ -31,6 +31,7 @@ from infra.sandbox import (
     seed_deep_learning_ami,
     stop_sandbox,
 )
+from tests.waiting import wait_for as _wait_for
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
@@ -328,16 +329,6 @@ def _serve_processes(directory: Path) -> list[int]:
     return pids
 
 
-def _wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def guarded_gpuflow(gpuflow_home, tmp_path):
     """Run the CLI in a subprocess under the network guard; returns (run, project, netlog).
@@ -489,7 +480,7 @@ def test_sigkill_during_the_server_start_never_leaves_a_second_server(sandbox_ho
     try:
         starter = subprocess.Popen([sys.executable, "-c", program, str(sandbox_home)], env=environment,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        first = _wait_for(lambda: _serve_processes(directory), what="the server process")
+        first = _wait_for(lambda: _serve_processes(directory), timeout=60, what="the server process")
         assert read_server_record(sandbox_home) is None  # killed during the start, not after it
         starter.kill()
         starter.wait()
@@ -510,7 +501,7 @@ def test_ctrl_c_during_the_server_start_leaves_no_server(sandbox_home):
     try:
         starter = subprocess.Popen([sys.executable, "-c", program, str(sandbox_home)], stderr=subprocess.PIPE,
                                    env={**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)})
-        _wait_for(lambda: _serve_processes(directory), what="the server process")
+        _wait_for(lambda: _serve_processes(directory), timeout=60, what="the server process")
         assert read_server_record(sandbox_home) is None  # interrupted during the start
         starter.send_signal(signal.SIGINT)
         assert b"KeyboardInterrupt" in starter.communicate(timeout=60)[1]
@@ -533,12 +524,12 @@ def test_an_orphaned_server_exits_by_itself_once_it_holds_nothing_and_no_one_use
     record = read_server_record(sandbox_home)
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=record.url)
     ec2.create_key_pair(KeyName="held")
-    _wait_for(lambda: "staying: in use by" in log.read_text(), what="the server to see its user")
+    _wait_for(lambda: "staying: in use by" in log.read_text(), timeout=60, what="the server to see its user")
     sandbox._release_user(directory)
-    _wait_for(lambda: "staying: it holds 1 key_pairs" in log.read_text(), what="the server to see its key pair")
+    _wait_for(lambda: "staying: it holds 1 key_pairs" in log.read_text(), timeout=60, what="the server to see its key pair")
     assert _serve_processes(directory) == [record.pid]
     ec2.delete_key_pair(KeyName="held")
-    _wait_for(lambda: not _serve_processes(directory), what="the idle server to exit")
+    _wait_for(lambda: not _serve_processes(directory), timeout=60, what="the idle server to exit")
     assert read_server_record(sandbox_home) is None
 
 
@@ -576,6 +567,16 @@ def test_the_in_process_sandbox_needs_no_aws_profile(monkeypatch, tmp_path):
 # --- terminating a sandbox instance -----------------------------------------------------------
 
 
+def _sandbox_instance(ec2, cluster: str) -> dict:
+    """One instance of the seeded Deep Learning AMI, tagged as ``cluster``'s."""
+    image = ec2.describe_images(Owners=[DLAMI_OWNER_ID])["Images"][0]["ImageId"]
+    [instance] = ec2.run_instances(
+        ImageId=image, MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "gpuflow:cluster", "Value": cluster}]}],
+    )["Instances"]
+    return instance
+
+
 def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow_home):
     """The sandbox provisioner (picked once, by open_provisioner) does to a sandbox
     instance what EC2 does to a real one — also for an instance the fake cloud no
@@ -598,11 +599,7 @@ def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow
             provisioner = open_provisioner("us-east-1", sandbox=True)
             assert isinstance(provisioner, SandboxProvisioner)
             ec2 = boto3.client("ec2", region_name="us-east-1")
-            image = ec2.describe_images(Owners=[DLAMI_OWNER_ID])["Images"][0]["ImageId"]
-            [instance] = ec2.run_instances(
-                ImageId=image, MinCount=1, MaxCount=1,
-                TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "gpuflow:cluster", "Value": "c1"}]}],
-            )["Instances"]
+            instance = _sandbox_instance(ec2, "c1")
             known = gpuflow_home / "sandbox" / "c1" / instance["InstanceId"]
             job = process_of_run(known / "runs" / "20260101-000000-aaaa")
             forgotten = gpuflow_home / "sandbox" / "c2" / "i-0123456789abcdef0"
@@ -636,11 +633,7 @@ def test_a_sandbox_instance_dies_with_its_jobs_even_if_gpuflow_dies_mid_terminat
         with in_process_sandbox():
             provisioner = open_provisioner("us-east-1", sandbox=True)
             ec2 = boto3.client("ec2", region_name="us-east-1")
-            image = ec2.describe_images(Owners=[DLAMI_OWNER_ID])["Images"][0]["ImageId"]
-            [instance] = ec2.run_instances(
-                ImageId=image, MinCount=1, MaxCount=1,
-                TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "gpuflow:cluster", "Value": "c1"}]}],
-            )["Instances"]
+            instance = _sandbox_instance(ec2, "c1")
             run_dir = gpuflow_home / "sandbox" / "c1" / instance["InstanceId"] / "runs" / "20260101-000000-cccc"
             run_dir.mkdir(parents=True)
             job = subprocess.Popen(["sleep", "120"], env={**os.environ, "GPUFLOW_RUN_DIR": str(run_dir)},

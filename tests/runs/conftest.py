@@ -7,7 +7,6 @@ with the code it is given, so every behaviour of `run` is observable fast.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -40,16 +39,6 @@ sys.exit(code)
 def job_args(lines: int = 5, delay: float = 0.0, code: int = 0, *extra: str) -> list[str]:
     """The command after `--`: python job.py LINES DELAY CODE EXTRA..."""
     return ["python", "job.py", str(lines), str(delay), str(code), *extra]
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` until it holds (a bounded wait, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def fake_cluster(name: str = "testbox") -> Cluster:

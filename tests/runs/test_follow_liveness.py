@@ -29,7 +29,8 @@ import pytest
 from gpuflow import procs, runs
 from gpuflow.errors import JobFailed, RunLost, UnsafePath
 from gpuflow.transport.ssh import Backoff, SSHRunner
-from tests.runs.conftest import job_args, wait_for
+from tests.runs.conftest import job_args
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh
 

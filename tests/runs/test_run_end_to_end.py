@@ -15,7 +15,8 @@ import pytest
 
 from gpuflow import runs
 from gpuflow.errors import JobFailed
-from tests.runs.conftest import job_args, wait_for
+from tests.runs.conftest import job_args
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh
 

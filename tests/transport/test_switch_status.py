@@ -22,6 +22,7 @@ from gpuflow.switch_status import SwitchStatus, Verdict, describe, parse_status,
 from gpuflow.transport import hostkeys
 from infra.userdata import installed_deadman_script
 from tests.sshd import free_port
+from tests.waiting import wait_for as _wait_for
 
 
 def cli(argv: list[str]) -> int:
@@ -30,15 +31,6 @@ def cli(argv: list[str]) -> int:
 
     _register_commands()
     return run_app(app, argv)
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _verdict(path: Path) -> str | None:
