@@ -26,32 +26,9 @@ A failed remote job exits gpuflow with the job's own exit code
 
 from __future__ import annotations
 
-
-class GpuflowError(Exception):
-    """Base class: a failure with a message meant for the user.
-
-    ``hint`` is an optional second sentence saying what to do about it; the CLI
-    prints ``message`` and ``hint`` on one line.
-    """
-
-    exit_code: int = 1
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def one_line(self) -> str:
-        text = self.message.strip().replace("\n", " ")
-        if self.hint:
-            text = f"{text} ({self.hint.strip()})"
-        return text
-
-
-class UsageError(GpuflowError):
-    """A bad option or a nonsense value given by the user."""
-
-    exit_code = 2
+# The base and the errors the cloud layer raises live in infra (which imports nothing
+# from gpuflow): the same classes, so one ``except`` and one CLI mapping cover both.
+from infra.errors import CapacityError, CloudError, CredentialsError, GpuflowError, UsageError  # noqa: F401 - re-exported
 
 
 class ConfigError(GpuflowError):
@@ -66,12 +43,6 @@ class DataError(GpuflowError):
     exit_code = 2
 
 
-class CredentialsError(GpuflowError):
-    """No AWS credentials, or credentials AWS refuses."""
-
-    exit_code = 3
-
-
 class NotFound(GpuflowError):
     """Something the user named does not exist."""
 
@@ -84,16 +55,6 @@ class ClusterNotFound(NotFound):
 
 class RunNotFound(NotFound):
     pass
-
-
-class CloudError(GpuflowError):
-    """The cloud API refused or failed a call."""
-
-    exit_code = 5
-
-
-class CapacityError(CloudError):
-    """No capacity for the requested instance type (spot or on-demand)."""
 
 
 class UnreachableHost(GpuflowError):

@@ -1,73 +1,106 @@
-"""What the cluster use cases need from a cloud provisioner.
+"""gpuflow's cloud port: the one factory that opens a provisioner (AWS or the sandbox), with what only gpuflow knows.
 
-:mod:`gpuflow.clusters` is written against this protocol, not against boto3:
-``infra.aws.provisioner.Ec2Provisioner`` implements it for EC2 (and, through
-an endpoint, for the moto sandbox).  The records it returns (instance views,
-images, launch results) are frozen dataclasses defined beside the
-implementation; here they are only named.
+The use cases are written against :class:`infra.port.Provisioner` (re-exported
+here with :data:`ProvisionerFactory`), never against boto3.
+:func:`open_provisioner` is where AWS versus the sandbox is chosen, once: for
+the sandbox it hands infra what only gpuflow knows -- its home (whose sandbox
+server) and how a terminated sandbox instance's jobs and directory are
+discarded (:func:`discard_terminated_sandbox_instance`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+import contextlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
-if TYPE_CHECKING:  # pragma: no cover - typing only; importing infra.aws would load boto3
-    from infra.aws.provisioner import (
-        ImageInfo,
-        InstanceTypeInfo,
-        InstanceView,
-        LaunchRequest,
-        LaunchResult,
-        ManagedResource,
+from gpuflow import procs
+from gpuflow.config import gpuflow_home
+from gpuflow.errors import UsageError
+from gpuflow.state import validate_name
+from infra.port import Provisioner, ProvisionerFactory
+
+
+def open_provisioner(
+    region: str,
+    *,
+    profile: str | None = None,
+    sandbox: bool = False,
+    home: Path | None = None,
+    endpoint_url: str | None = None,
+    sleep: Callable[[float], None] | None = None,
+    poll_seconds: float = 5.0,
+    timeout_seconds: float = 1200.0,
+) -> Provisioner:
+    """A provisioner for ``region``: EC2, or with ``sandbox`` the sandbox's (its
+    moto endpoint for gpuflow home ``home``, default the current one, unless
+    ``endpoint_url`` overrides it).  ``sleep``, ``poll_seconds`` and
+    ``timeout_seconds`` are injectable so tests never wait."""
+    from infra.aws import open_provisioner as open_aws_provisioner
+
+    home = Path(home) if home is not None else gpuflow_home()
+
+    def discard(instance_id: str, cluster: str | None) -> None:
+        discard_terminated_sandbox_instance(instance_id, cluster, home=home)
+
+    return open_aws_provisioner(
+        region,
+        profile=profile,
+        sandbox=sandbox,
+        home=home,
+        discard_instance=discard if sandbox else None,
+        endpoint_url=endpoint_url,
+        sleep=sleep,
+        poll_seconds=poll_seconds,
+        timeout_seconds=timeout_seconds,
     )
 
 
-class Provisioner(Protocol):
-    """Cloud operations for one region."""
-
-    region: str
-
-    # validation and image
-    def instance_type_info(self, instance_type: str) -> InstanceTypeInfo: ...
-    def offered_zones(self, instance_type: str) -> list[str]: ...
-    def spot_role_exists(self) -> bool | None: ...
-    def resolve_image(self, explicit_ami: str | None = None) -> ImageInfo: ...
-    def key_pair_exists(self, key_name: str) -> bool: ...
-
-    # creation
-    def create_key_pair(self, key_name: str, tags: dict[str, str]) -> str: ...
-    def default_vpc(self) -> str: ...
-    def create_security_group(self, group_name: str, description: str, vpc_id: str, tags: dict[str, str]) -> str: ...
-    def authorize_ssh(self, group_id: str, cidr: str, description: str) -> None: ...
-    def launch_subnets(self, vpc_id: str, zones: Sequence[str]) -> tuple[tuple[str, str], ...]: ...
-    def launch(self, request: LaunchRequest, *, on_attempt: Callable[[str], None] | None = None) -> LaunchResult: ...
-
-    # observation
-    def describe_instances(self, instance_ids: Sequence[str]) -> list[InstanceView]: ...
-    def find_instances(
-        self, *, cluster: str | None = None, launch_id: str | None = None, states: Sequence[str] = ...
-    ) -> list[InstanceView]: ...
-    def wait_until(
-        self, instance_ids: Sequence[str], target: str, *, on_progress: Callable[[str], None] | None = None
-    ) -> list[InstanceView]: ...
-    def instance_state(self, instance_id: str) -> str: ...
-    def console_output(self, instance_id: str) -> str: ...
-    def spot_price(self, instance_type: str, availability_zone: str | None) -> float | None: ...
-    def managed_resources(self) -> list[ManagedResource]: ...
-    def find_cluster_resources(self, cluster: str) -> tuple[list[str], list[str]]: ...
-    def cluster_resources(self, cluster: str) -> list[ManagedResource]: ...
-
-    # deletion (each tolerates "already gone")
-    def terminate(self, instance_ids: Sequence[str]) -> None: ...
-    def delete_security_group(self, group_id: str) -> None: ...
-    def delete_key_pair(self, key_name: str) -> None: ...
-    def cancel_spot_requests(self, request_ids: Sequence[str]) -> None: ...
-    def delete_volume(self, volume_id: str) -> None: ...
+def discard_sandbox_instance(cluster_name: str, instance_id: str, *, home: Path | None = None) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one:
+    every job and supervisor running "on" it is killed (their process groups,
+    and on Linux every process carrying a run's marker, as a power-off would)
+    and its "disk" — the sandbox directory — is deleted.  Only processes proven
+    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
+    pid file naming a process that merely reused the pid kills nothing."""
+    root = (home or gpuflow_home()) / "sandbox"
+    directory = root / validate_name(cluster_name, "cluster name") / validate_name(instance_id, "instance id")
+    if not directory.is_dir():
+        return
+    procs.terminate_base(str(directory))
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        directory.parent.rmdir()  # the cluster's directory, once its last node is gone
 
 
-ProvisionerFactory = Callable[..., Provisioner]
-"""``factory(region, *, profile=None, sandbox=False) -> Provisioner``; the use
-cases take one so tests can inject a provisioner that never sleeps."""
+def discard_terminated_sandbox_instance(instance_id: str, cluster: str | None, *, home: Path | None = None) -> None:
+    """The sandbox provisioner's ``discard_instance``: discard the instance in
+    the directory of its cluster (its ``gpuflow:cluster`` tag), or, for an
+    instance the fake cloud no longer knows (its server was restarted), in every
+    cluster directory holding a directory named by that instance id."""
+    home = home or gpuflow_home()
+    for name in _sandbox_clusters_of(home, instance_id, cluster):
+        discard_sandbox_instance(name, instance_id, home=home)
 
-__all__ = ["Provisioner", "ProvisionerFactory"]
+
+def _sandbox_clusters_of(home: Path, instance_id: str, tagged: str | None) -> list[str]:
+    try:
+        validate_name(instance_id, "instance id")
+        if tagged is not None:
+            return [validate_name(tagged, "cluster name")]
+    except UsageError:  # a tag gpuflow did not write: no directory of ours can match it
+        return []
+    root = home / "sandbox"
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / instance_id).is_dir())
+
+
+__all__ = [
+    "Provisioner",
+    "ProvisionerFactory",
+    "discard_sandbox_instance",
+    "discard_terminated_sandbox_instance",
+    "open_provisioner",
+]

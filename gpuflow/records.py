@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra.records import Node  # the cloud layer's record of one instance, re-exported
+
 
 def _to_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
@@ -112,27 +114,6 @@ class ClusterSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
-class Node:
-    """One instance of a cluster, as the cloud reports it."""
-
-    instance_id: str
-    state: str  # pending | running | stopping | stopped | shutting-down | terminated
-    public_ip: str | None = None
-    private_ip: str | None = None
-    availability_zone: str | None = None
-    launch_time: str | None = None  # ISO 8601, UTC
-    lifecycle: str = "on-demand"  # or "spot"
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Node:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

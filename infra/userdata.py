@@ -30,8 +30,8 @@ import re
 import shlex
 from pathlib import Path
 
-from gpuflow.errors import UsageError
-from gpuflow.state import validate_name
+from infra.common import validate_name
+from infra.errors import UsageError
 
 USER_DATA_LIMIT_BYTES = 16 * 1024
 DEADMAN_ASSET = Path(__file__).with_name("assets") / "deadman.sh"
@@ -104,7 +104,7 @@ def installed_deadman_script() -> str:
 def render_user_data(*, cluster_name: str, idle_minutes: int, max_hours: float, ssh_user: str = "ubuntu") -> str:
     """The user-data script for one instance of ``cluster_name``.
 
-    Raises :class:`~gpuflow.errors.UsageError` for a bad value, before
+    Raises :class:`~infra.errors.UsageError` for a bad value, before
     anything is launched.
     """
     validate_name(cluster_name, "cluster name")

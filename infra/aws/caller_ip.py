@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from gpuflow.errors import CloudError
+from infra.errors import CloudError
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
 

@@ -11,7 +11,7 @@ Why a wrapper instead of bare clients:
 * **Capacity errors fail fast.**  ``InsufficientInstanceCapacity`` and friends
   are never retried here: the provisioner falls back to another zone or market
   at once.
-* **One-line errors.**  botocore exceptions become :mod:`gpuflow.errors`
+* **One-line errors.**  botocore exceptions become :mod:`infra.errors`
   exceptions (missing credentials -> :class:`CredentialsError`, a refused call
   -> :class:`CloudError`), keeping the AWS error code in ``.code`` for callers
   that branch on it.
@@ -22,13 +22,14 @@ Why a wrapper instead of bare clients:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import os
 import random
-import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from gpuflow.errors import CapacityError, CloudError, CredentialsError, GpuflowError
+from infra.errors import CapacityError, CloudError, CredentialsError, GpuflowError
 
 # Codes worth waiting for: the request was fine, AWS was busy.
 RETRYABLE_CODES = frozenset(
@@ -189,16 +190,37 @@ def known_regions() -> frozenset[str]:
     return frozenset(regions)
 
 
-def in_process_mock_active() -> bool:
-    """True when a ``moto.mock_aws()`` is active in this process (the in-process
-    sandbox or a test): then clients need no endpoint, moto intercepts them.
+# How many in_process_mock() blocks are open in this process (any thread): gpuflow's own
+# record of "moto answers every AWS call here", instead of reading moto's private state.
+_in_process_mocks = 0
+_in_process_mocks_lock = threading.Lock()
 
-    moto is consulted only when something already imported it, so a normal
-    run never pays for importing moto.
-    """
-    models = sys.modules.get("moto.core.models")
-    mock_class = getattr(models, "MockAWS", None) if models is not None else None
-    return bool(mock_class is not None and getattr(mock_class, "_nested_count", 0) > 0)
+
+@contextlib.contextmanager
+def in_process_mock() -> Iterator[None]:
+    """``moto.mock_aws()`` for the block, recorded as active: while it is,
+    sandbox clients need no endpoint (moto answers them before anything is
+    sent).  The in-process sandbox enters it; so do tests that drive sandbox
+    clusters against a bare moto mock.  Nests (moto's mocks share one state)."""
+    global _in_process_mocks
+    from moto import mock_aws
+
+    with mock_aws():
+        with _in_process_mocks_lock:
+            _in_process_mocks += 1
+        try:
+            yield
+        finally:
+            with _in_process_mocks_lock:
+                _in_process_mocks -= 1
+
+
+def in_process_mock_active() -> bool:
+    """True inside :func:`in_process_mock` (the in-process sandbox, or a test):
+    then sandbox clients need no endpoint, moto intercepts them.  A bare
+    ``moto.mock_aws()`` entered by someone else does not count: gpuflow goes by
+    what it started itself, never by moto's private counters."""
+    return _in_process_mocks > 0
 
 
 @dataclass

@@ -53,11 +53,11 @@ def cloud(monkeypatch) -> Iterator[Any]:
     # moto parses ~0.5 MB of stock AMIs per region otherwise; the seeded Deep Learning AMI is all gpuflow needs.
     monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     import boto3
-    from moto import mock_aws
 
+    from infra.aws.client import in_process_mock
     from infra.sandbox import seed_deep_learning_ami
 
-    with mock_aws():
+    with in_process_mock():  # moto's mock, as gpuflow's own: sandbox clusters use it too
         seed_deep_learning_ami(REGION)
         create_spot_role()  # an account that has used spot before (tests of a missing role delete it)
         yield boto3.client("ec2", region_name=REGION)

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import botocore.exceptions
 import pytest
@@ -66,13 +67,28 @@ def test_regions_come_from_botocore_without_network():
     assert "mars-east-9" not in regions
 
 
-def test_in_process_mock_detection():
+def test_in_process_mock_detection_goes_by_gpuflows_own_mock():
+    """gpuflow's in-process mock is recorded by gpuflow itself (nested too), not read
+    from moto's private counters; a bare mock_aws() someone else entered does not count."""
     from moto import mock_aws
 
+    from infra.aws.client import in_process_mock
+
     assert not in_process_mock_active()
-    with mock_aws():
+    with in_process_mock():
+        assert in_process_mock_active()
+        with in_process_mock():
+            assert in_process_mock_active()
         assert in_process_mock_active()
     assert not in_process_mock_active()
+    with mock_aws():
+        assert not in_process_mock_active()
+
+
+def test_infra_reads_no_private_moto_state():
+    """Production code goes by moto's public API only (issue 9)."""
+    sources = [path.read_text() for path in (Path(__file__).resolve().parents[2] / "infra").rglob("*.py")]
+    assert not [text for text in sources if "_nested_count" in text or "_mocks_active" in text]
 
 
 def test_sandbox_clients_use_the_sandbox_endpoint_and_fake_credentials(monkeypatch, gpuflow_home):

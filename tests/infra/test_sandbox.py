@@ -18,6 +18,7 @@ from moto import mock_aws
 
 from gpuflow.errors import CloudError
 from infra import sandbox
+from infra.sandbox import server as sandbox_server
 from infra.dlami import (
     DLAMI_BASE_SSM_PARAMETER,
     DLAMI_NAME_PATTERN,
@@ -245,16 +246,16 @@ def test_server_identity_is_checked_before_signalling(sandbox_home, tmp_path):
     bystander = subprocess.Popen(["sleep", "30"])
     try:
         for proc in (Path("/proc"), tmp_path / "no-proc"):
-            assert sandbox._is_our_server_process(server.pid, proc=proc) is True
-            assert sandbox._is_our_server_process(bystander.pid, proc=proc) is False
-            assert sandbox._is_our_server_process(os.getpid(), proc=proc) is False
+            assert sandbox_server._is_our_server_process(server.pid, proc=proc) is True
+            assert sandbox_server._is_our_server_process(bystander.pid, proc=proc) is False
+            assert sandbox_server._is_our_server_process(os.getpid(), proc=proc) is False
     finally:
         bystander.kill()
         bystander.wait()
 
 
 def test_a_server_that_cannot_start_is_a_clear_error(sandbox_home, monkeypatch):
-    monkeypatch.setattr(sandbox.sys, "executable", "/bin/false")
+    monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(CloudError, match="sandbox cloud .* exited at start"):
         sandbox_endpoint(sandbox_home, startup_timeout=10)
     assert read_server_record(sandbox_home) is None
@@ -517,7 +518,7 @@ def test_an_orphaned_server_exits_by_itself_once_it_holds_nothing_and_no_one_use
     or it holds a key pair, it stays; then it removes its record and exits."""
     directory = sandbox.server_directory(sandbox_home)
     log = directory / "server.log"
-    sandbox._hold_as_user(directory)  # this process uses it from the start
+    sandbox_server._hold_as_user(directory)  # this process uses it from the start
     program = "import os, sys; from pathlib import Path; from infra.sandbox import sandbox_endpoint; sandbox_endpoint(Path(sys.argv[1])); os._exit(0)"
     subprocess.run([sys.executable, "-c", program, str(sandbox_home)], timeout=60, check=True,
                    env={**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT), sandbox.ENV_IDLE_SECONDS: "0.5"})
@@ -525,7 +526,7 @@ def test_an_orphaned_server_exits_by_itself_once_it_holds_nothing_and_no_one_use
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=record.url)
     ec2.create_key_pair(KeyName="held")
     _wait_for(lambda: "staying: in use by" in log.read_text(), timeout=60, what="the server to see its user")
-    sandbox._release_user(directory)
+    sandbox_server._release_user(directory)
     _wait_for(lambda: "staying: it holds 1 key_pairs" in log.read_text(), timeout=60, what="the server to see its key pair")
     assert _serve_processes(directory) == [record.pid]
     ec2.delete_key_pair(KeyName="held")
@@ -583,7 +584,7 @@ def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow
     longer knows (its server restarted), whose directory is found by its id — and
     spares a process that is not the instance's."""
     from infra.aws import open_provisioner
-    from infra.aws.provisioner import SandboxProvisioner
+    from infra.sandbox.provisioner import SandboxProvisioner
 
     started: list[subprocess.Popen] = []
 

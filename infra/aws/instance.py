@@ -1,0 +1,262 @@
+"""Instances in one region: launch (with zone and market fall-backs), describe, wait, terminate, console output, spot prices.
+
+One part of :class:`infra.aws.provisioner.Ec2Provisioner` (:class:`Instances`);
+account set-up around the instances is :mod:`infra.aws.config`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from infra.aws.client import AwsApi, AwsCallError, AwsCapacityError
+from infra.errors import CapacityError, CloudError
+from infra.records import InstanceView, LaunchRequest, LaunchResult
+from infra.tags import TAG_CLUSTER, TAG_LAUNCH, TAG_MANAGED, tag_list
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+GONE_STATES = ("shutting-down", "terminated")
+
+ProgressCallback = Callable[[str], None]
+
+
+def client_token(cluster_name: str, launch_id: str, attempt: int) -> str:
+    """RunInstances idempotency token: the same cluster, `up` and attempt give
+    the same token, so a retried call (lost response, botocore retry) cannot
+    launch twice; another zone or market is another attempt (another token,
+    because EC2 rejects one token with different parameters)."""
+    digest = hashlib.sha256(f"{cluster_name}\0{launch_id}\0{attempt}".encode()).hexdigest()
+    return f"gpuflow-{digest[:40]}"
+
+
+class Instances:
+    """Instance operations of one region; waits poll every ``poll_seconds``
+    up to ``timeout_seconds`` on ``_clock`` (injectable: tests never wait)."""
+
+    api: AwsApi
+    region: str
+    poll_seconds: float
+    timeout_seconds: float
+    _clock: Callable[[], float]
+
+    def launch(self, request: LaunchRequest, *, on_attempt: ProgressCallback | None = None) -> LaunchResult:
+        """RunInstances with fallbacks: each zone for spot, then (with
+        ``spot_fallback``) each zone on-demand.  A capacity error moves on at
+        once; any other error ends the launch."""
+        if request.spot:
+            markets = ("spot", "on-demand") if request.spot_fallback else ("spot",)
+        else:
+            markets = ("on-demand",)
+        failures: list[str] = []
+        attempt = 0
+        for market in markets:
+            for subnet_id, zone in request.subnets:
+                if on_attempt:
+                    on_attempt(f"launching {request.count} x {request.instance_type} ({market}) in {zone}")
+                try:
+                    response = self.api.call("ec2", "run_instances", **self._run_params(request, subnet_id, market, attempt))
+                except AwsCapacityError as exc:
+                    failures.append(f"{zone}/{market}: {exc.code}")
+                    attempt += 1
+                    continue
+                ids = tuple(instance["InstanceId"] for instance in response.get("Instances", []))
+                return LaunchResult(ids, zone, market, tuple(failures))
+        raise CapacityError(
+            f"no capacity for {request.count} x {request.instance_type} in {self.region} ({'; '.join(failures)})",
+            hint="try later, another --region or --instance-type"
+            + ("" if not request.spot or request.spot_fallback else ", or --spot-fallback"),
+        )
+
+    def _run_params(self, request: LaunchRequest, subnet_id: str, market: str, attempt: int) -> dict[str, Any]:
+        resource_tags = tag_list(request.tags)
+        tag_specifications = [
+            {"ResourceType": "instance", "Tags": resource_tags + [{"Key": "Name", "Value": f"gpuflow-{request.cluster_name}"}]},
+            {"ResourceType": "volume", "Tags": resource_tags},
+        ]
+        params: dict[str, Any] = {
+            "ImageId": request.image.image_id,
+            "InstanceType": request.instance_type,
+            "MinCount": request.count,
+            "MaxCount": request.count,
+            "KeyName": request.key_name,
+            "SubnetId": subnet_id,
+            "SecurityGroupIds": [request.security_group_id],
+            "UserData": request.user_data,
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": request.image.root_device_name,
+                    "Ebs": {
+                        "VolumeSize": request.disk_gb,
+                        "VolumeType": "gp3",
+                        "Encrypted": True,
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
+            "TagSpecifications": tag_specifications,
+            "ClientToken": client_token(request.cluster_name, request.launch_id, attempt),
+        }
+        if market == "spot":
+            params["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+            }
+            tag_specifications.append({"ResourceType": "spot-instances-request", "Tags": resource_tags})
+        return params
+
+    def describe_instances(self, instance_ids: Sequence[str]) -> list[InstanceView]:
+        """The given instances (ones EC2 no longer knows are simply absent)."""
+        if not instance_ids:
+            return []
+        try:
+            reservations = self.api.paginate("ec2", "describe_instances", "Reservations", InstanceIds=list(instance_ids))
+        except AwsCallError as exc:
+            if exc.code != "InvalidInstanceID.NotFound" or len(instance_ids) == 1:
+                if exc.code == "InvalidInstanceID.NotFound":
+                    return []
+                raise
+            # One unknown id fails the whole call: ask one by one.
+            return [view for instance_id in instance_ids for view in self.describe_instances([instance_id])]
+        return [InstanceView.from_api(instance) for reservation in reservations for instance in reservation["Instances"]]
+
+    def find_instances(
+        self, *, cluster: str | None = None, launch_id: str | None = None, states: Sequence[str] = LIVE_STATES
+    ) -> list[InstanceView]:
+        """Instances tagged by gpuflow (optionally of one cluster / one `up`)."""
+        filters = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
+        if cluster is not None:
+            filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]})
+        if launch_id is not None:
+            filters.append({"Name": f"tag:{TAG_LAUNCH}", "Values": [launch_id]})
+        if states:
+            filters.append({"Name": "instance-state-name", "Values": list(states)})
+        reservations = self.api.paginate("ec2", "describe_instances", "Reservations", Filters=filters)
+        return [InstanceView.from_api(instance) for reservation in reservations for instance in reservation["Instances"]]
+
+    def instance_status_ok(self, instance_ids: Sequence[str]) -> dict[str, bool]:
+        statuses = self.api.paginate(
+            "ec2", "describe_instance_status", "InstanceStatuses", InstanceIds=list(instance_ids), IncludeAllInstances=True
+        )
+        result = {instance_id: False for instance_id in instance_ids}
+        for status in statuses:
+            result[status["InstanceId"]] = (
+                status.get("InstanceStatus", {}).get("Status") == "ok"
+                and status.get("SystemStatus", {}).get("Status") == "ok"
+            )
+        return result
+
+    def wait_until(
+        self,
+        instance_ids: Sequence[str],
+        target: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[InstanceView]:
+        """Poll until every instance is ``running``, status ``ok`` (running and
+        both status checks passed) or ``terminated``; return the last views.
+
+        Raises CloudError when an instance dies while starting, or on timeout.
+        """
+        deadline = self._clock() + self.timeout_seconds
+        while True:
+            views = self.describe_instances(instance_ids)
+            if target == "terminated":
+                remaining = [view for view in views if view.state != "terminated"]
+                done = not remaining
+                summary = f"{len(instance_ids) - len(remaining)}/{len(instance_ids)} terminated"
+            else:
+                dead = [view for view in views if view.state in GONE_STATES or view.state in ("stopping", "stopped")]
+                if dead:
+                    reason = dead[0].state_reason or dead[0].state
+                    raise CloudError(f"instance {dead[0].instance_id} went to {dead[0].state} while starting: {reason}")
+                running = [view for view in views if view.state == "running"]
+                done = len(running) == len(instance_ids)
+                summary = f"{len(running)}/{len(instance_ids)} running"
+                if done and target == "ok":
+                    statuses = self.instance_status_ok(instance_ids)
+                    passed = sum(statuses.values())
+                    done = passed == len(instance_ids)
+                    summary = f"{len(running)}/{len(instance_ids)} running, {passed}/{len(instance_ids)} status checks ok"
+            if on_progress:
+                on_progress(summary)
+            if done:
+                return views
+            if self._clock() >= deadline:
+                raise CloudError(
+                    f"timed out after {self.timeout_seconds:.0f} s waiting for {target} ({summary})",
+                )
+            self.api.sleep(self.poll_seconds)
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        if not instance_ids:
+            return
+        try:
+            self.api.call("ec2", "terminate_instances", InstanceIds=list(instance_ids))
+        except AwsCallError as exc:
+            if exc.code != "InvalidInstanceID.NotFound":
+                raise
+            for instance_id in instance_ids:  # some are already gone: terminate the rest one by one
+                try:
+                    self.api.call("ec2", "terminate_instances", InstanceIds=[instance_id])
+                except AwsCallError as single:
+                    if single.code != "InvalidInstanceID.NotFound":
+                        raise
+
+    def instance_state(self, instance_id: str) -> str:
+        """'running', 'terminated', ... or 'not-found'."""
+        views = self.describe_instances([instance_id])
+        return views[0].state if views else "not-found"
+
+    def console_output(self, instance_id: str) -> str:
+        """The instance's serial console text (decoded), '' when none yet."""
+        try:
+            output = self.api.call("ec2", "get_console_output", InstanceId=instance_id).get("Output") or ""
+        except AwsCallError as exc:
+            if exc.code == "InvalidInstanceID.NotFound":
+                return ""
+            raise
+        try:
+            return base64.b64decode(output, validate=True).decode("utf-8", errors="replace")
+        except (ValueError, TypeError):
+            return output  # some endpoints (moto) return it already decoded
+
+    def spot_price(self, instance_type: str, availability_zone: str | None) -> float | None:
+        """The current spot price ($/h) of the type (in the zone when given)."""
+        params: dict[str, Any] = {
+            "InstanceTypes": [instance_type],
+            "ProductDescriptions": ["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
+            "StartTime": datetime.datetime.now(datetime.timezone.utc),
+            "MaxResults": 20,
+        }
+        if availability_zone:
+            params["AvailabilityZone"] = availability_zone
+        history = self.api.call("ec2", "describe_spot_price_history", **params).get("SpotPriceHistory", [])
+        in_zone = [entry for entry in history if not availability_zone or entry.get("AvailabilityZone") == availability_zone]
+        entries = in_zone or history
+        if not entries:
+            return None
+        latest = max(entries, key=lambda entry: entry.get("Timestamp") or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc))
+        return float(latest["SpotPrice"])
+
+    def cancel_spot_requests(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            try:
+                self.api.call("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=list(request_ids))
+            except AwsCallError as exc:
+                if exc.code != "InvalidSpotInstanceRequestID.NotFound":
+                    raise
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self.api.call("ec2", "delete_volume", VolumeId=volume_id)
+        except AwsCallError as exc:
+            if exc.code != "InvalidVolume.NotFound":
+                raise
+
+
+__all__ = ["GONE_STATES", "LIVE_STATES", "Instances", "ProgressCallback", "client_token"]

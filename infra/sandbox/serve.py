@@ -1,0 +1,197 @@
+"""The sandbox server process: moto's EC2/SSM on loopback, seeding regions as they are named, exiting when idle.
+
+Run as ``python -m infra.sandbox serve`` by :func:`infra.sandbox.server.sandbox_endpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from infra.common import atomic_write_json
+from infra.sandbox.seed import DEFAULT_SANDBOX_REGION, RegionSeeder, seed_deep_learning_ami
+from infra.sandbox.server import (
+    DEFAULT_IDLE_SECONDS,
+    LOOPBACK,
+    RESOURCES_PATH,
+    SERVER_LOCK_NAME,
+    SERVER_RECORD_NAME,
+    SERVER_USERS_LOCK_NAME,
+    try_flock,
+)
+
+
+class _SeedingMiddleware:
+    """WSGI wrapper: seeds the Deep Learning AMI into a region the first time
+    a request for that region arrives (read from the SigV4 credential scope),
+    so ``gpuflow up --region R --sandbox`` resolves the AMI in any region
+    without paying ~0.1 s per region up front for all of them."""
+
+    def __init__(self, application: Callable[..., Any], seeder: RegionSeeder) -> None:
+        self._application = application
+        self._seeder = seeder
+        self.last_request = time.monotonic()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        self.last_request = time.monotonic()
+        if environ.get("PATH_INFO") == RESOURCES_PATH:
+            body = json.dumps(held_resources()).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        self._seeder.seed_from_authorization(environ.get("HTTP_AUTHORIZATION"))
+        return self._application(environ, start_response)
+
+
+def held_resources() -> dict[str, list[str]]:
+    """What the moto backends of this process hold, in every account and region:
+    instances not terminated, key pairs, security groups other than a VPC's default."""
+    from moto.backends import get_backend
+
+    held: dict[str, list[str]] = {"instances": [], "key_pairs": [], "security_groups": []}
+    for _account, regions in list(get_backend("ec2").items()):
+        for region, backend in list(regions.items()):
+            held["instances"] += [
+                f"{region}/{instance.id}" for instance in backend.all_instances() if instance.state != "terminated"
+            ]
+            held["key_pairs"] += [f"{region}/{pair.key_name}" for pair in backend.describe_key_pairs([])]
+            held["security_groups"] += [
+                f"{region}/{group.id}" for group in backend.describe_security_groups() if group.name != "default"
+            ]
+    return held
+
+
+def _records_this_process(record_path: Path) -> bool:
+    try:
+        return int(json.loads(record_path.read_text())["pid"]) == os.getpid()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_seconds: float, stop: Callable[[], None]) -> None:
+    """The server's own backstop against being orphaned (its starter was killed, or
+    every cluster was taken down by other invocations): once it has served no
+    request for ``idle_seconds``, holds nothing and no process uses it, it removes
+    its record -- under the start lock, so no caller is handed it meanwhile -- and stops."""
+    record_path = directory / SERVER_RECORD_NAME
+    said = ""
+
+    def staying(reason: str) -> None:
+        nonlocal said
+        if reason != said:  # once per change, not once per check
+            print(f"gpuflow sandbox: idle, staying: {reason}", flush=True)
+            said = reason
+
+    while True:
+        time.sleep(min(5.0, idle_seconds / 4))
+        if time.monotonic() - middleware.last_request < idle_seconds:
+            continue
+        with try_flock(directory / SERVER_LOCK_NAME, fcntl.LOCK_EX) as not_starting:
+            if not not_starting:
+                continue  # a caller is being handed this server, or a server is starting
+            with try_flock(directory / SERVER_USERS_LOCK_NAME, fcntl.LOCK_EX) as unused:
+                if not unused:
+                    staying("in use by a gpuflow process")
+                    continue
+                recorded = _records_this_process(record_path)
+                held = {kind: items for kind, items in held_resources().items() if items}
+                if held and recorded:  # unrecorded, no new caller can find it: what it holds is lost anyway
+                    staying("it holds " + ", ".join(f"{len(items)} {kind}" for kind, items in sorted(held.items())))
+                    continue
+                if recorded:
+                    record_path.unlink(missing_ok=True)
+        break
+    print(f"gpuflow sandbox: idle for {idle_seconds:g} s and used by no one: exiting", flush=True)
+    stop()
+
+
+def serve(
+    directory: Path,
+    *,
+    port: int = 0,
+    regions: Iterable[str] = (DEFAULT_SANDBOX_REGION,),
+    lock_fd: int | None = None,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+) -> None:
+    """Run the sandbox server in this process until SIGTERM/SIGINT, or until it
+    has been idle, empty and unused for ``idle_seconds``.
+
+    Listens on 127.0.0.1 only (port 0: any free port), then records pid and
+    port atomically in ``directory/server.json`` — the record appears only
+    once the socket accepts connections — and only then closes ``lock_fd``
+    (the start lock its starter holds, inherited).
+    """
+    import logging
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in the log
+    seeder = RegionSeeder(seed_deep_learning_ami)
+    for region in regions:
+        seeder.seed(region)
+    middleware = _SeedingMiddleware(DomainDispatcherApplication(create_backend_app), seeder)
+    server = make_server(LOOPBACK, port, middleware, threaded=True)
+    record_path = Path(directory) / SERVER_RECORD_NAME
+
+    def _stop(signal_number: int, _frame: Any) -> None:
+        raise SystemExit(128 + signal_number)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    actual_port = server.server_address[1]
+    atomic_write_json(record_path, {"pid": os.getpid(), "port": actual_port, "started_at": time.time()})
+    if lock_fd is not None:
+        os.close(lock_fd)  # recorded: callers waiting on the start lock now find this server
+    print(f"gpuflow sandbox: moto listening on http://{LOOPBACK}:{actual_port} (pid {os.getpid()})", flush=True)
+    threading.Thread(
+        target=_exit_when_idle, args=(Path(directory), middleware, idle_seconds, server.shutdown), daemon=True
+    ).start()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        if _records_this_process(record_path):
+            record_path.unlink(missing_ok=True)
+        print("gpuflow sandbox: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.sandbox", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the sandbox moto server in the foreground")
+    serve_parser.add_argument("--directory", type=Path, required=True, help="where server.json is written")
+    serve_parser.add_argument("--port", type=int, default=0, help="loopback port (0: any free port)")
+    serve_parser.add_argument(
+        "--region", action="append", dest="regions", help="region to seed at start (repeatable; others on first use)"
+    )
+    serve_parser.add_argument("--lock-fd", type=int, help="inherited start lock, closed once the record is written")
+    serve_parser.add_argument(
+        "--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
+        help="exit after this long without a request while holding nothing and used by no one",
+    )
+    arguments = parser.parse_args(argv)
+    try:
+        serve(
+            arguments.directory,
+            port=arguments.port,
+            regions=arguments.regions or (DEFAULT_SANDBOX_REGION,),
+            lock_fd=arguments.lock_fd,
+            idle_seconds=arguments.idle_seconds,
+        )
+        code = 0
+    except SystemExit as stop:  # SIGTERM/SIGINT
+        code = stop.code if isinstance(stop.code, int) else 1
+    # The record is gone and the socket closed: skip the interpreter's ~2 s teardown of moto.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
