@@ -22,6 +22,27 @@ GONE_STATES = ("shutting-down", "terminated")
 
 ProgressCallback = Callable[[str], None]
 
+# How EC2 refuses GetConsoleOutput's Latest=True on an instance type that cannot
+# give it (the latest output is a Nitro feature); "Unsupported" arrives as a capacity error.
+LATEST_CONSOLE_REFUSED_CODES = frozenset(
+    {
+        "UnsupportedOperation",
+        "Unsupported",
+        "InvalidParameter",
+        "InvalidParameterValue",
+        "InvalidParameterCombination",
+        "UnknownParameter",
+    }
+)
+
+
+def _decoded_console(response: dict[str, Any]) -> str:
+    output = response.get("Output") or ""
+    try:
+        return base64.b64decode(output, validate=True).decode("utf-8", errors="replace")
+    except (ValueError, TypeError):
+        return output  # some endpoints (moto) return it already decoded
+
 
 def client_token(cluster_name: str, launch_id: str, attempt: int) -> str:
     """RunInstances idempotency token: the same cluster, `up` and attempt give
@@ -41,6 +62,7 @@ class Instances:
     poll_seconds: float
     timeout_seconds: float
     _clock: Callable[[], float]
+    _latest_console_refused: set[str]  # instances whose type refused GetConsoleOutput(Latest=True)
 
     def launch(self, request: LaunchRequest, *, on_attempt: ProgressCallback | None = None) -> LaunchResult:
         """RunInstances with fallbacks: each zone for spot, then (with
@@ -213,17 +235,28 @@ class Instances:
         return views[0].state if views else "not-found"
 
     def console_output(self, instance_id: str) -> str:
-        """The instance's serial console text (decoded), '' when none yet."""
+        """The instance's serial console text (decoded), '' when none yet.
+
+        Asks for the latest output (``Latest=True``: on Nitro instance types it
+        is there at once, while the default is a buffer posted after state
+        transitions, so host keys could take minutes to appear); where the API
+        refuses that option (older types), asks the default way, and remembers
+        the refusal for the instance."""
         try:
-            output = self.api.call("ec2", "get_console_output", InstanceId=instance_id).get("Output") or ""
+            if instance_id not in self._latest_console_refused:
+                try:
+                    return _decoded_console(
+                        self.api.call("ec2", "get_console_output", InstanceId=instance_id, Latest=True)
+                    )
+                except (AwsCallError, AwsCapacityError) as exc:
+                    if exc.code not in LATEST_CONSOLE_REFUSED_CODES:
+                        raise
+                    self._latest_console_refused.add(instance_id)
+            return _decoded_console(self.api.call("ec2", "get_console_output", InstanceId=instance_id))
         except AwsCallError as exc:
             if exc.code == "InvalidInstanceID.NotFound":
                 return ""
             raise
-        try:
-            return base64.b64decode(output, validate=True).decode("utf-8", errors="replace")
-        except (ValueError, TypeError):
-            return output  # some endpoints (moto) return it already decoded
 
     def spot_price(self, instance_type: str, availability_zone: str | None) -> float | None:
         """The current spot price ($/h) of the type (in the zone when given)."""
@@ -259,4 +292,4 @@ class Instances:
                 raise
 
 
-__all__ = ["GONE_STATES", "LIVE_STATES", "Instances", "ProgressCallback", "client_token"]
+__all__ = ["GONE_STATES", "LATEST_CONSOLE_REFUSED_CODES", "LIVE_STATES", "Instances", "ProgressCallback", "client_token"]

@@ -63,6 +63,7 @@ class Ec2Provisioner(AccountSetup, Images, Instances):
         self.poll_seconds = poll_seconds
         self.timeout_seconds = timeout_seconds
         self._clock = clock or time.monotonic
+        self._latest_console_refused: set[str] = set()
 
     def managed_resources(self) -> list[ManagedResource]:
         """Everything in the region tagged ``gpuflow:managed=true`` that still costs or clutters."""
