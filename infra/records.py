@@ -1,8 +1,8 @@
 """The records the cloud layer hands to gpuflow: nodes, instance views, images, launches, tagged resources.
 
-Frozen dataclasses, built from EC2's answers (``from_api``) and from nothing
-else; :mod:`gpuflow.records` re-exports :class:`Node`, the one gpuflow keeps in
-its cluster records.
+Frozen dataclasses, built from EC2's answers (``from_api``);
+:mod:`gpuflow.records` re-exports :class:`Node`, the one gpuflow keeps in its
+cluster records (``to_dict``/``from_dict``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Account and network set-up in one region: key pairs, security groups, the default VPC's subnets, the spot role.
 
 What an ``up`` creates or checks around its instances, and what ``down``
-deletes after them (:class:`AccountSetup`, one half of
-:class:`infra.aws.provisioner.Ec2Provisioner`; the other is
-:mod:`infra.aws.instance`).
+deletes after them (:class:`AccountSetup`, one part of
+:class:`infra.aws.provisioner.Ec2Provisioner`; the others are
+:mod:`infra.aws.image` and :mod:`infra.aws.instance`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ CREATE_SPOT_ROLE_COMMAND = "aws iam create-service-linked-role --aws-service-nam
 
 class AccountSetup:
     """Key pairs, security groups, subnets and the spot role of one region.
-    Every call goes through ``api``; ``sleep``, ``poll_seconds`` and
-    ``timeout_seconds`` (the provisioner's) bound the waits."""
+    Every call goes through ``api``; ``poll_seconds``, ``timeout_seconds`` and
+    ``_clock`` (the provisioner's) bound the wait for a security group to go."""
 
     api: AwsApi
     region: str

@@ -1,12 +1,10 @@
 """Which machine image and instance type: the Deep Learning AMI (or ``--ami``), the type's GPUs and zones.
 
-One third of :class:`infra.aws.provisioner.Ec2Provisioner` (:class:`Images`);
+One part of :class:`infra.aws.provisioner.Ec2Provisioner` (:class:`Images`);
 the AMI names it looks up are :mod:`infra.dlami`'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from infra.aws.client import AwsApi, AwsCallError
 from infra.dlami import (
@@ -24,9 +22,6 @@ class Images:
 
     api: AwsApi
     region: str
-    poll_seconds: float
-    timeout_seconds: float
-    _clock: Callable[[], float]
 
     def instance_type_info(self, instance_type: str) -> InstanceTypeInfo:
         try:
