@@ -1,15 +1,17 @@
-"""Reaching a cluster's instance: targets, command runners, `gpuflow ssh`, `gpuflow ssh-config`.
+"""Reaching a cluster's nodes: how a cluster becomes a command runner, an SSH target, `gpuflow ssh`, `ssh-config`.
 
-"Which machine" (a :class:`Cluster`) becomes "how to reach it" here:
+"Which machine" (a :class:`Cluster`) becomes "how to reach it" here, and only
+here is it decided whether a node is a sandbox directory, a sandbox node behind
+the configured loopback sshd, or a cloud instance over SSH (:func:`access_for`):
 
 * :func:`ssh_target_for` — the :class:`SSHTarget` of a node (address, user,
   key, the cluster's pinned known_hosts ``$GPUFLOW_HOME/known_hosts/<cluster>``);
-* :func:`runner_for` — a :class:`CommandRunner` for a node: an ``SSHRunner``
-  with pinned host keys for a real instance; for a sandbox cluster a
-  ``LocalRunner`` in ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>``, or, when
-  a loopback sshd is configured for the sandbox (``GPUFLOW_SANDBOX_SSH`` or the
-  ``sandbox_ssh`` project setting), an ``SSHRunner`` to it using that directory
-  as its base;
+* :func:`runner_for` — the runner factory: a :class:`CommandRunner` for a node:
+  an ``SSHRunner`` with pinned host keys for a real instance; for a sandbox
+  cluster a ``LocalRunner`` in ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>``,
+  or, when a loopback sshd is configured for the sandbox (``GPUFLOW_SANDBOX_SSH``
+  or the ``sandbox_ssh`` project setting), an ``SSHRunner`` to it using that
+  directory as its base;
 * :func:`openssh_argv` — the system ``ssh`` command line with the same pinning
   (used by ``gpuflow ssh`` and by rsync's ``-e``).
 
@@ -17,25 +19,33 @@ Host keys are pinned lazily: the first time a node is reached, its host keys
 are read from the instance's console output (cloud-init prints them there at
 first boot) and written to the cluster's known_hosts.
 
-Nothing here imports paramiko or boto3 at module level; the cloud is asked
-through :mod:`gpuflow.clusters` (imported inside the functions that need it).
+What this layer asks the cloud (an instance's state, its console) it asks a
+:class:`CloudProbe` it is given (the cluster use cases build one:
+:func:`gpuflow.clusters.cloud_probe`); without one, :class:`ProvisionerProbe`
+opens the default provisioner.  Nothing here imports the use cases, nor
+paramiko or boto3 at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import ipaddress
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from gpuflow import procs
 from gpuflow.config import gpuflow_home, load_project_config
-from gpuflow.errors import ConfigError, DamagedRecord, GpuflowError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, GpuflowError, UnreachableHost, UsageError
+from gpuflow.hints import command_hint
+from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, Node, SSHTarget
-from gpuflow.state import StateStore, atomic_write_bytes, validate_name, warn_damaged
+from gpuflow.state import atomic_write_bytes, validate_name
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import CommandRunner, quote_argv
 
@@ -77,10 +87,6 @@ def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
     to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
     pid file naming a process that merely reused the pid kills nothing.  The
     sandbox provisioner calls this for every instance it terminates."""
-    import shutil
-
-    from gpuflow import procs
-
     directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
         instance_id, "instance id"
     )
@@ -175,44 +181,69 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------- clusters
+# ---------------------------------------------------------------------- what is asked of the cloud
 
 
-def load_cluster(name: str) -> Cluster:
-    """The cluster record named ``name`` (through :mod:`gpuflow.clusters`)."""
-    try:
-        from gpuflow.clusters import get_cluster
-    except ImportError:  # the provisioning layer is not installed: read the state cache
-        return _cached_cluster(name)
-    return get_cluster(name)
+class CloudProbe(Protocol):
+    """What reaching a node asks the cloud: is the instance still there, what did its console print."""
+
+    def instance_state(self, cluster: Cluster, instance_id: str) -> str:
+        """'pending', 'running', 'terminated', ..., or 'not-found'."""
+        ...
+
+    def console_output(self, cluster: Cluster, instance_id: str) -> str:
+        """The instance's console text (cloud-init prints its SSH host keys there)."""
+        ...
 
 
-def load_clusters() -> list[Cluster]:
-    """Every cluster gpuflow knows locally, from the state cache (no cloud call:
-    ``ssh-config`` must work offline and fast)."""
-    from gpuflow.errors import ClusterNotFound
+@dataclass(frozen=True)
+class ProvisionerProbe:
+    """A :class:`CloudProbe` through a provisioner of the cluster's own place (region,
+    profile, sandbox); ``provisioner_factory`` None opens the default one."""
 
-    clusters = []
-    for name in StateStore(gpuflow_home(), "clusters").names():
-        try:
-            clusters.append(load_cluster(name))
-        except ClusterNotFound:  # deleted, kept as a tombstone
-            continue
-        except DamagedRecord as exc:  # concerns its own name only
-            warn_damaged(exc)
-            continue
-    return clusters
+    provisioner_factory: ProvisionerFactory | None = None
+
+    def _provisioner(self, cluster: Cluster) -> Provisioner:
+        if self.provisioner_factory is not None:
+            return self.provisioner_factory(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
+        from infra.aws import open_provisioner  # boto3: only when the cloud is asked
+
+        return open_provisioner(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
+
+    def instance_state(self, cluster: Cluster, instance_id: str) -> str:
+        return self._provisioner(cluster).instance_state(instance_id)
+
+    def console_output(self, cluster: Cluster, instance_id: str) -> str:
+        return self._provisioner(cluster).console_output(instance_id)
 
 
-def _cached_cluster(name: str) -> Cluster:
-    from gpuflow.errors import ClusterNotFound
+# ---------------------------------------------------------------------- how a node is reached
 
-    document = StateStore(gpuflow_home(), "clusters").get(validate_name(name, "cluster name"))
-    if document is None:
-        from gpuflow.clusters import command_hint, sandbox_in_effect
 
-        raise ClusterNotFound(f"no cluster named {name!r}", hint=f"{command_hint('ls', sandbox_in_effect())} lists your clusters")
-    return Cluster.from_dict(document)
+class Reach(enum.Enum):
+    """How gpuflow reaches a cluster's nodes: decided once, by :func:`access_for`."""
+
+    DIRECTORY = "directory"  # a sandbox node without a loopback sshd: its directory on this machine
+    LOOPBACK_SSH = "loopback-ssh"  # a sandbox node through the configured loopback sshd
+    SSH = "ssh"  # a cloud instance over SSH, with host keys pinned from its console
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach the nodes of one cluster (and the loopback sshd, for :attr:`Reach.LOOPBACK_SSH`)."""
+
+    reach: Reach
+    sandbox_ssh: SandboxSSH | None = None
+
+
+def access_for(cluster: Cluster) -> Access:
+    """The one place that decides how ``cluster``'s nodes are reached: its record
+    says whether it is a sandbox cluster, the configuration whether a loopback
+    sshd plays the sandbox's instances."""
+    if not cluster.sandbox:
+        return Access(Reach.SSH)
+    sandbox = sandbox_ssh_settings()
+    return Access(Reach.DIRECTORY) if sandbox is None else Access(Reach.LOOPBACK_SSH, sandbox)
 
 
 def select_node(cluster: Cluster, instance_id: str | None = None) -> Node:
@@ -237,15 +268,19 @@ def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first
     For a sandbox cluster this is the configured loopback sshd; a sandbox
     without one has no SSH target (:class:`UsageError`).
     """
-    node = node or cluster.head
+    return _target(cluster, node or cluster.head, access_for(cluster), trust_on_first_use)
+
+
+def _target(cluster: Cluster, node: Node, access: Access, trust_on_first_use: bool) -> SSHTarget:
     known_hosts = str(known_hosts_path(cluster.name))
-    if cluster.sandbox:
-        sandbox = sandbox_ssh_settings()
-        if sandbox is None:
-            raise UsageError(
-                f"sandbox cluster {cluster.name!r} runs on this machine, not over SSH",
-                hint=f"set {ENV_SANDBOX_SSH} to reach it through a loopback sshd",
-            )
+    if access.reach is Reach.DIRECTORY:
+        raise UsageError(
+            f"sandbox cluster {cluster.name!r} runs on this machine, not over SSH",
+            hint=f"set {ENV_SANDBOX_SSH} to reach it through a loopback sshd",
+        )
+    if access.reach is Reach.LOOPBACK_SSH:
+        sandbox = access.sandbox_ssh
+        assert sandbox is not None
         return SSHTarget(
             host=sandbox.host,
             port=sandbox.port,
@@ -256,8 +291,6 @@ def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first
         )
     address = node.public_ip or node.private_ip
     if not address:
-        from gpuflow.clusters import command_hint
-
         raise UnreachableHost(
             f"instance {node.instance_id} of cluster {cluster.name!r} has no IP address (state: {node.state})",
             hint=f"wait for it to start: {command_hint(f'status {cluster.name}', cluster.sandbox)}",
@@ -272,16 +305,13 @@ def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first
     )
 
 
-def instance_alive_hook(cluster: Cluster, instance_id: str) -> Callable[[], bool]:
-    """Asks EC2 whether the instance still runs: tells a dropped connection
+def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | None = None) -> Callable[[], bool]:
+    """Asks the cloud whether the instance still runs: tells a dropped connection
     (retry) from a stopped or terminated instance (give up at once)."""
+    probe = probe or ProvisionerProbe()
 
     def alive() -> bool:
-        try:
-            from gpuflow.clusters import instance_state
-        except ImportError:
-            return True  # nobody to ask: keep retrying the connection
-        return instance_state(cluster, instance_id) in _ALIVE_STATES
+        return probe.instance_state(cluster, instance_id) in _ALIVE_STATES
 
     return alive
 
@@ -291,29 +321,32 @@ def runner_for(
     node: Node | None = None,
     *,
     trust_on_first_use: bool = False,
+    probe: CloudProbe | None = None,
     **ssh_options: Any,
 ) -> CommandRunner:
-    """A command runner for ``node`` (default: the head node).
+    """The runner factory: a command runner for ``node`` (default: the head node).
 
     ``ssh_options`` go to :class:`~gpuflow.transport.ssh.SSHRunner`
     (``connect_timeout``, ``keepalive_interval``, ``backoff``, ``sleep``,
-    ``instance_alive``, ``base_dir``).  The runner connects on first use.
+    ``instance_alive``, ``base_dir``).  ``probe`` answers what the cloud is
+    asked (default: :class:`ProvisionerProbe`).  The runner connects on first use.
     """
     node = node or cluster.head
-    if cluster.sandbox:
-        directory = sandbox_directory(cluster, node)
-        sandbox = sandbox_ssh_settings()
-        if sandbox is None:
-            from gpuflow.transport.local import LocalRunner
+    access = access_for(cluster)
+    probe = probe or ProvisionerProbe()
+    if access.reach is Reach.DIRECTORY:
+        from gpuflow.transport.local import LocalRunner
 
-            return LocalRunner(directory)
-        target = ssh_target_for(cluster, node)
-        _pin_sandbox_host_key(target, sandbox)
-        ssh_options.setdefault("base_dir", str(directory))
-        return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id), (), ssh_options)
-    target = ssh_target_for(cluster, node, trust_on_first_use=trust_on_first_use)
-    expected = ensure_host_keys(cluster, node, target)
-    return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id), expected, ssh_options)
+        return LocalRunner(sandbox_directory(cluster, node))
+    target = _target(cluster, node, access, trust_on_first_use)
+    if access.reach is Reach.LOOPBACK_SSH:
+        assert access.sandbox_ssh is not None
+        _pin_sandbox_host_key(target, access.sandbox_ssh)
+        ssh_options.setdefault("base_dir", str(sandbox_directory(cluster, node)))
+        expected: tuple[str, ...] = ()
+    else:
+        expected = ensure_host_keys(cluster, node, target, probe)
+    return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id, probe), expected, ssh_options)
 
 
 def _ssh_runner(
@@ -337,17 +370,18 @@ def _pin_sandbox_host_key(target: SSHTarget, sandbox: SandboxSSH) -> None:
         hostkeys.pin_host_keys(target.known_hosts_path, target.host, target.port, [sandbox.host_key])
 
 
-def ensure_host_keys(cluster: Cluster, node: Node, target: SSHTarget) -> tuple[str, ...]:
+def ensure_host_keys(cluster: Cluster, node: Node, target: SSHTarget, probe: CloudProbe | None = None) -> tuple[str, ...]:
     """Make sure the node's host keys are pinned before anything connects.
 
     Returns () when keys are pinned (or trust-on-first-use was asked for), or
     the SHA256 fingerprints the console printed when it printed only those (the
-    SSH transport then accepts exactly such a key and pins it).
+    SSH transport then accepts exactly such a key and pins it).  The console is
+    read through ``probe`` (default: :class:`ProvisionerProbe`).
     """
     assert target.known_hosts_path is not None
     if hostkeys.pinned_keys(target.known_hosts_path, target.host, target.port):
         return ()
-    console = _console_output(cluster, node)
+    console = (probe or ProvisionerProbe()).console_output(cluster, node.instance_id) or ""
     found = hostkeys.parse_console_output(console)
     if found.keys:
         hostkeys.pin_host_keys(target.known_hosts_path, target.host, target.port, found.keys)
@@ -360,14 +394,6 @@ def ensure_host_keys(cluster: Cluster, node: Node, target: SSHTarget) -> tuple[s
         f"instance {node.instance_id} has not printed its SSH host keys on its console yet (still booting?)",
         hint="retry in a minute, or pass --trust-on-first-use to accept the key it presents unverified",
     )
-
-
-def _console_output(cluster: Cluster, node: Node) -> str:
-    try:
-        from gpuflow.clusters import console_output
-    except ImportError:
-        return ""
-    return console_output(cluster, node.instance_id) or ""
 
 
 # ---------------------------------------------------------------------- the system ssh
@@ -415,40 +441,40 @@ class Invocation:
 
 
 def ssh_invocation(
-    cluster_name: str,
+    cluster: Cluster,
     command: Sequence[str] | None = None,
     *,
     instance_id: str | None = None,
     trust_on_first_use: bool = False,
+    probe: CloudProbe | None = None,
 ) -> Invocation:
     """What `gpuflow ssh NAME [-- CMD]` runs: the system ssh with the pinned
     known_hosts (each CMD argument quoted, so it arrives literally); for a
     sandbox cluster without a loopback sshd, bash in the sandbox directory."""
-    cluster = load_cluster(cluster_name)
     node = select_node(cluster, instance_id)
-    if cluster.sandbox and sandbox_ssh_settings() is None:
+    access = access_for(cluster)
+    if access.reach is Reach.DIRECTORY:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
     remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
-    if cluster.sandbox:
-        sandbox = sandbox_ssh_settings()
-        assert sandbox is not None
-        target = ssh_target_for(cluster, node)
-        _pin_sandbox_host_key(target, sandbox)
+    target = _target(cluster, node, access, trust_on_first_use)
+    if access.reach is Reach.LOOPBACK_SSH:
+        assert access.sandbox_ssh is not None
+        _pin_sandbox_host_key(target, access.sandbox_ssh)
         # The loopback "instance" is this machine: start where the sandbox instance's files are.
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
         remote_command = _touch_heartbeat(str(directory)) + f"cd {quote_argv([str(directory)])} && " + remote_command
     else:
-        target = ssh_target_for(cluster, node, trust_on_first_use=trust_on_first_use)
-        expected = ensure_host_keys(cluster, node, target)
+        probe = probe or ProvisionerProbe()
+        expected = ensure_host_keys(cluster, node, target, probe)
         if not hostkeys.pinned_keys(str(target.known_hosts_path), target.host, target.port):
             # Only fingerprints on the console (or trust-on-first-use): one paramiko
             # connection verifies the presented key and pins it for OpenSSH.
-            alive = instance_alive_hook(cluster, node.instance_id)
+            alive = instance_alive_hook(cluster, node.instance_id, probe)
             _ssh_runner(target, alive, expected, {}).check_host_key()
         remote_command = _touch_heartbeat(None) + remote_command
     argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
@@ -510,13 +536,14 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
     hosts: list[str] = []
     skipped: list[str] = []
     for cluster in sorted(clusters, key=lambda record: record.name):
-        if cluster.sandbox and sandbox_ssh_settings() is None:
+        access = access_for(cluster)
+        if access.reach is Reach.DIRECTORY:
             skipped.append(f"{cluster.name}: sandbox cluster, runs on this machine (no SSH)")
             continue
         for index, node in enumerate(cluster.nodes):
             alias = node_alias(cluster.name, index)
             try:
-                target = ssh_target_for(cluster, node)
+                target = _target(cluster, node, access, False)
             except GpuflowError as exc:
                 skipped.append(f"{alias}: {exc.one_line()}")
                 continue
@@ -536,10 +563,10 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
     return "\n".join(lines), hosts, skipped
 
 
-def write_ssh_config(clusters: Sequence[Cluster] | None = None, path: Path | None = None) -> SshConfigReport:
-    """Write the include file (atomically) with a Host entry per cluster node."""
+def write_ssh_config(clusters: Sequence[Cluster], path: Path | None = None) -> SshConfigReport:
+    """Write the include file (atomically) with a Host entry per node of ``clusters``
+    (every cluster known here: :func:`gpuflow.clusters.known_clusters`)."""
     path = path or ssh_config_path()
-    clusters = load_clusters() if clusters is None else list(clusters)
     text, hosts, skipped = ssh_config_text(clusters)
     atomic_write_bytes(path, text.encode(), mode=0o600)
     return SshConfigReport(path, tuple(hosts), tuple(skipped), f"Include {_config_value(str(path))}")

@@ -25,8 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpuflow import nodes
 from gpuflow.errors import GpuflowError
 from gpuflow.records import Cluster, Node
+from gpuflow.transport.base import quote_argv
+from gpuflow.transport.ssh import Backoff
 
 INSTANCE_STATUS_PATH = "/run/gpuflow/deadman.status"  # infra/userdata.py's DEADMAN_STATUS_PATH (a test checks)
 SANDBOX_STATUS_NAME = "deadman.status"  # a sandbox instance's, in its directory
@@ -126,31 +129,26 @@ def parse_status(text: str, instance_id: str, *, local_now: float | None = None)
 
 
 def _reading_script(path: str) -> str:
-    from gpuflow.transport.base import quote_argv
-
     return f'printf "now=%s\\n" "$(date +%s)"; cat -- {quote_argv([path])} 2>/dev/null; true'
 
 
 def read_switch(cluster: Cluster, node: Node, *, runner_factory: Callable[..., Any] | None = None) -> SwitchStatus:
     """The switch's status on ``node``, read over SSH (or locally for a sandbox without sshd)."""
-    from gpuflow.transport.ssh import Backoff
-
-    from gpuflow import remote
-
-    if cluster.sandbox and runner_factory is None and remote.sandbox_ssh_settings() is None:
+    reach = nodes.access_for(cluster).reach
+    if reach is nodes.Reach.DIRECTORY and runner_factory is None:
         # The sandbox instance is a directory here: look, without creating anything.
         try:
-            text = (remote.sandbox_directory(cluster, node) / SANDBOX_STATUS_NAME).read_text(errors="replace")
+            text = (nodes.sandbox_directory(cluster, node) / SANDBOX_STATUS_NAME).read_text(errors="replace")
         except OSError:
             text = ""
         return _checked(parse_status(f"now={int(time.time())}\n{text}", node.instance_id), cluster)
-    runner_factory = runner_factory or remote.runner_for
+    runner_factory = runner_factory or nodes.runner_for
     try:
         runner = runner_factory(
             cluster, node, touch_heartbeat=False, connect_timeout=CONNECT_TIMEOUT_SECONDS, backoff=Backoff(retries=0)
         )
         try:
-            path = f"{runner.base_dir}/{SANDBOX_STATUS_NAME}" if cluster.sandbox else INSTANCE_STATUS_PATH
+            path = INSTANCE_STATUS_PATH if reach is nodes.Reach.SSH else f"{runner.base_dir}/{SANDBOX_STATUS_NAME}"
             result = runner.run_script(_reading_script(path), timeout=30, check=False)
         finally:
             runner.close()
