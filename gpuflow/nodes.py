@@ -1,4 +1,4 @@
-"""Reaching a cluster's nodes: how a cluster becomes a command runner, an SSH target, `gpuflow ssh`, `ssh-config`.
+"""Reaching a cluster's nodes: how a cluster becomes a command runner, an SSH target, a `gpuflow ssh` command line.
 
 "Which machine" (a :class:`Cluster`) becomes "how to reach it" here, and only
 here is it decided whether a node is a sandbox directory, a sandbox node behind
@@ -13,7 +13,8 @@ the configured loopback sshd, or a cloud instance over SSH (:func:`access_for`):
   or the ``sandbox_ssh`` project setting), an ``SSHRunner`` to it using that
   directory as its base;
 * :func:`openssh_argv` — the system ``ssh`` command line with the same pinning
-  (used by ``gpuflow ssh`` and by rsync's ``-e``).
+  (used by ``gpuflow ssh`` and by rsync's ``-e``); :mod:`gpuflow.ssh_config`
+  writes the same settings for plain ``ssh``.
 
 Host keys are pinned lazily: the first time a node is reached, its host keys
 are read from the instance's console output (cloud-init prints them there at
@@ -32,25 +33,23 @@ import contextlib
 import enum
 import ipaddress
 import os
-import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gpuflow import procs
 from gpuflow.config import gpuflow_home, load_project_config
-from gpuflow.errors import ConfigError, GpuflowError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, Node, SSHTarget
-from gpuflow.state import atomic_write_bytes, validate_name
+from gpuflow.state import validate_name
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import CommandRunner, quote_argv
-
-if TYPE_CHECKING:
-    from gpuflow.transport.ssh import SSHRunner
+from gpuflow.transport.local import LocalRunner
+from gpuflow.transport.ssh import SSHRunner
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
 SERVER_ALIVE_INTERVAL = 15  # seconds between keepalives, for paramiko and for OpenSSH alike
@@ -96,10 +95,6 @@ def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.parent.rmdir()  # the cluster's directory, once its last node is gone
-
-
-def ssh_config_path() -> Path:
-    return gpuflow_home() / "ssh_config"
 
 
 # ---------------------------------------------------------------------- the sandbox's loopback sshd
@@ -335,8 +330,6 @@ def runner_for(
     access = access_for(cluster)
     probe = probe or ProvisionerProbe()
     if access.reach is Reach.DIRECTORY:
-        from gpuflow.transport.local import LocalRunner
-
         return LocalRunner(sandbox_directory(cluster, node))
     target = _target(cluster, node, access, trust_on_first_use)
     if access.reach is Reach.LOOPBACK_SSH:
@@ -355,8 +348,6 @@ def _ssh_runner(
     expected_fingerprints: Sequence[str],
     options: dict[str, Any],
 ) -> SSHRunner:
-    from gpuflow.transport.ssh import SSHRunner
-
     options.setdefault("instance_alive", alive)
     options.setdefault("keepalive_interval", SERVER_ALIVE_INTERVAL)
     return SSHRunner(target, expected_fingerprints=expected_fingerprints, **options)
@@ -492,99 +483,3 @@ def _touch_heartbeat(base_dir: str | None) -> str:
     ``sh -c`` so any login shell runs it."""
     script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
     return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
-
-
-# ---------------------------------------------------------------------- ssh-config
-
-
-@dataclass(frozen=True)
-class SshConfigReport:
-    path: Path
-    hosts: tuple[str, ...]  # Host aliases written
-    skipped: tuple[str, ...]  # one line per cluster left out, and why
-    include_line: str
-
-
-def _config_value(value: str) -> str:
-    """A path as ssh_config reads it: '%' is a token escape, spaces need quotes."""
-    value = value.replace("%", "%%")
-    if re.search(r'[\s"]', value):
-        if '"' in value:
-            raise UsageError(f"cannot write a path holding a double quote to ssh_config: {value!r}")
-        return f'"{value}"'
-    return value
-
-
-# Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
-# "a"): cluster names cannot hold it (validate_name), so no alias of one cluster
-# can be another cluster's name or alias.
-NODE_ALIAS_SEPARATOR = "+"
-
-
-def node_alias(cluster_name: str, index: int) -> str:
-    """The ssh-config Host alias of node ``index`` (0 is the head: the bare name)."""
-    return cluster_name if index == 0 else f"{cluster_name}{NODE_ALIAS_SEPARATOR}{index}"
-
-
-def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[str]]:
-    """The include file's text, the Host aliases in it, and what was left out."""
-    lines = [
-        "# Written by `gpuflow ssh-config`: one Host per cluster node, with the cluster's",
-        "# pinned host keys. Regenerated on every run; do not edit.",
-        "",
-    ]
-    hosts: list[str] = []
-    skipped: list[str] = []
-    for cluster in sorted(clusters, key=lambda record: record.name):
-        access = access_for(cluster)
-        if access.reach is Reach.DIRECTORY:
-            skipped.append(f"{cluster.name}: sandbox cluster, runs on this machine (no SSH)")
-            continue
-        for index, node in enumerate(cluster.nodes):
-            alias = node_alias(cluster.name, index)
-            try:
-                target = _target(cluster, node, access, False)
-            except GpuflowError as exc:
-                skipped.append(f"{alias}: {exc.one_line()}")
-                continue
-            lines += [f"Host {alias}", f"    HostName {target.host}", f"    User {target.user}", f"    Port {target.port}"]
-            if target.key_path:
-                lines += [f"    IdentityFile {_config_value(target.key_path)}", "    IdentitiesOnly yes"]
-            lines += [
-                f"    UserKnownHostsFile {_config_value(str(target.known_hosts_path))}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    CheckHostIP no",
-                f"    ServerAliveInterval {SERVER_ALIVE_INTERVAL}",
-                f"    ServerAliveCountMax {SERVER_ALIVE_COUNT}",
-                "",
-            ]
-            hosts.append(alias)
-    return "\n".join(lines), hosts, skipped
-
-
-def write_ssh_config(clusters: Sequence[Cluster], path: Path | None = None) -> SshConfigReport:
-    """Write the include file (atomically) with a Host entry per node of ``clusters``
-    (every cluster known here: :func:`gpuflow.clusters.known_clusters`)."""
-    path = path or ssh_config_path()
-    text, hosts, skipped = ssh_config_text(clusters)
-    atomic_write_bytes(path, text.encode(), mode=0o600)
-    return SshConfigReport(path, tuple(hosts), tuple(skipped), f"Include {_config_value(str(path))}")
-
-
-def install_ssh_include(include_line: str, user_config: Path | None = None) -> bool:
-    """Put ``include_line`` at the top of ~/.ssh/config (an Include after a
-    Host block would only apply inside that block).  Idempotent: returns False
-    when it is already there."""
-    user_config = user_config or Path.home() / ".ssh" / "config"
-    try:
-        existing = user_config.read_text()
-    except FileNotFoundError:
-        existing = ""
-    if any(line.strip() == include_line for line in existing.splitlines()):
-        return False
-    user_config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = user_config.stat().st_mode & 0o777 if user_config.exists() else 0o600
-    header = f"# Added by `gpuflow ssh-config --install`: reach gpuflow clusters by name.\n{include_line}\n\n"
-    atomic_write_bytes(user_config, (header + existing).encode(), mode=mode)
-    return True

@@ -7,7 +7,6 @@ from gpuflow.clusters import get_cluster as load_cluster  # the name callers use
 from gpuflow.clusters import known_clusters as load_clusters
 from gpuflow.nodes import (
     ENV_SANDBOX_SSH,
-    NODE_ALIAS_SEPARATOR,
     SERVER_ALIVE_COUNT,
     SERVER_ALIVE_INTERVAL,
     Access,
@@ -16,25 +15,28 @@ from gpuflow.nodes import (
     ProvisionerProbe,
     Reach,
     SandboxSSH,
-    SshConfigReport,
     access_for,
     discard_sandbox_instance,
     discard_sandbox_node,
     ensure_host_keys,
-    install_ssh_include,
     instance_alive_hook,
     known_hosts_path,
-    node_alias,
     openssh_argv,
     openssh_options,
     runner_for,
     sandbox_directory,
     sandbox_ssh_settings,
     select_node,
-    ssh_config_path,
-    ssh_config_text,
     ssh_invocation,
     ssh_target_for,
+)
+from gpuflow.ssh_config import (
+    NODE_ALIAS_SEPARATOR,
+    SshConfigReport,
+    install_ssh_include,
+    node_alias,
+    ssh_config_path,
+    ssh_config_text,
     write_ssh_config,
 )
 

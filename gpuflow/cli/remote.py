@@ -60,7 +60,7 @@ def ssh_config(
     """Write Host entries for every cluster to $GPUFLOW_HOME/ssh_config, so plain ssh, scp,
     rsync and editors reach a cluster by name."""
     from gpuflow.clusters import known_clusters
-    from gpuflow.nodes import install_ssh_include, write_ssh_config
+    from gpuflow.ssh_config import install_ssh_include, write_ssh_config
 
     report = write_ssh_config(known_clusters())
     typer.echo(f"wrote {report.path}: {len(report.hosts)} host(s){': ' if report.hosts else ''}{' '.join(report.hosts)}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpuflow.clusters.spec import _config_value, default_region
 from gpuflow.config import load_project_config
 from gpuflow.errors import UsageError
 from gpuflow.hints import command_hint  # noqa: F401 - the use cases' hints come from here
 from gpuflow.nodes import CloudProbe, ProvisionerProbe
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster
-from gpuflow.clusters.spec import _config_value, default_region
+
 
 def _default_provisioner(region: str, *, profile: str | None = None, sandbox: bool = False) -> Provisioner:
     from infra.aws import open_provisioner

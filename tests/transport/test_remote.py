@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import clusters, nodes
+from gpuflow import clusters, nodes, ssh_config
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import ConfigError, HostKeyMismatch, InstanceGone, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node
@@ -149,7 +149,7 @@ def _ssh_g(config: Path, alias: str) -> dict[str, str]:
 def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_path):
     make_cluster(sshd_session, "web", nodes=2)
     make_cluster(sshd_session, "sbx", sandbox=True)
-    report = nodes.write_ssh_config(clusters.known_clusters())
+    report = ssh_config.write_ssh_config(clusters.known_clusters())
     assert report.path == gpuflow_home() / "ssh_config"
     assert report.hosts == ("web", "web+1") and report.skipped[0].startswith("sbx: sandbox")
     values = _ssh_g(report.path, "web+1")
@@ -166,8 +166,8 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     user_config = tmp_path / "home" / ".ssh" / "config"
     user_config.parent.mkdir(parents=True)
     user_config.write_text("Host other\n    User someone\n")
-    assert nodes.install_ssh_include(report.include_line) is True
-    assert nodes.install_ssh_include(report.include_line) is False
+    assert ssh_config.install_ssh_include(report.include_line) is True
+    assert ssh_config.install_ssh_include(report.include_line) is False
     text = user_config.read_text()
     assert text.count("Include ") == 1 and text.index("Include ") < text.index("Host other")
     assert _ssh_g(user_config, "web")["port"] == str(sshd_session.port)
@@ -179,7 +179,7 @@ def test_ssh_config_aliases_are_unique_whatever_the_cluster_names(sshd_session):
     make_cluster(sshd_session, "a", nodes=3)
     for name in ("a-1", "a.1", "a_1", "a-2"):
         make_cluster(sshd_session, name)
-    report = nodes.write_ssh_config(clusters.known_clusters())
+    report = ssh_config.write_ssh_config(clusters.known_clusters())
     assert len(set(report.hosts)) == len(report.hosts) == 7
     assert set(report.hosts) == {"a", "a+1", "a+2", "a-1", "a.1", "a_1", "a-2"}
     for name in ("a-1", "a.1", "a_1", "a-2"):
