@@ -165,7 +165,8 @@ def status(
 ) -> None:
     """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
     and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
-    from gpuflow import clusters, switch_status
+    from gpuflow import clusters
+    from gpuflow.clusters import switch as switch_status
 
     result = clusters.status(name, sandbox=sandbox, any_owner=any_owner)
     # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.

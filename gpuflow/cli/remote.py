@@ -1,4 +1,4 @@
-"""gpuflow CLI: `gpuflow ssh NAME [-- CMD]` and `gpuflow ssh-config` (thin: the work is in gpuflow.remote)."""
+"""gpuflow CLI: `gpuflow ssh NAME [-- CMD]` and `gpuflow ssh-config` (thin: the work is in gpuflow.nodes)."""
 
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ def ssh(
     import os
     import sys
 
+    from gpuflow import clusters
     from gpuflow.errors import ClusterNotFound
-    from gpuflow.remote import ssh_invocation
+    from gpuflow.nodes import ssh_invocation
 
     try:
-        invocation = ssh_invocation(name, command or None, instance_id=node, trust_on_first_use=trust_on_first_use)
+        cluster = clusters.get_cluster(name)
     except ClusterNotFound as exc:
-        from gpuflow.clusters import explain_unknown
-
-        raise explain_unknown(name, exc) from exc  # whose a cluster of that name is, when its tags say
+        raise clusters.explain_unknown(name, exc) from exc  # whose a cluster of that name is, when its tags say
+    invocation = ssh_invocation(
+        cluster, command or None, instance_id=node, trust_on_first_use=trust_on_first_use, probe=clusters.cloud_probe()
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     if invocation.cwd:
@@ -57,9 +59,10 @@ def ssh_config(
 ) -> None:
     """Write Host entries for every cluster to $GPUFLOW_HOME/ssh_config, so plain ssh, scp,
     rsync and editors reach a cluster by name."""
-    from gpuflow.remote import install_ssh_include, write_ssh_config
+    from gpuflow.clusters import known_clusters
+    from gpuflow.ssh_config import install_ssh_include, write_ssh_config
 
-    report = write_ssh_config()
+    report = write_ssh_config(known_clusters())
     typer.echo(f"wrote {report.path}: {len(report.hosts)} host(s){': ' if report.hosts else ''}{' '.join(report.hosts)}")
     for line in report.skipped:
         typer.echo(f"  skipped {line}")

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from gpuflow import clusters
+from gpuflow.clusters import launch
 from gpuflow.cli import main
 from gpuflow.errors import CapacityError, CloudError, GpuflowError, UsageError
 from gpuflow.state import StateStore
@@ -93,7 +94,7 @@ def test_lost_run_instances_answer_is_found_by_its_launch_tag(cloud, provisioner
 def test_crashed_up_is_finished_by_down(cloud, provisioners, api_calls, gpuflow_home, monkeypatch):
     api_calls.fail("DescribeInstanceStatus")
     with monkeypatch.context() as patch:
-        patch.setattr(clusters, "_rollback", lambda *args, **kwargs: None)  # as if the process was killed
+        patch.setattr(launch, "_rollback", lambda *args, **kwargs: None)  # as if the process was killed
         with pytest.raises(CloudError):
             clusters.up(make_spec("crashed"), provisioner_factory=provisioners)
     api_calls.faults.clear()

@@ -371,3 +371,22 @@ def test_down_after_down_cleans_what_reappeared_under_the_name(cloud, provisione
     report = clusters.down("again", provisioner_factory=provisioners)
     assert report.terminated == (stray,) and not report.already_down
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_a_record_written_before_phases_counts_as_up(cloud, provisioners, gpuflow_home):
+    """A record without a `phase` (written before phases existed) reads as `up`
+    everywhere: reap leaves its live cluster alone, status reconciles it, down
+    tombstones it, and the JSON keeps its format (`"phase": "deleted"`)."""
+    cluster = clusters.up(make_spec("old"), provisioner_factory=provisioners)
+    store = StateStore(gpuflow_home, "clusters")
+    document = store.get("old")
+    del document["phase"]
+    store.put("old", document)
+    plan = clusters.reap(provisioner_factory=provisioners)
+    assert [(item.kind, item.resource_id) for item in plan.items if item.cluster == "old"] == []
+    assert clusters.status("old", provisioner_factory=provisioners).state == "running"
+    assert clusters.get_cluster("old").head.instance_id == cluster.head.instance_id
+    report = clusters.down("old", provisioner_factory=provisioners)
+    assert report.terminated == (cluster.head.instance_id,)
+    assert json.loads((gpuflow_home / "state" / "clusters" / "old.json").read_text())["phase"] == "deleted"
+    assert leftovers(cloud, gpuflow_home) == {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -29,28 +27,26 @@ def pinned_known_hosts(tmp_path, sshd_session) -> Path:
     return path
 
 
+class FakeCloud:
+    """A :class:`gpuflow.nodes.CloudProbe` standing in for the cloud: what EC2 would
+    say about an instance (its console, its state), and how often it was asked."""
+
+    def __init__(self) -> None:
+        self.console = ""
+        self.state = "running"
+        self.state_calls = 0
+        self.console_calls = 0
+
+    def console_output(self, cluster, instance_id) -> str:
+        self.console_calls += 1
+        return self.console
+
+    def instance_state(self, cluster, instance_id) -> str:
+        self.state_calls += 1
+        return self.state
+
+
 @pytest.fixture
-def fake_cloud(monkeypatch):
-    """Stand-in answers for gpuflow.clusters.console_output / instance_state
-    (what EC2 would say), patched into the real module when it exists."""
-    answers = types.SimpleNamespace(console="", state="running", state_calls=0, console_calls=0)
-
-    def console_output(cluster, instance_id):
-        answers.console_calls += 1
-        return answers.console
-
-    def instance_state(cluster, instance_id):
-        answers.state_calls += 1
-        return answers.state
-
-    try:
-        import gpuflow.clusters as clusters
-    except ImportError:
-        clusters = types.ModuleType("gpuflow.clusters")
-        monkeypatch.setitem(sys.modules, "gpuflow.clusters", clusters)
-        import gpuflow
-
-        monkeypatch.setattr(gpuflow, "clusters", clusters, raising=False)
-    monkeypatch.setattr(clusters, "console_output", console_output, raising=False)
-    monkeypatch.setattr(clusters, "instance_state", instance_state, raising=False)
-    return answers
+def fake_cloud() -> FakeCloud:
+    """A probe to hand to gpuflow.nodes (``probe=fake_cloud``)."""
+    return FakeCloud()

@@ -1,4 +1,4 @@
-"""gpuflow.remote and the `gpuflow ssh` / `gpuflow ssh-config` commands, with
+"""gpuflow.nodes and the `gpuflow ssh` / `gpuflow ssh-config` commands, with
 cluster records pointing at a real loopback OpenSSH server."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import remote
+from gpuflow import clusters, nodes, ssh_config
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import ConfigError, HostKeyMismatch, InstanceGone, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node
@@ -52,14 +52,14 @@ def sandbox_ssh_env(server) -> str:
 def test_runner_for_pins_host_keys_from_the_console_then_connects(sshd_session, fake_cloud, tmp_path):
     cluster = make_cluster(sshd_session)
     fake_cloud.console = server_console_output(sshd_session)
-    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"))
+    runner = nodes.runner_for(cluster, probe=fake_cloud, base_dir=str(tmp_path / "base"))
     assert isinstance(runner, SSHRunner)
     assert json.loads(runner.run([sys.executable, "-c", PRINT_ARGV, *HOSTILE]).stdout) == HOSTILE
     runner.close()
-    pinned = hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+    pinned = hostkeys.pinned_keys(nodes.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
     assert pinned == [hostkeys.parse_public_key(sshd_session.host_public_key)]
     # Pinned once: later runners do not ask the console again.
-    remote.runner_for(cluster, base_dir=str(tmp_path / "base")).run(["true"])
+    nodes.runner_for(cluster, probe=fake_cloud, base_dir=str(tmp_path / "base")).run(["true"])
     assert fake_cloud.console_calls == 1
 
 
@@ -70,7 +70,7 @@ def test_console_keys_of_another_host_refuse_the_connection(sshd_session, fake_c
     public = Path(f"{other}.pub")
     fake_cloud.console = console_output([public.read_text().strip()], [fingerprint_line(public)])
     with pytest.raises(HostKeyMismatch):
-        remote.runner_for(cluster, base_dir=str(tmp_path / "base"), backoff=Backoff(retries=0)).run(["true"])
+        nodes.runner_for(cluster, probe=fake_cloud, base_dir=str(tmp_path / "base"), backoff=Backoff(retries=0)).run(["true"])
     assert not (tmp_path / "base").exists()
 
 
@@ -78,22 +78,22 @@ def test_console_without_keys_needs_the_explicit_trust_flag(sshd_session, fake_c
     cluster = make_cluster(sshd_session)
     fake_cloud.console = "[   3.1] cloud-init[600]: Cloud-init v. 24.1.3 running 'init-local'\r\n"
     with pytest.raises(UnreachableHost, match="still booting") as raised:
-        remote.runner_for(cluster)
+        nodes.runner_for(cluster, probe=fake_cloud)
     assert "--trust-on-first-use" in raised.value.one_line()
-    runner = remote.runner_for(cluster, trust_on_first_use=True, base_dir=str(tmp_path / "base"))
+    runner = nodes.runner_for(cluster, trust_on_first_use=True, probe=fake_cloud, base_dir=str(tmp_path / "base"))
     runner.run(["true"])
     runner.close()
     assert "gpuflow: warning: trusting" in capsys.readouterr().err
-    assert hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+    assert hostkeys.pinned_keys(nodes.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
 
 
 def test_fingerprints_only_console_pins_the_matching_key(sshd_session, fake_cloud, tmp_path):
     cluster = make_cluster(sshd_session)
     fake_cloud.console = server_console_output(sshd_session, include_keys=False)
-    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"))
+    runner = nodes.runner_for(cluster, probe=fake_cloud, base_dir=str(tmp_path / "base"))
     runner.run(["true"])
     runner.close()
-    pinned = hostkeys.pinned_keys(remote.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
+    pinned = hostkeys.pinned_keys(nodes.known_hosts_path("web"), "127.0.0.1", sshd_session.port)
     assert [key.fingerprint for key in pinned] == [hostkeys.parse_public_key(sshd_session.host_public_key).fingerprint]
 
 
@@ -101,7 +101,7 @@ def test_a_terminated_instance_is_told_apart_from_a_network_blip(sshd, fake_clou
     cluster = make_cluster(sshd)
     fake_cloud.console = server_console_output(sshd)
     slept: list[float] = []
-    runner = remote.runner_for(cluster, base_dir=str(tmp_path / "base"), sleep=slept.append)
+    runner = nodes.runner_for(cluster, probe=fake_cloud, base_dir=str(tmp_path / "base"), sleep=slept.append)
     runner.run(["true"])
     sshd.stop()
     fake_cloud.state = "terminated"
@@ -114,25 +114,25 @@ def test_no_address_yet_is_a_clear_error(sshd_session):
     cluster = make_cluster(sshd_session)
     booting = Cluster.from_dict({**cluster.to_dict(), "nodes": [Node("i-0abc", "pending").to_dict()]})
     with pytest.raises(UnreachableHost, match="has no IP address"):
-        remote.ssh_target_for(booting)
+        nodes.ssh_target_for(booting)
 
 
 def test_sandbox_runs_locally_or_through_a_configured_loopback_sshd(sshd_session, monkeypatch, tmp_path):
     cluster = make_cluster(sshd_session, "sbx", sandbox=True)
-    local = remote.runner_for(cluster)
+    local = nodes.runner_for(cluster)
     expected = gpuflow_home() / "sandbox" / "sbx" / cluster.head.instance_id
     assert isinstance(local, LocalRunner) and local.base_dir == str(expected.resolve())
-    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session))
-    over_ssh = remote.runner_for(cluster)
+    monkeypatch.setenv(nodes.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session))
+    over_ssh = nodes.runner_for(cluster)
     assert isinstance(over_ssh, SSHRunner)
     assert over_ssh.run(["pwd"]).stdout.decode().strip() == str(expected.resolve())
     over_ssh.close()
-    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session).replace("127.0.0.1", "198.51.100.7"))
+    monkeypatch.setenv(nodes.ENV_SANDBOX_SSH, sandbox_ssh_env(sshd_session).replace("127.0.0.1", "198.51.100.7"))
     with pytest.raises(ConfigError, match="not a loopback address"):
-        remote.runner_for(cluster)
-    monkeypatch.setenv(remote.ENV_SANDBOX_SSH, "port=22")
+        nodes.runner_for(cluster)
+    monkeypatch.setenv(nodes.ENV_SANDBOX_SSH, "port=22")
     with pytest.raises(ConfigError, match="lacks user, key, host_key"):
-        remote.runner_for(cluster)
+        nodes.runner_for(cluster)
 
 
 def _ssh_g(config: Path, alias: str) -> dict[str, str]:
@@ -149,7 +149,7 @@ def _ssh_g(config: Path, alias: str) -> dict[str, str]:
 def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_path):
     make_cluster(sshd_session, "web", nodes=2)
     make_cluster(sshd_session, "sbx", sandbox=True)
-    report = remote.write_ssh_config()
+    report = ssh_config.write_ssh_config(clusters.known_clusters())
     assert report.path == gpuflow_home() / "ssh_config"
     assert report.hosts == ("web", "web+1") and report.skipped[0].startswith("sbx: sandbox")
     values = _ssh_g(report.path, "web+1")
@@ -157,7 +157,7 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     assert values["user"] == sshd_session.user
     assert values["port"] == str(sshd_session.port)
     assert values["identityfile"] == str(sshd_session.client_key)
-    assert values["userknownhostsfile"] == str(remote.known_hosts_path("web"))
+    assert values["userknownhostsfile"] == str(nodes.known_hosts_path("web"))
     assert values["stricthostkeychecking"] == "true"
     assert values["identitiesonly"] == "yes"
     assert values["serveraliveinterval"] == "15"
@@ -166,8 +166,8 @@ def test_ssh_config_round_trips_through_openssh(sshd_session, monkeypatch, tmp_p
     user_config = tmp_path / "home" / ".ssh" / "config"
     user_config.parent.mkdir(parents=True)
     user_config.write_text("Host other\n    User someone\n")
-    assert remote.install_ssh_include(report.include_line) is True
-    assert remote.install_ssh_include(report.include_line) is False
+    assert ssh_config.install_ssh_include(report.include_line) is True
+    assert ssh_config.install_ssh_include(report.include_line) is False
     text = user_config.read_text()
     assert text.count("Include ") == 1 and text.index("Include ") < text.index("Host other")
     assert _ssh_g(user_config, "web")["port"] == str(sshd_session.port)
@@ -179,13 +179,13 @@ def test_ssh_config_aliases_are_unique_whatever_the_cluster_names(sshd_session):
     make_cluster(sshd_session, "a", nodes=3)
     for name in ("a-1", "a.1", "a_1", "a-2"):
         make_cluster(sshd_session, name)
-    report = remote.write_ssh_config()
+    report = ssh_config.write_ssh_config(clusters.known_clusters())
     assert len(set(report.hosts)) == len(report.hosts) == 7
     assert set(report.hosts) == {"a", "a+1", "a+2", "a-1", "a.1", "a_1", "a-2"}
     for name in ("a-1", "a.1", "a_1", "a-2"):
-        assert _ssh_g(report.path, name)["userknownhostsfile"] == str(remote.known_hosts_path(name))
+        assert _ssh_g(report.path, name)["userknownhostsfile"] == str(nodes.known_hosts_path(name))
     for alias in ("a", "a+1", "a+2"):
-        assert _ssh_g(report.path, alias)["userknownhostsfile"] == str(remote.known_hosts_path("a"))
+        assert _ssh_g(report.path, alias)["userknownhostsfile"] == str(nodes.known_hosts_path("a"))
     text = report.path.read_text()
     assert [line for line in text.splitlines() if line.startswith("Host ")] == [f"Host {alias}" for alias in report.hosts]
     with pytest.raises(UsageError):  # the separator can never start a cluster name of its own
@@ -205,7 +205,7 @@ def _gpuflow(*argv: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_cli_ssh_runs_a_command_with_arguments_literally(sshd_session):
     cluster = make_cluster(sshd_session)
-    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
                            [hostkeys.parse_public_key(sshd_session.host_public_key)])
     completed = _gpuflow("ssh", "web", "--", sys.executable, "-c", PRINT_ARGV, *HOSTILE)
     assert completed.returncode == 0, completed.stderr
@@ -218,7 +218,7 @@ def test_cli_ssh_refuses_a_changed_host_key(sshd_session, tmp_path):
     cluster = make_cluster(sshd_session)
     other = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
                            [hostkeys.parse_public_key(Path(f"{other}.pub").read_text())])
     marker = tmp_path / "ran"
     completed = _gpuflow("ssh", "web", "--", "touch", str(marker))
@@ -253,13 +253,13 @@ def test_cli_errors_are_one_line(sshd_session):
 
 @pytest.mark.parametrize("console", ["fingerprints only", "nothing yet, trusted on first use"])
 def test_ssh_invocation_pins_before_handing_over_to_openssh(sshd_session, fake_cloud, console, capsys):
-    make_cluster(sshd_session)
+    cluster = make_cluster(sshd_session)
     trust = console.startswith("nothing")
     fake_cloud.console = "" if trust else server_console_output(sshd_session, include_keys=False)
     if trust:
         with pytest.raises(UnreachableHost, match="still booting"):
-            remote.ssh_invocation("web", ["true"])
-    invocation = remote.ssh_invocation("web", ["echo", "a b", "$(x)"], trust_on_first_use=trust)
+            nodes.ssh_invocation(cluster, ["true"], probe=fake_cloud)
+    invocation = nodes.ssh_invocation(cluster, ["echo", "a b", "$(x)"], trust_on_first_use=trust, probe=fake_cloud)
     assert "StrictHostKeyChecking=yes" in invocation.argv and invocation.argv[-1].endswith("; echo 'a b' '$(x)'")
     assert ("without verification" in capsys.readouterr().err) is trust
     completed = subprocess.run(list(invocation.argv), capture_output=True, text=True, timeout=60)
@@ -271,14 +271,14 @@ def test_cli_ssh_touches_the_heartbeat_like_every_connection(sshd_session, tmp_p
     counting the instance idle: on an instance, over a loopback sshd sandbox,
     and in a local sandbox directory."""
     cluster = make_cluster(sshd_session)
-    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
                            [hostkeys.parse_public_key(sshd_session.host_public_key)])
     before = int(time.time()) - 1
     # The remote command runs after the touch: it sees the heartbeat's mtime.
     completed = _gpuflow("ssh", "web", "--", "sh", "-c", 'stat -c %Y "$HOME/gpuflow/heartbeat"')
     assert completed.returncode == 0, completed.stderr
     assert int(completed.stdout) >= before
-    invocation = remote.ssh_invocation("web")  # an interactive shell: the same touch, then the login shell
+    invocation = nodes.ssh_invocation(cluster)  # an interactive shell: the same touch, then the login shell
     assert invocation.argv[-1].endswith('exec "${SHELL:-/bin/sh}" -l') and "-t" in invocation.argv
     assert "heartbeat" in invocation.argv[-1]
 
@@ -290,3 +290,41 @@ def test_cli_ssh_touches_the_heartbeat_like_every_connection(sshd_session, tmp_p
     over_ssh = _gpuflow("ssh", "sbx", "--", "true", GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session))
     assert over_ssh.returncode == 0, over_ssh.stderr
     assert heartbeat.stat().st_mtime >= before
+
+
+def test_the_cloud_is_asked_through_the_probe_of_the_clusters_own_place(sshd_session):
+    """What reaching a node asks the cloud goes to a provisioner of the cluster's own
+    region, profile and sandbox (the probe the cluster use cases build), and
+    gpuflow.nodes never imports the use cases (no clusters <-> nodes cycle)."""
+    import ast
+
+    asked: list[tuple] = []
+
+    class Provisioner:
+        def __init__(self, region, profile, sandbox):
+            self.place = (region, profile, sandbox)
+
+        def instance_state(self, instance_id):
+            asked.append(("state", *self.place, instance_id))
+            return "stopped"
+
+        def console_output(self, instance_id):
+            asked.append(("console", *self.place, instance_id))
+            return ""
+
+    def factory(region, *, profile=None, sandbox=False):
+        return Provisioner(region, profile, sandbox)
+
+    cluster = Cluster.from_dict({**make_cluster(sshd_session).to_dict(), "region": "eu-west-1", "profile": "lab"})
+    probe = clusters.cloud_probe(factory)
+    assert nodes.instance_alive_hook(cluster, "i-0abc", probe)() is False
+    with pytest.raises(UnreachableHost, match="still booting"):
+        nodes.runner_for(cluster, probe=probe)
+    assert asked == [("state", "eu-west-1", "lab", False, "i-0abc"),
+                     ("console", "eu-west-1", "lab", False, cluster.head.instance_id)]
+    tree = ast.parse(Path(nodes.__file__).read_text())
+    imported = {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "gpuflow.procs" in imported  # the check sees `from gpuflow import X`
+    assert not [name for name in imported if name.startswith(("gpuflow.clusters", "gpuflow.remote"))]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import clusters, remote, switch_status
+from gpuflow import clusters, nodes
+from gpuflow.clusters import switch
 from gpuflow.config import gpuflow_home
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore
-from gpuflow.switch_status import SwitchStatus, Verdict, describe, parse_status, read_switches
+from gpuflow.clusters.switch import SwitchStatus, Verdict, describe, parse_status, read_switches
 from gpuflow.transport import hostkeys
 from infra.userdata import installed_deadman_script
 from tests.sshd import free_port
@@ -82,7 +83,7 @@ def test_status_says_why_the_instance_is_idle_or_busy_and_when_it_stops(sshd, mo
     monkeypatch.chdir(tmp_path)
     with in_process_sandbox():
         cluster = clusters.up(clusters.resolve_spec("sw", {"sandbox": True}, project_dir=tmp_path))
-        directory = remote.sandbox_directory(cluster)
+        directory = nodes.sandbox_directory(cluster)
         directory.mkdir(parents=True, exist_ok=True)
         switch = RealSwitch(tmp_path, directory, sshd.port)
         session = None
@@ -130,7 +131,7 @@ def _instance_cluster(server, *, port: int | None = None) -> Cluster:
         key_path=str(server.client_key), ssh_user=server.user, ssh_port=port or server.port,
     )
     StateStore(gpuflow_home(), "clusters").put(cluster.name, cluster.to_dict())
-    hostkeys.pin_host_keys(remote.known_hosts_path(cluster.name), "127.0.0.1", port or server.port,
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", port or server.port,
                            [hostkeys.parse_public_key(server.host_public_key)])
     return cluster
 
@@ -141,7 +142,7 @@ def test_an_instance_status_file_is_read_over_ssh(sshd_session, monkeypatch, tmp
     now = int(time.time())
     status_file.write_text(f"verdict=idle\nupdated_at={now}\nidle_seconds=3600\ndeadline={now + 7200}\n"
                            f"idle_since={now - 600}\nstop_at={now + 3000}\n")
-    monkeypatch.setattr(switch_status, "INSTANCE_STATUS_PATH", str(status_file))
+    monkeypatch.setattr(switch, "INSTANCE_STATUS_PATH", str(status_file))
     [status] = read_switches(_instance_cluster(sshd_session))  # the stopped node is not asked
     assert status.error is None and status.verdict is Verdict.IDLE and status.reasons == ()
     assert abs(status.idle_since - (now - 600)) <= 2 and abs(status.stops_at - (now + 3000)) <= 2

@@ -1,0 +1,485 @@
+"""Reaching a cluster's nodes: how a cluster becomes a command runner, an SSH target, a `gpuflow ssh` command line.
+
+"Which machine" (a :class:`Cluster`) becomes "how to reach it" here, and only
+here is it decided whether a node is a sandbox directory, a sandbox node behind
+the configured loopback sshd, or a cloud instance over SSH (:func:`access_for`):
+
+* :func:`ssh_target_for` — the :class:`SSHTarget` of a node (address, user,
+  key, the cluster's pinned known_hosts ``$GPUFLOW_HOME/known_hosts/<cluster>``);
+* :func:`runner_for` — the runner factory: a :class:`CommandRunner` for a node:
+  an ``SSHRunner`` with pinned host keys for a real instance; for a sandbox
+  cluster a ``LocalRunner`` in ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>``,
+  or, when a loopback sshd is configured for the sandbox (``GPUFLOW_SANDBOX_SSH``
+  or the ``sandbox_ssh`` project setting), an ``SSHRunner`` to it using that
+  directory as its base;
+* :func:`openssh_argv` — the system ``ssh`` command line with the same pinning
+  (used by ``gpuflow ssh`` and by rsync's ``-e``); :mod:`gpuflow.ssh_config`
+  writes the same settings for plain ``ssh``.
+
+Host keys are pinned lazily: the first time a node is reached, its host keys
+are read from the instance's console output (cloud-init prints them there at
+first boot) and written to the cluster's known_hosts.
+
+What this layer asks the cloud (an instance's state, its console) it asks a
+:class:`CloudProbe` it is given (the cluster use cases build one:
+:func:`gpuflow.clusters.cloud_probe`); without one, :class:`ProvisionerProbe`
+opens the default provisioner.  Nothing here imports the use cases, nor
+paramiko or boto3 at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import ipaddress
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gpuflow import procs
+from gpuflow.config import gpuflow_home, load_project_config
+from gpuflow.errors import ConfigError, UnreachableHost, UsageError
+from gpuflow.hints import command_hint
+from gpuflow.provisioner import Provisioner, ProvisionerFactory
+from gpuflow.records import Cluster, Node, SSHTarget
+from gpuflow.state import validate_name
+from gpuflow.transport import hostkeys
+from gpuflow.transport.base import CommandRunner, quote_argv
+from gpuflow.transport.local import LocalRunner
+from gpuflow.transport.ssh import SSHRunner
+
+ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
+SERVER_ALIVE_INTERVAL = 15  # seconds between keepalives, for paramiko and for OpenSSH alike
+SERVER_ALIVE_COUNT = 4  # missed keepalives before OpenSSH gives up (about a minute)
+_ALIVE_STATES = ("pending", "running")
+
+
+# ---------------------------------------------------------------------- where things live
+
+
+def known_hosts_path(cluster_name: str) -> Path:
+    """The cluster's own known_hosts: its pinned host keys and nothing else."""
+    return gpuflow_home() / "known_hosts" / validate_name(cluster_name, "cluster name")
+
+
+def sandbox_directory(cluster: Cluster, node: Node | None = None) -> Path:
+    """``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>``: the sandbox instance's gpuflow directory."""
+    node = node or cluster.head
+    return gpuflow_home() / "sandbox" / validate_name(cluster.name, "cluster name") / validate_name(
+        node.instance_id, "instance id"
+    )
+
+
+def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one."""
+    discard_sandbox_instance(cluster.name, node.instance_id)
+
+
+def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
+    """What EC2 termination does to a real instance, done to a sandbox one:
+    every job and supervisor running "on" it is killed (their process groups,
+    and on Linux every process carrying a run's marker, as a power-off would)
+    and its "disk" — the sandbox directory — is deleted.  Only processes proven
+    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
+    pid file naming a process that merely reused the pid kills nothing.  The
+    sandbox provisioner calls this for every instance it terminates."""
+    directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
+        instance_id, "instance id"
+    )
+    if not directory.is_dir():
+        return
+    procs.terminate_base(str(directory))
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        directory.parent.rmdir()  # the cluster's directory, once its last node is gone
+
+
+# ---------------------------------------------------------------------- the sandbox's loopback sshd
+
+
+@dataclass(frozen=True)
+class SandboxSSH:
+    """A loopback sshd that plays the sandbox's instances (tests, and users who
+    want the sandbox to go through real SSH)."""
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    host_key: hostkeys.PublicHostKey
+
+
+def sandbox_ssh_settings(
+    environ: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None
+) -> SandboxSSH | None:
+    """The configured loopback sshd for the sandbox, or None.
+
+    ``GPUFLOW_SANDBOX_SSH="host=127.0.0.1,port=2222,user=me,key=/path/key,host_key=/path/host_key.pub"``
+    or a ``[sandbox_ssh]`` table with the same keys in the project config.
+    ``host_key`` is the server's public host key file (or the key text); it is
+    pinned as given.  Only loopback hosts are accepted: the sandbox must never
+    send anything off this machine.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_SANDBOX_SSH, "").strip()
+    source = ENV_SANDBOX_SSH
+    values: Mapping[str, Any]
+    if raw:
+        values = {}
+        for item in raw.split(","):
+            key, separator, value = item.partition("=")
+            if not separator:
+                raise ConfigError(f"{ENV_SANDBOX_SSH}: expected key=value items separated by commas, got {item!r}")
+            values[key.strip().replace("-", "_")] = value.strip()  # type: ignore[index]
+    else:
+        if settings is None:
+            settings = load_project_config().settings
+        table = settings.get("sandbox_ssh")
+        if not table:
+            return None
+        if not isinstance(table, Mapping):
+            raise ConfigError("the sandbox_ssh setting must be a table (host, port, user, key, host_key)")
+        values = {str(key).replace("-", "_"): value for key, value in table.items()}
+        source = "the sandbox_ssh setting"
+    missing = [key for key in ("port", "user", "key", "host_key") if not values.get(key)]
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}")
+    host = str(values.get("host") or "127.0.0.1")
+    if not _is_loopback(host):
+        raise ConfigError(
+            f"{source}: host {host!r} is not a loopback address",
+            hint="the sandbox only ever talks to 127.0.0.1",
+        )
+    try:
+        port = int(values["port"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: port {values['port']!r} is not a number") from exc
+    host_key_value = str(values["host_key"])
+    host_key_file = Path(host_key_value).expanduser()
+    try:
+        key_text = host_key_file.read_text() if host_key_file.is_file() else host_key_value
+        host_key = hostkeys.parse_public_key(key_text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: host_key is neither a public key file nor a public key ({exc})") from exc
+    return SandboxSSH(host, port, str(values["user"]), str(Path(str(values["key"])).expanduser()), host_key)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------- what is asked of the cloud
+
+
+class CloudProbe(Protocol):
+    """What reaching a node asks the cloud: is the instance still there, what did its console print."""
+
+    def instance_state(self, cluster: Cluster, instance_id: str) -> str:
+        """'pending', 'running', 'terminated', ..., or 'not-found'."""
+        ...
+
+    def console_output(self, cluster: Cluster, instance_id: str) -> str:
+        """The instance's console text (cloud-init prints its SSH host keys there)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProvisionerProbe:
+    """A :class:`CloudProbe` through a provisioner of the cluster's own place (region,
+    profile, sandbox); ``provisioner_factory`` None opens the default one."""
+
+    provisioner_factory: ProvisionerFactory | None = None
+
+    def _provisioner(self, cluster: Cluster) -> Provisioner:
+        if self.provisioner_factory is not None:
+            return self.provisioner_factory(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
+        from infra.aws import open_provisioner  # boto3: only when the cloud is asked
+
+        return open_provisioner(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
+
+    def instance_state(self, cluster: Cluster, instance_id: str) -> str:
+        return self._provisioner(cluster).instance_state(instance_id)
+
+    def console_output(self, cluster: Cluster, instance_id: str) -> str:
+        return self._provisioner(cluster).console_output(instance_id)
+
+
+# ---------------------------------------------------------------------- how a node is reached
+
+
+class Reach(enum.Enum):
+    """How gpuflow reaches a cluster's nodes: decided once, by :func:`access_for`."""
+
+    DIRECTORY = "directory"  # a sandbox node without a loopback sshd: its directory on this machine
+    LOOPBACK_SSH = "loopback-ssh"  # a sandbox node through the configured loopback sshd
+    SSH = "ssh"  # a cloud instance over SSH, with host keys pinned from its console
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach the nodes of one cluster (and the loopback sshd, for :attr:`Reach.LOOPBACK_SSH`)."""
+
+    reach: Reach
+    sandbox_ssh: SandboxSSH | None = None
+
+
+def access_for(cluster: Cluster) -> Access:
+    """The one place that decides how ``cluster``'s nodes are reached: its record
+    says whether it is a sandbox cluster, the configuration whether a loopback
+    sshd plays the sandbox's instances."""
+    if not cluster.sandbox:
+        return Access(Reach.SSH)
+    sandbox = sandbox_ssh_settings()
+    return Access(Reach.DIRECTORY) if sandbox is None else Access(Reach.LOOPBACK_SSH, sandbox)
+
+
+def select_node(cluster: Cluster, instance_id: str | None = None) -> Node:
+    """The head node, or the node with ``instance_id``."""
+    if instance_id is None:
+        return cluster.head
+    for node in cluster.nodes:
+        if node.instance_id == instance_id:
+            return node
+    raise UsageError(
+        f"cluster {cluster.name!r} has no instance {instance_id!r}",
+        hint=f"its instances: {', '.join(node.instance_id for node in cluster.nodes) or 'none'}",
+    )
+
+
+# ---------------------------------------------------------------------- targets and runners
+
+
+def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first_use: bool = False) -> SSHTarget:
+    """How to reach ``node`` (default: the head) over SSH.
+
+    For a sandbox cluster this is the configured loopback sshd; a sandbox
+    without one has no SSH target (:class:`UsageError`).
+    """
+    return _target(cluster, node or cluster.head, access_for(cluster), trust_on_first_use)
+
+
+def _target(cluster: Cluster, node: Node, access: Access, trust_on_first_use: bool) -> SSHTarget:
+    known_hosts = str(known_hosts_path(cluster.name))
+    if access.reach is Reach.DIRECTORY:
+        raise UsageError(
+            f"sandbox cluster {cluster.name!r} runs on this machine, not over SSH",
+            hint=f"set {ENV_SANDBOX_SSH} to reach it through a loopback sshd",
+        )
+    if access.reach is Reach.LOOPBACK_SSH:
+        sandbox = access.sandbox_ssh
+        assert sandbox is not None
+        return SSHTarget(
+            host=sandbox.host,
+            port=sandbox.port,
+            user=sandbox.user,
+            key_path=sandbox.key_path,
+            known_hosts_path=known_hosts,
+            trust_on_first_use=False,
+        )
+    address = node.public_ip or node.private_ip
+    if not address:
+        raise UnreachableHost(
+            f"instance {node.instance_id} of cluster {cluster.name!r} has no IP address (state: {node.state})",
+            hint=f"wait for it to start: {command_hint(f'status {cluster.name}', cluster.sandbox)}",
+        )
+    return SSHTarget(
+        host=address,
+        port=int(cluster.ssh_port),
+        user=cluster.ssh_user,
+        key_path=cluster.key_path,
+        known_hosts_path=known_hosts,
+        trust_on_first_use=trust_on_first_use,
+    )
+
+
+def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | None = None) -> Callable[[], bool]:
+    """Asks the cloud whether the instance still runs: tells a dropped connection
+    (retry) from a stopped or terminated instance (give up at once)."""
+    probe = probe or ProvisionerProbe()
+
+    def alive() -> bool:
+        return probe.instance_state(cluster, instance_id) in _ALIVE_STATES
+
+    return alive
+
+
+def runner_for(
+    cluster: Cluster,
+    node: Node | None = None,
+    *,
+    trust_on_first_use: bool = False,
+    probe: CloudProbe | None = None,
+    **ssh_options: Any,
+) -> CommandRunner:
+    """The runner factory: a command runner for ``node`` (default: the head node).
+
+    ``ssh_options`` go to :class:`~gpuflow.transport.ssh.SSHRunner`
+    (``connect_timeout``, ``keepalive_interval``, ``backoff``, ``sleep``,
+    ``instance_alive``, ``base_dir``).  ``probe`` answers what the cloud is
+    asked (default: :class:`ProvisionerProbe`).  The runner connects on first use.
+    """
+    node = node or cluster.head
+    access = access_for(cluster)
+    probe = probe or ProvisionerProbe()
+    if access.reach is Reach.DIRECTORY:
+        return LocalRunner(sandbox_directory(cluster, node))
+    target = _target(cluster, node, access, trust_on_first_use)
+    if access.reach is Reach.LOOPBACK_SSH:
+        assert access.sandbox_ssh is not None
+        _pin_sandbox_host_key(target, access.sandbox_ssh)
+        ssh_options.setdefault("base_dir", str(sandbox_directory(cluster, node)))
+        expected: tuple[str, ...] = ()
+    else:
+        expected = ensure_host_keys(cluster, node, target, probe)
+    return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id, probe), expected, ssh_options)
+
+
+def _ssh_runner(
+    target: SSHTarget,
+    alive: Callable[[], bool],
+    expected_fingerprints: Sequence[str],
+    options: dict[str, Any],
+) -> SSHRunner:
+    options.setdefault("instance_alive", alive)
+    options.setdefault("keepalive_interval", SERVER_ALIVE_INTERVAL)
+    return SSHRunner(target, expected_fingerprints=expected_fingerprints, **options)
+
+
+def _pin_sandbox_host_key(target: SSHTarget, sandbox: SandboxSSH) -> None:
+    """The configured loopback server's key is trusted configuration: pin it as given."""
+    assert target.known_hosts_path is not None
+    pinned = hostkeys.pinned_keys(target.known_hosts_path, target.host, target.port)
+    if pinned != [sandbox.host_key]:
+        hostkeys.pin_host_keys(target.known_hosts_path, target.host, target.port, [sandbox.host_key])
+
+
+def ensure_host_keys(cluster: Cluster, node: Node, target: SSHTarget, probe: CloudProbe | None = None) -> tuple[str, ...]:
+    """Make sure the node's host keys are pinned before anything connects.
+
+    Returns () when keys are pinned (or trust-on-first-use was asked for), or
+    the SHA256 fingerprints the console printed when it printed only those (the
+    SSH transport then accepts exactly such a key and pins it).  The console is
+    read through ``probe`` (default: :class:`ProvisionerProbe`).
+    """
+    assert target.known_hosts_path is not None
+    if hostkeys.pinned_keys(target.known_hosts_path, target.host, target.port):
+        return ()
+    console = (probe or ProvisionerProbe()).console_output(cluster, node.instance_id) or ""
+    found = hostkeys.parse_console_output(console)
+    if found.keys:
+        hostkeys.pin_host_keys(target.known_hosts_path, target.host, target.port, found.keys)
+        return ()
+    if found.fingerprints:
+        return found.fingerprints
+    if target.trust_on_first_use:
+        return ()
+    raise UnreachableHost(
+        f"instance {node.instance_id} has not printed its SSH host keys on its console yet (still booting?)",
+        hint="retry in a minute, or pass --trust-on-first-use to accept the key it presents unverified",
+    )
+
+
+# ---------------------------------------------------------------------- the system ssh
+
+
+def openssh_options(target: SSHTarget) -> list[str]:
+    """Options making the system ``ssh`` (and rsync/scp through it) use exactly
+    the cluster's key and pinned host keys, and refuse anything else."""
+    options = ["-p", str(target.port)]
+    if target.key_path:
+        options += ["-i", target.key_path, "-o", "IdentitiesOnly=yes"]
+    options += [
+        "-o",
+        f"UserKnownHostsFile={target.known_hosts_path}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "CheckHostIP=no",
+        "-o",
+        f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+        "-o",
+        f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
+        "-o",
+        "ConnectTimeout=15",
+    ]
+    return options
+
+
+def openssh_argv(target: SSHTarget, *, batch: bool = False) -> list[str]:
+    """``ssh OPTIONS`` without the destination: for ``rsync -e quote_argv(openssh_argv(t))``."""
+    argv = ["ssh", *openssh_options(target)]
+    if batch:
+        argv += ["-o", "BatchMode=yes"]
+    return argv
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """A process to exec for `gpuflow ssh`: argv, and the directory to run it in."""
+
+    argv: tuple[str, ...]
+    cwd: str | None = None
+
+
+def ssh_invocation(
+    cluster: Cluster,
+    command: Sequence[str] | None = None,
+    *,
+    instance_id: str | None = None,
+    trust_on_first_use: bool = False,
+    probe: CloudProbe | None = None,
+) -> Invocation:
+    """What `gpuflow ssh NAME [-- CMD]` runs: the system ssh with the pinned
+    known_hosts (each CMD argument quoted, so it arrives literally); for a
+    sandbox cluster without a loopback sshd, bash in the sandbox directory."""
+    node = select_node(cluster, instance_id)
+    access = access_for(cluster)
+    if access.reach is Reach.DIRECTORY:
+        directory = sandbox_directory(cluster, node)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "heartbeat").touch()  # like every connection to an instance
+        argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
+        return Invocation(tuple(argv), str(directory))
+    remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
+    target = _target(cluster, node, access, trust_on_first_use)
+    if access.reach is Reach.LOOPBACK_SSH:
+        assert access.sandbox_ssh is not None
+        _pin_sandbox_host_key(target, access.sandbox_ssh)
+        # The loopback "instance" is this machine: start where the sandbox instance's files are.
+        directory = sandbox_directory(cluster, node)
+        directory.mkdir(parents=True, exist_ok=True)
+        remote_command = _touch_heartbeat(str(directory)) + f"cd {quote_argv([str(directory)])} && " + remote_command
+    else:
+        probe = probe or ProvisionerProbe()
+        expected = ensure_host_keys(cluster, node, target, probe)
+        if not hostkeys.pinned_keys(str(target.known_hosts_path), target.host, target.port):
+            # Only fingerprints on the console (or trust-on-first-use): one paramiko
+            # connection verifies the presented key and pins it for OpenSSH.
+            alive = instance_alive_hook(cluster, node.instance_id, probe)
+            _ssh_runner(target, alive, expected, {}).check_host_key()
+        remote_command = _touch_heartbeat(None) + remote_command
+    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
+    if not command:
+        argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
+    argv += ["--", f"{target.user}@{target.host}"]
+    argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
+    return Invocation(tuple(argv))
+
+
+def _touch_heartbeat(base_dir: str | None) -> str:
+    """A prefix for a remote command that touches the dead-man's switch's
+    heartbeat in ``base_dir`` (None: the instance's ``~/gpuflow``), as every
+    gpuflow connection does; it never fails the command, and it is one quoted
+    ``sh -c`` so any login shell runs it."""
+    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
+    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
