@@ -280,7 +280,7 @@ def stop_command(
     from gpuflow import jobs
 
     record, outcome = jobs.stop(run_id, grace_seconds=grace)
-    if outcome == "finished":
+    if outcome is jobs.StopOutcome.FINISHED:
         typer.echo(f"run {run_id} had already ended: {record.status_text()}")
     else:
         typer.echo(f"run {run_id} {outcome}: {record.status_text()}")

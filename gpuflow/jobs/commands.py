@@ -19,6 +19,7 @@ from gpuflow.jobs.records import (
     RunState,
     RunStatus,
     Say,
+    StopOutcome,
     all_records,
     iso,
     load_record,
@@ -112,7 +113,7 @@ def stop(
     grace_seconds: float = 10,
     resolve: TargetResolver = target_for_cluster,
     home: Path | None = None,
-) -> tuple[RunRecord, str]:
+) -> tuple[RunRecord, StopOutcome]:
     """``gpuflow stop RUN``: SIGTERM the job's process group, SIGKILL after the grace period."""
     record = load_record(run_id, home)
     target = resolve(record.cluster)
@@ -129,7 +130,7 @@ def stop(
     if exit_code is not None:
         record = record.with_status(RunStatus.of_exit_code(exit_code), ended_at=iso(utc_now()))
         save_record(record, home)
-    elif (liveness is None and outcome == "gone") or (
+    elif (liveness is None and outcome is StopOutcome.GONE) or (
         liveness is not None and liveness.exit_code is None and not liveness.alive
     ):
         # no exit code and no process proven to be the job or its supervisor: what `runs` calls lost

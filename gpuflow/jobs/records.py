@@ -96,6 +96,18 @@ class InterruptChoice(str, enum.Enum):
     STOP = "stop"  # stop it, pull what it left, fail
 
 
+class StopOutcome(str, enum.Enum):
+    """What ``gpuflow stop`` did to a run's job."""
+
+    FINISHED = "finished"  # it had already ended
+    TERMINATED = "terminated"  # it ended on SIGTERM
+    KILLED = "killed"  # it needed SIGKILL after the grace period
+    GONE = "gone"  # no process proven to be the job was left to signal
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # --------------------------------------------------------------------------- records
 
 

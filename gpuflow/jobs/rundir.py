@@ -9,7 +9,7 @@ from typing import Any
 
 from gpuflow.errors import NotFound, RemoteCommandFailed
 from gpuflow.jobs import scripts
-from gpuflow.jobs.records import EXIT_CODE_NAME, PID_NAME, RunState, RunStatus
+from gpuflow.jobs.records import EXIT_CODE_NAME, PID_NAME, RunState, RunStatus, StopOutcome
 from gpuflow.transport.base import CommandRunner
 
 
@@ -90,23 +90,27 @@ def lost_reason(liveness: Liveness, remote_dir: str) -> str:
     return "the job's process is gone without an exit code (its supervisor is gone too)"
 
 
-def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> str:
+def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> StopOutcome:
     """SIGTERM the job's process group, SIGKILL after ``grace_seconds``.
 
-    Returns 'finished' (it had already ended), 'terminated', 'killed' or 'gone'.
+    Returns FINISHED (it had already ended), TERMINATED, KILLED or GONE.
     The supervisor is outside that group and records the exit code.  Only the
     process recorded with its identity is signalled (:mod:`gpuflow.procs`): a
-    process that merely reuses the job's pid is never touched ('gone').
+    process that merely reuses the job's pid is never touched (GONE).
     """
     if read_exit_code(runner, remote_dir) is not None:
-        return "finished"
+        return StopOutcome.FINISHED
     pid_text = read_small(runner, f"{remote_dir}/{PID_NAME}")
     if pid_text is None or not pid_text.isdigit() or int(pid_text) <= 1:
         raise RemoteCommandFailed(f"{remote_dir}/{PID_NAME} holds no job pid", hint="the job may not have started")
     grace = max(0.0, float(grace_seconds))
     argv = [runner.python, "-I", "-S", "-c", scripts.STOP_JOB_PY, remote_dir, f"{grace:g}"]
-    outcome = runner.run(argv, timeout=grace + 60).text().strip() or "terminated"
-    if outcome == "gone":
+    said = runner.run(argv, timeout=grace + 60).text().strip() or StopOutcome.TERMINATED.value
+    try:
+        outcome = StopOutcome(said)
+    except ValueError:
+        raise RemoteCommandFailed(f"stopping the job in {remote_dir} answered {said[-200:]!r}") from None
+    if outcome is StopOutcome.GONE:
         return outcome
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and read_exit_code(runner, remote_dir) is None:

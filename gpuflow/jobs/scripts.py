@@ -224,6 +224,11 @@ def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
     return render_script(_WAIT_FOR_START, run_dir=run_dir, tries=max(1, int(timeout_seconds / 0.05)))
 
 
+def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
+    """One round trip: start the supervisor, then wait on the target until the job has started."""
+    return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
+
+
 _PREPARE_ENVIRONMENT = r"""
 set -eu
 env_dir={{env_dir}}

@@ -126,8 +126,7 @@ def start_run(
     try:
         launched = _launch(
             runner,
-            f"{scripts.launch_command(remote_dir, SUPERVISOR_NAME)} && "
-            f"{scripts.wait_for_start_command(remote_dir)}",
+            scripts.launch_and_wait_command(remote_dir, SUPERVISOR_NAME),
         )
         if not launched.ok:
             raise RemoteCommandFailed(

@@ -7,6 +7,7 @@ test can look at what is left in the fake cloud after gpuflow is done; the
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -109,6 +110,11 @@ def test_cli_run_detach_runs_logs_pull_stop_on_a_sandbox_cluster(project, monkey
             clusters.down("box")
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("sklearn") is None,
+    reason="`gpuflow demo` trains a Keras model on sklearn's digits: needs TensorFlow and scikit-learn "
+    "(pip install -e '.[train]')",
+)
 def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     with in_process_sandbox():  # the demo's own (nested) sandbox shares this fake cloud: inspect it afterwards
         code = cli(["demo", "--epochs", "8", "--quiet"])
@@ -176,16 +182,21 @@ def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, ca
 
 class _BreaksOnFirstWrite(io.BytesIO):
     """Output that fails as soon as the job's log starts (gpuflow crashing mid-run),
-    remembering the pid of the job that was running."""
+    remembering the pid of the job that was running and its command line then."""
 
     def __init__(self, home: Path) -> None:
         super().__init__()
         self.home = home
         self.job_pid: int | None = None
+        self.job_cmdline = b""
 
     def write(self, data):
         [pid_file] = self.home.glob("sandbox/*/*/runs/*/job.pid")
         self.job_pid = int(pid_file.read_text())
+        try:
+            self.job_cmdline = Path(f"/proc/{self.job_pid}/cmdline").read_bytes()
+        except OSError:
+            pass  # already gone: the assertion on job_cmdline says so
         raise RuntimeError("gpuflow broke while streaming")
 
 
@@ -197,7 +208,8 @@ def test_run_down_stops_a_still_running_job_before_teardown(project, gpuflow_hom
             "crashy", project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
             out=out, up_spec=spec, down=True,
         )
-    assert out.job_pid is not None
+    # When gpuflow broke, the job was alive (so its end below is the teardown's doing).
+    assert b"job.py\x00100000" in out.job_cmdline
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(out.job_pid):
         time.sleep(0.05)

@@ -201,3 +201,22 @@ def test_no_use_case_asks_what_kind_of_runner_it_holds():
         if name.endswith(".py"):
             text = open(os.path.join(package, name), encoding="utf-8").read()
             assert "LocalRunner" not in text and "SSHRunner" not in text, name
+
+
+def test_stop_says_what_it_did_as_an_enum_and_refuses_an_answer_it_does_not_know(tmp_path):
+    from gpuflow.errors import RemoteCommandFailed
+    from gpuflow.jobs import StopOutcome
+
+    run_dir = tmp_path / "base" / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "exit_code").write_text("0\n")
+    assert jobs.stop_job(LocalRunner(tmp_path / "base"), str(run_dir)) is StopOutcome.FINISHED
+    (run_dir / "exit_code").unlink()
+    (run_dir / "job.pid").write_text("4242\n")
+    answers = {"gone": StopOutcome.GONE}
+    for said, expected in answers.items():
+        stand_in = _executable(tmp_path / f"py-{said}", f"#!/bin/sh\necho {said}\n")
+        assert jobs.stop_job(LocalRunner(tmp_path / "base", python=str(stand_in)), str(run_dir)) is expected
+    confused = _executable(tmp_path / "py-confused", "#!/bin/sh\necho 'Traceback: oops'\n")
+    with pytest.raises(RemoteCommandFailed, match="oops"):
+        jobs.stop_job(LocalRunner(tmp_path / "base", python=str(confused)), str(run_dir))

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -62,7 +63,14 @@ def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, proj
     assert manifest["ami"] == "ami-0123456789abcdef0"
     assert manifest["gpu"] == "none" and manifest["gpu_driver"] == "none"  # no nvidia-smi here
     assert manifest["python"].count(".") == 2
-    assert any(line.lower().startswith("pip==") or "==" in line for line in manifest["pip_freeze"])
+    # The probe lists the distributions of the job's own interpreter (the "instance" is this machine).
+    installed = subprocess.run(
+        [record.command[0], "-c", "from importlib import metadata\n"
+         "print('\\n'.join(f'{d.metadata[\"Name\"]}=={d.version}' for d in metadata.distributions()"
+         " if d.metadata['Name']))"],
+        capture_output=True, text=True, check=True, cwd=project,
+    ).stdout.split()
+    assert installed and sorted(manifest["pip_freeze"]) == sorted(set(installed))
     assert manifest["exit_code"] == 0 and manifest["ended_at"] >= manifest["job_started_at"] >= manifest["started_at"]
     # The duration is the job's own, both ends read on the instance's clock.
     job_seconds = (datetime.datetime.fromisoformat(manifest["ended_at"])
