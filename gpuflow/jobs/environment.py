@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import tarfile
 from collections.abc import Sequence
@@ -122,8 +123,6 @@ def prepare_environment(runner: CommandRunner, project_dir: Path, *, say: Say = 
 
 def _package_tarball(package_name: str) -> bytes:
     """The installed package ``package_name`` as an uncompressed tar (no caches)."""
-    import importlib.util
-
     spec = importlib.util.find_spec(package_name)
     if spec is None or not spec.submodule_search_locations:
         raise NotFound(f"the {package_name!r} package is not installed here", hint="pip install gpuflow[train]")
