@@ -27,7 +27,7 @@ that finds the job's children left behind when the job itself has ended, or
 that moved to another process group, as a real instance's termination would.
 
 This module is also the script those paths run on the node (``python -c``,
-see :func:`gpuflow.remote_scripts.procs_script`): standard library only,
+see :func:`gpuflow.jobs.scripts.procs_script`): standard library only,
 nothing imported from gpuflow, and runnable by the Python 3.8+ of an instance.
 """
 

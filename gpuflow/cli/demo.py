@@ -1,4 +1,4 @@
-"""gpuflow CLI: `gpuflow demo` (thin: the work is in gpuflow.demo)."""
+"""gpuflow CLI: `gpuflow demo` (thin: the work is in gpuflow.jobs.demo)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def demo_command(
     curves, two of the pictures)."""
     import io
 
-    from gpuflow.demo import run_demo
+    from gpuflow.jobs.demo import run_demo
 
     def say(message: str) -> None:
         typer.echo(f"gpuflow: {message}", err=True)

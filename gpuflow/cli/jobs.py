@@ -1,4 +1,4 @@
-"""gpuflow CLI: `run`, `logs`, `pull`, `runs`, `stop` (thin: the work is in gpuflow.runs).
+"""gpuflow CLI: `run`, `logs`, `pull`, `runs`, `stop` (thin: the work is in gpuflow.jobs).
 
 The job's own output goes to stdout byte for byte; gpuflow's remarks go to
 stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
@@ -72,12 +72,14 @@ def _ended_by_signals() -> Iterator[list[int]]:
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
-def _ask_stop_or_detach(record: Any) -> str:
-    """Ctrl-C during `run`: ask when a person is there, else detach (SIGTERM: detach, never ask)."""
+def _ask_stop_or_detach(record: Any) -> Any:
+    """Ctrl-C during `run`: ask when a person is there, else detach (SIGTERM: detach, never ask).
+    Returns an :class:`~gpuflow.jobs.InterruptChoice`."""
     from gpuflow.errors import Terminated
+    from gpuflow.jobs import InterruptChoice
 
     if isinstance(sys.exc_info()[1], Terminated):  # called while handling the interrupt
-        return "detach"
+        return InterruptChoice.DETACH
     if sys.stdin is not None and sys.stdin.isatty():
         answer = typer.prompt(
             f"\nStop run {record.run_id} on the instance [s], or detach and leave it running [d]?",
@@ -85,8 +87,8 @@ def _ask_stop_or_detach(record: Any) -> str:
             err=True,
         )
         if answer.strip().lower().startswith("s"):
-            return "stop"
-    return "detach"
+            return InterruptChoice.STOP
+    return InterruptChoice.DETACH
 
 
 @app.command("run", cls=_SplitAtDoubleDash)
@@ -117,7 +119,7 @@ def run_command(
 ) -> None:
     """Sync the project, run MODULE (or the command after `--`) detached on the cluster,
     stream its log, pull its outputs into runs/<run-id>/ and exit with the job's exit code."""
-    from gpuflow import runs
+    from gpuflow import jobs
     from gpuflow.config import find_project_root
 
     job_args: list[str] = ctx.meta.get("gpuflow_job_args", [])
@@ -127,18 +129,18 @@ def run_command(
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
                    "max_hours": max_hours, "spot": spot or None, "sandbox": sandbox or None}
-        up_spec = runs.up_spec_for_run(name, project_dir=project, **options)
+        up_spec = jobs.up_spec_for_run(name, project_dir=project, **options)
         name = up_spec.name
     elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
         from gpuflow.errors import UsageError
 
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
-    cluster_name = runs.resolve_cluster_name(name, project_dir=project)
+    cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
     from gpuflow.errors import ClusterNotFound
 
     with _ended_by_signals() as signals:
         try:
-            outcome = runs.run_on_cluster(
+            outcome = jobs.run_on_cluster(
                 cluster_name,
                 project_dir=project,
                 module=module,
@@ -195,7 +197,7 @@ def _split_positionals(
     """[NAME] [MODULE]: two positionals are NAME MODULE.  A single one followed
     by a command after `--` is NAME when it is a known cluster, or when it
     looks like no module (no dot, no such module in the project); else MODULE."""
-    from gpuflow import runs
+    from gpuflow import jobs
     from gpuflow.errors import UsageError
 
     if len(positionals) > 2:
@@ -208,7 +210,7 @@ def _split_positionals(
     if len(positionals) == 1:
         word = positionals[0]
         looks_like_module = "." in word or (project / f"{word}.py").is_file() or (project / word).is_dir()
-        if job_args and (runs.is_known_cluster(word) or not looks_like_module):
+        if job_args and (jobs.is_known_cluster(word) or not looks_like_module):
             return word, None
         return None, positionals[0]
     if not job_args:
@@ -223,10 +225,10 @@ def logs_command(
 ) -> None:
     """Print a run's log; with -f follow it until the job ends (resumes after connection drops),
     or until it is found lost (its process, run directory or instance gone: exit 9)."""
-    from gpuflow import runs
+    from gpuflow import jobs
 
     with _ended_by_signals():
-        exit_code = runs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
+        exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     if follow and exit_code not in (None, 0):
         from gpuflow.errors import JobFailed
 
@@ -239,9 +241,9 @@ def pull_command(
 ) -> None:
     """Fetch a run's outputs, log and manifest into runs/<run-id>/ (also while it runs: the
     latest checkpoint), verified by sha256."""
-    from gpuflow import runs
+    from gpuflow import jobs
 
-    record, report = runs.pull(run_id, say=_say)
+    record, report = jobs.pull(run_id, say=_say)
     state = "still running" if not record.finished else record.status_text()
     typer.echo(f"{report.local_dir} ({len(report.fetched)} new, {len(report.unchanged)} unchanged; job {state})")
 
@@ -253,9 +255,9 @@ def runs_command(
     """List runs with their status: running, succeeded, failed(CODE), lost or unreachable."""
     import json
 
-    from gpuflow import runs
+    from gpuflow import jobs
 
-    statuses = runs.list_runs()
+    statuses = jobs.list_runs()
     if as_json:
         typer.echo(json.dumps([status.to_dict() for status in statuses], indent=2))
         return
@@ -266,7 +268,7 @@ def runs_command(
     for status in statuses:
         record = status.record
         command = record.module or shlex.join(record.command)  # as it would be typed: arguments stay distinct
-        typer.echo(f"{record.run_id:<22} {record.cluster:<16} {status.status:<13} {record.started_at:<26} {command}")
+        typer.echo(f"{record.run_id:<22} {record.cluster:<16} {str(status.status):<13} {record.started_at:<26} {command}")
 
 
 @app.command("stop")
@@ -275,10 +277,10 @@ def stop_command(
     grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Stop a running job: SIGTERM its process group, SIGKILL after the grace period."""
-    from gpuflow import runs
+    from gpuflow import jobs
 
-    record, outcome = runs.stop(run_id, grace_seconds=grace)
-    if outcome == "finished":
+    record, outcome = jobs.stop(run_id, grace_seconds=grace)
+    if outcome is jobs.StopOutcome.FINISHED:
         typer.echo(f"run {run_id} had already ended: {record.status_text()}")
     else:
         typer.echo(f"run {run_id} {outcome}: {record.status_text()}")

@@ -9,6 +9,10 @@ Rules every runner keeps:
 * ``base_dir`` is the absolute directory on the target under which gpuflow
   keeps everything (code, data, runs, environments).  Paths given to the file
   methods are absolute target paths.
+* ``python`` and ``job_pythons`` say which interpreters the target offers; they
+  are decided where the runner is created (this machine's interpreter for the
+  local target, ``python3`` and the Deep Learning AMI's for an instance), so
+  no use case asks what kind of runner it holds.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ class CommandRunner(Protocol):
     @property
     def base_dir(self) -> str:
         """Absolute path on the target under which gpuflow keeps its files."""
+
+    @property
+    def python(self) -> str:
+        """The interpreter gpuflow's own probes run with on the target (a path, or a name on PATH)."""
+
+    @property
+    def job_pythons(self) -> tuple[str, ...]:
+        """Interpreters a job starts from when present on the target, in order of preference,
+        before :attr:`python` (e.g. the Deep Learning AMI's TensorFlow Python)."""
 
     def run(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,15 +21,29 @@ from gpuflow.transport.base import env_prefix, quote_argv
 
 
 class LocalRunner:
-    """Runs commands with ``root`` as the target's gpuflow base directory."""
+    """Runs commands with ``root`` as the target's gpuflow base directory.
 
-    def __init__(self, root: Path | str) -> None:
+    The target is this machine: gpuflow's probes and jobs use the interpreter
+    running gpuflow (it has the packages and starts at once) unless told otherwise.
+    """
+
+    def __init__(self, root: Path | str, *, python: str = sys.executable, job_pythons: tuple[str, ...] = ()) -> None:
         self._root = Path(root).resolve()
         self._root.mkdir(parents=True, exist_ok=True)
+        self._python = python
+        self._job_pythons = tuple(job_pythons)
 
     @property
     def base_dir(self) -> str:
         return str(self._root)
+
+    @property
+    def python(self) -> str:
+        return self._python
+
+    @property
+    def job_pythons(self) -> tuple[str, ...]:
+        return self._job_pythons
 
     def run(
         self,

@@ -89,6 +89,12 @@ def _warn_stderr(message: str) -> None:
     print(f"gpuflow: warning: {message}", file=sys.stderr, flush=True)
 
 
+# Where the Deep Learning AMIs keep their framework's Python (their release notes'
+# "python_location"; the PyTorch ones say /opt/pytorch/bin/python).  A
+# non-interactive SSH command does not activate it, so a job looks for it first.
+AMI_FRAMEWORK_PYTHONS = ("/opt/tensorflow/bin/python3", "/opt/tensorflow/bin/python")
+
+
 class SSHRunner:
     """Run commands and move files on one host over a single SSH connection.
 
@@ -116,8 +122,12 @@ class SSHRunner:
         expected_fingerprints: Sequence[str] = (),
         warn: Callable[[str], None] = _warn_stderr,
         touch_heartbeat: bool = True,
+        python: str = "python3",
+        job_pythons: Sequence[str] = AMI_FRAMEWORK_PYTHONS,
     ) -> None:
         self.target = target
+        self._python = python
+        self._job_pythons = tuple(job_pythons)
         self._touch_heartbeat = touch_heartbeat
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
@@ -141,6 +151,14 @@ class SSHRunner:
             self.connect()
         assert self._base_dir is not None
         return self._base_dir
+
+    @property
+    def python(self) -> str:
+        return self._python
+
+    @property
+    def job_pythons(self) -> tuple[str, ...]:
+        return self._job_pythons
 
     def run(
         self,

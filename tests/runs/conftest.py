@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpuflow.records import Cluster, SSHTarget
-from gpuflow.runs import RunTarget
+from gpuflow.jobs import RunTarget
 from gpuflow.transport.local import LocalRunner
 
 JOB_SCRIPT = """\

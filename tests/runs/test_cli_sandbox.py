@@ -7,6 +7,7 @@ test can look at what is left in the fake cloud after gpuflow is done; the
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import clusters, runs
+from gpuflow import clusters, jobs
 from gpuflow.errors import ClusterNotFound
 from infra.sandbox import in_process_sandbox
 
@@ -54,7 +55,7 @@ def test_run_up_down_leaves_nothing_behind_when_the_job_fails(project, monkeypat
         captured = capfd.readouterr()
         assert code == 5, captured.err
         assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
-        [record] = runs.all_records()
+        [record] = jobs.all_records()
         # Something was really launched and then terminated.
         import boto3
 
@@ -78,7 +79,7 @@ def test_cli_run_detach_runs_logs_pull_stop_on_a_sandbox_cluster(project, monkey
         try:
             assert cli(["run", "box", "--", "python", "job.py", "4", "0", "0", "$(echo hi)"]) == 0
             foreground = capfd.readouterr()
-            [finished] = runs.all_records()
+            [finished] = jobs.all_records()
             assert foreground.out.encode() == (Path(finished.local_dir) / "job.log").read_bytes()
             assert json.loads((Path(finished.local_dir) / "outputs" / "argv.json").read_text()) == ["$(echo hi)"]
 
@@ -109,6 +110,11 @@ def test_cli_run_detach_runs_logs_pull_stop_on_a_sandbox_cluster(project, monkey
             clusters.down("box")
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("sklearn") is None,
+    reason="`gpuflow demo` trains a Keras model on sklearn's digits: needs TensorFlow and scikit-learn "
+    "(pip install -e '.[train]')",
+)
 def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     with in_process_sandbox():  # the demo's own (nested) sandbox shares this fake cloud: inspect it afterwards
         code = cli(["demo", "--epochs", "8", "--quiet"])
@@ -136,7 +142,7 @@ def test_gpuflow_demo_trains_pulls_and_cleans_up(capfd, gpuflow_home):
     assert manifest["sandbox"] is True and manifest["tensorflow"] and manifest["exit_code"] == 0
     assert manifest["command"][-2:] == ["--output", manifest["command"][-1]]
     assert not [name for name in (gpuflow_home / "sandbox").iterdir() if name.name.startswith("gpuflow-demo")]
-    assert all(status.status == "succeeded" for status in runs.list_runs())
+    assert all(str(status.status) == "succeeded" for status in jobs.list_runs())
 
 
 @pytest.mark.ssh
@@ -166,7 +172,7 @@ def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, ca
             assert synced.read_text() == "payload"
         finally:
             clusters.down("sshbox")
-    [record] = runs.all_records()
+    [record] = jobs.all_records()
     local = Path(record.local_dir)
     assert captured.out.encode() == (local / "job.log").read_bytes()
     assert captured.out.count("line ") == 30
@@ -176,16 +182,21 @@ def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, ca
 
 class _BreaksOnFirstWrite(io.BytesIO):
     """Output that fails as soon as the job's log starts (gpuflow crashing mid-run),
-    remembering the pid of the job that was running."""
+    remembering the pid of the job that was running and its command line then."""
 
     def __init__(self, home: Path) -> None:
         super().__init__()
         self.home = home
         self.job_pid: int | None = None
+        self.job_cmdline = b""
 
     def write(self, data):
         [pid_file] = self.home.glob("sandbox/*/*/runs/*/job.pid")
         self.job_pid = int(pid_file.read_text())
+        try:
+            self.job_cmdline = Path(f"/proc/{self.job_pid}/cmdline").read_bytes()
+        except OSError:
+            pass  # already gone: the assertion on job_cmdline says so
         raise RuntimeError("gpuflow broke while streaming")
 
 
@@ -193,11 +204,12 @@ def test_run_down_stops_a_still_running_job_before_teardown(project, gpuflow_hom
     out = _BreaksOnFirstWrite(gpuflow_home)
     spec = clusters.resolve_spec("crashy", {"sandbox": True}, project_dir=project)
     with pytest.raises(RuntimeError, match="broke while streaming"):
-        runs.run_on_cluster(
+        jobs.run_on_cluster(
             "crashy", project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
             out=out, up_spec=spec, down=True,
         )
-    assert out.job_pid is not None
+    # When gpuflow broke, the job was alive (so its end below is the teardown's doing).
+    assert b"job.py\x00100000" in out.job_cmdline
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(out.job_pid):
         time.sleep(0.05)
@@ -216,7 +228,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_run_whose_supervisor_died_is_lost_and_stops_feeding_the_heartbeat(local_target, project):
-    outcome = runs.run(local_target, project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=["python", "job.py", "100000", "0.05", "0"],
                        out=io.BytesIO(), detach=True, heartbeat_seconds=0.2)
     run_dir = Path(outcome.record.remote_dir)
     heartbeat = run_dir.parent.parent / "heartbeat"
@@ -236,12 +248,12 @@ def test_a_run_whose_supervisor_died_is_lost_and_stops_feeding_the_heartbeat(loc
             break
         assert time.monotonic() < deadline, "the heartbeat is still being touched after its supervisor died"
     assert not (run_dir / "exit_code").exists()
-    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["lost"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: local_target)] == ["lost"]
 
 
 def test_ctrl_c_without_a_terminal_detaches_and_says_how_to_reattach(project, monkeypatch, capfd):
     monkeypatch.chdir(project)
-    real_follow = runs.follow_log
+    real_follow = jobs.follow_log
     calls = []
 
     def interrupted_once(*args, **kwargs):
@@ -250,17 +262,17 @@ def test_ctrl_c_without_a_terminal_detaches_and_says_how_to_reattach(project, mo
             raise KeyboardInterrupt
         return real_follow(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "follow_log", interrupted_once)
+    monkeypatch.setattr(jobs.foreground, "follow_log", interrupted_once)
     with in_process_sandbox():
         clusters.up(clusters.resolve_spec("ctrlc", {"sandbox": True}, project_dir=project))
         try:
             code = cli(["run", "ctrlc", "--", "python", "job.py", "100000", "0.05", "0"])
             captured = capfd.readouterr()
-            [record] = runs.all_records()
+            [record] = jobs.all_records()
             assert code == 130
             assert f"detached: run {record.run_id} keeps running on ctrlc" in captured.err
             assert f"gpuflow logs {record.run_id} -f" in captured.err
-            assert [status.status for status in runs.list_runs()] == ["running"]
+            assert [str(status.status) for status in jobs.list_runs()] == ["running"]
             assert cli(["stop", record.run_id, "--grace", "2"]) == 0
         finally:
             clusters.down("ctrlc")
@@ -274,7 +286,7 @@ def test_plain_down_of_a_sandbox_cluster_ends_its_jobs_and_its_disk(project, mon
         clusters.up(clusters.resolve_spec("doomed", {"sandbox": True}, project_dir=project))
         assert cli(["run", "doomed", "--detach", "--", "python", "job.py", "100000", "0.05", "0"]) == 0
         capfd.readouterr()
-        [record] = runs.all_records()
+        [record] = jobs.all_records()
         pid_file = Path(record.remote_dir) / "job.pid"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not pid_file.exists():
@@ -322,14 +334,14 @@ def test_run_with_data_syncs_it_once_and_names_it_to_the_job(project, monkeypatc
 
 
 def test_a_training_module_gets_the_synced_data_dir_unless_given():
-    argv = runs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--epochs", "1"],
+    argv = jobs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--epochs", "1"],
                                output_dir="/r/outputs", data_dir="/b/data/cifar")
     assert argv == ["py", "-m", "training.cifar10_cnn", "--epochs", "1", "--output", "/r/outputs",
                     "--data-dir", "/b/data/cifar"]
-    mine = runs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--data-dir=/elsewhere"],
+    mine = jobs.build_job_argv(python="py", module="training.cifar10_cnn", args=["--data-dir=/elsewhere"],
                                output_dir="/r/outputs", data_dir="/b/data/cifar")
     assert mine == ["py", "-m", "training.cifar10_cnn", "--data-dir=/elsewhere", "--output", "/r/outputs"]
-    assert runs.build_job_argv(python="py", module="mine.train", args=[], output_dir="/o", data_dir="/d") == [
+    assert jobs.build_job_argv(python="py", module="mine.train", args=[], output_dir="/o", data_dir="/d") == [
         "py", "-m", "mine.train"]
 
 
@@ -381,7 +393,7 @@ def test_sandbox_reap_terminates_like_ec2_its_jobs_and_directory_go(project, mon
         clusters.up(clusters.resolve_spec("orphan", {"sandbox": True}, project_dir=project))
         assert cli(["run", "orphan", "--detach", "--", "python", "job.py", "100000", "0.05", "0"]) == 0
         capfd.readouterr()
-        [record] = runs.all_records()
+        [record] = jobs.all_records()
         run_dir = Path(record.remote_dir)
         supervisor_pid = int((run_dir / "supervisor.pid").read_text())
         job_pid = int((run_dir / "job.pid").read_text())
@@ -397,7 +409,7 @@ def test_sandbox_reap_terminates_like_ec2_its_jobs_and_directory_go(project, mon
         assert not _alive(job_pid) and not _alive(supervisor_pid)
         assert not (gpuflow_home / "sandbox" / "orphan").exists()
         assert _gpuflow_leftovers() == {"instances": [], "security_groups": [], "key_pairs": []}
-        assert [status.status for status in runs.list_runs()] == ["lost"]  # and it really is
+        assert [str(status.status) for status in jobs.list_runs()] == ["lost"]  # and it really is
 
 
 def test_sigterm_to_run_up_down_still_stops_the_job_and_tears_down(project, gpuflow_home):
@@ -429,4 +441,4 @@ def test_sigterm_to_run_up_down_still_stops_the_job_and_tears_down(project, gpuf
     assert _wait_until_none_left(gpuflow_home / "sandbox") == []
     assert not _alive(job_pid)
     assert not (gpuflow_home / "sandbox" / "termed").exists()
-    assert [record.status for record in runs.all_records()] == ["failed"]
+    assert [record.status for record in jobs.all_records()] == ["failed"]

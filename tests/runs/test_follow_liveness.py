@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import procs, runs
+from gpuflow import jobs, procs
 from gpuflow.errors import JobFailed, RunLost, UnsafePath
 from gpuflow.transport.ssh import Backoff, SSHRunner
 from tests.runs.conftest import job_args
@@ -72,8 +72,8 @@ def _kill_job_and_supervisor(remote_dir: str) -> None:
     wait_for(lambda: procs.identity(supervisor) is None and procs.identity(job) is None)  # dead
 
 
-def _detached(target, project, **options) -> runs.RunOutcome:
-    return runs.run(target, project_dir=project, module=None, args=job_args(100_000, 0.05), out=io.BytesIO(),
+def _detached(target, project, **options) -> jobs.RunOutcome:
+    return jobs.run(target, project_dir=project, module=None, args=job_args(100_000, 0.05), out=io.BytesIO(),
                     detach=True, **options)
 
 
@@ -84,15 +84,15 @@ def test_logs_follow_ends_lost_when_the_job_and_its_supervisor_die_together(targ
 
     printed = io.BytesIO()
     with pytest.raises(RunLost) as caught:
-        _bounded(lambda: runs.logs(run_id, out=printed, follow=True, resolve=lambda name: target,
+        _bounded(lambda: jobs.logs(run_id, out=printed, follow=True, resolve=lambda name: target,
                                    liveness_interval=FAST))
     assert caught.value.exit_code == 9
     assert f"run {run_id} is lost" in caught.value.message
     assert "process is gone without an exit code" in caught.value.message
     assert printed.getvalue().startswith(b"line 0000 ")  # what the job wrote was still printed
-    record = runs.load_record(run_id)
+    record = jobs.load_record(run_id)
     assert record.status == "lost" and "without an exit code" in record.lost_reason
-    assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["lost"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: target)] == ["lost"]
 
 
 def test_run_ends_lost_when_the_job_vanishes_mid_stream_and_keeps_what_it_wrote(target, project):
@@ -108,10 +108,10 @@ def test_run_ends_lost_when_the_job_vanishes_mid_stream_and_keeps_what_it_wrote(
     killer.start()
     out = io.BytesIO()
     with pytest.raises(RunLost) as caught:
-        _bounded(lambda: runs.run(target, project_dir=project, module=None, args=job_args(100_000, 0.05), out=out,
+        _bounded(lambda: jobs.run(target, project_dir=project, module=None, args=job_args(100_000, 0.05), out=out,
                                   liveness_interval=FAST, poll_interval=0.05))
     killer.join(5)
-    [record] = runs.all_records()
+    [record] = jobs.all_records()
     assert record.status == "lost" and record.exit_code is None
     assert "without an exit code" in caught.value.message
     # The log so far and the outputs were pulled: a crash still leaves its checkpoint.
@@ -123,7 +123,7 @@ def test_run_ends_lost_when_the_job_vanishes_mid_stream_and_keeps_what_it_wrote(
 def test_a_live_job_is_not_lost_while_it_prints_nothing(local_target, project):
     """Silence is not death: a job sleeping without output is still followed to its end."""
     (project / "quiet.py").write_text("import time\ntime.sleep(2.5)\nprint('done', flush=True)\n")
-    outcome = _bounded(lambda: runs.run(local_target, project_dir=project, module=None, args=["python", "quiet.py"],
+    outcome = _bounded(lambda: jobs.run(local_target, project_dir=project, module=None, args=["python", "quiet.py"],
                                         out=io.BytesIO(), liveness_interval=FAST))
     assert outcome.exit_code == 0 and outcome.record.status == "succeeded"
 
@@ -134,16 +134,16 @@ def test_follow_ends_lost_when_the_run_directory_is_deleted(local_target, projec
     _kill_job_and_supervisor(outcome.record.remote_dir)
     shutil.rmtree(outcome.record.remote_dir)
     with pytest.raises(RunLost) as caught:
-        _bounded(lambda: runs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True, resolve=lambda name: target,
+        _bounded(lambda: jobs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True, resolve=lambda name: target,
                                    liveness_interval=FAST))
     assert f"its run directory {outcome.record.remote_dir} is gone" in caught.value.message
-    assert runs.load_record(outcome.record.run_id).status == "lost"
+    assert jobs.load_record(outcome.record.run_id).status == "lost"
 
 
 def test_follow_ends_lost_when_the_instance_is_terminated(local_target, project):
     """The sandbox's `down` (or EC2 terminating the instance): processes and disk go.
     EC2 says the instance is no longer running: that is the reason given."""
-    terminated = runs.RunTarget(local_target.cluster, local_target.connect, local_target.sync_project,
+    terminated = jobs.RunTarget(local_target.cluster, local_target.connect, local_target.sync_project,
                                 instance_alive=lambda: False)
     outcome = _detached(local_target, project)
     _kill_job_and_supervisor(outcome.record.remote_dir)
@@ -151,7 +151,7 @@ def test_follow_ends_lost_when_the_instance_is_terminated(local_target, project)
     base = runner.base_dir
     shutil.rmtree(base)  # the instance's disk went with it
     with pytest.raises(RunLost) as caught:
-        _bounded(lambda: runs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True,
+        _bounded(lambda: jobs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True,
                                    resolve=lambda name: terminated, liveness_interval=FAST))
     assert "its instance" in caught.value.message and "is no longer running" in caught.value.message
     assert not Path(base).exists()  # following never re-creates the vanished instance's directory
@@ -178,7 +178,7 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
         return SSHRunner(pinned, base_dir=base_dir, backoff=Backoff(retries=8, initial=0.1, maximum=1.0),
                          instance_alive=alive)
 
-    terminated = runs.RunTarget(ssh_target.cluster, connect, ssh_target.sync_project, instance_alive=alive)
+    terminated = jobs.RunTarget(ssh_target.cluster, connect, ssh_target.sync_project, instance_alive=alive)
 
     def stop_server_once_streaming() -> None:
         wait_for(lambda: printed.getvalue().count(b"\n") >= 3, timeout=60)
@@ -190,11 +190,11 @@ def test_follow_ends_lost_when_the_instance_goes_away_under_the_ssh_connection(s
     stopper.start()
     try:
         with pytest.raises(RunLost) as caught:
-            _bounded(lambda: runs.logs(outcome.record.run_id, out=printed, follow=True,
+            _bounded(lambda: jobs.logs(outcome.record.run_id, out=printed, follow=True,
                                        resolve=lambda name: terminated, liveness_interval=FAST, poll_interval=0.05))
         assert terminated_now.is_set() and printed.getvalue().startswith(b"line 0000 ")  # it was following
         assert "is no longer running" in caught.value.message and asked_after
-        assert runs.load_record(outcome.record.run_id).status == "lost"
+        assert jobs.load_record(outcome.record.run_id).status == "lost"
     finally:
         stopper.join(5)
         os.killpg(_pid(outcome.record.remote_dir, "job.pid"), signal.SIGKILL)
@@ -207,13 +207,13 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
     outcome = _detached(local_target, project)
     remote_dir = outcome.record.remote_dir
     runner = local_target.connect()
-    assert runs.job_liveness(runner, remote_dir).job == "alive"
+    assert jobs.job_liveness(runner, remote_dir).job == "alive"
     # The wall clock stepped an hour forward since the job started (NTP at boot): its pid
     # files look older than its processes, but their markers still name them.
     for name in ("job.pid", "supervisor.pid"):
         path = Path(remote_dir) / name
         os.utime(path, (path.stat().st_mtime - 3600, path.stat().st_mtime - 3600))
-    liveness = runs.job_liveness(runner, remote_dir)
+    liveness = jobs.job_liveness(runner, remote_dir)
     assert (liveness.job, liveness.supervisor) == ("alive", "alive")
     _kill_job_and_supervisor(remote_dir)
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like the job did
@@ -222,10 +222,10 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
             identity = (Path(remote_dir) / f"{name}.proc").read_text().split(" ", 1)[1]
             (Path(remote_dir) / f"{name}.proc").write_text(f"{stranger.pid} {identity}")
             (Path(remote_dir) / f"{name}.pid").write_text(f"{stranger.pid}\n")
-        liveness = runs.job_liveness(runner, remote_dir)
+        liveness = jobs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor) == ("gone", "gone")
         with pytest.raises(RunLost):
-            _bounded(lambda: runs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True,
+            _bounded(lambda: jobs.logs(outcome.record.run_id, out=io.BytesIO(), follow=True,
                                        resolve=lambda name: local_target, liveness_interval=FAST))
         assert stranger.poll() is None  # and nobody touched the stranger
     finally:
@@ -238,7 +238,7 @@ def test_a_reused_pid_is_not_taken_for_the_job(local_target, project):
 
 def _run_status(runner, remote_dir: str) -> dict:
     """What `gpuflow runs` (and the stop before teardown) learn of one run directory."""
-    argv = [runs._target_python(runner), "-I", "-S", "-c", runs.remote_scripts.RUN_STATUS_PY, remote_dir]
+    argv = [runner.python, "-I", "-S", "-c", jobs.scripts.RUN_STATUS_PY, remote_dir]
     return json.loads(runner.run(argv).stdout)[remote_dir]
 
 
@@ -255,7 +255,7 @@ def test_a_jobs_child_left_in_its_group_is_the_job_for_follow_runs_and_stop(loca
     (project / "forks.py").write_text(
         "import subprocess, time\nsubprocess.Popen(['sleep', '120'])\nprint('forked', flush=True)\ntime.sleep(120)\n"
     )
-    outcome = runs.run(local_target, project_dir=project, module=None, args=["python", "forks.py"],
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=["python", "forks.py"],
                        out=io.BytesIO(), detach=True)
     remote_dir, run_id = outcome.record.remote_dir, outcome.record.run_id
     try:
@@ -267,16 +267,16 @@ def test_a_jobs_child_left_in_its_group_is_the_job_for_follow_runs_and_stop(loca
         wait_for(lambda: procs.identity(job) is None and procs.identity(supervisor) is None)
 
         runner = local_target.connect()
-        liveness = runs.job_liveness(runner, remote_dir)
+        liveness = jobs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor, liveness.alive) == ("alive", "gone", True)
         assert _run_status(runner, remote_dir)["alive"] is True
-        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
+        assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: local_target)] == ["running"]
 
-        record, stopped = runs.stop(run_id, grace_seconds=5, resolve=lambda name: local_target)
+        record, stopped = jobs.stop(run_id, grace_seconds=5, resolve=lambda name: local_target)
         assert stopped == "terminated"  # the child was what stop signalled
         wait_for(lambda: procs.identity(child) is None)
         assert record.status == "lost"
-        liveness = runs.job_liveness(runner, remote_dir)
+        liveness = jobs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.alive) == ("gone", False) and _run_status(runner, remote_dir)["alive"] is False
     finally:
         _kill_marked(remote_dir)
@@ -294,15 +294,15 @@ def test_runs_and_follow_wait_for_a_supervisor_still_to_record_the_exit_code(loc
         os.killpg(job, signal.SIGKILL)
         wait_for(lambda: procs.identity(job) is None)  # dead (a zombie its stopped supervisor cannot reap)
         runner = local_target.connect()
-        liveness = runs.job_liveness(runner, remote_dir)
+        liveness = jobs.job_liveness(runner, remote_dir)
         assert (liveness.job, liveness.supervisor, liveness.alive) == ("gone", "alive", True)
-        assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
-        record, stopped = runs.stop(outcome.record.run_id, grace_seconds=0, resolve=lambda name: local_target)
+        assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: local_target)] == ["running"]
+        record, stopped = jobs.stop(outcome.record.run_id, grace_seconds=0, resolve=lambda name: local_target)
         assert stopped == "gone" and record.status == "running"  # nothing left to signal, but not lost
     finally:
         os.kill(supervisor, signal.SIGCONT)
     wait_for(lambda: (Path(remote_dir) / "exit_code").exists())
-    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["failed(137)"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: local_target)] == ["failed(137)"]
 
 
 def test_a_supervisor_yet_to_start_its_job_is_alive_for_follow_and_runs(local_target):
@@ -314,16 +314,16 @@ def test_a_supervisor_yet_to_start_its_job_is_alive_for_follow_and_runs(local_ta
     try:
         assert procs.record(str(run_dir / "supervisor.proc"), supervisor.pid)
         (run_dir / "supervisor.pid").write_text(f"{supervisor.pid}\n")
-        liveness = runs.job_liveness(runner, str(run_dir))
+        liveness = jobs.job_liveness(runner, str(run_dir))
         assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "alive", True)
         assert _run_status(runner, str(run_dir))["alive"] is True
     finally:
         supervisor.kill()
         supervisor.wait()
-    liveness = runs.job_liveness(runner, str(run_dir))
+    liveness = jobs.job_liveness(runner, str(run_dir))
     assert (liveness.job, liveness.supervisor, liveness.alive) == ("none", "gone", False)
     assert _run_status(runner, str(run_dir))["alive"] is False
-    assert "never started the job" in runs._lost_reason(liveness, str(run_dir))
+    assert "never started the job" in jobs.lost_reason(liveness, str(run_dir))
 
 
 # --------------------------------------------------------------------------- the outcome survives a refused pull
@@ -357,8 +357,8 @@ def _run_leaving_a_symlink(target, project, code: int, error: type):
     """Run the job that leaves a symlink in its outputs and exits ``code``: the error raised, and the run's record."""
     (project / "bad.py").write_text(_FAILS_WITH_A_SYMLINK)
     with pytest.raises(error) as caught:
-        runs.run(target, project_dir=project, module=None, args=["python", "bad.py", str(code)], out=io.BytesIO())
-    [record] = runs.all_records()
+        jobs.run(target, project_dir=project, module=None, args=["python", "bad.py", str(code)], out=io.BytesIO())
+    [record] = jobs.all_records()
     return caught.value, record
 
 
@@ -376,14 +376,14 @@ def test_a_failed_job_is_reported_and_recorded_even_when_the_pull_refuses(target
     manifest_path = Path(record.local_dir) / "manifest.json"
     manifest_path.write_text(json.dumps({**_manifest(record), "exit_code": None, "job_started_at": None,
                                          "python": None, "duration_seconds": None}))
-    runs.save_record(runs.RunRecord(**{**record.to_dict(), "command": tuple(record.command), "status": "running",
+    jobs.save_record(jobs.RunRecord(**{**record.to_dict(), "command": tuple(record.command), "status": "running",
                                        "exit_code": None, "job_started_at": None, "python": None,
                                        "duration_seconds": None}))
     with pytest.raises(UnsafePath) as refused:
-        runs.pull(record.run_id, resolve=lambda name: target)
+        jobs.pull(record.run_id, resolve=lambda name: target)
     assert refused.value.exit_code == 7
     assert "job failed(3)" in refused.value.message and "passwd-link" in refused.value.message
-    _assert_outcome_recorded(runs.load_record(record.run_id), 3)
+    _assert_outcome_recorded(jobs.load_record(record.run_id), 3)
 
 
 def test_a_succeeded_job_whose_pull_refuses_exits_7_and_says_the_job_succeeded(local_target, project):
@@ -400,17 +400,17 @@ def test_the_outcome_is_recorded_when_the_pull_cannot_reach_the_instance(local_t
     def unreachable(*args, **kwargs):
         raise UnreachableHost("network down")
 
-    monkeypatch.setattr(runs, "pull_files", unreachable)
+    monkeypatch.setattr(jobs.pulling, "pull_files", unreachable)
     with pytest.raises(JobFailed) as caught:
-        runs.run(local_target, project_dir=project, module=None, args=job_args(2, 0, 5), out=io.BytesIO())
-    [record] = runs.all_records()
+        jobs.run(local_target, project_dir=project, module=None, args=job_args(2, 0, 5), out=io.BytesIO())
+    [record] = jobs.all_records()
     assert caught.value.exit_code == 5
     assert "failed with exit code 5" in caught.value.message and "network down" in caught.value.message
     assert record.status == "failed" and record.exit_code == 5 and record.job_started_at
 
     with pytest.raises(UnreachableHost) as unreachable_error:  # a job that succeeded: the pull's code, and why
-        runs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
-    succeeded = next(record for record in runs.all_records() if record.exit_code == 0)
+        jobs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
+    succeeded = next(record for record in jobs.all_records() if record.exit_code == 0)
     assert unreachable_error.value.exit_code == 6
     assert f"run {succeeded.run_id} succeeded, but pulling its files failed: network down" in (
         unreachable_error.value.message
@@ -423,39 +423,39 @@ def test_the_outcome_is_recorded_when_the_pull_cannot_reach_the_instance(local_t
 
 def test_a_job_never_seen_to_start_is_recorded_lost(local_target, project, monkeypatch):
     """The start wait is bounded; when it runs out the record says lost, and why, not 'running'."""
-    from gpuflow import remote_scripts
+    from gpuflow.jobs import scripts as remote_scripts
     from gpuflow.errors import RemoteCommandFailed
 
     monkeypatch.setattr(remote_scripts, "render_supervisor", lambda **_kwargs: "#!/bin/sh\nexit 0\n")  # dies at once
     monkeypatch.setattr(remote_scripts, "wait_for_start_command", lambda *_args, **_kwargs: "true")
-    real_wait = runs._wait_for_start
-    monkeypatch.setattr(runs, "_wait_for_start", lambda runner, remote_dir: real_wait(runner, remote_dir, timeout=1))
+    real_wait = jobs.start.wait_for_start
+    monkeypatch.setattr(jobs.start, "wait_for_start", lambda runner, remote_dir: real_wait(runner, remote_dir, timeout=1))
     with pytest.raises(RemoteCommandFailed, match="did not start within 1s"):
-        _bounded(lambda: runs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO()))
-    [record] = runs.all_records()
+        _bounded(lambda: jobs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO()))
+    [record] = jobs.all_records()
     assert record.status == "lost" and "not seen to start" in record.lost_reason
 
 
 def test_stopping_a_vanished_job_records_it_lost(local_target, project):
     outcome = _detached(local_target, project)
     _kill_job_and_supervisor(outcome.record.remote_dir)
-    record, stopped = _bounded(lambda: runs.stop(outcome.record.run_id, grace_seconds=0,
+    record, stopped = _bounded(lambda: jobs.stop(outcome.record.run_id, grace_seconds=0,
                                                  resolve=lambda name: local_target))
     assert stopped == "gone"
     assert record.status == "lost" and "without an exit code" in record.lost_reason
-    assert runs.load_record(outcome.record.run_id).status == "lost"
+    assert jobs.load_record(outcome.record.run_id).status == "lost"
 
 
 def test_following_a_finished_run_whose_directory_is_gone_keeps_its_outcome(local_target, project):
     from gpuflow.errors import NotFound
 
-    finished = runs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
+    finished = jobs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
     shutil.rmtree(finished.record.remote_dir)
     with pytest.raises(NotFound) as caught:
-        _bounded(lambda: runs.logs(finished.record.run_id, out=io.BytesIO(), follow=True,
+        _bounded(lambda: jobs.logs(finished.record.run_id, out=io.BytesIO(), follow=True,
                                    resolve=lambda name: local_target, liveness_interval=FAST))
     assert f"run {finished.record.run_id} succeeded, but its run directory" in caught.value.message
-    assert runs.load_record(finished.record.run_id).status == "succeeded"
+    assert jobs.load_record(finished.record.run_id).status == "succeeded"
 
 
 @pytest.mark.parametrize("tampering", [
@@ -469,9 +469,9 @@ def test_the_outcome_reaches_the_local_manifest_when_the_job_spoils_the_remote_o
         f"{tampering}\nsys.exit(3)\n"
     )
     with pytest.raises(JobFailed) as caught:
-        runs.run(local_target, project_dir=project, module=None, args=["python", "spoil.py"], out=io.BytesIO())
+        jobs.run(local_target, project_dir=project, module=None, args=["python", "spoil.py"], out=io.BytesIO())
     assert caught.value.exit_code == 3
-    [record] = runs.all_records()
+    [record] = jobs.all_records()
     manifest = _manifest(record)
     assert manifest["run_id"] == record.run_id and manifest["exit_code"] == 3
     assert manifest["job_started_at"] == record.job_started_at and manifest["python"] == platform.python_version()

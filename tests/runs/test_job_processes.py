@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import procs, remote, runs
+from gpuflow import jobs, procs, remote
 from gpuflow.records import Node, SSHTarget
-from gpuflow.runs import RunTarget
+from gpuflow.jobs import RunTarget
 from tests.runs.conftest import _push_project, fake_cluster, job_args
 from tests.sshd import SshServer, sshd_available
 
@@ -122,9 +122,9 @@ def test_stop_and_status_spare_a_process_that_reused_the_jobs_pid(local_target, 
     (run_dir / "job.pid").write_text(f"{stranger.pid}\n")
     (run_dir / "job.proc").write_text(f"{stranger.pid} {_with_other_start_time(procs.identity(stranger.pid))}\n")
 
-    status = json.loads(runner.run([sys.executable, "-c", runs.remote_scripts.RUN_STATUS_PY, str(run_dir)]).stdout)
+    status = json.loads(runner.run([sys.executable, "-c", jobs.scripts.RUN_STATUS_PY, str(run_dir)]).stdout)
     assert status[str(run_dir)]["alive"] is False
-    assert runs.stop_job(runner, str(run_dir), grace_seconds=1) == "gone"
+    assert jobs.stop_job(runner, str(run_dir), grace_seconds=1) == "gone"
     time.sleep(0.2)
     assert _alive(stranger)
 
@@ -133,9 +133,9 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
     """
     import io, json, os, subprocess, sys, time
     from pathlib import Path
-    from gpuflow import remote, runs
+    from gpuflow import jobs, remote
     from gpuflow.records import Node
-    from gpuflow.runs import RunTarget
+    from gpuflow.jobs import RunTarget
     from gpuflow.transport.local import LocalRunner
     from tests.runs.conftest import fake_cluster
 
@@ -146,7 +146,7 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
     cluster, node = fake_cluster("reuse"), Node("i-0123456789abcdef0", "running")
     base = remote.sandbox_directory(cluster, node)
     target = RunTarget(cluster=cluster, connect=lambda: LocalRunner(base))
-    outcome = runs.run(target, project_dir=project, module=None, args=["sleep", "0.2"], out=io.BytesIO(),
+    outcome = jobs.run(target, project_dir=project, module=None, args=["sleep", "0.2"], out=io.BytesIO(),
                        detach=True, heartbeat_seconds=0.2)
     run_dir = Path(outcome.record.remote_dir)
     deadline = time.monotonic() + 30
@@ -182,9 +182,9 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
               "pids": [job_pid, supervisor_pid, *(process.pid for process in strangers)]}
     (run_dir / "exit_code").unlink()  # as if the supervisor had died with its job: nothing says it ended
     runner = LocalRunner(base)
-    status = json.loads(runner.run([sys.executable, "-c", runs.remote_scripts.RUN_STATUS_PY, str(run_dir)]).stdout)
+    status = json.loads(runner.run([sys.executable, "-c", jobs.scripts.RUN_STATUS_PY, str(run_dir)]).stdout)
     result["status_alive"] = status[str(run_dir)]["alive"]
-    result["stop"] = runs.stop_job(runner, str(run_dir), grace_seconds=1)
+    result["stop"] = jobs.stop_job(runner, str(run_dir), grace_seconds=1)
     result["after_stop"] = [process.poll() is None for process in strangers]
     remote.discard_sandbox_node(cluster, node)
     time.sleep(0.2)
@@ -255,7 +255,7 @@ def test_no_credential_variable_reaches_a_sandbox_job(local_target, project, mon
     for key, value in CREDENTIAL_CHAIN.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
     assert outcome.exit_code == 0
     assert _job_aws_variables(outcome) == {"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -285,7 +285,7 @@ def test_no_credential_variable_reaches_a_job_started_over_ssh(project, tmp_path
         finally:
             session.close()
         target = RunTarget(cluster=fake_cluster(), connect=connect, sync_project=lambda p: _push_project(connect, p))
-        outcome = runs.run(target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
+        outcome = jobs.run(target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
     finally:
         server.stop()
     assert outcome.exit_code == 0
@@ -293,7 +293,7 @@ def test_no_credential_variable_reaches_a_job_started_over_ssh(project, tmp_path
 
 
 def test_stop_of_a_run_whose_pid_went_to_another_process_says_gone_and_marks_it_lost(local_target, project, stranger):
-    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(100000, 0.05),
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=job_args(100000, 0.05),
                        out=io.BytesIO(), detach=True, heartbeat_seconds=0.2)
     run_dir = Path(outcome.record.remote_dir)
     supervisor_pid = int((run_dir / "supervisor.pid").read_text())
@@ -304,9 +304,9 @@ def test_stop_of_a_run_whose_pid_went_to_another_process_says_gone_and_marks_it_
     (run_dir / "job.pid").write_text(f"{stranger.pid}\n")
     (run_dir / "job.proc").write_text(f"{stranger.pid} {_with_other_start_time(procs.identity(stranger.pid))}\n")
 
-    record, result = runs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
+    record, result = jobs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
 
     assert result == "gone"
-    assert record.status == "lost" and runs.load_record(record.run_id).status == "lost"
+    assert record.status == "lost" and jobs.load_record(record.run_id).status == "lost"
     time.sleep(0.2)
     assert _alive(stranger)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import runs
+from gpuflow import jobs
 from gpuflow.errors import UnsafePath
 from gpuflow.transport.local import LocalRunner
 from tests.runs.conftest import job_args
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ssh
 
 
 def _finished_run(target, project):
-    return runs.run(target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
+    return jobs.run(target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
 
 
 def test_symlinks_in_the_remote_run_directory_are_refused(target, project, tmp_path):
@@ -39,7 +39,7 @@ def test_symlinks_in_the_remote_run_directory_are_refused(target, project, tmp_p
     before_outside = sorted(path.name for path in outside.iterdir())
 
     with pytest.raises(UnsafePath) as caught:
-        runs.pull(outcome.record.run_id, resolve=lambda name: target)
+        jobs.pull(outcome.record.run_id, resolve=lambda name: target)
 
     assert "file-link" in caught.value.message and "dir-link" in caught.value.message
     assert caught.value.exit_code == 7
@@ -58,16 +58,16 @@ def test_listing_entries_that_escape_are_refused(local_target, project, tmp_path
     """A compromised instance can answer the listing with anything: paths are
     checked on this side, before anything is written."""
     outcome = _finished_run(local_target, project)
-    real_listing = runs.list_remote_tree
+    real_listing = jobs.list_remote_tree
 
-    def hostile_listing(runner, remote_dir, names=runs.PULLED_NAMES):
+    def hostile_listing(runner, remote_dir, names=jobs.PULLED_NAMES):
         entries = real_listing(runner, remote_dir, names)
         return [*entries, {"path": hostile_path, "kind": "file", "size": 5, "sha256": "0" * 64}]
 
-    monkeypatch.setattr(runs, "list_remote_tree", hostile_listing)
+    monkeypatch.setattr(jobs.pulling, "list_remote_tree", hostile_listing)
     local = Path(outcome.record.local_dir)
     with pytest.raises(UnsafePath):
-        runs.pull(outcome.record.run_id, resolve=lambda name: local_target)
+        jobs.pull(outcome.record.run_id, resolve=lambda name: local_target)
     assert not (local.parent / "escaped.txt").exists()
     assert not (local.parent.parent / "escaped.txt").exists()
     assert not Path("/tmp/escaped-absolute.txt").exists()
@@ -85,7 +85,7 @@ def test_a_local_symlink_cannot_redirect_pulled_files(local_target, project, tmp
     (local / "outputs").rmdir()
     (local / "outputs").symlink_to(elsewhere)
     with pytest.raises(UnsafePath):
-        runs.pull(outcome.record.run_id, resolve=lambda name: local_target)
+        jobs.pull(outcome.record.run_id, resolve=lambda name: local_target)
     assert list(elsewhere.iterdir()) == []
 
 
@@ -103,7 +103,7 @@ def test_a_file_changed_after_listing_fails_checksum_and_is_not_installed(local_
                 Path(local_path).write_text("tampered")
 
     runner = TamperingRunner(local_target.connect().base_dir)
-    report = runs.pull_files(runner, outcome.record.remote_dir, local)
+    report = jobs.pull_files(runner, outcome.record.remote_dir, local)
     assert "outputs/metrics.json" in report.changing
     assert not (local / "outputs" / "metrics.json").exists()
     assert not list(local.rglob("*.gpuflow-part"))

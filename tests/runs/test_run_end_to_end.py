@@ -7,13 +7,14 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from gpuflow import runs
+from gpuflow import jobs
 from gpuflow.errors import JobFailed
 from tests.runs.conftest import job_args
 from tests.waiting import wait_for
@@ -39,7 +40,7 @@ def _sha256(path: Path) -> str:
 
 def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, project, gpuflow_home):
     out = io.BytesIO()
-    outcome = runs.run(target, project_dir=project, module=None, args=job_args(20), out=out, poll_interval=0.05)
+    outcome = jobs.run(target, project_dir=project, module=None, args=job_args(20), out=out, poll_interval=0.05)
 
     record = outcome.record
     assert outcome.exit_code == 0 and record.status == "succeeded" and record.exit_code == 0
@@ -62,7 +63,14 @@ def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, proj
     assert manifest["ami"] == "ami-0123456789abcdef0"
     assert manifest["gpu"] == "none" and manifest["gpu_driver"] == "none"  # no nvidia-smi here
     assert manifest["python"].count(".") == 2
-    assert any(line.lower().startswith("pip==") or "==" in line for line in manifest["pip_freeze"])
+    # The probe lists the distributions of the job's own interpreter (the "instance" is this machine).
+    installed = subprocess.run(
+        [record.command[0], "-c", "from importlib import metadata\n"
+         "print('\\n'.join(f'{d.metadata[\"Name\"]}=={d.version}' for d in metadata.distributions()"
+         " if d.metadata['Name']))"],
+        capture_output=True, text=True, check=True, cwd=project,
+    ).stdout.split()
+    assert installed and sorted(manifest["pip_freeze"]) == sorted(set(installed))
     assert manifest["exit_code"] == 0 and manifest["ended_at"] >= manifest["job_started_at"] >= manifest["started_at"]
     # The duration is the job's own, both ends read on the instance's clock.
     job_seconds = (datetime.datetime.fromisoformat(manifest["ended_at"])
@@ -79,17 +87,17 @@ def test_run_streams_log_pulls_verified_outputs_and_writes_manifest(target, proj
     assert job_environment["GPUFLOW_OUTPUT_DIR"] == f"{record.remote_dir}/outputs"
     assert job_environment["GPUFLOW_RUN_ID"] == record.run_id
 
-    stored = runs.load_record(record.run_id)
+    stored = jobs.load_record(record.run_id)
     assert stored.status == "succeeded" and stored.cluster == "testbox"
-    listed = runs.list_runs(resolve=lambda name: target)
-    assert [(status.record.run_id, status.status) for status in listed] == [(record.run_id, "succeeded")]
+    listed = jobs.list_runs(resolve=lambda name: target)
+    assert [(status.record.run_id, str(status.status)) for status in listed] == [(record.run_id, "succeeded")]
 
 
 HOSTILE = ["$(touch pwned)", "; touch pwned2", "&& echo no", "'single' \"double\"", "*", "~", "a\nb", "ü €", "`id`"]
 
 
 def test_hostile_arguments_reach_the_job_literally(target, project):
-    outcome = runs.run(
+    outcome = jobs.run(
         target, project_dir=project, module=None, args=job_args(1, 0, 0, *HOSTILE), out=io.BytesIO()
     )
     local = Path(outcome.record.local_dir)
@@ -104,16 +112,16 @@ def test_hostile_arguments_reach_the_job_literally(target, project):
 
 def test_failing_job_propagates_its_exit_code_after_pulling(target, project):
     with pytest.raises(JobFailed) as caught:
-        runs.run(target, project_dir=project, module=None, args=job_args(3, 0, 7), out=io.BytesIO())
+        jobs.run(target, project_dir=project, module=None, args=job_args(3, 0, 7), out=io.BytesIO())
     assert caught.value.exit_code == 7
-    [record] = runs.all_records()
+    [record] = jobs.all_records()
     assert record.status == "failed" and record.exit_code == 7
     assert (Path(record.local_dir) / "outputs" / "metrics.json").is_file()
-    assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["failed(7)"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: target)] == ["failed(7)"]
 
 
 def test_detach_logs_pull_while_running_runs_and_stop(target, project):
-    outcome = runs.run(
+    outcome = jobs.run(
         target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=io.BytesIO(), detach=True,
         heartbeat_seconds=0.2,
     )
@@ -136,30 +144,30 @@ def test_detach_logs_pull_while_running_runs_and_stop(target, project):
     first = heartbeat.stat().st_mtime_ns
     wait_for(lambda: heartbeat.stat().st_mtime_ns > first, timeout=5)
 
-    assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["running"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: target)] == ["running"]
 
     printed = io.BytesIO()
-    assert runs.logs(run_id, out=printed, resolve=lambda name: target) is None  # still running
+    assert jobs.logs(run_id, out=printed, resolve=lambda name: target) is None  # still running
     assert printed.getvalue().startswith(b"line 0000 ")
 
-    record, report = runs.pull(run_id, resolve=lambda name: target)
+    record, report = jobs.pull(run_id, resolve=lambda name: target)
     local = Path(record.local_dir)
     assert record.status == "running"
     assert (local / "outputs" / "checkpoints" / "latest.bin").stat().st_size == 200_000
     assert "outputs/checkpoints/latest.bin" in report.fetched
     # A second pull sends only what changed.
-    _record, again = runs.pull(run_id, resolve=lambda name: target)
+    _record, again = jobs.pull(run_id, resolve=lambda name: target)
     assert "outputs/checkpoints/latest.bin" in again.unchanged
 
     started = time.monotonic()
-    record, outcome_text = runs.stop(run_id, grace_seconds=5, resolve=lambda name: target)
+    record, outcome_text = jobs.stop(run_id, grace_seconds=5, resolve=lambda name: target)
     assert time.monotonic() - started < 15
     assert outcome_text == "terminated"
     assert record.status == "failed" and record.exit_code == 143  # 128 + SIGTERM
-    assert [status.status for status in runs.list_runs(resolve=lambda name: target)] == ["failed(143)"]
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: target)] == ["failed(143)"]
 
     followed = io.BytesIO()
-    assert runs.logs(run_id, out=followed, follow=True, resolve=lambda name: target) == 143
+    assert jobs.logs(run_id, out=followed, follow=True, resolve=lambda name: target) == 143
     assert followed.getvalue() == _remote_bytes(target, f"{remote_dir}/job.log")
 
 
@@ -168,12 +176,12 @@ def test_stop_kills_a_job_that_ignores_sigterm(local_target, project):
         "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
         "time.sleep(600)\n"
     )
-    outcome = runs.run(
+    outcome = jobs.run(
         local_target, project_dir=project, module=None, args=["python", "stubborn.py"], out=io.BytesIO(), detach=True
     )
     remote_dir = outcome.record.remote_dir
     wait_for(lambda: b"ready" in _remote_bytes(local_target, f"{remote_dir}/job.log"))
-    record, outcome_text = runs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
+    record, outcome_text = jobs.stop(outcome.record.run_id, grace_seconds=1, resolve=lambda name: local_target)
     assert outcome_text == "killed"
     assert record.exit_code == 137  # 128 + SIGKILL
 
@@ -194,16 +202,16 @@ class _InterruptOnce(io.BytesIO):
 
 def test_ctrl_c_detaches_or_stops_as_answered(local_target, project):
     asked = []
-    outcome = runs.run(
+    outcome = jobs.run(
         local_target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=_InterruptOnce(),
         on_interrupt=lambda record: asked.append(record.run_id) or "detach",
     )
     assert outcome.detached and asked == [outcome.record.run_id]
-    assert [status.status for status in runs.list_runs(resolve=lambda name: local_target)] == ["running"]
-    runs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
+    assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: local_target)] == ["running"]
+    jobs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
 
     with pytest.raises(JobFailed) as caught:
-        runs.run(
+        jobs.run(
             local_target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=_InterruptOnce(),
             on_interrupt=lambda record: "stop",
         )
@@ -233,11 +241,11 @@ def test_dropped_ssh_connection_mid_run_loses_and_repeats_nothing(sshd, ssh_targ
         runners.append(ssh_target.connect())
         return runners[-1]
 
-    counting_target = runs.RunTarget(ssh_target.cluster, connect, ssh_target.sync_project)
+    counting_target = jobs.RunTarget(ssh_target.cluster, connect, ssh_target.sync_project)
     dropper = threading.Thread(target=drop_repeatedly)
     dropper.start()
     try:
-        outcome = runs.run(
+        outcome = jobs.run(
             counting_target, project_dir=project, module=None, args=job_args(120, 0.03), out=out, poll_interval=0.05
         )
     finally:
@@ -260,25 +268,25 @@ def test_requirements_environment_is_created_once_and_reused(local_target, proje
         "import os, sys\nopen(os.path.join(os.environ['GPUFLOW_OUTPUT_DIR'], 'python.txt'), 'w').write(sys.executable)\n"
     )
     messages: list[str] = []
-    first = runs.run(local_target, project_dir=project, module=None, args=["python", "which.py"],
+    first = jobs.run(local_target, project_dir=project, module=None, args=["python", "which.py"],
                      out=io.BytesIO(), say=messages.append)
-    second = runs.run(local_target, project_dir=project, module=None, args=["python", "which.py"],
+    second = jobs.run(local_target, project_dir=project, module=None, args=["python", "which.py"],
                       out=io.BytesIO(), say=messages.append)
-    digest = runs.requirements_hash("pytest\n")
+    digest = jobs.requirements_hash("pytest\n")
     for outcome in (first, second):
         python = (Path(outcome.record.local_dir) / "outputs" / "python.txt").read_text()
         assert f"/envs/{digest}/bin/python" in python
     assert any(message == f"reusing the environment {digest}" for message in messages)
     assert sum("preparing" in message for message in messages) == 2
-    assert runs.requirements_of(project) == "pytest\n"
+    assert jobs.requirements_of(project) == "pytest\n"
 
 
 def test_no_requirements_uses_the_target_interpreter(local_target, project):
     import sys
 
-    assert runs.prepare_environment(local_target.connect(), project) == sys.executable
+    assert jobs.prepare_environment(local_target.connect(), project) == sys.executable
     (project / "requirements.txt").write_text("# nothing yet\n\n")
-    assert runs.prepare_environment(local_target.connect(), project) == sys.executable
+    assert jobs.prepare_environment(local_target.connect(), project) == sys.executable
 
 
 def test_git_commit_and_uncommitted_diff_are_in_the_manifest(local_target, project):
@@ -292,10 +300,10 @@ def test_git_commit_and_uncommitted_diff_are_in_the_manifest(local_target, proje
     git("init", "-q")
     git("add", "job.py")
     git("commit", "-q", "-m", "job")
-    clean = runs.git_state(project)
+    clean = jobs.git_state(project)
     assert clean["dirty"] is False and clean["diff_sha256"] is None and len(clean["commit"]) == 40
     (project / "job.py").write_text((project / "job.py").read_text() + "\n# changed\n")
-    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO())
     manifest = json.loads((Path(outcome.record.local_dir) / "manifest.json").read_text())
     assert manifest["git"]["commit"] == clean["commit"] and manifest["git"]["dirty"] is True
     assert len(manifest["git"]["diff_sha256"]) == 64
@@ -303,16 +311,16 @@ def test_git_commit_and_uncommitted_diff_are_in_the_manifest(local_target, proje
 
 def test_a_repeated_launch_starts_nothing_twice(local_target, project):
     """After a connection drop the launch line is sent again: it must be a no-op."""
-    from gpuflow import remote_scripts
+    from gpuflow.jobs import scripts as remote_scripts
 
-    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(3, 0.05), out=io.BytesIO(),
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=job_args(3, 0.05), out=io.BytesIO(),
                        detach=True)
     remote_dir = outcome.record.remote_dir
     runner = local_target.connect()
     pid_before = runner.read_from(f"{remote_dir}/job.pid")
     runner.run_script(remote_scripts.launch_command(remote_dir))
-    exit_code, _offset = runs.follow_log(
-        runs._Connection(local_target, runner, 10, runs._quiet), remote_dir, io.BytesIO(), poll_interval=0.05
+    exit_code, _offset = jobs.follow_log(
+        jobs.Connection(local_target, runner, 10, jobs.quiet), remote_dir, io.BytesIO(), poll_interval=0.05
     )
     assert exit_code == 0
     assert runner.read_from(f"{remote_dir}/job.pid") == pid_before
@@ -329,7 +337,7 @@ def test_a_repeated_launch_starts_nothing_twice(local_target, project):
     ],
 )
 def test_training_modules_get_the_run_outputs_dir_unless_given(module, args, expected_tail):
-    argv = runs.build_job_argv(python="py", module=module, args=args, output_dir="/r/outputs")
+    argv = jobs.build_job_argv(python="py", module=module, args=args, output_dir="/r/outputs")
     assert argv[:3] == ["py", "-m", module] and argv[3:] == expected_tail
 
 
@@ -338,7 +346,7 @@ def test_module_names_are_checked(module):
     from gpuflow.errors import UsageError
 
     with pytest.raises(UsageError):
-        runs.build_job_argv(python="py", module=module, args=[], output_dir="/r")
+        jobs.build_job_argv(python="py", module=module, args=[], output_dir="/r")
 
 
 def test_instance_python_is_found_over_ssh_and_can_be_configured(ssh_connect, project, tmp_path):
@@ -346,13 +354,13 @@ def test_instance_python_is_found_over_ssh_and_can_be_configured(ssh_connect, pr
 
     runner = ssh_connect()
     try:
-        found = runs.base_python(runner, project)
+        found = jobs.base_python(runner, project)
         assert found.startswith("/") and found.rsplit("/", 1)[-1].startswith("python3")  # `command -v python3`
         fake = tmp_path / "bin" / "my python"
         fake.parent.mkdir()
         fake.symlink_to(sys.executable)
         (project / "gpuflow.toml").write_text(f"remote_python = {str(fake)!r}\n".replace("'", '"'))
-        assert runs.base_python(runner, project) == str(fake)
+        assert jobs.base_python(runner, project) == str(fake)
     finally:
         runner.close()
 
@@ -360,7 +368,7 @@ def test_instance_python_is_found_over_ssh_and_can_be_configured(ssh_connect, pr
 def test_runs_on_a_vanished_or_unreachable_cluster(local_target, project):
     from gpuflow.errors import ClusterNotFound, UnreachableHost
 
-    outcome = runs.run(local_target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=io.BytesIO(),
+    outcome = jobs.run(local_target, project_dir=project, module=None, args=job_args(10_000, 0.05), out=io.BytesIO(),
                        detach=True)
 
     def unreachable(name):
@@ -369,17 +377,17 @@ def test_runs_on_a_vanished_or_unreachable_cluster(local_target, project):
     def vanished(name):
         raise ClusterNotFound(f"no cluster named {name!r}")
 
-    assert [status.status for status in runs.list_runs(resolve=unreachable)] == ["unreachable"]
-    assert runs.load_record(outcome.record.run_id).status == "running"  # not concluded from a network blip
-    assert [status.status for status in runs.list_runs(resolve=vanished)] == ["lost"]
-    runs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
+    assert [str(status.status) for status in jobs.list_runs(resolve=unreachable)] == ["unreachable"]
+    assert jobs.load_record(outcome.record.run_id).status == "running"  # not concluded from a network blip
+    assert [str(status.status) for status in jobs.list_runs(resolve=vanished)] == ["lost"]
+    jobs.stop(outcome.record.run_id, grace_seconds=2, resolve=lambda name: local_target)
 
 
 def test_manifest_duration_ignores_a_skewed_laptop_clock():
     # The laptop's clock is an hour ahead of the instance's: the job's 90 s on the
     # instance stay 90 s, and the cost is that of 90 s.
     manifest = {"started_at": "2026-11-28T11:00:00+00:00", "price_per_hour": 1.2, "instance_count": 2}
-    finished = runs.finish_manifest(
+    finished = jobs.finish_manifest(
         manifest, job_started_at="2026-11-28T10:00:05+00:00", ended_at="2026-11-28T10:01:35+00:00", exit_code=0
     )
     assert finished["duration_seconds"] == 90.0
@@ -389,5 +397,5 @@ def test_manifest_duration_ignores_a_skewed_laptop_clock():
 
 def test_a_job_that_never_started_has_no_duration_or_cost():
     manifest = {"started_at": "2026-11-28T10:00:00+00:00", "price_per_hour": 1.2}
-    finished = runs.finish_manifest(manifest, job_started_at=None, ended_at="2026-11-28T10:00:01+00:00", exit_code=127)
+    finished = jobs.finish_manifest(manifest, job_started_at=None, ended_at="2026-11-28T10:00:01+00:00", exit_code=127)
     assert finished["exit_code"] == 127 and finished["duration_seconds"] is None and finished["estimated_cost_usd"] is None

@@ -1,0 +1,94 @@
+"""Following a run's log from a byte offset until its job ends, vanishes, or its instance goes."""
+
+from __future__ import annotations
+
+import time
+from typing import BinaryIO
+
+from gpuflow.errors import InstanceGone
+from gpuflow.jobs.connection import TRANSIENT, Connection
+from gpuflow.jobs.records import LOG_NAME, READ_CHUNK
+from gpuflow.jobs.rundir import job_liveness, lost_reason, read_exit_code
+
+# While following a job without an exit code, how often gpuflow checks that it
+# still lives (one short command on the instance): a job that vanished is
+# noticed within about this long.
+LIVENESS_INTERVAL = 5.0
+
+
+class JobVanished(Exception):
+    """Raised by :func:`follow_log`: the job is gone without an exit code (``reason`` says how)."""
+
+    def __init__(self, reason: str, offset: int, *, run_dir_exists: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.offset = offset
+        self.run_dir_exists = run_dir_exists
+
+
+def _vanished(connection: Connection, remote_dir: str) -> tuple[str, bool] | None:
+    """(why, whether the run directory is still there) when the job is gone
+    without an exit code; None while it lives, has ended, or nobody can tell."""
+    liveness = job_liveness(connection.runner, remote_dir)
+    if liveness is None or liveness.exit_code is not None or liveness.alive:
+        return None
+    gone = connection.instance_gone()
+    if gone is not None:
+        return gone, liveness.exists
+    return lost_reason(liveness, remote_dir), liveness.exists
+
+
+def follow_log(
+    connection: Connection,
+    remote_dir: str,
+    out: BinaryIO,
+    *,
+    offset: int = 0,
+    poll_interval: float = 0.5,
+    follow: bool = True,
+    liveness_interval: float = LIVENESS_INTERVAL,
+) -> tuple[int | None, int]:
+    """Copy ``job.log`` from byte ``offset`` to ``out``; with ``follow`` until
+    the job has ended and the log is fully read.
+
+    Returns (exit code or None, final offset).  The offset advances only by
+    bytes already written to ``out``, and the exit code is checked *before*
+    the final read, so after a reconnect nothing is repeated or lost.
+
+    While following, every ``liveness_interval`` seconds without an exit code
+    the job is checked by identity (:func:`job_liveness`): a job whose process
+    and supervisor are gone, a deleted run directory or a terminated instance
+    end the loop with :class:`JobVanished` (after the log is drained).
+    """
+    log_path = f"{remote_dir}/{LOG_NAME}"
+
+    def drain() -> None:
+        nonlocal offset
+        while chunk := connection.runner.read_from(log_path, offset, READ_CHUNK):
+            out.write(chunk)
+            out.flush()
+            offset += len(chunk)
+
+    next_check = time.monotonic() + liveness_interval
+    try:
+        while True:
+            try:
+                exit_code = read_exit_code(connection.runner, remote_dir)
+                drain()
+                if exit_code is None and follow and time.monotonic() >= next_check:
+                    vanished = _vanished(connection, remote_dir)
+                    next_check = time.monotonic() + liveness_interval
+                    if vanished is not None:
+                        drain()  # its last words, written before it died
+                        raise JobVanished(vanished[0], offset, run_dir_exists=vanished[1])
+            except TRANSIENT as exc:
+                connection.reconnect(exc)  # raises InstanceGone for a terminated instance
+                continue
+            if exit_code is not None or not follow:
+                return exit_code, offset
+            time.sleep(poll_interval)
+    except InstanceGone as exc:
+        if not follow:
+            raise
+        reason = connection.instance_gone() or f"its instance is gone ({exc.message})"
+        raise JobVanished(reason, offset, run_dir_exists=False) from exc

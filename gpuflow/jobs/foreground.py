@@ -1,0 +1,128 @@
+"""``gpuflow run`` on a target: start the job detached, stream its log, pull its files, return or raise its outcome."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from gpuflow.errors import GpuflowError, JobFailed
+from gpuflow.jobs.connection import Connection
+from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
+from gpuflow.jobs.pulling import pull_with_reconnect
+from gpuflow.jobs.records import (
+    InterruptChoice,
+    RunOutcome,
+    RunRecord,
+    RunStatus,
+    RunTarget,
+    Say,
+    lose,
+    quiet,
+    save_record,
+)
+from gpuflow.jobs.rundir import stop_job
+from gpuflow.jobs.start import start_run
+
+
+def run(
+    target: RunTarget,
+    *,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    out: BinaryIO,
+    detach: bool = False,
+    on_interrupt: Callable[[RunRecord], InterruptChoice] | None = None,
+    home: Path | None = None,
+    say: Say = quiet,
+    heartbeat_seconds: float = 30,
+    poll_interval: float = 0.5,
+    reconnect_timeout: float = 300,
+    run_id: str | None = None,
+    data_dir: Path | None = None,
+    liveness_interval: float = LIVENESS_INTERVAL,
+) -> RunOutcome:
+    """``gpuflow run``: start detached, stream the log, pull, return the outcome.
+
+    Raises :class:`JobFailed` (carrying the job's exit code) when the job
+    fails, after its outputs are pulled.  On Ctrl-C, ``on_interrupt(record)``
+    answers :class:`InterruptChoice` STOP (stop the job, pull, fail) or DETACH (leave it running);
+    without it gpuflow detaches.  A job that vanishes without an exit code
+    (:func:`follow_log`) makes the run ``lost``: :class:`RunLost`, after what
+    is left of its files is pulled.
+
+    The job's outcome is recorded before its files are pulled.  When the pull
+    fails (a refused entry, an unreachable instance), a failed job still raises
+    :class:`JobFailed` with its own exit code, naming the pull's failure too; a
+    succeeded job raises the pull's error, saying that the job succeeded.
+    """
+    connection = Connection(target, target.connect(), reconnect_timeout, say)
+    try:
+        record = start_run(
+            target,
+            connection.runner,
+            project_dir=project_dir,
+            module=module,
+            args=args,
+            run_id=run_id,
+            data_dir=data_dir,
+            heartbeat_seconds=heartbeat_seconds,
+            home=home,
+            say=say,
+        )
+        if detach:
+            return RunOutcome(record, None, detached=True)
+        stopped = False
+        offset = 0
+        while True:
+            try:
+                exit_code, offset = follow_log(
+                    connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval,
+                    liveness_interval=liveness_interval,
+                )
+                break
+            except JobVanished as vanished:
+                if vanished.run_dir_exists:  # what the job left (its log, a checkpoint) is still worth having
+                    try:
+                        pull_with_reconnect(connection, record, home=home, say=say)
+                    except GpuflowError as pull_error:
+                        say(f"pulling what the lost run left failed: {pull_error.one_line()}")
+                raise lose(record, vanished.reason, home) from vanished
+            except KeyboardInterrupt:
+                choice = on_interrupt(record) if on_interrupt is not None else InterruptChoice.DETACH
+                if InterruptChoice(choice) is not InterruptChoice.STOP:
+                    return RunOutcome(record, None, detached=True)
+                say(f"stopping run {record.run_id}")
+                stop_job(connection.runner, record.remote_dir)
+                stopped = True
+        # The outcome is known now: record it before the pull, which may fail.
+        record = record.with_status(RunStatus.of_exit_code(exit_code), lost_reason=None)
+        save_record(record, home)
+        ended = f"{'was stopped' if stopped else 'failed'} with exit code {exit_code}"
+        try:
+            record, report = pull_with_reconnect(connection, record, home=home, say=say)
+        except GpuflowError as pull_error:
+            if exit_code == 0:  # the pull's own failure decides: say that the job itself succeeded
+                pull_error.message = (
+                    f"run {record.run_id} succeeded, but pulling its files failed: {pull_error.message}"
+                )
+                raise
+            # A failed job's exit code wins; the pull's failure is reported with it.
+            raise JobFailed(
+                f"run {record.run_id} {ended}; pulling its files failed too: {pull_error.one_line()}",
+                job_exit_code=int(exit_code),
+                hint=f"what was pulled is in {record.local_dir}",
+            ) from pull_error
+        outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
+        if exit_code != 0:
+            raise JobFailed(
+                f"run {record.run_id} {ended}",
+                job_exit_code=int(exit_code),
+                hint=f"its log and outputs are in {record.local_dir}",
+            )
+        return outcome
+    finally:
+        with contextlib.suppress(Exception):
+            connection.runner.close()

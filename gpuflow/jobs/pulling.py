@@ -1,0 +1,275 @@
+"""Pulling a run's files: outputs, log and manifest, verified by sha256, refusing what could escape; the outcome recorded first."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from gpuflow.errors import RemoteCommandFailed, UnsafePath
+from gpuflow.jobs import scripts
+from gpuflow.jobs.connection import TRANSIENT, Connection
+from gpuflow.jobs.manifest import environment_fields, finish_manifest
+from gpuflow.jobs.records import (
+    ENVIRONMENT_NAME,
+    EXIT_CODE_NAME,
+    MANIFEST_NAME,
+    PID_NAME,
+    PULLED_NAMES,
+    READ_CHUNK,
+    PullReport,
+    RunRecord,
+    RunStatus,
+    Say,
+    iso,
+    quiet,
+    save_record,
+)
+from gpuflow.jobs.rundir import read_exit_code
+from gpuflow.state import atomic_write_json
+from gpuflow.transport.base import CommandRunner
+
+
+def _safe_destination(local_root: Path, relative: str) -> Path | None:
+    """Where a remote entry may land locally, or None if it would escape."""
+    if not relative or "\x00" in relative or "\\" in relative:
+        return None
+    posix = PurePosixPath(relative)
+    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
+        return None
+    destination = local_root.joinpath(*posix.parts)
+    root = local_root.resolve()
+    resolved = destination.resolve()
+    if resolved != root and root not in resolved.parents:
+        return None
+    return destination
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_remote_tree(runner: CommandRunner, remote_dir: str, names: Sequence[str] = PULLED_NAMES) -> list[dict]:
+    result = runner.run([runner.python, "-c", scripts.LIST_TREE_PY, remote_dir, *names], timeout=600)
+    try:
+        entries = json.loads(result.stdout)
+    except json.JSONDecodeError as exc:
+        raise RemoteCommandFailed("the remote run directory listing is unreadable") from exc
+    if not isinstance(entries, list):
+        raise RemoteCommandFailed("the remote run directory listing is not a list")
+    return entries
+
+
+def pull_files(
+    runner: CommandRunner,
+    remote_dir: str,
+    local_dir: Path,
+    *,
+    say: Say = quiet,
+    entries: list[dict] | None = None,
+) -> PullReport:
+    """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
+
+    Refuses (:class:`UnsafePath`) any entry that is a symlink or special file,
+    whose path is absolute or has ``..``, or that would resolve outside
+    ``local_dir`` — after copying the safe entries.  A file the job rewrites
+    while it is being pulled (a checkpoint) is skipped and reported.
+    """
+    local_dir.mkdir(parents=True, exist_ok=True)
+    if entries is None:
+        entries = list_remote_tree(runner, remote_dir)
+    refused: list[str] = []
+    fetched: list[str] = []
+    unchanged: list[str] = []
+    changing: list[str] = []
+    total = 0
+    for entry in entries:
+        relative = str(entry.get("path", ""))
+        kind = entry.get("kind")
+        destination = _safe_destination(local_dir, relative)
+        if destination is None or kind not in ("file", "dir"):
+            refused.append(relative)
+            continue
+        if kind == "dir":
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        expected = str(entry.get("sha256", ""))
+        if destination.is_file() and not destination.is_symlink() and _sha256_file(destination) == expected:
+            unchanged.append(relative)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+        if _safe_destination(local_dir, str(temporary.relative_to(local_dir))) is None:
+            refused.append(relative)
+            continue
+        try:
+            runner.get_file(f"{remote_dir}/{relative}", str(temporary))
+            actual = _sha256_file(temporary)
+            if actual != expected:
+                changing.append(relative)
+                continue
+            os.replace(temporary, destination)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        fetched.append(relative)
+        total += int(entry.get("size", 0))
+    report = PullReport(
+        local_dir=local_dir,
+        fetched=tuple(fetched),
+        unchanged=tuple(unchanged),
+        changing=tuple(changing),
+        bytes_fetched=total,
+    )
+    if changing:
+        say(f"skipped {len(changing)} file(s) the job is still writing: {', '.join(changing[:5])}")
+    if refused:
+        shown = ", ".join(repr(name) for name in refused[:5])
+        raise UnsafePath(
+            f"refused {len(refused)} remote entr{'y' if len(refused) == 1 else 'ies'} that are symlinks, "
+            f"special files or escape {local_dir}: {shown}",
+            hint="the other files were pulled; write plain files under $GPUFLOW_OUTPUT_DIR",
+        )
+    return report
+
+
+def _finalize_local(
+    local_dir: Path,
+    environment: dict[str, Any] | None,
+    exit_code: int | None,
+    job_started_at: str | None,
+    ended_at: str | None,
+    record: RunRecord | None = None,
+) -> None:
+    """Complete the pulled manifest with the environment facts, job times, exit code, duration and cost.
+
+    When the instance's manifest did not arrive as a JSON object (refused as a
+    symlink, or rewritten by the job) and the job has ended, a manifest with
+    what ``record`` knows still records the outcome."""
+    manifest_path = local_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        if record is None or exit_code is None:
+            return
+        manifest = {
+            "run_id": record.run_id,
+            "command": list(record.command),
+            "module": record.module,
+            "cluster": record.cluster,
+            "started_at": record.started_at,
+        }
+    if environment:
+        manifest.update(environment_fields(environment))
+    if exit_code is not None and ended_at is not None:
+        manifest = finish_manifest(manifest, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)
+    atomic_write_json(manifest_path, manifest, mode=0o644)
+
+
+def _instance_time(entries: list[dict], name: str) -> str | None:
+    """The mtime of run-directory file ``name``, on the instance's clock (None if absent).
+
+    The supervisor writes ``job.pid`` as the job starts and ``exit_code`` as it ends.
+    """
+    for entry in entries:
+        if entry.get("path") == name and entry.get("mtime") is not None:
+            moment = datetime.datetime.fromtimestamp(float(entry["mtime"]), datetime.timezone.utc)
+            return iso(moment)
+    return None
+
+
+def _read_environment(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
+    """The supervisor's environment probe, or None while it is not there yet."""
+    chunks, offset = [], 0
+    while chunk := runner.read_from(f"{remote_dir}/{ENVIRONMENT_NAME}", offset, READ_CHUNK):
+        chunks.append(chunk)
+        offset += len(chunk)
+    try:
+        document = json.loads(b"".join(chunks)) if chunks else None
+    except json.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _record_outcome(
+    record: RunRecord,
+    *,
+    exit_code: int,
+    job_started_at: str | None,
+    ended_at: str | None,
+    environment: dict[str, Any] | None,
+    home: Path | None,
+) -> RunRecord:
+    """Write the job's outcome to its record (before any file is pulled)."""
+    duration = None
+    if job_started_at is not None and ended_at is not None:
+        duration = finish_manifest({}, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)[
+            "duration_seconds"
+        ]
+    record = record.with_status(
+        RunStatus.of_exit_code(exit_code),
+        ended_at=ended_at or record.ended_at,
+        job_started_at=job_started_at or record.job_started_at,
+        python=(environment or {}).get("python") or record.python,
+        duration_seconds=duration if duration is not None else record.duration_seconds,
+        lost_reason=None,
+    )
+    save_record(record, home)
+    return record
+
+
+def pull_run(
+    record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = quiet
+) -> tuple[RunRecord, PullReport]:
+    """Pull a run's files (while it runs: the latest outputs) and update its record.
+
+    The job's outcome (exit code, start and end, Python, duration) is recorded
+    first, and completes the local manifest whatever the pull finds (a refused
+    entry raises :class:`UnsafePath` after the safe files are pulled).
+    """
+    local_dir = Path(record.local_dir)
+    exit_code = read_exit_code(runner, record.remote_dir)
+    # One listing serves both: the files to pull, and the job's start and end times
+    # (job.pid's and exit_code's mtimes, both on the instance's clock).
+    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
+    job_started_at = _instance_time(listing, PID_NAME)
+    ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
+    environment = _read_environment(runner, record.remote_dir)
+    if exit_code is not None:
+        record = _record_outcome(
+            record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
+            environment=environment, home=home,
+        )
+    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
+    try:
+        report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
+    finally:  # also after a refused entry: the manifest pulled with the safe files is completed
+        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
+    say(
+        f"pulled {len(report.fetched)} file(s), {report.bytes_fetched:,} bytes "
+        f"({len(report.unchanged)} unchanged) into {local_dir}"
+    )
+    return record, report
+
+
+def pull_with_reconnect(
+    connection: Connection, record: RunRecord, *, home: Path | None, say: Say
+) -> tuple[RunRecord, PullReport]:
+    """:func:`pull_run` on ``connection``, reconnecting after a drop (a few times)."""
+    for _attempt in range(5):
+        try:
+            return pull_run(record, connection.runner, home=home, say=say)
+        except TRANSIENT as exc:
+            connection.reconnect(exc)
+    return pull_run(record, connection.runner, home=home, say=say)

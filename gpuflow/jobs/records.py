@@ -1,0 +1,262 @@
+"""A run's records: its typed status, its local record (the ``runs`` state collection), targets and outcomes."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gpuflow.config import gpuflow_home
+from gpuflow.errors import RunLost, RunNotFound
+from gpuflow.records import Cluster, check_shape
+from gpuflow.state import StateStore, validate_name
+from gpuflow.transport.base import CommandRunner
+
+RUNS_COLLECTION = "runs"
+LOG_NAME = "job.log"
+EXIT_CODE_NAME = "exit_code"
+PID_NAME = "job.pid"
+MANIFEST_NAME = "manifest.json"
+ENVIRONMENT_NAME = "environment.json"  # written by the supervisor's probe
+OUTPUTS_NAME = "outputs"
+SUPERVISOR_NAME = "supervisor.sh"
+# What `pull` copies from the remote run directory.
+PULLED_NAMES = (OUTPUTS_NAME, LOG_NAME, MANIFEST_NAME)
+READ_CHUNK = 1 << 20
+TRAINING_PACKAGE = "training"
+
+Say = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """Default for ``say``: library code prints nothing unless asked."""
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def new_run_id(now: datetime.datetime | None = None) -> str:
+    """Sortable and unique enough: ``20261128-031500-1a2b`` (UTC time + 4 hex)."""
+    moment = (now or utc_now()).astimezone(datetime.timezone.utc)
+    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+# --------------------------------------------------------------------------- typed state
+
+
+class RunState(str, enum.Enum):
+    """What is known of a run's job (the ``status`` of its record; the last one only in a listing)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"  # no exit code and no live job, or its cluster is gone
+    UNREACHABLE = "unreachable"  # its cluster cannot be reached right now: never recorded
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's state with its job's exit code; ``str()`` is what ``gpuflow runs`` prints
+    (``running``, ``succeeded``, ``failed(N)``, ``lost``, ``unreachable``)."""
+
+    state: RunState
+    exit_code: int | None = None
+
+    @classmethod
+    def of_exit_code(cls, exit_code: int | None) -> RunStatus:
+        """The status an exit code proves: none yet is ``running``, 0 ``succeeded``, else ``failed``."""
+        if exit_code is None:
+            return cls(RunState.RUNNING)
+        return cls(RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED, exit_code)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED)
+
+    def __str__(self) -> str:
+        return f"failed({self.exit_code})" if self.state is RunState.FAILED else self.state.value
+
+
+class InterruptChoice(str, enum.Enum):
+    """What Ctrl-C (or SIGTERM) during ``gpuflow run`` does to the job."""
+
+    DETACH = "detach"  # leave it running; follow it later with `gpuflow logs RUN -f`
+    STOP = "stop"  # stop it, pull what it left, fail
+
+
+class StopOutcome(str, enum.Enum):
+    """What ``gpuflow stop`` did to a run's job."""
+
+    FINISHED = "finished"  # it had already ended
+    TERMINATED = "terminated"  # it ended on SIGTERM
+    KILLED = "killed"  # it needed SIGKILL after the grace period
+    GONE = "gone"  # no process proven to be the job was left to signal
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a run executes.
+
+    ``connect`` returns a *new* runner each call: gpuflow calls it again after
+    a dropped connection.  ``sync_project`` pushes the project directory to
+    ``<base>/project`` (the sync helper's :func:`gpuflow.sync.sync_project`
+    for real clusters); ``None`` means the project is already there.
+    """
+
+    cluster: Cluster
+    connect: Callable[[], CommandRunner]
+    sync_project: Callable[[Path], object] | None = None
+    # Pushes a data directory to ``<base>/data/<basename>/`` (``gpuflow run --data``).
+    sync_data: Callable[[Path], object] | None = None
+    # Whether the instance still runs (EC2's state; a sandbox instance's directory):
+    # lets a follower tell a dropped connection from a terminated instance.  None: unknown.
+    instance_alive: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The local record of one run (the ``runs`` state collection)."""
+
+    run_id: str
+    cluster: str
+    base_dir: str
+    remote_dir: str
+    command: tuple[str, ...]
+    project_dir: str
+    local_dir: str
+    started_at: str
+    status: RunState = RunState.RUNNING  # stored as its value: running | succeeded | failed | lost
+    exit_code: int | None = None
+    ended_at: str | None = None
+    module: str | None = None
+    # The job's outcome beyond its exit code, recorded before its files are pulled
+    # (instance clock; Python version from the supervisor's probe).
+    job_started_at: str | None = None
+    python: str | None = None
+    duration_seconds: float | None = None
+    lost_reason: str | None = None  # why the run is 'lost'
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", RunState(self.status))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["command"] = list(self.command)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        known = set(cls.__dataclass_fields__)
+        values = {key: value for key, value in data.items() if key in known}
+        values["command"] = tuple(values.get("command", ()))
+        return cls(**values)
+
+    @property
+    def run_status(self) -> RunStatus:
+        return RunStatus(self.status, self.exit_code)
+
+    @property
+    def finished(self) -> bool:
+        return self.run_status.finished
+
+    def status_text(self) -> str:
+        return str(self.run_status)
+
+    def with_status(self, status: RunStatus, **changes: Any) -> RunRecord:
+        """This record with ``status`` (state and exit code) and other ``changes``."""
+        return replace(self, status=status.state, exit_code=status.exit_code, **changes)
+
+
+@dataclass(frozen=True)
+class PullReport:
+    local_dir: Path
+    fetched: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    changing: tuple[str, ...] = ()  # files rewritten by the job while being pulled (skipped)
+    bytes_fetched: int = 0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    record: RunRecord
+    exit_code: int | None  # None when detached
+    detached: bool = False
+    pull: PullReport | None = None
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class ListedRun:
+    """One row of ``gpuflow runs``: the record and its status as just checked."""
+
+    record: RunRecord
+    status: RunStatus
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.record.to_dict(), "status": str(self.status)}
+
+
+def _store(home: Path | None) -> StateStore:
+    return StateStore(home or gpuflow_home(), RUNS_COLLECTION, shape=_check_run_record, repair_hint=_damaged_run_hint)
+
+
+def _check_run_record(run_id: str, document: dict[str, Any]) -> None:
+    """A run record parses into a RunRecord, stored under its own run id."""
+    # ``status`` is an enum's value: checked here, the other fields by their annotated types.
+    check_shape(RunRecord, {key: value for key, value in document.items() if key != "status"})
+    if "status" in document and document["status"] not in {state.value for state in RunState}:
+        raise ValueError(f"its status {document['status']!r} is none of {', '.join(state.value for state in RunState)}")
+    if document["run_id"] != run_id:
+        raise ValueError(f"it holds run {document['run_id']!r}, not {run_id!r}")
+    validate_name(document["cluster"], "cluster name")
+
+
+def _damaged_run_hint(run_id: str, raw: Any) -> str:
+    return f"remove that file to forget run {run_id} (its files stay on the instance, under runs/{run_id})"
+
+
+def save_record(record: RunRecord, home: Path | None = None) -> None:
+    store = _store(home)
+    with store.locked():
+        store.put(record.run_id, record.to_dict())
+
+
+def load_record(run_id: str, home: Path | None = None) -> RunRecord:
+    validate_name(run_id, "run id")
+    document = _store(home).get(run_id)
+    if document is None:
+        raise RunNotFound(f"no run {run_id!r} is known here", hint="`gpuflow runs` lists the runs")
+    return RunRecord.from_dict(document)
+
+
+def all_records(home: Path | None = None) -> list[RunRecord]:
+    return [RunRecord.from_dict(document) for document in _store(home).all().values()]
+
+
+
+def lose(record: RunRecord, reason: str, home: Path | None) -> RunLost:
+    """Record the run as lost (and why); the error that says so."""
+    save_record(replace(record, status=RunState.LOST, lost_reason=reason), home)
+    return RunLost(
+        f"run {record.run_id} is lost: {reason}",
+        hint=f"its outcome is unknown; what was pulled is in {record.local_dir}",
+    )

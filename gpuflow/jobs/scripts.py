@@ -1,0 +1,359 @@
+"""Every script gpuflow runs on the instance for a job, and the one way values get into them.
+
+They are plain strings here (not package data files) so that the exact text
+that runs remotely is reviewable next to the code that renders it.  A shell
+script is written as one template with named holes ``{{name}}``, filled by
+:func:`render_script` only: every value is shell-quoted there
+(:func:`gpuflow.transport.base.quote_argv`), a sequence becomes one quoted word
+per element, and only a :class:`ShellCode` constant of gpuflow's own goes in
+as is.  The Python probes get their values as ``argv`` elements.  Nothing a
+user typed is ever parsed by the remote shell.
+
+* :func:`render_supervisor` — a bash script started detached (``setsid -f
+  nohup``) in the run directory.  It drops every ``AWS_*`` variable but the
+  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, records its own
+  identity in ``supervisor.proc``, puts the job in its own session and process
+  group, which records its identity in ``job.proc`` and then its pid in
+  ``job.pid`` (:mod:`gpuflow.procs`: a pid alone is never proof), appends the
+  job's output to ``job.log``, touches ``<base>/heartbeat`` every
+  ``heartbeat_seconds`` while the job lives (feeding the instance's
+  dead-man's switch) and writes ``exit_code`` atomically when the job ends.
+  Because the supervisor is a separate session and ignores SIGHUP, neither a
+  dropped SSH connection nor a sleeping laptop nor gpuflow exiting touches it;
+  ``gpuflow stop`` signals only the job's process group, so the supervisor
+  survives to record the exit code.  It also writes ``environment.json`` (the
+  probe below, run with the job's interpreter) for the run manifest.
+* :func:`launch_command`, :func:`wait_for_start_command` — start the
+  supervisor detached, and wait on the target until the job has started.
+* :func:`prepare_environment_script` — create (once per requirements hash,
+  under a lock) or reuse the job's virtualenv.
+* :func:`base_python_script` — the first interpreter present of a list, else
+  the one on PATH.
+* :func:`unpack_script` — unpack a shipped tar into a directory.
+* :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
+  path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
+* :data:`RUN_STATUS_PY` — for each run directory: whether its job and its
+  supervisor still run (the recorded processes, proven by their identity) and
+  its exit code: what ``gpuflow runs``, the follow loop and ``stop`` decide by.
+* :data:`STOP_JOB_PY` — SIGTERM, then SIGKILL, the run's job, proven the same way.
+* :data:`ENVIRONMENT_PROBE_PY` — Python and TensorFlow versions, the installed
+  distributions (the content of ``pip freeze``), GPU name and driver.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from gpuflow import procs
+from gpuflow.transport.base import quote_argv
+
+
+class ShellCode(str):
+    """A fragment of shell that gpuflow itself wrote (a constant, never a user's
+    value): :func:`render_script` puts it in as is."""
+
+
+_HOLE = re.compile(r"\{\{(\w+)\}\}")
+HoleValue = str | int | float | Sequence[str] | ShellCode
+
+
+def render_script(template: str, **holes: HoleValue) -> str:
+    """``template`` with each hole ``{{name}}`` filled: a string or number as one
+    shell-quoted word, a sequence as one quoted word per element, a
+    :class:`ShellCode` as is.  Every hole must be given, and nothing else."""
+    wanted = set(_HOLE.findall(template))
+    if wanted != set(holes):
+        missing, unknown = sorted(wanted - set(holes)), sorted(set(holes) - wanted)
+        raise ValueError(f"script holes: missing {missing}, unknown {unknown}")
+
+    def fill(match: re.Match[str]) -> str:
+        value = holes[match.group(1)]
+        if isinstance(value, ShellCode):
+            return str(value)
+        if isinstance(value, (str, int, float)):
+            return quote_argv([f"{value:g}" if isinstance(value, float) else str(value)])
+        return quote_argv(list(value))
+
+    return _HOLE.sub(fill, template)
+
+_SUPERVISOR_TEMPLATE = r"""#!/usr/bin/env bash
+# gpuflow job supervisor for run {{run_id}} (written by gpuflow; see gpuflow/jobs/scripts.py).
+# Started detached with `setsid -f nohup`: survives SSH drops, laptop sleep and gpuflow exiting.
+set -u
+run_dir={{run_dir}}
+base_dir={{base_dir}}
+work_dir={{work_dir}}
+heartbeat_seconds={{heartbeat_seconds}}
+python={{probe_python}}
+procs_py={{procs_source}}
+
+write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+
+# No AWS credential reaches the job, nor anything else started here: every
+# AWS_* variable but the region goes (see KEPT_AWS_VARIABLES in gpuflow/jobs/scripts.py).
+for name in ${!AWS_@}; do case "$name" in {{kept_aws}}) ;; *) unset "$name" ;; esac; done
+
+cd "$run_dir" || exit 1
+# Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
+mkdir .supervisor 2>/dev/null || exit 0
+mkdir -p outputs "$work_dir"
+# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
+# before the pid, so that whoever sees the pid file finds the identity too.
+"$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
+write_atomically "$run_dir/supervisor.pid" "$$"
+touch "$base_dir/heartbeat"
+# Heartbeat: feeds the instance's dead-man's switch while the job runs, and
+# stops by itself if this supervisor is killed (a crash must not feed it forever).
+(
+  sleeper=""
+  trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null; exit 0' TERM
+  while kill -0 "$$" 2>/dev/null; do
+    touch "$base_dir/heartbeat"
+    sleep "$heartbeat_seconds" & sleeper=$!
+    wait "$sleeper"
+  done
+) </dev/null >/dev/null 2>&1 &
+heartbeat_pid=$!
+
+if cd "$work_dir" 2>>"$run_dir/job.log"; then
+  # The job leads its own session and process group, which `gpuflow stop` signals; it
+  # records its identity (job.proc), then its pid (job.pid), then execs the command.
+  "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
+    </dev/null >>"$run_dir/job.log" 2>&1 &
+  job_pid=$!
+  # The manifest's environment facts, gathered here so no extra round trip is needed.
+  ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
+      && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
+  probe_pid=$!
+  wait "$job_pid"
+  code=$?
+  wait "$probe_pid"  # the manifest is complete by the time exit_code appears
+else
+  code=127
+fi
+kill "$heartbeat_pid" 2>/dev/null
+touch "$base_dir/heartbeat"
+write_atomically "$run_dir/exit_code" "$code"
+"""
+
+
+# The AWS_* variables a job (and the supervisor) keep: the region, which is no
+# credential.  Every other AWS_* variable is dropped before anything starts, on a
+# real instance and in the sandbox (whose "instance" is this machine, where the
+# user's credentials live).  That removes the whole credential chain of the AWS
+# SDKs, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+# AWS_SECURITY_TOKEN, AWS_CREDENTIAL_EXPIRATION, AWS_PROFILE, AWS_DEFAULT_PROFILE,
+# AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI,
+# AWS_CONTAINER_CREDENTIALS_FULL_URI, AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE],
+# AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN, AWS_ROLE_SESSION_NAME,
+# AWS_BEARER_TOKEN_<service> — and any variable AWS adds to it later.
+KEPT_AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def job_command(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``env K=V... ARGV...`` as one argv (quoted once, later)."""
+    for key in env:
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"invalid environment variable name {key!r}")
+        if key.startswith("AWS_") and key not in KEPT_AWS_VARIABLES:
+            raise ValueError(f"{key} is never handed to a job")
+    return ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
+
+
+def procs_script(mode: str | None = None) -> str:
+    """:mod:`gpuflow.procs` as a ``python -c`` script: ``python -c SCRIPT MODE ARGS...``,
+    or with ``mode`` fixed, ``python -c SCRIPT ARGS...``."""
+    source = Path(procs.__file__).read_text(encoding="utf-8")
+    call = "main(sys.argv[1], sys.argv[2:])" if mode is None else f"main({mode!r}, sys.argv[1:])"
+    return f"{source}\n\nsys.exit({call})\n"
+
+
+def render_supervisor(
+    *,
+    run_id: str,
+    run_dir: str,
+    base_dir: str,
+    work_dir: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    heartbeat_seconds: float = 30,
+    probe_python: str = "python3",
+) -> str:
+    """The supervisor script for one run; every value is shell-quoted here."""
+    if heartbeat_seconds <= 0:
+        raise ValueError("heartbeat_seconds must be positive")
+    return render_script(
+        _SUPERVISOR_TEMPLATE,
+        run_id=run_id,  # a validated name, only inside a comment
+        run_dir=run_dir,
+        base_dir=base_dir,
+        work_dir=work_dir,
+        heartbeat_seconds=float(heartbeat_seconds),
+        command=job_command(argv, env),
+        probe_python=probe_python,
+        probe_source=ENVIRONMENT_PROBE_PY,
+        procs_source=procs_script(),
+        kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
+    )
+
+
+_LAUNCH = "cd {{run_dir}} && setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1"
+
+
+def launch_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
+    """Shell line that starts the supervisor detached and returns at once.
+
+    ``setsid -f`` forks into a new session (no controlling terminal, not in
+    the SSH session's process group); ``nohup`` ignores SIGHUP; every stream
+    is redirected so that the SSH channel closes without waiting for it.
+    """
+    return render_script(_LAUNCH, run_dir=run_dir, script=script_name)
+
+
+_WAIT_FOR_START = (
+    "for _ in $(seq {{tries}}); do "
+    "[ -e {{run_dir}}/job.pid ] || [ -e {{run_dir}}/exit_code ] && break; sleep 0.05; done"
+)
+
+
+def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
+    """Shell line that waits (on the target, no round trips) until the
+    supervisor has written ``job.pid`` or ``exit_code``."""
+    return render_script(_WAIT_FOR_START, run_dir=run_dir, tries=max(1, int(timeout_seconds / 0.05)))
+
+
+def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
+    """One round trip: start the supervisor, then wait on the target until the job has started."""
+    return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
+
+
+_PREPARE_ENVIRONMENT = r"""
+set -eu
+env_dir={{env_dir}}
+base_python={{base_python}}
+requirements={{requirements}}
+mkdir -p "$(dirname "$env_dir")"
+exec 9>"$env_dir.lock"
+flock 9
+if [ ! -f "$env_dir/.gpuflow-ready" ]; then
+  rm -rf "$env_dir"
+  "$base_python" -m venv --system-site-packages "$env_dir"
+  "$env_dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  touch "$env_dir/.gpuflow-ready"
+  echo created
+else
+  echo reused
+fi
+"""
+
+
+def prepare_environment_script(*, env_dir: str, base_python: str, requirements: str) -> str:
+    """Create the virtualenv ``env_dir`` from ``base_python`` with ``requirements``
+    once (under a lock, marked ready by ``.gpuflow-ready``); prints 'created' or 'reused'."""
+    return render_script(_PREPARE_ENVIRONMENT, env_dir=env_dir, base_python=base_python, requirements=requirements)
+
+
+_BASE_PYTHON = r"""
+for candidate in {{candidates}}; do
+  [ -x "$candidate" ] && { echo "$candidate"; exit 0; }
+done
+command -v {{fallback}}
+"""
+
+
+def base_python_script(candidates: Sequence[str], fallback: str) -> str:
+    """Prints the first executable of ``candidates``, else where ``fallback`` is (nothing if nowhere)."""
+    return render_script(_BASE_PYTHON, candidates=list(candidates), fallback=fallback)
+
+
+_UNPACK = "mkdir -p {{directory}} && tar -xf {{archive}} -C {{directory}} && rm -f {{archive}}"
+
+
+def unpack_script(archive: str, directory: str) -> str:
+    """Unpack the tar ``archive`` into ``directory`` (created), then remove it."""
+    return render_script(_UNPACK, archive=archive, directory=directory)
+
+
+# argv: ROOT NAME...  — lists each NAME under ROOT (recursively for directories)
+# without following symlinks; prints one JSON list.
+LIST_TREE_PY = r"""
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+entries = []
+def add(relative):
+    path = os.path.join(root, relative)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+    if stat.S_ISLNK(info.st_mode):
+        entry["kind"] = "symlink"
+    elif stat.S_ISDIR(info.st_mode):
+        entry["kind"] = "dir"
+        entries.append(entry)
+        for name in sorted(os.listdir(path)):
+            add(relative + "/" + name)
+        return
+    elif stat.S_ISREG(info.st_mode):
+        entry["kind"] = "file"
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        entry["sha256"] = digest.hexdigest()
+    else:
+        entry["kind"] = "other"
+    entries.append(entry)
+for name in sys.argv[2:]:
+    add(name)
+print(json.dumps(entries))
+"""
+
+# argv: RUN_DIR... (or --all BASE: every BASE/runs/*)
+# prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "job": "alive"|"gone"|"none",
+#                   "supervisor": "alive"|"gone"|"none", "alive": bool}}  (gpuflow.procs.status)
+RUN_STATUS_PY = procs_script("status")
+
+# argv: RUN_DIR GRACE_SECONDS — prints 'gone', 'terminated' or 'killed'.
+STOP_JOB_PY = procs_script("stop")
+
+# Run with the job's interpreter; prints one JSON object.  Versions come from
+# the installed distributions' metadata (what `pip freeze` reports) so that
+# the probe neither needs pip nor pays TensorFlow's multi-second import.
+ENVIRONMENT_PROBE_PY = r"""
+import json, platform, subprocess, sys
+from importlib import metadata
+def version(*names):
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]},
+                  key=str.lower)
+gpus = []
+driver = None
+try:
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+    if query.returncode == 0:
+        for line in query.stdout.strip().splitlines():
+            name, _, drv = line.partition(",")
+            gpus.append(name.strip())
+            driver = drv.strip() or driver
+except (OSError, subprocess.SubprocessError):
+    pass
+print(json.dumps({
+    "python": platform.python_version(),
+    "python_executable": sys.executable,
+    "tensorflow": version("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly"),
+    "keras": version("keras"),
+    "gpu": ", ".join(gpus) if gpus else "none",
+    "gpu_driver": driver or "none",
+    "pip_freeze": packages,
+}))
+"""

@@ -1,0 +1,167 @@
+"""Starting a run: sync the project (and data), prepare its environment, write its supervisor and manifest, launch it detached."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from gpuflow import sync
+from gpuflow.errors import GpuflowError, InstanceGone, RemoteCommandFailed, UnreachableHost, UsageError
+from gpuflow.jobs import scripts
+from gpuflow.jobs.environment import build_job_argv, is_training_module, prepare_environment, ship_package
+from gpuflow.jobs.manifest import build_manifest
+from gpuflow.jobs.records import (
+    MANIFEST_NAME,
+    OUTPUTS_NAME,
+    PID_NAME,
+    SUPERVISOR_NAME,
+    TRAINING_PACKAGE,
+    RunRecord,
+    RunState,
+    RunTarget,
+    Say,
+    iso,
+    new_run_id,
+    quiet,
+    save_record,
+    utc_now,
+)
+from gpuflow.jobs.rundir import read_exit_code, read_small
+from gpuflow.records import CommandResult
+from gpuflow.state import validate_name
+from gpuflow.transport.base import CommandRunner, quote_argv
+
+
+def start_run(
+    target: RunTarget,
+    runner: CommandRunner,
+    *,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    run_id: str | None = None,
+    data_dir: Path | None = None,
+    heartbeat_seconds: float = 30,
+    home: Path | None = None,
+    say: Say = quiet,
+) -> RunRecord:
+    """Sync, prepare the environment, write the manifest and start the job detached.
+
+    ``data_dir`` (``gpuflow run --data``) is pushed to ``<base>/data/<basename>/``
+    first — only what changed, so later runs reuse it — and named to the job
+    in ``$GPUFLOW_DATA_DIR`` (and ``--data-dir`` for a training module).
+
+    Returns once the supervisor has recorded the job's pid (or its exit
+    code, for a job that ended at once).
+    """
+    project_dir = project_dir.resolve()
+    run_id = validate_name(run_id or new_run_id(), "run id")
+    base_dir = runner.base_dir
+    remote_dir = f"{base_dir}/runs/{run_id}"
+    work_dir = f"{base_dir}/project"
+    if target.sync_project is not None:
+        say(f"syncing {project_dir} to {target.cluster.name}")
+        report = target.sync_project(project_dir)
+        summary = getattr(report, "summary", None)
+        if callable(summary):
+            say(str(summary()))
+    remote_data_dir = None
+    if data_dir is not None:
+        if target.sync_data is None:
+            raise UsageError("this target cannot receive a data directory")
+        say(f"syncing data {data_dir} to {target.cluster.name}")
+        report = target.sync_data(Path(data_dir))
+        summary = getattr(report, "summary", None)
+        if callable(summary):
+            say(str(summary()))
+        remote_data_dir = f"{base_dir}/data/{sync.data_name(Path(data_dir))}"
+    python = prepare_environment(runner, project_dir, say=say)
+    env = {
+        "GPUFLOW_RUN_ID": run_id,
+        "GPUFLOW_RUN_DIR": remote_dir,
+        "GPUFLOW_OUTPUT_DIR": f"{remote_dir}/{OUTPUTS_NAME}",
+        "GPUFLOW_DATA_ROOT": f"{base_dir}/data",  # where `gpuflow sync --data` puts data directories
+        "PYTHONUNBUFFERED": "1",
+    }
+    if remote_data_dir is not None:
+        env["GPUFLOW_DATA_DIR"] = remote_data_dir
+    if is_training_module(module) and not (project_dir / TRAINING_PACKAGE / "__init__.py").is_file():
+        # `gpuflow run training.cifar10_cnn` from any directory: ship the installed package.
+        site_dir = f"{remote_dir}/site"
+        ship_package(runner, TRAINING_PACKAGE, site_dir)
+        env["PYTHONPATH"] = site_dir
+    argv = build_job_argv(
+        python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
+    )
+    record = RunRecord(
+        run_id=run_id,
+        cluster=target.cluster.name,
+        base_dir=base_dir,
+        remote_dir=remote_dir,
+        command=tuple(argv),
+        project_dir=str(project_dir),
+        local_dir=str(project_dir / "runs" / run_id),
+        started_at=iso(utc_now()),
+        module=module,
+    )
+    script = scripts.render_supervisor(
+        run_id=run_id,
+        run_dir=remote_dir,
+        base_dir=base_dir,
+        work_dir=work_dir,
+        argv=argv,
+        env=env,
+        heartbeat_seconds=heartbeat_seconds,
+        probe_python=python,
+    )
+    runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
+    manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
+    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
+    save_record(record, home)
+    # One round trip: start the supervisor and wait (on the target) until it
+    # has recorded the job's pid.
+    try:
+        launched = _launch(
+            runner,
+            scripts.launch_and_wait_command(remote_dir, SUPERVISOR_NAME),
+        )
+        if not launched.ok:
+            raise RemoteCommandFailed(
+                f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
+                hint="the instance needs bash, setsid (util-linux) and nohup",
+            )
+        wait_for_start(runner, remote_dir)
+    except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
+        save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
+        raise
+    say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
+    return record
+
+
+def _launch(runner: CommandRunner, launch: str, attempts: int = 3) -> CommandResult:
+    """Run the launch line; repeat it when the connection drops mid-command
+    (safe: the supervisor claims the run directory, so a second start is a no-op)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return runner.run_script(launch, timeout=120, check=False)
+        except InstanceGone:
+            raise
+        except UnreachableHost:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def wait_for_start(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_small(runner, f"{remote_dir}/{PID_NAME}") or read_exit_code(runner, remote_dir) is not None:
+            return
+        time.sleep(0.05)
+    raise RemoteCommandFailed(
+        f"the job supervisor did not start within {timeout:g}s",
+        hint=f"look at {remote_dir} on the instance (setsid, bash and python3 must exist there)",
+    )

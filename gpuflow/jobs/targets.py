@@ -1,0 +1,61 @@
+"""Where a named cluster's runs execute: the default target resolver, and the cluster rules a run command uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpuflow import clusters, remote, sync
+from gpuflow.errors import NotFound, UsageError
+from gpuflow.jobs.records import RunTarget
+from gpuflow.state import validate_name
+
+# Turns a cluster name into the target its runs execute on (tests pass their own).
+TargetResolver = Callable[[str], RunTarget]
+
+
+def target_for_cluster(cluster_name: str) -> RunTarget:
+    """The default resolver: the cluster's record, its runner and the project sync."""
+    cluster = clusters.get_cluster(cluster_name)
+
+    def sync_project(project_dir: Path) -> object:
+        return sync.sync_project(cluster, project_dir)
+
+    def sync_data(data_dir: Path) -> object:
+        return sync.sync_data(cluster, data_dir)
+
+    def instance_alive() -> bool:
+        if cluster.sandbox:
+            # A sandbox instance's disk is its directory, deleted when it is terminated
+            # (down, reap); asking the sandbox's EC2 could start a server that the last
+            # `down` already stopped.
+            return remote.sandbox_directory(cluster).is_dir()
+        return remote.instance_alive_hook(cluster, cluster.head.instance_id)()
+
+    return RunTarget(
+        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
+        instance_alive=instance_alive,
+    )
+
+
+def resolve_cluster_name(name: str | None, *, project_dir: Path | None = None) -> str:
+    """The cluster a command means (NAME, the project's ``cluster`` setting,
+    or the only cluster): the provisioning layer's rule, used as is."""
+    return clusters.resolve_cluster_name(name, project_dir=project_dir)
+
+
+def is_known_cluster(name: str) -> bool:
+    """Whether ``name`` is a live cluster in the local cache (no cloud call):
+    tells ``run NAME -- CMD`` from ``run MODULE -- ARGS``."""
+    try:
+        clusters.get_cluster(validate_name(name, "cluster name"))
+    except (NotFound, UsageError):
+        return False
+    return True
+
+
+def up_spec_for_run(name: str | None, *, project_dir: Path, **options: Any) -> Any:
+    """The ClusterSpec `run --up` launches: options > project config > defaults
+    (the provisioning layer's :func:`gpuflow.clusters.resolve_spec`)."""
+    return clusters.resolve_spec(name, options, project_dir=project_dir)
