@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +35,14 @@ from gpuflow.config import gpuflow_home, load_project_config
 from gpuflow.errors import ConfigError, DamagedRecord, GpuflowError, UnreachableHost, UsageError
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import StateStore, atomic_write_bytes, validate_name, warn_damaged
-from gpuflow.transport import hostkeys
+from gpuflow.transport import hostkeys, openssh
 from gpuflow.transport.base import CommandRunner, quote_argv
+from gpuflow.transport.openssh import SERVER_ALIVE_INTERVAL
 
 if TYPE_CHECKING:
     from gpuflow.transport.ssh import SSHRunner
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
-SERVER_ALIVE_INTERVAL = 15  # seconds between keepalives, for paramiko and for OpenSSH alike
-SERVER_ALIVE_COUNT = 4  # missed keepalives before OpenSSH gives up (about a minute)
 _ALIVE_STATES = ("pending", "running")
 
 
@@ -375,35 +373,14 @@ def _console_output(cluster: Cluster, node: Node) -> str:
 
 def openssh_options(target: SSHTarget) -> list[str]:
     """Options making the system ``ssh`` (and rsync/scp through it) use exactly
-    the cluster's key and pinned host keys, and refuse anything else."""
-    options = ["-p", str(target.port)]
-    if target.key_path:
-        options += ["-i", target.key_path, "-o", "IdentitiesOnly=yes"]
-    options += [
-        "-o",
-        f"UserKnownHostsFile={target.known_hosts_path}",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "CheckHostIP=no",
-        "-o",
-        f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
-        "-o",
-        f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
-        "-o",
-        "ConnectTimeout=15",
-    ]
-    return options
+    the cluster's key and pinned host keys, and refuse anything else: the one
+    builder's (:mod:`gpuflow.transport.openssh`), shared with sync and ssh-config."""
+    return openssh.ssh_argv(target)[1:]
 
 
-def openssh_argv(target: SSHTarget, *, batch: bool = False) -> list[str]:
+def openssh_argv(target: SSHTarget) -> list[str]:
     """``ssh OPTIONS`` without the destination: for ``rsync -e quote_argv(openssh_argv(t))``."""
-    argv = ["ssh", *openssh_options(target)]
-    if batch:
-        argv += ["-o", "BatchMode=yes"]
-    return argv
+    return openssh.ssh_argv(target)
 
 
 @dataclass(frozen=True)
@@ -481,12 +458,7 @@ class SshConfigReport:
 
 def _config_value(value: str) -> str:
     """A path as ssh_config reads it: '%' is a token escape, spaces need quotes."""
-    value = value.replace("%", "%%")
-    if re.search(r'[\s"]', value):
-        if '"' in value:
-            raise UsageError(f"cannot write a path holding a double quote to ssh_config: {value!r}")
-        return f'"{value}"'
-    return value
+    return openssh.option_value(value)
 
 
 # Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
@@ -520,18 +492,7 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
             except GpuflowError as exc:
                 skipped.append(f"{alias}: {exc.one_line()}")
                 continue
-            lines += [f"Host {alias}", f"    HostName {target.host}", f"    User {target.user}", f"    Port {target.port}"]
-            if target.key_path:
-                lines += [f"    IdentityFile {_config_value(target.key_path)}", "    IdentitiesOnly yes"]
-            lines += [
-                f"    UserKnownHostsFile {_config_value(str(target.known_hosts_path))}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    CheckHostIP no",
-                f"    ServerAliveInterval {SERVER_ALIVE_INTERVAL}",
-                f"    ServerAliveCountMax {SERVER_ALIVE_COUNT}",
-                "",
-            ]
+            lines += [f"Host {alias}", f"    HostName {target.host}", *openssh.config_lines(target), ""]
             hosts.append(alias)
     return "\n".join(lines), hosts, skipped
 

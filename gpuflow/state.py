@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,42 @@ def atomic_write_json(path: Path, document: Any, mode: int = 0o600) -> None:
     atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
+@contextlib.contextmanager
+def locked(
+    path: Path, *, timeout: float | None = None, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created when missing) between
+    gpuflow processes: the one local lock helper.
+
+    Waits for another holder without limit, or up to ``timeout`` seconds and
+    then raises :class:`TimeoutError`; ``on_wait`` is called once when the lock
+    is held elsewhere (to say that we wait).  The lock goes when the block ends,
+    or with the process: a crashed holder never leaves it taken.
+    """
+    with open(path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            if timeout is None:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError(f"{path} is still locked after {timeout:g} s") from None
+                        time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
 class StateStore:
     """One collection of JSON documents (e.g. ``clusters`` or ``runs``)."""
 
@@ -111,12 +148,8 @@ class StateStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the collection's exclusive lock (blocks other gpuflow processes)."""
-        with open(self._lock_path, "a+") as lock_file:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+        with locked(self._lock_path):
+            yield
 
     def path(self, name: str) -> Path:
         return self.directory / f"{validate_name(name)}.json"
