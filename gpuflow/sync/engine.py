@@ -139,6 +139,8 @@ def _report(
         sent=tuple(entry.path for entry in plan.to_send),
         deleted=plan.to_delete,
         skipped_links=tree.skipped_links,
+        directories_created=len(plan.to_create),
+        created=plan.to_create,
     )
 
 
@@ -203,13 +205,19 @@ def _sync_ssh(
         try:
             if chosen == "rsync" and plan.to_send:
                 # Keep the listing session (the connection's master) open while rsync rides on it.
-                exchange.finish(plan.to_delete, keep_open=True)
+                exchange.finish(plan.to_delete, directories=plan.to_create, keep_open=True)
                 send_rsync(session, tree.root, destination.directory, plan, bar)
                 exchange.end()
             elif plan.to_send:
-                exchange.finish(plan.to_delete, tar_source=tree.root, tar_entries=plan.to_send, progress=bar)
+                exchange.finish(
+                    plan.to_delete,
+                    directories=plan.to_create,
+                    tar_source=tree.root,
+                    tar_entries=plan.to_send,
+                    progress=bar,
+                )
             else:
-                exchange.finish(plan.to_delete)
+                exchange.finish(plan.to_delete, directories=plan.to_create)
         finally:
             bar.close()
         return _report(tree, destination, chosen, plan, started, False)

@@ -9,13 +9,14 @@ The exchange, one remote shell session per sync (:data:`EXCHANGE_SCRIPT`):
 1. say whether rsync exists, whether the destination exists (creating it
    unless dry-run), and list it with ``find -printf`` (NUL-terminated fields:
    any file name survives), then an END record;
-2. read one line from stdin, ``<bytes> <next>``: that many bytes of
+2. read one line from stdin, ``<bytes> <bytes> <next>``: that many bytes of
    NUL-separated paths to delete (relative, from the listing), removed
-   without following links (a directory only when empty);
+   without following links (a directory only when empty), then that many of
+   directories to create (the tree's empty ones: nothing unpacked makes them);
 3. ``<next>`` is ``tar``: unpack the rest of stdin here; ``wait``: stay until
    stdin closes (rsync is using the connection meanwhile); ``none``: done.
 
-``read`` takes exactly one line and ``head -c`` exactly ``<bytes>``, so the tar
+``read`` takes exactly one line and ``head -c`` exactly each ``<bytes>``, so the tar
 stream that follows on the same stdin is untouched.  The script is a constant:
 everything variable reaches it as a positional parameter, quoted once by
 :func:`~gpuflow.transport.base.quote_argv`, and is named on its first line.
@@ -66,13 +67,17 @@ fi
 printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\n' "$r" "$e" "$l"
 if [ "$l" = 1 ]; then find . -mindepth 1 -printf '%y\0%m\0%s\0%T@\0%l\0%P\0' || exit 5; fi
 printf 'END\0\0\0\0\0\0'
-IFS=' ' read -r n next || exit 0
+IFS=' ' read -r n m next || exit 0
 if [ "$n" -gt 0 ]; then
   [ "$e" = 1 ] || exit 3
   head -c "$n" | xargs -0 -r sh -c '
     for p in "$@"; do
       if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; else rm -f -- "$p"; fi
     done' sh || exit 4
+fi
+if [ "$m" -gt 0 ]; then
+  [ "$e" = 1 ] || exit 3
+  head -c "$m" | xargs -0 -r mkdir -p -- || exit 4
 fi
 if [ "$next" = tar ]; then
   [ "$e" = 1 ] || exit 3
@@ -183,20 +188,23 @@ class Exchange:
         self,
         deletions: Sequence[str] = (),
         *,
+        directories: Sequence[str] = (),
         tar_source: Path | None = None,
         tar_entries: Sequence[LocalEntry] = (),
         progress: Progress | None = None,
         keep_open: bool = False,
     ) -> None:
-        """Send the deletions, then (with ``tar_source``) the tar stream of
-        ``tar_entries``, and wait for the remote side; with ``keep_open`` the
-        session stays up (for rsync) until :meth:`end`."""
+        """Send the deletions and the directories to create, then (with
+        ``tar_source``) the tar stream of ``tar_entries``, and wait for the
+        remote side; with ``keep_open`` the session stays up (for rsync) until
+        :meth:`end`."""
         assert self.process.stdin is not None
-        payload = b"".join(os.fsencode(path) + b"\0" for path in deletions)
+        doomed = b"".join(os.fsencode(path) + b"\0" for path in deletions)
+        made = b"".join(os.fsencode(path) + b"\0" for path in directories)
         next_step = "tar" if tar_source is not None else "wait" if keep_open else "none"
-        self._what = "unpacking" if tar_source is not None else "deleting removed files"
+        self._what = "unpacking" if tar_source is not None else "deleting removed files and creating directories"
         try:
-            self.process.stdin.write(f"{len(payload)} {next_step}\n".encode() + payload)
+            self.process.stdin.write(f"{len(doomed)} {len(made)} {next_step}\n".encode() + doomed + made)
             self.process.stdin.flush()
             if tar_source is not None:
                 self._packer_failure = stream_tar(tar_source, tar_entries, self.process.stdin, progress)

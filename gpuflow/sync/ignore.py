@@ -127,7 +127,7 @@ class SourceTree:
 
     root: Path
     entries: tuple[LocalEntry, ...]
-    directories: frozenset[str]  # every directory holding a sent entry, and their parents
+    directories: frozenset[str]  # every directory kept (not ignored), empty or not: it exists on the destination too
     skipped_links: tuple[str, ...]
     rules: IgnoreRules
 
@@ -185,6 +185,7 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
             if stat.S_ISDIR(status.st_mode):
                 if not rules.directory_ignored(relative_path):
                     subdirectories.append(relative_path)
+                    directories.add(relative_path)
                 continue
             if rules.ignored(relative_path):
                 continue
@@ -202,10 +203,6 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
                 )
             else:
                 continue  # sockets, fifos, devices: not project content
-            parent = relative_directory
-            while parent and parent not in directories:
-                directories.add(parent)
-                parent = parent.rpartition("/")[0]
         pending.extend(reversed(subdirectories))
     entries.sort(key=lambda entry: entry.path)
     return SourceTree(root, tuple(entries), frozenset(directories), tuple(skipped_links), rules)

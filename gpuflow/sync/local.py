@@ -48,9 +48,20 @@ def _inside(directory_real: str, path: str) -> bool:
     return real == directory_real or real.startswith(directory_real + os.sep)
 
 
+def _check_inside(destination: Path, destination_real: str, directory: Path) -> None:
+    """Refuse a directory whose nearest existing ancestor resolves outside the
+    destination (checked before ``mkdir`` could follow a planted link)."""
+    existing_ancestor = directory
+    while not existing_ancestor.exists() and existing_ancestor != destination:
+        existing_ancestor = existing_ancestor.parent
+    if not _inside(destination_real, str(existing_ancestor)):
+        raise SecurityError(f"refusing to write into {directory}: it resolves outside {destination}")
+
+
 def apply_local(source: Path, destination: Path, plan: SyncPlan, progress: Progress) -> None:
-    """Delete, then copy each planned entry via a temp file + rename; never
-    writes through a link (every parent is checked to resolve inside)."""
+    """Delete, create the planned (empty) directories, then copy each planned
+    entry via a temp file + rename; never writes through a link (every parent
+    is checked to resolve inside)."""
     destination.mkdir(parents=True, exist_ok=True)
     destination_real = os.path.realpath(destination)
     for path in plan.to_delete:
@@ -66,13 +77,13 @@ def apply_local(source: Path, destination: Path, plan: SyncPlan, progress: Progr
             pass
         except OSError:
             pass  # a directory still holding ignored files stays
+    for path in plan.to_create:
+        target = destination / path
+        _check_inside(destination, destination_real, target)
+        target.mkdir(parents=True, exist_ok=True)
     for entry in plan.to_send:
         target = destination / entry.path
-        existing_ancestor = target.parent
-        while not existing_ancestor.exists() and existing_ancestor != destination:
-            existing_ancestor = existing_ancestor.parent
-        if not _inside(destination_real, str(existing_ancestor)):  # checked before mkdir can follow a link
-            raise SecurityError(f"refusing to write {target}: it resolves outside {destination}")
+        _check_inside(destination, destination_real, target.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / f".{target.name}.gpuflow-sync.tmp"
         with contextlib.suppress(FileNotFoundError):

@@ -53,10 +53,12 @@ class SyncReport:
     sent: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     skipped_links: tuple[str, ...] = ()
+    directories_created: int = 0  # empty directories of the tree the destination lacked
+    created: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("sent", "deleted", "skipped_links"):
+        for key in ("sent", "deleted", "skipped_links", "created"):
             data[key] = list(data[key])
         return data
 
@@ -69,6 +71,12 @@ class SyncReport:
         )
         if self.files_deleted:
             text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted:,}"
+        if self.directories_created:
+            count = self.directories_created
+            text += (
+                f"; {'would create' if self.dry_run else 'created'} {count:,} "
+                f"empty {'directory' if count == 1 else 'directories'}"
+            )
         return text
 
 
@@ -97,6 +105,9 @@ class DestinationState:
 class SyncPlan:
     to_send: tuple[LocalEntry, ...]
     to_delete: tuple[str, ...]  # files and links, then directories deepest first
+    # Directories of the tree the destination lacks and no sent entry creates
+    # (empty ones, or holding only ignored files), parents first; made after the deletions.
+    to_create: tuple[str, ...] = ()
 
     @property
     def bytes_to_send(self) -> int:
@@ -110,7 +121,6 @@ def human_bytes(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{count} B"
-
 
 
 # --------------------------------------------------------------------------- planning
@@ -140,7 +150,7 @@ def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
     local_paths = {entry.path for entry in tree.entries}
     to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
     if not state.listed:
-        return SyncPlan(tree.entries, ())
+        return SyncPlan(tree.entries, (), _directories_to_create(tree, state, tree.entries))
     doomed_files: list[str] = []
     doomed_directories: list[str] = []
     for path, entry in state.entries.items():
@@ -156,4 +166,22 @@ def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
         elif path not in local_paths and not tree.rules.ignored(path):
             doomed_files.append(path)
     doomed_directories.sort(key=lambda path: (-path.count("/"), path))
-    return SyncPlan(to_send, tuple(sorted(doomed_files)) + tuple(doomed_directories))
+    to_create = _directories_to_create(tree, state, to_send)
+    return SyncPlan(to_send, tuple(sorted(doomed_files)) + tuple(doomed_directories), to_create)
+
+
+def _directories_to_create(tree: SourceTree, state: DestinationState, to_send: tuple[LocalEntry, ...]) -> tuple[str, ...]:
+    """The tree's directories the destination lacks (or holds a non-directory
+    at, deleted first) that no sent entry's unpacking creates anyway."""
+    made_by_sending: set[str] = set()
+    for entry in to_send:
+        parent = entry.path.rpartition("/")[0]
+        while parent and parent not in made_by_sending:
+            made_by_sending.add(parent)
+            parent = parent.rpartition("/")[0]
+    missing = (
+        path
+        for path in tree.directories
+        if path not in made_by_sending and (path not in state.entries or state.entries[path].kind != "dir")
+    )
+    return tuple(sorted(missing, key=lambda path: (path.count("/"), path)))
