@@ -83,7 +83,7 @@ def sync_directory(
     ``confirm_large`` is asked (with a one-line description) before sending
     more than ``large_bytes`` or ``large_files``; without it the sync warns
     through ``warn`` and goes on.  Another sync to the same destination is waited
-    for, up to ``lock_wait`` seconds (see SYNC_LOCK_SUFFIX).  Returns a :class:`SyncReport`.
+    for, up to ``lock_wait`` seconds (see :mod:`gpuflow.sync.lock`).  Returns a :class:`SyncReport`.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")

@@ -43,6 +43,23 @@ def test_an_unknown_host_key_is_never_accepted(project, sshd_session, tmp_path):
     assert empty.read_text() == ""
 
 
+def test_a_target_marked_trust_on_first_use_pins_the_presented_key_then_syncs(project, sshd_session, tmp_path, capsys):
+    from gpuflow.transport import hostkeys
+
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    target = dataclasses.replace(make_target(sshd_session, tmp_path / "kh"), known_hosts_path=str(empty),
+                                 trust_on_first_use=True)
+
+    report = sync_directory(project, SSHDestination(target, str(tmp_path / "remote")))
+
+    assert report.files_sent == report.files_considered
+    assert hostkeys.pinned_keys(empty, "127.0.0.1", sshd_session.port) == [
+        hostkeys.parse_public_key(sshd_session.host_public_key)
+    ]
+    assert "without verification" in capsys.readouterr().err
+
+
 def test_no_known_hosts_file_is_a_security_error(project, sshd_session, tmp_path):
     target = dataclasses.replace(make_target(sshd_session, tmp_path / "kh"), known_hosts_path=None)
 
