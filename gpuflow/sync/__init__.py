@@ -3,7 +3,8 @@
 How a sync works, whatever the destination:
 
 1. :func:`gpuflow.sync.ignore.scan_tree` lists the local files (``.gitignore``,
-   ``.gpuflowignore``, fixed skips, symlink policy) with size, mtime and mode.
+   ``.gpuflowignore``, fixed skips, symlink policy) with size, mtime and mode,
+   and the directories it keeps (empty ones too).
 2. One look at the destination lists what is already there (size, mtime,
    mode, link target; never following links).  Over SSH this is the first
    command of one OpenSSH connection (a ControlMaster the rest of the sync
@@ -16,6 +17,8 @@ How a sync works, whatever the destination:
    ``rsync --delete`` leaves excluded files alone).  Deletions only ever name
    paths from the destination's own listing, relative to the destination,
    without ``..``: nothing outside the destination directory is touched.
+   A kept directory the destination lacks, and that no sent file creates (an
+   empty ``checkpoints/``), is made after the deletions.
 4. Only the files in the plan travel.  Over SSH, the deletions and an
    uncompressed tar stream of the planned files go down the listing session's
    stdin (written here by :mod:`tarfile`, pax format; ``tar -xpf -`` there):
