@@ -46,14 +46,13 @@ from gpuflow.hints import command_hint
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import validate_name
-from gpuflow.transport import hostkeys
+from gpuflow.transport import hostkeys, openssh
 from gpuflow.transport.base import CommandRunner, quote_argv
 from gpuflow.transport.local import LocalRunner
+from gpuflow.transport.openssh import SERVER_ALIVE_COUNT, SERVER_ALIVE_INTERVAL
 from gpuflow.transport.ssh import SSHRunner
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
-SERVER_ALIVE_INTERVAL = 15  # seconds between keepalives, for paramiko and for OpenSSH alike
-SERVER_ALIVE_COUNT = 4  # missed keepalives before OpenSSH gives up (about a minute)
 _ALIVE_STATES = ("pending", "running")
 
 
@@ -392,35 +391,14 @@ def ensure_host_keys(cluster: Cluster, node: Node, target: SSHTarget, probe: Clo
 
 def openssh_options(target: SSHTarget) -> list[str]:
     """Options making the system ``ssh`` (and rsync/scp through it) use exactly
-    the cluster's key and pinned host keys, and refuse anything else."""
-    options = ["-p", str(target.port)]
-    if target.key_path:
-        options += ["-i", target.key_path, "-o", "IdentitiesOnly=yes"]
-    options += [
-        "-o",
-        f"UserKnownHostsFile={target.known_hosts_path}",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "CheckHostIP=no",
-        "-o",
-        f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
-        "-o",
-        f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
-        "-o",
-        "ConnectTimeout=15",
-    ]
-    return options
+    the cluster's key and pinned host keys, and refuse anything else: the one
+    builder's (:mod:`gpuflow.transport.openssh`), shared with sync and ssh-config."""
+    return openssh.ssh_argv(target)[1:]
 
 
-def openssh_argv(target: SSHTarget, *, batch: bool = False) -> list[str]:
+def openssh_argv(target: SSHTarget) -> list[str]:
     """``ssh OPTIONS`` without the destination: for ``rsync -e quote_argv(openssh_argv(t))``."""
-    argv = ["ssh", *openssh_options(target)]
-    if batch:
-        argv += ["-o", "BatchMode=yes"]
-    return argv
+    return openssh.ssh_argv(target)
 
 
 @dataclass(frozen=True)

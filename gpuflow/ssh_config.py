@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpuflow.config import gpuflow_home
-from gpuflow.errors import GpuflowError, UsageError
-from gpuflow.nodes import SERVER_ALIVE_COUNT, SERVER_ALIVE_INTERVAL, Reach, access_for, ssh_target_for
+from gpuflow.errors import GpuflowError
+from gpuflow.nodes import Reach, access_for, ssh_target_for
 from gpuflow.records import Cluster
 from gpuflow.state import atomic_write_bytes
+from gpuflow.transport import openssh
 
 
 def ssh_config_path() -> Path:
@@ -28,12 +28,7 @@ class SshConfigReport:
 
 def _config_value(value: str) -> str:
     """A path as ssh_config reads it: '%' is a token escape, spaces need quotes."""
-    value = value.replace("%", "%%")
-    if re.search(r'[\s"]', value):
-        if '"' in value:
-            raise UsageError(f"cannot write a path holding a double quote to ssh_config: {value!r}")
-        return f'"{value}"'
-    return value
+    return openssh.option_value(value)
 
 
 # Joins a cluster name and a node index in ssh-config aliases ("a+1" is node 1 of
@@ -67,18 +62,7 @@ def ssh_config_text(clusters: Sequence[Cluster]) -> tuple[str, list[str], list[s
             except GpuflowError as exc:
                 skipped.append(f"{alias}: {exc.one_line()}")
                 continue
-            lines += [f"Host {alias}", f"    HostName {target.host}", f"    User {target.user}", f"    Port {target.port}"]
-            if target.key_path:
-                lines += [f"    IdentityFile {_config_value(target.key_path)}", "    IdentitiesOnly yes"]
-            lines += [
-                f"    UserKnownHostsFile {_config_value(str(target.known_hosts_path))}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    CheckHostIP no",
-                f"    ServerAliveInterval {SERVER_ALIVE_INTERVAL}",
-                f"    ServerAliveCountMax {SERVER_ALIVE_COUNT}",
-                "",
-            ]
+            lines += [f"Host {alias}", f"    HostName {target.host}", *openssh.config_lines(target), ""]
             hosts.append(alias)
     return "\n".join(lines), hosts, skipped
 

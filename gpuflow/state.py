@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,42 @@ from gpuflow.errors import DamagedRecord, UsageError
 from infra.common import atomic_write_bytes, atomic_write_json, process_alive, validate_name
 
 __all__ = ["StateStore", "atomic_write_bytes", "atomic_write_json", "process_alive", "validate_name", "warn_damaged"]
+
+
+@contextlib.contextmanager
+def locked(
+    path: Path, *, timeout: float | None = None, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created when missing) between
+    gpuflow processes: the one local lock helper.
+
+    Waits for another holder without limit, or up to ``timeout`` seconds and
+    then raises :class:`TimeoutError`; ``on_wait`` is called once when the lock
+    is held elsewhere (to say that we wait).  The lock goes when the block ends,
+    or with the process: a crashed holder never leaves it taken.
+    """
+    with open(path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            if timeout is None:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError(f"{path} is still locked after {timeout:g} s") from None
+                        time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
 class StateStore:
@@ -56,12 +93,8 @@ class StateStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the collection's exclusive lock (blocks other gpuflow processes)."""
-        with open(self._lock_path, "a+") as lock_file:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+        with locked(self._lock_path):
+            yield
 
     def path(self, name: str) -> Path:
         return self.directory / f"{validate_name(name)}.json"

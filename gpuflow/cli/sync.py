@@ -62,3 +62,5 @@ def sync(
             typer.echo(f"  send    {_printable(path)}")
         for path in report.deleted:
             typer.echo(f"  delete  {_printable(path)}")
+        for path in report.created:
+            typer.echo(f"  mkdir   {_printable(path + '/')}")

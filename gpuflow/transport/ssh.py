@@ -53,6 +53,7 @@ from gpuflow.errors import (
 from gpuflow.records import CommandResult, SSHTarget
 from gpuflow.transport import hostkeys
 from gpuflow.transport.base import env_prefix, quote_argv
+from gpuflow.transport.openssh import CONNECT_TIMEOUT_SECONDS, SERVER_ALIVE_INTERVAL
 
 _Result = TypeVar("_Result")
 
@@ -113,8 +114,8 @@ class SSHRunner:
         self,
         target: SSHTarget,
         *,
-        connect_timeout: float = 15.0,
-        keepalive_interval: int = 15,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        keepalive_interval: int = SERVER_ALIVE_INTERVAL,
         backoff: Backoff = Backoff(),
         sleep: Callable[[float], None] = time.sleep,
         instance_alive: Callable[[], bool] | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuflow.ignore import scan_tree
+from gpuflow.sync.ignore import scan_tree
 from gpuflow.sync import DestinationEntry, DestinationState, parse_find_listing, plan_sync
 from tests.sync.conftest import write
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow.ignore import scan_tree
-from gpuflow.wildmatch import IgnoreSpec, Steps
+from gpuflow.sync.ignore import scan_tree
+from gpuflow.sync.wildmatch import IgnoreSpec, Steps
 from tests.sync.conftest import write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_pathological_patterns_cost_at_most_pattern_times_path(pattern, path, is
 _SCAN = """
 import sys
 from pathlib import Path
-from gpuflow.ignore import scan_tree
+from gpuflow.sync.ignore import scan_tree
 print("\\n".join(scan_tree(Path(sys.argv[1])).paths()))
 """
 

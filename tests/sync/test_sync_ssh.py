@@ -43,6 +43,23 @@ def test_an_unknown_host_key_is_never_accepted(project, sshd_session, tmp_path):
     assert empty.read_text() == ""
 
 
+def test_a_target_marked_trust_on_first_use_pins_the_presented_key_then_syncs(project, sshd_session, tmp_path, capsys):
+    from gpuflow.transport import hostkeys
+
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    target = dataclasses.replace(make_target(sshd_session, tmp_path / "kh"), known_hosts_path=str(empty),
+                                 trust_on_first_use=True)
+
+    report = sync_directory(project, SSHDestination(target, str(tmp_path / "remote")))
+
+    assert report.files_sent == report.files_considered
+    assert hostkeys.pinned_keys(empty, "127.0.0.1", sshd_session.port) == [
+        hostkeys.parse_public_key(sshd_session.host_public_key)
+    ]
+    assert "without verification" in capsys.readouterr().err
+
+
 def test_no_known_hosts_file_is_a_security_error(project, sshd_session, tmp_path):
     target = dataclasses.replace(make_target(sshd_session, tmp_path / "kh"), known_hosts_path=None)
 
@@ -84,19 +101,18 @@ def test_auto_uses_rsync_only_where_its_delta_transfer_saves_bytes(project, sshd
 
 
 def test_rsync_is_refused_when_the_remote_lacks_it(project, sshd_session, tmp_path, monkeypatch):
-    import gpuflow.sync as sync_module
     from gpuflow.errors import UsageError
+    from gpuflow.sync import exchange
 
     target = make_target(sshd_session, tmp_path / "kh")
-    monkeypatch.setattr(sync_module, "_EXCHANGE_SCRIPT", sync_module._EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
+    monkeypatch.setattr(exchange, "EXCHANGE_SCRIPT", exchange.EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
 
     with pytest.raises(UsageError, match="rsync on the target"):
         sync_directory(project, SSHDestination(target, str(tmp_path / "remote")), method="rsync")
 
 
 def test_tar_is_used_when_the_remote_has_no_rsync(project, sshd_session, tmp_path, monkeypatch):
-    import gpuflow.sync as sync_module
-    from gpuflow.sync import RSYNC_DELTA_MIN_BYTES
+    from gpuflow.sync import RSYNC_DELTA_MIN_BYTES, exchange
 
     target = make_target(sshd_session, tmp_path / "kh")
     destination = SSHDestination(target, str(tmp_path / "remote"))
@@ -104,7 +120,7 @@ def test_tar_is_used_when_the_remote_has_no_rsync(project, sshd_session, tmp_pat
     weights.write_bytes(os.urandom(RSYNC_DELTA_MIN_BYTES + 1))
     sync_directory(project, destination)
     weights.write_bytes(os.urandom(RSYNC_DELTA_MIN_BYTES + 1))  # rsync would be chosen ...
-    monkeypatch.setattr(sync_module, "_EXCHANGE_SCRIPT", sync_module._EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
+    monkeypatch.setattr(exchange, "EXCHANGE_SCRIPT", exchange.EXCHANGE_SCRIPT.replace("command -v rsync", "false"))
 
     report = sync_directory(project, destination)  # ... but the remote has none
 
@@ -130,8 +146,8 @@ def test_a_file_replaced_by_a_directory_and_back(project, make_destination, tmp_
 
 
 def test_a_file_vanishing_mid_sync_fails_cleanly_and_the_next_sync_repairs(project, make_destination, monkeypatch):
-    import gpuflow.sync as sync_module
     from gpuflow.errors import DataError
+    from gpuflow.sync import engine as sync_module
 
     destination, remote, method = make_destination("tar")
     real_scan = sync_module.scan_tree

@@ -1,0 +1,96 @@
+"""Sync to a cluster: where its head node's project and data directories are, and the ``gpuflow sync`` use case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpuflow import remote
+from gpuflow.clusters import resolve_cluster_name
+from gpuflow.config import load_project_config
+from gpuflow.errors import ConfigError
+from gpuflow.records import Cluster
+from gpuflow.state import validate_name
+from gpuflow.sync.engine import DEFAULT_LARGE_BYTES, DEFAULT_LARGE_FILES, sync_directory
+from gpuflow.sync.ignore import PROJECT_SKIPPED_TOP_LEVEL
+from gpuflow.sync.plan import Destination, LocalDestination, SSHDestination, SyncReport
+from gpuflow.transport.local import LocalRunner
+
+
+def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
+    """Where ``<base>/<subdirectory>`` of a cluster's head node is, for sync.
+
+    * a sandbox cluster without a loopback sshd: its LocalRunner directory
+      ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>`` on this machine;
+    * a sandbox cluster with one (``GPUFLOW_SANDBOX_SSH``): that directory,
+      reached through the loopback sshd, as a real instance would be;
+    * a real instance: ``gpuflow/<subdirectory>`` under the login home, i.e.
+      ``$HOME/gpuflow``, the SSH runner's base directory.
+
+    Host keys are pinned before the system ``ssh`` runs (from the console
+    output, by :func:`gpuflow.remote.ensure_host_keys`); when the console
+    printed only fingerprints, one connection through the SSH runner, which
+    accepts exactly a key with such a fingerprint, pins the key first.
+    """
+    node = cluster.head
+    if cluster.sandbox:
+        runner = remote.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
+        try:
+            if isinstance(runner, LocalRunner):
+                return LocalDestination(Path(runner.base_dir) / subdirectory)
+        finally:
+            runner.close()
+        directory = remote.sandbox_directory(cluster, node)
+        return SSHDestination(remote.ssh_target_for(cluster, node), f"{directory}/{subdirectory}")
+    target = remote.ssh_target_for(cluster, node)
+    if remote.ensure_host_keys(cluster, node, target):
+        runner = remote.runner_for(cluster, node)
+        try:
+            runner.run(["true"])
+        finally:
+            runner.close()
+    return SSHDestination(target, f"gpuflow/{subdirectory}")
+
+
+def sync_project(cluster: Cluster, project_dir: Path, **options: Any) -> SyncReport:
+    """Push the project to ``<base>/project/`` (the top-level ``runs/`` stays home)."""
+    options.setdefault("skip_top_level", tuple(PROJECT_SKIPPED_TOP_LEVEL))
+    return sync_directory(Path(project_dir), destination_for(cluster, "project"), **options)
+
+
+def data_name(data_dir: Path) -> str:
+    """The remote name of a data directory: its basename, which must be a plain name."""
+    return validate_name(Path(data_dir).expanduser().resolve().name, "data directory name")
+
+
+def sync_data(cluster: Cluster, data_dir: Path, **options: Any) -> SyncReport:
+    """Push a data directory to ``<base>/data/<basename>/``, where later runs find it."""
+    return sync_directory(Path(data_dir), destination_for(cluster, f"data/{data_name(data_dir)}"), **options)
+
+
+def sync_cluster(
+    cluster_name: str | None = None,
+    *,
+    data_dir: Path | None = None,
+    project_dir: Path | None = None,
+    **options: Any,
+) -> SyncReport:
+    """The ``gpuflow sync`` use case: the project (or ``data_dir``) to a cluster.
+
+    The cluster defaults as everywhere (the project's ``cluster`` setting, else
+    the only cluster).  The large-tree thresholds come from the project
+    settings ``sync_warn_gb`` (default 1) and ``sync_warn_files`` (default
+    20000) unless given.
+    """
+    config = load_project_config(project_dir)
+    try:
+        options.setdefault("large_bytes", int(float(config.get("sync_warn_gb", DEFAULT_LARGE_BYTES / 1e9)) * 1e9))
+        options.setdefault("large_files", int(config.get("sync_warn_files", DEFAULT_LARGE_FILES)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.source}: sync_warn_gb / sync_warn_files must be numbers") from exc
+    if cluster_name is None:
+        cluster_name = resolve_cluster_name(None, project_dir=config.root)
+    cluster = remote.load_cluster(cluster_name)
+    if data_dir is not None:
+        return sync_data(cluster, Path(data_dir), **options)
+    return sync_project(cluster, config.root, **options)

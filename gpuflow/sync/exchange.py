@@ -1,0 +1,246 @@
+"""The sync's remote session: one shell script that probes, lists, locks, deletes and unpacks.
+
+The exchange, one remote shell session per sync (:data:`EXCHANGE_SCRIPT`):
+
+0. (unless dry-run) take the destination's sync lock on fd 9 -- inherited by
+   tar / cat below, so it is held until the session ends -- printing
+   ``GPUFLOW-SYNC-WAIT`` first if another sync holds it (exit 6 after the wait);
+   without flock(1) or a writable lock path the sync goes on unlocked;
+1. say whether rsync exists, whether the destination exists (creating it
+   unless dry-run), and list it with ``find -printf`` (NUL-terminated fields:
+   any file name survives), then an END record;
+2. read one line from stdin, ``<bytes> <bytes> <next>``: that many bytes of
+   NUL-separated paths to delete (relative, from the listing), removed
+   without following links (a directory only when empty), then that many of
+   directories to create (the tree's empty ones: nothing unpacked makes them);
+3. ``<next>`` is ``tar``: unpack the rest of stdin here; ``wait``: stay until
+   stdin closes (rsync is using the connection meanwhile); ``none``: done.
+
+``read`` takes exactly one line and ``head -c`` exactly each ``<bytes>``, so the tar
+stream that follows on the same stdin is untouched.  The script is a constant:
+everything variable reaches it as a positional parameter, quoted once by
+:func:`~gpuflow.transport.base.quote_argv`, and is named on its first line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gpuflow.errors import DataError, RemoteCommandFailed
+from gpuflow.sync.ignore import LocalEntry
+from gpuflow.sync.lock import LOCK_EXIT_CODE, SYNC_LOCK_SUFFIX, SYNC_LOCK_WAIT_SECONDS, lock_timeout
+from gpuflow.sync.plan import DestinationEntry, DestinationState
+from gpuflow.sync.progress import Progress
+from gpuflow.sync.session import SshSession, ssh_failure, tail
+from gpuflow.sync.transfer import stream_tar
+from gpuflow.transport.base import quote_argv
+
+# Searched for, not matched at the start: a login shell may print a banner first.
+_PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
+_LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce (kinds are one letter)
+_SYNC_WAIT_LINE = b"GPUFLOW-SYNC-WAIT\n"
+
+# Positional parameters: the destination directory, 1 to create and lock it (0:
+# a dry run, which changes nothing and so need not wait), the lock file's suffix,
+# the seconds to wait for the lock, the exit status when that wait runs out.
+EXCHANGE_SCRIPT = r"""d=$1 create=$2 lock_suffix=$3 lock_wait=$4 lock_code=$5
+r=0 e=0 l=0
+command -v rsync >/dev/null 2>&1 && r=1
+if [ "$create" = 1 ]; then
+  mkdir -p -- "$d" || exit 3
+  k="${d%/}$lock_suffix"
+  if command -v flock >/dev/null 2>&1 && touch -- "$k" 2>/dev/null; then
+    exec 9>>"$k"
+    flock -n 9 || { printf 'GPUFLOW-SYNC-WAIT\n'; flock -w "$lock_wait" 9 || exit "$lock_code"; }
+  fi
+fi
+if [ -d "$d" ] && cd -- "$d"; then
+  e=1
+  find . -maxdepth 0 -printf '' >/dev/null 2>&1 && l=1
+fi
+printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\n' "$r" "$e" "$l"
+if [ "$l" = 1 ]; then find . -mindepth 1 -printf '%y\0%m\0%s\0%T@\0%l\0%P\0' || exit 5; fi
+printf 'END\0\0\0\0\0\0'
+IFS=' ' read -r n m next || exit 0
+if [ "$n" -gt 0 ]; then
+  [ "$e" = 1 ] || exit 3
+  head -c "$n" | xargs -0 -r sh -c '
+    for p in "$@"; do
+      if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; else rm -f -- "$p"; fi
+    done' sh || exit 4
+fi
+if [ "$m" -gt 0 ]; then
+  [ "$e" = 1 ] || exit 3
+  head -c "$m" | xargs -0 -r mkdir -p -- || exit 4
+fi
+if [ "$next" = tar ]; then
+  [ "$e" = 1 ] || exit 3
+  exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword
+fi
+if [ "$next" = wait ]; then exec cat >/dev/null; fi
+"""
+
+
+def _parse_time_ns(text: str) -> int:
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+
+
+_FIND_KINDS = {"f": "file", "l": "link", "d": "dir"}
+
+
+def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
+    """Parse ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` output."""
+    fields = data.split(b"\0")
+    if fields and fields[-1] == b"":
+        fields.pop()
+    if len(fields) % 6:
+        raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
+    entries: dict[str, DestinationEntry] = {}
+    for index in range(0, len(fields), 6):
+        kind_code, mode, size, mtime, link_target, path = fields[index : index + 6]
+        kind = _FIND_KINDS.get(kind_code.decode(), "other")
+        name = os.fsdecode(path)
+        entries[name] = DestinationEntry(
+            kind=kind,
+            size=int(size) if kind == "file" else 0,
+            mtime_ns=_parse_time_ns(mtime.decode()),
+            mode=int(mode, 8) if kind == "file" else 0,
+            link_target=os.fsdecode(link_target) if kind == "link" else None,
+        )
+    return entries
+
+
+class Exchange:
+    """The sync's first (and, for tar or no change, only) remote session:
+    probe and list the destination, then delete and unpack on the same stdin.
+
+    stderr goes to a temp file, never a pipe, so a chatty remote cannot fill a
+    pipe while this process is busy writing the tar stream.
+    """
+
+    def __init__(
+        self, session: SshSession, directory: str, *, create: bool, lock_wait: float = SYNC_LOCK_WAIT_SECONDS
+    ) -> None:
+        self.session = session
+        self.directory = directory
+        self.lock_wait = lock_wait
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            session.master_argv(
+                quote_argv(["sh", "-c", EXCHANGE_SCRIPT, "gpuflow-sync", directory, "1" if create else "0",
+                            SYNC_LOCK_SUFFIX, f"{lock_wait:g}", str(LOCK_EXIT_CODE)])
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._finished = False
+        self._what = "sync"
+        self._packer_failure: str | None = None
+
+    def _failure(self, code: int, what: str) -> Exception:
+        self._stderr.seek(0)
+        stderr = self._stderr.read()
+        if code == 255:
+            return ssh_failure(self.session.target, stderr, what)
+        return RemoteCommandFailed(f"{what} failed on {self.session.target.host} (exit {code}): {tail(stderr)}")
+
+    def read_state(self, waiting: Callable[[str], None] = lambda message: None) -> DestinationState:
+        """Read the probe header and the listing (until the END record).
+
+        ``waiting`` hears once when another sync holds the destination's lock.
+        """
+        assert self.process.stdout is not None
+        chunks: list[bytes] = []
+        tail = b""
+        told = False
+        while True:
+            chunk = self.process.stdout.read1(1 << 16)
+            if not chunk:
+                code = self.process.wait()
+                self._finished = True
+                if code == LOCK_EXIT_CODE and told:
+                    raise lock_timeout(f"{self.session.target.host}:{self.directory}", self.lock_wait)
+                raise self._failure(code if code else 1, "listing the destination")
+            if not told and _SYNC_WAIT_LINE in b"".join(chunks[-1:]) + chunk:
+                told = True
+                waiting(f"another sync to {self.session.target.host}:{self.directory} is running; waiting for it to finish")
+            chunks.append(chunk)
+            tail = (tail + chunk)[-len(_LISTING_END) :]
+            if tail == _LISTING_END:
+                break
+        output = b"".join(chunks)[: -len(_LISTING_END)]
+        match = _PROBE_HEADER.search(output)
+        if match is None:
+            raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
+        has_rsync, exists, listed = (value == b"1" for value in match.groups())
+        entries = parse_find_listing(output[match.end() :]) if listed else {}
+        return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
+
+    def finish(
+        self,
+        deletions: Sequence[str] = (),
+        *,
+        directories: Sequence[str] = (),
+        tar_source: Path | None = None,
+        tar_entries: Sequence[LocalEntry] = (),
+        progress: Progress | None = None,
+        keep_open: bool = False,
+    ) -> None:
+        """Send the deletions and the directories to create, then (with
+        ``tar_source``) the tar stream of ``tar_entries``, and wait for the
+        remote side; with ``keep_open`` the session stays up (for rsync) until
+        :meth:`end`."""
+        assert self.process.stdin is not None
+        doomed = b"".join(os.fsencode(path) + b"\0" for path in deletions)
+        made = b"".join(os.fsencode(path) + b"\0" for path in directories)
+        next_step = "tar" if tar_source is not None else "wait" if keep_open else "none"
+        self._what = "unpacking" if tar_source is not None else "deleting removed files and creating directories"
+        try:
+            self.process.stdin.write(f"{len(doomed)} {len(made)} {next_step}\n".encode() + doomed + made)
+            self.process.stdin.flush()
+            if tar_source is not None:
+                self._packer_failure = stream_tar(tar_source, tar_entries, self.process.stdin, progress)
+        except BrokenPipeError:
+            pass  # the remote side ended early: its exit status says why
+        if not keep_open:
+            self.end()
+
+    def end(self) -> None:
+        """Close the session's stdin, wait, and raise if the remote side failed."""
+        assert self.process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
+        code = self.process.wait()
+        self._finished = True
+        if self._packer_failure:  # the root cause; the receiver then fails on the cut-off archive
+            raise DataError(
+                f"reading the files to send failed: {self._packer_failure}", hint="a file changed or vanished; sync again"
+            )
+        if code != 0:
+            raise self._failure(code, self._what)
+
+    def abandon(self) -> None:
+        """End the session without changing anything more (dry-run, cancelled,
+        error; a no-op after :meth:`end`): closing stdin makes the remote
+        ``read`` see end-of-file and exit."""
+        if not self._finished:
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self._finished = True
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._stderr.close()
