@@ -59,7 +59,7 @@ def test_sync_and_gpuflow_ssh_use_the_same_options_for_a_cluster(cluster):
     assert isinstance(destination, SSHDestination)
     sync_settings = _resolved([*ssh_argv(destination.target), destination.target.host])
 
-    invocation = remote.ssh_invocation("web", ["true"])
+    invocation = remote.ssh_invocation(cluster, ["true"])
     argv = list(invocation.argv)
     separator = argv.index("--")
     ssh_settings = _resolved([*argv[:separator], argv[separator + 1]])
@@ -75,7 +75,7 @@ def test_sync_and_gpuflow_ssh_use_the_same_options_for_a_cluster(cluster):
 def test_ssh_config_pins_and_times_out_as_gpuflow_ssh_does(cluster):
     report = remote.write_ssh_config([cluster])
     config_settings = _resolved(["ssh", "-F", str(report.path), "web"])
-    invocation = remote.ssh_invocation("web", ["true"])
+    invocation = remote.ssh_invocation(cluster, ["true"])
     argv = list(invocation.argv)
     separator = argv.index("--")
     ssh_settings = _resolved([*argv[:separator], argv[separator + 1]])
