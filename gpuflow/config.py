@@ -185,6 +185,7 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

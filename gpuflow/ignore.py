@@ -82,6 +82,7 @@ class IgnoreRules:
                 continue
             except OSError as exc:
                 raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark: git skips it too
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -102,3 +102,8 @@ def test_read_project_config_reads_the_directory_given_not_the_current_one(tmp_p
     (project / "pkg").mkdir()
     assert load_project_config(project / "pkg").get("region") == "eu-west-1"
     assert load_project_config().get("region") == "ap-south-1"
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    (tmp_path / "gpuflow.toml").write_bytes(b'\xef\xbb\xbfregion = "eu-west-1"\n')
+    assert read_project_config(tmp_path).cluster.region == "eu-west-1"

@@ -106,3 +106,17 @@ def test_a_separate_process_prints_one_line_and_no_traceback(project, box, gpufl
     assert completed.stderr == (
         f"gpuflow: error: {project / 'gpuflow.toml'}:1: not UTF-8 text (byte 0xfe) (save the file as UTF-8)\n"
     )
+
+
+def test_a_byte_order_mark_in_an_ignore_file_is_skipped_as_git_does(project, box, capsys):
+    write(project / ".gitignore", b"\xef\xbb\xbf*.log\n")
+    write(project / "debug.log", "noise")
+    assert main_exit(["sync", "box", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train.py" in out and "debug.log" not in out
+
+
+def main_exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
