@@ -154,7 +154,7 @@ def read_project_config(project_dir: Path) -> ProjectConfig:
     dedicated = root / PROJECT_CONFIG_NAME
     pyproject = root / PYPROJECT_NAME
     if dedicated.is_file():
-        text, data = _read_toml(dedicated)
+        text, data = _read_toml_text(dedicated)
         if isinstance(data.get("gpuflow"), dict):
             outside = [key for key in data if key != "gpuflow"]
             if outside:
@@ -165,7 +165,7 @@ def read_project_config(project_dir: Path) -> ProjectConfig:
             return _build(root, dedicated, text, data["gpuflow"], ("gpuflow",))
         return _build(root, dedicated, text, data, ())
     if pyproject.is_file():
-        text, data = _read_toml(pyproject)
+        text, data = _read_toml_text(pyproject)
         tool = data.get("tool", {})
         settings = tool.get("gpuflow") if isinstance(tool, dict) else None
         if settings is not None:
@@ -180,19 +180,36 @@ def load_project_config(start: Path | None = None) -> ProjectConfig:
     return read_project_config(find_project_root(start))
 
 
-def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+def read_user_text(path: Path) -> str:
+    """A text file the user wrote (config, ignore file, requirements), as UTF-8;
+    a byte order mark is skipped.  Unreadable or not UTF-8: :class:`ConfigError`
+    naming the file and the line.  FileNotFoundError propagates."""
     try:
-        raw = path.read_bytes()
+        raw = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one)
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one; git skips it)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(
             f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})", hint="save the file as UTF-8"
         ) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's data (kept for today's callers: runs.requirements_of)."""
+    return _read_toml_text(path)[1]
+
+
+def _read_toml_text(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = read_user_text(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuflow.config import read_user_text
 from gpuflow.errors import ConfigError
 from gpuflow.wildmatch import IgnorePattern, IgnoreSpec, compile_ignore_line
 
@@ -77,19 +78,9 @@ class IgnoreRules:
         for name in IGNORE_FILE_NAMES:
             path = directory / name
             try:
-                raw = path.read_bytes()
+                text = read_user_text(path)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
-            except OSError as exc:
-                raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark: git skips it too
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = raw[: exc.start].count(b"\n") + 1
-                raise ConfigError(
-                    f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})", hint="save the file as UTF-8"
-                ) from exc
             for number, line_text in enumerate(text.splitlines(), start=1):
                 pattern = compile_ignore_line(line_text)
                 if pattern is not None and pattern.error:
