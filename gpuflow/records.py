@@ -144,6 +144,8 @@ class Cluster:
     spec: ClusterSpec | None = None
     sandbox: bool = False
     profile: str | None = None
+    ami_name: str | None = None  # the image's name (which DLAMI, which TensorFlow)
+    ami_parameter: str | None = None  # the public SSM parameter the AMI was resolved from, if any
 
     @property
     def head(self) -> Node:

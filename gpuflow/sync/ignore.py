@@ -32,7 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuflow.sync.wildmatch import IgnoreSpec
+from gpuflow.config import read_user_text
+from gpuflow.errors import ConfigError
+from gpuflow.sync.wildmatch import IgnorePattern, IgnoreSpec, compile_ignore_line
 
 ALWAYS_SKIPPED = frozenset({".git", "__pycache__", ".venv"})
 IGNORE_FILE_NAMES = (".gitignore", ".gpuflowignore")
@@ -68,17 +70,26 @@ class IgnoreRules:
         self._directory_cache: dict[str, bool] = {}
 
     def load_directory(self, root: Path, relative_directory: str) -> None:
-        """Read the ignore files of one directory (``''`` is the root)."""
-        lines: list[str] = []
+        """Read the ignore files of one directory (``''`` is the root).  A file
+        that is not UTF-8, or a line that is not a valid pattern, is a
+        :class:`ConfigError` naming the file and the line."""
+        patterns: list[IgnorePattern] = []
         directory = root / relative_directory if relative_directory else root
         for name in IGNORE_FILE_NAMES:
+            path = directory / name
             try:
-                text = (directory / name).read_text(encoding="utf-8", errors="surrogateescape")
+                text = read_user_text(path)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
-            lines.extend(text.splitlines())
-        if lines:
-            self._specs[relative_directory] = IgnoreSpec(lines)
+            for number, line_text in enumerate(text.splitlines(), start=1):
+                pattern = compile_ignore_line(line_text)
+                if pattern is not None and pattern.error:
+                    shown = f"'{line_text}'" if line_text.isprintable() else repr(line_text)
+                    raise ConfigError(f"{path}:{number}: invalid pattern {shown}: {pattern.error}")
+                if pattern is not None:
+                    patterns.append(pattern)
+        if patterns:
+            self._specs[relative_directory] = IgnoreSpec([], patterns=tuple(patterns))
             self._directory_cache.clear()
 
     def _decide(self, parts: list[str], is_directory: bool) -> bool:

@@ -49,7 +49,11 @@ _CLASS_NAMES = {
 
 class _Malformed(Exception):
     """A pattern git's wildmatch aborts on (unterminated class, unknown class name,
-    trailing backslash): it never matches anything."""
+    trailing backslash): git lets it match nothing; gpuflow reports it (its text
+    says why)."""
+
+
+_UNCLOSED_CLASS = "a '[' class is never closed (write \\[ for a literal '[')"
 
 
 class Steps:
@@ -135,7 +139,7 @@ def _parse_class(pattern: bytes, index: int) -> tuple[frozenset[int], int]:
     first = True
     while True:
         if index >= len(pattern):
-            raise _Malformed
+            raise _Malformed(_UNCLOSED_CLASS)
         char = pattern[index]
         if char == ord("]") and not first:
             break
@@ -143,7 +147,7 @@ def _parse_class(pattern: bytes, index: int) -> tuple[frozenset[int], int]:
         if char == ord("\\"):
             index += 1
             if index >= len(pattern):
-                raise _Malformed
+                raise _Malformed(_UNCLOSED_CLASS)
             char = pattern[index]
             members.add(char)
             previous = char
@@ -153,7 +157,7 @@ def _parse_class(pattern: bytes, index: int) -> tuple[frozenset[int], int]:
             if end == ord("\\"):
                 index += 1
                 if index >= len(pattern):
-                    raise _Malformed
+                    raise _Malformed(_UNCLOSED_CLASS)
                 end = pattern[index]
             members.update(range(previous, end + 1))
             previous = None
@@ -162,14 +166,15 @@ def _parse_class(pattern: bytes, index: int) -> tuple[frozenset[int], int]:
             while close < len(pattern) and pattern[close] != ord("]"):
                 close += 1
             if close >= len(pattern):
-                raise _Malformed
+                raise _Malformed(_UNCLOSED_CLASS)
             if close - (index + 2) < 1 or pattern[close - 1] != ord(":"):
                 members.add(char)  # no ":]": a plain '[' in the set
                 previous = char
             else:
                 test = _CLASS_NAMES.get(pattern[index + 2 : close - 1])
                 if test is None:
-                    raise _Malformed
+                    name = pattern[index + 2 : close - 1].decode(errors="replace")
+                    raise _Malformed(f"unknown character class [:{name}:]")
                 members.update(c for c in range(256) if test(c))
                 previous = None
                 index = close
@@ -226,7 +231,7 @@ def _compile_path(pattern: bytes) -> tuple[tuple[_Segment | None, ...], bool]:
         if escaped:
             index += 1
             if index >= len(pattern):
-                raise _Malformed
+                raise _Malformed("it ends with a lone '\\' (write \\\\ for a backslash)")
             char = pattern[index]
         if char == ord("/"):
             components.append([])
@@ -302,6 +307,7 @@ class IgnorePattern:
     directory_only: bool
     whole_path: bool  # matched against the path relative to the ignore file's directory, else the last component
     segments: tuple[_Segment | None, ...] | None  # None: malformed, never matches
+    error: str | None = None  # why it is malformed
 
     def matches(self, components: list[bytes], is_directory: bool, steps: Steps = _NO_STEPS) -> bool:
         """Whether the path (its components, as bytes) matches this pattern."""
@@ -347,8 +353,8 @@ def compile_ignore_line(line: str) -> IgnorePattern | None:
         return None
     try:
         segments, has_slash = _compile_path(raw)
-    except _Malformed:
-        return IgnorePattern(line, negated, directory_only, False, None)
+    except _Malformed as exc:
+        return IgnorePattern(line, negated, directory_only, False, None, str(exc))
     return IgnorePattern(line, negated, directory_only, has_slash, segments)
 
 
@@ -356,8 +362,10 @@ class IgnoreSpec:
     """The patterns of one directory's ignore files, in order: the last that
     matches decides (a negated one re-includes)."""
 
-    def __init__(self, lines: list[str]) -> None:
-        self.patterns = tuple(pattern for pattern in map(compile_ignore_line, lines) if pattern is not None)
+    def __init__(self, lines: list[str], *, patterns: tuple[IgnorePattern, ...] | None = None) -> None:
+        if patterns is None:
+            patterns = tuple(pattern for pattern in map(compile_ignore_line, lines) if pattern is not None)
+        self.patterns = patterns
 
     def decide(self, relative_path: str, is_directory: bool, steps: Steps = _NO_STEPS) -> bool | None:
         """True: ignored; False: re-included by a ``!`` pattern; None: no pattern matches."""

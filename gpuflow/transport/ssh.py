@@ -13,7 +13,10 @@ Security:
 * a key that differs from the pinned one raises :class:`HostKeyMismatch` and
   nothing is sent;
 * only the target's own key file is offered (no agent, no ~/.ssh keys) when it
-  has one.
+  has one; a key file its owner's group or others may access is refused with
+  the ``chmod 600`` that fixes it, as OpenSSH refuses it
+  (:func:`check_key_permissions`; paramiko alone would accept it, and the
+  OpenSSH-based sync and ``gpuflow ssh`` would then fail).
 
 Robustness: TCP keepalives at the SSH level (``transport.set_keepalive``); every
 operation reconnects with exponential backoff when the connection fails, and
@@ -30,8 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import select
+import shlex
+import stat
 import sys
 import threading
 import time
@@ -310,6 +316,7 @@ class SSHRunner:
                     f"cannot use the SSH key file {target.key_path}: {exc}",
                     hint="it must be an unencrypted OpenSSH/PEM private key (gpuflow creates one per cluster)",
                 ) from exc
+            check_key_permissions(target.key_path)
         client = paramiko.SSHClient()
         known_hosts = Path(target.known_hosts_path) if target.known_hosts_path else None
         if known_hosts is not None and known_hosts.is_file():
@@ -648,3 +655,39 @@ def _feed_stdin(channel: Any, data: bytes) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# OpenSSH (sshkey_perm_ok) ignores a private key that its owner's group or others
+# may access, whatever the server would accept; it then says one of these.
+_OPENSSH_KEY_PERMISSION_WORDS = ("bad permissions", "UNPROTECTED PRIVATE KEY FILE")
+_OPENSSH_TOO_OPEN = re.compile(r"Permissions (0?[0-7]{3,4}) for '(.+)' are too open")
+
+
+def check_key_permissions(key_path: str) -> None:
+    """Refuse, as OpenSSH does, a private key file owned by this user that its
+    group or others may access: :class:`CredentialsError` with the fix.  A
+    missing file is left to the caller that opens it."""
+    try:
+        status = Path(key_path).expanduser().stat()
+    except OSError:
+        return
+    if status.st_uid == os.getuid() and status.st_mode & 0o077:
+        raise _key_permission_error(key_path, stat.S_IMODE(status.st_mode))
+
+
+def key_permission_error(ssh_stderr: str, key_path: str | None) -> CredentialsError | None:
+    """The error to report when OpenSSH's ``ssh_stderr`` says it ignored a key
+    for its permissions; None when it says something else."""
+    if not any(words in ssh_stderr for words in _OPENSSH_KEY_PERMISSION_WORDS):
+        return None
+    found = _OPENSSH_TOO_OPEN.search(ssh_stderr)
+    path = found.group(2) if found else key_path
+    return _key_permission_error(path or "(your SSH key)", int(found.group(1), 8) if found else None)
+
+
+def _key_permission_error(key_path: str, mode: int | None) -> CredentialsError:
+    described = f"has mode {mode:04o}" if mode is not None else "is too open"
+    return CredentialsError(
+        f"SSH key {key_path} {described}: OpenSSH refuses a private key that group or others can access",
+        hint=f"run `chmod 600 {shlex.quote(key_path)}`",
+    )

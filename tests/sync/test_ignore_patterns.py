@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from gpuflow.errors import ConfigError
 from gpuflow.sync.ignore import scan_tree
-from gpuflow.sync.wildmatch import IgnoreSpec, Steps
+from gpuflow.sync.wildmatch import IgnoreSpec, Steps, compile_ignore_line
 from tests.sync.conftest import write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +110,22 @@ def _git_untracked(root: Path, environment: dict[str, str]) -> set[str]:
     return {os.fsdecode(name) for name in output.split(b"\0") if name}
 
 
+def _scan_reporting_malformed(root: Path, ignore_files: list[tuple[Path, list[str]]]) -> set[str]:
+    """scan_tree's paths; a malformed line (git lets it match nothing) must be
+    reported as the first such line of its file, and without it the scan must
+    still agree with git."""
+    for path, lines in ignore_files:
+        malformed = [number for number, line in enumerate(lines, 1) if (compile_ignore_line(line) or _VALID).error]
+        if malformed:
+            with pytest.raises(ConfigError, match=rf"\.gitignore:{malformed[0]}: invalid pattern"):
+                scan_tree(root)
+            path.write_text("".join(line + "\n" for number, line in enumerate(lines, 1) if number not in malformed))
+    return set(scan_tree(root).paths())
+
+
+_VALID = compile_ignore_line("x")
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_random_trees_and_patterns_agree_with_git(tmp_path):
     environment = {**os.environ, "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
@@ -129,8 +146,9 @@ def test_random_trees_and_patterns_agree_with_git(tmp_path):
             nested = rng.choice(subdirectories)
             nested_lines = [_random_pattern(rng) for _ in range(rng.randint(1, 3))]
             (nested / ".gitignore").write_text("\n".join(nested_lines) + "\n")
-        ours = set(scan_tree(root).paths())
         theirs = _git_untracked(root, environment)
+        ours = _scan_reporting_malformed(root, [(root / ".gitignore", lines)] + (
+            [(nested / ".gitignore", nested_lines)] if nested_lines else []))
         if ours != theirs:
             disagreements.append((lines, nested_lines, sorted(ours ^ theirs)))
     assert not disagreements, disagreements[:5]
