@@ -81,6 +81,7 @@ _SPEC_CONFIG_TYPES: dict[str, type] = {
     "allow_cpu": bool,
     "profile": str,
     "sandbox": bool,
+    "tensorflow_dlami": str,
 }
 
 
@@ -506,7 +507,7 @@ def up(
             hint="try another --region",
         )
     report("resolving the AMI")
-    image = provisioner.resolve_image(spec.ami)
+    image = provisioner.resolve_image(spec.ami, spec.tensorflow_dlami)
     if image.root_volume_gb and spec.disk_gb < image.root_volume_gb:
         raise UsageError(
             f"--disk-gb {spec.disk_gb} is smaller than the AMI's root snapshot ({image.root_volume_gb} GiB)",
@@ -538,6 +539,8 @@ def up(
         region=spec.region,
         instance_type=spec.instance_type,
         ami=image.image_id,
+        ami_name=image.name or None,
+        ami_parameter=image.parameter,
         key_name=spec.key_name,
         key_path=str(Path(spec.key_path).expanduser()) if spec.key_path else None,
         ssh_user=DLAMI_SSH_USER,
