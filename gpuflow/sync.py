@@ -72,6 +72,7 @@ from gpuflow.errors import (
 )
 from gpuflow.ignore import PROJECT_SKIPPED_TOP_LEVEL, LocalEntry, SourceTree, scan_tree
 from gpuflow.records import SSHTarget
+from gpuflow.transport.ssh import key_permission_error
 
 if TYPE_CHECKING:
     from gpuflow.records import Cluster
@@ -303,6 +304,9 @@ def _ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
     text = stderr.decode("utf-8", errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "no message from ssh"
+    refused_key = key_permission_error(text, target.key_path)
+    if refused_key is not None:
+        return refused_key
     if "host key is known for" in text or "No matching host key" in text:
         return HostKeyMismatch(
             f"no key pinned in {target.known_hosts_path} for {target.host}:{target.port}; {what} refused",
