@@ -108,6 +108,7 @@ class ClusterSpec:
     profile: str | None = None
     sandbox: bool = False
     allow_ssh_from_anywhere: bool = False  # a 0.0.0.0/0 or ::/0 --ssh-cidr needs this explicit consent
+    tensorflow_dlami: str | None = None  # pinned TensorFlow DLAMI version (gpuflow.toml), None: the newest
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -71,6 +71,7 @@ class ImageInfo:
     root_device_name: str
     source: str  # "ssm" | "name-search" | "explicit"
     root_volume_gb: int | None = None  # size of the root snapshot: the smallest root volume EC2 accepts
+    parameter: str | None = None  # the public SSM parameter the id came from
 
     @classmethod
     def from_api(cls, image: dict[str, Any], source: str) -> ImageInfo:

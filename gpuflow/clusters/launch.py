@@ -96,7 +96,7 @@ def up(
             hint="try another --region",
         )
     report("resolving the AMI")
-    image = provisioner.resolve_image(spec.ami)
+    image = provisioner.resolve_image(spec.ami, spec.tensorflow_dlami)
     if image.root_volume_gb and spec.disk_gb < image.root_volume_gb:
         raise UsageError(
             f"--disk-gb {spec.disk_gb} is smaller than the AMI's root snapshot ({image.root_volume_gb} GiB)",
@@ -128,6 +128,8 @@ def up(
         region=spec.region,
         instance_type=spec.instance_type,
         ami=image.image_id,
+        ami_name=image.name or None,
+        ami_parameter=image.parameter,
         key_name=spec.key_name,
         key_path=str(Path(spec.key_path).expanduser()) if spec.key_path else None,
         ssh_user=DLAMI_SSH_USER,

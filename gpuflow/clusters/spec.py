@@ -39,6 +39,7 @@ _SPEC_CONFIG_TYPES: dict[str, type] = {
     "allow_cpu": bool,
     "profile": str,
     "sandbox": bool,
+    "tensorflow_dlami": str,
 }
 
 

@@ -53,6 +53,8 @@ def build_manifest(
         "instance_id": node.instance_id if node else None,
         "instance_count": max(1, len(cluster.nodes)),
         "ami": cluster.ami,
+        "ami_name": cluster.ami_name,
+        "ami_parameter": cluster.ami_parameter,
         "region": cluster.region,
         "sandbox": cluster.sandbox,
         "price_per_hour": cluster.price_per_hour,

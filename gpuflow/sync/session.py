@@ -9,6 +9,7 @@ import tempfile
 from gpuflow.errors import HostKeyMismatch, UnreachableHost
 from gpuflow.records import SSHTarget
 from gpuflow.transport import hostkeys, openssh
+from gpuflow.transport.ssh import key_permission_error
 
 
 def ssh_argv(target: SSHTarget, control_path: str | None = None) -> list[str]:
@@ -28,6 +29,9 @@ def ssh_failure(target: SSHTarget, stderr: bytes, what: str) -> Exception:
     text = stderr.decode("utf-8", errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "no message from ssh"
+    refused_key = key_permission_error(text, target.key_path)
+    if refused_key is not None:
+        return refused_key
     if "host key is known for" in text or "No matching host key" in text:
         return HostKeyMismatch(
             f"no key pinned in {target.known_hosts_path} for {target.host}:{target.port}; {what} refused",

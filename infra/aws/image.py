@@ -6,13 +6,10 @@ the AMI names it looks up are :mod:`infra.dlami`'s.
 
 from __future__ import annotations
 
+import dataclasses
+
 from infra.aws.client import AwsApi, AwsCallError
-from infra.dlami import (
-    DLAMI_BASE_SSM_PARAMETER,
-    DLAMI_NAME_PATTERN,
-    DLAMI_OWNER_ID,
-    DLAMI_SSM_PARAMETER,
-)
+from infra.dlami import no_dlami_message, resolve_dlami
 from infra.errors import UsageError
 from infra.records import ImageInfo, InstanceTypeInfo
 
@@ -58,39 +55,17 @@ class Images:
         )
         return sorted({offering["Location"] for offering in offerings})
 
-    def resolve_image(self, explicit_ami: str | None = None) -> ImageInfo:
-        """``--ami`` when given; else the TensorFlow Deep Learning AMI from its
-        public SSM parameter; else the newest image matching its name; else the
-        base Deep Learning AMI's parameter."""
+    def resolve_image(self, explicit_ami: str | None = None, tensorflow_dlami: str | None = None) -> ImageInfo:
+        """``--ami`` when given; else the Deep Learning AMI :func:`infra.dlami.resolve_dlami`
+        chooses (the newest TensorFlow DLAMI, or the pinned ``tensorflow_dlami`` version)."""
         if explicit_ami:
             return self._describe_image(explicit_ami, source="explicit")
-        image_id = self._ssm_image_id(DLAMI_SSM_PARAMETER)
-        if image_id:
-            return self._describe_image(image_id, source="ssm")
-        images = self.api.call(
-            "ec2",
-            "describe_images",
-            Owners=[DLAMI_OWNER_ID],
-            Filters=[{"Name": "name", "Values": [DLAMI_NAME_PATTERN]}, {"Name": "state", "Values": ["available"]}],
-        ).get("Images", [])
-        if images:
-            newest = max(images, key=lambda image: image.get("CreationDate", ""))
-            return ImageInfo.from_api(newest, "name-search")
-        image_id = self._ssm_image_id(DLAMI_BASE_SSM_PARAMETER)
-        if image_id:
-            return self._describe_image(image_id, source="ssm")
-        raise UsageError(
-            f"no AWS Deep Learning AMI found in {self.region}",
-            hint="pass --ami with an Ubuntu image id that has NVIDIA drivers",
-        )
-
-    def _ssm_image_id(self, parameter: str) -> str | None:
-        try:
-            return self.api.call("ssm", "get_parameter", Name=parameter)["Parameter"]["Value"]
-        except AwsCallError as exc:
-            if exc.code in ("ParameterNotFound", "ParameterVersionNotFound"):
-                return None
-            raise
+        choice = resolve_dlami(self.api.call, tensorflow_version=tensorflow_dlami)
+        if choice is None:
+            message, hint = no_dlami_message(self.region, tensorflow_dlami)
+            raise UsageError(message, hint=hint)
+        image = self._describe_image(choice.image_id, source=choice.source)
+        return dataclasses.replace(image, parameter=choice.parameter)
 
     def _describe_image(self, image_id: str, *, source: str) -> ImageInfo:
         try:

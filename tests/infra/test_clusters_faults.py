@@ -22,7 +22,7 @@ from tests.infra.cloud import (
 UP_CALLS = [
     "DescribeInstanceTypes",
     "DescribeInstanceTypeOfferings",
-    "GetParameter",
+    "GetParametersByPath",
     "DescribeImages",
     "DescribeInstances",  # is a cluster of that name running already?
     "CreateKeyPair",

@@ -4,6 +4,7 @@ the sandbox: one line, a non-zero exit, nothing created."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -198,20 +199,24 @@ def _image_of(ec2, cluster):
 
 
 def test_ami_from_the_public_ssm_parameter(cloud, provisioners, api_calls):
-    from infra.dlami import DLAMI_SSM_PARAMETER
+    from infra.dlami import DLAMI_SANDBOX_IMAGE_NAME, DLAMI_SSM_PARAMETER
     from infra.sandbox import seed_deep_learning_ami
 
     cluster = clusters.up(make_spec("ami-ssm"), provisioner_factory=provisioners)
     assert _image_of(cloud, cluster) == seed_deep_learning_ami(REGION)
-    get_parameter = api_calls.params[api_calls.calls.index("GetParameter")]
-    assert get_parameter == {"Name": DLAMI_SSM_PARAMETER}
+    assert "GetParametersByPath" in api_calls.calls
+    assert (cluster.ami_parameter, cluster.ami_name) == (DLAMI_SSM_PARAMETER, DLAMI_SANDBOX_IMAGE_NAME)
 
 
 def test_ami_by_name_when_the_parameter_is_missing(cloud, provisioners, api_calls):
     from infra.dlami import DLAMI_NAME_PATTERN
     from infra.sandbox import seed_deep_learning_ami
 
-    api_calls.fail("GetParameter", code="ParameterNotFound")
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    seed_deep_learning_ami(REGION)
+    get_backend("ssm")[DEFAULT_ACCOUNT_ID][REGION]._parameters.clear()  # the region publishes no parameter
     cluster = clusters.up(make_spec("ami-name"), provisioner_factory=provisioners)
     assert _image_of(cloud, cluster) == seed_deep_learning_ami(REGION)
     search = api_calls.params[api_calls.calls.index("DescribeImages")]
@@ -223,7 +228,7 @@ def test_explicit_ami_wins(cloud, provisioners, api_calls):
     root_device = cloud.describe_images(ImageIds=[image_id])["Images"][0]["RootDeviceName"]
     cluster = clusters.up(make_spec("ami-own", ami=image_id), provisioner_factory=provisioners)
     assert _image_of(cloud, cluster) == image_id
-    assert "GetParameter" not in api_calls.calls
+    assert "GetParameter" not in api_calls.calls and "GetParametersByPath" not in api_calls.calls
     run = api_calls.params[api_calls.calls.index("RunInstances")]
     assert run["BlockDeviceMappings"][0]["DeviceName"] == root_device  # the root device of that AMI
 
@@ -236,3 +241,16 @@ def test_no_deep_learning_ami_anywhere_asks_for_ami(provisioners, gpuflow_home, 
         with pytest.raises(UsageError, match="no AWS Deep Learning AMI found in us-east-1") as error:
             clusters.up(make_spec("ami-none"), provisioner_factory=provisioners)
     assert "--ami" in error.value.one_line()
+
+
+def test_a_pinned_tensorflow_dlami_from_the_config_is_used_or_refused(cloud, provisioners, tmp_path, monkeypatch):
+    from infra.dlami import DLAMI_SSM_PARAMETER
+
+    (tmp_path / "gpuflow.toml").write_text('tensorflow_dlami = "2.17"\n')
+    monkeypatch.chdir(tmp_path)
+    spec = clusters.resolve_spec("ami-pin", {})
+    assert spec.tensorflow_dlami == "2.17"
+    with pytest.raises(UsageError, match="no TensorFlow 2.17 Deep Learning AMI in us-east-1"):
+        clusters.up(replace(spec, region=REGION, ssh_cidr="203.0.113.9/32"), provisioner_factory=provisioners)
+    cluster = clusters.up(replace(spec, region=REGION, ssh_cidr="203.0.113.9/32", tensorflow_dlami="2.18"), provisioner_factory=provisioners)
+    assert cluster.ami_parameter == DLAMI_SSM_PARAMETER

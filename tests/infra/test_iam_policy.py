@@ -51,7 +51,7 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
                      "AuthorizeSecurityGroupIngress", "CreateKeyPair", "DeleteKeyPair", "GetConsoleOutput",
                      "DescribeSpotPriceHistory", "DescribeVolumes", "DescribeSpotInstanceRequests"):
         assert ("ec2", expected) in made
-    assert ("ssm", "GetParameter") in made
+    assert ("ssm", "GetParametersByPath") in made
     assert ("iam", "GetRole") in made  # --spot checks the service-linked role
     refused = sorted(f"{service}:{operation}" for service, operation in made if not allowed(service, operation))
     assert refused == [], f"infra/iam-policy.json does not allow {refused}"

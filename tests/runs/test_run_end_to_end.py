@@ -399,3 +399,19 @@ def test_a_job_that_never_started_has_no_duration_or_cost():
     manifest = {"started_at": "2026-11-28T10:00:00+00:00", "price_per_hour": 1.2}
     finished = jobs.finish_manifest(manifest, job_started_at=None, ended_at="2026-11-28T10:00:01+00:00", exit_code=127)
     assert finished["exit_code"] == 127 and finished["duration_seconds"] is None and finished["estimated_cost_usd"] is None
+
+
+def test_the_manifest_carries_the_chosen_dlami(tmp_path):
+    from gpuflow.records import Cluster
+
+    cluster = Cluster(
+        name="c", region="us-east-1", instance_type="g5.xlarge", ami="ami-00000000000000018",
+        ami_name="Deep Learning OSS Nvidia Driver AMI GPU TensorFlow 2.18 (Ubuntu 22.04) 20250101",
+        ami_parameter="/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-tensorflow-2.18-ubuntu-22.04/latest/ami-id",
+    )
+    record = runs.RunRecord(run_id="r1", cluster="c", base_dir="/b", remote_dir="/b/runs/r1", command=("true",),
+                            project_dir=str(tmp_path), local_dir=str(tmp_path / "runs" / "r1"),
+                            started_at="2026-11-30T10:00:00+00:00")
+    manifest = runs.build_manifest(record=record, cluster=cluster, project_dir=tmp_path, environment={})
+    assert (manifest["ami"], manifest["ami_name"], manifest["ami_parameter"]) == (
+        cluster.ami, cluster.ami_name, cluster.ami_parameter)

@@ -82,11 +82,6 @@ def test_a_key_owned_by_someone_else_is_left_to_ssh(loose_key, monkeypatch):
         check_key_permissions(str(loose_key))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs sync's _ssh_failure to return key_permission_error(text, target.key_path) first "
-    "(gpuflow/sync.py is being split by another helper; the lead applies it after the merge)",
-)
 def test_sync_through_openssh_says_chmod_not_cannot_reach(sshd_session, loose_key, gpuflow_home, tmp_path,
                                                           monkeypatch, capsys):
     """`gpuflow sync` of a sandbox cluster reached through the loopback sshd
