@@ -3,7 +3,8 @@
 
 Run ``python3 bench/import_graph.py`` from the repository root: it prints every
 module with the project modules it imports (function-level, TYPE_CHECKING and
-dynamic imports marked) and exits 1 listing each violation, 0 when there is none.
+dynamic imports marked; one line per imported module and kind, at its first line)
+and exits 1 listing each violation, 0 when there is none, 2 when it cannot read the tree.
 ``--dot`` prints the graph for Graphviz instead; ``--quiet`` prints only violations.
 
 Rules checked:
@@ -192,7 +193,7 @@ def build_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> Graph:
         visitor = _ImportVisitor(name, path.name == "__init__.py", modules)
         visitor.visit(tree)
         seen: set[tuple[str, bool, bool, bool]] = set()
-        for edge in visitor.edges:  # one edge per (target, kind): the first line that makes it
+        for edge in visitor.edges:  # one edge per (target, kind), at the first line that makes it
             key = (edge.target, edge.function_level, edge.type_checking, edge.dynamic)
             if key not in seen:
                 seen.add(key)
@@ -375,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dot", action="store_true", help="print the graph in Graphviz dot (violations in red)")
     parser.add_argument("--quiet", action="store_true", help="print only the violations")
     options = parser.parse_args(argv)
-    graph = build_graph(options.root)
+    try:
+        graph = build_graph(options.root)
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        print(f"import_graph: cannot read {getattr(exc, 'filename', '') or exc}: {exc}", file=sys.stderr)
+        return 2
     if not graph.modules:
         print(f"import_graph: no Python modules under {options.root}/{{{','.join(PACKAGES)}}}", file=sys.stderr)
         return 2

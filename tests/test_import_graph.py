@@ -200,6 +200,12 @@ def test_an_empty_root_is_an_error_not_a_pass(tmp_path, capsys):
     assert "no Python modules" in capsys.readouterr().err
 
 
+def test_a_file_that_does_not_parse_is_an_error_naming_it(tmp_path, capsys):
+    root = write_tree(tmp_path, {**CLEAN, "gpuflow/state.py": "def (:\n"})
+    assert import_graph.main(["--root", str(root)]) == 2
+    assert "state.py" in capsys.readouterr().err
+
+
 @pytest.mark.xfail(strict=False, reason="enabled by the lead after the restructure merge")
 def test_the_repository_follows_the_import_rules():
     problems = violations(REPOSITORY)
