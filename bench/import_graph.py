@@ -324,7 +324,8 @@ def check(
     layered = {entry.split(".")[0] for _, entries in layers for entry in entries}
     for module in sorted(graph.modules):
         if module.split(".")[0] in layered and layer_of(module, layers) is None:
-            problems.append(Violation("unplaced", f"{module} is in no layer: add it to LAYERS in bench/import_graph.py"))
+            problems.append(Violation("unplaced",
+                                      f"{module} is in no layer: add it to LAYERS in bench/import_graph.py"))
     for edge in sorted(graph.edges, key=lambda edge: (edge.source, edge.line, edge.target)):
         source_top, target_top = edge.source.split(".")[0], edge.target.split(".")[0]
         if target_top in boundaries.get(source_top, ()):

@@ -107,7 +107,8 @@ def test_a_function_level_import_does_not_hide_a_cycle(tmp_path):
                                  + "\ndef probe():\n    from gpuflow.clusters import launch\n"})
     problems = violations(root)
     [cycle] = [problem for problem in problems if problem.startswith("cycle:")]
-    assert cycle.startswith("cycle: gpuflow.clusters.launch -> gpuflow.nodes -> gpuflow.clusters.launch [function-level]")
+    assert cycle.startswith(
+        "cycle: gpuflow.clusters.launch -> gpuflow.nodes -> gpuflow.clusters.launch [function-level]")
     assert ("upward: gpuflow.nodes (line 5) [reaching nodes] imports gpuflow.clusters.launch [function-level] "
             "[use cases]") in problems
 
@@ -135,7 +136,8 @@ def test_infra_importing_gpuflow_inside_a_function_is_flagged_too(tmp_path):
 
 
 def test_training_importing_gpuflow_or_infra_is_flagged(tmp_path):
-    root = write_tree(tmp_path, {**CLEAN, "training/data.py": "import numpy\nimport gpuflow.errors\nfrom infra import port\n"})
+    root = write_tree(tmp_path, {**CLEAN,
+                                 "training/data.py": "import numpy\nimport gpuflow.errors\nfrom infra import port\n"})
     assert violations(root) == [
         "boundary: training must not import gpuflow: training.data (line 2) imports gpuflow.errors",
         "boundary: training must not import infra: training.data (line 3) imports infra.port",
