@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from infra.records import Node  # the cloud layer's record of one instance, re-exported
@@ -199,12 +199,3 @@ class CommandResult:
     def text(self) -> str:
         return self.stdout.decode("utf-8", errors="replace")
 
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One entry of a remote listing (used by pull to verify checksums)."""
-
-    path: str  # relative to the listed directory, '/'-separated
-    size: int
-    sha256: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

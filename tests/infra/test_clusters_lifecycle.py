@@ -4,6 +4,7 @@ asserting what EC2 really holds afterwards."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import stat
@@ -27,6 +28,14 @@ from tests.infra.cloud import (
 
 def _instance(ec2, instance_id):
     return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
+def _launched_hours_ago(instance_id, hours):
+    """Move the instance's LaunchTime back in moto's record (no clock is waited for)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id).launch_time -= datetime.timedelta(hours=hours)
 
 
 def _assert_hardened_instance(ec2, cluster, *, disk_gb):
@@ -91,11 +100,13 @@ def test_lifecycle_through_functions(cloud, provisioners, gpuflow_home):
     _assert_hardened_instance(cloud, cluster, disk_gb=120)
 
     assert clusters.get_cluster("life") == cluster
+    _launched_hours_ago(cluster.head.instance_id, 2)
     current = clusters.status("life", provisioner_factory=provisioners)
     assert current.state == "running"
     assert current.address == cluster.head.public_ip
     assert current.price_per_hour == pytest.approx(1.006)
-    assert current.cost_so_far is not None and current.cost_so_far >= 0
+    assert current.uptime_seconds >= 2 * 3600
+    assert current.cost_so_far == pytest.approx(1.006 * current.uptime_seconds / 3600)  # price x uptime, >= $2.01
     assert [item.cluster.name for item in clusters.list_clusters(provisioner_factory=provisioners)] == ["life"]
 
     report = clusters.down("life", provisioner_factory=provisioners)

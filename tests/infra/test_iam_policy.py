@@ -44,7 +44,9 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
     clusters.reap(provisioner_factory=provisioners)
     clusters.reap(yes=True, provisioner_factory=provisioners)
     assert leftovers(cloud, gpuflow_home) == {}
-    assert orphan.head.instance_id
+    [orphan_instance] = [instance for reservation in cloud.describe_instances(InstanceIds=[orphan.head.instance_id])[
+        "Reservations"] for instance in reservation["Instances"]]
+    assert orphan_instance["State"]["Name"] == "terminated"  # reap found the orphan and made its calls
 
     made = set(api_calls.gpuflow_calls)
     for expected in ("RunInstances", "TerminateInstances", "CreateSecurityGroup", "DeleteSecurityGroup",

@@ -221,13 +221,19 @@ def _held_sync_lock(directory: Path):
 def test_a_second_sync_waits_for_the_first_and_says_so(project, make_destination, destination_kind):
     destination, directory, method = make_destination(destination_kind)
     warnings: list[str] = []
+    released = threading.Event()
+
+    def release_lock(lock_file) -> None:
+        released.set()  # before the unlock: a sync that waited for the lock always sees it set
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
     with _held_sync_lock(directory) as lock_file:
-        release = threading.Timer(1.0, fcntl.flock, (lock_file.fileno(), fcntl.LOCK_UN))
+        release = threading.Timer(1.0, release_lock, (lock_file,))
         release.start()
-        started = time.monotonic()
         report = sync_directory(project, destination, method=method, warn=warnings.append, lock_wait=30)
+        returned_after_release = released.is_set()
         release.join()
-    assert time.monotonic() - started >= 0.9  # it did wait for the release
+    assert returned_after_release  # it did wait for the release
     assert [warning for warning in warnings if "another sync" in warning and "waiting" in warning]
     assert report.files_sent == len(_tree(project))
     assert _tree(directory) == _tree(project)  # the lock file lives beside the tree, not in it
