@@ -130,3 +130,13 @@ def test_no_training_source_imports_gpuflow():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(name.split(".")[0] == "gpuflow" for name in names), f"{path.name} imports {names}"
+
+
+def test_a_random_bytes_cifar_tarball_is_one_error_line(tmp_path):
+    """Issue 10 item 14: it was five lines (tarfile's list of the compressions it tried)."""
+    tarball = tmp_path / "data" / "cifar-10-python.tar.gz"
+    tarball.parent.mkdir()
+    tarball.write_bytes(os.urandom(50_000))
+    result = run_module("cifar10_cnn", "--data-dir", str(tarball.parent), "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, f"{tarball} is not a readable cifar-10-python.tar.gz")
+    assert result.returncode == 2 and "download it again" in result.stderr
