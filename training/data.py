@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import TrainingError
+from training.safe_pickle import NumpyOnlyUnpickler
 
 DATASETS = ("cifar10", "mnist", "digits", "synthetic")
 
@@ -206,52 +207,6 @@ def locate_cifar10(data_dir: Path) -> Path:
     )
 
 
-try:  # numpy 2.x; numpy 1.x has it under numpy.core (both already loaded with numpy)
-    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
-
-
-def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
-    """``_codecs.encode`` as Python 3 pickles bytes (protocol 2): latin1 of a str, nothing else."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode is allowed only for a str in latin1, not {encoding!r}")
-    return text.encode("latin1")
-
-
-def _reconstruct_array(*args: object) -> np.ndarray:
-    """numpy's ``multiarray._reconstruct``, for an ``ndarray`` only (it takes the class to build)."""
-    if not args or args[0] is not np.ndarray:
-        raise pickle.UnpicklingError("_reconstruct is allowed only for numpy.ndarray")
-    return _numpy_reconstruct(*args)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR-10 batches without running arbitrary code.
-
-    The official files are Python 2 pickles (protocol 2) of a dict of str, lists
-    and one uint8 array: their only globals are numpy's ``_reconstruct``,
-    ``ndarray`` and ``dtype``.  Exactly those are allowed (under numpy 1.x's
-    ``numpy.core`` and numpy 2.x's ``numpy._core`` module name), plus
-    ``_codecs.encode`` for latin1 (how Python 3 pickles bytes at protocol 2, as a
-    re-pickled batch holds).  Each maps to a fixed object here: no module is
-    imported, and any other global is refused before anything is looked up.
-    """
-
-    _ALLOWED: dict[tuple[str, str], object] = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-
-    def find_class(self, module: str, name: str):
-        allowed = self._ALLOWED.get((module, name))
-        if allowed is None:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
-        return allowed
-
 
 def reason(exc: BaseException) -> str:
     """An exception's message cut to its first line (and sentence), for a one-line error."""
@@ -268,7 +223,7 @@ _CIFAR10_AGAIN = f"download {CIFAR10_TARBALL} again from {CIFAR10_URL}"
 
 def _parse_cifar10_batch(raw: bytes, label: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except DAMAGED_FILE_ERRORS as exc:

@@ -111,7 +111,8 @@ def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpu
     assert result.returncode == 0 and "--bottleneck" in result.stdout and "--case" in result.stdout
     probe = (
         "import sys, training.mnist_mlp, training.cifar10_cnn, training.cifar10_augmentation, "
-        "training.transfer_learning, training.run, training.data, training.pipeline, training.models, training.visualize\n"
+        "training.transfer_learning, training.cli, training.session, training.callbacks, training.outputs, "
+        "training.data, training.pipeline, training.models, training.visualize, training.visualize.command\n"
         "heavy = sorted(name for name in ('tensorflow', 'keras', 'gpuflow', 'sklearn', 'matplotlib') if name in sys.modules)\n"
         "print(heavy)"
     )
@@ -120,16 +121,21 @@ def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpu
     assert imported.stdout.strip() == "[]"
 
 
-def test_no_training_source_imports_gpuflow():
-    for path in (REPOSITORY / "training").glob("*.py"):
+def test_no_training_source_imports_gpuflow_or_infra():
+    """training/ runs on instances where only TensorFlow is installed: no gpuflow, no infra
+    (every file, in every subpackage, function-level imports included)."""
+    sources = sorted((REPOSITORY / "training").rglob("*.py"))
+    assert len(sources) > 10 and any(path.parent.name == "visualize" for path in sources)
+    for path in sources:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path}: relative import"  # absolute names only, checked below
                 names = [node.module]
-            assert not any(name.split(".")[0] == "gpuflow" for name in names), f"{path.name} imports {names}"
+            assert not any(name.split(".")[0] in ("gpuflow", "infra") for name in names), f"{path} imports {names}"
 
 
 def test_a_random_bytes_cifar_tarball_is_one_error_line(tmp_path):
