@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from training.cli import RunOptions
+from training.cli import RunOptions, prepare_output
 
 
 def import_tensorflow():
@@ -26,7 +26,7 @@ class Session:
     """What :func:`start_session` set up: the strategy to build the model under, and when."""
 
     strategy: object
-    started: float = field(default_factory=time.perf_counter)
+    started: float
 
     def describe_strategy(self) -> str:
         return f"{type(self.strategy).__name__.lstrip('_')} ({self.strategy.num_replicas_in_sync} replica(s))"
@@ -35,14 +35,16 @@ class Session:
 def start_session(options: RunOptions) -> Session:
     """A fresh Keras session: seeds Python, NumPy and TF from ``--seed``, sets the
     ``--mixed-precision`` policy, and picks a ``MirroredStrategy`` when more than one GPU
-    is visible (the default strategy otherwise)."""
+    is visible (the default strategy otherwise).  ``--output`` is (re)checked first."""
+    prepare_output(options.output)
+    started = time.perf_counter()  # metrics.json's wall_time_seconds counts from here (TF's import included)
     tf, keras = import_tensorflow()
     keras.backend.clear_session()
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy("mixed_float16" if options.mixed_precision else "float32")
     if len(tf.config.list_physical_devices("GPU")) > 1:
-        return Session(tf.distribute.MirroredStrategy())
-    return Session(tf.distribute.get_strategy())
+        return Session(tf.distribute.MirroredStrategy(), started)
+    return Session(tf.distribute.get_strategy(), started)
 
 
 def make_optimizer(name: str, learning_rate: float):

@@ -6,6 +6,7 @@ These fail before TensorFlow is imported, so each subprocess takes well under a 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def test_missing_data_dir_files(tmp_path):
     assert_one_line_error(result, "--data-dir is only read for cifar10 and mnist")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="Keras is not installed (pip install 'gpuflow[train]')")
 def test_no_network_and_no_data_dir_ends_in_one_error_line(tmp_path):
     # Loopback only: keras.datasets cannot download.  TensorFlow's own start-up chatter
     # may precede it on stderr; the error itself is the last line, without a traceback.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -196,6 +197,7 @@ def test_mnist_reader_rejects_a_file_without_the_official_keys(tmp_path):
         load_dataset("mnist", data_dir=tmp_path)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="Keras is not installed (pip install 'gpuflow[train]')")
 def test_without_network_keras_datasets_fails_with_one_line_naming_data_dir():
     # The suite runs with loopback only: the keras.datasets download cannot succeed.
     with pytest.raises(TrainingError) as caught:

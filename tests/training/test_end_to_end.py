@@ -5,6 +5,7 @@ accuracy on digits and resuming after a crash."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,9 @@ import pytest
 from training import cifar10_augmentation, cifar10_cnn, cli, mnist_mlp, outputs, pipeline, transfer_learning
 from training.data import Splits
 from training.models import CIFAR10_CNN_WEIGHTS, MNIST_MLP_WEIGHTS, build_cnn, build_mlp, load_model
+
+if importlib.util.find_spec("tensorflow") is None:
+    pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
 
 pytestmark = [
     pytest.mark.slow,
