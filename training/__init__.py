@@ -9,11 +9,14 @@ Each module runs as ``python -m training.<module> [options]``:
 * :mod:`training.visualize`            — pictures of what a saved model learned (filters, feature
   maps, activation maximisation, saliency, CAM / Grad-CAM, confusion matrix, mistakes)
 
-The shared machinery lives in :mod:`training.data` (datasets and readers, numpy only),
-:mod:`training.pipeline` (tf.data), :mod:`training.models` (the course models) and
-:mod:`training.run` (options, outputs, callbacks, fit loop, metrics).
+Each module shows its own steps top to bottom (data, model, ``compile``, ``fit``,
+``evaluate``) and calls small helpers: :mod:`training.cli` (options, one-line errors),
+:mod:`training.data` (datasets and readers, numpy only), :mod:`training.pipeline`
+(tf.data), :mod:`training.session` (seed, precision, strategy, optimizer),
+:mod:`training.callbacks` (checkpoint, resume, history), :mod:`training.outputs`
+(metrics.json, the curves) and :mod:`training.layers` (the custom layer, the loader).
 
-This package never imports gpuflow: it runs on instances where only TensorFlow is
+This package never imports gpuflow or infra: it runs on instances where only TensorFlow is
 installed.  Importing it does not import TensorFlow either; the heavy imports happen
 inside the functions that need them.
 """

@@ -22,12 +22,15 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from training.errors import TrainingError
+from training.safe_pickle import NumpyOnlyUnpickler
 
 DATASETS = ("cifar10", "mnist", "digits", "synthetic")
 
@@ -38,6 +41,14 @@ CIFAR10_TARBALL = "cifar-10-python.tar.gz"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{index}" for index in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 MNIST_FILE = "mnist.npz"
+MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+# What a damaged or foreign file makes the readers raise (zlib and zipfile errors are
+# not OSErrors; a damaged pickle can claim absurd lengths: OverflowError, MemoryError).
+DAMAGED_FILE_ERRORS = (
+    OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
+    RecursionError, pickle.UnpicklingError, tarfile.TarError, zipfile.BadZipFile, zlib.error,
+)
 
 # The split of sklearn's digits into train and test is part of the dataset's
 # definition, not of a run: it stays the same whatever --seed says.
@@ -196,62 +207,34 @@ def locate_cifar10(data_dir: Path) -> Path:
     )
 
 
-try:  # numpy 2.x; numpy 1.x has it under numpy.core (both already loaded with numpy)
-    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+def reason(exc: BaseException) -> str:
+    """An exception's message cut to its first line (and sentence), for a one-line error."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    first = text.splitlines()[0].rstrip(":")
+    first = first.split(". ", 1)[0]
+    return first[:160]
 
 
-def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
-    """``_codecs.encode`` as Python 3 pickles bytes (protocol 2): latin1 of a str, nothing else."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode is allowed only for a str in latin1, not {encoding!r}")
-    return text.encode("latin1")
-
-
-def _reconstruct_array(*args: object) -> np.ndarray:
-    """numpy's ``multiarray._reconstruct``, for an ``ndarray`` only (it takes the class to build)."""
-    if not args or args[0] is not np.ndarray:
-        raise pickle.UnpicklingError("_reconstruct is allowed only for numpy.ndarray")
-    return _numpy_reconstruct(*args)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR-10 batches without running arbitrary code.
-
-    The official files are Python 2 pickles (protocol 2) of a dict of str, lists
-    and one uint8 array: their only globals are numpy's ``_reconstruct``,
-    ``ndarray`` and ``dtype``.  Exactly those are allowed (under numpy 1.x's
-    ``numpy.core`` and numpy 2.x's ``numpy._core`` module name), plus
-    ``_codecs.encode`` for latin1 (how Python 3 pickles bytes at protocol 2, as a
-    re-pickled batch holds).  Each maps to a fixed object here: no module is
-    imported, and any other global is refused before anything is looked up.
-    """
-
-    _ALLOWED: dict[tuple[str, str], object] = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-
-    def find_class(self, module: str, name: str):
-        allowed = self._ALLOWED.get((module, name))
-        if allowed is None:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
-        return allowed
+_CIFAR10_AGAIN = f"download {CIFAR10_TARBALL} again from {CIFAR10_URL}"
 
 
 def _parse_cifar10_batch(raw: bytes, label: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise TrainingError(f"{label} is not a CIFAR-10 batch in the official pickle format ({exc})") from exc
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise TrainingError(f"{label}: expected data of shape (N, 3072) and N labels, found {data.shape} and {len(labels)}")
+    except DAMAGED_FILE_ERRORS as exc:
+        raise TrainingError(
+            f"{label} is not a CIFAR-10 batch in the official pickle format ({reason(exc)}): {_CIFAR10_AGAIN}"
+        ) from exc
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
+        raise TrainingError(
+            f"{label}: expected data of shape (N, 3072) and N labels, found {data.shape} and {labels.shape}: "
+            f"{_CIFAR10_AGAIN}"
+        )
     # Each row holds the red, then green, then blue 32x32 plane.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
@@ -262,11 +245,20 @@ def read_cifar10(source: Path) -> ImageData:
     source = Path(source)
     names = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)
     if source.is_dir():
-        raw = {name: (source / name).read_bytes() for name in names}
+        raw = {}
+        for name in names:
+            try:
+                raw[name] = (source / name).read_bytes()
+            except OSError as exc:
+                raise TrainingError(f"cannot read {source / name} ({reason(exc)}): check the file, or {_CIFAR10_AGAIN}") from exc
     else:
         raw = _read_tarball_members(source, names)
-    train = [_parse_cifar10_batch(raw[name], f"{source}:{name}") for name in CIFAR10_TRAIN_BATCHES]
-    x_test, y_test = _parse_cifar10_batch(raw[CIFAR10_TEST_BATCH], f"{source}:{CIFAR10_TEST_BATCH}")
+
+    def label(name: str) -> str:  # the file, or the member inside the tarball
+        return str(source / name) if source.is_dir() else f"{source}:{name}"
+
+    train = [_parse_cifar10_batch(raw[name], label(name)) for name in CIFAR10_TRAIN_BATCHES]
+    x_test, y_test = _parse_cifar10_batch(raw[CIFAR10_TEST_BATCH], label(CIFAR10_TEST_BATCH))
     return ImageData(
         name="cifar10",
         source=str(source),
@@ -283,18 +275,34 @@ def _read_tarball_members(tarball: Path, names: tuple[str, ...]) -> dict[str, by
     """The named batch files from the tarball, read in memory (nothing is extracted)."""
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(tarball, "r:*") as archive:
+        archive = tarfile.open(tarball, "r:*")
+    except tarfile.ReadError as exc:
+        # tarfile lists every compression it tried, one per line: the gist is that none fitted.
+        raise TrainingError(
+            f"{tarball} is not a readable {CIFAR10_TARBALL} (not a tar archive, compressed or not): it is damaged "
+            f"or something else; download it again from {CIFAR10_URL}"
+        ) from exc
+    except OSError as exc:
+        raise TrainingError(f"cannot read {tarball} ({reason(exc)}): check the file, or {_CIFAR10_AGAIN}") from exc
+    try:
+        with archive:
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in names and base not in found:
                     handle = archive.extractfile(member)
                     if handle is not None:
                         found[base] = handle.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise TrainingError(f"cannot read {tarball} as {CIFAR10_TARBALL}: {exc}") from exc
+    except DAMAGED_FILE_ERRORS as exc:
+        raise TrainingError(
+            f"{tarball} is not a readable {CIFAR10_TARBALL} ({reason(exc)}): it is damaged or cut short; "
+            f"download it again from {CIFAR10_URL}"
+        ) from exc
     missing = [name for name in names if name not in found]
     if missing:
-        raise TrainingError(f"{tarball} lacks {', '.join(missing)}: is it the official {CIFAR10_TARBALL} ({CIFAR10_URL})?")
+        raise TrainingError(
+            f"{tarball} lacks {', '.join(missing)}: it is not the official {CIFAR10_TARBALL}; "
+            f"download it again from {CIFAR10_URL}"
+        )
     return found
 
 
@@ -329,24 +337,37 @@ def locate_mnist(data_dir: Path) -> Path:
 
 def read_mnist(path: Path) -> ImageData:
     """Read the official ``mnist.npz`` (x_train, y_train, x_test, y_test)."""
+    again = f"download it again from {MNIST_URL}"
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise TrainingError(f"{path} is not the official {MNIST_FILE} (x_train, y_train, x_test, y_test): {exc}") from exc
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise TrainingError(f"{path} is one array, not the official {MNIST_FILE} archive: {again}")
+            missing = [key for key in MNIST_KEYS if key not in archive.files]
+            if missing:
+                raise TrainingError(f"{path} is not the official {MNIST_FILE}: it lacks {', '.join(missing)}; {again}")
+            arrays = {key: archive[key] for key in MNIST_KEYS}
+    except DAMAGED_FILE_ERRORS as exc:
+        raise TrainingError(f"{path} is not a readable {MNIST_FILE} ({reason(exc)}): it is damaged; {again}") from exc
     return _mnist_image_data(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(path))
 
 
 def _mnist_image_data(x_train, y_train, x_test, y_test, source: str) -> ImageData:
     if x_train.ndim != 3 or x_test.ndim != 3:
         raise TrainingError(f"{source}: MNIST images must be N x 28 x 28, found {x_train.shape} and {x_test.shape}")
+    try:
+        images = (np.asarray(x_train, dtype=np.uint8)[..., None], np.asarray(x_test, dtype=np.uint8)[..., None])
+        labels = (np.asarray(y_train, dtype=np.int64).reshape(-1), np.asarray(y_test, dtype=np.int64).reshape(-1))
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"{source}: MNIST images and labels must be numbers ({reason(exc)})") from exc
+    if len(labels[0]) != len(images[0]) or len(labels[1]) != len(images[1]):
+        raise TrainingError(f"{source}: {len(images[0])}/{len(images[1])} images but {len(labels[0])}/{len(labels[1])} labels")
     return ImageData(
         name="mnist",
         source=source,
-        x_train=np.asarray(x_train, dtype=np.uint8)[..., None],
-        y_train=np.asarray(y_train, dtype=np.int64).reshape(-1),
-        x_test=np.asarray(x_test, dtype=np.uint8)[..., None],
-        y_test=np.asarray(y_test, dtype=np.int64).reshape(-1),
+        x_train=images[0],
+        y_train=labels[0],
+        x_test=images[1],
+        y_test=labels[1],
         num_classes=10,
         pixel_max=255.0,
     )
@@ -440,8 +461,7 @@ def _keras_download(name: str, what_to_provide: str):
     try:
         return loader.load_data()
     except Exception as exc:  # keras wraps every fetch failure in a plain Exception
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TrainingError(
-            f"could not fetch {name} through keras.datasets ({reason}); without network, "
+            f"could not fetch {name} through keras.datasets ({reason(exc)}); without network, "
             f"pass --data-dir DIR where DIR holds {what_to_provide}"
         ) from exc

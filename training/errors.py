@@ -2,7 +2,7 @@
 
 Bad options, missing data files, an output directory that cannot be written: library
 code raises :class:`TrainingError` with a one-line message that says what is wrong and
-what to do; :func:`training.run.run_cli` prints it as ``training: error: ...`` and
+what to do; :func:`training.cli.run_cli` prints it as ``training: error: ...`` and
 exits non-zero, without a traceback.
 """
 

@@ -1,4 +1,5 @@
-"""Custom Keras layers saved inside the models (imports Keras: import it lazily).
+"""Custom Keras layers saved inside the models, and the loader that knows them (imports
+Keras: import this module lazily).
 
 ``ImagenetPreprocessing`` puts keras.applications' ``preprocess_input`` inside the
 model, as a serialisable layer (a Lambda would need ``safe_mode=False`` to reload), so
@@ -6,6 +7,8 @@ a saved transfer-learning model takes the same [0, 1] images as every other modu
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import keras
 
@@ -39,3 +42,8 @@ class ImagenetPreprocessing(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+def load_model(path: Path):
+    """Load a ``.keras`` model written by any training module (with the layers above)."""
+    return keras.models.load_model(Path(path), compile=True)

@@ -1,4 +1,7 @@
 """Title: Transfer learning — the course's four cases and bottleneck features
+Demonstrates: reusing a pretrained network's features for a new task — freezing or
+fine-tuning its layers, cutting it early or late, and training only a new head on
+features computed once.
 Reaches: what the base allows; the course got 46.65% on 133 dog breeds from VGG16
 bottleneck features (GAP + Dense 133) and 82.68% on CIFAR-10 from InceptionV3 features.
 
@@ -23,7 +26,7 @@ frozen base once over every image, save the features to
 ``<output>/bottleneck_features.npz`` (reused by later runs with the same base and data),
 then train only the head on them — many epochs for the price of one forward pass.
 
-Data → model → train → evaluate:
+How to run it:
 
     python -m training.transfer_learning --base vgg16 --weights imagenet --case small-similar
     python -m training.transfer_learning --base resnet50 --weights ~/resnet50_notop.h5 --bottleneck
@@ -44,9 +47,12 @@ from typing import Sequence
 
 import numpy as np
 
-from training import run
+from training import cli, outputs, visualize
+from training.callbacks import CourseCallbacks
 from training.data import Splits, hold_out_validation, load_dataset
 from training.errors import TrainingError
+from training.pipeline import make_dataset, make_splits_datasets
+from training.session import make_optimizer, start_session
 
 MODULE = "training.transfer_learning"
 VALIDATION_FRACTION = 0.1
@@ -75,7 +81,7 @@ MIN_IMAGE_SIZE = 32  # the smallest input keras.applications accepts
 
 
 def build_parser():
-    parser = run.build_parser(
+    parser = cli.build_parser(
         MODULE,
         "Transfer learning: a pretrained base + GAP/Dense head, the course's four cases, bottleneck features.",
         default_dataset="cifar10",
@@ -100,7 +106,7 @@ def build_parser():
     )
     parser.add_argument(
         "--image-size",
-        type=run.positive_int,
+        type=cli.positive_int,
         default=None,
         help=f"side the images are resized to for a keras.applications base [default: the dataset's, at least {MIN_IMAGE_SIZE}]",
     )
@@ -134,17 +140,19 @@ def validate(namespace) -> None:
         raise TrainingError(f"--image-size must be at least {MIN_IMAGE_SIZE} for keras.applications bases")
 
 
-# --------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------- 1. the data
 
 
-def load_data(options: run.RunOptions) -> Splits:
+def load_data(options: cli.RunOptions) -> Splits:
+    """The images as stored (uint8) with integer labels; the first 10% of the training
+    images held out for validation."""
     data = load_dataset(
         options.dataset, data_dir=options.data_dir, limit=options.limit, seed=options.seed, synthetic_shape=(32, 32, 3)
     )
     return hold_out_validation(data, fraction=VALIDATION_FRACTION, position="first")
 
 
-# --------------------------------------------------------------------------- the base
+# --------------------------------------------------------------------------- 2. the model: a pretrained base + a new head
 
 
 def _cut_layer_of_saved_model(model, case: str) -> str:
@@ -239,11 +247,9 @@ def build_head(feature_shape: tuple[int, ...], num_classes: int, name: str = "he
 # --------------------------------------------------------------------------- bottleneck features
 
 
-def extract_features(namespace, options: run.RunOptions, splits: Splits) -> tuple[Splits, dict]:
+def extract_features(namespace, options: cli.RunOptions, splits: Splits) -> tuple[Splits, dict]:
     """Features of every split from the frozen base, computed once and cached in the output."""
-    run.configure(options)
-    from training import pipeline
-
+    start_session(options)
     path = options.output / FEATURES_FILE
     weights_file = namespace.base_model or (
         Path(namespace.weights).expanduser() if namespace.weights not in (None, "imagenet", "none") else None
@@ -276,7 +282,7 @@ def extract_features(namespace, options: run.RunOptions, splits: Splits) -> tupl
     arrays = {}
     for part in ("train", "val", "test"):
         images, labels = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")
-        dataset = pipeline.make_dataset(
+        dataset = make_dataset(
             images,
             labels,
             num_classes=splits.num_classes,
@@ -311,47 +317,73 @@ def _feature_splits(splits: Splits, arrays: dict) -> Splits:
     )
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- 3. train and evaluate
 
 
-def train(options: run.RunOptions, namespace, *, extra_callbacks: Sequence[object] = ()) -> dict:
-    """Bottleneck workflow or end-to-end model, per ``namespace.case`` / ``--bottleneck``."""
+def train(options: cli.RunOptions, namespace, *, extra_callbacks: Sequence[object] = ()) -> dict:
+    """A new head on a pretrained base (``--case``), or on its bottleneck features; returns metrics.json's content."""
     splits = load_data(options)
-    extra = {"case": namespace.case, "bottleneck": bool(namespace.bottleneck)}
+    described = {"case": namespace.case, "bottleneck": bool(namespace.bottleneck)}
     if namespace.bottleneck:
-        feature_splits, description = extract_features(namespace, options, splits)
-        extra.update(description, features_file=FEATURES_FILE)
-        return run.train_and_evaluate(
-            options, feature_splits, build_head, extra_callbacks=extra_callbacks, extra_metrics=extra
+        # The frozen base runs once over every image; from here on the "images" are its features.
+        splits, base = extract_features(namespace, options, splits)
+        described.update(base, features_file=FEATURES_FILE)
+
+    # Seed, precision policy, and a MirroredStrategy when there are several GPUs.
+    session = start_session(options)
+    with session.strategy.scope():
+        if namespace.bottleneck:
+            model = build_head(splits.image_shape, splits.num_classes)
+        else:
+            import keras
+
+            # images → (grey to RGB, resize, ImageNet preprocessing) → the base, cut → GAP → Dense softmax
+            extractor, base = load_base(namespace, splits.image_shape)
+            described.update(base)
+            head = build_head(tuple(extractor.output.shape[1:]), splits.num_classes)
+            model = keras.Model(extractor.inputs, head(extractor.outputs[0]), name=f"transfer_{namespace.case}")
+        model.compile(
+            optimizer=make_optimizer(options.optimizer, options.learning_rate),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=options.xla,
         )
 
-    descriptions: dict = {}
+    # tf.data: scaled to [0, 1], one-hot labels, shuffled each epoch, prefetched.
+    train_data, validation_data, test_data = make_splits_datasets(
+        splits, batch_size=options.batch_size, seed=options.seed
+    )
+    # Keep the best epoch (best_model.keras), log each epoch (history.csv), resume after a kill.
+    callbacks = CourseCallbacks(options.output, options.epochs, extra=extra_callbacks)
+    model.fit(
+        train_data,
+        validation_data=validation_data,
+        epochs=options.epochs,
+        callbacks=callbacks.keras,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=2,
+    )
 
-    def build_model(input_shape: tuple[int, ...], num_classes: int):
-        import keras
-
-        extractor, description = load_base(namespace, input_shape)
-        descriptions.update(description)
-        head = build_head(tuple(extractor.output.shape[1:]), num_classes)
-        return keras.Model(extractor.inputs, head(extractor.outputs[0]), name=f"transfer_{namespace.case}")
-
-    # The model is built inside train_and_evaluate (under the distribution strategy);
-    # the base's description is known only then, so it is merged into metrics.json after.
-    metrics = run.train_and_evaluate(options, splits, build_model, extra_callbacks=extra_callbacks, extra_metrics=extra)
-    metrics.update(descriptions)
-    (options.output / run.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    # The test accuracy of the best epoch's weights; metrics.json says which base and case.
+    best_model = callbacks.best_model(model)
+    test_loss, test_accuracy = best_model.evaluate(test_data, verbose=0)
+    metrics = outputs.finish(
+        options, session, splits, best_model, callbacks, test_loss, test_accuracy, extra=described
+    )
+    if options.visualize:  # not with --bottleneck (refused by validate): that model takes features
+        visualize.after_training(best_model, splits, options)
     return metrics
 
 
 def _main(argv: Sequence[str] | None) -> dict:
-    options, namespace = run.parse_options(build_parser(), argv, MODULE, validate=validate)
+    options, namespace = cli.parse_options(build_parser(), argv, MODULE, validate=validate)
     if namespace.learning_rate is None:
         options = replace(options, learning_rate=CASE_LEARNING_RATES[namespace.case])
     return train(options, namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run.run_cli(_main, argv)
+    return cli.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ These fail before TensorFlow is imported, so each subprocess takes well under a 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def test_missing_data_dir_files(tmp_path):
     assert_one_line_error(result, "--data-dir is only read for cifar10 and mnist")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="Keras is not installed (pip install 'gpuflow[train]')")
 def test_no_network_and_no_data_dir_ends_in_one_error_line(tmp_path):
     # Loopback only: keras.datasets cannot download.  TensorFlow's own start-up chatter
     # may precede it on stderr; the error itself is the last line, without a traceback.
@@ -111,7 +113,8 @@ def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpu
     assert result.returncode == 0 and "--bottleneck" in result.stdout and "--case" in result.stdout
     probe = (
         "import sys, training.mnist_mlp, training.cifar10_cnn, training.cifar10_augmentation, "
-        "training.transfer_learning, training.run, training.data, training.pipeline, training.models, training.visualize\n"
+        "training.transfer_learning, training.cli, training.session, training.callbacks, training.outputs, "
+        "training.data, training.pipeline, training.models, training.visualize, training.visualize.command\n"
         "heavy = sorted(name for name in ('tensorflow', 'keras', 'gpuflow', 'sklearn', 'matplotlib') if name in sys.modules)\n"
         "print(heavy)"
     )
@@ -120,13 +123,28 @@ def test_help_works_and_importing_the_modules_imports_neither_tensorflow_nor_gpu
     assert imported.stdout.strip() == "[]"
 
 
-def test_no_training_source_imports_gpuflow():
-    for path in (REPOSITORY / "training").glob("*.py"):
+def test_no_training_source_imports_gpuflow_or_infra():
+    """training/ runs on instances where only TensorFlow is installed: no gpuflow, no infra
+    (every file, in every subpackage, function-level imports included)."""
+    sources = sorted((REPOSITORY / "training").rglob("*.py"))
+    assert len(sources) > 10 and any(path.parent.name == "visualize" for path in sources)
+    for path in sources:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path}: relative import"  # absolute names only, checked below
                 names = [node.module]
-            assert not any(name.split(".")[0] == "gpuflow" for name in names), f"{path.name} imports {names}"
+            assert not any(name.split(".")[0] in ("gpuflow", "infra") for name in names), f"{path} imports {names}"
+
+
+def test_a_random_bytes_cifar_tarball_is_one_error_line(tmp_path):
+    """Issue 10 item 14: it was five lines (tarfile's list of the compressions it tried)."""
+    tarball = tmp_path / "data" / "cifar-10-python.tar.gz"
+    tarball.parent.mkdir()
+    tarball.write_bytes(os.urandom(50_000))
+    result = run_module("cifar10_cnn", "--data-dir", str(tarball.parent), "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, f"{tarball} is not a readable cifar-10-python.tar.gz")
+    assert result.returncode == 2 and "download it again" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -196,6 +197,7 @@ def test_mnist_reader_rejects_a_file_without_the_official_keys(tmp_path):
         load_dataset("mnist", data_dir=tmp_path)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="Keras is not installed (pip install 'gpuflow[train]')")
 def test_without_network_keras_datasets_fails_with_one_line_naming_data_dir():
     # The suite runs with loopback only: the keras.datasets download cannot succeed.
     with pytest.raises(TrainingError) as caught:
@@ -235,3 +237,77 @@ def test_hold_out_takes_the_first_or_the_last_images():
 def test_unknown_dataset_is_refused():
     with pytest.raises(TrainingError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet")
+
+
+# --------------------------------------------------------------------------- damaged files: one line each
+
+# Pickle streams that made the unpickler raise other errors than UnpicklingError (found by fuzzing).
+FRAME_TOO_LONG = bytes.fromhex("80029524dcf0f22f6c99e4ff6ec5e6bf3d07405e6f1925ddfd56b7f5580181870e001f")
+HUGE_LENGTH = bytes.fromhex("80028e6fa6d437d1443f082553f7b6ec102c447d2dee61b16b4ffa4947e51af846")
+
+
+def _assert_one_line_naming(error: TrainingError, path: Path, *, advice: str) -> None:
+    message = str(error)
+    assert "\n" not in message, message
+    assert str(path) in message and advice in message, message
+
+
+def _damaged_tarballs(good: bytes) -> dict[str, bytes]:
+    import gzip
+
+    rng = np.random.default_rng(5)
+    flipped = bytearray(good)
+    middle = len(flipped) // 2
+    flipped[middle : middle + 64] = rng.bytes(64)
+    return {
+        "random bytes": rng.bytes(20_000),
+        "gzip of random bytes": gzip.compress(rng.bytes(20_000)),
+        "truncated": good[: len(good) // 2],
+        "bytes changed in the middle": bytes(flipped),
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "gzip of random bytes", "truncated", "bytes changed in the middle", "empty"])
+def test_a_damaged_cifar_tarball_is_one_line_naming_it(damage, cifar_tarball):
+    cifar_tarball.write_bytes(_damaged_tarballs(cifar_tarball.read_bytes())[damage])
+    with pytest.raises(TrainingError) as caught:
+        load_dataset("cifar10", data_dir=cifar_tarball.parent)
+    _assert_one_line_naming(caught.value, cifar_tarball, advice="download it again")
+
+
+@pytest.mark.parametrize("content", [FRAME_TOO_LONG, HUGE_LENGTH, b"", b"\x80\x02", b"random bytes, not a pickle"])
+def test_a_damaged_cifar_batch_is_one_line_naming_it(content, cifar_directory):
+    batch = cifar_directory / "cifar-10-batches-py" / "data_batch_4"
+    batch.write_bytes(content)
+    with pytest.raises(TrainingError) as caught:
+        load_dataset("cifar10", data_dir=cifar_directory)
+    _assert_one_line_naming(caught.value, batch, advice="download")
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "a zip signature then random bytes", "truncated", "empty"])
+def test_a_damaged_mnist_npz_is_one_line_naming_it(damage, mnist_directory):
+    path = mnist_directory / "mnist.npz"
+    good = path.read_bytes()
+    rng = np.random.default_rng(6)
+    path.write_bytes({
+        "random bytes": rng.bytes(5_000),
+        "a zip signature then random bytes": b"PK\x03\x04" + rng.bytes(5_000),
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+    }[damage])
+    with pytest.raises(TrainingError) as caught:
+        load_dataset("mnist", data_dir=mnist_directory)
+    _assert_one_line_naming(caught.value, path, advice="download it again")
+
+
+def test_an_mnist_npz_with_a_damaged_member_is_one_line(mnist_directory):
+    """A valid zip directory whose compressed member is damaged (zlib / CRC errors while reading)."""
+    path = mnist_directory / "mnist.npz"
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"x_train.npy") + len(b"x_train.npy") + 200  # inside the first member's data
+    raw[start : start + 200] = np.random.default_rng(7).bytes(200)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(TrainingError) as caught:
+        load_dataset("mnist", data_dir=mnist_directory)
+    _assert_one_line_naming(caught.value, path, advice="download it again")

@@ -5,6 +5,7 @@ accuracy on digits and resuming after a crash."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -16,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import cifar10_augmentation, cifar10_cnn, mnist_mlp, pipeline, run, transfer_learning
+from training import cifar10_augmentation, cifar10_cnn, cli, mnist_mlp, outputs, pipeline, transfer_learning
 from training.data import Splits
 from training.models import CIFAR10_CNN_WEIGHTS, MNIST_MLP_WEIGHTS, build_cnn, build_mlp, load_model
+
+if importlib.util.find_spec("tensorflow") is None:
+    pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
 
 pytestmark = [
     pytest.mark.slow,
@@ -64,8 +68,8 @@ def reloaded_test_accuracy(output: Path, splits: Splits) -> float:
     return float(model.evaluate(test, verbose=0)[1])
 
 
-def options_for(module, argv) -> run.RunOptions:
-    options, _ = run.parse_options(module.build_parser(), argv, module.MODULE)
+def options_for(module, argv) -> cli.RunOptions:
+    options, _ = cli.parse_options(module.build_parser(), argv, module.MODULE)
     return options
 
 
@@ -75,11 +79,18 @@ def test_weight_counts_are_the_courses():
     assert build_cnn((32, 32, 3), 10).count_params() == CIFAR10_CNN_WEIGHTS == 528_054
 
 
-def test_mnist_mlp_end_to_end_from_an_official_mnist_npz(mnist_directory, tmp_path):
+def test_mnist_mlp_end_to_end_from_an_official_mnist_npz(mnist_directory, tmp_path, monkeypatch):
     output = tmp_path / "mlp"
     argv = ["--data-dir", str(mnist_directory), "--epochs", "2", "--output", str(output), "--seed", "1"]
+    drawn = []
+    draw_curves = outputs.draw_curves
+    monkeypatch.setattr(outputs, "draw_curves", lambda history, **marks: drawn.append(marks) or draw_curves(history, **marks))
     assert mnist_mlp.main(argv) == 0
     metrics = assert_outputs(output, dataset="mnist", epochs=2)
+    # The curves mark the epoch best_model.keras holds and the test results measured on it.
+    assert len(drawn) == 1 and metrics["best_epoch"] in (1, 2)
+    assert drawn[0]["best_epoch"] == metrics["best_epoch"]
+    assert (drawn[0]["test_accuracy"], drawn[0]["test_loss"]) == (metrics["test_accuracy"], metrics["test_loss"])
     assert metrics["parameter_count"] == 669_706
     assert metrics["samples"] == {"train": 320, "validation": 80, "test": 100}  # validation_split 0.2
     splits = mnist_mlp.load_data(options_for(mnist_mlp, argv))
@@ -295,12 +306,43 @@ def test_bottleneck_on_the_saved_cnn(saved_cnn, tmp_path):
     assert metrics["feature_shape"] == [4, 4, 32] and metrics["parameter_count"] == 32 * 10 + 10
 
 
-def test_keras_applications_base_from_a_local_weights_file(mobilenet_weights, tmp_path):
+def _count_writes_of(name: str, monkeypatch) -> list[str]:
+    """Records each time a file called ``name`` is written or replaced (Path.write_text,
+    Path.write_bytes, open for writing, os.replace / os.rename onto it)."""
+    import builtins
+    import io as io_module
+
+    writes: list[str] = []
+
+    def spy(function, how, target_of):
+        def wrapped(*args, **kwargs):
+            target = target_of(*args, **kwargs)
+            if target is not None and Path(target).name == name:
+                writes.append(how)
+            return function(*args, **kwargs)
+        return wrapped
+
+    def opened_for_writing(file, mode="r", *args, **kwargs):
+        return file if isinstance(file, (str, Path)) and any(flag in mode for flag in "wax+") else None
+
+    monkeypatch.setattr(Path, "write_text", spy(Path.write_text, "write_text", lambda self, *a, **k: self))
+    monkeypatch.setattr(Path, "write_bytes", spy(Path.write_bytes, "write_bytes", lambda self, *a, **k: self))
+    monkeypatch.setattr(builtins, "open", spy(builtins.open, "open", opened_for_writing))
+    monkeypatch.setattr(io_module, "open", spy(io_module.open, "open", opened_for_writing))
+    monkeypatch.setattr(os, "replace", spy(os.replace, "replace", lambda source, target, **k: target))
+    monkeypatch.setattr(os, "rename", spy(os.rename, "rename", lambda source, target, **k: target))
+    return writes
+
+
+def test_keras_applications_base_from_a_local_weights_file(mobilenet_weights, tmp_path, monkeypatch):
     """MobileNetV2 with a weights file built here: grey 16x16 digits → RGB 32x32, ImageNet preprocessing in the model."""
     output = tmp_path / "mobilenet"
     argv = ["--dataset", "digits", "--limit", "120", "--epochs", "1", "--base", "mobilenetv2",
             "--weights", str(mobilenet_weights), "--case", "small-similar", "--output", str(output)]
+    writes = _count_writes_of("metrics.json", monkeypatch)
     assert transfer_learning.main(argv) == 0
+    # Written once, complete (with the base's description), in one step: never rewritten after.
+    assert writes == ["replace"], writes
     metrics = assert_outputs(output, dataset="digits", epochs=1)
     assert metrics["base"] == "mobilenetv2" and metrics["cut_layer"] == "out_relu"
     assert metrics["image_size"] == [32, 32, 3] and metrics["trainable_parameter_count"] == 1280 * 10 + 10

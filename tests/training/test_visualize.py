@@ -4,6 +4,7 @@ maximisation climbs; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 from training import cifar10_cnn, mnist_mlp, transfer_learning, visualize
+
+if importlib.util.find_spec("tensorflow") is None:
+    pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
 
 pytestmark = [
     pytest.mark.slow,

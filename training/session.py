@@ -1,0 +1,71 @@
+"""TensorFlow set-up for one training run: seed, precision policy, distribution strategy, optimizer.
+
+Imports TensorFlow only inside its functions (importing :mod:`training` stays cheap).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from training.cli import RunOptions, prepare_output
+
+
+def import_tensorflow():
+    """(tensorflow, keras), with TensorFlow's C++ info chatter off unless asked for."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    return tf, keras
+
+
+@dataclass(frozen=True)
+class Session:
+    """What :func:`start_session` set up: the strategy to build the model under, and when."""
+
+    strategy: object
+    started: float
+
+    def describe_strategy(self) -> str:
+        return f"{type(self.strategy).__name__.lstrip('_')} ({self.strategy.num_replicas_in_sync} replica(s))"
+
+
+def start_session(options: RunOptions) -> Session:
+    """A fresh Keras session: seeds Python, NumPy and TF from ``--seed``, sets the
+    ``--mixed-precision`` policy, and picks a ``MirroredStrategy`` when more than one GPU
+    is visible (the default strategy otherwise).  ``--output`` is (re)checked first."""
+    prepare_output(options.output)
+    started = time.perf_counter()  # metrics.json's wall_time_seconds counts from here (TF's import included)
+    tf, keras = import_tensorflow()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(options.seed)
+    keras.mixed_precision.set_global_policy("mixed_float16" if options.mixed_precision else "float32")
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return Session(tf.distribute.MirroredStrategy(), started)
+    return Session(tf.distribute.get_strategy(), started)
+
+
+def make_optimizer(name: str, learning_rate: float):
+    """``--optimizer`` / ``--learning-rate`` as a Keras optimizer."""
+    import keras
+
+    classes = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    return classes[name](learning_rate=learning_rate)
+
+
+def describe_devices() -> list[str]:
+    """Every device TensorFlow sees, GPUs with their names (for metrics.json)."""
+    tf, _ = import_tensorflow()
+    described = []
+    for device in tf.config.list_physical_devices():
+        details = {}
+        if device.device_type == "GPU":
+            try:
+                details = tf.config.experimental.get_device_details(device)
+            except (ValueError, RuntimeError):
+                details = {}
+        name = details.get("device_name")
+        described.append(f"{device.name} ({name})" if name else device.name)
+    return described

@@ -1,0 +1,5 @@
+"""``python -m training.visualize``."""
+
+from training.visualize.command import main
+
+raise SystemExit(main())
