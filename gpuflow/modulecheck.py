@@ -95,6 +95,16 @@ def runnable_modules(root: Path, *, only: str | None = None) -> list[str]:
     return found
 
 
+def closest_module(word: str, project_dir: Path, *, shipped: Path | None = None) -> str | None:
+    """The runnable module of the project or the shipped package whose name is closest to ``word``, if any is close."""
+    shipped = shipped if shipped is not None else shipped_root()
+    candidates = runnable_modules(project_dir)
+    if shipped is not None and not (project_dir / SHIPPED_PACKAGE / "__init__.py").is_file():
+        candidates += [name for name in runnable_modules(shipped, only=SHIPPED_PACKAGE) if "." in name]
+    closest = difflib.get_close_matches(word, sorted(set(candidates) - {word}), n=1, cutoff=0.6)
+    return closest[0] if closest else None
+
+
 def check_module(module: str, project_dir: Path, *, also_not: str = "", shipped: Path | None = None) -> None:
     """Raise a one-line error when ``module`` is no runnable module of the project or the shipped package.
 
@@ -107,14 +117,20 @@ def check_module(module: str, project_dir: Path, *, also_not: str = "", shipped:
     shipped = shipped if shipped is not None else shipped_root()
     if module_exists(module, project_dir, shipped=shipped):
         return
-    candidates = runnable_modules(project_dir)
-    if shipped is not None and not (project_dir / SHIPPED_PACKAGE / "__init__.py").is_file():
-        candidates += [name for name in runnable_modules(shipped, only=SHIPPED_PACKAGE) if "." in name]
-    closest = difflib.get_close_matches(module, sorted(set(candidates)), n=1, cutoff=0.6)
+    parts = module.split(".")
+    root = _root_for(parts[0], project_dir, shipped)
+    if root is not None and root.joinpath(*parts).is_dir():
+        inside = [name for name in runnable_modules(root, only=parts[0]) if name.startswith(module + ".")]
+        raise NotFound(
+            f"{module!r} is a package without __main__.py: `python -m {module}` cannot run it",
+            hint="name one of its modules: " + (", ".join(inside[:5]) + (", …" if len(inside) > 5 else "") if inside
+                                                else f"it has none; add {module.replace('.', '/')}/__main__.py"),
+        )
+    closest = closest_module(module, project_dir, shipped=shipped)
     where = f"the project ({project_dir})" + (" or the shipped training package" if shipped is not None else "")
     subject = f"{module!r} is neither {also_not} nor a module of {where}" if also_not and "." not in module else f"no module {module!r} in {where}"
     hint = (
-        f"did you mean {closest[0]}?" if closest
+        f"did you mean {closest}?" if closest
         else f"a module installed on the instance runs as a command after `--`: gpuflow run [NAME] -- python -m {module}"
     )
     raise NotFound(subject, hint=hint)

@@ -45,6 +45,8 @@ class CommandAfterDoubleDash(TyperCommand):
         try:
             return super().parse_args(ctx, args)
         except NoSuchOption as exc:
+            if not self._after_a_positional(ctx.meta[ARGV], exc.option_name):
+                raise  # before any positional it is no job argument: click's "No such option" and its look-alike
             raise self.misplaced(ctx, exc.option_name) from exc
 
     # ------------------------------------------------------------------ the corrected command
@@ -58,6 +60,25 @@ class CommandAfterDoubleDash(TyperCommand):
             for name in (*param.opts, *param.secondary_opts):
                 options[name] = takes_value
         return options
+
+    def _after_a_positional(self, argv: list[str], option: str) -> bool:
+        """Whether a positional comes before the unknown ``option`` in ``argv``."""
+        options = self._options()
+        tokens = iter(argv)
+        for token in tokens:
+            if token == "--":
+                return False
+            name = token.split("=", 1)[0]
+            if token.startswith("-") and token != "-":
+                if name in options:
+                    if options[name] and "=" not in token:
+                        next(tokens, None)
+                    continue
+                if name == option or token.startswith(option):  # `-la` is reported as `-l`
+                    return False
+                continue
+            return True
+        return False
 
     def corrected(self, argv: list[str]) -> list[str]:
         """``argv`` with the job's arguments moved after `--` (gpuflow's options and
@@ -107,6 +128,21 @@ class CommandAfterDoubleDash(TyperCommand):
 class RunCommand(CommandAfterDoubleDash):
     split = True
     own_positionals = 2  # [NAME] [MODULE]
+
+    def corrected(self, argv: list[str]) -> list[str]:
+        line = super().corrected(argv)
+        words = [token for token in line[: line.index("--")] if not token.startswith("-")]
+        options = self._options()
+        kept = line[: line.index("--")]
+        values = {kept[i + 1] for i, token in enumerate(kept[:-1]) if options.get(token)}
+        positionals = [word for word in words if word not in values]
+        if len(positionals) == 1:
+            from gpuflow import runs
+
+            if runs.is_known_cluster(positionals[0]):  # `run nc1 --epochs 3`: a module is missing too
+                index = line.index(positionals[0])
+                line.insert(index + 1, "MODULE")
+        return line
 
 
 class SshCommand(CommandAfterDoubleDash):

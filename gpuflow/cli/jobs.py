@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
 from gpuflow.cli import app
 from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
 
@@ -108,9 +109,9 @@ def run_command(
 
     The forms are `gpuflow run [NAME] MODULE [-- ARGS]` and `gpuflow run [NAME] --
     COMMAND`. A single word before `--` is the cluster NAME when it is a known
-    cluster (with --up and a command after `--`, also when it is no module);
-    otherwise it is the MODULE. A known cluster alone is refused: say what to run
-    on it. MODULE must exist in the project or the shipped training package
+    cluster, or when a command follows after `--` and the word is no module (no
+    dot, nor close to a module's name); otherwise it is the MODULE. A known
+    cluster alone is refused: say what to run on it. MODULE must exist in the project or the shipped training package
     (checked before anything is synced); run any other module as a command: `--
     python -m MODULE`. Everything after `--` reaches the job literally; job
     options given before `--` are refused with the corrected command.
@@ -192,13 +193,14 @@ def _split_positionals(
 ) -> tuple[str | None, str | None]:
     """[NAME] [MODULE], one rule for every form: two words are NAME MODULE; a
     single word is NAME when it is a known cluster (then a job must follow:
-    MODULE, or a command after `--`) or, with --up and a command after `--`,
-    when it is no module (the cluster to launch); otherwise MODULE.  A MODULE must exist in
-    the project or the shipped training package (checked here, before anything
-    is synced or launched)."""
+    MODULE, or a command after `--`), or when a command follows after `--` and
+    it is no module (no dot, nor the name of a module; with --up, a dot is
+    fine: the cluster to launch); otherwise MODULE.  A MODULE must exist in the
+    project or the shipped training package (checked here, before anything is
+    synced or launched)."""
     from gpuflow import runs
-    from gpuflow.errors import UsageError
-    from gpuflow.modulecheck import check_module, module_exists
+    from gpuflow.errors import NotFound, UsageError
+    from gpuflow.modulecheck import check_module, closest_module, module_exists
 
     if len(positionals) > 2:
         raise UsageError(
@@ -218,12 +220,20 @@ def _split_positionals(
                     hint=f"gpuflow run {word} MODULE [-- ARGS], or gpuflow run {word} -- COMMAND",
                 )
             return word, None
-        if up and job_args and not module_exists(word, project):
-            return word, None
+        if job_args and not module_exists(word, project) and (up or "." not in word):
+            # No module and a command follows: the cluster (to launch, with --up; else the lookup says
+            # that no such cluster exists, or whose it is), unless it is a near-miss of a module's name.
+            closest = None if up else closest_module(word, project)
+            if closest is None:
+                return word, None
+            raise NotFound(
+                f"{word!r} is neither a known cluster nor a module of the project or the shipped training package",
+                hint=f"did you mean {closest}?",
+            )
         check_module(word, project, also_not="a known cluster")
         return None, word
     if not job_args:
-        more = " (nothing after `--`)" if ctx.meta.get(SAW_DOUBLE_DASH) else ""
+        more = ": nothing after `--`" if ctx.meta.get(SAW_DOUBLE_DASH) else ""
         raise UsageError(
             f"nothing to run{more}", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND"
         )

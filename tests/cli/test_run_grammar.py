@@ -30,6 +30,10 @@ def test_a_single_word_is_the_cluster_when_known_in_every_form(project, run_spy,
         call = run_spy.only()
         assert (call["cluster"], call["module"], call["args"]) == ("nc6", None, ["nvidia-smi", "-L"])
 
+        capfd.readouterr()
+        assert cli(["run", "nc6", "--epochs", "3"]) == 2  # a known cluster, then a job option: a module is missing
+        assert "(gpuflow run nc6 MODULE -- --epochs 3)" in _error(capfd)
+
         run_spy.calls.clear()
         assert cli(["run", "nc6", "pkg.train", "--", "--lr", "0.1"]) == 0
         call = run_spy.only()
@@ -49,8 +53,15 @@ def test_a_single_word_is_the_cluster_when_known_in_every_form(project, run_spy,
         assert "(did you mean training.cifar10_cnn?)" in _error(capfd)
         assert cli(["run", "trainng.cifar10_cnn"]) == 4
         assert "(did you mean training.cifar10_cnn?)" in _error(capfd)
-        assert cli(["run", "nc7", "--", "echo"]) == 4
-        assert "'nc7' is neither a known cluster nor a module of the project" in _error(capfd)
+        assert cli(["run", "tol", "--", "x"]) == 4  # a command follows, but the word is a near-miss of a module
+        err = _error(capfd)
+        assert "'tol' is neither a known cluster nor a module of the project" in err and "(did you mean tool?)" in err
+        assert cli(["run", "pkg.train.x", "--", "echo"]) == 4  # a dot: a module, whatever follows
+        assert "no module 'pkg.train.x'" in _error(capfd)
+        assert run_spy.calls == []
+        assert cli(["run", "nc7", "--", "echo"]) == 0  # no dot, no module's name: the cluster (the run path
+        assert run_spy.only()["cluster"] == "nc7"     # then says that no cluster nc7 exists, or whose it is)
+        run_spy.calls.clear()
         assert run_spy.calls == []
 
 
@@ -99,4 +110,21 @@ def test_job_options_before_the_double_dash_get_the_corrected_command(project, r
     err = _error(capfd)
     assert "after `--`" in err and f"({corrected})" in err
     assert "Possible options" not in err
+    assert run_spy.calls == []
+
+
+def test_an_unknown_option_before_any_positional_is_a_misspelt_gpuflow_option(project, run_spy, capfd):
+    assert cli(["run", "--detatch", "pkg.train"]) == 2
+    assert "No such option: --detatch (Possible options: --data, --detach)" in _error(capfd)
+    assert cli(["ssh", "--nod", "i-1", "nc1"]) == 2
+    assert "No such option: --nod" in _error(capfd)
+    assert run_spy.calls == []
+
+
+def test_a_package_without_main_is_refused_naming_its_modules(project, run_spy, capfd):
+    assert cli(["run", "pkg"]) == 4
+    assert "'pkg' is a package without __main__.py: `python -m pkg` cannot run it (name one of its modules: " \
+        "pkg.train)" in _error(capfd)
+    assert cli(["run", "training"]) == 4
+    assert "name one of its modules: training." in _error(capfd)
     assert run_spy.calls == []
