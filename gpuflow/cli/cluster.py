@@ -60,18 +60,18 @@ def _duration(seconds: float) -> str:
 @app.command()
 def up(
     name: Optional[str] = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, else the project directory's name)."),
-    instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", help="EC2 instance type (default g5.xlarge)."),
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", metavar="TYPE", help="EC2 instance type (default g5.xlarge)."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="AWS region (default: config, AWS_REGION, us-east-1)."),
-    count: Optional[int] = typer.Option(None, "--count", "-n", help="Number of instances (default 1)."),
+    count: Optional[int] = typer.Option(None, "--count", "-n", metavar="N", help="Number of instances (default 1)."),
     spot: Optional[bool] = typer.Option(None, "--spot/--on-demand", help="Spot instances (default on-demand)."),
     spot_fallback: Optional[bool] = typer.Option(None, "--spot-fallback", help="Launch on-demand when no spot capacity."),
-    disk_gb: Optional[int] = typer.Option(None, "--disk-gb", help="Root volume size in GiB (encrypted gp3, default 100)."),
-    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="Terminate after this long without a job or heartbeat (default 60)."),
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Terminate after this many hours in any case (default 24)."),
-    ami: Optional[str] = typer.Option(None, "--ami", help="AMI id (default: the AWS Deep Learning AMI with TensorFlow)."),
-    key_name: Optional[str] = typer.Option(None, "--key-name", help="Use this existing EC2 key pair (with --key-path)."),
-    key_path: Optional[str] = typer.Option(None, "--key-path", help="Private key file of --key-name."),
-    ssh_cidr: Optional[str] = typer.Option(None, "--ssh-cidr", help="Allow SSH from this range (default: your public IP /32)."),
+    disk_gb: Optional[int] = typer.Option(None, "--disk-gb", metavar="GIB", help="Root volume size in GiB (encrypted gp3, default 100)."),
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="Terminate after this long without a job or heartbeat (default 60)."),
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="Terminate after this many hours in any case (default 24)."),
+    ami: Optional[str] = typer.Option(None, "--ami", metavar="ID", help="AMI id (default: the AWS Deep Learning AMI with TensorFlow)."),
+    key_name: Optional[str] = typer.Option(None, "--key-name", metavar="NAME", help="Use this existing EC2 key pair (with --key-path)."),
+    key_path: Optional[str] = typer.Option(None, "--key-path", metavar="FILE", help="Private key file of --key-name."),
+    ssh_cidr: Optional[str] = typer.Option(None, "--ssh-cidr", metavar="CIDR", help="Allow SSH from this range (default: your public IP /32)."),
     allow_ssh_from_anywhere: bool = typer.Option(False, "--allow-ssh-from-anywhere", help="Permit --ssh-cidr 0.0.0.0/0 (not recommended)."),
     allow_cpu: Optional[bool] = typer.Option(None, "--allow-cpu", help="Accept an instance type without GPUs."),
     profile: Optional[str] = typer.Option(None, "--profile", help="AWS profile (default: the standard credential chain)."),
@@ -290,7 +290,7 @@ def reap(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
     owner_prefix: Optional[str] = typer.Option(
-        None, "--owner-prefix", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
+        None, "--owner-prefix", metavar="PREFIX", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
     ),
     expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,

@@ -11,7 +11,7 @@ from gpuflow.cli import app
 
 @app.command("demo")
 def demo_command(
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Training epochs on the digits data."),
+    epochs: int = typer.Option(15, "--epochs", min=1, metavar="N", help="Training epochs on the digits data."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
 ) -> None:
     """Run the whole workflow offline in the sandbox cloud.

@@ -86,19 +86,19 @@ def run_command(
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start the job and return; follow it with `gpuflow logs`."),
     project_dir: Optional[Path] = typer.Option(  # noqa: UP007
-        None, "--project-dir", help="Project to sync and run (default: the project around the current directory)."
+        None, "--project-dir", metavar="DIR", help="Project to sync and run (default: the project around the current directory)."
     ),
     data: Optional[Path] = typer.Option(  # noqa: UP007
-        None, "--data", help="Sync this data directory to the instance first (kept for later runs); the job finds it "
+        None, "--data", metavar="DIR", help="Sync this data directory to the instance first (kept for later runs); the job finds it "
         "in $GPUFLOW_DATA_DIR, and a training module gets --data-dir pointing at it.",
     ),
     up: bool = typer.Option(False, "--up", help="Launch the cluster first if it does not exist."),
     down: bool = typer.Option(False, "--down", help="Tear the cluster down afterwards, even when the job fails."),
-    instance_type: Optional[str] = typer.Option(None, "--instance-type", help="With --up: the instance type."),  # noqa: UP007
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
-    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="With --up: dead-man's switch idle window."),  # noqa: UP007
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="With --up: hard cap on the instance's life."),  # noqa: UP007
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
@@ -316,7 +316,7 @@ def runs_command(
 @app.command("stop")
 def stop_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
-    grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
+    grace: float = typer.Option(10.0, "--grace", min=0, metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Stop a running job.
 
