@@ -18,7 +18,9 @@ from gpuflow import __version__
 
 app = typer.Typer(
     name="gpuflow",
-    help="Train Keras models on cloud GPUs from a laptop: up, run, down — nothing left billing.",
+    help="Train Keras models on cloud GPUs from a laptop: up, run, down, and nothing is left billing.\n\n"
+    "New here? `gpuflow demo` runs the whole workflow (up, run, pull, down) offline in the sandbox cloud, "
+    "without an AWS account, in about a minute.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,7 +47,9 @@ def _root(
 
 def _register_commands() -> None:
     # Each module adds its commands to `app`; all of them import only typer/rich at module level.
-    from gpuflow.cli import cluster, demo, jobs, remote, sync  # noqa: F401
+    # The demo first: it is listed first in `gpuflow --help`.
+    from gpuflow.cli import demo  # noqa: F401, I001
+    from gpuflow.cli import cluster, jobs, remote, sync  # noqa: F401
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -13,16 +13,22 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import ClickException
 
 from gpuflow.config import debug_enabled
-from gpuflow.errors import GpuflowError
+from gpuflow.errors import DetachedByInterrupt, GpuflowError
 
 
 def error_line(message: str) -> str:
     return f"gpuflow: error: {message}"
 
 
+def info_line(message: str) -> str:
+    return f"gpuflow: {message}"
+
+
 def run_app(app: typer.Typer, argv: list[str]) -> int:
     """Run the typer app with ``argv``; return the process exit code."""
-    command = typer.main.get_command(app)
+    from gpuflow.cli._help import plain_command
+
+    command = plain_command(typer.main.get_command(app))
     try:
         result = command.main(args=argv, prog_name="gpuflow", standalone_mode=False)
         # Not standalone, typer returns the code of a typer.Exit (Ctrl-C becomes Exit(130)) instead of raising it.
@@ -31,6 +37,10 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
                 print(error_line("interrupted"), file=sys.stderr)
             return result
         return 0
+    except DetachedByInterrupt as exc:
+        # Ctrl-C answered with "detach": a choice, not an error; the exit code still says it was interrupted.
+        print(info_line(exc.one_line()), file=sys.stderr)
+        return exc.exit_code
     except GpuflowError as exc:
         _maybe_traceback()
         print(error_line(exc.one_line()), file=sys.stderr)

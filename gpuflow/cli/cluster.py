@@ -60,25 +60,29 @@ def _duration(seconds: float) -> str:
 @app.command()
 def up(
     name: Optional[str] = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, else the project directory's name)."),
-    instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", help="EC2 instance type (default g5.xlarge)."),
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", metavar="TYPE", help="EC2 instance type (default g5.xlarge)."),
     region: Optional[str] = typer.Option(None, "--region", "-r", help="AWS region (default: config, AWS_REGION, us-east-1)."),
-    count: Optional[int] = typer.Option(None, "--count", "-n", help="Number of instances (default 1)."),
+    count: Optional[int] = typer.Option(None, "--count", "-n", metavar="N", help="Number of instances (default 1)."),
     spot: Optional[bool] = typer.Option(None, "--spot/--on-demand", help="Spot instances (default on-demand)."),
     spot_fallback: Optional[bool] = typer.Option(None, "--spot-fallback", help="Launch on-demand when no spot capacity."),
-    disk_gb: Optional[int] = typer.Option(None, "--disk-gb", help="Root volume size in GiB (encrypted gp3, default 100)."),
-    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="Terminate after this long without a job or heartbeat (default 60)."),
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Terminate after this many hours in any case (default 24)."),
-    ami: Optional[str] = typer.Option(None, "--ami", help="AMI id (default: the AWS Deep Learning AMI with TensorFlow)."),
-    key_name: Optional[str] = typer.Option(None, "--key-name", help="Use this existing EC2 key pair (with --key-path)."),
-    key_path: Optional[str] = typer.Option(None, "--key-path", help="Private key file of --key-name."),
-    ssh_cidr: Optional[str] = typer.Option(None, "--ssh-cidr", help="Allow SSH from this range (default: your public IP /32)."),
+    disk_gb: Optional[int] = typer.Option(None, "--disk-gb", metavar="GIB", help="Root volume size in GiB (encrypted gp3, default 100)."),
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="Terminate after this long without a job or heartbeat (default 60)."),
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="Terminate after this many hours in any case (default 24)."),
+    ami: Optional[str] = typer.Option(None, "--ami", metavar="ID", help="AMI id (default: the AWS Deep Learning AMI with TensorFlow)."),
+    key_name: Optional[str] = typer.Option(None, "--key-name", metavar="NAME", help="Use this existing EC2 key pair (with --key-path)."),
+    key_path: Optional[str] = typer.Option(None, "--key-path", metavar="FILE", help="Private key file of --key-name."),
+    ssh_cidr: Optional[str] = typer.Option(None, "--ssh-cidr", metavar="CIDR", help="Allow SSH from this range (default: your public IP /32)."),
     allow_ssh_from_anywhere: bool = typer.Option(False, "--allow-ssh-from-anywhere", help="Permit --ssh-cidr 0.0.0.0/0 (not recommended)."),
     allow_cpu: Optional[bool] = typer.Option(None, "--allow-cpu", help="Accept an instance type without GPUs."),
     profile: Optional[str] = typer.Option(None, "--profile", help="AWS profile (default: the standard credential chain)."),
     sandbox: Optional[bool] = typer.Option(None, "--sandbox", help="Use the offline sandbox cloud (moto) instead of AWS."),
     as_json: bool = _JSON,
 ) -> None:
-    """Launch a GPU cluster that terminates itself when idle (and cleans up after any failure)."""
+    """Launch a GPU cluster that ends itself when idle.
+
+    The cluster terminates itself after --idle-minutes without a job or after
+    --max-hours in any case; a failed or interrupted launch deletes what it made.
+    """
     from gpuflow import clusters
 
     options = {
@@ -120,6 +124,7 @@ def up(
 
 
 def _print_statuses(statuses: list[Any]) -> None:
+    from gpuflow.cli._table import table_lines
     from gpuflow.clusters import command_hint
 
     if not statuses:
@@ -140,9 +145,8 @@ def _print_statuses(statuses: list[Any]) -> None:
         )
         for item in statuses
     ]
-    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    for row in (header, *rows):
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in table_lines(header, rows):
+        typer.echo(line)
     for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state == "unmanaged"}):
         typer.echo(
             f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
@@ -163,8 +167,11 @@ def status(
     any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
-    """Show a cluster as EC2 sees it now: state, address, uptime, $/h and $ so far,
-    and what each running node's dead-man's switch thinks (busy or idle, why, and when it stops)."""
+    """Show a cluster as EC2 sees it now.
+
+    State, address, uptime, $/h and $ so far, and what each running node's
+    dead-man's switch thinks (busy or idle, why, and when it stops).
+    """
     from gpuflow import clusters
     from gpuflow.clusters import switch as switch_status
 
@@ -185,7 +192,10 @@ def list_command(
     sandbox: Optional[bool] = _SANDBOX,
     as_json: bool = _JSON,
 ) -> None:
-    """List clusters (reconciled with EC2), including gpuflow-tagged ones unknown here."""
+    """List clusters, reconciled with EC2.
+
+    Instances tagged by gpuflow but unknown here are listed as unmanaged.
+    """
     from gpuflow import clusters
 
     results = clusters.list_clusters(region=region, sandbox=sandbox)
@@ -205,19 +215,32 @@ def down(
     any_owner: bool = typer.Option(False, "--any-owner", help=_ANY_OWNER_HELP),
     as_json: bool = _JSON,
 ) -> None:
-    """Terminate a cluster and delete the security group and key pair gpuflow made for it."""
+    """Terminate a cluster and delete what gpuflow made for it.
+
+    Its instances are terminated and the security group and key pair gpuflow
+    made are deleted. It says what it will delete and asks first; without a
+    terminal it needs --yes.
+    """
     from gpuflow import clusters
+    from gpuflow.cli._confirm import confirm_deletion
     from gpuflow.errors import UsageError
 
     if all_clusters and name:
         raise UsageError("give a cluster name or --all, not both")
-    target = "every cluster" if all_clusters else f"cluster {clusters.resolve_cluster_name(name)}"
-    if not yes:
-        if not sys.stdin.isatty():
-            if all_clusters:
-                raise UsageError("`down --all` needs --yes when not run from a terminal")
-        elif not typer.confirm(f"terminate {target}?", default=False, err=True):
-            raise typer.Exit(1)
+    in_sandbox = clusters.sandbox_in_effect(sandbox)
+    if all_clusters:
+        what = ["every cluster this gpuflow knows" + (" in the sandbox" if in_sandbox else "")
+                + ": its instances (terminated), security group and key pair"]
+        again = clusters.command_hint("down --all --yes" + (" --any-owner" if any_owner else ""), in_sandbox)
+    else:
+        name = clusters.resolve_cluster_name(name)
+        what = [_what_down_deletes(name, region)]
+        again = clusters.command_hint(
+            f"down {name} --yes" + (f" --region {region}" if region else "") + (" --any-owner" if any_owner else ""),
+            in_sandbox,
+        )
+    if not confirm_deletion(what, yes=yes, command="down --all" if all_clusters else "down", again=again):
+        return
     with _progress(not as_json) as progress:
         if all_clusters:
             reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress)
@@ -244,6 +267,21 @@ def down(
         )
 
 
+def _what_down_deletes(name: str, region: str | None) -> str:
+    """What `down NAME` deletes, as the local record tells (no cloud call before the question)."""
+    from gpuflow import clusters
+    from gpuflow.errors import GpuflowError
+
+    try:
+        cluster = clusters.get_cluster(name)
+    except GpuflowError:  # no record here (or a damaged one): down finds it by its tags
+        return f"cluster {name}{f' in {region}' if region else ''}: the instances, security group and key pair " \
+            "this gpuflow made for it"
+    ids = ", ".join(node.instance_id for node in cluster.nodes) or "none recorded"
+    return (f"cluster {name} in {cluster.region}{' (sandbox)' if cluster.sandbox else ''}: "
+            f"{len(cluster.nodes)} instance(s) terminated ({ids}), the security group and key pair gpuflow made for it")
+
+
 @app.command()
 def reap(
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found (default: only list it)."),
@@ -253,23 +291,48 @@ def reap(
         False, "--any-owner", help="Also reap what other gpuflow installs created (default: only this one's)."
     ),
     owner_prefix: Optional[str] = typer.Option(
-        None, "--owner-prefix", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
+        None, "--owner-prefix", metavar="PREFIX", help="With --any-owner: only what owner ids starting with this created (CI: one pipeline run's jobs)."
     ),
     expired: bool = typer.Option(False, "--expired", help="Only what is past its --max-hours (a scheduled CI janitor)."),
     as_json: bool = _JSON,
 ) -> None:
-    """Remove everything this gpuflow tagged that no live cluster owns (safe to run from CI)."""
+    """Remove what this gpuflow tagged and no cluster owns.
+
+    Without --yes it lists what it would delete (a dry run) and, on a terminal,
+    then asks. It is safe to run from CI.
+    """
     from gpuflow import clusters
 
+    from gpuflow.cli._confirm import confirm_deletion, stdin_is_terminal
+
     sandbox = clusters.sandbox_in_effect(sandbox)
+    options = {"region": region, "sandbox": sandbox, "any_owner": any_owner, "owner_prefix": owner_prefix,
+               "expired_only": expired}
     with _progress(not as_json) as progress:
-        result = clusters.reap(
-            yes=yes, region=region, sandbox=sandbox, any_owner=any_owner, owner_prefix=owner_prefix,
-            expired_only=expired, progress=progress,
-        )
+        result = clusters.reap(yes=yes, progress=progress, **options)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
+    _print_reaped(result, owner_prefix)
+    if result.deleted or not result.items:
+        return
+    again = clusters.command_hint(
+        "reap --yes" + (" --any-owner" if any_owner else "") + (f" --owner-prefix {owner_prefix}" if owner_prefix else "")
+        + (" --expired" if expired else ""),
+        sandbox,
+    )
+    if not stdin_is_terminal():  # a dry run: it deleted nothing, and says how to delete
+        typer.echo(f"dry run: run {again} to delete these", err=True)
+        return
+    listed = [f"the {len(result.items)} item(s) listed above"]
+    if not confirm_deletion(listed, yes=False, command="reap", again=again):
+        return
+    with _progress(True) as progress:
+        # Scanned again, with the same scope: only what is still an orphan now is deleted, and listed.
+        _print_reaped(clusters.reap(yes=True, progress=progress, **options), owner_prefix)
+
+
+def _print_reaped(result: Any, owner_prefix: str | None) -> None:
     if result.skipped:
         owners = sorted({item.owner or item.owner_id or "unknown" for item in result.skipped})
         typer.echo(
@@ -286,10 +349,3 @@ def reap(
     for item in result.items:
         owner = f", owner {item.owner}" if item.owner else ""
         typer.echo(f"{verb} {item.kind} {item.resource_id} ({item.region}, cluster {item.cluster or '?'}{owner}: {item.reason})")
-    if not result.deleted:
-        again = clusters.command_hint(
-            "reap --yes" + (" --any-owner" if any_owner else "") + (f" --owner-prefix {owner_prefix}" if owner_prefix else "")
-            + (" --expired" if expired else ""),
-            sandbox,
-        )
-        typer.echo(f"dry run: run {again} to delete these", err=True)

@@ -11,12 +11,15 @@ from gpuflow.cli import app
 
 @app.command("demo")
 def demo_command(
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Training epochs on the digits data."),
+    epochs: int = typer.Option(15, "--epochs", min=1, metavar="N", help="Training epochs on the digits data."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
 ) -> None:
-    """The whole workflow offline in the sandbox cloud: up → run training.cifar10_cnn on the
-    digits data (with --visualize) → pull → down, then a summary (accuracy, time, checkpoint,
-    curves, two of the pictures)."""
+    """Run the whole workflow offline in the sandbox cloud.
+
+    up, run training.cifar10_cnn on the digits data (with --visualize), pull and
+    down, then a summary (accuracy, time, checkpoint, curves, two of the
+    pictures). No AWS account is needed.
+    """
     import io
 
     from gpuflow.jobs.demo import run_demo

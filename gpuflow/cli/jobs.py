@@ -14,23 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
 from gpuflow.cli import app
-
-
-class _SplitAtDoubleDash(TyperCommand):
-    """Keeps everything after the first `--` apart (in ``ctx.meta``), so that
-    `run NAME MODULE -- ARGS` can tell its own positionals from the job's."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if "--" in args:
-            index = args.index("--")
-            ctx.meta["gpuflow_job_args"] = list(args[index + 1 :])
-            args = list(args[:index])
-        else:
-            ctx.meta["gpuflow_job_args"] = []
-        return super().parse_args(ctx, args)
+from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
 
 
 def _say(message: str) -> None:
@@ -91,40 +77,53 @@ def _ask_stop_or_detach(record: Any) -> Any:
     return InterruptChoice.DETACH
 
 
-@app.command("run", cls=_SplitAtDoubleDash)
+@app.command("run", cls=RunCommand)
 def run_command(
     ctx: typer.Context,
     positionals: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
         None,
         metavar="[NAME] [MODULE]",
-        help="Cluster name (optional) and the Python module to run (e.g. training.cifar10_cnn). "
-        "Job arguments, or a whole command instead of a module, go after `--`; they reach the job literally.",
+        help="The cluster (optional: the project's `cluster` setting, else the only cluster) and the module to run "
+        "(e.g. training.cifar10_cnn). Job arguments, or a whole command instead of a module, go after `--`.",
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start the job and return; follow it with `gpuflow logs`."),
     project_dir: Optional[Path] = typer.Option(  # noqa: UP007
-        None, "--project-dir", help="Project to sync and run (default: the project around the current directory)."
+        None, "--project-dir", metavar="DIR", help="Project to sync and run (default: the project around the current directory)."
     ),
     data: Optional[Path] = typer.Option(  # noqa: UP007
-        None, "--data", help="Sync this data directory to the instance first (kept for later runs); the job finds it "
+        None, "--data", metavar="DIR", help="Sync this data directory to the instance first (kept for later runs); the job finds it "
         "in $GPUFLOW_DATA_DIR, and a training module gets --data-dir pointing at it.",
     ),
     up: bool = typer.Option(False, "--up", help="Launch the cluster first if it does not exist."),
     down: bool = typer.Option(False, "--down", help="Tear the cluster down afterwards, even when the job fails."),
-    instance_type: Optional[str] = typer.Option(None, "--instance-type", help="With --up: the instance type."),  # noqa: UP007
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
-    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", help="With --up: dead-man's switch idle window."),  # noqa: UP007
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="With --up: hard cap on the instance's life."),  # noqa: UP007
+    idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
 ) -> None:
-    """Sync the project, run MODULE (or the command after `--`) detached on the cluster,
-    stream its log, pull its outputs into runs/<run-id>/ and exit with the job's exit code."""
+    """Run a module or a command on a cluster and stream its log.
+
+    Syncs the project, starts MODULE (or the command after `--`) detached on the
+    cluster, streams its log, pulls its outputs into runs/RUN_ID/ and exits with
+    the job's exit code.
+
+    The forms are `gpuflow run [NAME] MODULE [-- ARGS]` and `gpuflow run [NAME] --
+    COMMAND`. A single word before `--` is the cluster NAME when it is a known
+    cluster, or when a command follows after `--` and the word is no module (no
+    dot, nor close to a module's name); otherwise it is the MODULE. A known
+    cluster alone is refused: say what to run on it. MODULE must exist in the project or the shipped training package
+    (checked before anything is synced); run any other module as a command: `--
+    python -m MODULE`. Everything after `--` reaches the job literally; job
+    options given before `--` are refused with the corrected command.
+    """
     from gpuflow import jobs
     from gpuflow.config import find_project_root
 
-    job_args: list[str] = ctx.meta.get("gpuflow_job_args", [])
+    job_args: list[str] = ctx.meta.get(JOB_ARGS, [])
     project = (project_dir or find_project_root()).resolve()
-    name, module = _split_positionals(list(positionals or []), job_args, project)
+    name, module = _split_positionals(ctx, list(positionals or []), job_args, project, up=up)
     up_spec = None
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
@@ -192,29 +191,54 @@ def _existing_directory(path: Path, option: str) -> Path:
 
 
 def _split_positionals(
-    positionals: list[str], job_args: list[str], project: Path
+    ctx: typer.Context, positionals: list[str], job_args: list[str], project: Path, *, up: bool = False
 ) -> tuple[str | None, str | None]:
-    """[NAME] [MODULE]: two positionals are NAME MODULE.  A single one followed
-    by a command after `--` is NAME when it is a known cluster, or when it
-    looks like no module (no dot, no such module in the project); else MODULE."""
+    """[NAME] [MODULE], one rule for every form: two words are NAME MODULE; a
+    single word is NAME when it is a known cluster (then a job must follow:
+    MODULE, or a command after `--`), or when a command follows after `--` and
+    it is no module (no dot, nor the name of a module; with --up, a dot is
+    fine: the cluster to launch); otherwise MODULE.  A MODULE must exist in the
+    project or the shipped training package (checked here, before anything is
+    synced or launched)."""
     from gpuflow import jobs
-    from gpuflow.errors import UsageError
+    from gpuflow.errors import NotFound, UsageError
+    from gpuflow.modulecheck import check_module, closest_module, module_exists
 
     if len(positionals) > 2:
         raise UsageError(
-            f"unexpected arguments {' '.join(positionals[2:])!r}",
-            hint="put the job's arguments after `--`: gpuflow run [NAME] MODULE -- ARGS",
+            f"unexpected argument(s) {' '.join(positionals[2:])!r}: the job's arguments go after `--`",
+            hint=ctx.command.corrected_line(ctx),
         )
     if len(positionals) == 2:
-        return positionals[0], positionals[1]
+        name, module = positionals
+        check_module(module, project)
+        return name, module
     if len(positionals) == 1:
         word = positionals[0]
-        looks_like_module = "." in word or (project / f"{word}.py").is_file() or (project / word).is_dir()
-        if job_args and (jobs.is_known_cluster(word) or not looks_like_module):
+        if jobs.is_known_cluster(word):
+            if not job_args:
+                raise UsageError(
+                    f"{word} is a cluster: say what to run on it",
+                    hint=f"gpuflow run {word} MODULE [-- ARGS], or gpuflow run {word} -- COMMAND",
+                )
             return word, None
-        return None, positionals[0]
+        if job_args and not module_exists(word, project) and (up or "." not in word):
+            # No module and a command follows: the cluster (to launch, with --up; else the lookup says
+            # that no such cluster exists, or whose it is), unless it is a near-miss of a module's name.
+            closest = None if up else closest_module(word, project)
+            if closest is None:
+                return word, None
+            raise NotFound(
+                f"{word!r} is neither a known cluster nor a module of the project or the shipped training package",
+                hint=f"did you mean {closest}?",
+            )
+        check_module(word, project, also_not="a known cluster")
+        return None, word
     if not job_args:
-        raise UsageError("nothing to run", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND")
+        more = ": nothing after `--`" if ctx.meta.get(SAW_DOUBLE_DASH) else ""
+        raise UsageError(
+            f"nothing to run{more}", hint="gpuflow run [NAME] MODULE [-- ARGS], or gpuflow run [NAME] -- COMMAND"
+        )
     return None, None
 
 
@@ -223,8 +247,12 @@ def logs_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
-    """Print a run's log; with -f follow it until the job ends (resumes after connection drops),
-    or until it is found lost (its process, run directory or instance gone: exit 9)."""
+    """Print a run's log.
+
+    With -f it follows the log until the job ends (resuming after connection
+    drops), or until the run is found lost (its process, run directory or
+    instance gone: exit 9).
+    """
     from gpuflow import jobs
 
     with _ended_by_signals():
@@ -239,8 +267,11 @@ def logs_command(
 def pull_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
 ) -> None:
-    """Fetch a run's outputs, log and manifest into runs/<run-id>/ (also while it runs: the
-    latest checkpoint), verified by sha256."""
+    """Fetch a run's outputs into runs/RUN_ID/.
+
+    Outputs, log and manifest are verified by sha256; also while the job runs
+    (the latest checkpoint).
+    """
     from gpuflow import jobs
 
     record, report = jobs.pull(run_id, say=_say)
@@ -252,7 +283,10 @@ def pull_command(
 def runs_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List runs with their status: running, succeeded, failed(CODE), lost or unreachable."""
+    """List runs with their status.
+
+    A status is running, succeeded, failed(CODE), lost or unreachable.
+    """
     import json
 
     from gpuflow import jobs
@@ -264,19 +298,32 @@ def runs_command(
     if not statuses:
         typer.echo("no runs yet: `gpuflow run MODULE` starts one")
         return
-    typer.echo(f"{'RUN':<22} {'CLUSTER':<16} {'STATUS':<13} {'STARTED':<26} COMMAND")
-    for status in statuses:
-        record = status.record
-        command = record.module or shlex.join(record.command)  # as it would be typed: arguments stay distinct
-        typer.echo(f"{record.run_id:<22} {record.cluster:<16} {str(status.status):<13} {record.started_at:<26} {command}")
+    from gpuflow.cli._table import table_lines
+
+    rows = [
+        (
+            status.record.run_id,
+            status.record.cluster,
+            status.status,
+            status.record.started_at,
+            # as it would be typed: arguments stay distinct
+            status.record.module or shlex.join(status.record.command),
+        )
+        for status in statuses
+    ]
+    for line in table_lines(("RUN", "CLUSTER", "STATUS", "STARTED", "COMMAND"), rows):
+        typer.echo(line)
 
 
 @app.command("stop")
 def stop_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
-    grace: float = typer.Option(10.0, "--grace", min=0, help="Seconds between SIGTERM and SIGKILL."),
+    grace: float = typer.Option(10.0, "--grace", min=0, metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
-    """Stop a running job: SIGTERM its process group, SIGKILL after the grace period."""
+    """Stop a running job.
+
+    Its process group gets SIGTERM, and SIGKILL after the grace period.
+    """
     from gpuflow import jobs
 
     record, outcome = jobs.stop(run_id, grace_seconds=grace)

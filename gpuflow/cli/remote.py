@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from gpuflow.cli import app
+from gpuflow.cli._grammar import SshCommand
 
 
-@app.command("ssh")
+@app.command("ssh", cls=SshCommand)
 def ssh(
     name: str = typer.Argument(..., help="The cluster to reach."),
     command: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
@@ -24,7 +25,11 @@ def ssh(
         help="Accept and pin the host key the instance presents when its console shows none (warns).",
     ),
 ) -> None:
-    """Open a shell on a cluster's instance, or run CMD there, with its pinned host key."""
+    """Open a shell on a cluster, or run a command there.
+
+    The instance must present its pinned host key. The command goes after
+    `--`; each of its arguments arrives literally.
+    """
     import os
     import sys
 
@@ -57,8 +62,11 @@ def ssh_config(
         False, "--install", help="Also add the Include line to the top of ~/.ssh/config (once)."
     ),
 ) -> None:
-    """Write Host entries for every cluster to $GPUFLOW_HOME/ssh_config, so plain ssh, scp,
-    rsync and editors reach a cluster by name."""
+    """Write ssh Host entries for every cluster.
+
+    They go to $GPUFLOW_HOME/ssh_config, so that plain ssh, scp, rsync and
+    editors reach a cluster by name.
+    """
     from gpuflow.clusters import known_clusters
     from gpuflow.ssh_config import install_ssh_include, write_ssh_config
 

@@ -23,7 +23,7 @@ def sync(
         None,
         "--data",
         metavar="PATH",
-        help="Sync this data directory to <base>/data/<basename>/ (where later runs find it) instead of the project.",
+        help="Sync this data directory to BASE/data/ITS_NAME/ on the instance (where later runs find it) instead of the project.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the sync report as JSON on stdout (no progress bar)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be sent and deleted; change nothing."),
@@ -32,7 +32,10 @@ def sync(
         "auto", "--method", help="auto (rsync when both ends have it, else tar; copy for the sandbox), rsync or tar."
     ),
 ) -> None:
-    """Push the project directory (honouring .gitignore and .gpuflowignore) to a cluster; only changes travel."""
+    """Push the project directory to a cluster.
+
+    It honours .gitignore and .gpuflowignore; only changes travel.
+    """
     import json
     import sys
 
