@@ -71,8 +71,8 @@ class RunSpy:
 
 @pytest.fixture
 def run_spy(monkeypatch) -> RunSpy:
-    from gpuflow import runs
+    from gpuflow import jobs
 
     spy = RunSpy()
-    monkeypatch.setattr(runs, "run_on_cluster", spy)
+    monkeypatch.setattr(jobs, "run_on_cluster", spy)
     return spy
