@@ -3,8 +3,8 @@ the `runs` table sizes its columns to their content."""
 
 from __future__ import annotations
 
-from gpuflow import runs
-from gpuflow.runs import RunRecord
+from gpuflow import jobs
+from gpuflow.jobs import RunRecord
 from tests.cli.conftest import cli
 
 
@@ -27,8 +27,8 @@ def _record(run_id: str, cluster: str, module: str | None, command: tuple[str, .
 
 def test_the_runs_table_sizes_each_column_to_its_content(gpuflow_home, capsys):
     long_cluster = "demo-20261130-101500-a1b2c3"  # 27 characters, as `gpuflow demo` names its clusters
-    runs.save_record(_record("20261130-101500-aaaa", long_cluster, "training.cifar10_cnn", ("python", "-m", "x")))
-    runs.save_record(_record("20261130-101600-bbbb", "nc1", None, ("sh", "-c", "echo 'a b'")))
+    jobs.save_record(_record("20261130-101500-aaaa", long_cluster, "training.cifar10_cnn", ("python", "-m", "x")))
+    jobs.save_record(_record("20261130-101600-bbbb", "nc1", None, ("sh", "-c", "echo 'a b'")))
     assert cli(["runs"]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split() == ["RUN", "CLUSTER", "STATUS", "STARTED", "COMMAND"]

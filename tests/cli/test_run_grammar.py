@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuflow import clusters, runs
+from gpuflow import clusters, jobs
 from gpuflow.errors import NotFound
 from tests.cli.conftest import cli, sandbox_clusters
 
@@ -73,7 +73,7 @@ def test_a_misspelt_module_touches_no_cluster_and_syncs_nothing(project, capfd, 
         assert "did you mean training.cifar10_cnn?" in _error(capfd)
         assert set(gpuflow_home.rglob("*")) == before  # no sync, no run directory, no record
         assert not any(path.name == "project" for path in before)
-        assert runs.all_records() == []
+        assert jobs.all_records() == []
     assert cli(["run", "--up", "--sandbox", "--down", "fresh", "training.cifar10_cn"]) == 4
     assert "did you mean training.cifar10_cnn?" in _error(capfd)
     with pytest.raises(NotFound):

@@ -15,7 +15,7 @@ from gpuflow import clusters
 from gpuflow.cli import main
 from gpuflow.errors import ClusterNotFound, StateError, UsageError
 from gpuflow.state import StateStore
-from infra.aws.provisioner import client_token
+from infra.aws.instance import client_token
 from infra.sandbox import seed_deep_learning_ami
 from infra.userdata import USER_DATA_MARKER
 from tests.infra.cloud import (

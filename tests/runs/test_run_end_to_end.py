@@ -409,9 +409,9 @@ def test_the_manifest_carries_the_chosen_dlami(tmp_path):
         ami_name="Deep Learning OSS Nvidia Driver AMI GPU TensorFlow 2.18 (Ubuntu 22.04) 20250101",
         ami_parameter="/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-tensorflow-2.18-ubuntu-22.04/latest/ami-id",
     )
-    record = runs.RunRecord(run_id="r1", cluster="c", base_dir="/b", remote_dir="/b/runs/r1", command=("true",),
+    record = jobs.RunRecord(run_id="r1", cluster="c", base_dir="/b", remote_dir="/b/runs/r1", command=("true",),
                             project_dir=str(tmp_path), local_dir=str(tmp_path / "runs" / "r1"),
                             started_at="2026-11-30T10:00:00+00:00")
-    manifest = runs.build_manifest(record=record, cluster=cluster, project_dir=tmp_path, environment={})
+    manifest = jobs.build_manifest(record=record, cluster=cluster, project_dir=tmp_path, environment={})
     assert (manifest["ami"], manifest["ami_name"], manifest["ami_parameter"]) == (
         cluster.ami, cluster.ami_name, cluster.ami_parameter)
