@@ -19,7 +19,7 @@ import pytest
 from gpuflow import jobs, nodes, procs
 from gpuflow.records import Node, SSHTarget
 from gpuflow.jobs import RunTarget
-from tests.runs.conftest import _push_project, fake_cluster, job_args
+from tests.jobs.conftest import _push_project, fake_cluster, job_args
 from tests.sshd import SshServer, sshd_available
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +137,7 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
     from gpuflow.records import Node
     from gpuflow.jobs import RunTarget
     from gpuflow.transport.local import LocalRunner
-    from tests.runs.conftest import fake_cluster
+    from tests.jobs.conftest import fake_cluster
 
     if not os.path.exists("/proc/sys/kernel/ns_last_pid"):
         sys.exit(77)

@@ -16,7 +16,7 @@ import pytest
 
 from gpuflow import jobs
 from gpuflow.errors import JobFailed
-from tests.runs.conftest import job_args
+from tests.jobs.conftest import job_args
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh

@@ -372,7 +372,7 @@ def test_down_after_down_cleans_what_reappeared_under_the_name(cloud, provisione
     first = clusters.up(make_spec("again"), provisioner_factory=provisioners)
     clusters.down("again", provisioner_factory=provisioners)
     # this gpuflow (another laptop with the same owner id) launched a cluster of that name meanwhile;
-    # another owner's is left alone (tests/infra/test_clusters_ownership.py)
+    # another owner's is left alone (tests/clusters/test_ownership.py)
     stray = cloud.run_instances(
         ImageId=first.ami, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [
