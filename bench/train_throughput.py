@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from training.data import make_synthetic
-    from training.run import describe_devices
+    from training.session import describe_devices
 
     data = make_synthetic((32, 32, 3), seed=arguments.seed, train_images=arguments.images, test_images=1)
     inputs = [False, True] if arguments.only is None else [arguments.only == "augmented"]

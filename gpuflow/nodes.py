@@ -43,7 +43,7 @@ from gpuflow import procs
 from gpuflow.config import gpuflow_home, load_project_config
 from gpuflow.errors import ConfigError, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
-from gpuflow.provisioner import Provisioner, ProvisionerFactory
+from gpuflow.provisioner import Provisioner, ProvisionerFactory, open_provisioner
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import validate_name
 from gpuflow.transport import hostkeys, openssh
@@ -200,9 +200,7 @@ class ProvisionerProbe:
     def _provisioner(self, cluster: Cluster) -> Provisioner:
         if self.provisioner_factory is not None:
             return self.provisioner_factory(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
-        from infra.aws import open_provisioner  # boto3: only when the cloud is asked
-
-        return open_provisioner(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)
+        return open_provisioner(cluster.region, profile=cluster.profile, sandbox=cluster.sandbox)  # the cloud port
 
     def instance_state(self, cluster: Cluster, instance_id: str) -> str:
         return self._provisioner(cluster).instance_state(instance_id)

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from gpuflow.errors import InstanceGone
 from infra.records import Node  # the cloud layer's record of one instance, re-exported
 
 
@@ -152,8 +153,6 @@ class Cluster:
     def head(self) -> Node:
         """The node jobs run on (the first one)."""
         if not self.nodes:
-            from gpuflow.errors import InstanceGone
-
             raise InstanceGone(f"cluster {self.name!r} has no instances")
         return self.nodes[0]
 

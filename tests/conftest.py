@@ -89,3 +89,28 @@ def sshd(tmp_path):
     server = SshServer(tmp_path / "sshd").start()
     yield server
     server.stop()
+
+
+class FakeCloud:
+    """A :class:`gpuflow.nodes.CloudProbe` standing in for the cloud: what EC2 would
+    say about an instance (its console, its state), and how often it was asked."""
+
+    def __init__(self) -> None:
+        self.console = ""
+        self.state = "running"
+        self.state_calls = 0
+        self.console_calls = 0
+
+    def console_output(self, cluster, instance_id) -> str:
+        self.console_calls += 1
+        return self.console
+
+    def instance_state(self, cluster, instance_id) -> str:
+        self.state_calls += 1
+        return self.state
+
+
+@pytest.fixture
+def fake_cloud() -> FakeCloud:
+    """A probe to hand to gpuflow.nodes (``probe=fake_cloud``)."""
+    return FakeCloud()

@@ -7,8 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -165,7 +163,9 @@ def test_a_package_reexport_counts_as_importing_its_modules(tmp_path):
     assert cycles == ["cycle: gpuflow.jobs -> gpuflow.jobs.start -> gpuflow.jobs"]
 
 
-def test_function_level_imports_of_boto3_and_the_factories_pass_and_of_use_cases_do_not(tmp_path):
+def test_function_level_imports_pass_only_where_they_keep_start_up_fast(tmp_path):
+    # boto3, the factories that open it and paramiko, and (from the CLI) the use cases may be
+    # imported late; a cheap core module may not, nor may a use case from anywhere but the CLI.
     root = write_tree(tmp_path, {**CLEAN, "gpuflow/cli/cluster.py": """
         from gpuflow import __version__
 
@@ -175,9 +175,12 @@ def test_function_level_imports_of_boto3_and_the_factories_pass_and_of_use_cases
             from gpuflow.transport.ssh import connect
             from infra.aws import open_aws
             from gpuflow.clusters import up
-    """})
+            from gpuflow.errors import GpuflowError
+    """, "gpuflow/jobs/scripts.py": CLEAN["gpuflow/jobs/scripts.py"] + "\ndef later():\n    from gpuflow.clusters import up\n"})
     assert violations(root) == [
-        "function-level: gpuflow.cli.cluster (line 8) imports gpuflow.clusters inside a function "
+        "function-level: gpuflow.cli.cluster (line 9) imports gpuflow.errors inside a function "
+        "(move it to the module's top; see FUNCTION_LEVEL_ALLOWED)",
+        "function-level: gpuflow.jobs.scripts (line 5) imports gpuflow.clusters inside a function "
         "(move it to the module's top; see FUNCTION_LEVEL_ALLOWED)"]
 
 
@@ -208,7 +211,6 @@ def test_a_file_that_does_not_parse_is_an_error_naming_it(tmp_path, capsys):
     assert "state.py" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=False, reason="enabled by the lead after the restructure merge")
 def test_the_repository_follows_the_import_rules():
     problems = violations(REPOSITORY)
     assert problems == [], "\n".join(problems)

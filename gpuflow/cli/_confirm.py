@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import typer
 
+from gpuflow.errors import UsageError
+
 
 def stdin_is_terminal() -> bool:
     """Whether a person can answer (tests replace this to stand for a terminal)."""
@@ -31,8 +33,6 @@ def confirm_deletion(what: Sequence[str], *, yes: bool, command: str, again: str
     """
     if yes:
         return True
-    from gpuflow.errors import UsageError
-
     if not stdin_is_terminal():
         raise UsageError(
             f"`gpuflow {command}` needs --yes when not run from a terminal (it deletes {'; '.join(what)}); "

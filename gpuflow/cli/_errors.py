@@ -12,6 +12,7 @@ try:  # recent typer vendors click as typer._click; older typer uses click itsel
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import ClickException
 
+from gpuflow.cli._help import plain_command
 from gpuflow.config import debug_enabled
 from gpuflow.errors import DetachedByInterrupt, GpuflowError
 
@@ -26,8 +27,6 @@ def info_line(message: str) -> str:
 
 def run_app(app: typer.Typer, argv: list[str]) -> int:
     """Run the typer app with ``argv``; return the process exit code."""
-    from gpuflow.cli._help import plain_command
-
     command = plain_command(typer.main.get_command(app))
     try:
         result = command.main(args=argv, prog_name="gpuflow", standalone_mode=False)

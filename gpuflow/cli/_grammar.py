@@ -12,6 +12,8 @@ try:  # recent typer vendors click as typer._click; older typer uses click itsel
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import NoSuchOption
 
+from gpuflow.errors import UsageError
+
 JOB_ARGS = "gpuflow_job_args"
 SAW_DOUBLE_DASH = "gpuflow_saw_double_dash"
 ARGV = "gpuflow_argv"
@@ -117,8 +119,6 @@ class CommandAfterDoubleDash(TyperCommand):
         return shlex.join(["gpuflow", self.name or "", *self.corrected(ctx.meta.get(ARGV, []))])
 
     def misplaced(self, ctx: Any, option: str) -> Exception:
-        from gpuflow.errors import UsageError
-
         return UsageError(
             f"{option} is not an option of `gpuflow {self.name}`: the job's arguments go after `--`",
             hint=self.corrected_line(ctx),
@@ -149,8 +149,6 @@ class SshCommand(CommandAfterDoubleDash):
     own_positionals = 1  # NAME
 
     def misplaced(self, ctx: Any, option: str) -> Exception:
-        from gpuflow.errors import UsageError
-
         return UsageError(
             f"{option} is not an option of `gpuflow ssh`: the remote command goes after `--`",
             hint=self.corrected_line(ctx),

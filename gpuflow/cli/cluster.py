@@ -1,7 +1,7 @@
 """gpuflow CLI: cluster commands — up, status, ls, down, reap.
 
-Thin: parse options, call :mod:`gpuflow.clusters`, print.  Only typer is
-imported at module level (``gpuflow --help`` must stay fast); the use cases,
+Thin: parse options, call :mod:`gpuflow.clusters`, print.  Only typer and gpuflow's
+core are imported at module level (``gpuflow --help`` must stay fast); the use cases,
 rich and boto3 load when a command runs.  Progress goes to stderr and only
 when stderr is a terminal and ``--json`` is off, so scripts and CI see clean
 output.
@@ -17,7 +17,10 @@ from typing import Any, Optional
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli._app import app
+from gpuflow.cli import _confirm  # its functions looked up there when called (tests stand in a terminal)
+from gpuflow.cli._table import table_lines
+from gpuflow.errors import GpuflowError, UsageError
 
 _NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
@@ -124,7 +127,6 @@ def up(
 
 
 def _print_statuses(statuses: list[Any]) -> None:
-    from gpuflow.cli._table import table_lines
     from gpuflow.clusters import command_hint
 
     if not statuses:
@@ -222,8 +224,6 @@ def down(
     terminal it needs --yes.
     """
     from gpuflow import clusters
-    from gpuflow.cli._confirm import confirm_deletion
-    from gpuflow.errors import UsageError
 
     if all_clusters and name:
         raise UsageError("give a cluster name or --all, not both")
@@ -239,7 +239,7 @@ def down(
             f"down {name} --yes" + (f" --region {region}" if region else "") + (" --any-owner" if any_owner else ""),
             in_sandbox,
         )
-    if not confirm_deletion(what, yes=yes, command="down --all" if all_clusters else "down", again=again):
+    if not _confirm.confirm_deletion(what, yes=yes, command="down --all" if all_clusters else "down", again=again):
         return
     with _progress(not as_json) as progress:
         if all_clusters:
@@ -270,7 +270,6 @@ def down(
 def _what_down_deletes(name: str, region: str | None) -> str:
     """What `down NAME` deletes, as the local record tells (no cloud call before the question)."""
     from gpuflow import clusters
-    from gpuflow.errors import GpuflowError
 
     try:
         cluster = clusters.get_cluster(name)
@@ -303,8 +302,6 @@ def reap(
     """
     from gpuflow import clusters
 
-    from gpuflow.cli._confirm import confirm_deletion, stdin_is_terminal
-
     sandbox = clusters.sandbox_in_effect(sandbox)
     options = {"region": region, "sandbox": sandbox, "any_owner": any_owner, "owner_prefix": owner_prefix,
                "expired_only": expired}
@@ -321,11 +318,11 @@ def reap(
         + (" --expired" if expired else ""),
         sandbox,
     )
-    if not stdin_is_terminal():  # a dry run: it deleted nothing, and says how to delete
+    if not _confirm.stdin_is_terminal():  # a dry run: it deleted nothing, and says how to delete
         typer.echo(f"dry run: run {again} to delete these", err=True)
         return
     listed = [f"the {len(result.items)} item(s) listed above"]
-    if not confirm_deletion(listed, yes=False, command="reap", again=again):
+    if not _confirm.confirm_deletion(listed, yes=False, command="reap", again=again):
         return
     with _progress(True) as progress:
         # Scanned again, with the same scope: only what is still an orphan now is deleted, and listed.

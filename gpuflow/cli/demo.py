@@ -6,7 +6,8 @@ import sys
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli._app import app
+from gpuflow.cli._signals import ended_by_signals
 
 
 @app.command("demo")
@@ -27,9 +28,7 @@ def demo_command(
     def say(message: str) -> None:
         typer.echo(f"gpuflow: {message}", err=True)
 
-    from gpuflow.cli.jobs import _ended_by_signals
-
-    with _ended_by_signals():  # SIGTERM, too, stops the job and tears the sandbox down
+    with ended_by_signals():  # SIGTERM, too, stops the job and tears the sandbox down
         summary = run_demo(out=io.BytesIO() if quiet else sys.stdout.buffer, say=say, epochs=epochs)
     typer.echo("")
     for line in summary.lines():

@@ -6,62 +6,28 @@ stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli._app import app
 from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
+from gpuflow.cli._signals import ended_by_signals
+from gpuflow.cli._table import table_lines
+from gpuflow.config import find_project_root
+from gpuflow.errors import ClusterNotFound, DataError, DetachedByInterrupt, JobFailed, NotFound, Terminated, UsageError
 
 
 def _say(message: str) -> None:
     typer.echo(f"gpuflow: {message}", err=True)
 
 
-@contextlib.contextmanager
-def _ended_by_signals() -> Iterator[list[int]]:
-    """Ctrl-C (SIGINT) and SIGTERM end `run` and `logs -f`, also without a terminal.
-
-    SIGINT raises KeyboardInterrupt even when it was inherited as ignored (a
-    shell starts `gpuflow run … &` that way); SIGTERM raises
-    :class:`~gpuflow.errors.Terminated` (a KeyboardInterrupt), so a terminated
-    gpuflow detaches, stops or tears down exactly as an interrupted one, and
-    then exits 143.  Yields the signals received, newest last.
-    """
-    import signal
-    import threading
-
-    from gpuflow.errors import Terminated, TerminatedError
-
-    received: list[int] = []
-
-    def interrupt(signal_number: int, _frame: Any) -> None:
-        received.append(signal_number)
-        raise Terminated() if signal_number == signal.SIGTERM else KeyboardInterrupt()
-
-    watched = (signal.SIGINT, signal.SIGTERM)
-    installed = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {number: signal.getsignal(number) for number in watched} if installed else {}
-    for number in previous:
-        signal.signal(number, interrupt)
-    try:
-        yield received
-    except Terminated as exc:
-        raise TerminatedError("terminated") from exc
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-
-
 def _ask_stop_or_detach(record: Any) -> Any:
     """Ctrl-C during `run`: ask when a person is there, else detach (SIGTERM: detach, never ask).
     Returns an :class:`~gpuflow.jobs.InterruptChoice`."""
-    from gpuflow.errors import Terminated
     from gpuflow.jobs import InterruptChoice
 
     if isinstance(sys.exc_info()[1], Terminated):  # called while handling the interrupt
@@ -119,7 +85,6 @@ def run_command(
     options given before `--` are refused with the corrected command.
     """
     from gpuflow import jobs
-    from gpuflow.config import find_project_root
 
     job_args: list[str] = ctx.meta.get(JOB_ARGS, [])
     project = (project_dir or find_project_root()).resolve()
@@ -131,13 +96,9 @@ def run_command(
         up_spec = jobs.up_spec_for_run(name, project_dir=project, **options)
         name = up_spec.name
     elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
-        from gpuflow.errors import UsageError
-
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
-    from gpuflow.errors import ClusterNotFound
-
-    with _ended_by_signals() as signals:
+    with ended_by_signals() as signals:
         try:
             outcome = jobs.run_on_cluster(
                 cluster_name,
@@ -167,8 +128,6 @@ def run_command(
         if not detach:  # Ctrl-C (or SIGTERM) answered with "detach"
             import signal
 
-            from gpuflow.errors import DetachedByInterrupt
-
             detached = DetachedByInterrupt(f"detached: run {run_id} keeps running on {cluster_name}", hint=how)
             if signals and signals[-1] == signal.SIGTERM:
                 detached.exit_code = 128 + signal.SIGTERM
@@ -179,8 +138,6 @@ def run_command(
 
 
 def _existing_directory(path: Path, option: str) -> Path:
-    from gpuflow.errors import DataError
-
     from gpuflow.sync import data_name
 
     resolved = path.expanduser().resolve()
@@ -201,8 +158,7 @@ def _split_positionals(
     project or the shipped training package (checked here, before anything is
     synced or launched)."""
     from gpuflow import jobs
-    from gpuflow.errors import NotFound, UsageError
-    from gpuflow.modulecheck import check_module, closest_module, module_exists
+    from gpuflow.jobs.modulecheck import check_module, closest_module, module_exists
 
     if len(positionals) > 2:
         raise UsageError(
@@ -255,11 +211,9 @@ def logs_command(
     """
     from gpuflow import jobs
 
-    with _ended_by_signals():
+    with ended_by_signals():
         exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     if follow and exit_code not in (None, 0):
-        from gpuflow.errors import JobFailed
-
         raise JobFailed(f"run {run_id} ended with exit code {exit_code}", job_exit_code=exit_code)
 
 
@@ -298,13 +252,11 @@ def runs_command(
     if not statuses:
         typer.echo("no runs yet: `gpuflow run MODULE` starts one")
         return
-    from gpuflow.cli._table import table_lines
-
     rows = [
         (
             status.record.run_id,
             status.record.cluster,
-            str(status.status),
+            str(status.status),  # running, succeeded, failed(CODE), ...
             status.record.started_at,
             # as it would be typed: arguments stay distinct
             status.record.module or shlex.join(status.record.command),

@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli._app import app
 from gpuflow.cli._grammar import SshCommand
+from gpuflow.errors import ClusterNotFound, UsageError
 
 
 @app.command("ssh", cls=SshCommand)
@@ -34,7 +35,6 @@ def ssh(
     import sys
 
     from gpuflow import clusters
-    from gpuflow.errors import ClusterNotFound
     from gpuflow.nodes import ssh_invocation
 
     try:
@@ -51,8 +51,6 @@ def ssh(
     try:
         os.execvp(invocation.argv[0], list(invocation.argv))
     except OSError as exc:  # ssh (or bash) is not installed
-        from gpuflow.errors import UsageError
-
         raise UsageError(f"cannot run {invocation.argv[0]}: {exc.strerror}", hint="install the OpenSSH client") from exc
 
 

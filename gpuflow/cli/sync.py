@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli._app import app
 
 
 def _printable(path: str) -> str:

@@ -16,8 +16,8 @@ One module per job:
 
 Every use case takes ``provisioner_factory`` (region, profile, sandbox ->
 :class:`gpuflow.provisioner.Provisioner`) so tests can inject one that never
-sleeps; the default opens the EC2 one (``infra.aws.open_provisioner``, imported
-at that factory so ``gpuflow --help`` stays fast).  On-demand $/h comes from the
+sleeps; the default is the cloud port's (:func:`gpuflow.provisioner.open_provisioner`,
+which imports boto3 only when it opens one, so ``gpuflow --help`` stays fast).  On-demand $/h comes from the
 dated table ``infra/prices.json``; spot from the spot price history.
 """
 

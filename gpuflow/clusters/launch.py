@@ -31,6 +31,8 @@ from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, ClusterSpec, Node
 from gpuflow.state import StateStore, atomic_write_bytes, process_alive
 from infra.dlami import DLAMI_SSH_USER
+from infra.records import LaunchRequest
+from infra.tags import TAG_CLUSTER, TAG_CREATED_AT, TAG_EXPIRES_AT, TAG_LAUNCH, TAG_MANAGED, TAG_OWNER, TAG_OWNER_ID
 from infra.userdata import render_user_data
 
 SANDBOX_SSH_CIDR = "127.0.0.1/32"
@@ -60,16 +62,7 @@ def up(
     already exists, return it unchanged (a second ``up`` never makes a second
     cluster).  On any failure, delete what this call created, then re-raise.
     """
-    from infra.aws.provisioner import (
-        TAG_CLUSTER,
-        TAG_CREATED_AT,
-        TAG_EXPIRES_AT,
-        TAG_LAUNCH,
-        TAG_MANAGED,
-        TAG_OWNER,
-        TAG_OWNER_ID,
-        Ec2Provisioner,
-    )
+    from infra.aws.provisioner import Ec2Provisioner  # boto3: only when a cluster is made
 
     report = progress or (lambda message: None)
     warning = warn or (lambda message: None)
@@ -171,8 +164,6 @@ def up(
         provisioner.authorize_ssh(group_id, ssh_cidr, f"gpuflow {spec.name}: SSH")
 
         # 5. Launch, with zone and market fallbacks.
-        from infra.aws.provisioner import LaunchRequest
-
         request = LaunchRequest(
             cluster_name=spec.name,
             launch_id=launch_id,
@@ -215,7 +206,7 @@ def _check_spot_role(provisioner: Provisioner, warning: Progress) -> None:
     """Spot through the API needs the account's spot service-linked role (AWS
     makes it by itself only for console requests): refuse before creating
     anything when it is missing; go on, saying so, when it cannot be checked."""
-    from infra.aws.provisioner import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE
+    from infra.aws.config import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE  # imports boto3
 
     exists = provisioner.spot_role_exists()
     if exists is False:
@@ -261,8 +252,6 @@ def _claim_name(
     down first (a cluster the dead-man's switch ended); an interrupted ``up``
     must be cleaned with ``down`` first.  A name another gpuflow's live instances
     carry is refused with whose they are."""
-    from infra.aws.provisioner import TAG_LAUNCH
-
     warning = warning or report
     with store.locked():
         document = store.get(cluster.name)
@@ -320,8 +309,6 @@ def _claim_name(
 def _refuse_taken(where: Cluster, live: list[Any]) -> None:
     """Live instances carry ``where.name`` in its place: refuse the name, saying whose they are.
     Another gpuflow's cluster gets no hint towards ``down`` or ``reap``: it is not ours."""
-    from infra.aws.provisioner import TAG_OWNER_ID
-
     me = owner_id()
     name, place = where.name, _place(where)
     others = [view for view in live if view.tags.get(TAG_OWNER_ID) != me]

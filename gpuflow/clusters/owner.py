@@ -17,6 +17,7 @@ from gpuflow.config import gpuflow_home
 from gpuflow.errors import ClusterNotFound, GpuflowError, StateError, UsageError
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.state import StateStore, atomic_write_bytes, validate_name
+from infra.tags import TAG_LAUNCH, TAG_OWNER, TAG_OWNER_ID
 
 def _owner() -> str:
     try:
@@ -72,8 +73,6 @@ def _owned_cluster_resources(
     :func:`owner_id`, or the ``up`` ``launch_id`` its record names — and the rest, another
     gpuflow's, as skipped items.  ``any_owner`` takes everything.  A name alone never says
     whose something is: two people may both call a cluster ``ml``."""
-    from infra.aws.provisioner import TAG_LAUNCH, TAG_OWNER, TAG_OWNER_ID
-
     me = owner_id()
 
     def mine(owner: str | None, launch: str | None) -> bool:
@@ -104,8 +103,6 @@ def _owned_cluster_resources(
 
 def whose(items: Iterable[Any]) -> str:
     """Who created these (ReapItems or InstanceViews): "user@host (owner id X)", for messages."""
-    from infra.aws.provisioner import TAG_OWNER, TAG_OWNER_ID
-
     labels = set()
     for item in items:
         tags = getattr(item, "tags", None)

@@ -23,11 +23,10 @@ from gpuflow.errors import ClusterNotFound, CredentialsError, GpuflowError
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore, process_alive
+from infra.tags import TAG_CREATED_AT, TAG_LAUNCH
 
 def _cluster_views(provisioner: Provisioner, name: str, launch_id: str | None) -> list[Any]:
     """All instances (any state) of cluster ``name``, of its latest ``up`` when known."""
-    from infra.aws.provisioner import TAG_LAUNCH
-
     views = provisioner.find_instances(cluster=name, states=())
     if launch_id:
         views = [view for view in views if view.tags.get(TAG_LAUNCH) == launch_id]
@@ -150,8 +149,6 @@ def list_clusters(
     configured one) and the regions of the local clusters.  Where the sandbox
     is in effect the stray scan is of the sandbox cloud, and AWS clusters known
     here are listed as ``unchecked``, without asking AWS."""
-    from infra.aws.provisioner import TAG_LAUNCH
-
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if _live(doc)}
     scan_region = region or _configured_region()
@@ -195,8 +192,6 @@ def list_clusters(
 
 
 def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any], sandbox: bool = False) -> ClusterStatus:
-    from infra.aws.provisioner import TAG_CREATED_AT
-
     instance_type = views[0].instance_type
     market = "spot" if any(view.lifecycle == "spot" for view in views) else "on-demand"
     price, source = _price_per_instance(provisioner, instance_type, market, views[0].availability_zone)

@@ -15,13 +15,11 @@ from gpuflow.config import load_project_config
 from gpuflow.errors import UsageError
 from gpuflow.hints import command_hint  # noqa: F401 - the use cases' hints come from here
 from gpuflow.nodes import CloudProbe, ProvisionerProbe
-from gpuflow.provisioner import Provisioner, ProvisionerFactory
+from gpuflow.provisioner import Provisioner, ProvisionerFactory, open_provisioner
 from gpuflow.records import Cluster
 
 
 def _default_provisioner(region: str, *, profile: str | None = None, sandbox: bool = False) -> Provisioner:
-    from infra.aws import open_provisioner
-
     return open_provisioner(region, profile=profile, sandbox=sandbox)
 
 

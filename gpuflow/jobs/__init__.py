@@ -29,6 +29,7 @@ Modules, each owning one thing (imports go down this list only):
   the Ctrl-C choice, the run record and its store, targets and outcomes.
 * :mod:`~gpuflow.jobs.scripts` — every script run on the instance, and the one quoting path.
 * :mod:`~gpuflow.jobs.environment` — the job's interpreter, virtualenv and argv.
+* :mod:`~gpuflow.jobs.modulecheck` — whether ``run MODULE`` names a module that will run, checked locally.
 * :mod:`~gpuflow.jobs.manifest` — the run manifest.
 * :mod:`~gpuflow.jobs.rundir` — a run directory read and acted on (exit code, liveness, stop).
 * :mod:`~gpuflow.jobs.start` — starting a run detached.

@@ -12,6 +12,7 @@ from pathlib import Path
 from gpuflow.config import _read_toml, load_project_config
 from gpuflow.errors import NotFound, RemoteCommandFailed, UsageError
 from gpuflow.jobs import scripts
+from gpuflow.jobs.modulecheck import require_module_name
 from gpuflow.jobs.records import TRAINING_PACKAGE, Say, quiet
 from gpuflow.transport.base import CommandRunner
 
@@ -47,8 +48,7 @@ def build_job_argv(
     """
     args = [str(arg) for arg in args]
     if module is not None:
-        if not module.replace(".", "").replace("_", "").isalnum() or module.startswith("."):
-            raise UsageError(f"{module!r} is not a Python module name", hint="e.g. training.cifar10_cnn")
+        require_module_name(module)
         argv = [python, "-m", module, *args]
         if is_training_module(module):
             for option, value in (("--output", output_dir), ("--data-dir", data_dir)):

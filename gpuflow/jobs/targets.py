@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpuflow import clusters, remote, sync
+from gpuflow import clusters, nodes, sync
 from gpuflow.errors import NotFound, UsageError
 from gpuflow.jobs.records import RunTarget
 from gpuflow.state import validate_name
@@ -30,11 +30,11 @@ def target_for_cluster(cluster_name: str) -> RunTarget:
             # A sandbox instance's disk is its directory, deleted when it is terminated
             # (down, reap); asking the sandbox's EC2 could start a server that the last
             # `down` already stopped.
-            return remote.sandbox_directory(cluster).is_dir()
-        return remote.instance_alive_hook(cluster, cluster.head.instance_id)()
+            return nodes.sandbox_directory(cluster).is_dir()
+        return nodes.instance_alive_hook(cluster, cluster.head.instance_id)()
 
     return RunTarget(
-        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
+        cluster=cluster, connect=lambda: nodes.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
         instance_alive=instance_alive,
     )
 

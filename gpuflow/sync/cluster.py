@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpuflow import remote
-from gpuflow.clusters import resolve_cluster_name
+from gpuflow import nodes
+from gpuflow.clusters import get_cluster, resolve_cluster_name
 from gpuflow.config import load_project_config
 from gpuflow.errors import ConfigError
 from gpuflow.records import Cluster
@@ -28,23 +28,23 @@ def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
       ``$HOME/gpuflow``, the SSH runner's base directory.
 
     Host keys are pinned before the system ``ssh`` runs (from the console
-    output, by :func:`gpuflow.remote.ensure_host_keys`); when the console
+    output, by :func:`gpuflow.nodes.ensure_host_keys`); when the console
     printed only fingerprints, one connection through the SSH runner, which
     accepts exactly a key with such a fingerprint, pins the key first.
     """
     node = cluster.head
     if cluster.sandbox:
-        runner = remote.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
+        runner = nodes.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
         try:
             if isinstance(runner, LocalRunner):
                 return LocalDestination(Path(runner.base_dir) / subdirectory)
         finally:
             runner.close()
-        directory = remote.sandbox_directory(cluster, node)
-        return SSHDestination(remote.ssh_target_for(cluster, node), f"{directory}/{subdirectory}")
-    target = remote.ssh_target_for(cluster, node)
-    if remote.ensure_host_keys(cluster, node, target):
-        runner = remote.runner_for(cluster, node)
+        directory = nodes.sandbox_directory(cluster, node)
+        return SSHDestination(nodes.ssh_target_for(cluster, node), f"{directory}/{subdirectory}")
+    target = nodes.ssh_target_for(cluster, node)
+    if nodes.ensure_host_keys(cluster, node, target):
+        runner = nodes.runner_for(cluster, node)
         try:
             runner.run(["true"])
         finally:
@@ -90,7 +90,7 @@ def sync_cluster(
         raise ConfigError(f"{config.source}: sync_warn_gb / sync_warn_files must be numbers") from exc
     if cluster_name is None:
         cluster_name = resolve_cluster_name(None, project_dir=config.root)
-    cluster = remote.load_cluster(cluster_name)
+    cluster = get_cluster(cluster_name)
     if data_dir is not None:
         return sync_data(cluster, Path(data_dir), **options)
     return sync_project(cluster, config.root, **options)

@@ -21,7 +21,7 @@ Security:
 Robustness: TCP keepalives at the SSH level (``transport.set_keepalive``); every
 operation reconnects with exponential backoff when the connection fails, and
 between attempts asks an optional ``instance_alive`` hook (wired to EC2 by
-:func:`gpuflow.remote.runner_for`) so that a stopped or terminated instance
+:func:`gpuflow.nodes.runner_for`) so that a stopped or terminated instance
 ends in :class:`InstanceGone` at once instead of after every retry.  File
 operations are repeated after a drop (they are idempotent: uploads go to a
 temporary name and are renamed); a command is repeated only when the drop

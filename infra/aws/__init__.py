@@ -50,15 +50,8 @@ def open_provisioner(
     :class:`~infra.sandbox.provisioner.SandboxProvisioner`, which discards each
     instance it terminates with ``discard_instance``."""
     if sandbox and discard_instance is None:
-        # SHIM: removed after the restructure merge -- callers that do not say what only gpuflow
-        # knows (gpuflow.clusters' default factory, test helpers) go through gpuflow's cloud port,
-        # which calls back here with both.
-        from gpuflow.provisioner import open_provisioner as open_through_port
-
-        return open_through_port(
-            region, profile=profile, sandbox=True, home=home, endpoint_url=endpoint_url, sleep=sleep,
-            poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
-        )
+        raise TypeError("open_provisioner(sandbox=True) needs discard_instance (what ends a sandbox instance's "
+                        "processes and directory): gpuflow.provisioner.open_provisioner passes it")
     import time
 
     from infra.aws.client import AwsApi, AwsTarget

@@ -19,29 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from infra.aws.client import AwsApi
-from infra.aws.config import CREATE_SPOT_ROLE_COMMAND, SPOT_SERVICE_LINKED_ROLE, AccountSetup
+from infra.aws.config import AccountSetup
 from infra.aws.image import Images
-from infra.aws.instance import GONE_STATES, LIVE_STATES, Instances, ProgressCallback, client_token
-from infra.records import (
-    ImageInfo,
-    InstanceTypeInfo,
-    InstanceView,
-    LaunchRequest,
-    LaunchResult,
-    ManagedResource,
-    managed_resource,
-)
-from infra.tags import (
-    TAG_CLUSTER,
-    TAG_CREATED_AT,
-    TAG_EXPIRES_AT,
-    TAG_LAUNCH,
-    TAG_MANAGED,
-    TAG_OWNER,
-    TAG_OWNER_ID,
-    tag_dict,
-    tag_list,
-)
+from infra.aws.instance import Instances
+from infra.records import ManagedResource, managed_resource
+from infra.tags import TAG_MANAGED, tag_dict
 
 
 class Ec2Provisioner(AccountSetup, Images, Instances):
@@ -90,28 +72,4 @@ class Ec2Provisioner(AccountSetup, Images, Instances):
         return resources
 
 
-# The records and tag names used to live here: importable from here until the restructure merges.
-__all__ = [
-    "CREATE_SPOT_ROLE_COMMAND",
-    "GONE_STATES",
-    "LIVE_STATES",
-    "SPOT_SERVICE_LINKED_ROLE",
-    "Ec2Provisioner",
-    "ImageInfo",
-    "InstanceTypeInfo",
-    "InstanceView",
-    "LaunchRequest",
-    "LaunchResult",
-    "ManagedResource",
-    "ProgressCallback",
-    "TAG_CLUSTER",
-    "TAG_CREATED_AT",
-    "TAG_EXPIRES_AT",
-    "TAG_LAUNCH",
-    "TAG_MANAGED",
-    "TAG_OWNER",
-    "TAG_OWNER_ID",
-    "client_token",
-    "tag_dict",
-    "tag_list",
-]
+__all__ = ["Ec2Provisioner"]

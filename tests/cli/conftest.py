@@ -14,10 +14,8 @@ from gpuflow import clusters
 
 
 def cli(argv: list[str]) -> int:
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 
@@ -52,7 +50,7 @@ def sandbox_clusters(project: Path, *names: str) -> Iterator[None]:
 
 
 class RunSpy:
-    """Stands in for runs.run_on_cluster: records what the CLI asked to run, runs nothing
+    """Stands in for gpuflow.jobs.run_on_cluster: records what the CLI asked to run, runs nothing
     (``detached``: answers as a run that Ctrl-C detached from)."""
 
     def __init__(self) -> None:
@@ -74,5 +72,5 @@ def run_spy(monkeypatch) -> RunSpy:
     from gpuflow import jobs
 
     spy = RunSpy()
-    monkeypatch.setattr(jobs, "run_on_cluster", spy)
+    monkeypatch.setattr(jobs, "run_on_cluster", spy)  # the CLI calls jobs.run_on_cluster
     return spy

@@ -8,13 +8,12 @@ import re
 import pytest
 import typer
 
-from gpuflow.cli import _register_commands, app
+from gpuflow.cli import app
 from gpuflow.cli._help import plain_command
 from tests.cli.conftest import cli
 
 
 def _command_paths() -> list[tuple[str, ...]]:
-    _register_commands()
     root = plain_command(typer.main.get_command(app))
     paths: list[tuple[str, ...]] = [()]
 

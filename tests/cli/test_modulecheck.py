@@ -1,4 +1,4 @@
-"""gpuflow/modulecheck.py: where `python -m MODULE` will find MODULE on the instance, decided locally."""
+"""gpuflow/jobs/modulecheck.py: where `python -m MODULE` will find MODULE on the instance, decided locally."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpuflow.errors import NotFound, UsageError
-from gpuflow.modulecheck import check_module, module_exists, shipped_root
+from gpuflow.jobs.modulecheck import check_module, module_exists, shipped_root
 
 
 def _files(root: Path, *paths: str) -> Path:

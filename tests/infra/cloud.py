@@ -20,6 +20,7 @@ import botocore.client
 import botocore.exceptions
 import pytest
 
+from gpuflow.provisioner import open_provisioner
 from gpuflow.records import ClusterSpec
 
 REGION = "us-east-1"
@@ -86,8 +87,6 @@ class FastProvisioners:
     timeout_seconds: float = 5.0
 
     def __call__(self, region: str, *, profile: str | None = None, sandbox: bool = False) -> Any:
-        from infra.aws import open_provisioner
-
         return open_provisioner(
             region,
             profile=profile,

@@ -436,7 +436,7 @@ class SoakWorld:
         from unittest import mock
 
         from gpuflow import clusters
-        from infra.aws import open_provisioner
+        from gpuflow.provisioner import open_provisioner
 
         def factory(scan_region: str, *, profile: str | None = None, sandbox: bool = False) -> Any:
             return open_provisioner(scan_region, sandbox=True, endpoint_url=endpoint, poll_seconds=0.05, timeout_seconds=30)

@@ -13,7 +13,8 @@ import botocore.exceptions
 import pytest
 
 from gpuflow.errors import CapacityError, CloudError, CredentialsError
-from infra.aws import caller_ip, open_provisioner
+from gpuflow.provisioner import open_provisioner
+from infra.aws import caller_ip
 from infra.aws.client import (
     RetryPolicy,
     in_process_mock_active,

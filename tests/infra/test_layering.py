@@ -5,11 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-INFRA = Path(__file__).resolve().parents[2] / "infra"
+import pytest
 
-# SHIM: removed after the restructure merge -- infra.aws.open_provisioner sends callers that do
-# not pass what only gpuflow knows (gpuflow.clusters' default factory) through gpuflow's cloud port.
-ALLOWED = {("infra/aws/__init__.py", "gpuflow.provisioner")}
+INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
 def _imports(path: Path) -> set[str]:
@@ -29,7 +27,16 @@ def test_infra_imports_nothing_from_gpuflow():
         for name in _imports(path)
         if name == "gpuflow" or name.startswith("gpuflow.")
     }
-    assert found <= ALLOWED, f"infra imports gpuflow: {sorted(found - ALLOWED)}"
+    assert not found, f"infra imports gpuflow: {sorted(found)}"
+
+
+def test_a_sandbox_provisioner_is_opened_only_with_what_discards_its_instances():
+    """infra cannot ask gpuflow how a sandbox instance is discarded: the caller says (gpuflow's
+    cloud port does), or gets a TypeError -- never a sandbox whose `terminate` leaves jobs running."""
+    from infra.aws import open_provisioner
+
+    with pytest.raises(TypeError, match="discard_instance"):
+        open_provisioner("us-east-1", sandbox=True, endpoint_url="http://127.0.0.1:9")
 
 
 def test_each_infra_module_says_what_it_owns_and_stays_readable():

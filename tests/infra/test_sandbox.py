@@ -583,7 +583,7 @@ def test_terminating_a_sandbox_instance_ends_its_processes_and_directory(gpuflow
     instance what EC2 does to a real one — also for an instance the fake cloud no
     longer knows (its server restarted), whose directory is found by its id — and
     spares a process that is not the instance's."""
-    from infra.aws import open_provisioner
+    from gpuflow.provisioner import open_provisioner
     from infra.sandbox.provisioner import SandboxProvisioner
 
     started: list[subprocess.Popen] = []
@@ -626,7 +626,7 @@ def test_a_sandbox_instance_dies_with_its_jobs_even_if_gpuflow_dies_mid_terminat
     """gpuflow killed between the two halves of a sandbox terminate (SIGKILL of `down`)
     must not leave a job running on an instance the fake cloud is told is terminated:
     the jobs and the directory go first, then the instance is terminated."""
-    from infra.aws import open_provisioner
+    from gpuflow.provisioner import open_provisioner
     from infra.aws.provisioner import Ec2Provisioner
 
     started: list[subprocess.Popen] = []

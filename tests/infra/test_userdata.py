@@ -121,12 +121,12 @@ def test_the_installed_switch_is_the_asset_without_comments(tmp_path):
 
 def test_gpuflow_reads_the_paths_the_switch_writes():
     """The script's defaults are the paths user-data and `gpuflow status` use."""
-    from gpuflow import switch_status
+    from gpuflow.clusters import switch
 
     script = deadman_script()
     assert f'status_file="${{GPUFLOW_DEADMAN_STATUS_FILE:-{DEADMAN_STATUS_PATH}}}"' in script
     assert f'deadline_file="${{GPUFLOW_DEADMAN_DEADLINE_FILE:-{DEADMAN_DEADLINE_PATH}}}"' in script
-    assert switch_status.INSTANCE_STATUS_PATH == DEADMAN_STATUS_PATH
+    assert switch.INSTANCE_STATUS_PATH == DEADMAN_STATUS_PATH
 
 
 def test_no_credentials_in_user_data(monkeypatch):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from gpuflow import remote
+from gpuflow import nodes, ssh_config
 from gpuflow.config import gpuflow_home
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore
@@ -49,7 +49,7 @@ def cluster(sshd_session, tmp_path) -> Cluster:
         ssh_user="ubuntu", ssh_port=sshd_session.port,
     )
     StateStore(gpuflow_home(), "clusters").put(record.name, record.to_dict())
-    hostkeys.pin_host_keys(remote.known_hosts_path(record.name), "127.0.0.1", sshd_session.port,
+    hostkeys.pin_host_keys(nodes.known_hosts_path(record.name), "127.0.0.1", sshd_session.port,
                            [hostkeys.parse_public_key(sshd_session.host_public_key)])
     return record
 
@@ -59,7 +59,7 @@ def test_sync_and_gpuflow_ssh_use_the_same_options_for_a_cluster(cluster):
     assert isinstance(destination, SSHDestination)
     sync_settings = _resolved([*ssh_argv(destination.target), destination.target.host])
 
-    invocation = remote.ssh_invocation(cluster, ["true"])
+    invocation = nodes.ssh_invocation(cluster, ["true"])
     argv = list(invocation.argv)
     separator = argv.index("--")
     ssh_settings = _resolved([*argv[:separator], argv[separator + 1]])
@@ -68,14 +68,14 @@ def test_sync_and_gpuflow_ssh_use_the_same_options_for_a_cluster(cluster):
     assert sync_settings["connecttimeout"] == ["15"]
     assert sync_settings["stricthostkeychecking"] == ["true"]
     assert sync_settings["batchmode"] == ["yes"]
-    assert sync_settings["userknownhostsfile"] == [str(remote.known_hosts_path("web"))]
+    assert sync_settings["userknownhostsfile"] == [str(nodes.known_hosts_path("web"))]
     assert sync_settings["identityfile"] == [cluster.key_path]
 
 
 def test_ssh_config_pins_and_times_out_as_gpuflow_ssh_does(cluster):
-    report = remote.write_ssh_config([cluster])
+    report = ssh_config.write_ssh_config([cluster])
     config_settings = _resolved(["ssh", "-F", str(report.path), "web"])
-    invocation = remote.ssh_invocation(cluster, ["true"])
+    invocation = nodes.ssh_invocation(cluster, ["true"])
     argv = list(invocation.argv)
     separator = argv.index("--")
     ssh_settings = _resolved([*argv[:separator], argv[separator + 1]])

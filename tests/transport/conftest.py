@@ -25,28 +25,3 @@ def pinned_known_hosts(tmp_path, sshd_session) -> Path:
     path = tmp_path / "known_hosts"
     path.write_text(sshd_session.known_hosts_line() + "\n")
     return path
-
-
-class FakeCloud:
-    """A :class:`gpuflow.nodes.CloudProbe` standing in for the cloud: what EC2 would
-    say about an instance (its console, its state), and how often it was asked."""
-
-    def __init__(self) -> None:
-        self.console = ""
-        self.state = "running"
-        self.state_calls = 0
-        self.console_calls = 0
-
-    def console_output(self, cluster, instance_id) -> str:
-        self.console_calls += 1
-        return self.console
-
-    def instance_state(self, cluster, instance_id) -> str:
-        self.state_calls += 1
-        return self.state
-
-
-@pytest.fixture
-def fake_cloud() -> FakeCloud:
-    """A probe to hand to gpuflow.nodes (``probe=fake_cloud``)."""
-    return FakeCloud()

@@ -29,7 +29,7 @@ import pytest
 from gpuflow import jobs, procs
 from gpuflow.errors import JobFailed, RunLost, UnsafePath
 from gpuflow.transport.ssh import Backoff, SSHRunner
-from tests.runs.conftest import job_args
+from tests.jobs.conftest import job_args
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh

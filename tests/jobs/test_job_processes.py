@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gpuflow import jobs, procs, remote
+from gpuflow import jobs, nodes, procs
 from gpuflow.records import Node, SSHTarget
 from gpuflow.jobs import RunTarget
-from tests.runs.conftest import _push_project, fake_cluster, job_args
+from tests.jobs.conftest import _push_project, fake_cluster, job_args
 from tests.sshd import SshServer, sshd_available
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def test_a_record_proves_only_the_process_it_was_taken_from(stranger, tmp_path):
 def test_terminating_a_sandbox_instance_spares_a_process_that_reused_a_recorded_pid(stranger, gpuflow_home):
     """A finished run's pid files name a pid that an unrelated process holds now."""
     cluster, node = fake_cluster("c1"), Node("i-0abc", "running")
-    run_dir = remote.sandbox_directory(cluster, node) / "runs" / "20260101-000000-abcd"
+    run_dir = nodes.sandbox_directory(cluster, node) / "runs" / "20260101-000000-abcd"
     run_dir.mkdir(parents=True)
     identity = procs.identity(stranger.pid)
     for name in ("job", "supervisor"):
@@ -107,11 +107,11 @@ def test_terminating_a_sandbox_instance_spares_a_process_that_reused_a_recorded_
         (run_dir / f"{name}.proc").write_text(f"{stranger.pid} {_with_other_start_time(identity)}\n")
     (run_dir / "exit_code").write_text("0\n")
 
-    remote.discard_sandbox_node(cluster, node)
+    nodes.discard_sandbox_node(cluster, node)
 
     time.sleep(0.2)
     assert _alive(stranger)
-    assert not remote.sandbox_directory(cluster, node).exists()
+    assert not nodes.sandbox_directory(cluster, node).exists()
 
 
 def test_stop_and_status_spare_a_process_that_reused_the_jobs_pid(local_target, project, stranger):
@@ -133,18 +133,18 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
     """
     import io, json, os, subprocess, sys, time
     from pathlib import Path
-    from gpuflow import jobs, remote
+    from gpuflow import jobs, nodes
     from gpuflow.records import Node
     from gpuflow.jobs import RunTarget
     from gpuflow.transport.local import LocalRunner
-    from tests.runs.conftest import fake_cluster
+    from tests.jobs.conftest import fake_cluster
 
     if not os.path.exists("/proc/sys/kernel/ns_last_pid"):
         sys.exit(77)
     home = Path(os.environ["GPUFLOW_HOME"])
     project = Path(sys.argv[1])
     cluster, node = fake_cluster("reuse"), Node("i-0123456789abcdef0", "running")
-    base = remote.sandbox_directory(cluster, node)
+    base = nodes.sandbox_directory(cluster, node)
     target = RunTarget(cluster=cluster, connect=lambda: LocalRunner(base))
     outcome = jobs.run(target, project_dir=project, module=None, args=["sleep", "0.2"], out=io.BytesIO(),
                        detach=True, heartbeat_seconds=0.2)
@@ -186,7 +186,7 @@ _PID_REUSE_SCRIPT = textwrap.dedent(
     result["status_alive"] = status[str(run_dir)]["alive"]
     result["stop"] = jobs.stop_job(runner, str(run_dir), grace_seconds=1)
     result["after_stop"] = [process.poll() is None for process in strangers]
-    remote.discard_sandbox_node(cluster, node)
+    nodes.discard_sandbox_node(cluster, node)
     time.sleep(0.2)
     result["after_discard"] = [process.poll() is None for process in strangers]
     result["directory_left"] = base.exists()

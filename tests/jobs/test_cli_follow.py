@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs.conftest import job_args
+from tests.jobs.conftest import job_args
 
 pytestmark = pytest.mark.slow
 

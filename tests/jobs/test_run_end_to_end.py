@@ -16,7 +16,7 @@ import pytest
 
 from gpuflow import jobs
 from gpuflow.errors import JobFailed
-from tests.runs.conftest import job_args
+from tests.jobs.conftest import job_args
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh
@@ -341,7 +341,7 @@ def test_training_modules_get_the_run_outputs_dir_unless_given(module, args, exp
     assert argv[:3] == ["py", "-m", module] and argv[3:] == expected_tail
 
 
-@pytest.mark.parametrize("module", ["os; rm -rf /", "-m", ".relative", "a b"])
+@pytest.mark.parametrize("module", ["os; rm -rf /", "-m", ".relative", "a b", "a..b", "9lives.train"])
 def test_module_names_are_checked(module):
     from gpuflow.errors import UsageError
 

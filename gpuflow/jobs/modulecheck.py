@@ -33,6 +33,15 @@ def is_module_name(module: str) -> bool:
     return bool(module) and all(part.isidentifier() for part in module.split("."))
 
 
+def require_module_name(module: str) -> None:
+    """Raise a one-line error unless ``module`` is a dotted Python module name (``python -m`` takes nothing else)."""
+    if not is_module_name(module):
+        raise UsageError(
+            f"{module!r} is not a Python module name",
+            hint="e.g. training.cifar10_cnn; a command goes after `--`: gpuflow run [NAME] -- python train.py",
+        )
+
+
 def shipped_root() -> Path | None:
     """The directory that holds the installed ``training`` package (found without importing it)."""
     try:
@@ -47,7 +56,7 @@ def shipped_root() -> Path | None:
 def _root_for(top: str, project_dir: Path, shipped: Path | None) -> Path | None:
     """Where ``python -m top.…`` finds ``top`` on the instance."""
     if top == SHIPPED_PACKAGE:
-        # runs.py ships the installed package unless the project has a regular package of that name.
+        # gpuflow.jobs.environment ships the installed package unless the project has a regular package of that name.
         return project_dir if (project_dir / top / "__init__.py").is_file() else shipped
     if (project_dir / f"{top}.py").is_file() or (project_dir / top).is_dir():
         return project_dir
@@ -109,11 +118,7 @@ def check_module(module: str, project_dir: Path, *, also_not: str = "", shipped:
     """Raise a one-line error when ``module`` is no runnable module of the project or the shipped package.
 
     ``also_not`` adds what else the word was tried as (``"a known cluster"``)."""
-    if not is_module_name(module):
-        raise UsageError(
-            f"{module!r} is not a Python module name",
-            hint="e.g. training.cifar10_cnn; a command goes after `--`: gpuflow run [NAME] -- python train.py",
-        )
+    require_module_name(module)
     shipped = shipped if shipped is not None else shipped_root()
     if module_exists(module, project_dir, shipped=shipped):
         return

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from gpuflow import clusters, runs
+from gpuflow import clusters, jobs
 from gpuflow.cli import main
 from gpuflow.errors import ClusterNotFound, UsageError
 from gpuflow.state import StateStore
@@ -207,7 +207,7 @@ def test_run_up_down_never_tears_down_another_owners_cluster(cloud, alice_and_bo
     alice, _ = alice_and_bob
     said: list[str] = []
     with pytest.raises(UsageError) as refused:
-        runs.run_on_cluster(
+        jobs.run_on_cluster(
             "ml", project_dir=tmp_path, module=None, args=["true"], out=io.BytesIO(),
             up_spec=make_spec("ml"), down=True, say=said.append,
         )

@@ -26,10 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def cli(argv: list[str]) -> int:
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 
@@ -160,15 +158,15 @@ def test_sandbox_cluster_through_real_ssh_sync_run_pull(project, monkeypatch, ca
     with in_process_sandbox():
         cluster = clusters.up(clusters.resolve_spec("sshbox", {"sandbox": True}, project_dir=project))
         try:
-            from gpuflow import remote
+            from gpuflow import nodes
 
-            runner = remote.runner_for(cluster)
+            runner = nodes.runner_for(cluster)
             assert type(runner).__name__ == "SSHRunner"
             runner.close()
             code = cli(["run", "sshbox", "--", "python", "job.py", "30", "0.02", "3", "a b", "$HOME"])
             captured = capfd.readouterr()
             assert code == 3, captured.err
-            synced = Path(remote.sandbox_directory(cluster)) / "project" / "data dir" / "naïve 'quoted' file.txt"
+            synced = Path(nodes.sandbox_directory(cluster)) / "project" / "data dir" / "naïve 'quoted' file.txt"
             assert synced.read_text() == "payload"
         finally:
             clusters.down("sshbox")

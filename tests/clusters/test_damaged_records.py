@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from gpuflow import clusters, runs, state
+from gpuflow import clusters, jobs, state
 from gpuflow.cli import main
 from gpuflow.errors import DamagedRecord
 from gpuflow.state import StateStore
@@ -172,11 +172,11 @@ def test_the_store_reports_damage_by_path_and_keeps_sound_records(gpuflow_home):
 
 
 def test_a_damaged_run_record_affects_only_its_own_run(gpuflow_home, capsys):
-    sound = runs.RunRecord(
+    sound = jobs.RunRecord(
         run_id="20261130-100000-aaaa", cluster="gone", base_dir="/b", remote_dir="/b/runs/x", command=("python", "t.py"),
         project_dir="/p", local_dir="/p/runs/x", started_at="2026-11-30T10:00:00Z", status="succeeded", exit_code=0,
     )
-    runs.save_record(sound)
+    jobs.save_record(sound)
     directory = gpuflow_home / "state" / "runs"
     damaged = {
         "20261130-100001-bbbb": "{}",
@@ -186,7 +186,7 @@ def test_a_damaged_run_record_affects_only_its_own_run(gpuflow_home, capsys):
     }
     for run_id, text in damaged.items():
         (directory / f"{run_id}.json").write_text(text)
-    assert runs.all_records() == [sound]
+    assert jobs.all_records() == [sound]
     err = capsys.readouterr().err
     assert all(f"{run_id}.json" in err for run_id in damaged) and len(err.strip().splitlines()) == len(damaged)
     code, out, err = _run(["runs", "--json"], capsys)

@@ -11,7 +11,7 @@ import pytest
 from gpuflow import jobs
 from gpuflow.errors import UnsafePath
 from gpuflow.transport.local import LocalRunner
-from tests.runs.conftest import job_args
+from tests.jobs.conftest import job_args
 
 pytestmark = pytest.mark.ssh
 

@@ -15,7 +15,7 @@ from gpuflow import clusters
 from gpuflow.cli import main
 from gpuflow.errors import ClusterNotFound, StateError, UsageError
 from gpuflow.state import StateStore
-from infra.aws.provisioner import client_token
+from infra.aws.instance import client_token
 from infra.sandbox import seed_deep_learning_ami
 from infra.userdata import USER_DATA_MARKER
 from tests.infra.cloud import (
@@ -372,7 +372,7 @@ def test_down_after_down_cleans_what_reappeared_under_the_name(cloud, provisione
     first = clusters.up(make_spec("again"), provisioner_factory=provisioners)
     clusters.down("again", provisioner_factory=provisioners)
     # this gpuflow (another laptop with the same owner id) launched a cluster of that name meanwhile;
-    # another owner's is left alone (tests/infra/test_clusters_ownership.py)
+    # another owner's is left alone (tests/clusters/test_ownership.py)
     stray = cloud.run_instances(
         ImageId=first.ami, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [
