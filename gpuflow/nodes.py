@@ -50,7 +50,7 @@ from gpuflow.transport import hostkeys, openssh
 from gpuflow.transport.base import CommandRunner, quote_argv
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.openssh import SERVER_ALIVE_COUNT, SERVER_ALIVE_INTERVAL
-from gpuflow.transport.ssh import SSHRunner
+from gpuflow.transport.ssh import SSHRunner, check_key_permissions
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
 _ALIVE_STATES = ("pending", "running")
@@ -430,6 +430,8 @@ def ssh_invocation(
         return Invocation(tuple(argv), str(directory))
     remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
     target = _target(cluster, node, access, trust_on_first_use)
+    if target.key_path:
+        check_key_permissions(target.key_path)  # OpenSSH would ignore the key: say how to fix it, before ssh runs
     if access.reach is Reach.LOOPBACK_SSH:
         assert access.sandbox_ssh is not None
         _pin_sandbox_host_key(target, access.sandbox_ssh)

@@ -14,6 +14,7 @@ from gpuflow.config import load_project_config
 from gpuflow.errors import ConfigError, UsageError
 from gpuflow.records import ClusterSpec
 from gpuflow.state import validate_name
+from gpuflow.transport.ssh import check_key_permissions
 from infra.userdata import validate_idle_minutes, validate_max_hours
 
 DEFAULT_REGION = "us-east-1"
@@ -106,6 +107,8 @@ def validate_spec(spec: ClusterSpec) -> ClusterSpec:
         raise UsageError("--key-path needs --key-name (the EC2 key pair it belongs to)")
     if spec.key_path and not Path(spec.key_path).expanduser().is_file():
         raise UsageError(f"key file {spec.key_path!r} does not exist")
+    if spec.key_path:
+        check_key_permissions(spec.key_path)  # before anything is launched: OpenSSH would refuse it afterwards
     if spec.ssh_cidr is None:
         return spec
     return replace(spec, ssh_cidr=normalise_cidr(spec.ssh_cidr, allow_anywhere=spec.allow_ssh_from_anywhere))

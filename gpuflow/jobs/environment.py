@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpuflow.config import _read_toml, load_project_config
+from gpuflow.config import _read_toml, load_project_config, read_user_text
 from gpuflow.errors import NotFound, RemoteCommandFailed, UsageError
 from gpuflow.jobs import scripts
 from gpuflow.jobs.records import TRAINING_PACKAGE, Say, quiet
@@ -73,7 +73,7 @@ def requirements_of(project_dir: Path) -> str | None:
     """
     requirements = project_dir / "requirements.txt"
     if requirements.is_file():
-        text = requirements.read_text()
+        text = read_user_text(requirements)
         meaningful = [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
         return text if meaningful else None
     pyproject = project_dir / "pyproject.toml"
