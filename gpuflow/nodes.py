@@ -29,21 +29,18 @@ paramiko or boto3 at module level.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import ipaddress
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpuflow import procs
 from gpuflow.config import gpuflow_home, load_project_config
 from gpuflow.errors import ConfigError, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
-from gpuflow.provisioner import Provisioner, ProvisionerFactory
+from gpuflow.provisioner import Provisioner, ProvisionerFactory, discard_sandbox_instance
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import validate_name
 from gpuflow.transport import hostkeys, openssh
@@ -75,25 +72,6 @@ def sandbox_directory(cluster: Cluster, node: Node | None = None) -> Path:
 def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
     """What EC2 termination does to a real instance, done to a sandbox one."""
     discard_sandbox_instance(cluster.name, node.instance_id)
-
-
-def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
-    """What EC2 termination does to a real instance, done to a sandbox one:
-    every job and supervisor running "on" it is killed (their process groups,
-    and on Linux every process carrying a run's marker, as a power-off would)
-    and its "disk" — the sandbox directory — is deleted.  Only processes proven
-    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
-    pid file naming a process that merely reused the pid kills nothing.  The
-    sandbox provisioner calls this for every instance it terminates."""
-    directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
-        instance_id, "instance id"
-    )
-    if not directory.is_dir():
-        return
-    procs.terminate_base(str(directory))
-    shutil.rmtree(directory, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        directory.parent.rmdir()  # the cluster's directory, once its last node is gone
 
 
 # ---------------------------------------------------------------------- the sandbox's loopback sshd

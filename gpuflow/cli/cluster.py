@@ -125,7 +125,7 @@ def up(
 
 def _print_statuses(statuses: list[Any]) -> None:
     from gpuflow.cli._table import table_lines
-    from gpuflow.clusters import command_hint
+    from gpuflow.clusters import ClusterState, command_hint
 
     if not statuses:
         typer.echo("no clusters")
@@ -134,7 +134,7 @@ def _print_statuses(statuses: list[Any]) -> None:
     rows = [
         (
             item.cluster.name,
-            item.state,
+            str(item.state),
             item.cluster.instance_type,
             str(len(item.cluster.nodes)),
             item.cluster.region + (" (sandbox)" if item.cluster.sandbox else ""),
@@ -147,13 +147,13 @@ def _print_statuses(statuses: list[Any]) -> None:
     ]
     for line in table_lines(header, rows):
         typer.echo(line)
-    for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state == "unmanaged"}):
+    for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state is ClusterState.UNMANAGED}):
         typer.echo(
             f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
             f"{command_hint('reap', sandbox)} removes those this gpuflow created (--any-owner: anyone's)",
             err=True,
         )
-    if any(item.state == "unchecked" for item in statuses):
+    if any(item.state is ClusterState.UNCHECKED for item in statuses):
         typer.echo(
             "unchecked: AWS clusters known here, not asked (the sandbox is in effect); `gpuflow ls --no-sandbox` asks AWS",
             err=True,

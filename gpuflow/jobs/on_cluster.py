@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from gpuflow import clusters
 from gpuflow.errors import GpuflowError, NotFound, UsageError
 from gpuflow.jobs.foreground import run
-from gpuflow.jobs.records import InterruptChoice, RunOutcome, RunRecord, RunTarget, Say, quiet
+from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
 
@@ -120,7 +120,7 @@ def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> No
         runner = target.connect()
         try:
             for run_dir, report in run_status(runner, "--all", runner.base_dir).items():
-                if report.get("job") == "alive" and report.get("exit_code") is None:
+                if report.get("job") == ProcessLiveness.ALIVE.value and report.get("exit_code") is None:
                     say(f"stopping the job still running in {run_dir}")
                     stop_job(runner, run_dir, grace_seconds=grace_seconds)
         finally:
