@@ -288,6 +288,17 @@ def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | 
     return alive
 
 
+def node_alive(cluster: Cluster, node: Node | None = None, probe: CloudProbe | None = None) -> bool:
+    """Whether ``node`` (default: the head node) still runs, asked as it is reached:
+    a sandbox node's disk is its directory, deleted when it is terminated (down,
+    reap) -- asking the sandbox's EC2 could start a server the last `down` already
+    stopped; a cloud instance's state is asked of the cloud."""
+    node = node or cluster.head
+    if access_for(cluster).reach is not Reach.SSH:
+        return sandbox_directory(cluster, node).is_dir()
+    return instance_alive_hook(cluster, node.instance_id, probe)()
+
+
 def runner_for(
     cluster: Cluster,
     node: Node | None = None,

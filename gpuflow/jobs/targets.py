@@ -9,6 +9,7 @@ from typing import Any
 from gpuflow import clusters, remote, sync
 from gpuflow.errors import NotFound, UsageError
 from gpuflow.jobs.records import RunTarget
+from gpuflow.nodes import node_alive
 from gpuflow.state import validate_name
 
 # Turns a cluster name into the target its runs execute on (tests pass their own).
@@ -25,17 +26,9 @@ def target_for_cluster(cluster_name: str) -> RunTarget:
     def sync_data(data_dir: Path) -> object:
         return sync.sync_data(cluster, data_dir)
 
-    def instance_alive() -> bool:
-        if cluster.sandbox:
-            # A sandbox instance's disk is its directory, deleted when it is terminated
-            # (down, reap); asking the sandbox's EC2 could start a server that the last
-            # `down` already stopped.
-            return remote.sandbox_directory(cluster).is_dir()
-        return remote.instance_alive_hook(cluster, cluster.head.instance_id)()
-
     return RunTarget(
         cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
-        instance_alive=instance_alive,
+        instance_alive=lambda: node_alive(cluster),
     )
 
 

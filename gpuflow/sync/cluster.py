@@ -9,12 +9,12 @@ from gpuflow import remote
 from gpuflow.clusters import resolve_cluster_name
 from gpuflow.config import load_project_config
 from gpuflow.errors import ConfigError
+from gpuflow.nodes import Reach, access_for
 from gpuflow.records import Cluster
 from gpuflow.state import validate_name
 from gpuflow.sync.engine import DEFAULT_LARGE_BYTES, DEFAULT_LARGE_FILES, sync_directory
 from gpuflow.sync.ignore import PROJECT_SKIPPED_TOP_LEVEL
 from gpuflow.sync.plan import Destination, LocalDestination, SSHDestination, SyncReport
-from gpuflow.transport.local import LocalRunner
 
 
 def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
@@ -33,10 +33,11 @@ def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
     accepts exactly a key with such a fingerprint, pins the key first.
     """
     node = cluster.head
-    if cluster.sandbox:
+    reach = access_for(cluster).reach  # decided once, by gpuflow.nodes
+    if reach is not Reach.SSH:
         runner = remote.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
         try:
-            if isinstance(runner, LocalRunner):
+            if reach is Reach.DIRECTORY:
                 return LocalDestination(Path(runner.base_dir) / subdirectory)
         finally:
             runner.close()
