@@ -173,6 +173,14 @@ def read_project_config(project_dir: Path) -> ProjectConfig:
     return ProjectConfig(root=root, source=None)
 
 
+def project_config(project_dir: Path | None) -> ProjectConfig:
+    """The config of the project a command works on: :func:`read_project_config`
+    of ``project_dir`` (the CLI always names it: ``--project-dir``, else the
+    project around the current directory, decided there).  None -- a library
+    caller that names no project -- reads the project around the current directory."""
+    return read_project_config(project_dir if project_dir is not None else find_project_root())
+
+
 def load_project_config(start: Path | None = None) -> ProjectConfig:
     """The config of the project around ``start`` (the current directory when
     None).  Kept for today's callers; new code passes the project it works on

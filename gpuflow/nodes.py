@@ -33,11 +33,11 @@ import enum
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpuflow.config import gpuflow_home, load_project_config
+from gpuflow.config import gpuflow_home, project_config
 from gpuflow.errors import ConfigError, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
 from gpuflow.provisioner import Provisioner, ProvisionerFactory, discard_sandbox_instance
@@ -90,12 +90,13 @@ class SandboxSSH:
 
 
 def sandbox_ssh_settings(
-    environ: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None
+    environ: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None, *, project_dir: Path | None = None
 ) -> SandboxSSH | None:
     """The configured loopback sshd for the sandbox, or None.
 
     ``GPUFLOW_SANDBOX_SSH="host=127.0.0.1,port=2222,user=me,key=/path/key,host_key=/path/host_key.pub"``
-    or a ``[sandbox_ssh]`` table with the same keys in the project config.
+    or a ``[sandbox_ssh]`` table with the same keys in the config of the project
+    at ``project_dir`` (``settings``: that table, given directly).
     ``host_key`` is the server's public host key file (or the key text); it is
     pinned as given.  Only loopback hosts are accepted: the sandbox must never
     send anything off this machine.
@@ -113,13 +114,11 @@ def sandbox_ssh_settings(
             values[key.strip().replace("-", "_")] = value.strip()  # type: ignore[index]
     else:
         if settings is None:
-            settings = load_project_config().settings
-        table = settings.get("sandbox_ssh")
-        if not table:
+            configured = project_config(project_dir).sandbox_ssh  # typed and validated by the reader
+            settings = {} if configured is None else {k: v for k, v in asdict(configured).items() if v is not None}
+        if not settings:
             return None
-        if not isinstance(table, Mapping):
-            raise ConfigError("the sandbox_ssh setting must be a table (host, port, user, key, host_key)")
-        values = {str(key).replace("-", "_"): value for key, value in table.items()}
+        values = {str(key).replace("-", "_"): value for key, value in settings.items()}
         source = "the sandbox_ssh setting"
     missing = [key for key in ("port", "user", "key", "host_key") if not values.get(key)]
     if missing:
@@ -208,13 +207,14 @@ class Access:
     sandbox_ssh: SandboxSSH | None = None
 
 
-def access_for(cluster: Cluster) -> Access:
+def access_for(cluster: Cluster, *, project_dir: Path | None = None) -> Access:
     """The one place that decides how ``cluster``'s nodes are reached: its record
-    says whether it is a sandbox cluster, the configuration whether a loopback
-    sshd plays the sandbox's instances."""
+    says whether it is a sandbox cluster, the configuration (``$GPUFLOW_SANDBOX_SSH``,
+    else the config of the project at ``project_dir``) whether a loopback sshd
+    plays the sandbox's instances."""
     if not cluster.sandbox:
         return Access(Reach.SSH)
-    sandbox = sandbox_ssh_settings()
+    sandbox = sandbox_ssh_settings(project_dir=project_dir)
     return Access(Reach.DIRECTORY) if sandbox is None else Access(Reach.LOOPBACK_SSH, sandbox)
 
 
@@ -234,13 +234,15 @@ def select_node(cluster: Cluster, instance_id: str | None = None) -> Node:
 # ---------------------------------------------------------------------- targets and runners
 
 
-def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first_use: bool = False) -> SSHTarget:
+def ssh_target_for(
+    cluster: Cluster, node: Node | None = None, *, trust_on_first_use: bool = False, project_dir: Path | None = None
+) -> SSHTarget:
     """How to reach ``node`` (default: the head) over SSH.
 
     For a sandbox cluster this is the configured loopback sshd; a sandbox
     without one has no SSH target (:class:`UsageError`).
     """
-    return _target(cluster, node or cluster.head, access_for(cluster), trust_on_first_use)
+    return _target(cluster, node or cluster.head, access_for(cluster, project_dir=project_dir), trust_on_first_use)
 
 
 def _target(cluster: Cluster, node: Node, access: Access, trust_on_first_use: bool) -> SSHTarget:
@@ -288,13 +290,15 @@ def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | 
     return alive
 
 
-def node_alive(cluster: Cluster, node: Node | None = None, probe: CloudProbe | None = None) -> bool:
+def node_alive(
+    cluster: Cluster, node: Node | None = None, probe: CloudProbe | None = None, *, project_dir: Path | None = None
+) -> bool:
     """Whether ``node`` (default: the head node) still runs, asked as it is reached:
     a sandbox node's disk is its directory, deleted when it is terminated (down,
     reap) -- asking the sandbox's EC2 could start a server the last `down` already
     stopped; a cloud instance's state is asked of the cloud."""
     node = node or cluster.head
-    if access_for(cluster).reach is not Reach.SSH:
+    if access_for(cluster, project_dir=project_dir).reach is not Reach.SSH:
         return sandbox_directory(cluster, node).is_dir()
     return instance_alive_hook(cluster, node.instance_id, probe)()
 
@@ -305,6 +309,7 @@ def runner_for(
     *,
     trust_on_first_use: bool = False,
     probe: CloudProbe | None = None,
+    project_dir: Path | None = None,
     **ssh_options: Any,
 ) -> CommandRunner:
     """The runner factory: a command runner for ``node`` (default: the head node).
@@ -315,7 +320,7 @@ def runner_for(
     asked (default: :class:`ProvisionerProbe`).  The runner connects on first use.
     """
     node = node or cluster.head
-    access = access_for(cluster)
+    access = access_for(cluster, project_dir=project_dir)
     probe = probe or ProvisionerProbe()
     if access.reach is Reach.DIRECTORY:
         return LocalRunner(sandbox_directory(cluster, node))
@@ -405,12 +410,13 @@ def ssh_invocation(
     instance_id: str | None = None,
     trust_on_first_use: bool = False,
     probe: CloudProbe | None = None,
+    project_dir: Path | None = None,
 ) -> Invocation:
     """What `gpuflow ssh NAME [-- CMD]` runs: the system ssh with the pinned
     known_hosts (each CMD argument quoted, so it arrives literally); for a
     sandbox cluster without a loopback sshd, bash in the sandbox directory."""
     node = select_node(cluster, instance_id)
-    access = access_for(cluster)
+    access = access_for(cluster, project_dir=project_dir)
     if access.reach is Reach.DIRECTORY:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)

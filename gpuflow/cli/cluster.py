@@ -103,7 +103,7 @@ def up(
         "profile": profile,
         "sandbox": sandbox,
     }
-    spec = clusters.resolve_spec(name, options)
+    spec = clusters.resolve_spec(name, options, project_dir=_project())
     with _progress(not as_json) as progress:
         cluster = clusters.up(spec, progress=progress, warn=_warn)
     if as_json:
@@ -175,7 +175,7 @@ def status(
     from gpuflow import clusters
     from gpuflow.clusters import switch as switch_status
 
-    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner)
+    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner, project_dir=_project())
     # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
     switches = switch_status.read_switches(result.cluster) if result.known_locally else []
     if as_json:
@@ -198,7 +198,7 @@ def list_command(
     """
     from gpuflow import clusters
 
-    results = clusters.list_clusters(region=region, sandbox=sandbox)
+    results = clusters.list_clusters(region=region, sandbox=sandbox, project_dir=_project())
     if as_json:
         typer.echo(json.dumps([item.to_dict() for item in results], indent=2))
     else:
@@ -227,13 +227,14 @@ def down(
 
     if all_clusters and name:
         raise UsageError("give a cluster name or --all, not both")
-    in_sandbox = clusters.sandbox_in_effect(sandbox)
+    project = _project()
+    in_sandbox = clusters.sandbox_in_effect(sandbox, project_dir=project)
     if all_clusters:
         what = ["every cluster this gpuflow knows" + (" in the sandbox" if in_sandbox else "")
                 + ": its instances (terminated), security group and key pair"]
         again = clusters.command_hint("down --all --yes" + (" --any-owner" if any_owner else ""), in_sandbox)
     else:
-        name = clusters.resolve_cluster_name(name)
+        name = clusters.resolve_cluster_name(name, project_dir=project)
         what = [_what_down_deletes(name, region)]
         again = clusters.command_hint(
             f"down {name} --yes" + (f" --region {region}" if region else "") + (" --any-owner" if any_owner else ""),
@@ -243,9 +244,10 @@ def down(
         return
     with _progress(not as_json) as progress:
         if all_clusters:
-            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress)
+            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress, project_dir=project)
         else:
-            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)]
+            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress,
+                                     project_dir=project)]
     if as_json:
         typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
         return
@@ -267,13 +269,21 @@ def down(
         )
 
 
+def _project() -> Any:
+    """The project these commands work on: the one around the current directory,
+    decided here (the CLI layer) and handed to every use case that reads its config."""
+    from gpuflow.config import find_project_root
+
+    return find_project_root()
+
+
 def _what_down_deletes(name: str, region: str | None) -> str:
     """What `down NAME` deletes, as the local record tells (no cloud call before the question)."""
     from gpuflow import clusters
     from gpuflow.errors import GpuflowError
 
     try:
-        cluster = clusters.get_cluster(name)
+        cluster = clusters.get_cluster(name, project_dir=_project())
     except GpuflowError:  # no record here (or a damaged one): down finds it by its tags
         return f"cluster {name}{f' in {region}' if region else ''}: the instances, security group and key pair " \
             "this gpuflow made for it"
@@ -305,9 +315,10 @@ def reap(
 
     from gpuflow.cli._confirm import confirm_deletion, stdin_is_terminal
 
-    sandbox = clusters.sandbox_in_effect(sandbox)
+    project = _project()
+    sandbox = clusters.sandbox_in_effect(sandbox, project_dir=project)
     options = {"region": region, "sandbox": sandbox, "any_owner": any_owner, "owner_prefix": owner_prefix,
-               "expired_only": expired}
+               "expired_only": expired, "project_dir": project}
     with _progress(not as_json) as progress:
         result = clusters.reap(yes=yes, progress=progress, **options)
     if as_json:

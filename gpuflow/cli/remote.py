@@ -34,15 +34,18 @@ def ssh(
     import sys
 
     from gpuflow import clusters
+    from gpuflow.config import find_project_root
     from gpuflow.errors import ClusterNotFound
     from gpuflow.nodes import ssh_invocation
 
+    project = find_project_root()  # whose config says how a sandbox cluster is reached
     try:
-        cluster = clusters.get_cluster(name)
+        cluster = clusters.get_cluster(name, project_dir=project)
     except ClusterNotFound as exc:
-        raise clusters.explain_unknown(name, exc) from exc  # whose a cluster of that name is, when its tags say
+        raise clusters.explain_unknown(name, exc, project_dir=project) from exc  # whose it is, when its tags say
     invocation = ssh_invocation(
-        cluster, command or None, instance_id=node, trust_on_first_use=trust_on_first_use, probe=clusters.cloud_probe()
+        cluster, command or None, instance_id=node, trust_on_first_use=trust_on_first_use, probe=clusters.cloud_probe(),
+        project_dir=project,
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -39,6 +39,7 @@ def sync(
     import json
     import sys
 
+    from gpuflow.config import find_project_root
     from gpuflow.sync import sync_cluster
 
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
@@ -55,6 +56,7 @@ def sync(
         method=method,
         progress=sys.stderr.isatty() and not as_json,
         confirm_large=confirm,
+        project_dir=find_project_root(),
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ def run_on_cluster(
     detach: bool = False,
     on_interrupt: Callable[[RunRecord], InterruptChoice] | None = None,
     say: Say = quiet,
-    resolve: TargetResolver = target_for_cluster,
+    resolve: TargetResolver | None = None,
     **run_options: Any,
 ) -> RunOutcome:
     """``gpuflow run [--up ...] [--down]``: optionally launch the cluster
@@ -38,6 +39,8 @@ def run_on_cluster(
     its instance is going away)."""
     if down and detach:
         raise UsageError("--down and --detach contradict each other", hint="drop one of them")
+    if resolve is None:  # the cluster is reached as this project's config says (a loopback sshd)
+        resolve = functools.partial(target_for_cluster, project_dir=project_dir)
     if down:
         on_interrupt = _stop_on_interrupt
     in_process = up_spec is not None and getattr(up_spec, "sandbox", False) and down and not is_known_cluster(
@@ -104,7 +107,7 @@ def _run_on_cluster(
             try:
                 if target is not None:
                     _stop_live_jobs(target, say)
-                clusters.down(cluster_name, sandbox=recorded_sandbox)
+                clusters.down(cluster_name, sandbox=recorded_sandbox, project_dir=run_arguments.get("project_dir"))
             except BaseException as teardown_error:
                 if primary is None:
                     raise

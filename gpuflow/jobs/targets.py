@@ -16,19 +16,20 @@ from gpuflow.state import validate_name
 TargetResolver = Callable[[str], RunTarget]
 
 
-def target_for_cluster(cluster_name: str) -> RunTarget:
-    """The default resolver: the cluster's record, its runner and the project sync."""
-    cluster = clusters.get_cluster(cluster_name)
+def target_for_cluster(cluster_name: str, *, project_dir: Path | None = None) -> RunTarget:
+    """The default resolver: the cluster's record, its runner and the project sync,
+    reached as the config of the project at ``project_dir`` says (a loopback sshd)."""
+    cluster = clusters.get_cluster(cluster_name, project_dir=project_dir)
 
     def sync_project(project_dir: Path) -> object:
         return sync.sync_project(cluster, project_dir)
 
     def sync_data(data_dir: Path) -> object:
-        return sync.sync_data(cluster, data_dir)
+        return sync.sync_data(cluster, data_dir, project_dir=project_dir)
 
     return RunTarget(
-        cluster=cluster, connect=lambda: remote.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
-        instance_alive=lambda: node_alive(cluster),
+        cluster=cluster, connect=lambda: remote.runner_for(cluster, project_dir=project_dir), sync_project=sync_project,
+        sync_data=sync_data, instance_alive=lambda: node_alive(cluster, project_dir=project_dir),
     )
 
 
