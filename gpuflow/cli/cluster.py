@@ -13,11 +13,13 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from gpuflow.cli import app
+from gpuflow.config import find_project_root
 
 _NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
@@ -269,11 +271,9 @@ def down(
         )
 
 
-def _project() -> Any:
+def _project() -> Path:
     """The project these commands work on: the one around the current directory,
     decided here (the CLI layer) and handed to every use case that reads its config."""
-    from gpuflow.config import find_project_root
-
     return find_project_root()
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from gpuflow.cli import app
+from gpuflow.config import find_project_root
 from gpuflow.cli._grammar import SshCommand
 
 
@@ -34,7 +35,6 @@ def ssh(
     import sys
 
     from gpuflow import clusters
-    from gpuflow.config import find_project_root
     from gpuflow.errors import ClusterNotFound
     from gpuflow.nodes import ssh_invocation
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from gpuflow.cli import app
+from gpuflow.config import find_project_root
 
 
 def _printable(path: str) -> str:
@@ -39,7 +40,6 @@ def sync(
     import json
     import sys
 
-    from gpuflow.config import find_project_root
     from gpuflow.sync import sync_cluster
 
     interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
