@@ -106,16 +106,12 @@ class ProjectConfig:
 
     root: Path
     source: Path | None  # the file the settings came from, None when defaults only
-    settings: Mapping[str, Any] = field(default_factory=dict)  # validated values by key (kept for old callers)
     cluster_name: str | None = None  # `cluster` (or its older spelling `name`)
     sandbox: bool | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
     sandbox_ssh: SandboxSshSettings | None = None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.settings.get(key, default)
 
 
 _TOP_LEVEL_TYPES: dict[str, type] = {"cluster": str, "name": str, "sandbox": bool}
@@ -173,11 +169,13 @@ def read_project_config(project_dir: Path) -> ProjectConfig:
     return ProjectConfig(root=root, source=None)
 
 
-def load_project_config(start: Path | None = None) -> ProjectConfig:
-    """The config of the project around ``start`` (the current directory when
-    None).  Kept for today's callers; new code passes the project it works on
-    to :func:`read_project_config`."""
-    return read_project_config(find_project_root(start))
+def project_config(project_dir: Path | None) -> ProjectConfig:
+    """The config of the project a command works on: :func:`read_project_config`
+    of ``project_dir`` (the CLI always names it: ``--project-dir``, else the
+    project around the current directory, decided there).  None -- a library
+    caller that names no project -- reads the project around the current directory."""
+    return read_project_config(project_dir if project_dir is not None else find_project_root())
+
 
 
 def read_user_text(path: Path) -> str:
@@ -263,7 +261,6 @@ def _build(root: Path, source: Path, text: str, table: Any, table_path: tuple[st
     return ProjectConfig(
         root=root,
         source=source,
-        settings=values,
         cluster_name=values.get("cluster", values.get("name")),
         sandbox=values.get("sandbox"),
         cluster=ClusterSettings(**sections["cluster"]),

@@ -29,28 +29,25 @@ paramiko or boto3 at module level.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import ipaddress
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpuflow import procs
-from gpuflow.config import gpuflow_home, load_project_config
+from gpuflow.config import gpuflow_home, project_config
 from gpuflow.errors import ConfigError, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
-from gpuflow.provisioner import Provisioner, ProvisionerFactory, open_provisioner
+from gpuflow.provisioner import Provisioner, ProvisionerFactory, discard_sandbox_instance, open_provisioner
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import validate_name
 from gpuflow.transport import hostkeys, openssh
 from gpuflow.transport.base import CommandRunner, quote_argv
 from gpuflow.transport.local import LocalRunner
-from gpuflow.transport.openssh import SERVER_ALIVE_COUNT, SERVER_ALIVE_INTERVAL
-from gpuflow.transport.ssh import SSHRunner
+from gpuflow.transport.openssh import SERVER_ALIVE_INTERVAL
+from gpuflow.transport.ssh import SSHRunner, check_key_permissions
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
 _ALIVE_STATES = ("pending", "running")
@@ -77,25 +74,6 @@ def discard_sandbox_node(cluster: Cluster, node: Node) -> None:
     discard_sandbox_instance(cluster.name, node.instance_id)
 
 
-def discard_sandbox_instance(cluster_name: str, instance_id: str) -> None:
-    """What EC2 termination does to a real instance, done to a sandbox one:
-    every job and supervisor running "on" it is killed (their process groups,
-    and on Linux every process carrying a run's marker, as a power-off would)
-    and its "disk" — the sandbox directory — is deleted.  Only processes proven
-    to be its runs' are signalled (:func:`gpuflow.procs.terminate_base`): a
-    pid file naming a process that merely reused the pid kills nothing.  The
-    sandbox provisioner calls this for every instance it terminates."""
-    directory = gpuflow_home() / "sandbox" / validate_name(cluster_name, "cluster name") / validate_name(
-        instance_id, "instance id"
-    )
-    if not directory.is_dir():
-        return
-    procs.terminate_base(str(directory))
-    shutil.rmtree(directory, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        directory.parent.rmdir()  # the cluster's directory, once its last node is gone
-
-
 # ---------------------------------------------------------------------- the sandbox's loopback sshd
 
 
@@ -112,12 +90,13 @@ class SandboxSSH:
 
 
 def sandbox_ssh_settings(
-    environ: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None
+    environ: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None, *, project_dir: Path | None = None
 ) -> SandboxSSH | None:
     """The configured loopback sshd for the sandbox, or None.
 
     ``GPUFLOW_SANDBOX_SSH="host=127.0.0.1,port=2222,user=me,key=/path/key,host_key=/path/host_key.pub"``
-    or a ``[sandbox_ssh]`` table with the same keys in the project config.
+    or a ``[sandbox_ssh]`` table with the same keys in the config of the project
+    at ``project_dir`` (``settings``: that table, given directly).
     ``host_key`` is the server's public host key file (or the key text); it is
     pinned as given.  Only loopback hosts are accepted: the sandbox must never
     send anything off this machine.
@@ -135,13 +114,11 @@ def sandbox_ssh_settings(
             values[key.strip().replace("-", "_")] = value.strip()  # type: ignore[index]
     else:
         if settings is None:
-            settings = load_project_config().settings
-        table = settings.get("sandbox_ssh")
-        if not table:
+            configured = project_config(project_dir).sandbox_ssh  # typed and validated by the reader
+            settings = {} if configured is None else {k: v for k, v in asdict(configured).items() if v is not None}
+        if not settings:
             return None
-        if not isinstance(table, Mapping):
-            raise ConfigError("the sandbox_ssh setting must be a table (host, port, user, key, host_key)")
-        values = {str(key).replace("-", "_"): value for key, value in table.items()}
+        values = {str(key).replace("-", "_"): value for key, value in settings.items()}
         source = "the sandbox_ssh setting"
     missing = [key for key in ("port", "user", "key", "host_key") if not values.get(key)]
     if missing:
@@ -228,13 +205,14 @@ class Access:
     sandbox_ssh: SandboxSSH | None = None
 
 
-def access_for(cluster: Cluster) -> Access:
+def access_for(cluster: Cluster, *, project_dir: Path | None = None) -> Access:
     """The one place that decides how ``cluster``'s nodes are reached: its record
-    says whether it is a sandbox cluster, the configuration whether a loopback
-    sshd plays the sandbox's instances."""
+    says whether it is a sandbox cluster, the configuration (``$GPUFLOW_SANDBOX_SSH``,
+    else the config of the project at ``project_dir``) whether a loopback sshd
+    plays the sandbox's instances."""
     if not cluster.sandbox:
         return Access(Reach.SSH)
-    sandbox = sandbox_ssh_settings()
+    sandbox = sandbox_ssh_settings(project_dir=project_dir)
     return Access(Reach.DIRECTORY) if sandbox is None else Access(Reach.LOOPBACK_SSH, sandbox)
 
 
@@ -254,13 +232,15 @@ def select_node(cluster: Cluster, instance_id: str | None = None) -> Node:
 # ---------------------------------------------------------------------- targets and runners
 
 
-def ssh_target_for(cluster: Cluster, node: Node | None = None, *, trust_on_first_use: bool = False) -> SSHTarget:
+def ssh_target_for(
+    cluster: Cluster, node: Node | None = None, *, trust_on_first_use: bool = False, project_dir: Path | None = None
+) -> SSHTarget:
     """How to reach ``node`` (default: the head) over SSH.
 
     For a sandbox cluster this is the configured loopback sshd; a sandbox
     without one has no SSH target (:class:`UsageError`).
     """
-    return _target(cluster, node or cluster.head, access_for(cluster), trust_on_first_use)
+    return _target(cluster, node or cluster.head, access_for(cluster, project_dir=project_dir), trust_on_first_use)
 
 
 def _target(cluster: Cluster, node: Node, access: Access, trust_on_first_use: bool) -> SSHTarget:
@@ -308,12 +288,26 @@ def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | 
     return alive
 
 
+def node_alive(
+    cluster: Cluster, node: Node | None = None, probe: CloudProbe | None = None, *, project_dir: Path | None = None
+) -> bool:
+    """Whether ``node`` (default: the head node) still runs, asked as it is reached:
+    a sandbox node's disk is its directory, deleted when it is terminated (down,
+    reap) -- asking the sandbox's EC2 could start a server the last `down` already
+    stopped; a cloud instance's state is asked of the cloud."""
+    node = node or cluster.head
+    if access_for(cluster, project_dir=project_dir).reach is not Reach.SSH:
+        return sandbox_directory(cluster, node).is_dir()
+    return instance_alive_hook(cluster, node.instance_id, probe)()
+
+
 def runner_for(
     cluster: Cluster,
     node: Node | None = None,
     *,
     trust_on_first_use: bool = False,
     probe: CloudProbe | None = None,
+    project_dir: Path | None = None,
     **ssh_options: Any,
 ) -> CommandRunner:
     """The runner factory: a command runner for ``node`` (default: the head node).
@@ -324,7 +318,7 @@ def runner_for(
     asked (default: :class:`ProvisionerProbe`).  The runner connects on first use.
     """
     node = node or cluster.head
-    access = access_for(cluster)
+    access = access_for(cluster, project_dir=project_dir)
     probe = probe or ProvisionerProbe()
     if access.reach is Reach.DIRECTORY:
         return LocalRunner(sandbox_directory(cluster, node))
@@ -414,12 +408,13 @@ def ssh_invocation(
     instance_id: str | None = None,
     trust_on_first_use: bool = False,
     probe: CloudProbe | None = None,
+    project_dir: Path | None = None,
 ) -> Invocation:
     """What `gpuflow ssh NAME [-- CMD]` runs: the system ssh with the pinned
     known_hosts (each CMD argument quoted, so it arrives literally); for a
     sandbox cluster without a loopback sshd, bash in the sandbox directory."""
     node = select_node(cluster, instance_id)
-    access = access_for(cluster)
+    access = access_for(cluster, project_dir=project_dir)
     if access.reach is Reach.DIRECTORY:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
@@ -428,6 +423,8 @@ def ssh_invocation(
         return Invocation(tuple(argv), str(directory))
     remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
     target = _target(cluster, node, access, trust_on_first_use)
+    if target.key_path:
+        check_key_permissions(target.key_path)  # OpenSSH would ignore the key: say how to fix it, before ssh runs
     if access.reach is Reach.LOOPBACK_SSH:
         assert access.sandbox_ssh is not None
         _pin_sandbox_host_key(target, access.sandbox_ssh)

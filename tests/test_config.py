@@ -9,7 +9,7 @@ from gpuflow.config import (
     ClusterSettings,
     SandboxSshSettings,
     SyncSettings,
-    load_project_config,
+    project_config,
     read_project_config,
 )
 from gpuflow.errors import ConfigError
@@ -37,8 +37,7 @@ def test_settings_land_in_typed_sections(tmp_path):
     assert isinstance(config.cluster.max_hours, float)
     assert config.sync == SyncSettings(sync_warn_gb=3.0)
     assert config.sandbox_ssh == SandboxSshSettings(port=2222, user="me", host_key="/k.pub")
-    # the mapping today's callers read stays as it was
-    assert config.get("instance_type") == "g6.xlarge" and config.settings["sandbox_ssh"]["host_key"] == "/k.pub"
+    assert config.cluster.instance_type == "g6.xlarge" and config.sandbox_ssh.host_key == "/k.pub"
     with pytest.raises(AttributeError):
         config.sandbox = False  # frozen
 
@@ -98,10 +97,9 @@ def test_read_project_config_reads_the_directory_given_not_the_current_one(tmp_p
     (elsewhere / "gpuflow.toml").write_text('region = "ap-south-1"\n')
     monkeypatch.chdir(elsewhere)
     assert read_project_config(project).cluster.region == "eu-west-1"
-    # the compatibility reader still finds the project around a start directory (cwd when None)
-    (project / "pkg").mkdir()
-    assert load_project_config(project / "pkg").get("region") == "eu-west-1"
-    assert load_project_config().get("region") == "ap-south-1"
+    # a caller that names no project gets the one around the current directory
+    assert project_config(project).cluster.region == "eu-west-1"
+    assert project_config(None).cluster.region == "ap-south-1"
 
 
 def test_a_byte_order_mark_is_accepted(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import paramiko
 import pytest
 
-from gpuflow.config import load_project_config
+from gpuflow.config import read_project_config
 from gpuflow.errors import ConfigError, StateError, UsageError
 from gpuflow.state import StateStore, validate_name
 from gpuflow.transport.base import quote_argv
@@ -54,13 +54,13 @@ def test_hostile_names_are_refused(name):
 
 def test_project_config_from_gpuflow_toml_and_pyproject(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[tool.gpuflow]\ninstance-type = "g6.xlarge"\n')
-    assert load_project_config(tmp_path).get("instance_type") == "g6.xlarge"
+    assert read_project_config(tmp_path).cluster.instance_type == "g6.xlarge"
     (tmp_path / "gpuflow.toml").write_text('region = "eu-west-1"\n')
-    config = load_project_config(tmp_path)
-    assert config.get("region") == "eu-west-1" and config.source.name == "gpuflow.toml"
+    config = read_project_config(tmp_path)
+    assert config.cluster.region == "eu-west-1" and config.source.name == "gpuflow.toml"
     (tmp_path / "gpuflow.toml").write_text("region = [")
     with pytest.raises(ConfigError):
-        load_project_config(tmp_path)
+        read_project_config(tmp_path)
 
 
 def test_local_runner_passes_hostile_arguments_literally(tmp_path):

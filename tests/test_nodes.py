@@ -326,5 +326,5 @@ def test_the_cloud_is_asked_through_the_probe_of_the_clusters_own_place(sshd_ses
     imported = {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert "gpuflow.procs" in imported  # the check sees `from gpuflow import X`
+    assert "gpuflow.transport.hostkeys" in imported  # the check sees `from gpuflow.transport import X`
     assert not [name for name in imported if name.startswith(("gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync"))]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -21,6 +22,7 @@ from gpuflow.cli._app import app
 from gpuflow.cli import _confirm  # its functions looked up there when called (tests stand in a terminal)
 from gpuflow.cli._table import table_lines
 from gpuflow.errors import GpuflowError, UsageError
+from gpuflow.config import find_project_root
 
 _NAME = typer.Argument(None, help="Cluster name (default: the project config's `cluster`, or the only cluster).")
 _JSON = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
@@ -106,7 +108,7 @@ def up(
         "profile": profile,
         "sandbox": sandbox,
     }
-    spec = clusters.resolve_spec(name, options)
+    spec = clusters.resolve_spec(name, options, project_dir=_project())
     with _progress(not as_json) as progress:
         cluster = clusters.up(spec, progress=progress, warn=_warn)
     if as_json:
@@ -127,7 +129,7 @@ def up(
 
 
 def _print_statuses(statuses: list[Any]) -> None:
-    from gpuflow.clusters import command_hint
+    from gpuflow.clusters import ClusterState, command_hint
 
     if not statuses:
         typer.echo("no clusters")
@@ -136,7 +138,7 @@ def _print_statuses(statuses: list[Any]) -> None:
     rows = [
         (
             item.cluster.name,
-            item.state,
+            str(item.state),
             item.cluster.instance_type,
             str(len(item.cluster.nodes)),
             item.cluster.region + (" (sandbox)" if item.cluster.sandbox else ""),
@@ -149,13 +151,13 @@ def _print_statuses(statuses: list[Any]) -> None:
     ]
     for line in table_lines(header, rows):
         typer.echo(line)
-    for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state == "unmanaged"}):
+    for sandbox in sorted({item.cluster.sandbox for item in statuses if item.state is ClusterState.UNMANAGED}):
         typer.echo(
             f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
             f"{command_hint('reap', sandbox)} removes those this gpuflow created (--any-owner: anyone's)",
             err=True,
         )
-    if any(item.state == "unchecked" for item in statuses):
+    if any(item.state is ClusterState.UNCHECKED for item in statuses):
         typer.echo(
             "unchecked: AWS clusters known here, not asked (the sandbox is in effect); `gpuflow ls --no-sandbox` asks AWS",
             err=True,
@@ -177,7 +179,7 @@ def status(
     from gpuflow import clusters
     from gpuflow.clusters import switch as switch_status
 
-    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner)
+    result = clusters.status(name, sandbox=sandbox, any_owner=any_owner, project_dir=_project())
     # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
     switches = switch_status.read_switches(result.cluster) if result.known_locally else []
     if as_json:
@@ -200,7 +202,7 @@ def list_command(
     """
     from gpuflow import clusters
 
-    results = clusters.list_clusters(region=region, sandbox=sandbox)
+    results = clusters.list_clusters(region=region, sandbox=sandbox, project_dir=_project())
     if as_json:
         typer.echo(json.dumps([item.to_dict() for item in results], indent=2))
     else:
@@ -227,13 +229,14 @@ def down(
 
     if all_clusters and name:
         raise UsageError("give a cluster name or --all, not both")
-    in_sandbox = clusters.sandbox_in_effect(sandbox)
+    project = _project()
+    in_sandbox = clusters.sandbox_in_effect(sandbox, project_dir=project)
     if all_clusters:
         what = ["every cluster this gpuflow knows" + (" in the sandbox" if in_sandbox else "")
                 + ": its instances (terminated), security group and key pair"]
         again = clusters.command_hint("down --all --yes" + (" --any-owner" if any_owner else ""), in_sandbox)
     else:
-        name = clusters.resolve_cluster_name(name)
+        name = clusters.resolve_cluster_name(name, project_dir=project)
         what = [_what_down_deletes(name, region)]
         again = clusters.command_hint(
             f"down {name} --yes" + (f" --region {region}" if region else "") + (" --any-owner" if any_owner else ""),
@@ -243,9 +246,10 @@ def down(
         return
     with _progress(not as_json) as progress:
         if all_clusters:
-            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress)
+            reports = clusters.down_all(sandbox=sandbox, any_owner=any_owner, progress=progress, project_dir=project)
         else:
-            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress)]
+            reports = [clusters.down(name, region=region, sandbox=sandbox, any_owner=any_owner, progress=progress,
+                                     project_dir=project)]
     if as_json:
         typer.echo(json.dumps([report.to_dict() for report in reports], indent=2))
         return
@@ -267,12 +271,18 @@ def down(
         )
 
 
+def _project() -> Path:
+    """The project these commands work on: the one around the current directory,
+    decided here (the CLI layer) and handed to every use case that reads its config."""
+    return find_project_root()
+
+
 def _what_down_deletes(name: str, region: str | None) -> str:
     """What `down NAME` deletes, as the local record tells (no cloud call before the question)."""
     from gpuflow import clusters
 
     try:
-        cluster = clusters.get_cluster(name)
+        cluster = clusters.get_cluster(name, project_dir=_project())
     except GpuflowError:  # no record here (or a damaged one): down finds it by its tags
         return f"cluster {name}{f' in {region}' if region else ''}: the instances, security group and key pair " \
             "this gpuflow made for it"
@@ -302,9 +312,10 @@ def reap(
     """
     from gpuflow import clusters
 
-    sandbox = clusters.sandbox_in_effect(sandbox)
+    project = _project()
+    sandbox = clusters.sandbox_in_effect(sandbox, project_dir=project)
     options = {"region": region, "sandbox": sandbox, "any_owner": any_owner, "owner_prefix": owner_prefix,
-               "expired_only": expired}
+               "expired_only": expired, "project_dir": project}
     with _progress(not as_json) as progress:
         result = clusters.reap(yes=yes, progress=progress, **options)
     if as_json:

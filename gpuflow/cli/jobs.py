@@ -118,7 +118,7 @@ def run_command(
                 raise
             from gpuflow.clusters import explain_unknown
 
-            raise explain_unknown(cluster_name, exc) from exc  # whose a cluster of that name is, when its tags say
+            raise explain_unknown(cluster_name, exc, project_dir=project) from exc  # whose a cluster of that name is, when its tags say
     if outcome.detached:
         run_id = outcome.record.run_id
         how = (

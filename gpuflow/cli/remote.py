@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from gpuflow.cli._app import app
+from gpuflow.config import find_project_root
 from gpuflow.cli._grammar import SshCommand
 from gpuflow.errors import ClusterNotFound, UsageError
 
@@ -37,12 +38,14 @@ def ssh(
     from gpuflow import clusters
     from gpuflow.nodes import ssh_invocation
 
+    project = find_project_root()  # whose config says how a sandbox cluster is reached
     try:
-        cluster = clusters.get_cluster(name)
+        cluster = clusters.get_cluster(name, project_dir=project)
     except ClusterNotFound as exc:
-        raise clusters.explain_unknown(name, exc) from exc  # whose a cluster of that name is, when its tags say
+        raise clusters.explain_unknown(name, exc, project_dir=project) from exc  # whose it is, when its tags say
     invocation = ssh_invocation(
-        cluster, command or None, instance_id=node, trust_on_first_use=trust_on_first_use, probe=clusters.cloud_probe()
+        cluster, command or None, instance_id=node, trust_on_first_use=trust_on_first_use, probe=clusters.cloud_probe(),
+        project_dir=project,
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from gpuflow.cli._app import app
+from gpuflow.config import find_project_root
 
 
 def _printable(path: str) -> str:
@@ -55,6 +56,7 @@ def sync(
         method=method,
         progress=sys.stderr.isatty() and not as_json,
         confirm_large=confirm,
+        project_dir=find_project_root(),
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))

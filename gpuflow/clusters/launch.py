@@ -80,8 +80,8 @@ def up(
             f"instance type {spec.instance_type!r} has no GPU",
             hint="pick a GPU type such as g5.xlarge, or pass --allow-cpu",
         )
-    if spec.spot and not spec.sandbox:
-        _check_spot_role(provisioner, warning)
+    if spec.spot:
+        _check_spot_role(provisioner, warning)  # the sandbox provisioner needs no role
     zones = provisioner.offered_zones(spec.instance_type)
     if not zones:
         raise UsageError(

@@ -119,6 +119,7 @@ def _look_up_unrecorded(
     any_owner: bool,
     in_sandbox: bool,
     provisioner_factory: ProvisionerFactory | None,
+    project_dir: Path | None = None,
 ) -> tuple[Provisioner, str, list[Any], list[ReapItem]]:
     """A name without a live record, looked up by its tags where a tombstone of the same
     cloud says it was, else in the configured region of the cloud in effect: (provisioner,
@@ -127,7 +128,7 @@ def _look_up_unrecorded(
     if tombstone is not None and bool(tombstone.get("sandbox")) == in_sandbox:  # downed here: look where it was
         region, profile = tombstone["region"], tombstone.get("profile")
     else:
-        region, profile = _configured_region(), None
+        region, profile = _configured_region(project_dir), None
     provisioner = _provisioner(provisioner_factory, region, profile, in_sandbox)
     live, _groups, _keys, skipped = _owned_cluster_resources(provisioner, name, any_owner=any_owner)
     return provisioner, region, live, [item for item in skipped if item.kind == "instance"]
@@ -140,7 +141,10 @@ def _another_owners(name: str, region: str, others: list[ReapItem], *, hint: str
     )
 
 
-def explain_unknown(name: str, cause: ClusterNotFound, *, provisioner_factory: ProvisionerFactory | None = None) -> ClusterNotFound:
+def explain_unknown(
+    name: str, cause: ClusterNotFound, *, provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
+) -> ClusterNotFound:
     """The error for ``ssh``/``run`` on a name this gpuflow has no live record of: says
     whose the cluster of that name is when its tags show one (neither command can reach
     it — the key and pinned host keys live with whoever launched it), else ``cause``."""
@@ -149,9 +153,9 @@ def explain_unknown(name: str, cause: ClusterNotFound, *, provisioner_factory: P
     if _live(document):
         return cause
     try:
-        in_sandbox = sandbox_in_effect()
+        in_sandbox = sandbox_in_effect(project_dir=project_dir)
         _provisioner_used, region, live, others = _look_up_unrecorded(
-            store, name, document, False, in_sandbox, provisioner_factory
+            store, name, document, False, in_sandbox, provisioner_factory, project_dir
         )
     except GpuflowError:
         return cause  # no account to ask, or it refused: the plain "not found" stands

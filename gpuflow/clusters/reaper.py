@@ -6,6 +6,7 @@ import datetime
 import socket
 from typing import Any
 
+from pathlib import Path
 from gpuflow.clusters.owner import owner_id
 from gpuflow.clusters.record import Phase, _iso, _live, _now, _parse_iso, _store, _write, key_file_path, phase_of
 from gpuflow.clusters.reports import Progress, ReapItem, ReapReport
@@ -30,6 +31,7 @@ def reap(
     expired_only: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
 ) -> ReapReport:
     """Find everything tagged ``gpuflow:managed`` that no live cluster owns —
     instances of clusters the local state does not know, and the security
@@ -48,7 +50,7 @@ def reap(
     have all finished); ``expired_only`` takes only what is past its ``gpuflow:expires-at``
     (created-at + ``--max-hours``), whose job cannot be running any more."""
     report = progress or (lambda message: None)
-    sandbox = sandbox_in_effect(sandbox)
+    sandbox = sandbox_in_effect(sandbox, project_dir=project_dir)
     if owner_prefix is not None:
         validate_name(owner_prefix, "owner prefix")
         if not any_owner:
@@ -62,7 +64,7 @@ def reap(
     unexpired: list[ReapItem] = []
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if _live(doc)}
-    regions = {region or _configured_region()} | {
+    regions = {region or _configured_region(project_dir)} | {
         doc["region"] for doc in documents.values() if bool(doc.get("sandbox")) == sandbox
     }
     items: list[ReapItem] = []

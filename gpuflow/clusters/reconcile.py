@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+from pathlib import Path
 from gpuflow.clusters.owner import _another_owners, _look_up_unrecorded
 from gpuflow.clusters.record import Phase, _live, _now, _parse_iso, _store, phase_of, resolve_cluster_name
 from gpuflow.clusters.reports import ClusterState, ClusterStatus
@@ -78,18 +79,19 @@ def status(
     sandbox: bool | None = None,
     any_owner: bool = False,
     provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
 ) -> ClusterStatus:
     """Cluster ``name`` reconciled with EC2 (the cache is updated): an
     instance terminated outside gpuflow shows as gone.  A name without a local
     record is looked up by its tags in the configured region: this gpuflow's
     instances show as ``unmanaged``; another gpuflow's are a ClusterNotFound
     saying whose, and shown only with ``any_owner``."""
-    cluster_name = resolve_cluster_name(name)
-    in_sandbox = sandbox_in_effect(sandbox)
+    cluster_name = resolve_cluster_name(name, project_dir=project_dir)
+    in_sandbox = sandbox_in_effect(sandbox, project_dir=project_dir)
     store = _store()
     document = store.get(cluster_name)
     if not _live(document):
-        return _unrecorded_status(store, cluster_name, document, any_owner, in_sandbox, provisioner_factory)
+        return _unrecorded_status(store, cluster_name, document, any_owner, in_sandbox, provisioner_factory, project_dir)
     cluster = Cluster.from_dict(document)
     _refuse_aws_record_in_sandbox(cluster, in_sandbox, "status")
     provisioner = _provisioner(provisioner_factory, cluster.region, cluster.profile, cluster.sandbox)
@@ -103,9 +105,10 @@ def _unrecorded_status(
     any_owner: bool,
     in_sandbox: bool,
     provisioner_factory: ProvisionerFactory | None,
+    project_dir: Path | None = None,
 ) -> ClusterStatus:
     provisioner, region, live, others = _look_up_unrecorded(
-        store, name, tombstone, any_owner, in_sandbox, provisioner_factory
+        store, name, tombstone, any_owner, in_sandbox, provisioner_factory, project_dir
     )
     if live:
         return _unmanaged_status(provisioner, region, name, live)
@@ -141,7 +144,8 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
 
 
 def list_clusters(
-    *, region: str | None = None, sandbox: bool | None = None, provisioner_factory: ProvisionerFactory | None = None
+    *, region: str | None = None, sandbox: bool | None = None, provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
 ) -> list[ClusterStatus]:
     """Every cluster gpuflow knows locally, reconciled, plus clusters EC2 has
     tagged instances of that the local state does not know (state
@@ -151,8 +155,8 @@ def list_clusters(
     here are listed as ``unchecked``, without asking AWS."""
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if _live(doc)}
-    scan_region = region or _configured_region()
-    scan_sandbox = sandbox_in_effect(sandbox)
+    scan_region = region or _configured_region(project_dir)
+    scan_sandbox = sandbox_in_effect(sandbox, project_dir=project_dir)
     groups: dict[tuple[str, str | None, bool], list[str]] = {(scan_region, None, scan_sandbox): []}
     unchecked: list[ClusterStatus] = []
     for name, document in documents.items():

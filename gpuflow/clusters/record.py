@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.clusters.where import command_hint, sandbox_in_effect
-from gpuflow.config import gpuflow_home, load_project_config
+from gpuflow.config import gpuflow_home, project_config
 from gpuflow.errors import ClusterNotFound, DamagedRecord, UsageError
 from gpuflow.records import Cluster, check_shape
 from gpuflow.state import StateStore, validate_name, warn_damaged
@@ -136,10 +136,9 @@ def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = 
     in the local state."""
     if name:
         return validate_name(name, "cluster name")
-    config = load_project_config(project_dir)
-    configured = config.get("cluster") or config.get("name")
+    configured = project_config(project_dir).cluster_name
     if configured:
-        return validate_name(str(configured), "cluster name")
+        return validate_name(configured, "cluster name")
     names = [key for key, document in _store().all().items() if _live(document)]
     if len(names) == 1:
         return names[0]
@@ -148,13 +147,13 @@ def resolve_cluster_name(name: str | None = None, *, project_dir: Path | None = 
     raise UsageError(f"several clusters exist ({', '.join(names)}): name one")
 
 
-def get_cluster(name: str | None = None) -> Cluster:
+def get_cluster(name: str | None = None, *, project_dir: Path | None = None) -> Cluster:
     """The cached record of cluster ``name`` (no AWS call); ClusterNotFound
     when gpuflow knows no live cluster of that name."""
-    cluster_name = resolve_cluster_name(name)
+    cluster_name = resolve_cluster_name(name, project_dir=project_dir)
     document = _store().get(cluster_name)
     if not _live(document):
-        in_sandbox = sandbox_in_effect()
+        in_sandbox = sandbox_in_effect(project_dir=project_dir)
         raise ClusterNotFound(
             f"no cluster named {cluster_name!r}",
             hint=f"see {command_hint('ls', in_sandbox)}, or start it with {command_hint('up', in_sandbox)}",

@@ -6,14 +6,15 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from gpuflow.config import load_project_config
-from gpuflow.errors import ConfigError, UsageError
+from gpuflow.config import project_config
+from gpuflow.errors import UsageError
 from gpuflow.records import ClusterSpec
 from gpuflow.state import validate_name
+from gpuflow.transport.ssh import check_key_permissions
 from infra.userdata import validate_idle_minutes, validate_max_hours
 
 DEFAULT_REGION = "us-east-1"
@@ -22,25 +23,11 @@ DEFAULT_INSTANCE_TYPE = "g5.xlarge"
 MAX_COUNT = 64
 MAX_DISK_GB = 16384
 
-# ClusterSpec fields a project config may set (gpuflow.toml / [tool.gpuflow]), with their types.
-_SPEC_CONFIG_TYPES: dict[str, type] = {
-    "region": str,
-    "instance_type": str,
-    "count": int,
-    "spot": bool,
-    "spot_fallback": bool,
-    "disk_gb": int,
-    "idle_minutes": int,
-    "max_hours": float,
-    "ami": str,
-    "key_name": str,
-    "key_path": str,
-    "ssh_cidr": str,
-    "allow_cpu": bool,
-    "profile": str,
-    "sandbox": bool,
-    "tensorflow_dlami": str,
-}
+# ClusterSpec fields a project config may set (gpuflow.toml / [tool.gpuflow]).
+_SPEC_CONFIG_KEYS: tuple[str, ...] = (
+    "region", "instance_type", "count", "spot", "spot_fallback", "disk_gb", "idle_minutes", "max_hours", "ami",
+    "key_name", "key_path", "ssh_cidr", "allow_cpu", "profile", "sandbox", "tensorflow_dlami",
+)
 
 
 def default_region(environ: Mapping[str, str] | None = None) -> str:
@@ -59,15 +46,13 @@ def _default_cluster_name(project_root: Path) -> str:
 def resolve_spec(name: str | None = None, options: Mapping[str, Any] | None = None, *, project_dir: Path | None = None) -> ClusterSpec:
     """The ClusterSpec for ``up``: command-line ``options`` (None = not given)
     over the project config over built-in defaults; then validated."""
-    config = load_project_config(project_dir)
-    values: dict[str, Any] = {}
-    for key, expected in _SPEC_CONFIG_TYPES.items():
-        if key in config.settings:
-            values[key] = _config_value(key, config.settings[key], expected, config.source)
+    config = project_config(project_dir)
+    configured = {**asdict(config.cluster), "sandbox": config.sandbox}  # typed and validated by the reader
+    values: dict[str, Any] = {key: configured[key] for key in _SPEC_CONFIG_KEYS if configured.get(key) is not None}
     for key, value in (options or {}).items():
         if value is not None:
             values[key] = value
-    cluster_name = name or config.get("cluster") or config.get("name") or _default_cluster_name(config.root)
+    cluster_name = name or config.cluster_name or _default_cluster_name(config.root)
     values.setdefault("region", default_region())
     values.setdefault("instance_type", DEFAULT_INSTANCE_TYPE)
     known = set(ClusterSpec.__dataclass_fields__)
@@ -75,14 +60,6 @@ def resolve_spec(name: str | None = None, options: Mapping[str, Any] | None = No
     if unknown:
         raise UsageError(f"unknown cluster option(s): {', '.join(sorted(unknown))}")
     return validate_spec(ClusterSpec(name=str(cluster_name), **values))
-
-
-def _config_value(key: str, value: Any, expected: type, source: Path | None) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {key} must be of type {expected.__name__}, got {value!r}")
-    return value
 
 
 def validate_spec(spec: ClusterSpec) -> ClusterSpec:
@@ -106,6 +83,8 @@ def validate_spec(spec: ClusterSpec) -> ClusterSpec:
         raise UsageError("--key-path needs --key-name (the EC2 key pair it belongs to)")
     if spec.key_path and not Path(spec.key_path).expanduser().is_file():
         raise UsageError(f"key file {spec.key_path!r} does not exist")
+    if spec.key_path:
+        check_key_permissions(spec.key_path)  # before anything is launched: OpenSSH would refuse it afterwards
     if spec.ssh_cidr is None:
         return spec
     return replace(spec, ssh_cidr=normalise_cidr(spec.ssh_cidr, allow_anywhere=spec.allow_ssh_from_anywhere))

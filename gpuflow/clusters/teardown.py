@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from pathlib import Path
 from gpuflow.clusters.owner import _owned_cluster_resources, whose
 from gpuflow.clusters.record import (
     Phase,
@@ -40,6 +41,7 @@ def down(
     any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
 ) -> DownReport:
     """Terminate cluster ``name``, wait until terminated, delete the security
     group and key pair gpuflow created for it (never the user's own), and
@@ -53,8 +55,8 @@ def down(
     reported in ``skipped``; without a record and with nothing of ours, that is a
     ClusterNotFound naming the owner.  ``any_owner`` takes everything."""
     report = progress or (lambda message: None)
-    cluster_name = resolve_cluster_name(name)
-    in_sandbox = sandbox_in_effect(sandbox)
+    cluster_name = resolve_cluster_name(name, project_dir=project_dir)
+    in_sandbox = sandbox_in_effect(sandbox, project_dir=project_dir)
     store = _store()
     damaged: DamagedRecord | None = None
     try:
@@ -67,7 +69,7 @@ def down(
         recorded_sandbox = _recorded(damaged.raw, "sandbox", bool)
         cluster = Cluster(
             name=cluster_name,
-            region=region or _recorded_region(damaged.raw) or _configured_region(),
+            region=region or _recorded_region(damaged.raw) or _configured_region(project_dir),
             instance_type="",
             ami="",
             profile=_recorded(damaged.raw, "profile", str),
@@ -100,7 +102,7 @@ def down(
         )
         launch_id = None
     elif document is None:
-        cluster = Cluster(name=cluster_name, region=region or _configured_region(), instance_type="", ami="", sandbox=in_sandbox)
+        cluster = Cluster(name=cluster_name, region=region or _configured_region(project_dir), instance_type="", ami="", sandbox=in_sandbox)
         provisioner = _provisioner(provisioner_factory, cluster.region, None, in_sandbox)
         launch_id = scope_launch_id = None
     else:
@@ -198,15 +200,17 @@ def down_all(
     any_owner: bool = False,
     progress: Progress | None = None,
     provisioner_factory: ProvisionerFactory | None = None,
+    project_dir: Path | None = None,
 ) -> list[DownReport]:
     """``down`` every cluster in the local state (every sandbox cluster where the sandbox is in effect),
     each scoped to this gpuflow's resources unless ``any_owner``."""
-    in_sandbox = sandbox_in_effect(sandbox)
+    in_sandbox = sandbox_in_effect(sandbox, project_dir=project_dir)
     names = [
         name for name, document in _store().all().items()
         if _live(document) and (document.get("sandbox") or not in_sandbox)
     ]
     return [
-        down(name, sandbox=in_sandbox, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory)
+        down(name, sandbox=in_sandbox, any_owner=any_owner, progress=progress, provisioner_factory=provisioner_factory,
+             project_dir=project_dir)
         for name in names
     ]

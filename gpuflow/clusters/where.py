@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpuflow.clusters.spec import _config_value, default_region
-from gpuflow.config import load_project_config
+from gpuflow.clusters.spec import default_region
+from gpuflow.config import project_config
 from gpuflow.errors import UsageError
 from gpuflow.hints import command_hint  # noqa: F401 - the use cases' hints come from here
 from gpuflow.nodes import CloudProbe, ProvisionerProbe
@@ -32,9 +32,9 @@ def _place(cluster: Cluster) -> str:
     return cluster.region + (" (sandbox)" if cluster.sandbox else "") + (f" (profile {cluster.profile})" if cluster.profile else "")
 
 
-def _configured_region() -> str:
-    configured = load_project_config().get("region")
-    return str(configured) if configured else default_region()
+def _configured_region(project_dir: Path | None = None) -> str:
+    """The project's ``region`` setting, else the built-in chain."""
+    return project_config(project_dir).cluster.region or default_region()
 
 
 def sandbox_in_effect(sandbox: bool | None = None, *, project_dir: Path | None = None) -> bool:
@@ -46,10 +46,7 @@ def sandbox_in_effect(sandbox: bool | None = None, *, project_dir: Path | None =
     about a recorded AWS cluster (:func:`_refuse_aws_record_in_sandbox`)."""
     if sandbox is not None:
         return bool(sandbox)
-    config = load_project_config(project_dir)
-    if "sandbox" not in config.settings:
-        return False
-    return _config_value("sandbox", config.settings["sandbox"], bool, config.source)
+    return bool(project_config(project_dir).sandbox)
 
 
 def _refuse_aws_record_in_sandbox(cluster: Cluster, sandbox: bool, command: str) -> None:

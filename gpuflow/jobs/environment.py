@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gpuflow.config import _read_toml, load_project_config
+from gpuflow.config import _read_toml, read_project_config, read_user_text
 from gpuflow.errors import NotFound, RemoteCommandFailed, UsageError
 from gpuflow.jobs import scripts
 from gpuflow.jobs.modulecheck import require_module_name
@@ -24,9 +24,9 @@ def base_python(runner: CommandRunner, project_dir: Path) -> str:
     TensorFlow Python), else where the runner's ``python`` is (the sandbox and
     tests: the interpreter running gpuflow; an instance: ``python3``).
     """
-    configured = load_project_config(project_dir).get("remote_python")
+    configured = read_project_config(project_dir).jobs.remote_python
     if configured:
-        return str(configured)
+        return configured
     script = scripts.base_python_script(runner.job_pythons, runner.python)
     found = runner.run_script(script, check=False).text().strip().splitlines()
     return found[-1] if found else runner.python
@@ -73,7 +73,7 @@ def requirements_of(project_dir: Path) -> str | None:
     """
     requirements = project_dir / "requirements.txt"
     if requirements.is_file():
-        text = requirements.read_text()
+        text = read_user_text(requirements)
         meaningful = [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
         return text if meaningful else None
     pyproject = project_dir / "pyproject.toml"

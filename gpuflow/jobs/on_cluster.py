@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, BinaryIO
 from gpuflow import clusters
 from gpuflow.errors import GpuflowError, NotFound, UsageError
 from gpuflow.jobs.foreground import run
-from gpuflow.jobs.records import InterruptChoice, RunOutcome, RunRecord, RunTarget, Say, quiet
+from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
 
@@ -28,7 +29,7 @@ def run_on_cluster(
     detach: bool = False,
     on_interrupt: Callable[[RunRecord], InterruptChoice] | None = None,
     say: Say = quiet,
-    resolve: TargetResolver = target_for_cluster,
+    resolve: TargetResolver | None = None,
     **run_options: Any,
 ) -> RunOutcome:
     """``gpuflow run [--up ...] [--down]``: optionally launch the cluster
@@ -38,6 +39,8 @@ def run_on_cluster(
     its instance is going away)."""
     if down and detach:
         raise UsageError("--down and --detach contradict each other", hint="drop one of them")
+    if resolve is None:  # the cluster is reached as this project's config says (a loopback sshd)
+        resolve = functools.partial(target_for_cluster, project_dir=project_dir)
     if down:
         on_interrupt = _stop_on_interrupt
     in_process = up_spec is not None and getattr(up_spec, "sandbox", False) and down and not is_known_cluster(
@@ -104,7 +107,7 @@ def _run_on_cluster(
             try:
                 if target is not None:
                     _stop_live_jobs(target, say)
-                clusters.down(cluster_name, sandbox=recorded_sandbox)
+                clusters.down(cluster_name, sandbox=recorded_sandbox, project_dir=run_arguments.get("project_dir"))
             except BaseException as teardown_error:
                 if primary is None:
                     raise
@@ -120,7 +123,7 @@ def _stop_live_jobs(target: RunTarget, say: Say, grace_seconds: float = 5) -> No
         runner = target.connect()
         try:
             for run_dir, report in run_status(runner, "--all", runner.base_dir).items():
-                if report.get("job") == "alive" and report.get("exit_code") is None:
+                if report.get("job") == ProcessLiveness.ALIVE.value and report.get("exit_code") is None:
                     say(f"stopping the job still running in {run_dir}")
                     stop_job(runner, run_dir, grace_seconds=grace_seconds)
         finally:

@@ -96,6 +96,14 @@ class InterruptChoice(str, enum.Enum):
     STOP = "stop"  # stop it, pull what it left, fail
 
 
+class ProcessLiveness(str, enum.Enum):
+    """What :func:`gpuflow.procs.status` proved of a run's job or its supervisor."""
+
+    ALIVE = "alive"  # its recorded process is proven to be it
+    GONE = "gone"  # it was recorded, and no process proven to be it is left
+    NONE = "none"  # never recorded (the job: never started)
+
+
 class StopOutcome(str, enum.Enum):
     """What ``gpuflow stop`` did to a run's job."""
 

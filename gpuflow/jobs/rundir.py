@@ -9,7 +9,7 @@ from typing import Any
 
 from gpuflow.errors import NotFound, RemoteCommandFailed
 from gpuflow.jobs import scripts
-from gpuflow.jobs.records import EXIT_CODE_NAME, PID_NAME, RunState, RunStatus, StopOutcome
+from gpuflow.jobs.records import EXIT_CODE_NAME, PID_NAME, ProcessLiveness, RunState, RunStatus, StopOutcome
 from gpuflow.transport.base import CommandRunner
 
 
@@ -39,8 +39,8 @@ class Liveness:
     ``gpuflow runs``, ``stop`` and a sandbox termination use)."""
 
     exists: bool
-    job: str  # alive | gone | none (never recorded: not started)
-    supervisor: str  # alive | gone | none
+    job: ProcessLiveness  # NONE: never recorded (not started)
+    supervisor: ProcessLiveness
     exit_code: int | None
     alive: bool  # the job or its supervisor
 
@@ -72,8 +72,8 @@ def job_liveness(runner: CommandRunner, remote_dir: str) -> Liveness | None:
         code = report.get("exit_code")
         return Liveness(
             exists=bool(report["exists"]),
-            job=str(report["job"]),
-            supervisor=str(report["supervisor"]),
+            job=ProcessLiveness(report["job"]),
+            supervisor=ProcessLiveness(report["supervisor"]),
             exit_code=int(code) if code is not None else None,
             alive=bool(report["alive"]),
         )
@@ -85,7 +85,7 @@ def lost_reason(liveness: Liveness, remote_dir: str) -> str:
     """Why a run whose job is not alive and has no exit code is lost."""
     if not liveness.exists:
         return f"its run directory {remote_dir} is gone"
-    if liveness.job == "none":
+    if liveness.job is ProcessLiveness.NONE:
         return "its supervisor is gone and never started the job"
     return "the job's process is gone without an exit code (its supervisor is gone too)"
 

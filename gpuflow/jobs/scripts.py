@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpuflow import procs
-from gpuflow.transport.base import quote_argv
+from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 
 class ShellCode(str):
@@ -229,14 +229,12 @@ def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") ->
     return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
 
 
-_PREPARE_ENVIRONMENT = r"""
-set -eu
+_PREPARE_ENVIRONMENT = "set -eu\n" + TAKE_LOCK_SHELL_FUNCTION + r"""
 env_dir={{env_dir}}
 base_python={{base_python}}
 requirements={{requirements}}
 mkdir -p "$(dirname "$env_dir")"
-exec 9>"$env_dir.lock"
-flock 9
+take_lock "$env_dir.lock" "" ""
 if [ ! -f "$env_dir/.gpuflow-ready" ]; then
   rm -rf "$env_dir"
   "$base_python" -m venv --system-site-packages "$env_dir"

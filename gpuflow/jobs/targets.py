@@ -9,33 +9,27 @@ from typing import Any
 from gpuflow import clusters, nodes, sync
 from gpuflow.errors import NotFound, UsageError
 from gpuflow.jobs.records import RunTarget
+from gpuflow.nodes import node_alive
 from gpuflow.state import validate_name
 
 # Turns a cluster name into the target its runs execute on (tests pass their own).
 TargetResolver = Callable[[str], RunTarget]
 
 
-def target_for_cluster(cluster_name: str) -> RunTarget:
-    """The default resolver: the cluster's record, its runner and the project sync."""
-    cluster = clusters.get_cluster(cluster_name)
+def target_for_cluster(cluster_name: str, *, project_dir: Path | None = None) -> RunTarget:
+    """The default resolver: the cluster's record, its runner and the project sync,
+    reached as the config of the project at ``project_dir`` says (a loopback sshd)."""
+    cluster = clusters.get_cluster(cluster_name, project_dir=project_dir)
 
     def sync_project(project_dir: Path) -> object:
         return sync.sync_project(cluster, project_dir)
 
     def sync_data(data_dir: Path) -> object:
-        return sync.sync_data(cluster, data_dir)
-
-    def instance_alive() -> bool:
-        if cluster.sandbox:
-            # A sandbox instance's disk is its directory, deleted when it is terminated
-            # (down, reap); asking the sandbox's EC2 could start a server that the last
-            # `down` already stopped.
-            return nodes.sandbox_directory(cluster).is_dir()
-        return nodes.instance_alive_hook(cluster, cluster.head.instance_id)()
+        return sync.sync_data(cluster, data_dir, project_dir=project_dir)
 
     return RunTarget(
-        cluster=cluster, connect=lambda: nodes.runner_for(cluster), sync_project=sync_project, sync_data=sync_data,
-        instance_alive=instance_alive,
+        cluster=cluster, connect=lambda: nodes.runner_for(cluster, project_dir=project_dir), sync_project=sync_project,
+        sync_data=sync_data, instance_alive=lambda: node_alive(cluster, project_dir=project_dir),
     )
 
 

@@ -7,17 +7,16 @@ from typing import Any
 
 from gpuflow import nodes
 from gpuflow.clusters import get_cluster, resolve_cluster_name
-from gpuflow.config import load_project_config
-from gpuflow.errors import ConfigError
+from gpuflow.config import project_config
+from gpuflow.nodes import Reach, access_for
 from gpuflow.records import Cluster
 from gpuflow.state import validate_name
 from gpuflow.sync.engine import DEFAULT_LARGE_BYTES, DEFAULT_LARGE_FILES, sync_directory
 from gpuflow.sync.ignore import PROJECT_SKIPPED_TOP_LEVEL
 from gpuflow.sync.plan import Destination, LocalDestination, SSHDestination, SyncReport
-from gpuflow.transport.local import LocalRunner
 
 
-def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
+def destination_for(cluster: Cluster, subdirectory: str, *, project_dir: Path | None = None) -> Destination:
     """Where ``<base>/<subdirectory>`` of a cluster's head node is, for sync.
 
     * a sandbox cluster without a loopback sshd: its LocalRunner directory
@@ -33,15 +32,16 @@ def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
     accepts exactly a key with such a fingerprint, pins the key first.
     """
     node = cluster.head
-    if cluster.sandbox:
-        runner = nodes.runner_for(cluster, node)  # pins a configured loopback sshd's key; connects lazily
+    reach = access_for(cluster, project_dir=project_dir).reach  # decided once, by gpuflow.nodes
+    if reach is not Reach.SSH:
+        runner = nodes.runner_for(cluster, node, project_dir=project_dir)  # pins a loopback sshd's key; connects lazily
         try:
-            if isinstance(runner, LocalRunner):
+            if reach is Reach.DIRECTORY:
                 return LocalDestination(Path(runner.base_dir) / subdirectory)
         finally:
             runner.close()
         directory = nodes.sandbox_directory(cluster, node)
-        return SSHDestination(nodes.ssh_target_for(cluster, node), f"{directory}/{subdirectory}")
+        return SSHDestination(nodes.ssh_target_for(cluster, node, project_dir=project_dir), f"{directory}/{subdirectory}")
     target = nodes.ssh_target_for(cluster, node)
     if nodes.ensure_host_keys(cluster, node, target):
         runner = nodes.runner_for(cluster, node)
@@ -55,7 +55,7 @@ def destination_for(cluster: Cluster, subdirectory: str) -> Destination:
 def sync_project(cluster: Cluster, project_dir: Path, **options: Any) -> SyncReport:
     """Push the project to ``<base>/project/`` (the top-level ``runs/`` stays home)."""
     options.setdefault("skip_top_level", tuple(PROJECT_SKIPPED_TOP_LEVEL))
-    return sync_directory(Path(project_dir), destination_for(cluster, "project"), **options)
+    return sync_directory(Path(project_dir), destination_for(cluster, "project", project_dir=project_dir), **options)
 
 
 def data_name(data_dir: Path) -> str:
@@ -63,9 +63,11 @@ def data_name(data_dir: Path) -> str:
     return validate_name(Path(data_dir).expanduser().resolve().name, "data directory name")
 
 
-def sync_data(cluster: Cluster, data_dir: Path, **options: Any) -> SyncReport:
-    """Push a data directory to ``<base>/data/<basename>/``, where later runs find it."""
-    return sync_directory(Path(data_dir), destination_for(cluster, f"data/{data_name(data_dir)}"), **options)
+def sync_data(cluster: Cluster, data_dir: Path, *, project_dir: Path | None = None, **options: Any) -> SyncReport:
+    """Push a data directory to ``<base>/data/<basename>/``, where later runs find it
+    (``project_dir``: the project whose config says how the cluster is reached)."""
+    destination = destination_for(cluster, f"data/{data_name(data_dir)}", project_dir=project_dir)
+    return sync_directory(Path(data_dir), destination, **options)
 
 
 def sync_cluster(
@@ -82,15 +84,13 @@ def sync_cluster(
     settings ``sync_warn_gb`` (default 1) and ``sync_warn_files`` (default
     20000) unless given.
     """
-    config = load_project_config(project_dir)
-    try:
-        options.setdefault("large_bytes", int(float(config.get("sync_warn_gb", DEFAULT_LARGE_BYTES / 1e9)) * 1e9))
-        options.setdefault("large_files", int(config.get("sync_warn_files", DEFAULT_LARGE_FILES)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{config.source}: sync_warn_gb / sync_warn_files must be numbers") from exc
+    config = project_config(project_dir)  # typed and validated by the reader
+    warn_gb, warn_files = config.sync.sync_warn_gb, config.sync.sync_warn_files
+    options.setdefault("large_bytes", int(warn_gb * 1e9) if warn_gb is not None else DEFAULT_LARGE_BYTES)
+    options.setdefault("large_files", warn_files if warn_files is not None else DEFAULT_LARGE_FILES)
     if cluster_name is None:
         cluster_name = resolve_cluster_name(None, project_dir=config.root)
     cluster = get_cluster(cluster_name)
     if data_dir is not None:
-        return sync_data(cluster, Path(data_dir), **options)
+        return sync_data(cluster, Path(data_dir), project_dir=config.root, **options)
     return sync_project(cluster, config.root, **options)

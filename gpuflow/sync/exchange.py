@@ -39,7 +39,7 @@ from gpuflow.sync.plan import DestinationEntry, DestinationState
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, ssh_failure, tail
 from gpuflow.sync.transfer import stream_tar
-from gpuflow.transport.base import quote_argv
+from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 # Searched for, not matched at the start: a login shell may print a banner first.
 _PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
@@ -49,15 +49,14 @@ _SYNC_WAIT_LINE = b"GPUFLOW-SYNC-WAIT\n"
 # Positional parameters: the destination directory, 1 to create and lock it (0:
 # a dry run, which changes nothing and so need not wait), the lock file's suffix,
 # the seconds to wait for the lock, the exit status when that wait runs out.
-EXCHANGE_SCRIPT = r"""d=$1 create=$2 lock_suffix=$3 lock_wait=$4 lock_code=$5
+EXCHANGE_SCRIPT = TAKE_LOCK_SHELL_FUNCTION + r"""d=$1 create=$2 lock_suffix=$3 lock_wait=$4 lock_code=$5
 r=0 e=0 l=0
 command -v rsync >/dev/null 2>&1 && r=1
 if [ "$create" = 1 ]; then
   mkdir -p -- "$d" || exit 3
   k="${d%/}$lock_suffix"
   if command -v flock >/dev/null 2>&1 && touch -- "$k" 2>/dev/null; then
-    exec 9>>"$k"
-    flock -n 9 || { printf 'GPUFLOW-SYNC-WAIT\n'; flock -w "$lock_wait" 9 || exit "$lock_code"; }
+    take_lock "$k" "$lock_wait" GPUFLOW-SYNC-WAIT || exit "$lock_code"
   fi
 fi
 if [ -d "$d" ] && cd -- "$d"; then

@@ -31,6 +31,21 @@ def quote_argv(argv: Sequence[str]) -> str:
     return shlex.join(str(part) for part in argv)
 
 
+# The one remote lock, for scripts gpuflow runs on a target (the virtualenv preparation, the
+# sync exchange): a shell function, put before the script that calls it.  ``take_lock FILE
+# SECONDS WAIT_LINE`` holds an exclusive flock(1) on FILE through descriptor 9 until the script
+# exits (the kernel drops it if the script dies); if another holds it, prints WAIT_LINE (when not
+# empty) once, then waits SECONDS (empty: without limit).  Non-zero when it could not take it.
+# The local counterpart is :func:`gpuflow.state.locked`.
+TAKE_LOCK_SHELL_FUNCTION = r"""take_lock() {
+  exec 9>>"$1" || return 1
+  flock -n 9 && return 0
+  [ -z "$3" ] || printf '%s\n' "$3"
+  if [ -n "$2" ]; then flock -w "$2" 9; else flock 9; fi
+}
+"""
+
+
 def env_prefix(env: Mapping[str, str] | None) -> str:
     """``env K=V ...`` with every value quoted, or '' when no variables."""
     if not env:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import fcntl
 import hashlib
 import re
 import struct
@@ -42,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpuflow.state import atomic_write_bytes
+from gpuflow.state import atomic_write_bytes, locked
 
 KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 KEYS_END = "-----END SSH HOST KEY KEYS-----"
@@ -222,12 +221,8 @@ def pinned_keys(path: Path | str, host: str, port: int = 22) -> list[PublicHostK
 def _locked(path: Path) -> Iterator[None]:
     """Serialise read-modify-write of one known_hosts file between processes."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(path.with_name(f".{path.name}.lock"), "a+") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+    with locked(path.with_name(f".{path.name}.lock")):
+        yield
 
 
 def pin_host_keys(path: Path | str, host: str, port: int, keys: Iterable[PublicHostKey]) -> list[str]:

@@ -36,6 +36,10 @@ class SandboxProvisioner(Ec2Provisioner):
         super().__init__(api, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds, clock=clock)
         self.discard_instance = discard_instance
 
+    def spot_role_exists(self) -> bool | None:
+        """The sandbox's spot launches need no IAM role: moto starts them without one."""
+        return True
+
     def terminate(self, instance_ids: Sequence[str]) -> None:
         tagged = {view.instance_id: view.cluster for view in self.describe_instances(instance_ids)}
         # Jobs and directory first: gpuflow killed in between then leaves a running instance

@@ -77,10 +77,22 @@ def _records_this_process(record_path: Path) -> bool:
 
 
 def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_seconds: float, stop: Callable[[], None]) -> None:
-    """The server's own backstop against being orphaned (its starter was killed, or
-    every cluster was taken down by other invocations): once it has served no
-    request for ``idle_seconds``, holds nothing and no process uses it, it removes
-    its record -- under the start lock, so no caller is handed it meanwhile -- and stops."""
+    """The server's own backstop against being orphaned: it always ends.  Once it has
+    served no request for ``idle_seconds`` it exits if its record is gone (its directory
+    deleted, or the record no longer names it: nobody can find it any more), or if it
+    holds nothing and no process uses it -- then removing its record under the start
+    lock, so no caller is handed it meanwhile.  Any failure of this watcher stops the
+    server too (one line in its log): a server without its watcher would never end."""
+    try:
+        reason = _wait_until_unneeded(directory, middleware, idle_seconds)
+    except Exception as failure:  # noqa: BLE001 -- whatever it is, the server must not outlive its watcher
+        reason = f"its idle watcher failed ({type(failure).__name__}: {failure}): stopping"
+    print(f"gpuflow sandbox: {reason}", flush=True)
+    stop()
+
+
+def _wait_until_unneeded(directory: Path, middleware: _SeedingMiddleware, idle_seconds: float) -> str:
+    """Block until the server may end; return why, for its log."""
     record_path = directory / SERVER_RECORD_NAME
     said = ""
 
@@ -94,6 +106,8 @@ def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_second
         time.sleep(min(5.0, idle_seconds / 4))
         if time.monotonic() - middleware.last_request < idle_seconds:
             continue
+        if not _records_this_process(record_path):  # no caller can find it; its lock files may be gone too
+            return f"idle for {idle_seconds:g} s and its record is gone: exiting"
         with try_flock(directory / SERVER_LOCK_NAME, fcntl.LOCK_EX) as not_starting:
             if not not_starting:
                 continue  # a caller is being handed this server, or a server is starting
@@ -108,9 +122,7 @@ def _exit_when_idle(directory: Path, middleware: _SeedingMiddleware, idle_second
                     continue
                 if recorded:
                     record_path.unlink(missing_ok=True)
-        break
-    print(f"gpuflow sandbox: idle for {idle_seconds:g} s and used by no one: exiting", flush=True)
-    stop()
+                return f"idle for {idle_seconds:g} s and used by no one: exiting"
 
 
 def serve(

@@ -165,6 +165,7 @@ def test_count_two_and_users_own_key_pair_is_kept(cloud, provisioners, gpuflow_h
     material = cloud.create_key_pair(KeyName="my-key", KeyType="ed25519")["KeyMaterial"]
     key_file = tmp_path / "my-key.pem"
     key_file.write_text(material)
+    key_file.chmod(0o600)  # as OpenSSH wants it: `up` refuses a key others can read
     spec = make_spec("pair", count=2, key_name="my-key", key_path=str(key_file))
     cluster = clusters.up(spec, provisioner_factory=provisioners)
     assert len(cluster.nodes) == 2 and not cluster.key_created
