@@ -228,11 +228,19 @@ def test_a_second_sync_waits_for_the_first_and_says_so(project, make_destination
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
     with _held_sync_lock(directory) as lock_file:
-        release = threading.Timer(1.0, release_lock, (lock_file,))
-        release.start()
-        report = sync_directory(project, destination, method=method, warn=warnings.append, lock_wait=30)
+        # Released only once the sync has said it is waiting (never on a clock: a slow
+        # connection must not make the lock free before the sync gets there).
+        release = threading.Timer(0.2, release_lock, (lock_file,))
+
+        def warn(message: str) -> None:
+            warnings.append(message)
+            if "another sync" in message and "waiting" in message and not release.is_alive() and not released.is_set():
+                release.start()
+
+        report = sync_directory(project, destination, method=method, warn=warn, lock_wait=30)
         returned_after_release = released.is_set()
-        release.join()
+        if release.is_alive() or released.is_set():
+            release.join()
     assert returned_after_release  # it did wait for the release
     assert [warning for warning in warnings if "another sync" in warning and "waiting" in warning]
     assert report.files_sent == len(_tree(project))
