@@ -35,9 +35,12 @@ from pathlib import Path
 # import modules of its own layer and of any layer further down the list, never
 # one further up.  When a module moves or a package is added, edit only this table.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # gpuflow.testing: the pytest plugin, a consumer of the use cases like the CLI (nothing imports it).
+    ("testing", ("gpuflow.testing",)),
     ("cli", ("gpuflow.cli", "gpuflow.__main__")),
     ("use cases", (
         "gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync", "gpuflow.demo", "gpuflow.ssh_config",
+        "gpuflow.project_init",  # `gpuflow init`
         # Old homes, until the restructure merge moves them into the packages above:
         "gpuflow.runs", "gpuflow.remote_scripts", "gpuflow.switch_status", "gpuflow.ignore", "gpuflow.wildmatch",
     )),
@@ -61,7 +64,9 @@ BOUNDARIES: dict[str, tuple[str, ...]] = {
 # factories that open boto3/moto (infra.aws, infra.sandbox) and paramiko
 # (gpuflow.transport.ssh), imported late to keep `gpuflow --help` fast.  Any other
 # project import belongs at the top of the module.
-FUNCTION_LEVEL_ALLOWED: tuple[str, ...] = ("infra.aws", "infra.sandbox", "gpuflow.transport.ssh")
+# gpuflow.testing: the plugin module pytest loads everywhere gpuflow is installed imports its
+# fixture's implementation (and gpuflow's use cases) only when a test uses the fixture.
+FUNCTION_LEVEL_ALLOWED: tuple[str, ...] = ("infra.aws", "infra.sandbox", "gpuflow.transport.ssh", "gpuflow.testing")
 
 # The top-level packages read.
 PACKAGES: tuple[str, ...] = ("gpuflow", "infra", "training")

@@ -50,6 +50,7 @@ def _register_commands() -> None:
     # The demo first: it is listed first in `gpuflow --help`.
     from gpuflow.cli import demo  # noqa: F401, I001
     from gpuflow.cli import cluster, jobs, remote, sync  # noqa: F401
+    from gpuflow.cli import init  # noqa: F401
 
 
 def _terminate_like_ctrl_c() -> None:
