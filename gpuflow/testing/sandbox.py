@@ -53,6 +53,9 @@ _FAKE_CREDENTIALS = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_SECURITY_TOKEN": "testing",
     "AWS_EC2_METADATA_DISABLED": "true",
+    # moto's thousands of stock AMIs cost seconds at every start and reset of its EC2; the
+    # sandbox seeds the Deep Learning AMI gpuflow resolves (infra.sandbox.seed).
+    "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
 }
 
 INTERRUPT_NOT_YET = (
@@ -211,7 +214,8 @@ class GpuflowSandbox:
         region = region or self.region
         self._regions.add(region)
         if (service, region) not in self._clients:
-            self._clients[(service, region)] = boto3.client(
+            session = boto3.session.Session(botocore_session=_botocore_session())
+            self._clients[(service, region)] = session.client(
                 service, region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing",
                 aws_session_token="testing",
             )
@@ -286,6 +290,20 @@ class GpuflowSandbox:
         failures += remove_cloud_leftovers(self._client_for, cloud_leftovers(self._client_for, self._cloud_regions()))
         failures += remove_local_leftovers(self.home, stop_server=stop_sandbox)
         return leak_message(found, failures, test_id=test_id)
+
+
+_BOTOCORE_SESSIONS: list[Any] = []
+
+
+def _botocore_session() -> Any:
+    """One botocore session for every test's clients: it loads each service's model once
+    (a second per new session otherwise).  Made inside the first sandbox, after moto's import,
+    so moto's request interception is among its handlers."""
+    if not _BOTOCORE_SESSIONS:
+        import botocore.session
+
+        _BOTOCORE_SESSIONS.append(botocore.session.get_session())
+    return _BOTOCORE_SESSIONS[0]
 
 
 def _module_or_command(target: str | Sequence[str], args: Sequence[str]) -> tuple[str | None, list[str]]:
