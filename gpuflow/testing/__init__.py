@@ -20,6 +20,8 @@ when a test asks for the :func:`gpuflow_sandbox` fixture
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,8 @@ def gpuflow_sandbox(
     left_behind = None
     try:
         with open_sandbox(
-            home=tmp_path_factory.mktemp("gpuflow-home", numbered=True),
+            # A name of its own per test (a deleted home's number would be handed out again).
+            home=tmp_path_factory.mktemp(f"gpuflow-home-{_safe_name(request.node.name)}-{secrets.token_hex(3)}"),
             project_dir=gpuflow_project_dir,
             test_id=request.node.nodeid,
             keep=keep,
@@ -91,6 +94,10 @@ def gpuflow_sandbox(
     if left_behind is not None:
         pytest.fail(left_behind, pytrace=False)
     summary["checked"] += 1
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:40].strip("-.") or "test"
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -77,7 +77,7 @@ def outcomes(junit: Path) -> dict[str, Outcome]:
         skipped = case.find("skipped")
         results[case.get("name")] = Outcome(
             passed=error is None and failure is None and skipped is None,
-            teardown_error=None if error is None else f"{error.get('message')}\n{error.text}",
+            teardown_error=None if error is None else (error.text or error.get("message")),
             call_failure=None if failure is None else f"{failure.get('message')}\n{failure.text}",
         )
     return results
