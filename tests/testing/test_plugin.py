@@ -55,7 +55,8 @@ def plugin_installed() -> bool:
 
 def pytest_in(directory: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     plugin = [] if plugin_installed() else ["-p", "gpuflow.testing"]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pytest", *plugin, "-p", "no:cacheprovider", *args],
         cwd=directory, env=environment, capture_output=True, text=True, timeout=timeout,
