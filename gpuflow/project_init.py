@@ -323,7 +323,8 @@ def init_project(
                     hint="pass it: gpuflow init --entry train/fit.py (a script, a module or a command)",
                 )
             entry, source = ask("Training entry point (a script such as train.py, a module such as pkg.train)"), EntrySource.ASKED
-    entry = check_entry(project_dir, entry)
+    if source is not EntrySource.CONFIG:  # a recorded entry is the user's: kept as written
+        entry = check_entry(project_dir, entry)
     planned = (
         (Path(PROJECT_CONFIG_NAME), config_text(entry)),
         (Path(IGNORE_NAME), IGNORE_TEXT),
