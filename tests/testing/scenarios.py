@@ -110,3 +110,20 @@ def test_kept_home(gpuflow_sandbox):
     gpuflow_sandbox.up("kept")
     gpuflow_sandbox.down("kept")
     note("kept", home=str(gpuflow_sandbox.home))
+
+
+def test_leak_spot_request_in_a_region_the_fixture_never_named(gpuflow_sandbox):
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="ap-south-1")  # not the fixture's client: found through moto's regions
+    [request] = ec2.request_spot_instances(
+        InstanceCount=1, LaunchSpecification={"ImageId": "ami-12345678", "InstanceType": "g5.xlarge"}
+    )["SpotInstanceRequests"]
+    note("spot_request", id=request["SpotInstanceRequestId"])
+
+
+def test_leak_sandbox_server(gpuflow_sandbox):
+    from infra.sandbox import read_server_record, sandbox_endpoint
+
+    sandbox_endpoint(gpuflow_sandbox.home)  # what `gpuflow up --sandbox` in another process would start
+    note("sandbox_server", id=str(read_server_record(gpuflow_sandbox.home).pid))

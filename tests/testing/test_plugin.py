@@ -145,6 +145,8 @@ def test_fixture_scenarios_pass(session, name):
     ("test_leak_sandbox_directory", "sandbox_directory", "sandbox directory"),
     ("test_leak_job_process", "job_process", "job process"),
     ("test_leak_up_without_down_job_still_running", "up_without_down", "instance"),
+    ("test_leak_spot_request_in_a_region_the_fixture_never_named", "spot_request", "spot request"),
+    ("test_leak_sandbox_server", "sandbox_server", "sandbox server"),
 ])
 def test_a_leak_fails_its_test_naming_the_resource(session, test, facts, kind):
     outcome = session.outcomes[test]
@@ -157,6 +159,7 @@ def test_a_leak_fails_its_test_naming_the_resource(session, test, facts, kind):
 
 def test_each_leak_reports_only_its_own_kind(session):
     for test, kind in [("test_leak_security_group", "security group"), ("test_leak_key_pair", "key pair"),
+                       ("test_leak_sandbox_server", "sandbox server"),
                        ("test_leak_sandbox_directory", "sandbox directory"), ("test_leak_job_process", "job process")]:
         reported = [line for line in session.outcomes[test].teardown_error.splitlines() if line.strip().startswith("- ")]
         assert len(reported) == 1 and reported[0].strip().startswith(f"- {kind} "), (test, reported)
@@ -171,6 +174,7 @@ def test_up_without_down_names_the_whole_cluster(session):
 
 def test_leaks_are_removed_and_homes_deleted_after_the_run(session):
     assert identity(int(session.facts("job_process")["id"])) is None  # the leaked process was killed
+    assert identity(int(session.facts("sandbox_server")["id"])) is None  # the server was stopped
     assert not Path(session.facts("up_without_down")["home"]).exists()
     assert not Path(session.facts("clean")["home"]).exists()
     assert Path(session.facts("clean")["local_dir"], "outputs", "metrics.json").is_file()  # the test's files stay
