@@ -331,8 +331,17 @@ def init_project(
         (SMOKE_TEST_PATH, smoke_test_text(_entry_mentions_keras(project_dir, entry))),
         (WORKFLOW_PATH, WORKFLOW_TEXT),
     )
-    written = tuple(InitFile(relative, write_new(project_dir / relative, text)) for relative, text in planned)
-    return InitReport(project_dir=project_dir, entry=entry, entry_source=source, files=written)
+    written: list[InitFile] = []
+    for relative, text in planned:
+        try:
+            written.append(InitFile(relative, write_new(project_dir / relative, text)))
+        except OSError as exc:
+            done = [str(item.path) for item in written if item.written]
+            raise UsageError(
+                f"cannot write {relative}: {exc.strerror or exc}" + (f" (wrote {', '.join(done)})" if done else ""),
+                hint=f"check that {project_dir} and its tests/ and .github/ are writable directories",
+            ) from exc
+    return InitReport(project_dir=project_dir, entry=entry, entry_source=source, files=tuple(written))
 
 
 # Every project setting gpuflow knows is in the generated gpuflow.toml (tests check it).

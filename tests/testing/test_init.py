@@ -175,3 +175,13 @@ def test_the_workflow_installs_and_runs_pytest_without_secrets(tmp_path):
 def test_the_plugin_is_declared_as_a_pytest11_entry_point():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"]["pytest11"] == {"gpuflow.testing": "gpuflow.testing"}
+
+
+def test_an_unwritable_place_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "tests").write_text("a file where init wants a directory\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["init"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write tests/test_gpuflow_smoke.py" in err
+    assert "wrote gpuflow.toml, .gpuflowignore" in err
