@@ -30,7 +30,9 @@ def test_up_run_down_leaves_nothing(gpuflow_sandbox):
     assert gpuflow_sandbox.project_dir not in run.local_dir.parents
     gpuflow_sandbox.down()
     assert gpuflow_sandbox.leftovers() == []
-    note("clean", home=str(gpuflow_sandbox.home), local_dir=str(run.local_dir))
+    from gpuflow.clusters import owner_id
+
+    note("clean", home=str(gpuflow_sandbox.home), local_dir=str(run.local_dir), owner=owner_id())
 
 
 def test_a_failing_job_gives_its_exit_code(gpuflow_sandbox):
@@ -102,7 +104,12 @@ def test_the_next_test_sees_nothing_of_the_last(gpuflow_sandbox):
     assert gpuflow_sandbox.client().describe_instances()["Reservations"] == []
     assert gpuflow_sandbox.client().describe_key_pairs()["KeyPairs"] == []
     assert os.environ["GPUFLOW_HOME"] == str(gpuflow_sandbox.home)
-    note("isolated", home=str(gpuflow_sandbox.home))
+    # The outer run set a real-looking profile, key and shared owner id: none of them reaches the sandbox.
+    assert "AWS_PROFILE" not in os.environ and "GPUFLOW_OWNER_ID" not in os.environ
+    assert os.environ["AWS_ACCESS_KEY_ID"] != "AKIAREALKEY" and os.environ["AWS_CONFIG_FILE"] == os.devnull
+    from gpuflow.clusters import owner_id
+
+    note("isolated", home=str(gpuflow_sandbox.home), owner=owner_id())
 
 
 @pytest.mark.gpuflow_keep

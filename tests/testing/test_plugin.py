@@ -113,7 +113,8 @@ def session(tmp_path_factory) -> Session:
     basetemp = tmp_path_factory.mktemp("inner-basetemp")
     junit = out / "junit.xml"
     result = pytest_in(project, f"--junitxml={junit}", f"--basetemp={basetemp}", "-rA",
-                       env={"SCENARIO_OUT": str(out)})
+                       env={"SCENARIO_OUT": str(out), "AWS_PROFILE": "someone-real", "AWS_ACCESS_KEY_ID": "AKIAREALKEY",
+                            "GPUFLOW_OWNER_ID": "ci-shared"})
     return Session(project, out, basetemp, result, outcomes(junit))
 
 
@@ -188,6 +189,8 @@ def test_leaks_are_removed_and_homes_deleted_after_the_run(session):
 def test_homes_are_private_per_test(session):
     homes = {session.facts(name)["home"] for name in ("clean", "up_without_down", "isolated", "kept")}
     assert len(homes) == 4
+    owners = {session.facts(name)["owner"] for name in ("clean", "isolated")}
+    assert len(owners) == 2 and "ci-shared" not in owners
 
 
 def test_gpuflow_keep_keeps_the_home_and_says_where(session):
