@@ -193,6 +193,13 @@ class GpuflowSandbox:
         except JobFailed as failed:
             exit_code = int(failed.exit_code)
             record = _newest_record(name)
+        except GpuflowError:
+            # A lost run, a failed pull, ...: raised as is, but what was pulled still leaves the project.
+            with contextlib.suppress(Exception):
+                newest = _newest_record(name)
+                if Path(newest.local_dir).is_dir():
+                    self._claim(Path(newest.local_dir))
+            raise
         log = out.getvalue().decode(errors="replace")
         sys.stdout.write(log)  # pytest shows it with a failing test
         local_dir = self._claim(Path(record.local_dir))
