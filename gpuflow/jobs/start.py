@@ -84,7 +84,7 @@ def start_run(
             say(str(summary()))
         remote_data_dir = f"{base_dir}/data/{sync.data_name(Path(data_dir))}"
     python = prepare_environment(runner, project_dir, say=say)
-    env: dict[str, str] = {
+    job_env = {
         "GPUFLOW_RUN_ID": run_id,
         "GPUFLOW_RUN_DIR": remote_dir,
         "GPUFLOW_OUTPUT_DIR": f"{remote_dir}/{OUTPUTS_NAME}",
@@ -92,13 +92,13 @@ def start_run(
         "PYTHONUNBUFFERED": "1",
     }
     if remote_data_dir is not None:
-        env["GPUFLOW_DATA_DIR"] = remote_data_dir
-    env = {**extra_env, **env}
+        job_env["GPUFLOW_DATA_DIR"] = remote_data_dir
+    job_env = {**extra_env, **job_env}  # gpuflow's own variables win (and are refused in env anyway)
     if is_training_module(module) and not (project_dir / TRAINING_PACKAGE / "__init__.py").is_file():
         # `gpuflow run training.cifar10_cnn` from any directory: ship the installed package.
         site_dir = f"{remote_dir}/site"
         ship_package(runner, TRAINING_PACKAGE, site_dir)
-        env["PYTHONPATH"] = site_dir
+        job_env["PYTHONPATH"] = site_dir
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
@@ -119,7 +119,7 @@ def start_run(
         base_dir=base_dir,
         work_dir=work_dir,
         argv=argv,
-        env=env,
+        env=job_env,
         heartbeat_seconds=heartbeat_seconds,
         probe_python=python,
     )
