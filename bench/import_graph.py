@@ -36,8 +36,10 @@ from pathlib import Path
 # import modules of its own layer and of any layer further down the list, never
 # one further up.  When a module moves or a package is added, edit only this table.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # gpuflow.testing: the pytest plugin, a consumer of the use cases like the CLI (nothing imports it).
+    ("testing", ("gpuflow.testing",)),
     ("cli", ("gpuflow.cli", "gpuflow.__main__")),
-    ("use cases", ("gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync")),
+    ("use cases", ("gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync", "gpuflow.project_init")),
     ("reaching nodes", ("gpuflow.transport", "gpuflow.nodes", "gpuflow.ssh_config")),
     ("cloud port", ("gpuflow.provisioner",)),
     ("core", ("gpuflow.__init__", "gpuflow.errors", "gpuflow.records", "gpuflow.state", "gpuflow.config",
@@ -73,6 +75,10 @@ FUNCTION_LEVEL_ALLOWED: tuple[tuple[str, str], ...] = (
     ("gpuflow.cli", "gpuflow.sync"),
     ("gpuflow.cli", "gpuflow.nodes"),
     ("gpuflow.cli", "gpuflow.ssh_config"),
+    ("gpuflow.cli", "gpuflow.project_init"),
+    # gpuflow.testing: the plugin module pytest loads wherever gpuflow is installed imports its
+    # fixture's implementation (and through it the use cases, moto) only when a test uses the fixture.
+    ("gpuflow.testing", "gpuflow.testing"),
     # training.layers imports Keras (seconds, and TensorFlow): the helpers that load a
     # saved model import it when called, so argument errors and data-only paths stay fast.
     ("training", "training.layers"),

@@ -87,6 +87,7 @@ class JobSettings:
     """How jobs start on the instance."""
 
     remote_python: str | None = None
+    entry: str | None = None  # the project's training entry point (`gpuflow init`; gpuflow.testing's smoke test runs it)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,13 +43,14 @@ def run(
     run_id: str | None = None,
     data_dir: Path | None = None,
     liveness_interval: float = LIVENESS_INTERVAL,
+    env: Mapping[str, str] | None = None,
 ) -> RunOutcome:
     """``gpuflow run``: start detached, stream the log, pull, return the outcome.
 
     Raises :class:`JobFailed` (carrying the job's exit code) when the job
     fails, after its outputs are pulled.  On Ctrl-C, ``on_interrupt(record)``
     answers :class:`InterruptChoice` STOP (stop the job, pull, fail) or DETACH (leave it running);
-    without it gpuflow detaches.  A job that vanishes without an exit code
+    without it gpuflow detaches.  ``env``: extra variables for the job (:func:`start_run`).  A job that vanishes without an exit code
     (:func:`follow_log`) makes the run ``lost``: :class:`RunLost`, after what
     is left of its files is pulled.
 
@@ -71,6 +72,7 @@ def run(
             heartbeat_seconds=heartbeat_seconds,
             home=home,
             say=say,
+            env=env,
         )
         if detach:
             return RunOutcome(record, None, detached=True)

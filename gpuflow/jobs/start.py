@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +47,7 @@ def start_run(
     heartbeat_seconds: float = 30,
     home: Path | None = None,
     say: Say = quiet,
+    env: Mapping[str, str] | None = None,
 ) -> RunRecord:
     """Sync, prepare the environment, write the manifest and start the job detached.
 
@@ -54,9 +55,13 @@ def start_run(
     first — only what changed, so later runs reuse it — and named to the job
     in ``$GPUFLOW_DATA_DIR`` (and ``--data-dir`` for a training module).
 
+    ``env`` adds variables to the job's environment (e.g. ``GPUFLOW_SMOKE=1``);
+    gpuflow's own ``GPUFLOW_*`` run variables and AWS credentials cannot be set this way.
+
     Returns once the supervisor has recorded the job's pid (or its exit
     code, for a job that ended at once).
     """
+    extra_env = checked_job_env(env)
     project_dir = project_dir.resolve()
     run_id = validate_name(run_id or new_run_id(), "run id")
     base_dir = runner.base_dir
@@ -79,7 +84,7 @@ def start_run(
             say(str(summary()))
         remote_data_dir = f"{base_dir}/data/{sync.data_name(Path(data_dir))}"
     python = prepare_environment(runner, project_dir, say=say)
-    env = {
+    job_env = {
         "GPUFLOW_RUN_ID": run_id,
         "GPUFLOW_RUN_DIR": remote_dir,
         "GPUFLOW_OUTPUT_DIR": f"{remote_dir}/{OUTPUTS_NAME}",
@@ -87,12 +92,13 @@ def start_run(
         "PYTHONUNBUFFERED": "1",
     }
     if remote_data_dir is not None:
-        env["GPUFLOW_DATA_DIR"] = remote_data_dir
+        job_env["GPUFLOW_DATA_DIR"] = remote_data_dir
+    job_env = {**extra_env, **job_env}  # gpuflow's own variables win (and are refused in env anyway)
     if is_training_module(module) and not (project_dir / TRAINING_PACKAGE / "__init__.py").is_file():
         # `gpuflow run training.cifar10_cnn` from any directory: ship the installed package.
         site_dir = f"{remote_dir}/site"
         ship_package(runner, TRAINING_PACKAGE, site_dir)
-        env["PYTHONPATH"] = site_dir
+        job_env["PYTHONPATH"] = site_dir
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
@@ -113,7 +119,7 @@ def start_run(
         base_dir=base_dir,
         work_dir=work_dir,
         argv=argv,
-        env=env,
+        env=job_env,
         heartbeat_seconds=heartbeat_seconds,
         probe_python=python,
     )
@@ -139,6 +145,29 @@ def start_run(
         raise
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
+
+
+# Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
+RESERVED_JOB_VARIABLES = frozenset(
+    {"GPUFLOW_RUN_ID", "GPUFLOW_RUN_DIR", "GPUFLOW_OUTPUT_DIR", "GPUFLOW_DATA_ROOT", "GPUFLOW_DATA_DIR", "PYTHONPATH"}
+)
+
+
+def checked_job_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` for a job, checked: names a shell accepts, string values, none of
+    gpuflow's own run variables and no AWS variable but the region (UsageError)."""
+    checked: dict[str, str] = {}
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not key or not key.replace("_", "a").isalnum() or not key.isascii() or key[0].isdigit():
+            raise UsageError(f"invalid environment variable name {key!r}", hint="use letters, digits and _")
+        if key in RESERVED_JOB_VARIABLES:
+            raise UsageError(f"{key} is set by gpuflow for every job", hint="drop it from the job's environment")
+        if key.startswith("AWS_") and key not in scripts.KEPT_AWS_VARIABLES:
+            raise UsageError(f"{key} is never handed to a job", hint="jobs get no AWS credentials")
+        if not isinstance(value, str) or "\0" in value:
+            raise UsageError(f"the value of {key} must be a string without NUL bytes, got {value!r}")
+        checked[key] = value
+    return checked
 
 
 def _launch(runner: CommandRunner, launch: str, attempts: int = 3) -> CommandResult:
