@@ -381,6 +381,18 @@ def test_cam_and_saliency_find_the_quadrant_that_holds_the_pattern(quadrant_mode
         # but it points at the pattern far more than chance (0.25), and less than SmoothGrad.
         assert np.median(share["gradient"]) >= 0.45
         assert np.median(share["gradient"]) < np.median(share["SmoothGrad"])
+        # Model randomisation check (Adebayo et al. 2018): the pattern is brighter than the
+        # noise, so an untrained CNN's SmoothGrad already leans to it (25-45% of images,
+        # README); the trained one must localise because of what it learned.
+        import keras
+
+        from training.models import build_cnn
+
+        keras.utils.set_random_seed(QUADRANT_SEED)
+        untrained = visualize.Probe(build_cnn((QUADRANT_SIDE, QUADRANT_SIDE, 1), 4))
+        chance = fractions(visualize.smoothgrad_maps(untrained, images, labels, seed=QUADRANT_SEED), quadrants)
+        print(f"seed {QUADRANT_SEED} untrained CNN, SmoothGrad: >= 0.6 for {np.mean(chance >= 0.6):.0%}")
+        assert np.mean(share["SmoothGrad"] >= 0.6) - np.mean(chance >= 0.6) >= 0.3
     else:
         # The GAP model recognises one of the four classes by the others' absence in some
         # trainings: its CAM has no place to point at (README).  Asserted: the median image.

@@ -203,7 +203,7 @@ def plot_saliency(images, rows, labels, predictions, confidences, names, path: P
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
         axes[row, 0].set_ylabel(method, fontsize=9)
-        figure.colorbar(drawn, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01, label="/ max")
+        figure.colorbar(drawn, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01, label="value / the map's max")
     figure.suptitle(f"Saliency of the predicted class's logit — {title}", fontsize=10)
     _save(figure, path)
 
