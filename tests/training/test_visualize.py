@@ -116,6 +116,10 @@ def test_a_digits_cnn_trained_with_visualize_gets_every_picture(digits_cnn):
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     assert_consistent_metrics(report)
     assert report["cam"] == {"method": "Grad-CAM", "layer": "conv2d_2", "feature_map_shape": [4, 4, 64]}
+    assert report["saliency"]["smoothgrad"] == {
+        "what": "|mean of d logit / d pixel over noisy copies|, largest over the colour channels",
+        "samples": 25, "noise_sigma_of_pixel_range": 0.15, "seed": 0,
+    }
     assert report["filters"] == {"layer": "conv2d", "kernels": 16, "kernel_shape": [2, 2, 1]}
     assert report["feature_maps"]["layers"] == [
         "conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1", "conv2d_2", "max_pooling2d_2"
@@ -168,6 +172,35 @@ def test_cam_plus_bias_is_the_logit(transfer_model):
         cams = visualize.class_activation_maps(probe, images, classes)
         assert cams.shape == (40, 8, 8)
         assert np.abs(cams.mean(axis=(1, 2)) + bias[label] - logits[:, label]).max() <= 1e-4
+
+
+def test_smoothgrad_averages_the_signed_gradient_over_noisy_copies(keras_home):
+    """A linear model's gradient is the same everywhere: SmoothGrad equals the plain
+    gradient |W_c|; through a ReLU the noise changes it, reproducibly by seed."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.0, 1.0, (5, 4, 4, 3)).astype(np.float32)
+    classes = np.array([0, 1, 2, 0, 1])
+    linear = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    probe = visualize.Probe(linear)
+    kernel = np.asarray(linear.layers[-1].kernel)  # (48, 3), flattened (row, column, channel)
+    expected = np.abs(kernel[:, classes].T.reshape(5, 4, 4, 3)).max(axis=-1)
+    np.testing.assert_allclose(visualize.saliency_maps(probe, images, classes), expected, atol=1e-6)
+    np.testing.assert_allclose(visualize.smoothgrad_maps(probe, images, classes, samples=4), expected, atol=1e-6)
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    relu = keras.Sequential(
+        [keras.Input((4, 4, 3)), layers.Conv2D(8, 2, activation="relu"), layers.Flatten(), layers.Dense(3, activation="softmax")]
+    )
+    probe = visualize.Probe(relu)
+    plain = visualize.saliency_maps(probe, images, classes)
+    smooth = visualize.smoothgrad_maps(probe, images, classes, samples=8, seed=1)
+    assert smooth.shape == plain.shape == (5, 4, 4) and not np.allclose(smooth, plain, atol=1e-4)
+    np.testing.assert_array_equal(smooth, visualize.smoothgrad_maps(probe, images, classes, samples=8, seed=1))
+    with pytest.raises(ValueError, match="at least one noisy copy"):
+        visualize.smoothgrad_maps(probe, images, classes, samples=0)
 
 
 # --------------------------------------------------------------------------- activation maximisation

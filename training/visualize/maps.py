@@ -74,6 +74,8 @@ def smoothgrad_maps(
     flickers from pixel to pixel where the network only sees noise, and averages out
     there, while it stays the same over what the class score depends on.
     """
+    if samples < 1:
+        raise ValueError(f"SmoothGrad needs at least one noisy copy, not {samples}")
     images = np.asarray(images, dtype=np.float32)
     rng = np.random.default_rng(seed)
     ranges = images.reshape(len(images), -1).max(axis=1) - images.reshape(len(images), -1).min(axis=1)
