@@ -116,6 +116,10 @@ def test_a_digits_cnn_trained_with_visualize_gets_every_picture(digits_cnn):
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     assert_consistent_metrics(report)
     assert report["cam"] == {"method": "Grad-CAM", "layer": "conv2d_2", "feature_map_shape": [4, 4, 64]}
+    assert report["saliency"]["smoothgrad"] == {
+        "what": "|mean of d logit / d pixel over noisy copies|, largest over the colour channels",
+        "samples": 25, "noise_sigma_of_pixel_range": 0.15, "seed": 0,
+    }
     assert report["filters"] == {"layer": "conv2d", "kernels": 16, "kernel_shape": [2, 2, 1]}
     assert report["feature_maps"]["layers"] == [
         "conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1", "conv2d_2", "max_pooling2d_2"
@@ -168,6 +172,35 @@ def test_cam_plus_bias_is_the_logit(transfer_model):
         cams = visualize.class_activation_maps(probe, images, classes)
         assert cams.shape == (40, 8, 8)
         assert np.abs(cams.mean(axis=(1, 2)) + bias[label] - logits[:, label]).max() <= 1e-4
+
+
+def test_smoothgrad_averages_the_signed_gradient_over_noisy_copies(keras_home):
+    """A linear model's gradient is the same everywhere: SmoothGrad equals the plain
+    gradient |W_c|; through a ReLU the noise changes it, reproducibly by seed."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.0, 1.0, (5, 4, 4, 3)).astype(np.float32)
+    classes = np.array([0, 1, 2, 0, 1])
+    linear = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    probe = visualize.Probe(linear)
+    kernel = np.asarray(linear.layers[-1].kernel)  # (48, 3), flattened (row, column, channel)
+    expected = np.abs(kernel[:, classes].T.reshape(5, 4, 4, 3)).max(axis=-1)
+    np.testing.assert_allclose(visualize.saliency_maps(probe, images, classes), expected, atol=1e-6)
+    np.testing.assert_allclose(visualize.smoothgrad_maps(probe, images, classes, samples=4), expected, atol=1e-6)
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    relu = keras.Sequential(
+        [keras.Input((4, 4, 3)), layers.Conv2D(8, 2, activation="relu"), layers.Flatten(), layers.Dense(3, activation="softmax")]
+    )
+    probe = visualize.Probe(relu)
+    plain = visualize.saliency_maps(probe, images, classes)
+    smooth = visualize.smoothgrad_maps(probe, images, classes, samples=8, seed=1)
+    assert smooth.shape == plain.shape == (5, 4, 4) and not np.allclose(smooth, plain, atol=1e-4)
+    np.testing.assert_array_equal(smooth, visualize.smoothgrad_maps(probe, images, classes, samples=8, seed=1))
+    with pytest.raises(ValueError, match="at least one noisy copy"):
+        visualize.smoothgrad_maps(probe, images, classes, samples=0)
 
 
 # --------------------------------------------------------------------------- activation maximisation
@@ -262,13 +295,18 @@ def test_option_errors_are_one_line_before_tensorflow(tmp_path):
 
 # --------------------------------------------------------------------------- localisation
 
-# Four classes of 8x8 pattern; each image holds one, filling one of its four quadrants,
-# on uniform noise in [0, 0.4]; the class does not tell the quadrant.
-QUADRANT_NOISE = 0.4
+# The localisation test set: four classes of 8x8 pattern, drawn 2x (16x16); each 32x32
+# image holds one pattern filling one of its four quadrants, on uniform noise in
+# [0, 0.2] (pattern pixels 0.8-1.0); the class does not tell the quadrant.  At 32 px the
+# course CNN's last convolution is 8x8 (4x4 cells per quadrant); at 16 px it was 4x4 and
+# the upsampled Grad-CAM spilled over the quadrant's edge (>= 0.7 for 58% of images).
+QUADRANT_SIDE = 32
+QUADRANT_NOISE = 0.2
 # Heat counted: the part of a map above 20% of its maximum (the CAM paper's localisation
-# threshold; below it the picture is background blue).  Measured here, seed 0 (README):
-# Grad-CAM median 0.83, CAM 0.95, saliency (CNN) 0.72 of that heat in the right quadrant.
+# threshold; below it the picture is background).  Figures per seed in README;
+# VISUALIZE_QUADRANT_SEED=N (default 0) trains and measures with another seed.
 HEAT_THRESHOLD = 0.2
+QUADRANT_SEED = int(os.environ.get("VISUALIZE_QUADRANT_SEED", "0"))
 
 
 def quadrant_patterns() -> np.ndarray:
@@ -279,45 +317,44 @@ def quadrant_patterns() -> np.ndarray:
     patterns[2, [1, 6], 1:7] = 1
     patterns[2, 1:7, [1, 6]] = 1  # ring
     patterns[3, [1, 2, 5, 6], 1:7] = 1  # two bars
-    return patterns
+    scale = QUADRANT_SIDE // 16
+    return np.repeat(np.repeat(patterns, scale, axis=1), scale, axis=2)
 
 
 def quadrant_images(count: int, seed: int):
-    """(images 16x16x1 in [0, 1], labels, quadrant of each pattern: 0 top-left .. 3 bottom-right)."""
+    """(images 32x32x1 in [0, 1], labels, quadrant of each pattern: 0 top-left .. 3 bottom-right)."""
     rng = np.random.default_rng(seed)
     patterns = quadrant_patterns()
+    half = QUADRANT_SIDE // 2
     labels = rng.integers(0, 4, count)
     quadrants = rng.integers(0, 4, count)
-    images = rng.uniform(0.0, QUADRANT_NOISE, (count, 16, 16, 1)).astype(np.float32)
+    images = rng.uniform(0.0, QUADRANT_NOISE, (count, QUADRANT_SIDE, QUADRANT_SIDE, 1)).astype(np.float32)
     for index in range(count):
-        top, left = 8 * (quadrants[index] // 2), 8 * (quadrants[index] % 2)
-        window = images[index, top : top + 8, left : left + 8, 0]
-        bright = rng.uniform(0.8, 1.0, (8, 8)).astype(np.float32)
-        images[index, top : top + 8, left : left + 8, 0] = np.where(patterns[labels[index]] > 0, bright, window)
+        top, left = half * (quadrants[index] // 2), half * (quadrants[index] % 2)
+        window = images[index, top : top + half, left : left + half, 0]
+        bright = rng.uniform(0.8, 1.0, (half, half)).astype(np.float32)
+        images[index, top : top + half, left : left + half, 0] = np.where(patterns[labels[index]] > 0, bright, window)
     return images, labels, quadrants
 
 
-def fraction_in_quadrant(heat: np.ndarray, quadrant: int) -> float:
-    """Share of the heat above HEAT_THRESHOLD x its maximum that lies in ``quadrant``."""
-    counted = np.where(heat >= HEAT_THRESHOLD * heat.max(), heat, 0.0)
+def fraction_in_quadrant(heat: np.ndarray, quadrant: int, threshold: float = HEAT_THRESHOLD) -> float:
+    """Share of the heat above ``threshold`` x its maximum that lies in ``quadrant``."""
+    counted = np.where(heat >= threshold * heat.max(), heat, 0.0)
     row, column = divmod(int(quadrant), 2)
     height, width = heat.shape
     inside = counted[row * height // 2 : (row + 1) * height // 2, column * width // 2 : (column + 1) * width // 2]
     return float(inside.sum() / counted.sum()) if counted.sum() > 0 else 0.0
 
 
-@pytest.fixture(scope="module")
-def quadrant_models(keras_home):
-    """The course CNN (Flatten head: Grad-CAM) and a GAP model (CAM), trained on quadrant images."""
-    import keras
+def fractions(maps: np.ndarray, quadrants: np.ndarray, threshold: float = HEAT_THRESHOLD) -> np.ndarray:
+    return np.array([fraction_in_quadrant(heat, quadrant, threshold) for heat, quadrant in zip(maps, quadrants)])
 
-    from training.models import build_cnn
 
-    keras.utils.set_random_seed(0)
+def gap_model(keras):
     layers = keras.layers
-    gap = keras.Sequential(
+    return keras.Sequential(
         [
-            keras.Input((16, 16, 1)),
+            keras.Input((QUADRANT_SIDE, QUADRANT_SIDE, 1)),
             layers.Conv2D(16, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(2),
             layers.Conv2D(32, 3, padding="same", activation="relu"),
@@ -327,33 +364,69 @@ def quadrant_models(keras_home):
         ],
         name="gap_cnn",
     )
-    images, labels, _ = quadrant_images(1000, seed=0)
-    models = {"Grad-CAM": build_cnn((16, 16, 1), 4), "CAM": gap}
+
+
+@pytest.fixture(scope="module")
+def quadrant_models(keras_home):
+    """The course CNN (Flatten head: Grad-CAM) and a GAP model (CAM), trained on quadrant images."""
+    import keras
+
+    from training.models import build_cnn
+
+    keras.utils.set_random_seed(QUADRANT_SEED)
+    images, labels, _ = quadrant_images(1000, seed=2 * QUADRANT_SEED)
+    models = {"Grad-CAM": build_cnn((QUADRANT_SIDE, QUADRANT_SIDE, 1), 4), "CAM": gap_model(keras)}
     for model in models.values():
         model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-        model.fit(images, keras.utils.to_categorical(labels, 4), epochs=5, batch_size=32, verbose=0)
+        model.fit(images, keras.utils.to_categorical(labels, 4), epochs=6, batch_size=32, verbose=0)
     return models
 
 
 @pytest.mark.parametrize("method", ["Grad-CAM", "CAM"])
 def test_cam_and_saliency_find_the_quadrant_that_holds_the_pattern(quadrant_models, method):
-    images, labels, quadrants = quadrant_images(200, seed=1)
+    images, labels, quadrants = quadrant_images(200, seed=2 * QUADRANT_SEED + 1)
     probe = visualize.Probe(quadrant_models[method])
     _, probabilities = probe.predict(images)
     right = probabilities.argmax(axis=1) == labels
     assert right.mean() >= 0.9
-    found, heats = visualize.localisation_maps(probe, images[right], labels[right])
-    assert found == method and heats.shape == (right.sum(), 16, 16)
-    fractions = np.array([fraction_in_quadrant(heat, quadrant) for heat, quadrant in zip(heats, quadrants[right])])
-    saliency = visualize.saliency_maps(probe, images[right], labels[right])
-    salient = np.array([fraction_in_quadrant(heat, quadrant) for heat, quadrant in zip(saliency, quadrants[right])])
-    print(f"{method}: median {np.median(fractions):.2f}, >=0.7 for {np.mean(fractions >= 0.7):.0%}; "
-          f"saliency median {np.median(salient):.2f}, >=0.6 for {np.mean(salient >= 0.6):.0%}")
-    # The issue asked for >= 70% of the heat in the right quadrant for >= 80% of the images;
-    # measured: 58% (Grad-CAM) and 76% (CAM) of them (README).  Asserted: the median image.
-    assert np.median(fractions) >= 0.7 and np.mean(fractions >= 0.7) >= 0.5
+    images, labels, quadrants = images[right], labels[right], quadrants[right]
+    found, heats = visualize.localisation_maps(probe, images, labels)
+    assert found == method and heats.shape == (len(images), QUADRANT_SIDE, QUADRANT_SIDE)
+    maps = {
+        method: heats,
+        "gradient": visualize.saliency_maps(probe, images, labels),
+        "SmoothGrad": visualize.smoothgrad_maps(probe, images, labels, seed=QUADRANT_SEED),
+    }
+    share = {name: fractions(found_maps, quadrants) for name, found_maps in maps.items()}
+    for name, bar in ((method, 0.7), ("gradient", 0.6), ("SmoothGrad", 0.6)):
+        raw = fractions(maps[name], quadrants, threshold=0.0)
+        print(f"seed {QUADRANT_SEED} {method} model, {name}: median {np.median(share[name]):.2f}, "
+              f">= {bar} for {np.mean(share[name] >= bar):.0%} (all heat: {np.median(raw):.2f}, {np.mean(raw >= bar):.0%})")
     # Control: the quadrant opposite the pattern gets little of the heat.
-    opposite = [fraction_in_quadrant(heat, 3 - quadrant) for heat, quadrant in zip(heats, quadrants[right])]
+    opposite = fractions(heats, 3 - quadrants)
     assert np.median(opposite) <= 0.1
-    if method == "Grad-CAM":  # the GAP model's gradients spread evenly over the image (README)
-        assert np.median(salient) >= 0.6 and np.mean(salient >= 0.6) >= 0.5
+    if method == "Grad-CAM":
+        # The issue's bars, met on the course CNN: >= 70% of the heat in the pattern's
+        # quadrant for >= 80% of the images (Grad-CAM), >= 60% (SmoothGrad saliency).
+        assert np.mean(share["Grad-CAM"] >= 0.7) >= 0.8
+        assert np.mean(share["SmoothGrad"] >= 0.6) >= 0.8
+        # The plain gradient does not meet it (measured 28-48% of the images, README),
+        # but it points at the pattern far more than chance (0.25), and less than SmoothGrad.
+        assert np.median(share["gradient"]) >= 0.45
+        assert np.median(share["gradient"]) < np.median(share["SmoothGrad"])
+        # Model randomisation check (Adebayo et al. 2018): the pattern is brighter than the
+        # noise, so an untrained CNN's SmoothGrad already leans to it (25-45% of images,
+        # README); the trained one must localise because of what it learned.
+        import keras
+
+        from training.models import build_cnn
+
+        keras.utils.set_random_seed(QUADRANT_SEED)
+        untrained = visualize.Probe(build_cnn((QUADRANT_SIDE, QUADRANT_SIDE, 1), 4))
+        chance = fractions(visualize.smoothgrad_maps(untrained, images, labels, seed=QUADRANT_SEED), quadrants)
+        print(f"seed {QUADRANT_SEED} untrained CNN, SmoothGrad: >= 0.6 for {np.mean(chance >= 0.6):.0%}")
+        assert np.mean(share["SmoothGrad"] >= 0.6) - np.mean(chance >= 0.6) >= 0.3
+    else:
+        # The GAP model recognises one of the four classes by the others' absence in some
+        # trainings: its CAM has no place to point at (README).  Asserted: the median image.
+        assert np.median(share["CAM"]) >= 0.7 and np.mean(share["CAM"] >= 0.7) >= 0.5

@@ -9,7 +9,8 @@ The course's part on *looking inside* CNNs, for any classifier these modules sav
 * ``activation_maximization.png`` — inputs that maximise a few filters of the last
   convolution and each class score: gradient ascent from noise around the median pixel,
   with jitter, blur and L2 decay, a fixed seed and a fixed number of steps;
-* ``saliency.png`` — |d class score / d input| beside each image;
+* ``saliency.png`` — under each image, |d class score / d input| (the plain gradient) and
+  SmoothGrad (the gradient averaged over noisy copies of the image);
 * ``cam.png`` — where the network looked: true CAM (sum_k w_k A_k of the last feature
   map) for a GlobalAveragePooling2D + Dense head (the transfer-learning models), Grad-CAM
   for the course CNN's Flatten + Dense head, laid over the image with each cell drawn at
@@ -48,6 +49,7 @@ from training.visualize.maps import (
     localisation_maps,
     place,
     saliency_maps,
+    smoothgrad_maps,
 )
 from training.visualize.maximization import (
     class_objective,
@@ -74,6 +76,7 @@ __all__ = [
     "DEFAULT_IMAGES", "DEFAULT_STEPS", "MAXIMIZED_FILTERS", "PICTURES", "REPORT_FILE", "ImageSet", "Probe", "Step",
     "VisualizeOptions", "after_training", "class_activation_maps", "class_objective", "filter_objective",
     "geometry_of", "grad_cam", "heat", "image_set", "load_classifier", "localisation_maps", "main", "maximize",
-    "parse_options", "per_class_metrics", "place", "saliency_maps", "selective_filters", "starting_noise",
+    "parse_options", "per_class_metrics", "place", "saliency_maps", "selective_filters", "smoothgrad_maps",
+    "starting_noise",
     "visualize", "visualize_model",
 ]

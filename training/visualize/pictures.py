@@ -185,20 +185,25 @@ def _label(names: Sequence[str], predicted: int, true: int, confidence: float) -
     return f"pred {names[predicted]} ({confidence:.0%})\ntrue {names[true]}"
 
 
-def plot_saliency(images, maps, labels, predictions, confidences, names, path: Path, title: str) -> None:
+def plot_saliency(images, rows, labels, predictions, confidences, names, path: Path, title: str) -> None:
+    """Each image above its saliency maps; ``rows``: (method label, (N, H, W) maps) per row."""
     pyplot = _pyplot()
     count = len(images)
-    figure, axes = pyplot.subplots(2, count, figsize=(1.6 * count + 1.4, 4.2), squeeze=False, layout="constrained")
-    scaled = heat(maps)
+    figure, axes = pyplot.subplots(
+        1 + len(rows), count, figsize=(1.6 * count + 1.4, 0.4 + 1.9 * (1 + len(rows))), squeeze=False, layout="constrained"
+    )
     for column in range(count):
         show_image(axes[0, column], images[column])
         axes[0, column].set_title(_label(names, predictions[column], labels[column], confidences[column]), fontsize=8)
-        drawn = axes[1, column].imshow(scaled[column], cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
-        axes[1, column].set_xticks([])
-        axes[1, column].set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize=9)
-    axes[1, 0].set_ylabel("saliency", fontsize=9)
-    figure.colorbar(drawn, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="|d score / d pixel| / max")
+    for row, (method, maps) in enumerate(rows, start=1):
+        scaled = heat(maps)
+        for column in range(count):
+            drawn = axes[row, column].imshow(scaled[column], cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+        axes[row, 0].set_ylabel(method, fontsize=9)
+        figure.colorbar(drawn, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01, label="value / the map's max")
     figure.suptitle(f"Saliency of the predicted class's logit — {title}", fontsize=10)
     _save(figure, path)
 

@@ -16,7 +16,13 @@ from training.cli import RunOptions
 from training.data import Splits
 from training.errors import TrainingError
 from training.outputs import VISUALIZATION_DIRECTORY
-from training.visualize.maps import localisation_maps, saliency_maps
+from training.visualize.maps import (
+    SMOOTHGRAD_SAMPLES,
+    SMOOTHGRAD_SPREAD,
+    localisation_maps,
+    saliency_maps,
+    smoothgrad_maps,
+)
 from training.visualize.maximization import (
     class_objective,
     filter_objective,
@@ -208,8 +214,24 @@ def visualize_model(
     )
     written("activation_maximization.png", "inputs that maximise filters of the last convolution and each class score")
 
-    plot_saliency(sample, saliency_maps(probe, sample, sample_predictions), *label_args, output / "saliency.png", title)
-    written("saliency.png", "|d class score / d input| of the predicted class")
+    rows = (
+        ("gradient\n|d logit / d pixel|", saliency_maps(probe, sample, sample_predictions)),
+        (
+            f"SmoothGrad\n{SMOOTHGRAD_SAMPLES} copies, noise {SMOOTHGRAD_SPREAD:.0%}",
+            smoothgrad_maps(probe, sample, sample_predictions, seed=seed),
+        ),
+    )
+    report["saliency"] = {
+        "gradient": "|d logit / d pixel| of the predicted class, largest over the colour channels",
+        "smoothgrad": {
+            "what": "|mean of d logit / d pixel over noisy copies|, largest over the colour channels",
+            "samples": SMOOTHGRAD_SAMPLES,
+            "noise_sigma_of_pixel_range": SMOOTHGRAD_SPREAD,
+            "seed": seed,
+        },
+    }
+    plot_saliency(sample, rows, *label_args, output / "saliency.png", title)
+    written("saliency.png", "|d class score / d input| of the predicted class: plain gradient and SmoothGrad")
 
     if probe.cam_step is not None or probe.gradcam_step is not None:
         method, heats = localisation_maps(probe, sample, sample_predictions)
