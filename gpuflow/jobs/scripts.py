@@ -88,6 +88,7 @@ work_dir={{work_dir}}
 heartbeat_seconds={{heartbeat_seconds}}
 python={{probe_python}}
 procs_py={{procs_source}}
+watch_py={{watch_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
 
@@ -123,12 +124,18 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
     </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
+  # The spot-interruption watcher (gpuflow/jobs/imds_watch.py): in this process group, not the job's;
+  # it turns itself off where no instance metadata service answers, and never feeds the heartbeat.
+  "$python" -I -S -c "$watch_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
+  watcher_pid=$!
   # The manifest's environment facts, gathered here so no extra round trip is needed.
   ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
       && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
   probe_pid=$!
   wait "$job_pid"
   code=$?
+  kill "$watcher_pid" 2>/dev/null
+  wait "$watcher_pid" 2>/dev/null
   wait "$probe_pid"  # the manifest is complete by the time exit_code appears
 else
   code=127
@@ -170,6 +177,21 @@ def procs_script(mode: str | None = None) -> str:
     return f"{source}\n\nsys.exit({call})\n"
 
 
+def watcher_script() -> str:
+    """The spot-interruption watcher as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
+    :mod:`gpuflow.procs`' source (how the job is signalled, proven by identity), then
+    :mod:`gpuflow.jobs.imds_watch`'s (its ``from __future__`` line dropped: the first one
+    covers the whole script)."""
+    from gpuflow.jobs import imds_watch
+
+    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
+    watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
+    watch_source = "\n".join(
+        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
+    )
+    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(watch_main(sys.argv[1:], signal_run_group))\n"
+
+
 def render_supervisor(
     *,
     run_id: str,
@@ -195,6 +217,7 @@ def render_supervisor(
         probe_python=probe_python,
         probe_source=ENVIRONMENT_PROBE_PY,
         procs_source=procs_script(),
+        watch_source=watcher_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )
 
