@@ -36,7 +36,6 @@ import http.client
 import json
 import os
 import signal
-import sys
 import time
 import urllib.parse
 

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpuflow import procs
+from gpuflow.jobs import imds_watch
 from gpuflow.transport.base import quote_argv
 
 
@@ -182,8 +183,6 @@ def watcher_script() -> str:
     :mod:`gpuflow.procs`' source (how the job is signalled, proven by identity), then
     :mod:`gpuflow.jobs.imds_watch`'s (its ``from __future__`` line dropped: the first one
     covers the whole script)."""
-    from gpuflow.jobs import imds_watch
-
     procs_source = Path(procs.__file__).read_text(encoding="utf-8")
     watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
     watch_source = "\n".join(
@@ -250,6 +249,54 @@ def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
 def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
     """One round trip: start the supervisor, then wait on the target until the job has started."""
     return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
+
+
+_RESUME = r"""
+set -u
+run_dir={{run_dir}}
+python={{python}}
+procs_py={{procs_source}}
+cd "$run_dir" 2>/dev/null || { echo "gpuflow-resume: gone"; exit 3; }
+# One resume at a time: check, move the last attempt aside and start the next one under a lock,
+# held until the new supervisor has claimed the run (its launch does not inherit the lock).
+exec 9>>.resume.lock
+flock -n 9 || { echo "gpuflow-resume: busy"; exit 3; }
+if "$python" -I -S -c "$procs_py" alive "$run_dir"; then echo "gpuflow-resume: alive"; exit 3; fi
+if [ "$(cat exit_code 2>/dev/null)" = 0 ]; then echo "gpuflow-resume: succeeded"; exit 3; fi
+attempt=1
+while [ -e "attempts/$attempt" ] || [ -L "attempts/$attempt" ]; do attempt=$((attempt + 1)); done
+mkdir -p "attempts/$attempt" || exit 1
+for name in {{archived}}; do
+  if [ -e "$name" ] || [ -L "$name" ]; then mv -f "$name" "attempts/$attempt/" || exit 1; fi
+done
+offset=$(( $(wc -c < job.log 2>/dev/null || echo 0) + 0 ))
+echo "gpuflow-resume: attempt $attempt offset $offset"
+setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&-
+{{wait_for_start}}
+"""
+
+# What a run directory holds of one attempt of its job: moved to attempts/<n>/ before a resume.
+ATTEMPT_FILES = (
+    "exit_code", "job.pid", "job.proc", "supervisor.pid", "supervisor.proc", "interruption.json",
+    "rebalance.json", "watcher.json", "watcher.log", "environment.json", ".supervisor",
+)
+
+
+def resume_script(*, run_dir: str, python: str, script_name: str = "supervisor.sh") -> str:
+    """Start the run's supervisor again in its own run directory (same command, same log,
+    outputs and checkpoint in place): refused ('gpuflow-resume: busy|alive|succeeded|gone',
+    exit 3) while another resume holds the run, its job or supervisor lives, or it succeeded;
+    else the last attempt's files move to ``attempts/<n>/`` and the script prints
+    ``gpuflow-resume: attempt N offset BYTES`` (the log's size before the new start)."""
+    return render_script(
+        _RESUME,
+        run_dir=run_dir,
+        python=python,
+        procs_source=procs_script(),
+        archived=list(ATTEMPT_FILES),
+        script=script_name,
+        wait_for_start=ShellCode(wait_for_start_command(run_dir)),
+    )
 
 
 _PREPARE_ENVIRONMENT = r"""

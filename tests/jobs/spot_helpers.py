@@ -20,6 +20,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from gpuflow.jobs import RunTarget
+from gpuflow.records import Cluster
+from gpuflow.transport.local import LocalRunner
+
 MOCK = Path(__file__).with_name("imds_mock.py")
 
 SPOT_JOB = """\
@@ -114,3 +120,45 @@ def wait_until(condition, timeout: float = 30, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+# ------------------------------------------------------------------ fixtures (imported by the test modules)
+
+
+def _cluster() -> Cluster:
+    return Cluster(name="spotbox", region="us-east-1", instance_type="g5.xlarge", ami="ami-0123456789abcdef0",
+                   price_per_hour=1.006)
+
+
+@pytest.fixture
+def spot_project(tmp_path) -> Path:
+    directory = tmp_path / "spot-project"
+    directory.mkdir()
+    (directory / "spotjob.py").write_text(SPOT_JOB)
+    return directory
+
+
+@pytest.fixture
+def spot_target(tmp_path) -> RunTarget:
+    """A LocalRunner "instance": the sandbox's transport."""
+    base = tmp_path / "spot-instance"
+
+    def connect() -> LocalRunner:
+        return LocalRunner(base)
+
+    def push(project_dir: Path) -> None:
+        runner = connect()
+        for path in sorted(project_dir.iterdir()):
+            if path.is_file():
+                runner.put_bytes(path.read_bytes(), f"{runner.base_dir}/project/{path.name}")
+
+    return RunTarget(cluster=_cluster(), connect=connect, sync_project=push)
+
+
+@pytest.fixture
+def imds(tmp_path, monkeypatch) -> Iterator[MockImds]:
+    """A running mock IMDSv2 that jobs started from this test's process watch (polled every 0.2 s)."""
+    with mock_imds(tmp_path / "imds") as server:
+        monkeypatch.setenv("GPUFLOW_IMDS_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("GPUFLOW_IMDS_POLL_SECONDS", "0.2")
+        yield server
