@@ -340,7 +340,7 @@ def runs_command(
         (
             status.record.run_id,
             status.record.cluster,
-            status.status,
+            str(status.status),
             status.record.started_at,
             # as it would be typed: arguments stay distinct
             status.record.module or shlex.join(status.record.command),

@@ -220,7 +220,7 @@ def test_the_watcher_ends_with_the_job_and_never_feeds_the_heartbeat(spot_target
 
 
 def test_stop_saves_and_stops_then_resume_continues(spot_target, spot_project):
-    record = _start(spot_target, spot_project, steps=STEPS, delay=0.1)
+    record = _start(spot_target, spot_project, steps=STEPS, delay=0.05)
     log = Path(record.remote_dir) / "job.log"
     wait_until(lambda: "epoch 0 step 2" in log.read_text(), what="training")
     stopped, outcome = jobs.stop(record.run_id, resolve=_resolve(spot_target))
