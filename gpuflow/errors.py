@@ -150,6 +150,10 @@ class JobInterrupted(GpuflowError):
 
     exit_code = 75
 
+    def __init__(self, message: str, *, run_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.run_id = run_id
+
 
 class DetachedByInterrupt(GpuflowError):
     """Ctrl-C while following a run, answered with "detach": the job keeps

@@ -164,5 +164,6 @@ def interrupted_error(record: RunRecord, more: str = "") -> JobInterrupted:
     why = f" after a {record.interruption}" if record.interruption else ""
     return JobInterrupted(
         f"run {record.run_id} {record.status_text()}{why}{more}",
+        run_id=record.run_id,
         hint=f"continue it with `gpuflow run --resume {record.run_id}`; what was pulled is in {record.local_dir}",
     )

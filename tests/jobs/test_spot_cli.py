@@ -87,3 +87,22 @@ def test_stop_without_grace_waits_two_minutes_before_sigkill(monkeypatch, capfd)
     assert cli(["stop", "20261130-000000-abcd", "--grace", "3"]) == 4
     assert seen == {"grace": 3.0}
     capfd.readouterr()
+
+
+def test_run_up_down_interrupted_exits_75_pulls_the_checkpoint_and_leaves_nothing(spot_project, imds, monkeypatch, capfd):
+    monkeypatch.chdir(spot_project)
+    imds.notice(after=3)
+    with in_process_sandbox():
+        code = cli(["run", "--up", "--sandbox", "--down", "spot-ci", "--", *spot_job_args(20, 2, 0.05)])
+        captured = capfd.readouterr()
+        assert code == 75, captured.err
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        states = [i["State"]["Name"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+        assert states == ["terminated"]
+    [record] = jobs.all_records()
+    state = json.loads((Path(record.local_dir) / "outputs" / "checkpoint" / "state.json").read_text())
+    assert f"interrupted (resumable at epoch {state['epoch']} step {state['step']})" in captured.err
+    assert "the cluster is torn down (--down), so `gpuflow run --resume` cannot continue it there" in captured.err
+    assert "error:" not in captured.err
