@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import json
+import math
 import os
 import signal
 import time
@@ -192,16 +193,24 @@ def watch(run_dir: str, signal_job, *, endpoint: str, interval: float, still_nee
     return "ended"
 
 
+def poll_interval(text) -> float:
+    """``$GPUFLOW_IMDS_POLL_SECONDS`` as seconds between polls: 5 unless it is a number,
+    kept within 0.05..300 (nan, which would never sleep, is no number here)."""
+    try:
+        interval = float(text or IMDS_DEFAULT_INTERVAL)
+    except ValueError:
+        return IMDS_DEFAULT_INTERVAL
+    if not math.isfinite(interval):
+        return IMDS_DEFAULT_INTERVAL if interval != interval else 300.0
+    return min(max(interval, 0.05), 300.0)
+
+
 def watch_main(argv: list, signal_run_group) -> int:
     """``RUN_DIR``: the supervisor's entry (``signal_run_group`` is :func:`gpuflow.procs.signal_run_group`)."""
     run_dir = argv[0]
     parent = os.getppid()
     endpoint = os.environ.get(IMDS_ENDPOINT_VARIABLE) or IMDS_DEFAULT_ENDPOINT
-    try:
-        interval = float(os.environ.get(IMDS_INTERVAL_VARIABLE) or IMDS_DEFAULT_INTERVAL)
-    except ValueError:
-        interval = IMDS_DEFAULT_INTERVAL
-    interval = min(max(interval, 0.05), 300.0)
+    interval = poll_interval(os.environ.get(IMDS_INTERVAL_VARIABLE))
 
     def still_needed() -> bool:
         return os.getppid() == parent and not os.path.exists(os.path.join(run_dir, EXIT_CODE_FILE))

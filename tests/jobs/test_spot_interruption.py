@@ -280,3 +280,13 @@ def test_two_resumes_at_once_start_the_job_once(spot_target, spot_project):
     assert _exit_code(record) == 0
     assert trained_steps(Path(record.remote_dir) / "outputs") == EVERY_STEP
     assert sorted(os.listdir(Path(record.remote_dir) / "attempts")) == ["1"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    (None, 5.0), ("", 5.0), ("0.2", 0.2), ("0", 0.05), ("-3", 0.05), ("nan", 5.0), ("inf", 300.0), ("1e9", 300.0),
+    ("soon", 5.0),
+])
+def test_the_poll_interval_is_always_a_sleep(text, seconds):
+    from gpuflow.jobs.imds_watch import poll_interval
+
+    assert poll_interval(text) == seconds
