@@ -79,7 +79,7 @@ def logs(
         try:
             exit_code, _offset = follow_log(
                 connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow,
-                liveness_interval=liveness_interval,
+                liveness_interval=liveness_interval, on_notice=lambda notice: say(f"run {run_id}: {notice}"),
             )
         except JobVanished as vanished:
             if record.finished:  # its outcome is known: a run directory deleted since does not change it

@@ -259,8 +259,9 @@ procs_py={{procs_source}}
 cd "$run_dir" 2>/dev/null || { echo "gpuflow-resume: gone"; exit 3; }
 # One resume at a time: check, move the last attempt aside and start the next one under a lock,
 # held until the new supervisor has claimed the run (its launch does not inherit the lock).
+# (Without flock — a macOS sandbox — the checks below still refuse a run that is alive again.)
 exec 9>>.resume.lock
-flock -n 9 || { echo "gpuflow-resume: busy"; exit 3; }
+if command -v flock >/dev/null 2>&1; then flock -n 9 || { echo "gpuflow-resume: busy"; exit 3; }; fi
 if "$python" -I -S -c "$procs_py" alive "$run_dir"; then echo "gpuflow-resume: alive"; exit 3; fi
 if [ "$(cat exit_code 2>/dev/null)" = 0 ]; then echo "gpuflow-resume: succeeded"; exit 3; fi
 attempt=1

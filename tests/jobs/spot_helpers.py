@@ -7,7 +7,8 @@ for every step it finishes.  On SIGTERM or SIGUSR1 it finishes the current
 step, writes ``checkpoint/state.json`` (``{"format":1,"epoch":E,"step":S,"complete":true}``,
 atomically), prints ``interrupted: checkpoint saved at epoch E step S (resumable)``
 and exits 75.  Started again with the same output directory it continues at
-the next step.  With ``ignore-term`` it ignores SIGTERM (for the SIGKILL after ``--grace``).
+the next step.  With ``ignore-term`` it ignores SIGTERM (for the SIGKILL after ``--grace``);
+with ``gate=PATH`` it waits for PATH to exist before it finishes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ checkpoint = os.path.join(output, "checkpoint")
 state_path = os.path.join(checkpoint, "state.json")
 asked = []
 signal.signal(signal.SIGUSR1, lambda *_: asked.append(1))
-signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[4:] == ["ignore-term"] else (lambda *_: asked.append(1)))
+signal.signal(signal.SIGTERM, signal.SIG_IGN if "ignore-term" in sys.argv[4:] else (lambda *_: asked.append(1)))
+gates = [arg[len("gate="):] for arg in sys.argv[4:] if arg.startswith("gate=")]
 done = (-1, steps - 1)
 if os.path.exists(state_path):
     with open(state_path) as handle:
@@ -60,6 +62,8 @@ for epoch in range(epochs):
             os.replace(state_path + ".tmp", state_path)
             print("interrupted: checkpoint saved at epoch %d step %d (resumable)" % (epoch, step), flush=True)
             sys.exit(75)
+while gates and not os.path.exists(gates[0]):  # the test says when it may finish
+    time.sleep(0.02)
 print("finished", flush=True)
 """
 

@@ -16,7 +16,6 @@ import pytest
 
 from gpuflow import jobs
 from gpuflow.errors import JobInterrupted, UsageError
-from gpuflow.jobs.rundir import classify
 from tests.jobs.spot_helpers import (  # noqa: F401 - fixtures
     imds,
     spot_job_args,
@@ -177,23 +176,31 @@ def test_an_imds_that_gives_no_token_turns_the_watcher_off(spot_target, spot_pro
         server.server_close()
 
 
-def test_a_rebalance_recommendation_is_recorded_and_shown_not_acted_on(spot_target, spot_project, imds):
+def test_a_rebalance_recommendation_is_recorded_and_shown_not_acted_on(spot_target, spot_project, imds, tmp_path):
     notice = imds.rebalance()
-    record = _start(spot_target, spot_project, steps=30, delay=0.05)
+    gate = tmp_path / "may-finish"
+    record = _start(spot_target, spot_project, f"gate={gate}", steps=5, delay=0.01)
     rebalance = Path(record.remote_dir) / "rebalance.json"
     wait_until(rebalance.exists, what="the rebalance record")
     assert json.loads(rebalance.read_text())["notice"] == notice
     listed = {row.record.run_id: str(row.status) for row in jobs.list_runs(resolve=_resolve(spot_target))}
-    if not (Path(record.remote_dir) / "exit_code").exists():  # still running: the listing shows it
-        assert listed[record.run_id] == "running (rebalance recommended at 2026-11-30T14:55:00Z)"
+    assert listed[record.run_id] == "running (rebalance recommended at 2026-11-30T14:55:00Z)"
     said: list[str] = []
-    assert jobs.logs(record.run_id, out=io.BytesIO(), follow=True, resolve=_resolve(spot_target), say=said.append,
-                     liveness_interval=0.1) == 0
-    assert trained_steps(Path(record.remote_dir) / "outputs") == [(e, s) for e in range(EPOCHS) for s in range(30)]
+    followed: list[object] = []
+    follower = threading.Thread(target=lambda: followed.append(jobs.logs(
+        record.run_id, out=io.BytesIO(), follow=True, resolve=_resolve(spot_target), say=said.append,
+        liveness_interval=0.1)))
+    follower.start()
+    shown = f"run {record.run_id}: rebalance recommended at 2026-11-30T14:55:00Z"
+    try:
+        wait_until(lambda: shown in said, what="the rebalance line while following")
+    finally:
+        gate.touch()
+        follower.join()
+    assert followed == [0] and said.count(shown) == 1
+    assert trained_steps(Path(record.remote_dir) / "outputs") == [(e, s) for e in range(EPOCHS) for s in range(5)]
     assert not (Path(record.remote_dir) / "interruption.json").exists()
     assert jobs.load_record(record.run_id).status is jobs.RunState.SUCCEEDED
-    status = classify({"exists": True, "alive": True, "exit_code": None, "rebalance": json.loads(rebalance.read_text())})
-    assert str(status) == "running (rebalance recommended at 2026-11-30T14:55:00Z)"
 
 
 def test_the_watcher_ends_with_the_job_and_never_feeds_the_heartbeat(spot_target, spot_project, imds):
