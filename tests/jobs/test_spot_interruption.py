@@ -18,6 +18,7 @@ from gpuflow import jobs
 from gpuflow.errors import JobInterrupted, UsageError
 from tests.jobs.spot_helpers import (  # noqa: F401 - fixtures
     imds,
+    spot_cluster,
     spot_job_args,
     spot_project,
     spot_target,
@@ -165,11 +166,13 @@ def test_an_imds_that_gives_no_token_turns_the_watcher_off(spot_target, spot_pro
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("GPUFLOW_IMDS_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        record = _start(spot_target, spot_project, steps=10, delay=0.1)
+        gate = tmp_path / "may-finish"
+        record = _start(spot_target, spot_project, f"gate={gate}", steps=3, delay=0.01)
         watcher = Path(record.remote_dir) / "watcher.json"
         wait_until(watcher.exists, what="the watcher's verdict")
         assert json.loads(watcher.read_text())["state"] == "off"
         assert "HTTP 403" in json.loads(watcher.read_text())["reason"]
+        gate.touch()
         assert _exit_code(record) == 0
     finally:
         server.shutdown()
@@ -226,22 +229,6 @@ def test_the_watcher_ends_with_the_job_and_never_feeds_the_heartbeat(spot_target
     assert heartbeat.stat().st_mtime <= (run_dir / "exit_code").stat().st_mtime + 1
 
 
-def test_stop_saves_and_stops_then_resume_continues(spot_target, spot_project):
-    record = _start(spot_target, spot_project, steps=STEPS, delay=0.05)
-    log = Path(record.remote_dir) / "job.log"
-    wait_until(lambda: "epoch 0 step 2" in log.read_text(), what="training")
-    stopped, outcome = jobs.stop(record.run_id, resolve=_resolve(spot_target))
-    assert outcome is jobs.StopOutcome.TERMINATED
-    state = json.loads((Path(record.remote_dir) / "outputs" / "checkpoint" / "state.json").read_text())
-    assert stopped.status is jobs.RunState.INTERRUPTED and stopped.exit_code == 75
-    assert stopped.status_text() == f"interrupted (resumable at epoch {state['epoch']} step {state['step']})"
-    assert stopped.interruption is None  # no spot notice: `gpuflow stop`
-    outcome = jobs.resume(record.run_id, out=io.BytesIO(), resolve=_resolve(spot_target), detach=True)
-    assert outcome.detached and outcome.record.status is jobs.RunState.RUNNING
-    assert _exit_code(record) == 0
-    assert trained_steps(Path(record.remote_dir) / "outputs") == EVERY_STEP
-
-
 def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(spot_target, spot_project):
     record = _start(spot_target, spot_project, "ignore-term", steps=200, delay=0.05)
     log = Path(record.remote_dir) / "job.log"
@@ -253,8 +240,8 @@ def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(spot_target, spot
         jobs.resume(record.run_id, out=io.BytesIO(), resolve=_resolve(spot_target))
 
 
-def test_resume_refuses_a_running_or_succeeded_run(spot_target, spot_project):
-    running = _start(spot_target, spot_project, steps=200, delay=0.05)
+def test_resume_refuses_a_running_or_succeeded_run(spot_target, spot_project, tmp_path):
+    running = _start(spot_target, spot_project, f"gate={tmp_path / 'never'}", steps=2, delay=0.01)
     with pytest.raises(UsageError, match=f"run {running.run_id} is still running: nothing to resume"):
         jobs.resume(running.run_id, out=io.BytesIO(), resolve=_resolve(spot_target))
     jobs.stop(running.run_id, resolve=_resolve(spot_target))
@@ -265,10 +252,12 @@ def test_resume_refuses_a_running_or_succeeded_run(spot_target, spot_project):
     assert not (Path(finished.record.remote_dir) / "attempts").exists()
 
 
-def test_two_resumes_at_once_start_the_job_once(spot_target, spot_project):
-    record = _start(spot_target, spot_project, steps=STEPS, delay=0.05)
+def test_two_resumes_at_once_start_the_job_once(spot_target, spot_project, tmp_path):
+    gate = tmp_path / "may-finish"
+    record = _start(spot_target, spot_project, f"gate={gate}", steps=STEPS, delay=0.05)
     wait_until(lambda: "epoch 0 step 1" in (Path(record.remote_dir) / "job.log").read_text(), what="training")
-    jobs.stop(record.run_id, resolve=_resolve(spot_target))
+    assert jobs.stop(record.run_id, resolve=_resolve(spot_target))[0].status is jobs.RunState.INTERRUPTED
+    gate.touch()
     results: list[object] = []
 
     def resume() -> None:
@@ -297,3 +286,45 @@ def test_the_poll_interval_is_always_a_sleep(text, seconds):
     from gpuflow.jobs.imds_watch import poll_interval
 
     assert poll_interval(text) == seconds
+
+
+@pytest.mark.ssh
+def test_stop_saves_and_stops_then_resume_continues_over_ssh(sshd_session, spot_project, tmp_path):
+    """Save and stop, then resume, through the real loopback OpenSSH (one quoting path for the scripts;
+    a base directory with quotes, `$(...)` and spaces)."""
+    from gpuflow.records import SSHTarget
+    from gpuflow.transport.ssh import Backoff, SSHRunner
+
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd_session.known_hosts_line() + "\n")
+    ssh = SSHTarget(host="127.0.0.1", port=sshd_session.port, user=sshd_session.user,
+                    key_path=str(sshd_session.client_key), known_hosts_path=str(known_hosts))
+    base = tmp_path / "ssh instance with 'quotes' and $(spaces)"
+
+    def connect() -> SSHRunner:
+        return SSHRunner(ssh, base_dir=str(base), backoff=Backoff(retries=8, initial=0.1, maximum=1.0))
+
+    def push(project_dir: Path) -> None:
+        runner = connect()
+        try:
+            runner.put_bytes((project_dir / "spotjob.py").read_bytes(), f"{runner.base_dir}/project/spotjob.py")
+        finally:
+            runner.close()
+
+    target = jobs.RunTarget(cluster=spot_cluster(), connect=connect, sync_project=push)
+    gate = tmp_path / "may-finish"
+    record = _start(target, spot_project, f"gate={gate}", steps=STEPS, delay=0.05)
+    log = Path(record.remote_dir) / "job.log"
+    wait_until(lambda: log.exists() and "epoch 0 step 1" in log.read_text(), what="training")
+    stopped, outcome = jobs.stop(record.run_id, resolve=_resolve(target))  # the default grace: save and stop
+    assert outcome is jobs.StopOutcome.TERMINATED
+    state = json.loads((Path(record.remote_dir) / "outputs" / "checkpoint" / "state.json").read_text())
+    assert stopped.status is jobs.RunState.INTERRUPTED and stopped.exit_code == 75
+    assert stopped.status_text() == f"interrupted (resumable at epoch {state['epoch']} step {state['step']})"
+    assert stopped.interruption is None  # no spot notice: `gpuflow stop`
+    gate.touch()
+    printed = io.BytesIO()
+    finished = jobs.resume(record.run_id, out=printed, resolve=_resolve(target))
+    assert finished.exit_code == 0 and printed.getvalue().decode().endswith("finished\n")
+    assert trained_steps(Path(record.remote_dir) / "outputs") == EVERY_STEP
+    assert trained_steps(Path(finished.record.local_dir) / "outputs") == EVERY_STEP
