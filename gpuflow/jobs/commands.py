@@ -13,11 +13,11 @@ from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.pulling import pull_with_reconnect
 from gpuflow.jobs.records import (
+    STOP_GRACE_SECONDS,
     ListedRun,
     PullReport,
     RunRecord,
     RunState,
-    STOP_GRACE_SECONDS,
     RunStatus,
     Say,
     StopOutcome,
