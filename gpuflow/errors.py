@@ -18,6 +18,7 @@ code  meaning
 7     security refusal (host key mismatch, unsafe path)
 8     local state problem (corrupt or locked state file)
 9     a run was lost: its job ended without an exit code
+75    a job was interrupted and saved a checkpoint: resumable
 ====  ==========================================================
 
 A failed remote job exits gpuflow with the job's own exit code
@@ -139,6 +140,19 @@ class TerminatedError(GpuflowError):
     signal itself would have, but after cleaning up."""
 
     exit_code = 143
+
+
+class JobInterrupted(GpuflowError):
+    """A job saved a checkpoint and exited 75 ("interrupted, resumable": a spot
+    interruption notice, `gpuflow stop`): not a failure of gpuflow nor of the job.
+    gpuflow says so as information, not as an error, and exits 75 so that a
+    script can tell it from success and from failure (and resume)."""
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, run_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.run_id = run_id
 
 
 class DetachedByInterrupt(GpuflowError):

@@ -47,6 +47,12 @@ JOB_PID = "job.pid"
 SUPERVISOR_PID = "supervisor.pid"
 EXIT_CODE = "exit_code"
 MARKER = "GPUFLOW_RUN_DIR"  # the job's environment names its run directory
+# What a run directory says beyond its processes (reported by status(), read by gpuflow.jobs):
+NOTICE_FILES = {
+    "checkpoint": os.path.join("outputs", "checkpoint", "state.json"),  # the job's resumable checkpoint
+    "interruption": "interruption.json",  # a spot interruption notice the watcher acted on
+    "rebalance": "rebalance.json",  # a rebalance recommendation the watcher recorded
+}
 
 
 # ---------------------------------------------------------------------- identity
@@ -263,7 +269,7 @@ def status(run_dir: str) -> dict:
     supervisor = state(proven(os.path.join(run_dir, SUPERVISOR_RECORD)) is not None, SUPERVISOR_RECORD, SUPERVISOR_PID)
     code = read(EXIT_CODE)
     pid = read(JOB_PID)
-    return {
+    report = {
         "exists": os.path.isdir(run_dir),
         "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
         "pid": int(pid) if pid and pid.isdigit() else None,
@@ -271,6 +277,14 @@ def status(run_dir: str) -> dict:
         "supervisor": supervisor,
         "alive": "alive" in (job, supervisor),
     }
+    for key, name in NOTICE_FILES.items():  # small JSON files; None when absent, too big or unreadable
+        try:
+            with open(os.path.join(run_dir, name), "rb") as handle:
+                data = handle.read(65537)
+            report[key] = json.loads(data.decode("utf-8")) if len(data) <= 65536 else None
+        except (OSError, ValueError):
+            report[key] = None
+    return report
 
 
 # ---------------------------------------------------------------------- starting a job
@@ -314,6 +328,8 @@ def main(mode: str, argv: list) -> int:
             run_dirs = [os.path.join(runs_dir, name) for name in names if os.path.isdir(os.path.join(runs_dir, name))]
         print(json.dumps({run_dir: status(run_dir) for run_dir in run_dirs}))
         return 0
+    if mode == "alive":  # RUN_DIR: exit 0 while its job or supervisor lives, else 1
+        return 0 if status(argv[0])["alive"] else 1
     if mode == "terminate":  # BASE
         print(json.dumps(terminate_base(argv[0])))
         return 0

@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from gpuflow.cli._help import plain_command
 from gpuflow.config import debug_enabled
-from gpuflow.errors import DetachedByInterrupt, GpuflowError
+from gpuflow.errors import DetachedByInterrupt, GpuflowError, JobInterrupted
 
 
 def error_line(message: str) -> str:
@@ -36,8 +36,9 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
                 print(error_line("interrupted"), file=sys.stderr)
             return result
         return 0
-    except DetachedByInterrupt as exc:
+    except (DetachedByInterrupt, JobInterrupted) as exc:
         # Ctrl-C answered with "detach": a choice, not an error; the exit code still says it was interrupted.
+        # A job that saved its checkpoint and exited 75: resumable, not a failure; exit 75 says so.
         print(info_line(exc.one_line()), file=sys.stderr)
         return exc.exit_code
     except GpuflowError as exc:

@@ -68,6 +68,10 @@ def run_command(
     idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
+    resume: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--resume", metavar="RUN", help="Start an interrupted run's job again where its checkpoint stands: same "
+        "command, cluster and run directory, log appended (also a failed or lost run that left a checkpoint).",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -87,6 +91,26 @@ def run_command(
     from gpuflow import jobs
 
     job_args: list[str] = ctx.meta.get(JOB_ARGS, [])
+    if resume is not None:
+        given = [flag for flag, value in (
+            ("NAME/MODULE", positionals), ("a command after `--`", job_args or ctx.meta.get(SAW_DOUBLE_DASH)),
+            ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
+            ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
+            ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
+        ) if value]
+        if given:
+            from gpuflow.errors import UsageError
+
+            raise UsageError(
+                f"--resume RUN continues the run's own command on its own cluster: drop {', '.join(given)}",
+                hint=f"gpuflow run --resume {resume}{' --detach' if detach else ''}",
+            )
+        with ended_by_signals() as signals:
+            outcome = jobs.resume(
+                resume, out=sys.stdout.buffer, detach=detach, on_interrupt=_ask_stop_or_detach, say=_say
+            )
+        _report_outcome(outcome, outcome.record.cluster, detach=detach, signals=signals)
+        return
     project = (project_dir or find_project_root()).resolve()
     name, module = _split_positionals(ctx, list(positionals or []), job_args, project, up=up)
     up_spec = None
@@ -119,6 +143,11 @@ def run_command(
             from gpuflow.clusters import explain_unknown
 
             raise explain_unknown(cluster_name, exc, project_dir=project) from exc  # whose a cluster of that name is, when its tags say
+    _report_outcome(outcome, cluster_name, detach=detach, signals=signals)
+
+
+def _report_outcome(outcome: Any, cluster_name: str, *, detach: bool, signals: list[int]) -> None:
+    """The last words of `run` (and `run --resume`) on an outcome that raised nothing."""
     if outcome.detached:
         run_id = outcome.record.run_id
         how = (
@@ -213,6 +242,13 @@ def logs_command(
 
     with ended_by_signals():
         exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
+    record = jobs.load_record(run_id)
+    if exit_code is not None and record.status is jobs.RunState.INTERRUPTED:
+        interrupted = jobs.interrupted_error(record)
+        if follow:  # it ended interrupted: exit 75, as `run` does
+            raise interrupted
+        _say(interrupted.one_line())
+        return
     if follow and exit_code not in (None, 0):
         raise JobFailed(f"run {run_id} ended with exit code {exit_code}", job_exit_code=exit_code)
 
@@ -270,16 +306,23 @@ def runs_command(
 @app.command("stop")
 def stop_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
-    grace: float = typer.Option(10.0, "--grace", min=0, metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL."),
+    grace: Optional[float] = typer.Option(  # noqa: UP007
+        None, "--grace", min=0, metavar="SECONDS",
+        help="Seconds between SIGTERM and SIGKILL (default 120: a spot notice's two minutes, time to save).",
+    ),
 ) -> None:
-    """Stop a running job.
+    """Save and stop a running job.
 
-    Its process group gets SIGTERM, and SIGKILL after the grace period.
+    Its process group gets SIGTERM (a training module saves a checkpoint and
+    exits 75: interrupted, resumable with `gpuflow run --resume RUN`), and
+    SIGKILL after the grace period.
     """
     from gpuflow import jobs
 
-    record, outcome = jobs.stop(run_id, grace_seconds=grace)
+    record, outcome = jobs.stop(run_id, grace_seconds=jobs.STOP_GRACE_SECONDS if grace is None else grace)
     if outcome is jobs.StopOutcome.FINISHED:
         typer.echo(f"run {run_id} had already ended: {record.status_text()}")
     else:
         typer.echo(f"run {run_id} {outcome}: {record.status_text()}")
+    if record.status is jobs.RunState.INTERRUPTED:
+        _say(f"continue it with `gpuflow run --resume {run_id}`")

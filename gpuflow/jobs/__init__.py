@@ -40,6 +40,8 @@ Modules, each owning one thing (imports go down this list only):
 * :mod:`~gpuflow.jobs.targets` — a named cluster as a run target.
 * :mod:`~gpuflow.jobs.commands` — ``logs``, ``pull``, ``stop``, ``runs``.
 * :mod:`~gpuflow.jobs.on_cluster` — ``run`` with ``--up`` / ``--down``.
+* :mod:`~gpuflow.jobs.resume` — ``run --resume``: an interrupted run's job started again in place.
+* :mod:`~gpuflow.jobs.imds_watch` — the spot-interruption watcher the supervisor runs on the instance.
 * :mod:`~gpuflow.jobs.demo` — ``gpuflow demo``.
 """
 
@@ -56,22 +58,26 @@ from gpuflow.jobs.environment import (
     requirements_of,
 )
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
-from gpuflow.jobs.foreground import run
+from gpuflow.jobs.foreground import follow_to_outcome, interrupted_error, run
 from gpuflow.jobs.manifest import build_manifest, environment_fields, finish_manifest, git_state
 from gpuflow.jobs.on_cluster import run_on_cluster
 from gpuflow.jobs.pulling import list_remote_tree, pull_files, pull_run
 from gpuflow.jobs.records import (
     EXIT_CODE_NAME,
+    INTERRUPTED_EXIT_CODE,
     LOG_NAME,
     MANIFEST_NAME,
     OUTPUTS_NAME,
     PID_NAME,
     PULLED_NAMES,
+    STOP_GRACE_SECONDS,
+    Checkpoint,
     InterruptChoice,
     ListedRun,
     ProcessLiveness,
     PullReport,
     RunOutcome,
+    Resume,
     RunRecord,
     RunState,
     RunStatus,
@@ -84,6 +90,7 @@ from gpuflow.jobs.records import (
     quiet,
     save_record,
 )
+from gpuflow.jobs.resume import resume
 from gpuflow.jobs.rundir import Liveness, job_liveness, lost_reason, run_status, stop_job
 from gpuflow.jobs.start import start_run, wait_for_start
 from gpuflow.jobs.targets import (
@@ -96,6 +103,12 @@ from gpuflow.jobs.targets import (
 
 __all__ = [
     "EXIT_CODE_NAME",
+    "INTERRUPTED_EXIT_CODE",
+    "STOP_GRACE_SECONDS",
+    "Checkpoint",
+    "Resume",
+    "follow_to_outcome",
+    "interrupted_error",
     "LIVENESS_INTERVAL",
     "LOG_NAME",
     "MANIFEST_NAME",
@@ -141,6 +154,7 @@ __all__ = [
     "quiet",
     "requirements_hash",
     "requirements_of",
+    "resume",
     "resolve_cluster_name",
     "run",
     "run_on_cluster",

@@ -13,6 +13,7 @@ from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.pulling import pull_with_reconnect
 from gpuflow.jobs.records import (
+    STOP_GRACE_SECONDS,
     ListedRun,
     PullReport,
     RunRecord,
@@ -28,7 +29,17 @@ from gpuflow.jobs.records import (
     save_record,
     utc_now,
 )
-from gpuflow.jobs.rundir import classify, job_liveness, lost_reason, read_exit_code, run_status, stop_job
+from gpuflow.jobs.rundir import (
+    classify,
+    ended_status,
+    interruption_text,
+    job_liveness,
+    lost_reason,
+    read_exit_code,
+    read_interruption,
+    run_status,
+    stop_job,
+)
 from gpuflow.jobs.targets import TargetResolver, target_for_cluster
 
 
@@ -68,7 +79,7 @@ def logs(
         try:
             exit_code, _offset = follow_log(
                 connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow,
-                liveness_interval=liveness_interval,
+                liveness_interval=liveness_interval, on_notice=lambda notice: say(f"run {run_id}: {notice}"),
             )
         except JobVanished as vanished:
             if record.finished:  # its outcome is known: a run directory deleted since does not change it
@@ -78,7 +89,9 @@ def logs(
                 ) from vanished
             raise lose(record, vanished.reason, home) from vanished
         if exit_code is not None and not record.finished:
-            save_record(record.with_status(RunStatus.of_exit_code(exit_code), lost_reason=None), home)
+            runner = connection.runner
+            save_record(record.with_status(ended_status(runner, record.remote_dir, exit_code), lost_reason=None,
+                                           interruption=read_interruption(runner, record.remote_dir)), home)
         return exit_code
     finally:
         with contextlib.suppress(Exception):
@@ -110,11 +123,12 @@ def pull(
 def stop(
     run_id: str,
     *,
-    grace_seconds: float = 10,
+    grace_seconds: float = STOP_GRACE_SECONDS,
     resolve: TargetResolver = target_for_cluster,
     home: Path | None = None,
 ) -> tuple[RunRecord, StopOutcome]:
-    """``gpuflow stop RUN``: SIGTERM the job's process group, SIGKILL after the grace period."""
+    """``gpuflow stop RUN``: save and stop — SIGTERM the job's process group (a training
+    module saves its checkpoint and exits 75: ``interrupted``), SIGKILL after the grace period."""
     record = load_record(run_id, home)
     target = resolve(record.cluster)
     runner = target.connect()
@@ -124,11 +138,13 @@ def stop(
         exit_code = read_exit_code(runner, record.remote_dir)
         if exit_code is None:  # nobody recorded how it ended: is anything of it left?
             liveness = job_liveness(runner, record.remote_dir)
+        else:
+            status = ended_status(runner, record.remote_dir, exit_code)
     finally:
         with contextlib.suppress(Exception):
             runner.close()
     if exit_code is not None:
-        record = record.with_status(RunStatus.of_exit_code(exit_code), ended_at=iso(utc_now()))
+        record = record.with_status(status, ended_at=iso(utc_now()))
         save_record(record, home)
     elif (liveness is None and outcome is StopOutcome.GONE) or (
         liveness is not None and liveness.exit_code is None and not liveness.alive
@@ -195,10 +211,12 @@ def _refresh_cluster(
             runner.close()
     statuses = {}
     for record in pending:
-        status = classify(reports.get(record.remote_dir, {}))
+        report = reports.get(record.remote_dir, {})
+        status = classify(report)
         if status != record.run_status:
             reason = "no exit code and no live job" if status.state is RunState.LOST else None
-            save_record(record.with_status(status, lost_reason=reason), home)
+            save_record(record.with_status(status, lost_reason=reason,
+                                           interruption=interruption_text(report.get("interruption"))), home)
         statuses[record.run_id] = status
     return statuses
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from gpuflow.errors import InstanceGone
 from gpuflow.jobs.connection import TRANSIENT, Connection
 from gpuflow.jobs.records import LOG_NAME, READ_CHUNK
-from gpuflow.jobs.rundir import job_liveness, lost_reason, read_exit_code
+from gpuflow.jobs.rundir import Liveness, job_liveness, lost_reason, read_exit_code
 
 # While following a job without an exit code, how often gpuflow checks that it
 # still lives (one short command on the instance): a job that vanished is
@@ -26,10 +27,9 @@ class JobVanished(Exception):
         self.run_dir_exists = run_dir_exists
 
 
-def _vanished(connection: Connection, remote_dir: str) -> tuple[str, bool] | None:
+def _vanished(connection: Connection, remote_dir: str, liveness: Liveness | None) -> tuple[str, bool] | None:
     """(why, whether the run directory is still there) when the job is gone
     without an exit code; None while it lives, has ended, or nobody can tell."""
-    liveness = job_liveness(connection.runner, remote_dir)
     if liveness is None or liveness.exit_code is not None or liveness.alive:
         return None
     gone = connection.instance_gone()
@@ -47,6 +47,7 @@ def follow_log(
     poll_interval: float = 0.5,
     follow: bool = True,
     liveness_interval: float = LIVENESS_INTERVAL,
+    on_notice: Callable[[str], None] | None = None,
 ) -> tuple[int | None, int]:
     """Copy ``job.log`` from byte ``offset`` to ``out``; with ``follow`` until
     the job has ended and the log is fully read.
@@ -58,7 +59,10 @@ def follow_log(
     While following, every ``liveness_interval`` seconds without an exit code
     the job is checked by identity (:func:`job_liveness`): a job whose process
     and supervisor are gone, a deleted run directory or a terminated instance
-    end the loop with :class:`JobVanished` (after the log is drained).
+    end the loop with :class:`JobVanished` (after the log is drained).  The same
+    check finds the spot-interruption watcher's notices: each is told once to
+    ``on_notice`` (a rebalance recommendation, an interruption notice the job was
+    stopped for).
     """
     log_path = f"{remote_dir}/{LOG_NAME}"
 
@@ -70,13 +74,21 @@ def follow_log(
             offset += len(chunk)
 
     next_check = time.monotonic() + liveness_interval
+    told: set[str] = set()
     try:
         while True:
             try:
                 exit_code = read_exit_code(connection.runner, remote_dir)
                 drain()
                 if exit_code is None and follow and time.monotonic() >= next_check:
-                    vanished = _vanished(connection, remote_dir)
+                    liveness = job_liveness(connection.runner, remote_dir)
+                    if liveness is not None and on_notice is not None:
+                        stopping = liveness.interruption and f"{liveness.interruption}: the job was asked to save and stop"
+                        for notice in (liveness.rebalance, stopping):
+                            if notice and notice not in told:
+                                told.add(notice)
+                                on_notice(notice)
+                    vanished = _vanished(connection, remote_dir, liveness)
                     next_check = time.monotonic() + liveness_interval
                     if vanished is not None:
                         drain()  # its last words, written before it died

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from gpuflow.errors import GpuflowError, JobFailed
+from gpuflow.errors import GpuflowError, JobFailed, JobInterrupted
 from gpuflow.jobs.connection import Connection
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.pulling import pull_with_reconnect
@@ -15,14 +15,14 @@ from gpuflow.jobs.records import (
     InterruptChoice,
     RunOutcome,
     RunRecord,
-    RunStatus,
+    RunState,
     RunTarget,
     Say,
     lose,
     quiet,
     save_record,
 )
-from gpuflow.jobs.rundir import stop_job
+from gpuflow.jobs.rundir import ended_status, read_interruption, stop_job
 from gpuflow.jobs.start import start_run
 
 
@@ -76,55 +76,96 @@ def run(
         )
         if detach:
             return RunOutcome(record, None, detached=True)
-        stopped = False
-        offset = 0
-        while True:
-            try:
-                exit_code, offset = follow_log(
-                    connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval,
-                    liveness_interval=liveness_interval,
-                )
-                break
-            except JobVanished as vanished:
-                if vanished.run_dir_exists:  # what the job left (its log, a checkpoint) is still worth having
-                    try:
-                        pull_with_reconnect(connection, record, home=home, say=say)
-                    except GpuflowError as pull_error:
-                        say(f"pulling what the lost run left failed: {pull_error.one_line()}")
-                raise lose(record, vanished.reason, home) from vanished
-            except KeyboardInterrupt:
-                choice = on_interrupt(record) if on_interrupt is not None else InterruptChoice.DETACH
-                if InterruptChoice(choice) is not InterruptChoice.STOP:
-                    return RunOutcome(record, None, detached=True)
-                say(f"stopping run {record.run_id}")
-                stop_job(connection.runner, record.remote_dir)
-                stopped = True
-        # The outcome is known now: record it before the pull, which may fail.
-        record = record.with_status(RunStatus.of_exit_code(exit_code), lost_reason=None)
-        save_record(record, home)
-        ended = f"{'was stopped' if stopped else 'failed'} with exit code {exit_code}"
-        try:
-            record, report = pull_with_reconnect(connection, record, home=home, say=say)
-        except GpuflowError as pull_error:
-            if exit_code == 0:  # the pull's own failure decides: say that the job itself succeeded
-                pull_error.message = (
-                    f"run {record.run_id} succeeded, but pulling its files failed: {pull_error.message}"
-                )
-                raise
-            # A failed job's exit code wins; the pull's failure is reported with it.
-            raise JobFailed(
-                f"run {record.run_id} {ended}; pulling its files failed too: {pull_error.one_line()}",
-                job_exit_code=int(exit_code),
-                hint=f"what was pulled is in {record.local_dir}",
-            ) from pull_error
-        outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
-        if exit_code != 0:
-            raise JobFailed(
-                f"run {record.run_id} {ended}",
-                job_exit_code=int(exit_code),
-                hint=f"its log and outputs are in {record.local_dir}",
-            )
-        return outcome
+        return follow_to_outcome(
+            connection, record, out=out, on_interrupt=on_interrupt, home=home, say=say,
+            poll_interval=poll_interval, liveness_interval=liveness_interval,
+        )
     finally:
         with contextlib.suppress(Exception):
             connection.runner.close()
+
+
+def follow_to_outcome(
+    connection: Connection,
+    record: RunRecord,
+    *,
+    out: BinaryIO,
+    offset: int = 0,
+    on_interrupt: Callable[[RunRecord], InterruptChoice] | None = None,
+    home: Path | None = None,
+    say: Say = quiet,
+    poll_interval: float = 0.5,
+    liveness_interval: float = LIVENESS_INTERVAL,
+) -> RunOutcome:
+    """Stream a started run's log from ``offset`` until its job ends, record its
+    outcome, pull its files, and return it — or raise it: :class:`JobFailed`,
+    :class:`JobInterrupted` (it saved a checkpoint and exited 75: resumable),
+    :class:`RunLost` (see :func:`run`)."""
+    stopped = False
+    while True:
+        try:
+            exit_code, offset = follow_log(
+                connection, record.remote_dir, out, offset=offset, poll_interval=poll_interval,
+                liveness_interval=liveness_interval, on_notice=lambda notice: say(f"run {record.run_id}: {notice}"),
+            )
+            break
+        except JobVanished as vanished:
+            if vanished.run_dir_exists:  # what the job left (its log, a checkpoint) is still worth having
+                try:
+                    pull_with_reconnect(connection, record, home=home, say=say)
+                except GpuflowError as pull_error:
+                    say(f"pulling what the lost run left failed: {pull_error.one_line()}")
+            raise lose(record, vanished.reason, home) from vanished
+        except KeyboardInterrupt:
+            choice = on_interrupt(record) if on_interrupt is not None else InterruptChoice.DETACH
+            if InterruptChoice(choice) is not InterruptChoice.STOP:
+                return RunOutcome(record, None, detached=True)
+            say(f"stopping run {record.run_id} (it may save a checkpoint first)")
+            stop_job(connection.runner, record.remote_dir)
+            stopped = True
+    # The outcome is known now: record it before the pull, which may fail.
+    status = ended_status(connection.runner, record.remote_dir, exit_code)
+    record = record.with_status(
+        status, lost_reason=None, interruption=read_interruption(connection.runner, record.remote_dir)
+    )
+    save_record(record, home)
+    if status.state is RunState.INTERRUPTED:
+        ended = str(status)
+    else:
+        ended = f"{'was stopped' if stopped else 'failed'} with exit code {exit_code}"
+    try:
+        record, report = pull_with_reconnect(connection, record, home=home, say=say)
+    except GpuflowError as pull_error:
+        if exit_code == 0:  # the pull's own failure decides: say that the job itself succeeded
+            pull_error.message = (
+                f"run {record.run_id} succeeded, but pulling its files failed: {pull_error.message}"
+            )
+            raise
+        if status.state is RunState.INTERRUPTED:
+            raise interrupted_error(record, f"; pulling its files failed: {pull_error.one_line()}") from pull_error
+        # A failed job's exit code wins; the pull's failure is reported with it.
+        raise JobFailed(
+            f"run {record.run_id} {ended}; pulling its files failed too: {pull_error.one_line()}",
+            job_exit_code=int(exit_code),
+            hint=f"what was pulled is in {record.local_dir}",
+        ) from pull_error
+    outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
+    if status.state is RunState.INTERRUPTED:
+        raise interrupted_error(record)
+    if exit_code != 0:
+        raise JobFailed(
+            f"run {record.run_id} {ended}",
+            job_exit_code=int(exit_code),
+            hint=f"its log and outputs are in {record.local_dir}",
+        )
+    return outcome
+
+
+def interrupted_error(record: RunRecord, more: str = "") -> JobInterrupted:
+    """What `run`, `run --resume` and `logs -f` say of a job that saved a checkpoint and exited 75."""
+    why = f" after a {record.interruption}" if record.interruption else ""
+    return JobInterrupted(
+        f"run {record.run_id} {record.status_text()}{why}{more}",
+        run_id=record.run_id,
+        hint=f"continue it with `gpuflow run --resume {record.run_id}`; what was pulled is in {record.local_dir}",
+    )

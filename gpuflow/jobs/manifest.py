@@ -82,19 +82,26 @@ def environment_fields(environment: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish_manifest(
-    manifest: dict[str, Any], *, job_started_at: str | None, ended_at: str, exit_code: int | None
+    manifest: dict[str, Any],
+    *,
+    job_started_at: str | None,
+    ended_at: str,
+    exit_code: int | None,
+    earlier_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Add the job's start and end, exit code, duration and cost (price/h x instances x hours).
 
     ``started_at`` is when gpuflow started the run, on this machine's clock; the job's
     start and end are read on the instance's clock, and the duration comes from those two
     only, so a skewed laptop clock cannot distort it.  A job that never started (its
-    working directory was missing) has no duration and no cost.
+    working directory was missing) has no duration and no cost.  A resumed run's duration
+    and cost add ``earlier_seconds``, what its job ran before its last resume.
     """
     seconds = cost = None
     if job_started_at is not None:
         started = datetime.datetime.fromisoformat(job_started_at)
         seconds = max(0.0, (datetime.datetime.fromisoformat(ended_at) - started).total_seconds())
+        seconds += earlier_seconds or 0.0
         price = manifest.get("price_per_hour")
         if price is not None:
             cost = round(float(price) * manifest.get("instance_count", 1) * seconds / 3600, 4)

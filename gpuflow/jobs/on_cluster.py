@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gpuflow import clusters
-from gpuflow.errors import GpuflowError, NotFound, UsageError
+from gpuflow.errors import GpuflowError, JobInterrupted, NotFound, UsageError
 from gpuflow.jobs.foreground import run
-from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, quiet
+from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, load_record, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
 
@@ -91,7 +91,16 @@ def _run_on_cluster(
                 say(f"launching cluster {cluster_name}")
                 clusters.up(up_spec)
         target = resolve(cluster_name)
-        return run(target, say=say, **run_arguments)
+        try:
+            return run(target, say=say, **run_arguments)
+        except JobInterrupted as interrupted:
+            if down:  # its cluster goes: `run --resume` cannot continue it there
+                record = load_record(interrupted.run_id, run_arguments.get("home"))
+                interrupted.hint = (
+                    f"its checkpoint was pulled into {record.local_dir}; the cluster is torn down (--down), "
+                    "so `gpuflow run --resume` cannot continue it there"
+                )
+            raise
     except BaseException as exc:
         primary = exc
         raise

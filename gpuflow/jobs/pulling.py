@@ -24,13 +24,12 @@ from gpuflow.jobs.records import (
     READ_CHUNK,
     PullReport,
     RunRecord,
-    RunStatus,
     Say,
     iso,
     quiet,
     save_record,
 )
-from gpuflow.jobs.rundir import read_exit_code
+from gpuflow.jobs.rundir import ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
 
@@ -172,9 +171,19 @@ def _finalize_local(
         }
     if environment:
         manifest.update(environment_fields(environment))
+    if record is not None and record.resumes:  # each `gpuflow run --resume`, oldest first
+        manifest["resumes"] = [resume.to_dict() for resume in record.resumes]
     if exit_code is not None and ended_at is not None:
-        manifest = finish_manifest(manifest, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)
+        manifest = finish_manifest(
+            manifest, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code,
+            earlier_seconds=_earlier_seconds(record) if record is not None else None,
+        )
     atomic_write_json(manifest_path, manifest, mode=0o644)
+
+
+def _earlier_seconds(record: RunRecord) -> float | None:
+    """What a resumed run's job ran before its last resume (None: never resumed, or unknown)."""
+    return record.resumes[-1].previous_duration_seconds if record.resumes else None
 
 
 def _instance_time(entries: list[dict], name: str) -> str | None:
@@ -210,15 +219,17 @@ def _record_outcome(
     ended_at: str | None,
     environment: dict[str, Any] | None,
     home: Path | None,
+    runner: CommandRunner,
 ) -> RunRecord:
     """Write the job's outcome to its record (before any file is pulled)."""
     duration = None
     if job_started_at is not None and ended_at is not None:
-        duration = finish_manifest({}, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code)[
-            "duration_seconds"
-        ]
+        duration = finish_manifest(
+            {}, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code,
+            earlier_seconds=_earlier_seconds(record),
+        )["duration_seconds"]
     record = record.with_status(
-        RunStatus.of_exit_code(exit_code),
+        ended_status(runner, record.remote_dir, exit_code),
         ended_at=ended_at or record.ended_at,
         job_started_at=job_started_at or record.job_started_at,
         python=(environment or {}).get("python") or record.python,
@@ -249,7 +260,7 @@ def pull_run(
     if exit_code is not None:
         record = _record_outcome(
             record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
-            environment=environment, home=home,
+            environment=environment, home=home, runner=runner,
         )
     entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
     try:

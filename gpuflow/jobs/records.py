@@ -6,7 +6,7 @@ import datetime
 import enum
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,17 @@ SUPERVISOR_NAME = "supervisor.sh"
 PULLED_NAMES = (OUTPUTS_NAME, LOG_NAME, MANIFEST_NAME)
 READ_CHUNK = 1 << 20
 TRAINING_PACKAGE = "training"
+# A job that saved a checkpoint and stopped when asked (SIGTERM, SIGUSR1: a spot notice,
+# `gpuflow stop`) exits with this code: "interrupted, resumable" (EX_TEMPFAIL), not a failure.
+INTERRUPTED_EXIT_CODE = 75
+# Where a training module keeps its resumable checkpoint's description, under the run's outputs.
+CHECKPOINT_STATE = "outputs/checkpoint/state.json"
+INTERRUPTION_NAME = "interruption.json"  # written by the supervisor's spot-interruption watcher
+REBALANCE_NAME = "rebalance.json"
+# `gpuflow stop`: seconds between SIGTERM and SIGKILL.  The two minutes EC2 gives a spot
+# instance between its notice and the end: a job that saves in time for a spot notice
+# saves in time for `stop` (which returns as soon as the job has ended).
+STOP_GRACE_SECONDS = 120.0
 
 Say = Callable[[str], None]
 
@@ -59,6 +70,7 @@ class RunState(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # it saved a checkpoint and exited 75: `gpuflow run --resume` continues it
     LOST = "lost"  # no exit code and no live job, or its cluster is gone
     UNREACHABLE = "unreachable"  # its cluster cannot be reached right now: never recorded
 
@@ -67,26 +79,61 @@ class RunState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Where a job's resumable checkpoint stands: ``<output>/checkpoint/state.json``
+    (``{"format": 1, "epoch": E, "step": S, "complete": true}``, written by the training modules)."""
+
+    epoch: int
+    step: int
+
+    @classmethod
+    def parse(cls, document: Any) -> Checkpoint | None:
+        """The checkpoint a state.json document describes; None unless it is complete and of format 1."""
+        if not isinstance(document, dict) or document.get("format") != 1 or document.get("complete") is not True:
+            return None
+        epoch, step = document.get("epoch"), document.get("step")
+        if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (epoch, step)):
+            return None
+        return cls(epoch, step)
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch} step {self.step}"
+
+
+@dataclass(frozen=True)
 class RunStatus:
     """A run's state with its job's exit code; ``str()`` is what ``gpuflow runs`` prints
-    (``running``, ``succeeded``, ``failed(N)``, ``lost``, ``unreachable``)."""
+    (``running``, ``succeeded``, ``failed(N)``, ``interrupted (resumable at epoch E step S)``,
+    ``lost``, ``unreachable``; a running job's ``note``, e.g. a rebalance recommendation, in parentheses)."""
 
     state: RunState
     exit_code: int | None = None
+    checkpoint: Checkpoint | None = None  # an interrupted run's: where it resumes
+    note: str | None = field(default=None, compare=False)  # shown, never recorded as the state
 
     @classmethod
-    def of_exit_code(cls, exit_code: int | None) -> RunStatus:
-        """The status an exit code proves: none yet is ``running``, 0 ``succeeded``, else ``failed``."""
+    def of_exit_code(cls, exit_code: int | None, checkpoint: Checkpoint | None = None) -> RunStatus:
+        """The status an exit code proves: none yet is ``running``, 0 ``succeeded``,
+        75 ``interrupted`` (resumable, at ``checkpoint`` when it is known), else ``failed``."""
         if exit_code is None:
             return cls(RunState.RUNNING)
+        if exit_code == INTERRUPTED_EXIT_CODE:
+            return cls(RunState.INTERRUPTED, exit_code, checkpoint)
         return cls(RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED, exit_code)
 
     @property
     def finished(self) -> bool:
-        return self.state in (RunState.SUCCEEDED, RunState.FAILED)
+        """The job has ended with an exit code (interrupted included: nothing of it runs)."""
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.INTERRUPTED)
 
     def __str__(self) -> str:
-        return f"failed({self.exit_code})" if self.state is RunState.FAILED else self.state.value
+        if self.state is RunState.FAILED:
+            return f"failed({self.exit_code})"
+        if self.state is RunState.INTERRUPTED:
+            return f"interrupted (resumable at {self.checkpoint})" if self.checkpoint else "interrupted (resumable)"
+        if self.note:
+            return f"{self.state.value} ({self.note})"
+        return self.state.value
 
 
 class InterruptChoice(str, enum.Enum):
@@ -161,6 +208,9 @@ class RunRecord:
     python: str | None = None
     duration_seconds: float | None = None
     lost_reason: str | None = None  # why the run is 'lost'
+    checkpoint: Checkpoint | None = None  # an interrupted run's resumable checkpoint
+    interruption: str | None = None  # the spot interruption notice its job was stopped for, in words
+    resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
@@ -169,6 +219,8 @@ class RunRecord:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["command"] = list(self.command)
         data["status"] = self.status.value
+        data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
+        data["resumes"] = [resume.to_dict() for resume in self.resumes]
         return data
 
     @classmethod
@@ -176,11 +228,13 @@ class RunRecord:
         known = set(cls.__dataclass_fields__)
         values = {key: value for key, value in data.items() if key in known}
         values["command"] = tuple(values.get("command", ()))
+        values["checkpoint"] = Checkpoint(**values["checkpoint"]) if values.get("checkpoint") else None
+        values["resumes"] = tuple(Resume.from_dict(resume) for resume in values.get("resumes") or ())
         return cls(**values)
 
     @property
     def run_status(self) -> RunStatus:
-        return RunStatus(self.status, self.exit_code)
+        return RunStatus(self.status, self.exit_code, self.checkpoint if self.status is RunState.INTERRUPTED else None)
 
     @property
     def finished(self) -> bool:
@@ -190,8 +244,32 @@ class RunRecord:
         return str(self.run_status)
 
     def with_status(self, status: RunStatus, **changes: Any) -> RunRecord:
-        """This record with ``status`` (state and exit code) and other ``changes``."""
-        return replace(self, status=status.state, exit_code=status.exit_code, **changes)
+        """This record with ``status`` (state, exit code, checkpoint) and other ``changes``."""
+        return replace(self, status=status.state, exit_code=status.exit_code, checkpoint=status.checkpoint, **changes)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """One ``gpuflow run --resume``: when, and how the attempt before it had ended
+    (its files — exit code, pids, notices — moved to ``attempts/<attempt>/`` in the run directory)."""
+
+    at: str  # this machine's clock
+    attempt: int
+    previous_status: str  # e.g. "interrupted (resumable at epoch 1 step 7)"
+    previous_exit_code: int | None = None
+    checkpoint: Checkpoint | None = None  # where the resumed job continues
+    previous_duration_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Resume:
+        values = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        values["checkpoint"] = Checkpoint(**values["checkpoint"]) if values.get("checkpoint") else None
+        return cls(**values)
 
 
 @dataclass(frozen=True)

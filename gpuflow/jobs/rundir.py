@@ -9,7 +9,19 @@ from typing import Any
 
 from gpuflow.errors import NotFound, RemoteCommandFailed
 from gpuflow.jobs import scripts
-from gpuflow.jobs.records import EXIT_CODE_NAME, PID_NAME, ProcessLiveness, RunState, RunStatus, StopOutcome
+from gpuflow.jobs.records import (
+    CHECKPOINT_STATE,
+    EXIT_CODE_NAME,
+    INTERRUPTED_EXIT_CODE,
+    INTERRUPTION_NAME,
+    PID_NAME,
+    ProcessLiveness,
+    STOP_GRACE_SECONDS,
+    Checkpoint,
+    RunState,
+    RunStatus,
+    StopOutcome,
+)
 from gpuflow.transport.base import CommandRunner
 
 
@@ -33,6 +45,54 @@ def read_exit_code(runner: CommandRunner, remote_dir: str) -> int | None:
         return None
 
 
+def read_json(runner: CommandRunner, path: str) -> Any:
+    """A small remote JSON file's content, or None (absent, unreadable, not JSON)."""
+    text = read_small(runner, path)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def read_checkpoint(runner: CommandRunner, remote_dir: str) -> Checkpoint | None:
+    """The run's resumable checkpoint (``outputs/checkpoint/state.json``), when complete."""
+    return Checkpoint.parse(read_json(runner, f"{remote_dir}/{CHECKPOINT_STATE}"))
+
+
+def ended_status(runner: CommandRunner, remote_dir: str, exit_code: int) -> RunStatus:
+    """The status of a job that ended with ``exit_code`` (an interrupted one's with its checkpoint)."""
+    checkpoint = read_checkpoint(runner, remote_dir) if exit_code == INTERRUPTED_EXIT_CODE else None
+    return RunStatus.of_exit_code(exit_code, checkpoint)
+
+
+def _moment(notice: Any, key: str) -> str:
+    value = notice.get(key) if isinstance(notice, dict) else None
+    return str(value) if value else "an unknown time"
+
+
+def interruption_text(document: Any) -> str | None:
+    """The watcher's ``interruption.json`` in words, or None."""
+    if not isinstance(document, dict):
+        return None
+    notice = document.get("notice")
+    action = notice.get("action") if isinstance(notice, dict) else None
+    return (
+        f"spot interruption notice ({action or 'interruption'} at {_moment(notice, 'time')}), "
+        f"seen at {document.get('seen_at') or 'an unknown time'}"
+    )
+
+
+def rebalance_text(document: Any) -> str | None:
+    """The watcher's ``rebalance.json`` in words, or None."""
+    if not isinstance(document, dict):
+        return None
+    return f"rebalance recommended at {_moment(document.get('notice'), 'noticeTime')}"
+
+
+def read_interruption(runner: CommandRunner, remote_dir: str) -> str | None:
+    return interruption_text(read_json(runner, f"{remote_dir}/{INTERRUPTION_NAME}"))
+
+
 @dataclass(frozen=True)
 class Liveness:
     """What :func:`gpuflow.procs.status` found in a run directory (the same proof
@@ -43,6 +103,8 @@ class Liveness:
     supervisor: ProcessLiveness
     exit_code: int | None
     alive: bool  # the job or its supervisor
+    interruption: str | None = None  # a spot interruption notice the watcher acted on, in words
+    rebalance: str | None = None  # a rebalance recommendation it recorded, in words
 
 
 def run_status(runner: CommandRunner, *run_dirs: str) -> dict[str, dict[str, Any]]:
@@ -59,8 +121,12 @@ def classify(report: dict[str, Any]) -> RunStatus:
     running while its job or supervisor lives, else lost."""
     exit_code = report.get("exit_code")
     if exit_code is not None:
-        return RunStatus.of_exit_code(int(exit_code))
-    return RunStatus(RunState.RUNNING if report.get("alive") else RunState.LOST)
+        return RunStatus.of_exit_code(int(exit_code), Checkpoint.parse(report.get("checkpoint")))
+    if not report.get("alive"):
+        return RunStatus(RunState.LOST)
+    notice = interruption_text(report.get("interruption"))
+    note = f"{notice}: saving" if notice else rebalance_text(report.get("rebalance"))
+    return RunStatus(RunState.RUNNING, note=note)
 
 
 def job_liveness(runner: CommandRunner, remote_dir: str) -> Liveness | None:
@@ -76,6 +142,8 @@ def job_liveness(runner: CommandRunner, remote_dir: str) -> Liveness | None:
             supervisor=ProcessLiveness(report["supervisor"]),
             exit_code=int(code) if code is not None else None,
             alive=bool(report["alive"]),
+            interruption=interruption_text(report.get("interruption")),
+            rebalance=rebalance_text(report.get("rebalance")),
         )
     except (RemoteCommandFailed, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -90,8 +158,9 @@ def lost_reason(liveness: Liveness, remote_dir: str) -> str:
     return "the job's process is gone without an exit code (its supervisor is gone too)"
 
 
-def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = 10) -> StopOutcome:
-    """SIGTERM the job's process group, SIGKILL after ``grace_seconds``.
+def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = STOP_GRACE_SECONDS) -> StopOutcome:
+    """SIGTERM the job's process group, SIGKILL after ``grace_seconds`` (save and stop:
+    a training module saves its checkpoint on SIGTERM and exits 75).
 
     Returns FINISHED (it had already ended), TERMINATED, KILLED or GONE.
     The supervisor is outside that group and records the exit code.  Only the

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpuflow import procs
+from gpuflow.jobs import imds_watch
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 
@@ -88,6 +89,7 @@ work_dir={{work_dir}}
 heartbeat_seconds={{heartbeat_seconds}}
 python={{probe_python}}
 procs_py={{procs_source}}
+watch_py={{watch_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
 
@@ -123,12 +125,18 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
     </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
+  # The spot-interruption watcher (gpuflow/jobs/imds_watch.py): in this process group, not the job's;
+  # it turns itself off where no instance metadata service answers, and never feeds the heartbeat.
+  "$python" -I -S -c "$watch_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
+  watcher_pid=$!
   # The manifest's environment facts, gathered here so no extra round trip is needed.
   ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
       && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
   probe_pid=$!
   wait "$job_pid"
   code=$?
+  kill "$watcher_pid" 2>/dev/null
+  wait "$watcher_pid" 2>/dev/null
   wait "$probe_pid"  # the manifest is complete by the time exit_code appears
 else
   code=127
@@ -170,6 +178,19 @@ def procs_script(mode: str | None = None) -> str:
     return f"{source}\n\nsys.exit({call})\n"
 
 
+def watcher_script() -> str:
+    """The spot-interruption watcher as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
+    :mod:`gpuflow.procs`' source (how the job is signalled, proven by identity), then
+    :mod:`gpuflow.jobs.imds_watch`'s (its ``from __future__`` line dropped: the first one
+    covers the whole script)."""
+    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
+    watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
+    watch_source = "\n".join(
+        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
+    )
+    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(watch_main(sys.argv[1:], signal_run_group))\n"
+
+
 def render_supervisor(
     *,
     run_id: str,
@@ -195,6 +216,7 @@ def render_supervisor(
         probe_python=probe_python,
         probe_source=ENVIRONMENT_PROBE_PY,
         procs_source=procs_script(),
+        watch_source=watcher_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )
 
@@ -227,6 +249,55 @@ def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
 def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
     """One round trip: start the supervisor, then wait on the target until the job has started."""
     return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
+
+
+_RESUME = r"""
+set -u
+run_dir={{run_dir}}
+python={{python}}
+procs_py={{procs_source}}
+cd "$run_dir" 2>/dev/null || { echo "gpuflow-resume: gone"; exit 3; }
+# One resume at a time: check, move the last attempt aside and start the next one under a lock,
+# held until the new supervisor has claimed the run (its launch does not inherit the lock).
+# (Without flock — a macOS sandbox — the checks below still refuse a run that is alive again.)
+exec 9>>.resume.lock
+if command -v flock >/dev/null 2>&1; then flock -n 9 || { echo "gpuflow-resume: busy"; exit 3; }; fi
+if "$python" -I -S -c "$procs_py" alive "$run_dir"; then echo "gpuflow-resume: alive"; exit 3; fi
+if [ "$(cat exit_code 2>/dev/null)" = 0 ]; then echo "gpuflow-resume: succeeded"; exit 3; fi
+attempt=1
+while [ -e "attempts/$attempt" ] || [ -L "attempts/$attempt" ]; do attempt=$((attempt + 1)); done
+mkdir -p "attempts/$attempt" || exit 1
+for name in {{archived}}; do
+  if [ -e "$name" ] || [ -L "$name" ]; then mv -f "$name" "attempts/$attempt/" || exit 1; fi
+done
+offset=$(( $(wc -c < job.log 2>/dev/null || echo 0) + 0 ))
+echo "gpuflow-resume: attempt $attempt offset $offset"
+setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&-
+{{wait_for_start}}
+"""
+
+# What a run directory holds of one attempt of its job: moved to attempts/<n>/ before a resume.
+ATTEMPT_FILES = (
+    "exit_code", "job.pid", "job.proc", "supervisor.pid", "supervisor.proc", "interruption.json",
+    "rebalance.json", "watcher.json", "watcher.log", "environment.json", ".supervisor",
+)
+
+
+def resume_script(*, run_dir: str, python: str, script_name: str = "supervisor.sh") -> str:
+    """Start the run's supervisor again in its own run directory (same command, same log,
+    outputs and checkpoint in place): refused ('gpuflow-resume: busy|alive|succeeded|gone',
+    exit 3) while another resume holds the run, its job or supervisor lives, or it succeeded;
+    else the last attempt's files move to ``attempts/<n>/`` and the script prints
+    ``gpuflow-resume: attempt N offset BYTES`` (the log's size before the new start)."""
+    return render_script(
+        _RESUME,
+        run_dir=run_dir,
+        python=python,
+        procs_source=procs_script(),
+        archived=list(ATTEMPT_FILES),
+        script=script_name,
+        wait_for_start=ShellCode(wait_for_start_command(run_dir)),
+    )
 
 
 _PREPARE_ENVIRONMENT = "set -eu\n" + TAKE_LOCK_SHELL_FUNCTION + r"""
