@@ -99,8 +99,6 @@ def run_command(
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
         ) if value]
         if given:
-            from gpuflow.errors import UsageError
-
             raise UsageError(
                 f"--resume RUN continues the run's own command on its own cluster: drop {', '.join(given)}",
                 hint=f"gpuflow run --resume {resume}{' --detach' if detach else ''}",
