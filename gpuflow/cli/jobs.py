@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from gpuflow.cli import app
+from gpuflow.cli import _confirm, app
 from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
 
 
@@ -135,9 +135,9 @@ def run_command(
 
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
-    from gpuflow.errors import ClusterNotFound
+    from gpuflow.errors import ClusterNotFound, JobFailed, RunLost
 
-    with _ended_by_signals() as signals:
+    with _ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:
             outcome = jobs.run_on_cluster(
                 cluster_name,
@@ -176,6 +176,45 @@ def run_command(
         _say(f"run {run_id} keeps running on {cluster_name}: {how}")
         return
     _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
+    _offer_gitignore(project)
+
+
+@contextlib.contextmanager
+def _offering_gitignore(project: Path, failures: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """A job that failed or was lost had its files pulled all the same: offer it then too."""
+    try:
+        yield
+    except failures:
+        _offer_gitignore(project)
+        raise
+
+
+def _offer_gitignore(project: Path) -> None:
+    """Runs pulled into a git repository that does not ignore them: say so once per project
+    and, on a terminal, ask whether to add them to .gitignore (never edited unasked)."""
+    from gpuflow import jobs
+
+    found = jobs.unignored_runs(project)
+    if found is None:
+        return
+    pattern = jobs.RUNS_PATTERN
+    if not _confirm.stdin_is_terminal():
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.HINTED)
+        _say(f"{found.line()} (add {pattern} to {found.gitignore}; said once)")
+        return
+    _say(found.line())
+    try:
+        add = _confirm.ask(f"Add {pattern} to {found.gitignore}?")
+    except (KeyboardInterrupt, EOFError):
+        add = False
+        typer.echo("", err=True)
+    if add:
+        written = jobs.add_runs_to_gitignore(found)
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.ADDED)
+        _say(f"added {pattern} to {written}")
+    else:
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.DECLINED)
+        _say(f"{found.gitignore} left as it was; not asked again for this project")
 
 
 def _existing_directory(path: Path, option: str) -> Path:
@@ -277,6 +316,7 @@ def pull_command(
     record, report = jobs.pull(run_id, say=_say)
     state = "still running" if not record.finished else record.status_text()
     typer.echo(f"{report.local_dir} ({len(report.fetched)} new, {len(report.unchanged)} unchanged; job {state})")
+    _offer_gitignore(Path(record.project_dir))
 
 
 @app.command("runs")
@@ -304,7 +344,7 @@ def runs_command(
         (
             status.record.run_id,
             status.record.cluster,
-            status.status,
+            str(status.status),
             status.record.started_at,
             # as it would be typed: arguments stay distinct
             status.record.module or shlex.join(status.record.command),
@@ -328,6 +368,12 @@ def stop_command(
 
     record, outcome = jobs.stop(run_id, grace_seconds=grace)
     if outcome is jobs.StopOutcome.FINISHED:
-        typer.echo(f"run {run_id} had already ended: {record.status_text()}")
+        ended = f", ended {record.ended_at}" if record.ended_at else ""
+        typer.echo(
+            f"run {run_id} had already finished: {record.status_text()} (exit code {record.exit_code}{ended}); "
+            "nothing to stop"
+        )
+    elif outcome is jobs.StopOutcome.GONE and record.status is jobs.RunState.LOST:
+        typer.echo(f"run {run_id} is lost ({record.lost_reason or 'no process of it is left'}): nothing to stop")
     else:
         typer.echo(f"run {run_id} {outcome}: {record.status_text()}")
