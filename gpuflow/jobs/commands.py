@@ -53,17 +53,17 @@ def _gone_reason(cluster_name: str, error: GpuflowError) -> str:
     return f"its cluster {cluster_name} is gone"
 
 
-def _connect(record: RunRecord, resolve: TargetResolver) -> tuple[RunTarget, CommandRunner]:
-    """The run's target and a runner on it; :class:`_FilesUnreachable` when its cluster is gone."""
+def _connect(cluster_name: str, resolve: TargetResolver) -> tuple[RunTarget, CommandRunner]:
+    """The cluster's target and a runner on it; :class:`_FilesUnreachable` when it is gone."""
     try:
-        target = resolve(record.cluster)
+        target = resolve(cluster_name)
         # Connecting to a terminated sandbox instance would re-create its directory: ask first.
         gone = instance_gone(target)
         if gone is not None:
             raise InstanceGone(gone)
         return target, target.connect()
     except (NotFound, InstanceGone) as exc:
-        raise _FilesUnreachable(_gone_reason(record.cluster, exc)) from exc
+        raise _FilesUnreachable(_gone_reason(cluster_name, exc)) from exc
 
 
 def _print_local_log(record: RunRecord, out: BinaryIO) -> None:
@@ -75,6 +75,21 @@ def _print_local_log(record: RunRecord, out: BinaryIO) -> None:
         while chunk := handle.read(READ_CHUNK):
             out.write(chunk)
     out.flush()
+
+
+class _CountingOutput:
+    """``out``, counting the bytes written to it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _named(paths: list[str]) -> str:
@@ -139,25 +154,30 @@ def logs(
         _print_local_log(record, out)
         return record.exit_code
     try:
-        target, runner = _connect(record, resolve)
+        target, runner = _connect(record.cluster, resolve)
     except _FilesUnreachable as gone:
         _print_local_log(record, out)
         raise _missing(record, gone.reason, home, (LOG_NAME,)) from gone
     connection = Connection(target, runner, reconnect_timeout, say)
+    printed = _CountingOutput(out)  # what the instance gave: the pulled log is printed only instead of it
     try:
         try:
-            exit_code, offset = follow_log(
-                connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow,
+            exit_code, _offset = follow_log(
+                connection, record.remote_dir, printed, poll_interval=poll_interval, follow=follow,
                 liveness_interval=liveness_interval,
             )
         except JobVanished as vanished:
             if record.finished:  # its outcome is known: a run directory deleted since does not change it
-                if vanished.offset == 0:
+                if not printed.count:
                     _print_local_log(record, out)
                 raise _missing(record, vanished.reason, home, (LOG_NAME,)) from vanished
             raise lose(record, vanished.reason, home) from vanished
+        except InstanceGone as exc:  # found terminated on its first command (not following)
+            if not printed.count:
+                _print_local_log(record, out)
+            raise _missing(record, _gone_reason(record.cluster, exc), home, (LOG_NAME,)) from exc
         if exit_code is None and record.finished:  # the instance no longer has its run directory
-            if offset == 0:
+            if not printed.count:
                 _print_local_log(record, out)
             raise _missing(record, f"its run directory is gone from cluster {record.cluster}", home, (LOG_NAME,))
         if exit_code is not None and not record.finished:
@@ -183,7 +203,7 @@ def pull(
     finished is then lost)."""
     record = load_record(run_id, home)
     try:
-        target, runner = _connect(record, resolve)
+        target, runner = _connect(record.cluster, resolve)
     except _FilesUnreachable as gone:
         return _nothing_left_to_pull(record, gone.reason, home)
     connection = Connection(target, runner, 60, say)
@@ -224,7 +244,7 @@ def stop(
     if record.finished:
         return record, StopOutcome.FINISHED
     try:
-        _target, runner = _connect(record, resolve)
+        _target, runner = _connect(record.cluster, resolve)
     except _FilesUnreachable as gone:
         if record.status is not RunState.LOST or not record.lost_reason:  # the first reason found stays
             record = replace(record, status=RunState.LOST, lost_reason=gone.reason)
@@ -290,10 +310,9 @@ def _refresh_cluster(
 ) -> dict[str, RunStatus]:
     unreachable = RunStatus(RunState.UNREACHABLE)
     try:
-        target = resolve(cluster_name)
-        runner = target.connect()
-    except (NotFound, InstanceGone) as exc:  # the cluster or its instance is gone: so are its runs
-        return _mark_lost(pending, home, _gone_reason(cluster_name, exc))
+        _target, runner = _connect(cluster_name, resolve)
+    except _FilesUnreachable as gone:  # the cluster or its instance is gone: so are its runs
+        return _mark_lost(pending, home, gone.reason)
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
         return {record.run_id: unreachable for record in pending}
     try:

@@ -58,14 +58,15 @@ def copy_after_pull(
 
 def missing_locally(record: RunRecord, paths: Iterable[str] | None = None) -> list[str]:
     """Which files of the run's local copy (or of ``paths``) are not in ``local_dir`` as
-    pulled: deleted, changed since, or never pulled at all."""
+    pulled: deleted or changed since; of ``paths`` no pull recorded, those not there."""
     copy = record.pulled or PulledCopy()
     wanted = list(paths) if paths is not None else [pulled.path for pulled in copy.files]
     local_dir = Path(record.local_dir)
     missing = []
     for relative in wanted:
         pulled = copy.file(relative)
-        if pulled is None or _local_digest(local_dir.joinpath(*relative.split("/"))) != pulled.local_sha256:
+        digest = _local_digest(local_dir.joinpath(*relative.split("/")))
+        if digest is None or (pulled is not None and digest != pulled.local_sha256):
             missing.append(relative)
     return missing
 

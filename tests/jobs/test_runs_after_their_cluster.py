@@ -156,3 +156,61 @@ def test_runs_that_were_unfinished_or_pulled_early_when_their_cluster_went(proje
         assert {run_id: run["status"] for run_id, run in listed.items()} == {
             ended.run_id: "succeeded", pulled.run_id: "lost", never.run_id: "lost"}
         assert listed[never.run_id]["lost_reason"] == "its cluster gone-box is gone"
+
+
+def _local_target(base: Path, *, alive: bool = True) -> jobs.RunTarget:
+    from gpuflow.records import Cluster
+    from gpuflow.transport.local import LocalRunner
+
+    def connect() -> LocalRunner:
+        return LocalRunner(base)
+
+    def push(project_dir: Path) -> None:
+        runner = connect()
+        try:
+            runner.put_bytes((project_dir / "job.py").read_bytes(), f"{runner.base_dir}/project/job.py")
+        finally:
+            runner.close()
+
+    cluster = Cluster(name="testbox", region="us-east-1", instance_type="g5.xlarge", ami="ami-0123456789abcdef0",
+                      price_per_hour=1.0)
+    return jobs.RunTarget(cluster=cluster, connect=connect, sync_project=push, instance_alive=lambda: alive)
+
+
+def test_a_terminated_instance_or_a_vanished_run_directory_is_a_gone_cluster_too(project, tmp_path):
+    """Not only a cluster torn down by gpuflow: an instance ended behind its back (the switch,
+    the console), or a cluster of the same name that no longer has the run's directory."""
+    import io
+    import shutil
+
+    from gpuflow.errors import NotFound, RunLost
+
+    live = _local_target(tmp_path / "instance")
+    finished = jobs.run(live, project_dir=project, module=None, args=["python", "job.py", "2"], out=io.BytesIO())
+    started = jobs.run(live, project_dir=project, module=None, args=["python", "job.py", "2", "0", "wait"],
+                       out=io.BytesIO(), detach=True)
+    local = Path(finished.record.local_dir)
+
+    shutil.rmtree(finished.record.remote_dir)  # the cluster is up, the run's directory is not
+    _record, report = jobs.pull(finished.record.run_id, resolve=lambda name: live)
+    assert report.fetched == () and len(report.unchanged) == 4
+    (local / "outputs" / "metrics.json").unlink()
+    with pytest.raises(NotFound) as missing:
+        jobs.pull(finished.record.run_id, resolve=lambda name: live)
+    assert missing.value.message == (
+        f"run {finished.record.run_id} succeeded, but outputs/metrics.json is missing from {local} and cannot be "
+        "pulled again: its run directory is gone from cluster testbox"
+    )
+
+    terminated = _local_target(tmp_path / "instance", alive=False)
+    printed = io.BytesIO()
+    assert jobs.logs(finished.record.run_id, out=printed, resolve=lambda name: terminated) == 0
+    assert printed.getvalue() == b"line 0\nline 1\n"
+    with pytest.raises(RunLost) as lost:
+        jobs.logs(started.record.run_id, out=io.BytesIO(), resolve=lambda name: terminated)
+    assert lost.value.message == (
+        f"run {started.record.run_id} is lost: its cluster testbox is gone (its instance (cluster testbox) is no "
+        "longer running); nothing of it was pulled"
+    )
+    assert jobs.load_record(started.record.run_id).status == "lost"
+    (Path(started.record.remote_dir) / "go").write_text("")  # let the job end (its "instance" is this machine)
