@@ -6,19 +6,22 @@ stderr, so `gpuflow run ... > train.log` captures exactly the job's log.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from gpuflow.cli import _confirm
 from gpuflow.cli._app import app
 from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
 from gpuflow.cli._signals import ended_by_signals
 from gpuflow.cli._table import table_lines
 from gpuflow.config import find_project_root
-from gpuflow.errors import ClusterNotFound, DataError, DetachedByInterrupt, JobFailed, NotFound, Terminated, UsageError
+from gpuflow.errors import ClusterNotFound, DataError, DetachedByInterrupt, JobFailed, NotFound, RunLost, Terminated, UsageError
 
 
 def _say(message: str) -> None:
@@ -107,7 +110,9 @@ def run_command(
             outcome = jobs.resume(
                 resume, out=sys.stdout.buffer, detach=detach, on_interrupt=_ask_stop_or_detach, say=_say
             )
-        _report_outcome(outcome, outcome.record.cluster, detach=detach, signals=signals)
+        _report_outcome(
+            outcome, outcome.record.cluster, detach=detach, signals=signals, project=Path(outcome.record.project_dir)
+        )
         return
     project = (project_dir or find_project_root()).resolve()
     name, module = _split_positionals(ctx, list(positionals or []), job_args, project, up=up)
@@ -120,7 +125,7 @@ def run_command(
     elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
-    with ended_by_signals() as signals:
+    with ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:
             outcome = jobs.run_on_cluster(
                 cluster_name,
@@ -141,10 +146,10 @@ def run_command(
             from gpuflow.clusters import explain_unknown
 
             raise explain_unknown(cluster_name, exc, project_dir=project) from exc  # whose a cluster of that name is, when its tags say
-    _report_outcome(outcome, cluster_name, detach=detach, signals=signals)
+    _report_outcome(outcome, cluster_name, detach=detach, signals=signals, project=project)
 
 
-def _report_outcome(outcome: Any, cluster_name: str, *, detach: bool, signals: list[int]) -> None:
+def _report_outcome(outcome: Any, cluster_name: str, *, detach: bool, signals: list[int], project: Path) -> None:
     """The last words of `run` (and `run --resume`) on an outcome that raised nothing."""
     if outcome.detached:
         run_id = outcome.record.run_id
@@ -162,6 +167,45 @@ def _report_outcome(outcome: Any, cluster_name: str, *, detach: bool, signals: l
         _say(f"run {run_id} keeps running on {cluster_name}: {how}")
         return
     _say(f"run {outcome.record.run_id} succeeded; outputs in {outcome.record.local_dir}")
+    _offer_gitignore(project)
+
+
+@contextlib.contextmanager
+def _offering_gitignore(project: Path, failures: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """A job that failed or was lost had its files pulled all the same: offer it then too."""
+    try:
+        yield
+    except failures:
+        _offer_gitignore(project)
+        raise
+
+
+def _offer_gitignore(project: Path) -> None:
+    """Runs pulled into a git repository that does not ignore them: say so once per project
+    and, on a terminal, ask whether to add them to .gitignore (never edited unasked)."""
+    from gpuflow import jobs
+
+    found = jobs.unignored_runs(project)
+    if found is None:
+        return
+    pattern = jobs.RUNS_PATTERN
+    if not _confirm.stdin_is_terminal():
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.HINTED)
+        _say(f"{found.line()} (add {pattern} to {found.gitignore}; said once)")
+        return
+    _say(found.line())
+    try:
+        add = _confirm.ask(f"Add {pattern} to {found.gitignore}?")
+    except (KeyboardInterrupt, EOFError):
+        add = False
+        typer.echo("", err=True)
+    if add:
+        written = jobs.add_runs_to_gitignore(found)
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.ADDED)
+        _say(f"added {pattern} to {written}")
+    else:
+        jobs.remember_gitignore_answer(found, jobs.GitignoreAnswer.DECLINED)
+        _say(f"{found.gitignore} left as it was; not asked again for this project")
 
 
 def _existing_directory(path: Path, option: str) -> Path:
@@ -265,6 +309,7 @@ def pull_command(
     record, report = jobs.pull(run_id, say=_say)
     state = "still running" if not record.finished else record.status_text()
     typer.echo(f"{report.local_dir} ({len(report.fetched)} new, {len(report.unchanged)} unchanged; job {state})")
+    _offer_gitignore(Path(record.project_dir))
 
 
 @app.command("runs")
@@ -319,7 +364,13 @@ def stop_command(
 
     record, outcome = jobs.stop(run_id, grace_seconds=jobs.STOP_GRACE_SECONDS if grace is None else grace)
     if outcome is jobs.StopOutcome.FINISHED:
-        typer.echo(f"run {run_id} had already ended: {record.status_text()}")
+        ended = f", ended {record.ended_at}" if record.ended_at else ""
+        typer.echo(
+            f"run {run_id} had already finished: {record.status_text()} (exit code {record.exit_code}{ended}); "
+            "nothing to stop"
+        )
+    elif outcome is jobs.StopOutcome.GONE and record.status is jobs.RunState.LOST:
+        typer.echo(f"run {run_id} is lost ({record.lost_reason or 'no process of it is left'}): nothing to stop")
     else:
         typer.echo(f"run {run_id} {outcome}: {record.status_text()}")
     if record.status is jobs.RunState.INTERRUPTED:

@@ -35,7 +35,9 @@ Modules, each owning one thing (imports go down this list only):
 * :mod:`~gpuflow.jobs.start` — starting a run detached.
 * :mod:`~gpuflow.jobs.connection` — reconnecting after a drop.
 * :mod:`~gpuflow.jobs.follow` — following the log.
+* :mod:`~gpuflow.jobs.local_copy` — a run's pulled files: what the last pull left, what is missing.
 * :mod:`~gpuflow.jobs.pulling` — pulling the run's files.
+* :mod:`~gpuflow.jobs.gitignore` — pulled runs in a git repository that does not ignore them.
 * :mod:`~gpuflow.jobs.foreground` — the ``run`` use case on a target.
 * :mod:`~gpuflow.jobs.targets` — a named cluster as a run target.
 * :mod:`~gpuflow.jobs.commands` — ``logs``, ``pull``, ``stop``, ``runs``.
@@ -59,6 +61,14 @@ from gpuflow.jobs.environment import (
 )
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.foreground import follow_to_outcome, interrupted_error, run
+from gpuflow.jobs.gitignore import (
+    RUNS_PATTERN,
+    GitignoreAnswer,
+    UnignoredRuns,
+    add_runs_to_gitignore,
+    remember_gitignore_answer,
+    unignored_runs,
+)
 from gpuflow.jobs.manifest import build_manifest, environment_fields, finish_manifest, git_state
 from gpuflow.jobs.on_cluster import run_on_cluster
 from gpuflow.jobs.pulling import list_remote_tree, pull_files, pull_run
@@ -115,7 +125,9 @@ __all__ = [
     "OUTPUTS_NAME",
     "PID_NAME",
     "PULLED_NAMES",
+    "RUNS_PATTERN",
     "Connection",
+    "GitignoreAnswer",
     "InterruptChoice",
     "JobVanished",
     "ListedRun",
@@ -130,6 +142,8 @@ __all__ = [
     "Say",
     "StopOutcome",
     "TargetResolver",
+    "UnignoredRuns",
+    "add_runs_to_gitignore",
     "all_records",
     "base_python",
     "build_job_argv",
@@ -152,6 +166,7 @@ __all__ = [
     "pull_files",
     "pull_run",
     "quiet",
+    "remember_gitignore_answer",
     "requirements_hash",
     "requirements_of",
     "resume",
@@ -164,6 +179,7 @@ __all__ = [
     "stop",
     "stop_job",
     "target_for_cluster",
+    "unignored_runs",
     "up_spec_for_run",
     "wait_for_start",
 ]

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from gpuflow.errors import GpuflowError, InstanceGone, NotFound, UnsafePath
+from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath
 from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
-from gpuflow.jobs.pulling import pull_with_reconnect
+from gpuflow.jobs.local_copy import holds_everything, missing_locally
+from gpuflow.jobs.pulling import RunDirectoryGone, pull_with_reconnect
 from gpuflow.jobs.records import (
+    LOG_NAME,
+    READ_CHUNK,
     STOP_GRACE_SECONDS,
     ListedRun,
     PullReport,
     RunRecord,
     RunState,
     RunStatus,
+    RunTarget,
     Say,
     StopOutcome,
     all_records,
@@ -41,6 +46,96 @@ from gpuflow.jobs.rundir import (
     stop_job,
 )
 from gpuflow.jobs.targets import TargetResolver, target_for_cluster
+from gpuflow.transport.base import CommandRunner
+
+
+class _FilesUnreachable(Exception):
+    """The run's cluster (or its run directory there) is gone: nothing more can be had of it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _gone_reason(cluster_name: str, error: GpuflowError) -> str:
+    """Why a run's files cannot be had from its cluster any more: the cluster is gone."""
+    if isinstance(error, InstanceGone):
+        return f"its cluster {cluster_name} is gone ({error.message})"
+    return f"its cluster {cluster_name} is gone"
+
+
+def _connect(cluster_name: str, resolve: TargetResolver) -> tuple[RunTarget, CommandRunner]:
+    """The cluster's target and a runner on it; :class:`_FilesUnreachable` when it is gone."""
+    try:
+        target = resolve(cluster_name)
+        # Connecting to a terminated sandbox instance would re-create its directory: ask first.
+        gone = instance_gone(target)
+        if gone is not None:
+            raise InstanceGone(gone)
+        return target, target.connect()
+    except (NotFound, InstanceGone) as exc:
+        raise _FilesUnreachable(_gone_reason(cluster_name, exc)) from exc
+
+
+def _print_local_log(record: RunRecord, out: BinaryIO) -> None:
+    """Copy the pulled ``job.log`` (when there is one) to ``out``."""
+    path = Path(record.local_dir) / LOG_NAME
+    if path.is_symlink() or not path.is_file():
+        return
+    with path.open("rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            out.write(chunk)
+    out.flush()
+
+
+class _CountingOutput:
+    """``out``, counting the bytes written to it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _named(paths: list[str]) -> str:
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return f"{shown} {'is' if len(paths) == 1 else 'are'}"
+
+
+def _missing(record: RunRecord, reason: str, home: Path | None, paths: Sequence[str] | None = None) -> GpuflowError:
+    """The one line that says what of the run is not here, and why it cannot be had
+    (``reason``: its cluster is gone).  A run not known to have finished is lost now."""
+    local_dir = Path(record.local_dir)
+    if not record.finished:
+        first_reason = record.lost_reason if record.status is RunState.LOST and record.lost_reason else reason
+        save_record(replace(record, status=RunState.LOST, lost_reason=first_reason), home)
+        what = (
+            f"only what was pulled while it ran is in {local_dir}" if _has_files(local_dir) else "nothing of it was pulled"
+        )
+        return RunLost(f"run {record.run_id} is lost: {reason}; {what}")
+    status = record.status_text()
+    gaps = missing_locally(record, paths)
+    if gaps:
+        return NotFound(
+            f"run {record.run_id} {status}, but {_named(gaps)} missing from {local_dir} and cannot be pulled again: "
+            f"{reason}"
+        )
+    if not _has_files(local_dir):
+        return NotFound(f"run {record.run_id} {status}, but nothing of it was pulled, and it cannot be now: {reason}")
+    return NotFound(
+        f"run {record.run_id} {status}, but the files in {local_dir} were not pulled completely after it ended "
+        f"(its log and outputs may lack their end), and they cannot be pulled again: {reason}"
+    )
+
+
+def _has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(path.is_file() for path in directory.rglob("*"))
 
 
 def logs(
@@ -57,37 +152,46 @@ def logs(
 ) -> int | None:
     """``gpuflow logs RUN [-f]``: print the log (and keep following it).
 
-    Returns the job's exit code if it has ended, else None.  Following a job
-    that vanishes without an exit code (or whose cluster is gone) records the
-    run as lost and raises :class:`RunLost` with the reason.
+    Returns the job's exit code if it has ended, else None.  A finished run
+    whose whole log was pulled is printed from ``runs/<run-id>/job.log``
+    without asking its cluster.  When the cluster is gone, what was pulled is
+    printed and an error says what is missing and why (a run not known to have
+    finished is then lost: :class:`RunLost`).  Following a job that vanishes
+    without an exit code records the run as lost and raises :class:`RunLost`
+    with the reason.
     """
     record = load_record(run_id, home)
-    following = follow and not record.finished
+    if holds_everything(record, (LOG_NAME,)):
+        _print_local_log(record, out)
+        return record.exit_code
     try:
-        target = resolve(record.cluster)
-        # Connecting to a terminated sandbox instance would re-create its directory: ask first.
-        gone = instance_gone(target) if following else None
-        if gone is not None:
-            raise lose(record, gone, home)
-        runner = target.connect()
-    except (NotFound, InstanceGone) as exc:
-        if not following:
-            raise
-        raise lose(record, f"its cluster {record.cluster} is gone ({exc.message})", home) from exc
+        target, runner = _connect(record.cluster, resolve)
+    except _FilesUnreachable as gone:
+        _print_local_log(record, out)
+        raise _missing(record, gone.reason, home, (LOG_NAME,)) from gone
     connection = Connection(target, runner, reconnect_timeout, say)
+    printed = _CountingOutput(out)  # what the instance gave: the pulled log is printed only instead of it
     try:
         try:
             exit_code, _offset = follow_log(
-                connection, record.remote_dir, out, poll_interval=poll_interval, follow=follow,
-                liveness_interval=liveness_interval, on_notice=lambda notice: say(f"run {run_id}: {notice}"),
+    LOG_NAME,
+    READ_CHUNK,
+    STOP_GRACE_SECONDS,
             )
         except JobVanished as vanished:
             if record.finished:  # its outcome is known: a run directory deleted since does not change it
-                raise NotFound(
-                    f"run {record.run_id} {record.status_text()}, but {vanished.reason}",
-                    hint=f"its pulled log is in {record.local_dir}",
-                ) from vanished
+                if not printed.count:
+                    _print_local_log(record, out)
+                raise _missing(record, vanished.reason, home, (LOG_NAME,)) from vanished
             raise lose(record, vanished.reason, home) from vanished
+        except InstanceGone as exc:  # found terminated on its first command (not following)
+            if not printed.count:
+                _print_local_log(record, out)
+            raise _missing(record, _gone_reason(record.cluster, exc), home, (LOG_NAME,)) from exc
+        if exit_code is None and record.finished:  # the instance no longer has its run directory
+            if not printed.count:
+                _print_local_log(record, out)
+            raise _missing(record, f"its run directory is gone from cluster {record.cluster}", home, (LOG_NAME,))
         if exit_code is not None and not record.finished:
             runner = connection.runner
             save_record(record.with_status(ended_status(runner, record.remote_dir, exit_code), lost_reason=None,
@@ -105,19 +209,38 @@ def pull(
     home: Path | None = None,
     say: Say = quiet,
 ) -> tuple[RunRecord, PullReport]:
-    """``gpuflow pull RUN``: fetch the run's files now (also while it runs)."""
+    """``gpuflow pull RUN``: fetch the run's files now (also while it runs).
+
+    When the run's cluster (or its run directory) is gone, a finished run whose
+    files are all here, as pulled after it ended, is reported as unchanged;
+    otherwise an error says what is missing and why (a run not known to have
+    finished is then lost)."""
     record = load_record(run_id, home)
-    target = resolve(record.cluster)
-    connection = Connection(target, target.connect(), 60, say)
+    try:
+        target, runner = _connect(record.cluster, resolve)
+    except _FilesUnreachable as gone:
+        return _nothing_left_to_pull(record, gone.reason, home)
+    connection = Connection(target, runner, 60, say)
     try:
         try:
             return pull_with_reconnect(connection, record, home=home, say=say)
         except UnsafePath as refusal:  # the job's outcome was recorded all the same: say it too
             refusal.message = f"run {run_id}: job {load_record(run_id, home).status_text()}; {refusal.message}"
             raise
+        except RunDirectoryGone as exc:
+            return _nothing_left_to_pull(load_record(run_id, home), exc.message, home)
+        except InstanceGone as exc:  # found terminated while reconnecting
+            return _nothing_left_to_pull(load_record(run_id, home), _gone_reason(record.cluster, exc), home)
     finally:
         with contextlib.suppress(Exception):
             connection.runner.close()
+
+
+def _nothing_left_to_pull(record: RunRecord, reason: str, home: Path | None) -> tuple[RunRecord, PullReport]:
+    if not holds_everything(record):
+        raise _missing(record, reason, home)
+    assert record.pulled is not None  # holds_everything says so
+    return record, PullReport(local_dir=Path(record.local_dir), unchanged=tuple(f.path for f in record.pulled.files))
 
 
 def stop(
@@ -127,11 +250,19 @@ def stop(
     resolve: TargetResolver = target_for_cluster,
     home: Path | None = None,
 ) -> tuple[RunRecord, StopOutcome]:
-    """``gpuflow stop RUN``: save and stop — SIGTERM the job's process group (a training
-    module saves its checkpoint and exits 75: ``interrupted``), SIGKILL after the grace period."""
+    LOG_NAME,
+    READ_CHUNK,
+    STOP_GRACE_SECONDS,
     record = load_record(run_id, home)
-    target = resolve(record.cluster)
-    runner = target.connect()
+    if record.finished:
+        return record, StopOutcome.FINISHED
+    try:
+        _target, runner = _connect(record.cluster, resolve)
+    except _FilesUnreachable as gone:
+        if record.status is not RunState.LOST or not record.lost_reason:  # the first reason found stays
+            record = replace(record, status=RunState.LOST, lost_reason=gone.reason)
+            save_record(record, home)
+        return record, StopOutcome.GONE
     liveness = None
     try:
         outcome = stop_job(runner, record.remote_dir, grace_seconds=grace_seconds)
@@ -194,10 +325,9 @@ def _refresh_cluster(
 ) -> dict[str, RunStatus]:
     unreachable = RunStatus(RunState.UNREACHABLE)
     try:
-        target = resolve(cluster_name)
-        runner = target.connect()
-    except (NotFound, InstanceGone) as exc:  # the cluster or its instance is gone: so are its runs
-        return _mark_lost(pending, home, f"its cluster {cluster_name} is gone ({exc.message})")
+        _target, runner = _connect(cluster_name, resolve)
+    except _FilesUnreachable as gone:  # the cluster or its instance is gone: so are its runs
+        return _mark_lost(pending, home, gone.reason)
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
         return {record.run_id: unreachable for record in pending}
     try:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gpuflow.errors import RemoteCommandFailed, UnsafePath
+from gpuflow.errors import NotFound, RemoteCommandFailed, UnsafePath
 from gpuflow.jobs import scripts
 from gpuflow.jobs.connection import TRANSIENT, Connection
+from gpuflow.jobs.local_copy import copy_after_pull, is_unchanged, sha256_file
 from gpuflow.jobs.manifest import environment_fields, finish_manifest
 from gpuflow.jobs.records import (
     ENVIRONMENT_NAME,
@@ -22,6 +23,7 @@ from gpuflow.jobs.records import (
     PID_NAME,
     PULLED_NAMES,
     READ_CHUNK,
+    PulledCopy,
     PullReport,
     RunRecord,
     Say,
@@ -32,6 +34,10 @@ from gpuflow.jobs.records import (
 from gpuflow.jobs.rundir import ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
+
+
+class RunDirectoryGone(NotFound):
+    """The instance has no run directory of this run (any more): nothing of it is left to pull."""
 
 
 def _safe_destination(local_root: Path, relative: str) -> Path | None:
@@ -47,14 +53,6 @@ def _safe_destination(local_root: Path, relative: str) -> Path | None:
     if resolved != root and root not in resolved.parents:
         return None
     return destination
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_remote_tree(runner: CommandRunner, remote_dir: str, names: Sequence[str] = PULLED_NAMES) -> list[dict]:
@@ -75,13 +73,18 @@ def pull_files(
     *,
     say: Say = quiet,
     entries: list[dict] | None = None,
+    previous: PulledCopy | None = None,
+    raise_refused: bool = True,
 ) -> PullReport:
     """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
 
     Refuses (:class:`UnsafePath`) any entry that is a symlink or special file,
     whose path is absolute or has ``..``, or that would resolve outside
-    ``local_dir`` — after copying the safe entries.  A file the job rewrites
-    while it is being pulled (a checkpoint) is skipped and reported.
+    ``local_dir`` — after copying the safe entries (``raise_refused=False``:
+    they are only listed in the report's ``refused``).  A file the job rewrites
+    while it is being pulled (a checkpoint) is skipped and reported.  A local
+    file that already has the remote one's bytes, or is what the ``previous``
+    pull made of it (the completed manifest), is not fetched again.
     """
     local_dir.mkdir(parents=True, exist_ok=True)
     if entries is None:
@@ -102,7 +105,11 @@ def pull_files(
             destination.mkdir(parents=True, exist_ok=True)
             continue
         expected = str(entry.get("sha256", ""))
-        if destination.is_file() and not destination.is_symlink() and _sha256_file(destination) == expected:
+        if (
+            destination.is_file()
+            and not destination.is_symlink()
+            and is_unchanged(previous, relative, expected, sha256_file(destination))
+        ):
             unchanged.append(relative)
             continue
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +119,7 @@ def pull_files(
             continue
         try:
             runner.get_file(f"{remote_dir}/{relative}", str(temporary))
-            actual = _sha256_file(temporary)
+            actual = sha256_file(temporary)
             if actual != expected:
                 changing.append(relative)
                 continue
@@ -128,17 +135,25 @@ def pull_files(
         unchanged=tuple(unchanged),
         changing=tuple(changing),
         bytes_fetched=total,
+        refused=tuple(refused),
     )
     if changing:
         say(f"skipped {len(changing)} file(s) the job is still writing: {', '.join(changing[:5])}")
+    if raise_refused:
+        raise_if_refused(report)
+    return report
+
+
+def raise_if_refused(report: PullReport) -> None:
+    """:class:`UnsafePath` naming the entries ``report`` refused, if any."""
+    refused = report.refused
     if refused:
         shown = ", ".join(repr(name) for name in refused[:5])
         raise UnsafePath(
             f"refused {len(refused)} remote entr{'y' if len(refused) == 1 else 'ies'} that are symlinks, "
-            f"special files or escape {local_dir}: {shown}",
+            f"special files or escape {report.local_dir}: {shown}",
             hint="the other files were pulled; write plain files under $GPUFLOW_OUTPUT_DIR",
         )
-    return report
 
 
 def _finalize_local(
@@ -254,6 +269,8 @@ def pull_run(
     # One listing serves both: the files to pull, and the job's start and end times
     # (job.pid's and exit_code's mtimes, both on the instance's clock).
     listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
+    if not listing:  # not even the manifest written at start: the run directory is gone
+        raise RunDirectoryGone(f"its run directory is gone from cluster {record.cluster}")
     job_started_at = _instance_time(listing, PID_NAME)
     ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
     environment = _read_environment(runner, record.remote_dir)
@@ -264,9 +281,17 @@ def pull_run(
         )
     entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
     try:
-        report = pull_files(runner, record.remote_dir, local_dir, say=say, entries=entries)
-    finally:  # also after a refused entry: the manifest pulled with the safe files is completed
+        report = pull_files(
+            runner, record.remote_dir, local_dir, say=say, entries=entries, previous=record.pulled,
+            raise_refused=False,
+        )
+    finally:  # also when the pull broke off: the manifest pulled with the other files is completed
         _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
+    # What is here now, and whether it is all the run has: a repeated pull, and `logs` or
+    # `pull` once the cluster is gone, go by it.
+    record = replace(record, pulled=copy_after_pull(entries, report, local_dir, job_ended=exit_code is not None))
+    save_record(record, home)
+    raise_if_refused(report)
     say(
         f"pulled {len(report.fetched)} file(s), {report.bytes_fetched:,} bytes "
         f"({len(report.unchanged)} unchanged) into {local_dir}"

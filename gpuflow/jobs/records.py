@@ -187,6 +187,39 @@ class RunTarget:
 
 
 @dataclass(frozen=True)
+class PulledFile:
+    """One file of the run's local copy: its path under ``runs/<run-id>/``, the sha256 of the
+    instance's file it was pulled from, and the sha256 it has here (the same, except for the
+    manifest, which gpuflow completes after pulling it)."""
+
+    path: str
+    remote_sha256: str
+    local_sha256: str
+
+
+@dataclass(frozen=True)
+class PulledCopy:
+    """What the last pull left in the run's local directory: every file it copied or found
+    unchanged, and whether that is all the run has (pulled after its job ended, no file
+    skipped or refused) — what lets ``logs`` and ``pull`` serve it once the cluster is gone,
+    and a repeated pull tell an unchanged file from a changed one."""
+
+    files: tuple[PulledFile, ...] = ()
+    complete: bool = False
+
+    def file(self, path: str) -> PulledFile | None:
+        return next((pulled for pulled in self.files if pulled.path == path), None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PulledCopy:
+        return cls(files=tuple(PulledFile(**item) for item in data.get("files", ())),
+                   complete=bool(data.get("complete", False)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": [asdict(pulled) for pulled in self.files], "complete": self.complete}
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """The local record of one run (the ``runs`` state collection)."""
 
@@ -211,9 +244,12 @@ class RunRecord:
     checkpoint: Checkpoint | None = None  # an interrupted run's resumable checkpoint
     interruption: str | None = None  # the spot interruption notice its job was stopped for, in words
     resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
+    pulled: PulledCopy | None = None  # what the last pull left in local_dir (None: never pulled)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
+        if isinstance(self.pulled, dict):  # as stored
+            object.__setattr__(self, "pulled", PulledCopy.from_dict(self.pulled))
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -221,6 +257,7 @@ class RunRecord:
         data["status"] = self.status.value
         data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
         data["resumes"] = [resume.to_dict() for resume in self.resumes]
+        data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
         return data
 
     @classmethod
@@ -279,6 +316,7 @@ class PullReport:
     unchanged: tuple[str, ...] = ()
     changing: tuple[str, ...] = ()  # files rewritten by the job while being pulled (skipped)
     bytes_fetched: int = 0
+    refused: tuple[str, ...] = ()  # entries that are symlinks, special files or would escape local_dir
 
 
 @dataclass(frozen=True)

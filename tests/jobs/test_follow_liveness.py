@@ -451,10 +451,12 @@ def test_following_a_finished_run_whose_directory_is_gone_keeps_its_outcome(loca
 
     finished = jobs.run(local_target, project_dir=project, module=None, args=job_args(2), out=io.BytesIO())
     shutil.rmtree(finished.record.remote_dir)
+    (Path(finished.record.local_dir) / "job.log").unlink()  # else `logs` serves the pulled log
     with pytest.raises(NotFound) as caught:
         _bounded(lambda: jobs.logs(finished.record.run_id, out=io.BytesIO(), follow=True,
                                    resolve=lambda name: local_target, liveness_interval=FAST))
-    assert f"run {finished.record.run_id} succeeded, but its run directory" in caught.value.message
+    assert f"run {finished.record.run_id} succeeded, but job.log is missing" in caught.value.message
+    assert f"its run directory {finished.record.remote_dir} is gone" in caught.value.message
     assert jobs.load_record(finished.record.run_id).status == "succeeded"
 
 
