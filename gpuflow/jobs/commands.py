@@ -174,9 +174,8 @@ def logs(
     try:
         try:
             exit_code, _offset = follow_log(
-    LOG_NAME,
-    READ_CHUNK,
-    STOP_GRACE_SECONDS,
+                connection, record.remote_dir, printed, poll_interval=poll_interval, follow=follow,
+                liveness_interval=liveness_interval, on_notice=lambda notice: say(f"run {run_id}: {notice}"),
             )
         except JobVanished as vanished:
             if record.finished:  # its outcome is known: a run directory deleted since does not change it
