@@ -33,10 +33,8 @@ sys.exit(code)
 
 def cli(argv: list[str]) -> int:
     """`gpuflow ARGV` in this process, through the one error-mapping path."""
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 
