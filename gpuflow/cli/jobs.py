@@ -102,6 +102,10 @@ def run_command(
     idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
+    env: Optional[list[str]] = typer.Option(  # noqa: UP007
+        None, "--env", metavar="VARIABLE", help="Add VARIABLE, given as NAME=VALUE, to the job's environment "
+        "(repeatable), e.g. TF_CPP_MIN_LOG_LEVEL=3 to quiet TensorFlow's C++ log.",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -122,6 +126,7 @@ def run_command(
     from gpuflow.config import find_project_root
 
     job_args: list[str] = ctx.meta.get(JOB_ARGS, [])
+    job_env = jobs.parse_job_env(env or [])  # before anything is launched
     project = (project_dir or find_project_root()).resolve()
     name, module = _split_positionals(ctx, list(positionals or []), job_args, project, up=up)
     up_spec = None
@@ -151,6 +156,7 @@ def run_command(
                 on_interrupt=_ask_stop_or_detach,
                 say=_say,
                 data_dir=_existing_directory(data, "--data") if data is not None else None,
+                job_env=job_env,
             )
         except ClusterNotFound as exc:
             if up_spec is not None:  # --up made or refused the cluster itself, and said why

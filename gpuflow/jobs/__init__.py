@@ -83,7 +83,7 @@ from gpuflow.jobs.records import (
     save_record,
 )
 from gpuflow.jobs.rundir import Liveness, job_liveness, lost_reason, run_status, stop_job
-from gpuflow.jobs.start import start_run, wait_for_start
+from gpuflow.jobs.start import parse_job_env, start_run, wait_for_start
 from gpuflow.jobs.targets import (
     TargetResolver,
     is_known_cluster,
@@ -143,6 +143,7 @@ __all__ = [
     "run_on_cluster",
     "run_status",
     "save_record",
+    "parse_job_env",
     "start_run",
     "stop",
     "stop_job",

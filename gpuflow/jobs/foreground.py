@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,6 +43,7 @@ def run(
     run_id: str | None = None,
     data_dir: Path | None = None,
     liveness_interval: float = LIVENESS_INTERVAL,
+    job_env: Mapping[str, str] | None = None,
 ) -> RunOutcome:
     """``gpuflow run``: start detached, stream the log, pull, return the outcome.
 
@@ -71,6 +72,7 @@ def run(
             heartbeat_seconds=heartbeat_seconds,
             home=home,
             say=say,
+            job_env=job_env,
         )
         if detach:
             return RunOutcome(record, None, detached=True)

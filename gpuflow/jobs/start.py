@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,29 @@ from gpuflow.state import validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
 
+# Variables gpuflow sets for every job itself (PYTHONPATH when it ships the training package).
+RESERVED_JOB_ENV = ("PYTHONPATH", "PYTHONUNBUFFERED")
+RESERVED_JOB_ENV_PREFIX = "GPUFLOW_"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_job_env(items: Sequence[str]) -> dict[str, str]:
+    """``run --env KEY=VALUE`` (repeatable) as the job's extra environment; a bad item, or a
+    variable gpuflow sets for the job itself, is a :class:`UsageError` (nothing is started)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not _ENV_NAME.fullmatch(key):
+            raise UsageError(
+                f"--env {item!r}: expected KEY=VALUE with KEY a variable name (letters, digits, _; not starting with a digit)",
+                hint="e.g. --env TF_CPP_MIN_LOG_LEVEL=3",
+            )
+        if key.startswith(RESERVED_JOB_ENV_PREFIX) or key in RESERVED_JOB_ENV:
+            raise UsageError(f"--env {key}: gpuflow sets {key} for the job itself", hint="pick another variable")
+        env[key] = value
+    return env
+
+
 def start_run(
     target: RunTarget,
     runner: CommandRunner,
@@ -47,6 +71,7 @@ def start_run(
     heartbeat_seconds: float = 30,
     home: Path | None = None,
     say: Say = quiet,
+    job_env: Mapping[str, str] | None = None,
 ) -> RunRecord:
     """Sync, prepare the environment, write the manifest and start the job detached.
 
@@ -54,9 +79,13 @@ def start_run(
     first — only what changed, so later runs reuse it — and named to the job
     in ``$GPUFLOW_DATA_DIR`` (and ``--data-dir`` for a training module).
 
+    ``job_env`` (``gpuflow run --env``) is added to the job's environment; gpuflow's own
+    variables cannot be overridden (:func:`parse_job_env`).
+
     Returns once the supervisor has recorded the job's pid (or its exit
     code, for a job that ended at once).
     """
+    job_env = parse_job_env([f"{key}={value}" for key, value in (job_env or {}).items()])
     project_dir = project_dir.resolve()
     run_id = validate_name(run_id or new_run_id(), "run id")
     base_dir = runner.base_dir
@@ -93,6 +122,7 @@ def start_run(
         site_dir = f"{remote_dir}/site"
         ship_package(runner, TRAINING_PACKAGE, site_dir)
         env["PYTHONPATH"] = site_dir
+    env = {**job_env, **env}
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
