@@ -16,6 +16,10 @@ the configured loopback sshd, or a cloud instance over SSH (:func:`access_for`):
   (used by ``gpuflow ssh`` and by rsync's ``-e``); :mod:`gpuflow.ssh_config`
   writes the same settings for plain ``ssh``.
 
+A sandbox node is reached only while the sandbox's cloud still runs its
+instance (:func:`refuse_if_gone`), as a terminated EC2 instance cannot be
+reached; a real instance is asked only when a connection to it fails.
+
 Host keys are pinned lazily: the first time a node is reached, its host keys
 are read from the instance's console output (cloud-init prints them there at
 first boot) and written to the cluster's known_hosts.
