@@ -176,7 +176,7 @@ def list_clusters(
             provisioner = _provisioner(provisioner_factory, group_region, profile, group_sandbox)
             views = provisioner.find_instances(states=())
         except (CredentialsError, CloudError) as exc:
-            unchecked_places.append(UncheckedPlace(group_region, profile, group_sandbox, exc))
+            unchecked_places.append(UncheckedPlace(group_region, profile, group_sandbox, exc, tuple(sorted(names))))
             results += [
                 _status_from(Cluster.from_dict(documents[name]), ClusterState.UNCHECKED, known=True) for name in names
             ]

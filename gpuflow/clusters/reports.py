@@ -73,6 +73,7 @@ class UncheckedPlace:
     profile: str | None
     sandbox: bool
     error: GpuflowError  # CredentialsError: no usable credentials; CloudError: unreachable, or failing
+    recorded: tuple[str, ...] = ()  # the clusters recorded here for that place (listed as unchecked)
 
     @property
     def cloud(self) -> str:
@@ -96,16 +97,20 @@ class ClusterListing:
     def __len__(self) -> int:
         return len(self.statuses)
 
-    def not_checked_lines(self) -> list[str]:
-        """One line per reason: what could not be asked (places with the same reason together)."""
-        by_reason: dict[tuple[str, str], list[str]] = {}
+    def not_checked_lines(self, *, listed: bool = True) -> list[str]:
+        """One line per reason: what could not be asked (places with the same reason together),
+        and with ``listed`` which recorded clusters are therefore listed as unchecked."""
+        by_reason: dict[tuple[str, str], list[UncheckedPlace]] = {}
         for place in self.unchecked_places:
-            by_reason.setdefault((place.cloud, place.error.one_line()), []).append(place.region)
-        return [
-            f"{cloud} was not checked ({', '.join(sorted(set(regions)))}): {reason}; "
-            "its clusters recorded here are listed as unchecked"
-            for (cloud, reason), regions in by_reason.items()
-        ]
+            by_reason.setdefault((place.cloud, place.error.one_line()), []).append(place)
+        lines = []
+        for (cloud, reason), places in by_reason.items():
+            line = f"{cloud} was not checked ({', '.join(sorted({place.region for place in places}))}): {reason}"
+            recorded = sorted({name for place in places for name in place.recorded})
+            if listed and recorded:
+                line += f"; its clusters recorded here ({', '.join(recorded)}) are listed as unchecked"
+            lines.append(line)
+        return lines
 
     def failure(self) -> GpuflowError | None:
         """The error ``ls`` ends with when it could ask no place at all (None when it asked one):
@@ -114,8 +119,7 @@ class ClusterListing:
             return None
         first = self.unchecked_places[0].error
         kind = CredentialsError if isinstance(first, CredentialsError) else CloudError
-        return kind("; ".join(line.removesuffix("; its clusters recorded here are listed as unchecked")
-                              for line in self.not_checked_lines()))
+        return kind("; ".join(self.not_checked_lines(listed=False)))
 
 
 @dataclass(frozen=True)
