@@ -67,6 +67,16 @@ class UnreachableHost(GpuflowError):
 class InstanceGone(UnreachableHost):
     """The instance behind a cluster is stopped or terminated."""
 
+    @classmethod
+    def no_longer_running(cls, instance: str, why: str, *, hint: str | None = None) -> InstanceGone:
+        """The one wording, whoever finds out (the SSH transport after a failed
+        connection, the sandbox before reaching its directory): ``instance`` names
+        it (``at HOST``, ``i-… of cluster 'x'``), ``why`` says how it is known."""
+        return cls(
+            f"the instance {instance} is no longer running ({why})",
+            hint=hint or "`gpuflow status` shows what happened to it; `gpuflow up` starts a new one",
+        )
+
 
 class ConnectionLost(UnreachableHost):
     """The SSH connection dropped while a command was running: whether the

@@ -16,6 +16,10 @@ the configured loopback sshd, or a cloud instance over SSH (:func:`access_for`):
   (used by ``gpuflow ssh`` and by rsync's ``-e``); :mod:`gpuflow.ssh_config`
   writes the same settings for plain ``ssh``.
 
+A sandbox node is reached only while the sandbox's cloud still runs its
+instance (:func:`refuse_if_gone`), as a terminated EC2 instance cannot be
+reached; a real instance is asked only when a connection to it fails.
+
 Host keys are pinned lazily: the first time a node is reached, its host keys
 are read from the instance's console output (cloud-init prints them there at
 first boot) and written to the cluster's known_hosts.
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpuflow.config import gpuflow_home, project_config
-from gpuflow.errors import ConfigError, UnreachableHost, UsageError
+from gpuflow.errors import ConfigError, GpuflowError, InstanceGone, UnreachableHost, UsageError
 from gpuflow.hints import command_hint
 from gpuflow.provisioner import Provisioner, ProvisionerFactory, discard_sandbox_instance, open_provisioner
 from gpuflow.records import Cluster, Node, SSHTarget
@@ -277,6 +281,25 @@ def _target(cluster: Cluster, node: Node, access: Access, trust_on_first_use: bo
     )
 
 
+def refuse_if_gone(cluster: Cluster, node: Node, probe: CloudProbe) -> None:
+    """A sandbox node is reached only while the sandbox's cloud runs its instance, as a
+    terminated EC2 instance cannot be reached: its directory outlives a termination
+    done outside gpuflow, or a sandbox server that was stopped (its state lost).  A
+    cloud that cannot say (an error) is no reason to refuse."""
+    try:
+        state = probe.instance_state(cluster, node.instance_id)
+    except GpuflowError:
+        return
+    if state not in _ALIVE_STATES:
+        raise InstanceGone.no_longer_running(
+            f"{node.instance_id} of cluster {cluster.name!r}",
+            state,
+            hint=f"{command_hint(f'status {cluster.name}', cluster.sandbox)} shows what happened to it; "
+            f"{command_hint(f'down {cluster.name}', cluster.sandbox)} forgets it and "
+            f"{command_hint(f'up {cluster.name}', cluster.sandbox)} starts a new one",
+        )
+
+
 def instance_alive_hook(cluster: Cluster, instance_id: str, probe: CloudProbe | None = None) -> Callable[[], bool]:
     """Asks the cloud whether the instance still runs: tells a dropped connection
     (retry) from a stopped or terminated instance (give up at once)."""
@@ -320,6 +343,8 @@ def runner_for(
     node = node or cluster.head
     access = access_for(cluster, project_dir=project_dir)
     probe = probe or ProvisionerProbe()
+    if access.reach is not Reach.SSH:  # a real instance is asked only when a connection fails
+        refuse_if_gone(cluster, node, probe)
     if access.reach is Reach.DIRECTORY:
         return LocalRunner(sandbox_directory(cluster, node))
     target = _target(cluster, node, access, trust_on_first_use)
@@ -415,6 +440,8 @@ def ssh_invocation(
     sandbox cluster without a loopback sshd, bash in the sandbox directory."""
     node = select_node(cluster, instance_id)
     access = access_for(cluster, project_dir=project_dir)
+    if access.reach is not Reach.SSH:
+        refuse_if_gone(cluster, node, probe or ProvisionerProbe())
     if access.reach is Reach.DIRECTORY:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)

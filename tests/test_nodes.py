@@ -42,6 +42,30 @@ def make_cluster(server, name: str = "web", *, sandbox: bool = False, nodes: int
     return cluster
 
 
+def make_sandbox_cluster(server, name: str = "sbx") -> Cluster:
+    """A sandbox cluster record whose instance the sandbox's fake cloud runs (its server
+    for this gpuflow home: the CLI in a subprocess asks the same one); stopped at teardown."""
+    import boto3
+
+    from infra.sandbox import sandbox_endpoint
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox_endpoint(gpuflow_home()),
+                       aws_access_key_id="gpuflow-sandbox", aws_secret_access_key="gpuflow-sandbox")
+    [instance] = ec2.run_instances(ImageId="ami-0123456789abcdef0", MinCount=1, MaxCount=1)["Instances"]
+    cluster = make_cluster(server, name, sandbox=True)
+    cluster = Cluster.from_dict({**cluster.to_dict(), "nodes": [Node(instance["InstanceId"], "running").to_dict()]})
+    StateStore(gpuflow_home(), "clusters").put(name, cluster.to_dict())
+    return cluster
+
+
+@pytest.fixture(autouse=True)
+def _no_sandbox_server_left():
+    yield
+    from infra.sandbox import stop_sandbox
+
+    stop_sandbox(gpuflow_home())
+
+
 def sandbox_ssh_env(server) -> str:
     return (
         f"host=127.0.0.1,port={server.port},user={server.user},key={server.client_key},"
@@ -118,7 +142,7 @@ def test_no_address_yet_is_a_clear_error(sshd_session):
 
 
 def test_sandbox_runs_locally_or_through_a_configured_loopback_sshd(sshd_session, monkeypatch, tmp_path):
-    cluster = make_cluster(sshd_session, "sbx", sandbox=True)
+    cluster = make_sandbox_cluster(sshd_session, "sbx")
     local = nodes.runner_for(cluster)
     expected = gpuflow_home() / "sandbox" / "sbx" / cluster.head.instance_id
     assert isinstance(local, LocalRunner) and local.base_dir == str(expected.resolve())
@@ -227,10 +251,10 @@ def test_cli_ssh_refuses_a_changed_host_key(sshd_session, tmp_path):
 
 
 def test_cli_ssh_config_and_sandbox_ssh(sshd_session, tmp_path):
-    make_cluster(sshd_session, "sbx", sandbox=True)
+    cluster = make_sandbox_cluster(sshd_session, "sbx")
     completed = _gpuflow("ssh", "sbx", "--", "pwd")
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == str((gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001").resolve())
+    assert completed.stdout.strip() == str((gpuflow_home() / "sandbox" / "sbx" / cluster.head.instance_id).resolve())
     over_ssh = _gpuflow(
         "ssh", "sbx", "--", "sh", "-c", 'pwd; echo "$1"', "sh", "$(hostile)",
         GPUFLOW_SANDBOX_SSH=sandbox_ssh_env(sshd_session),
@@ -282,8 +306,8 @@ def test_cli_ssh_touches_the_heartbeat_like_every_connection(sshd_session, tmp_p
     assert invocation.argv[-1].endswith('exec "${SHELL:-/bin/sh}" -l') and "-t" in invocation.argv
     assert "heartbeat" in invocation.argv[-1]
 
-    make_cluster(sshd_session, "sbx", sandbox=True)
-    heartbeat = gpuflow_home() / "sandbox" / "sbx" / "i-00000000000000001" / "heartbeat"
+    sandbox_cluster = make_sandbox_cluster(sshd_session, "sbx")
+    heartbeat = gpuflow_home() / "sandbox" / "sbx" / sandbox_cluster.head.instance_id / "heartbeat"
     assert _gpuflow("ssh", "sbx", "--", "true").returncode == 0
     assert heartbeat.stat().st_mtime >= before
     heartbeat.unlink()

@@ -128,11 +128,12 @@ def up(
     )
 
 
-def _print_statuses(statuses: list[Any]) -> None:
+def _print_statuses(statuses: list[Any], *, complete: bool = True) -> None:
     from gpuflow.clusters import ClusterState, command_hint
 
     if not statuses:
-        typer.echo("no clusters")
+        if complete:  # else "no clusters" would be untrue: the caller says what was not checked
+            typer.echo("no clusters")
         return
     header = ("NAME", "STATE", "TYPE", "N", "REGION", "ADDRESS", "UPTIME", "$/H", "$ SO FAR")
     rows = [
@@ -155,11 +156,6 @@ def _print_statuses(statuses: list[Any]) -> None:
         typer.echo(
             f"unmanaged{' (sandbox)' if sandbox else ''}: tagged by gpuflow but unknown here; "
             f"{command_hint('reap', sandbox)} removes those this gpuflow created (--any-owner: anyone's)",
-            err=True,
-        )
-    if any(item.state is ClusterState.UNCHECKED for item in statuses):
-        typer.echo(
-            "unchecked: AWS clusters known here, not asked (the sandbox is in effect); `gpuflow ls --no-sandbox` asks AWS",
             err=True,
         )
 
@@ -198,15 +194,28 @@ def list_command(
 ) -> None:
     """List clusters, reconciled with EC2.
 
-    Instances tagged by gpuflow but unknown here are listed as unmanaged.
+    Instances tagged by gpuflow but unknown here are listed as unmanaged. A place
+    that cannot be asked (no usable credentials, AWS unreachable) is named in one
+    line and its recorded clusters are listed as unchecked; the exit code is 0
+    unless no place at all could be asked.
     """
     from gpuflow import clusters
 
-    results = clusters.list_clusters(region=region, sandbox=sandbox, project_dir=_project())
+    listing = clusters.list_clusters(region=region, sandbox=sandbox, project_dir=_project())
     if as_json:
-        typer.echo(json.dumps([item.to_dict() for item in results], indent=2))
+        typer.echo(json.dumps([item.to_dict() for item in listing], indent=2))
     else:
-        _print_statuses(results)
+        _print_statuses(list(listing), complete=not listing.unchecked_places)
+        if listing.aws_left_to_sandbox:
+            typer.echo(
+                "unchecked: AWS clusters known here, not asked (the sandbox is in effect); `gpuflow ls --no-sandbox` asks AWS",
+                err=True,
+            )
+    failure = listing.failure()
+    if failure is not None:  # nothing could be checked: the one line is the error
+        raise failure
+    for line in listing.not_checked_lines():
+        _warn(line)
 
 
 @app.command()

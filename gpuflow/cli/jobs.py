@@ -75,6 +75,10 @@ def run_command(
         None, "--resume", metavar="RUN", help="Start an interrupted run's job again where its checkpoint stands: same "
         "command, cluster and run directory, log appended (also a failed or lost run that left a checkpoint).",
     ),
+    env: Optional[list[str]] = typer.Option(  # noqa: UP007
+        None, "--env", metavar="VARIABLE", help="Add VARIABLE, given as NAME=VALUE, to the job's environment "
+        "(repeatable), e.g. TF_CPP_MIN_LOG_LEVEL=3 to quiet TensorFlow's C++ log.",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -94,12 +98,14 @@ def run_command(
     from gpuflow import jobs
 
     job_args: list[str] = ctx.meta.get(JOB_ARGS, [])
+    job_env = jobs.parse_job_env(env or [])  # before anything is launched
     if resume is not None:
         given = [flag for flag, value in (
             ("NAME/MODULE", positionals), ("a command after `--`", job_args or ctx.meta.get(SAW_DOUBLE_DASH)),
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
             ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
+            ("--env", env),
         ) if value]
         if given:
             raise UsageError(
@@ -139,6 +145,7 @@ def run_command(
                 on_interrupt=_ask_stop_or_detach,
                 say=_say,
                 data_dir=_existing_directory(data, "--data") if data is not None else None,
+                env=job_env,
             )
         except ClusterNotFound as exc:
             if up_spec is not None:  # --up made or refused the cluster itself, and said why

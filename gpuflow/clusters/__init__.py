@@ -29,18 +29,20 @@ from gpuflow.clusters.reaper import reap
 from gpuflow.clusters.reconcile import list_clusters, status
 from gpuflow.clusters.record import _store  # noqa: F401 - tests read the store through it
 from gpuflow.clusters.record import Phase, get_cluster, key_file_path, known_clusters, resolve_cluster_name
-from gpuflow.clusters.reports import ClusterState, ClusterStatus, DownReport, ReapItem, ReapReport
+from gpuflow.clusters.reports import ClusterListing, ClusterState, ClusterStatus, DownReport, ReapItem, ReapReport, UncheckedPlace
 from gpuflow.clusters.spec import default_region, normalise_cidr, resolve_spec, validate_spec
 from gpuflow.clusters.teardown import down, down_all
 from gpuflow.clusters.where import cloud_probe, command_hint, console_output, instance_state, sandbox_in_effect
 
 __all__ = [
+    "ClusterListing",
     "ClusterState",
     "ClusterStatus",
     "DownReport",
     "Phase",
     "ReapItem",
     "ReapReport",
+    "UncheckedPlace",
     "cloud_probe",
     "command_hint",
     "console_output",

@@ -12,7 +12,7 @@ from typing import Any
 from pathlib import Path
 from gpuflow.clusters.owner import _another_owners, _look_up_unrecorded
 from gpuflow.clusters.record import Phase, _live, _now, _parse_iso, _store, phase_of, resolve_cluster_name
-from gpuflow.clusters.reports import ClusterState, ClusterStatus
+from gpuflow.clusters.reports import ClusterListing, ClusterState, ClusterStatus, UncheckedPlace
 from gpuflow.clusters.where import (
     _configured_region,
     _provisioner,
@@ -20,7 +20,7 @@ from gpuflow.clusters.where import (
     command_hint,
     sandbox_in_effect,
 )
-from gpuflow.errors import ClusterNotFound, CredentialsError, GpuflowError
+from gpuflow.errors import CloudError, ClusterNotFound, CredentialsError, GpuflowError
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore, process_alive
@@ -146,13 +146,16 @@ def _reconcile(store: StateStore, provisioner: Provisioner, cluster: Cluster, do
 def list_clusters(
     *, region: str | None = None, sandbox: bool | None = None, provisioner_factory: ProvisionerFactory | None = None,
     project_dir: Path | None = None,
-) -> list[ClusterStatus]:
+) -> ClusterListing:
     """Every cluster gpuflow knows locally, reconciled, plus clusters EC2 has
     tagged instances of that the local state does not know (state
     ``unmanaged``; ``reap`` removes them).  Scans ``region`` (default: the
     configured one) and the regions of the local clusters.  Where the sandbox
     is in effect the stray scan is of the sandbox cloud, and AWS clusters known
-    here are listed as ``unchecked``, without asking AWS."""
+    here are listed as ``unchecked``, without asking AWS.  A place that cannot
+    be asked (no usable credentials, the cloud unreachable or failing) does not
+    hide the others: its recorded clusters are listed as ``unchecked`` and the
+    listing names it (:class:`ClusterListing`)."""
     store = _store()
     documents = {name: doc for name, doc in store.all().items() if _live(doc)}
     scan_region = region or _configured_region(project_dir)
@@ -166,15 +169,20 @@ def list_clusters(
         key = (document["region"], document.get("profile"), bool(document.get("sandbox")))
         groups.setdefault(key, []).append(name)
     results: list[ClusterStatus] = []
+    unchecked_places: list[UncheckedPlace] = []
+    checked = 0
     strays_seen: set[tuple[str, str]] = set()  # one in-process mock can back two groups
     for (group_region, profile, group_sandbox), names in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])):
-        provisioner = _provisioner(provisioner_factory, group_region, profile, group_sandbox)
         try:
+            provisioner = _provisioner(provisioner_factory, group_region, profile, group_sandbox)
             views = provisioner.find_instances(states=())
-        except CredentialsError:
-            if names or region:
-                raise
-            continue  # only scanning for strays, and no AWS account configured (sandbox-only users)
+        except (CredentialsError, CloudError) as exc:
+            unchecked_places.append(UncheckedPlace(group_region, profile, group_sandbox, exc, tuple(sorted(names))))
+            results += [
+                _status_from(Cluster.from_dict(documents[name]), ClusterState.UNCHECKED, known=True) for name in names
+            ]
+            continue
+        checked += 1
         by_cluster: dict[str, list[Any]] = {}
         for view in views:
             if view.cluster:
@@ -192,7 +200,12 @@ def list_clusters(
             if not live:
                 continue
             results.append(_unmanaged_status(provisioner, group_region, cluster_name, live, group_sandbox))
-    return results + unchecked
+    return ClusterListing(
+        statuses=tuple(results + unchecked),
+        unchecked_places=tuple(unchecked_places),
+        checked_places=checked,
+        aws_left_to_sandbox=bool(unchecked),
+    )
 
 
 def _unmanaged_status(provisioner: Provisioner, region: str, name: str, views: list[Any], sandbox: bool = False) -> ClusterStatus:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from gpuflow.errors import CloudError, CredentialsError, GpuflowError
 from gpuflow.records import Cluster
 
 Progress = Callable[[str], None]
@@ -62,6 +63,63 @@ class ClusterStatus:
             "sandbox": self.cluster.sandbox,
             "nodes": [node.to_dict() for node in self.cluster.nodes],
         }
+
+
+@dataclass(frozen=True)
+class UncheckedPlace:
+    """A place ``ls`` could not ask (AWS in a region, with a profile; or the sandbox), and why."""
+
+    region: str
+    profile: str | None
+    sandbox: bool
+    error: GpuflowError  # CredentialsError: no usable credentials; CloudError: unreachable, or failing
+    recorded: tuple[str, ...] = ()  # the clusters recorded here for that place (listed as unchecked)
+
+    @property
+    def cloud(self) -> str:
+        return ("the sandbox" if self.sandbox else "AWS") + (f" (profile {self.profile})" if self.profile else "")
+
+
+@dataclass(frozen=True)
+class ClusterListing:
+    """What ``ls`` found: the clusters (those of a place it could not ask are listed from
+    their records, as ``unchecked``), the places it could not ask, how many it could;
+    iterating it gives the statuses."""
+
+    statuses: tuple[ClusterStatus, ...] = ()
+    unchecked_places: tuple[UncheckedPlace, ...] = ()
+    checked_places: int = 0
+    aws_left_to_sandbox: bool = False  # AWS clusters listed unasked because the sandbox is in effect
+
+    def __iter__(self) -> Iterator[ClusterStatus]:
+        return iter(self.statuses)
+
+    def __len__(self) -> int:
+        return len(self.statuses)
+
+    def not_checked_lines(self, *, listed: bool = True) -> list[str]:
+        """One line per reason: what could not be asked (places with the same reason together),
+        and with ``listed`` which recorded clusters are therefore listed as unchecked."""
+        by_reason: dict[tuple[str, str], list[UncheckedPlace]] = {}
+        for place in self.unchecked_places:
+            by_reason.setdefault((place.cloud, place.error.one_line()), []).append(place)
+        lines = []
+        for (cloud, reason), places in by_reason.items():
+            line = f"{cloud} was not checked ({', '.join(sorted({place.region for place in places}))}): {reason}"
+            recorded = sorted({name for place in places for name in place.recorded})
+            if listed and recorded:
+                line += f"; its clusters recorded here ({', '.join(recorded)}) are listed as unchecked"
+            lines.append(line)
+        return lines
+
+    def failure(self) -> GpuflowError | None:
+        """The error ``ls`` ends with when it could ask no place at all (None when it asked one):
+        of the first place's kind (credentials: exit 3; the cloud: exit 5), saying what was not checked."""
+        if self.checked_places or not self.unchecked_places:
+            return None
+        first = self.unchecked_places[0].error
+        kind = CredentialsError if isinstance(first, CredentialsError) else CloudError
+        return kind("; ".join(self.not_checked_lines(listed=False)))
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ from gpuflow.jobs.records import (
 )
 from gpuflow.jobs.resume import resume
 from gpuflow.jobs.rundir import Liveness, job_liveness, lost_reason, run_status, stop_job
-from gpuflow.jobs.start import start_run, wait_for_start
+from gpuflow.jobs.start import parse_job_env, start_run, wait_for_start
 from gpuflow.jobs.targets import (
     TargetResolver,
     is_known_cluster,
@@ -175,6 +175,7 @@ __all__ = [
     "run_on_cluster",
     "run_status",
     "save_record",
+    "parse_job_env",
     "start_run",
     "stop",
     "stop_job",

@@ -35,6 +35,22 @@ from gpuflow.state import validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
 
+# Variables gpuflow sets for every job itself (PYTHONPATH when it ships the training package).
+def parse_job_env(items: Sequence[str]) -> dict[str, str]:
+    """``run --env KEY=VALUE`` (repeatable) as the job's extra environment, checked by
+    :func:`checked_job_env`; a bad item is a :class:`UsageError` (nothing is started)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE", hint="e.g. --env TF_CPP_MIN_LOG_LEVEL=3")
+        try:
+            env.update(checked_job_env({key: value}))
+        except UsageError as exc:
+            raise UsageError(f"--env {item!r}: {exc.message}", hint=exc.hint) from exc
+    return env
+
+
 def start_run(
     target: RunTarget,
     runner: CommandRunner,
@@ -149,7 +165,8 @@ def start_run(
 
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
 RESERVED_JOB_VARIABLES = frozenset(
-    {"GPUFLOW_RUN_ID", "GPUFLOW_RUN_DIR", "GPUFLOW_OUTPUT_DIR", "GPUFLOW_DATA_ROOT", "GPUFLOW_DATA_DIR", "PYTHONPATH"}
+    {"GPUFLOW_RUN_ID", "GPUFLOW_RUN_DIR", "GPUFLOW_OUTPUT_DIR", "GPUFLOW_DATA_ROOT", "GPUFLOW_DATA_DIR", "PYTHONPATH",
+     "PYTHONUNBUFFERED"}
 )
 
 

@@ -465,9 +465,8 @@ class SSHRunner:
         except GpuflowError:
             return  # the cloud could not say: keep retrying the connection
         if not alive:
-            raise InstanceGone(
-                f"the instance at {self.target.host} is no longer running (SSH failed: {_describe(last_error)})",
-                hint="`gpuflow status` shows what happened to it; `gpuflow up` starts a new one",
+            raise InstanceGone.no_longer_running(
+                f"at {self.target.host}", f"SSH failed: {_describe(last_error)}"
             ) from last_error
 
     # ------------------------------------------------------------------ commands

@@ -1,14 +1,18 @@
-"""Seeding moto with what it lacks (the Deep Learning AMI and its SSM parameters), and the in-process sandbox.
+"""Seeding moto with what it lacks (the Deep Learning AMI and its SSM parameters, a spot price history), and the in-process sandbox.
 
 moto lacks the Deep Learning AMI and its public SSM parameter, so both shapes
 of the sandbox seed them with :func:`seed_deep_learning_ami`, using exactly the
-names the provisioner resolves (:mod:`infra.dlami`).  moto is imported inside
-functions only.
+names the provisioner resolves (:mod:`infra.dlami`).  moto answers every
+``DescribeSpotPriceHistory`` with $0.00001; both shapes answer it from a
+seeded, fake history instead (:func:`seeded_spot_price_history`).  moto is
+imported inside functions only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import os
 import re
 import sys
@@ -114,7 +118,7 @@ def in_process_sandbox(regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,)) -> 
 
         seeder = RegionSeeder(seed_deep_learning_ami)
         stubber = getattr(moto_models, "botocore_stubber", None)
-        with in_process_mock():
+        with in_process_mock(), seeded_spot_price_history():
             amis = {region: seeder.seed(region) for region in regions}
             if stubber is None or not hasattr(stubber, "process_request"):  # pragma: no cover - other moto versions
                 yield amis
@@ -170,3 +174,106 @@ class RegionSeeder:
             self.seed(match.group(1))
         except Exception as exc:  # noqa: BLE001 - an unknown region: moto answers the request itself
             print(f"gpuflow sandbox: could not seed region {match.group(1)!r}: {exc}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the spot price history
+
+# FAKE figures, for the sandbox only: a spot price is the on-demand list price of
+# infra/prices.json times a fraction that depends on the zone's letter (a: 0.30,
+# b: 0.33, c: 0.36, d: 0.39, e: 0.42, f: 0.30, ...) -- real spot prices of these
+# types are mostly 30-45% of on-demand.  Each (zone, type) has three entries: the
+# price now (since the start of the current hour), 4% lower a day earlier, 9%
+# higher two days earlier.  Types outside the price table have no history, so
+# gpuflow shows no spot price for them, as for a type AWS has no history of.
+_SPOT_FRACTION_BASE = 0.30
+_SPOT_FRACTION_STEP = 0.03
+_SPOT_FRACTION_STEPS = 5
+_SPOT_HISTORY = ((datetime.timedelta(0), 1.0), (datetime.timedelta(days=1), 0.96), (datetime.timedelta(days=2), 1.09))
+
+
+@functools.lru_cache(maxsize=1)
+def _on_demand_prices() -> dict[str, float]:
+    from infra.aws.pricing import load_price_table
+
+    return load_price_table().on_demand
+
+
+def sandbox_spot_price(region: str, availability_zone: str, instance_type: str) -> float | None:
+    """The sandbox's current (fake) spot price of ``instance_type`` in ``availability_zone``, $/h;
+    None for a type outside the on-demand price table.  The same in every region."""
+    on_demand = _on_demand_prices().get(instance_type)
+    if on_demand is None:
+        return None
+    letter = availability_zone[len(region):] if availability_zone.startswith(region) else availability_zone[-1:]
+    steps = (ord(letter[:1] or "a") - ord("a")) % _SPOT_FRACTION_STEPS
+    return round(on_demand * (_SPOT_FRACTION_BASE + _SPOT_FRACTION_STEP * steps), 4)
+
+
+def sandbox_spot_history(
+    region: str, availability_zone: str, instance_type: str, now: datetime.datetime
+) -> list[tuple[datetime.datetime, float]]:
+    """The seeded history of one (zone, type), newest first: (since when, $/h)."""
+    current = sandbox_spot_price(region, availability_zone, instance_type)
+    if current is None:
+        return []
+    hour = now.astimezone(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return [(hour - back, round(current * factor, 4)) for back, factor in _SPOT_HISTORY]
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime.datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def _describe_spot_price_history(self: Any) -> Any:
+    """moto's EC2 ``DescribeSpotPriceHistory`` answered from the seeded history: the
+    offerings moto knows in the region (filtered by type, zone and filters as moto
+    does), the ``AvailabilityZone`` parameter honoured, and, with ``StartTime``, the
+    entries from then on plus the one in effect at that moment (as EC2 answers)."""
+    from moto.core.responses import ActionResult
+
+    instance_types = self._get_param("InstanceTypes", [])
+    zone = self._get_param("AvailabilityZone")
+    start = _parse_time(self._get_param("StartTime"))
+    offerings = self.ec2_backend.describe_spot_price_history(instance_types, self._filters_from_querystring())
+    region = self.ec2_backend.region_name
+    now = datetime.datetime.now(datetime.timezone.utc)
+    history = []
+    for offering in offerings:
+        if zone and offering["Location"] != zone:
+            continue
+        entries = sandbox_spot_history(region, offering["Location"], offering["InstanceType"], now)
+        if start is not None:
+            in_effect = [entry for entry in entries if entry[0] <= start][:1]
+            entries = [entry for entry in entries if entry[0] > start] + in_effect
+        history += [
+            {
+                "InstanceType": offering["InstanceType"],
+                "ProductDescription": "Linux/UNIX",
+                "SpotPrice": f"{price:.6f}",
+                "AvailabilityZone": offering["Location"],
+                "Timestamp": moment.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            }
+            for moment, price in entries
+        ]
+    return ActionResult({"SpotPriceHistory": history})
+
+
+@contextlib.contextmanager
+def seeded_spot_price_history() -> Iterator[None]:
+    """While active, moto (in this process: the in-process mock or the sandbox server)
+    answers ``DescribeSpotPriceHistory`` from the seeded history."""
+    from unittest import mock
+
+    from moto.ec2.responses.spot_instances import SpotInstances
+
+    with mock.patch.object(SpotInstances, "describe_spot_price_history", _describe_spot_price_history):
+        yield

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.common import atomic_write_json
-from infra.sandbox.seed import DEFAULT_SANDBOX_REGION, RegionSeeder, seed_deep_learning_ami
+from infra.sandbox.seed import DEFAULT_SANDBOX_REGION, RegionSeeder, seed_deep_learning_ami, seeded_spot_price_history
 from infra.sandbox.server import (
     DEFAULT_IDLE_SECONDS,
     LOOPBACK,
@@ -168,7 +168,8 @@ def serve(
         target=_exit_when_idle, args=(Path(directory), middleware, idle_seconds, server.shutdown), daemon=True
     ).start()
     try:
-        server.serve_forever()
+        with seeded_spot_price_history():
+            server.serve_forever()
     finally:
         server.server_close()
         if _records_this_process(record_path):

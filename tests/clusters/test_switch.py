@@ -73,13 +73,15 @@ class RealSwitch:
 
 @pytest.mark.slow
 def test_status_says_why_the_instance_is_idle_or_busy_and_when_it_stops(sshd, monkeypatch, capfd, tmp_path):
-    from infra.sandbox import in_process_sandbox
+    from infra.sandbox import stop_sandbox
 
     sandbox_ssh = (f"host=127.0.0.1,port={sshd.port},user={sshd.user},key={sshd.client_key},"
                    f"host_key={sshd.directory / 'ssh_host_ed25519_key.pub'}")
     monkeypatch.setenv("GPUFLOW_SANDBOX_SSH", sandbox_ssh)
     monkeypatch.chdir(tmp_path)
-    with in_process_sandbox():
+    # The sandbox server of this home, not an in-process mock: `gpuflow ssh` in a subprocess
+    # asks the same fake cloud whether the instance runs, as separate commands do.
+    try:
         cluster = clusters.up(clusters.resolve_spec("sw", {"sandbox": True}, project_dir=tmp_path))
         directory = nodes.sandbox_directory(cluster)
         directory.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,8 @@ def test_status_says_why_the_instance_is_idle_or_busy_and_when_it_stops(sshd, mo
                 session.stderr.close()
             switch.stop()
             clusters.down("sw")
+    finally:
+        stop_sandbox(gpuflow_home())
 
 
 def _instance_cluster(server, *, port: int | None = None) -> Cluster:

@@ -76,3 +76,18 @@ def make_destination(tmp_path, sshd_session):
         return SSHDestination(target, str(directory)), directory, kind
 
     return factory
+
+
+def _hand_made_sandbox_instances_run(monkeypatch) -> None:
+    """The sync tests hand-make sandbox cluster records whose instances no fake cloud
+    holds, while reaching a sandbox node first asks the sandbox's cloud whether its
+    instance runs (:func:`gpuflow.nodes.refuse_if_gone`): that cloud answers
+    "running" here, so the tests stay about sync and start no sandbox server."""
+    from gpuflow import nodes
+
+    monkeypatch.setattr(nodes.ProvisionerProbe, "instance_state", lambda self, cluster, instance_id: "running")
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_instances_run(monkeypatch):
+    _hand_made_sandbox_instances_run(monkeypatch)

@@ -86,6 +86,9 @@ def test_sync_through_openssh_says_chmod_not_cannot_reach(sshd_session, loose_ke
                                                           monkeypatch, capsys):
     """`gpuflow sync` of a sandbox cluster reached through the loopback sshd
     with a 0644 key: one line, exit 3, the chmod to run; nothing sent."""
+    from tests.sync.conftest import _hand_made_sandbox_instances_run
+
+    _hand_made_sandbox_instances_run(monkeypatch)  # a hand-made record: no fake cloud holds its instance
     cluster = Cluster(
         name="box", region="us-east-1", instance_type="g5.xlarge", ami="ami-12345678",
         nodes=(Node("i-0123456789abcdef0", "running", public_ip="127.0.0.1"),), sandbox=True,
