@@ -29,7 +29,7 @@ from unittest import mock
 from gpuflow import clusters, jobs
 from gpuflow.procs import identity
 from gpuflow.clusters.spec import default_region
-from gpuflow.config import ENV_HOME, find_project_root, load_project_config
+from gpuflow.config import ENV_HOME, find_project_root, read_project_config
 from gpuflow.errors import GpuflowError, JobFailed, NotFound, UsageError
 from gpuflow.records import Cluster
 from gpuflow.testing.leaks import (
@@ -129,7 +129,7 @@ class GpuflowSandbox:
     def entry(self) -> str | None:
         """The project's training entry point: the ``entry`` setting of its gpuflow.toml
         (written by ``gpuflow init``), None when not set."""
-        value = load_project_config(self.project_dir).jobs.entry
+        value = read_project_config(self.project_dir).jobs.entry
         return str(value) if value else None
 
     def clusters(self) -> list[str]:
@@ -387,7 +387,7 @@ def open_sandbox(*, home: Path, project_dir: Path, test_id: str, keep: bool = Fa
     runs_dir = home.parent / f"{home.name}-runs"
     message = None
     with mock.patch.dict(os.environ, _environment(home, default_region({})), clear=True):
-        configured = load_project_config(project_dir).get("region")
+        configured = read_project_config(project_dir).cluster.region
         region = str(configured) if configured else default_region()
         os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = region
         with in_process_sandbox((region,)):
