@@ -17,10 +17,8 @@ from infra.sandbox import in_process_sandbox
 
 
 def cli(argv: list[str]) -> int:
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 

@@ -63,7 +63,7 @@ def test_ls_down_and_reap_look_in_the_named_projects_region_and_cloud(projects, 
     named, _here = projects
     opened: list = []
     factory = _Recording(opened)
-    assert clusters.list_clusters(project_dir=named, provisioner_factory=factory) == []
+    assert list(clusters.list_clusters(project_dir=named, provisioner_factory=factory)) == []
     assert set(opened) == {("ap-south-1", True)}
     opened.clear()
     with pytest.raises(ClusterNotFound):
@@ -74,7 +74,11 @@ def test_ls_down_and_reap_look_in_the_named_projects_region_and_cloud(projects, 
     assert set(opened) == {("ap-south-1", True)}
 
 
-def test_a_run_reaches_the_sandbox_as_the_named_projects_config_says(projects, gpuflow_home):
+def test_a_run_reaches_the_sandbox_as_the_named_projects_config_says(projects, gpuflow_home, monkeypatch):
+    from gpuflow import nodes
+
+    # A hand-made sandbox record: the fake cloud is taken to say its instance runs (this test is about config).
+    monkeypatch.setattr(nodes.ProvisionerProbe, "instance_state", lambda self, cluster, instance_id: "running")
     named, here = projects
     cluster = Cluster(
         name="box", region="us-east-1", instance_type="g5.xlarge", ami="ami-12345678",

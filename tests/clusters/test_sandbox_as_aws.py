@@ -19,10 +19,8 @@ from infra.sandbox.seed import sandbox_spot_price
 
 
 def cli(argv: list[str]) -> int:
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 

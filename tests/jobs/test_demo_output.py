@@ -28,10 +28,8 @@ print("wrote " + os.path.join(out, "env.json"), flush=True)
 
 
 def cli(argv: list[str]) -> int:
-    from gpuflow.cli import _register_commands, app
-    from gpuflow.cli._errors import run_app
+    from gpuflow.cli import app, run_app
 
-    _register_commands()
     return run_app(app, argv)
 
 
