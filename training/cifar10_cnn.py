@@ -110,7 +110,8 @@ def train(options: cli.RunOptions, *, extra_callbacks: Sequence[object] = ()) ->
     train_data, validation_data, test_data = make_splits_datasets(
         splits, batch_size=options.batch_size, seed=options.seed
     )
-    # Keep the best epoch (best_model.keras), log each epoch (history.csv), checkpoint every step that matters.
+    # Keep the best epoch (best_model.keras), log each epoch (history.csv), save the step checkpoint
+    # (checkpoint/: each epoch end, every --save-every-steps / --save-every-seconds, on SIGTERM).
     callbacks = CourseCallbacks(options, train_data, extra=extra_callbacks)
     # model.fit from where the step checkpoint stands (the start, or the step after a stop).
     callbacks.fit(model, train_data, validation_data=validation_data)

@@ -353,7 +353,8 @@ def train(options: cli.RunOptions, namespace, *, extra_callbacks: Sequence[objec
     train_data, validation_data, test_data = make_splits_datasets(
         splits, batch_size=options.batch_size, seed=options.seed
     )
-    # Keep the best epoch (best_model.keras), log each epoch (history.csv), checkpoint every step that matters.
+    # Keep the best epoch (best_model.keras), log each epoch (history.csv), save the step checkpoint
+    # (checkpoint/: each epoch end, every --save-every-steps / --save-every-seconds, on SIGTERM).
     identity = {key: str(value) for key, value in described.items() if key in ("case", "bottleneck")}
     identity["base"] = str(namespace.base_model) if namespace.base_model else namespace.base
     callbacks = CourseCallbacks(options, train_data, identity=identity, extra=extra_callbacks)
