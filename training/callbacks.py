@@ -137,6 +137,9 @@ class CourseCallbacks:
             "saved_at": checkpoint.utc_now(),
             "deterministic": getattr(self.options, "deterministic", False),
             "fingerprint": self.fingerprint,
+            # The data state: nothing but (seed, epoch, step) (training.pipeline.TrainStream).
+            "data_order": {"seed": self.options.seed, "epoch_order": "stateless permutation of (seed, epoch)",
+                           "augmentation": "stateless draws of (seed, epoch, step)", "next_step": position.step},
             "history": self.rows,
             "best_val_loss": checkpoint.finite_or_none(self.model_checkpoint.best),
             "epoch_seconds_before": round(epoch_seconds_before, 6),

@@ -8,6 +8,7 @@ TensorFlow is imported, so a typo fails in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -230,3 +231,15 @@ def run_cli(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         )
         return INTERRUPTED_EXIT_CODE
     return 0
+
+
+def exit_process(code: int):
+    """End ``python -m training.<module>`` with ``code``.  After a stop request the
+    checkpoint is on disk (fsynced) and the line printed: leave at once rather than wait
+    for TensorFlow's teardown (measured here: 14-26 s after the line, the input
+    pipeline's threads winding down), which could outlast the supervisor's grace period."""
+    if code == Interrupted.exit_code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
