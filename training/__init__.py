@@ -13,7 +13,8 @@ Each module shows its own steps top to bottom (data, model, ``compile``, ``fit``
 ``evaluate``) and calls small helpers: :mod:`training.cli` (options, one-line errors),
 :mod:`training.data` (datasets and readers, numpy only), :mod:`training.pipeline`
 (tf.data), :mod:`training.session` (seed, precision, strategy, optimizer),
-:mod:`training.callbacks` (checkpoint, resume, history), :mod:`training.outputs`
+:mod:`training.callbacks` (best model, history, ``fit`` from the step checkpoint),
+:mod:`training.checkpoint` (the step checkpoint and the stop signals), :mod:`training.outputs`
 (metrics.json, the curves) and :mod:`training.layers` (the custom layer, the loader).
 
 This package never imports gpuflow or infra: it runs on instances where only TensorFlow is

@@ -19,7 +19,7 @@ How to run it:
     python -m training.cifar10_augmentation --dataset digits --optimizer adam
 
 Outputs in ``--output``: best_model.keras, history.csv, metrics.json,
-training_curves.png, and backup/ while a run is unfinished (rerun to resume).
+training_curves.png, and checkpoint/ while a run is unfinished (rerun to resume).
 """
 
 from __future__ import annotations
@@ -68,15 +68,9 @@ def train(options: cli.RunOptions, *, extra_callbacks: Sequence[object] = ()) ->
     train_data, validation_data, test_data = make_splits_datasets(
         splits, batch_size=options.batch_size, seed=options.seed, augment=True
     )
-    callbacks = CourseCallbacks(options.output, options.epochs, extra=extra_callbacks)
-    model.fit(
-        train_data,
-        validation_data=validation_data,
-        epochs=options.epochs,
-        callbacks=callbacks.keras,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=2,
-    )
+    callbacks = CourseCallbacks(options, train_data, extra=extra_callbacks)
+    # model.fit from where the step checkpoint stands (the start, or the step after a stop).
+    callbacks.fit(model, train_data, validation_data=validation_data)
 
     # 4. The test accuracy of the best epoch's weights.
     best_model = callbacks.best_model(model)
@@ -99,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.exit_process(main())

@@ -15,7 +15,7 @@ How to run it:
     python -m training.mnist_mlp --dataset digits --epochs 20
 
 Outputs in ``--output``: best_model.keras, history.csv, metrics.json,
-training_curves.png, and backup/ while a run is unfinished (rerun to resume).
+training_curves.png, and checkpoint/ while a run is unfinished (rerun to resume).
 """
 
 from __future__ import annotations
@@ -97,20 +97,15 @@ def train(options: cli.RunOptions, *, extra_callbacks: Sequence[object] = ()) ->
             jit_compile=options.xla,
         )
 
-    # tf.data: scaled to [0, 1], one-hot labels, shuffled each epoch, prefetched.
+    # tf.data: scaled to [0, 1], one-hot labels, each epoch's order drawn from (seed, epoch), prefetched.
     train_data, validation_data, test_data = make_splits_datasets(
         splits, batch_size=options.batch_size, seed=options.seed
     )
-    # Keep the best epoch (best_model.keras), log each epoch (history.csv), resume after a kill.
-    callbacks = CourseCallbacks(options.output, options.epochs, extra=extra_callbacks)
-    model.fit(
-        train_data,
-        validation_data=validation_data,
-        epochs=options.epochs,
-        callbacks=callbacks.keras,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=2,
-    )
+    # Keep the best epoch (best_model.keras), log each epoch (history.csv), save the step checkpoint
+    # (checkpoint/: each epoch end, every --save-every-steps / --save-every-seconds, on SIGTERM).
+    callbacks = CourseCallbacks(options, train_data, extra=extra_callbacks)
+    # model.fit from where the step checkpoint stands (the start, or the step after a stop).
+    callbacks.fit(model, train_data, validation_data=validation_data)
 
     # The test accuracy of the best epoch's weights, not the last epoch's.
     best_model = callbacks.best_model(model)
@@ -131,4 +126,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.exit_process(main())

@@ -56,6 +56,7 @@ def finish(
         f"(best epoch {metrics['best_epoch']}); outputs in {options.output}",
         flush=True,
     )
+    callbacks.finished()  # complete: the step checkpoint goes (running again starts over)
     return metrics
 
 
@@ -91,6 +92,8 @@ def metrics_record(
         "epochs_run": len(history),
         "epochs_this_session": len(timer.train_seconds),
         "resumed_from_epoch": callbacks.resume_epoch,
+        "resumed_from": [dict(entry) for entry in callbacks.resumed_from],  # {"epoch", "step"} of each resume
+        "deterministic": options.deterministic,
         "wall_time_seconds": round(_elapsed(session), 3),
         "fit_seconds": round(timer.fit_seconds, 3),
         "images_per_second": round(train_images * len(timer.train_seconds) / session_seconds, 1)

@@ -12,6 +12,8 @@ augments ``batch_size`` images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 SHIFT_FRACTION = 0.1
@@ -142,10 +144,75 @@ def make_dataset(
     return dataset.with_options(options)
 
 
+# Separate stateless streams drawn from --seed: the epochs' orders and the augmentation draws.
+_ORDER_STREAM = 1
+_AUGMENT_STREAM = 2
+
+
+@dataclass(frozen=True, eq=False)
+class TrainStream:
+    """The training batches as a function of (seed, epoch, step): what makes resume exact.
+
+    Epoch e's order is a permutation drawn statelessly from (``seed``, e), and batch s of
+    it is augmented with draws from (``seed``, e, s): no RNG state is carried from batch to
+    batch, so :meth:`batches` can start at any step of any epoch and yield exactly what an
+    uninterrupted run would have seen from there on.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    pixel_max: float
+    batch_size: int
+    seed: int
+    augment: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def batches(self, epoch: int, step: int = 0):
+        """An endless tf.data stream of (images, one-hot labels) batches from batch ``step``
+        (0-based) of epoch ``epoch`` (0-based) on, epochs back to back; ``model.fit`` takes
+        it with ``steps_per_epoch``."""
+        import tensorflow as tf
+
+        count, steps, batch_size = len(self.images), self.steps_per_epoch, self.batch_size
+        images = np.ascontiguousarray(np.swapaxes(self.images, 1, 2)) if self.augment else self.images
+        all_images, all_labels = tf.constant(images), tf.constant(self.labels)
+        order_seed = tf.constant([self.seed, _ORDER_STREAM], dtype=tf.int64)
+        augment_seed = tf.constant([self.seed, _AUGMENT_STREAM], dtype=tf.int64)
+        fold_in = tf.random.experimental.stateless_fold_in
+
+        def epoch_batches(epoch_number):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=fold_in(order_seed, epoch_number)
+            )
+            positions = tf.data.Dataset.range(steps).map(lambda step_number: (epoch_number, step_number))
+            return tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(order).batch(batch_size), positions))
+
+        scale = 1.0 / float(self.pixel_max)
+
+        def prepare(batch_indices, position):
+            batch_images = tf.cast(tf.gather(all_images, batch_indices), tf.float32) * scale
+            if self.augment:
+                epoch_number, step_number = position
+                batch_seed = fold_in(fold_in(augment_seed, epoch_number), step_number)
+                batch_images = augment_batch(batch_images, batch_seed, columns_first=True)
+            return batch_images, tf.one_hot(tf.gather(all_labels, batch_indices), self.num_classes)
+
+        stream = tf.data.Dataset.counter(start=epoch, dtype=tf.int64).flat_map(epoch_batches).skip(step)
+        dataset = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.threading.max_intra_op_parallelism = 1
+        return dataset.with_options(options)
+
+
 def make_splits_datasets(splits, *, batch_size: int, seed: int, augment: bool = False):
-    """(train, validation, test) datasets for a :class:`training.data.Splits`."""
+    """(train, validation, test) for a :class:`training.data.Splits`: the training batches
+    as a :class:`TrainStream`, validation and test as tf.data datasets."""
     common = {"num_classes": splits.num_classes, "pixel_max": splits.pixel_max, "batch_size": batch_size, "seed": seed}
-    train = make_dataset(splits.x_train, splits.y_train, shuffle=True, augment=augment, **common)
+    train = TrainStream(splits.x_train, splits.y_train, augment=augment, **common)
     validation = make_dataset(splits.x_val, splits.y_val, shuffle=False, **common)
     test = make_dataset(splits.x_test, splits.y_test, shuffle=False, **common)
     return train, validation, test

@@ -33,7 +33,8 @@ class Session:
 
 
 def start_session(options: RunOptions) -> Session:
-    """A fresh Keras session: seeds Python, NumPy and TF from ``--seed``, sets the
+    """A fresh Keras session: seeds Python, NumPy and TF from ``--seed`` (``--deterministic``:
+    TensorFlow op determinism on), sets the
     ``--mixed-precision`` policy, and picks a ``MirroredStrategy`` when more than one GPU
     is visible (the default strategy otherwise).  ``--output`` is (re)checked first."""
     prepare_output(options.output)
@@ -41,6 +42,10 @@ def start_session(options: RunOptions) -> Session:
     tf, keras = import_tensorflow()
     keras.backend.clear_session()
     keras.utils.set_random_seed(options.seed)
+    if options.deterministic:
+        # Every op picks a deterministic kernel (or raises): with the seed and the step
+        # checkpoint, the same weights whether the run was interrupted or not.
+        tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy("mixed_float16" if options.mixed_precision else "float32")
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return Session(tf.distribute.MirroredStrategy(), started)

@@ -349,20 +349,17 @@ def train(options: cli.RunOptions, namespace, *, extra_callbacks: Sequence[objec
             jit_compile=options.xla,
         )
 
-    # tf.data: scaled to [0, 1], one-hot labels, shuffled each epoch, prefetched.
+    # tf.data: scaled to [0, 1], one-hot labels, each epoch's order drawn from (seed, epoch), prefetched.
     train_data, validation_data, test_data = make_splits_datasets(
         splits, batch_size=options.batch_size, seed=options.seed
     )
-    # Keep the best epoch (best_model.keras), log each epoch (history.csv), resume after a kill.
-    callbacks = CourseCallbacks(options.output, options.epochs, extra=extra_callbacks)
-    model.fit(
-        train_data,
-        validation_data=validation_data,
-        epochs=options.epochs,
-        callbacks=callbacks.keras,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=2,
-    )
+    # Keep the best epoch (best_model.keras), log each epoch (history.csv), save the step checkpoint
+    # (checkpoint/: each epoch end, every --save-every-steps / --save-every-seconds, on SIGTERM).
+    identity = {key: str(value) for key, value in described.items() if key in ("case", "bottleneck")}
+    identity["base"] = str(namespace.base_model) if namespace.base_model else namespace.base
+    callbacks = CourseCallbacks(options, train_data, identity=identity, extra=extra_callbacks)
+    # model.fit from where the step checkpoint stands (the start, or the step after a stop).
+    callbacks.fit(model, train_data, validation_data=validation_data)
 
     # The test accuracy of the best epoch's weights; metrics.json says which base and case.
     best_model = callbacks.best_model(model)
@@ -387,4 +384,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.exit_process(main())

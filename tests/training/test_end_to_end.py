@@ -45,7 +45,7 @@ def assert_outputs(output: Path, *, dataset: str, epochs: int) -> dict:
     for name in ("best_model.keras", "history.csv", "metrics.json", "training_curves.png"):
         assert (output / name).is_file() and (output / name).stat().st_size > 0, name
     assert (output / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (output / "backup").exists(), "a finished run leaves no backup"
+    assert not (output / "checkpoint").exists(), "a finished run leaves no checkpoint"
     metrics = read_metrics(output)
     assert metrics["dataset"] == dataset
     assert metrics["epochs_run"] == epochs and history_epochs(output) == list(range(epochs))
@@ -163,7 +163,7 @@ def _crash_after_epoch(epochs_done: int):
     import keras
 
     class CrashAfterEpoch(keras.callbacks.Callback):
-        """Dies at the end of an epoch, after BackupAndRestore has saved it (as a kill would)."""
+        """Dies at the end of an epoch, after the checkpoint has been saved (as a kill would)."""
 
         def on_epoch_end(self, epoch, logs=None):
             if epoch + 1 == epochs_done:
@@ -177,14 +177,15 @@ def test_a_run_stopped_after_epoch_2_resumes_at_epoch_3(tmp_path, capsys):
     argv = ["--dataset", "digits", "--limit", "300", "--epochs", "4", "--optimizer", "adam", "--output", str(output)]
     with pytest.raises(_Crash):
         cifar10_cnn.train(options_for(cifar10_cnn, argv), extra_callbacks=[_crash_after_epoch(2)])
-    assert json.loads((output / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    state = json.loads((output / "checkpoint" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["epochs_completed"]) == (3, 0, 2)
     assert history_epochs(output) == [0, 1]
     assert not (output / "metrics.json").exists()
     capsys.readouterr()
 
     assert cifar10_cnn.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "resuming from the backup" in printed and "at epoch 3" in printed
+    assert "resuming from" in printed and "at epoch 3, step 1" in printed
     assert "Epoch 3/4" in printed and "Epoch 1/4" not in printed
     metrics = assert_outputs(output, dataset="digits", epochs=4)
     assert metrics["resumed_from_epoch"] == 2 and metrics["epochs_this_session"] == 2
@@ -202,7 +203,7 @@ def saved_cnn(tmp_path_factory) -> Path:
 
 
 def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
-    """SIGKILL a real run once its backup holds epoch 2 or later; the rerun continues from there."""
+    """SIGKILL a real run once its checkpoint holds epoch 2 or later; the rerun continues from there."""
     output = tmp_path / "killed"
     argv = ["--dataset", "digits", "--limit", "300", "--epochs", "12", "--optimizer", "adam", "--output", str(output)]
     repository = Path(__file__).resolve().parents[2]
@@ -213,7 +214,7 @@ def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    metadata = output / "backup" / "training_metadata.json"
+    metadata = output / "checkpoint" / "state.json"
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and process.poll() is None:
@@ -224,8 +225,9 @@ def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    saved_epoch = json.loads(metadata.read_text())["epoch"]
-    assert 2 <= saved_epoch < 12
+    state = json.loads(metadata.read_text())
+    saved_epoch = state["epochs_completed"]
+    assert 2 <= saved_epoch < 12 and state["step"] == 0  # only epoch ends: the step save comes every 600 s
 
     assert cifar10_cnn.main(argv) == 0
     metrics = assert_outputs(output, dataset="digits", epochs=12)  # every epoch once in history.csv
@@ -234,9 +236,9 @@ def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
 
 
 def _backup_epoch(metadata: Path) -> int:
-    """The epoch in BackupAndRestore's metadata, 0 while it is missing or half-written."""
+    """The epochs the checkpoint holds, 0 while there is none."""
     try:
-        return int(json.loads(metadata.read_text())["epoch"])
+        return int(json.loads(metadata.read_text())["epochs_completed"])
     except (OSError, ValueError, KeyError):
         return 0
 
