@@ -51,7 +51,8 @@ from gpuflow.transport import hostkeys, openssh
 from gpuflow.transport.base import CommandRunner, quote_argv
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.openssh import SERVER_ALIVE_INTERVAL
-from gpuflow.transport.ssh import SSHRunner, check_key_permissions
+from gpuflow.transport.keys import check_key_permissions
+from gpuflow.transport.ssh import SSHRunner
 
 ENV_SANDBOX_SSH = "GPUFLOW_SANDBOX_SSH"
 _ALIVE_STATES = ("pending", "running")

@@ -14,7 +14,7 @@ from gpuflow.config import project_config
 from gpuflow.errors import UsageError
 from gpuflow.records import ClusterSpec
 from gpuflow.state import validate_name
-from gpuflow.transport.ssh import check_key_permissions
+from gpuflow.transport.keys import check_key_permissions
 from infra.userdata import validate_idle_minutes, validate_max_hours
 
 DEFAULT_REGION = "us-east-1"

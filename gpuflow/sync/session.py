@@ -9,7 +9,7 @@ import tempfile
 from gpuflow.errors import HostKeyMismatch, UnreachableHost
 from gpuflow.records import SSHTarget
 from gpuflow.transport import hostkeys, openssh
-from gpuflow.transport.ssh import key_permission_error
+from gpuflow.transport.keys import key_permission_error
 
 
 def ssh_argv(target: SSHTarget, control_path: str | None = None) -> list[str]:

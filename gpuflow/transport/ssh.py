@@ -15,7 +15,7 @@ Security:
 * only the target's own key file is offered (no agent, no ~/.ssh keys) when it
   has one; a key file its owner's group or others may access is refused with
   the ``chmod 600`` that fixes it, as OpenSSH refuses it
-  (:func:`check_key_permissions`; paramiko alone would accept it, and the
+  (:func:`gpuflow.transport.keys.check_key_permissions`; paramiko alone would accept it, and the
   OpenSSH-based sync and ``gpuflow ssh`` would then fail).
 
 Robustness: TCP keepalives at the SSH level (``transport.set_keepalive``); every
@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import select
-import shlex
-import stat
 import sys
 import threading
 import time
@@ -53,11 +50,12 @@ from gpuflow.errors import (
     HostKeyMismatch,
     InstanceGone,
     RemoteCommandFailed,
-    SecurityError,
     UnreachableHost,
 )
 from gpuflow.records import CommandResult, SSHTarget
 from gpuflow.transport import hostkeys
+from gpuflow.transport.keys import check_key_permissions
+from gpuflow.transport.pinning import PinningPolicy
 from gpuflow.transport.base import env_prefix, quote_argv
 from gpuflow.transport.openssh import CONNECT_TIMEOUT_SECONDS, SERVER_ALIVE_INTERVAL
 
@@ -321,7 +319,7 @@ class SSHRunner:
         known_hosts = Path(target.known_hosts_path) if target.known_hosts_path else None
         if known_hosts is not None and known_hosts.is_file():
             client.load_host_keys(str(known_hosts))
-        client.set_missing_host_key_policy(_PinningPolicy(self))
+        client.set_missing_host_key_policy(PinningPolicy(self))
         try:
             client.connect(
                 target.host,
@@ -571,64 +569,6 @@ class SSHRunner:
         return CommandResult(exit_code if exit_code >= 0 else 255, b"".join(stdout), b"".join(stderr))
 
 
-class _PinningPolicy:
-    """paramiko MissingHostKeyPolicy for a host with no pinned key of the
-    presented type: refuse, unless the console fingerprints vouch for the key
-    or the user asked for trust-on-first-use."""
-
-    def __init__(self, runner: SSHRunner) -> None:
-        self._runner = runner
-
-    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-        runner = self._runner
-        target = runner.target
-        presented = hostkeys.sha256_fingerprint(key.asbytes())
-        pinned = client.get_host_keys().get(hostname)
-        if pinned:
-            expected = ", ".join(
-                f"{pinned[key_type].get_name()} {hostkeys.sha256_fingerprint(pinned[key_type].asbytes())}"
-                for key_type in pinned.keys()
-            )
-            raise HostKeyMismatch(
-                f"{hostname} presented {key.get_name()} {presented}, but the pinned host key is {expected}; "
-                "nothing was sent",
-                hint=f"someone may be intercepting the connection; if the instance was really rebuilt, "
-                f"remove {target.known_hosts_path} and connect again",
-            )
-        if runner._expected_fingerprints:
-            if presented not in runner._expected_fingerprints:
-                raise HostKeyMismatch(
-                    f"{hostname} presented {key.get_name()} {presented}, which is not among the fingerprints "
-                    f"the instance printed on its console ({', '.join(runner._expected_fingerprints)}); "
-                    "nothing was sent",
-                    hint="someone may be intercepting the connection",
-                )
-            self._pin(key)
-            return
-        if target.trust_on_first_use:
-            runner._warn(
-                f"trusting {hostname}'s {key.get_name()} host key {presented} on first use, "
-                f"without verification; pinned in {target.known_hosts_path}"
-            )
-            self._pin(key)
-            return
-        raise SecurityError(
-            f"no pinned host key for {hostname} (it presented {key.get_name()} {presented}); refusing to connect",
-            hint="gpuflow pins keys from the instance's console output; "
-            "pass --trust-on-first-use to accept the key unverified",
-        )
-
-    def _pin(self, key: Any) -> None:
-        target = self._runner.target
-        if target.known_hosts_path:
-            hostkeys.pin_host_keys(
-                target.known_hosts_path,
-                target.host,
-                target.port,
-                [hostkeys.PublicHostKey(key.get_name(), key.get_base64())],
-            )
-
-
 def _quiet_paramiko_logging() -> None:
     """paramiko logs a dropped connection ("Socket exception: Connection reset
     by peer") at ERROR; with no logging configured Python prints that on
@@ -654,39 +594,3 @@ def _feed_stdin(channel: Any, data: bytes) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# OpenSSH (sshkey_perm_ok) ignores a private key that its owner's group or others
-# may access, whatever the server would accept; it then says one of these.
-_OPENSSH_KEY_PERMISSION_WORDS = ("bad permissions", "UNPROTECTED PRIVATE KEY FILE")
-_OPENSSH_TOO_OPEN = re.compile(r"Permissions (0?[0-7]{3,4}) for '(.+)' are too open")
-
-
-def check_key_permissions(key_path: str) -> None:
-    """Refuse, as OpenSSH does, a private key file owned by this user that its
-    group or others may access: :class:`CredentialsError` with the fix.  A
-    missing file is left to the caller that opens it."""
-    try:
-        status = Path(key_path).expanduser().stat()
-    except OSError:
-        return
-    if status.st_uid == os.getuid() and status.st_mode & 0o077:
-        raise _key_permission_error(key_path, stat.S_IMODE(status.st_mode))
-
-
-def key_permission_error(ssh_stderr: str, key_path: str | None) -> CredentialsError | None:
-    """The error to report when OpenSSH's ``ssh_stderr`` says it ignored a key
-    for its permissions; None when it says something else."""
-    if not any(words in ssh_stderr for words in _OPENSSH_KEY_PERMISSION_WORDS):
-        return None
-    found = _OPENSSH_TOO_OPEN.search(ssh_stderr)
-    path = found.group(2) if found else key_path
-    return _key_permission_error(path or "(your SSH key)", int(found.group(1), 8) if found else None)
-
-
-def _key_permission_error(key_path: str, mode: int | None) -> CredentialsError:
-    described = f"has mode {mode:04o}" if mode is not None else "is too open"
-    return CredentialsError(
-        f"SSH key {key_path} {described}: OpenSSH refuses a private key that group or others can access",
-        hint=f"run `chmod 600 {shlex.quote(key_path)}`",
-    )

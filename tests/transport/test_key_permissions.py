@@ -14,7 +14,8 @@ from gpuflow.cli import main
 from gpuflow.errors import CredentialsError
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore
-from gpuflow.transport.ssh import SSHRunner, check_key_permissions, key_permission_error
+from gpuflow.transport.keys import check_key_permissions, key_permission_error
+from gpuflow.transport.ssh import SSHRunner
 from tests.transport.conftest import target_for
 
 pytestmark = pytest.mark.ssh

@@ -28,6 +28,10 @@ def _assert_one_chmod_line(exit_info, err: str, key) -> None:
 
 
 def test_gpuflow_ssh_refuses_a_loose_key_before_running_ssh(gpuflow_home, loose_key, tmp_path, monkeypatch, capsys):
+    from gpuflow import nodes
+
+    # A hand-made sandbox record: its fake cloud is taken to say the instance runs.
+    monkeypatch.setattr(nodes.ProvisionerProbe, "instance_state", lambda self, cluster, instance_id: "running")
     cluster = Cluster(
         name="box", region="us-east-1", instance_type="g5.xlarge", ami="ami-12345678",
         nodes=(Node("i-0123456789abcdef0", "running", public_ip="127.0.0.1"),), sandbox=True,
