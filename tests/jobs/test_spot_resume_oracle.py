@@ -64,13 +64,13 @@ def _saved_arrays(outputs: Path) -> dict:
     return arrays
 
 
-def _notice_once_trained(imds, project: Path, failures: list) -> None:
+def _notice_once_trained(server, failures: list) -> None:
     """Give the notice when the run's first step checkpoint exists on the instance."""
     try:
         [record] = wait_for(jobs.all_records, timeout=120, what="the run's record")
         state = Path(record.remote_dir) / "outputs" / "checkpoint" / "state.json"
         wait_for(state.exists, timeout=120, what="the first step checkpoint on the instance")
-        imds.notice()
+        server.notice()
     except BaseException as error:  # reported by the test's thread
         failures.append(error)
 
@@ -86,7 +86,7 @@ def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds,
     with in_process_sandbox():
         clusters.up(clusters.resolve_spec("spotbox", {"sandbox": True}, project_dir=project))
         try:
-            giver = threading.Thread(target=_notice_once_trained, args=(imds, project, failures), daemon=True)
+            giver = threading.Thread(target=_notice_once_trained, args=(imds, failures), daemon=True)
             giver.start()
             code = cli(["run", "spotbox", "training.cifar10_cnn", "--", *MODULE_ARGS])
             giver.join(timeout=5)
