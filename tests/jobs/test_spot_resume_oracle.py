@@ -1,0 +1,133 @@
+"""The determinism oracle through the whole spot path, with the REAL course module: a
+sandbox cluster runs `training.cifar10_cnn --deterministic`; a mock IMDSv2 process on
+127.0.0.1 (token required) answers 404 until the job has trained some steps, then
+gives a notice; the supervisor's watcher stops the job, which checkpoints and exits 75;
+`gpuflow run --resume` finishes it; its final weights and history.csv are those of an
+uninterrupted run of the same command."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from gpuflow import clusters, jobs
+from infra.sandbox import in_process_sandbox
+from tests.jobs.spot_helpers import imds  # noqa: F401 - fixture
+from tests.waiting import wait_for
+
+if importlib.util.find_spec("tensorflow") is None:
+    pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
+
+# digits, first 600 images: 540 train (34 steps of 16 a epoch), 60 validation; 6 epochs.
+# A checkpoint every 8 steps: the first one on the instance is the sign that the job has
+# trained some steps, and the notice is given then (well before its 204th step).
+MODULE_ARGS = ["--dataset", "digits", "--limit", "600", "--epochs", "6", "--batch-size", "16", "--optimizer", "adam",
+               "--seed", "3", "--deterministic", "--save-every-steps", "8"]
+TIMING = ("epoch_seconds", "train_seconds")
+
+
+def cli(argv: list[str]) -> int:
+    from gpuflow.cli import app, run_app
+
+    return run_app(app, argv)
+
+
+def _history(outputs: Path) -> list[dict]:
+    with (outputs / "history.csv").open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+
+
+def _saved_arrays(outputs: Path) -> dict:
+    """Every array ``best_model.keras`` holds: the layers' weights and the optimizer's state.
+    (Read from the file: a loaded model's dropout seed generators are drawn anew at load.)"""
+    import io
+    import zipfile
+
+    import h5py
+    import numpy as np
+
+    arrays: dict = {}
+    with zipfile.ZipFile(outputs / "best_model.keras") as archive:
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            weights.visititems(lambda name, item: arrays.__setitem__(name, np.array(item))
+                               if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def _notice_once_trained(server, failures: list) -> None:
+    """Give the notice when the run's first step checkpoint exists on the instance."""
+    try:
+        [record] = wait_for(jobs.all_records, timeout=120, what="the run's record")
+        state = Path(record.remote_dir) / "outputs" / "checkpoint" / "state.json"
+        wait_for(state.exists, timeout=120, what="the first step checkpoint on the instance")
+        server.notice()
+    except BaseException as error:  # reported by the test's thread
+        failures.append(error)
+
+
+def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds, tmp_path, monkeypatch, capfd):
+    import numpy as np
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    project = tmp_path / "oracle-project"  # no training/ package: gpuflow ships the installed one
+    project.mkdir()
+    monkeypatch.chdir(project)
+    failures: list = []
+    with in_process_sandbox():
+        clusters.up(clusters.resolve_spec("spotbox", {"sandbox": True}, project_dir=project))
+        try:
+            giver = threading.Thread(target=_notice_once_trained, args=(imds, failures), daemon=True)
+            giver.start()
+            code = cli(["run", "spotbox", "training.cifar10_cnn", "--", *MODULE_ARGS])
+            giver.join(timeout=5)
+            first = capfd.readouterr()
+            assert not failures, failures
+            assert code == 75, first.err[-3000:]
+            [record] = jobs.all_records()
+            local = Path(record.local_dir)
+            state = json.loads((local / "outputs" / "checkpoint" / "state.json").read_text())
+            epoch, step = state["epoch"], state["step"]
+            assert state["reason"].startswith("stop requested (SIGTERM)")
+            shown = f"interrupted (resumable at epoch {epoch} step {step})"
+            assert f"gpuflow: run {record.run_id} {shown} after a spot interruption notice" in first.err
+            assert f"interrupted: checkpoint saved at epoch {epoch} step {step} (resumable)" in first.out + first.err
+            assert (epoch, step) < (6, 34), "stopped before its last step"
+            assert json.loads((Path(record.remote_dir) / "interruption.json").read_text())["notice"]["action"] == (
+                "terminate")
+            assert not (local / "outputs" / "metrics.json").exists()
+
+            imds.clear_notice()
+            assert cli(["run", "--resume", record.run_id]) == 0, capfd.readouterr().err[-3000:]
+            resumed = capfd.readouterr()
+            assert f"run {record.run_id} succeeded" in resumed.err
+            metrics = json.loads((local / "outputs" / "metrics.json").read_text())
+            assert metrics["resumed_from"] == [{"epoch": epoch, "step": step}] and metrics["deterministic"] is True
+
+            # The uninterrupted run of the same command, on the same cluster.
+            assert cli(["run", "spotbox", "training.cifar10_cnn", "--", *MODULE_ARGS]) == 0, capfd.readouterr().err
+            capfd.readouterr()
+            [reference] = [r for r in jobs.all_records() if r.run_id != record.run_id]
+            reference_outputs = Path(reference.local_dir) / "outputs"
+            assert json.loads((reference_outputs / "metrics.json").read_text())["resumed_from"] == []
+        finally:
+            clusters.down("spotbox", sandbox=True)
+
+    got, want = _saved_arrays(local / "outputs"), _saved_arrays(reference_outputs)
+    assert sorted(got) == sorted(want) and any(name.startswith("optimizer/") for name in want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+    assert _history(local / "outputs") == _history(reference_outputs)
+    assert len(_history(reference_outputs)) == 6
+    reference_metrics = json.loads((reference_outputs / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(reference_metrics["test_accuracy"], abs=1e-6)
+    assert metrics["best_epoch"] == reference_metrics["best_epoch"]
