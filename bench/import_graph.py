@@ -39,7 +39,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # gpuflow.testing: the pytest plugin, a consumer of the use cases like the CLI (nothing imports it).
     ("testing", ("gpuflow.testing",)),
     ("cli", ("gpuflow.cli", "gpuflow.__main__")),
-    ("use cases", ("gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync", "gpuflow.project_init")),
+    ("use cases", ("gpuflow.clusters", "gpuflow.jobs", "gpuflow.sync", "gpuflow.project_init", "gpuflow.durable",
+                   "gpuflow.tunnels")),
     ("reaching nodes", ("gpuflow.transport", "gpuflow.nodes", "gpuflow.ssh_config")),
     ("cloud port", ("gpuflow.provisioner",)),
     ("core", ("gpuflow.__init__", "gpuflow.errors", "gpuflow.records", "gpuflow.state", "gpuflow.config",
@@ -76,6 +77,8 @@ FUNCTION_LEVEL_ALLOWED: tuple[tuple[str, str], ...] = (
     ("gpuflow.cli", "gpuflow.nodes"),
     ("gpuflow.cli", "gpuflow.ssh_config"),
     ("gpuflow.cli", "gpuflow.project_init"),
+    ("gpuflow.cli", "gpuflow.durable"),
+    ("gpuflow.cli", "gpuflow.tunnels"),
     # gpuflow.testing: the plugin module pytest loads wherever gpuflow is installed imports its
     # fixture's implementation (and through it the use cases, moto) only when a test uses the fixture.
     ("gpuflow.testing", "gpuflow.testing"),
