@@ -91,6 +91,17 @@ class JobSettings:
 
 
 @dataclass(frozen=True)
+class RecoverySettings:
+    """Defaults for ``gpuflow run --recover`` (lists are comma-separated, as on the command line)."""
+
+    recover: bool | None = None
+    max_restarts: int | None = None
+    fallback_types: str | None = None  # "g6.xlarge,g4dn.xlarge"
+    restart_on_exit_codes: str | None = None  # "1,2"
+    max_dollars: float | None = None
+
+
+@dataclass(frozen=True)
 class SandboxSshSettings:
     """The ``[sandbox_ssh]`` table: a loopback sshd that plays the sandbox's instances."""
 
@@ -112,11 +123,14 @@ class ProjectConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
     sandbox_ssh: SandboxSshSettings | None = None
 
 
 _TOP_LEVEL_TYPES: dict[str, type] = {"cluster": str, "name": str, "sandbox": bool}
-_SECTIONS: dict[str, type] = {"cluster": ClusterSettings, "sync": SyncSettings, "jobs": JobSettings}
+_SECTIONS: dict[str, type] = {
+    "cluster": ClusterSettings, "sync": SyncSettings, "jobs": JobSettings, "recovery": RecoverySettings
+}
 _TABLES: dict[str, type] = {"sandbox_ssh": SandboxSshSettings}
 _TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
 
@@ -267,6 +281,7 @@ def _build(root: Path, source: Path, text: str, table: Any, table_path: tuple[st
         cluster=ClusterSettings(**sections["cluster"]),
         sync=SyncSettings(**sections["sync"]),
         jobs=JobSettings(**sections["jobs"]),
+        recovery=RecoverySettings(**sections["recovery"]),
         sandbox_ssh=sandbox_ssh,
     )
 

@@ -9,6 +9,7 @@ transport layer builds a command runner), as SkyPilot's ``sky/provision`` and
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import types
@@ -73,6 +74,8 @@ def _conforms(value: Any, hint: Any, where: str) -> bool:
             return False
         check_shape(hint, value, where)  # says which nested field is wrong
         return True
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # stored as its value
+        return isinstance(value, hint) or value in {member.value for member in hint}
     return isinstance(value, hint)
 
 

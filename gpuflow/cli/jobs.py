@@ -20,7 +20,7 @@ from gpuflow.cli._app import app
 from gpuflow.cli._grammar import JOB_ARGS, SAW_DOUBLE_DASH, RunCommand
 from gpuflow.cli._signals import ended_by_signals
 from gpuflow.cli._table import table_lines
-from gpuflow.config import find_project_root
+from gpuflow.config import find_project_root, read_project_config
 from gpuflow.errors import ClusterNotFound, DataError, DetachedByInterrupt, JobFailed, NotFound, RunLost, Terminated, UsageError
 
 
@@ -79,6 +79,25 @@ def run_command(
         None, "--env", metavar="VARIABLE", help="Add VARIABLE, given as NAME=VALUE, to the job's environment "
         "(repeatable), e.g. TF_CPP_MIN_LOG_LEVEL=3 to quiet TensorFlow's C++ log.",
     ),
+    recover: Optional[bool] = typer.Option(  # noqa: UP007
+        None, "--recover/--no-recover", help="When the instance is interrupted (spot), relaunch a node and continue "
+        "the same run there from its checkpoint (default: `recover` in gpuflow.toml, else off).",
+    ),
+    max_restarts: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--max-restarts", metavar="N", help="With --recover: restart at most N times (default 5)."
+    ),
+    fallback_types: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--fallback-types", metavar="TYPES", help="With --recover: instance types to relaunch on when the "
+        "cluster's own has no capacity, in order (comma-separated).",
+    ),
+    restart_on_exit_codes: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--restart-on-exit-codes", metavar="CODES", help="With --recover: also restart a job that fails with "
+        "one of these exit codes (comma-separated; other failures are never restarted).",
+    ),
+    max_dollars: Optional[float] = typer.Option(  # noqa: UP007
+        None, "--max-dollars", metavar="USD", help="With --recover: stop the run, its checkpoint saved, before the "
+        "estimated cost of all its attempts would pass USD.",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -105,7 +124,9 @@ def run_command(
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
             ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
-            ("--env", env),
+            ("--env", env), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
+            ("--fallback-types", fallback_types), ("--restart-on-exit-codes", restart_on_exit_codes),
+            ("--max-dollars", max_dollars is not None),
         ) if value]
         if given:
             raise UsageError(
@@ -131,6 +152,9 @@ def run_command(
     elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
         raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
+    recovery = _recovery_policy(project, recover, max_restarts, fallback_types, restart_on_exit_codes, max_dollars)
+    if recovery is not None and detach:
+        raise UsageError("--recover follows the run to restart it: it cannot --detach", hint="drop --detach")
     with ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:
             outcome = jobs.run_on_cluster(
@@ -146,6 +170,7 @@ def run_command(
                 say=_say,
                 data_dir=_existing_directory(data, "--data") if data is not None else None,
                 env=job_env,
+                recovery=recovery,
             )
         except ClusterNotFound as exc:
             if up_spec is not None:  # --up made or refused the cluster itself, and said why
@@ -154,6 +179,17 @@ def run_command(
 
             raise explain_unknown(cluster_name, exc, project_dir=project) from exc  # whose a cluster of that name is, when its tags say
     _report_outcome(outcome, cluster_name, detach=detach, signals=signals, project=project)
+
+
+def _recovery_policy(project: Path, recover: Any, max_restarts: Any, fallback_types: Any, restart_codes: Any,
+                     max_dollars: Any) -> Any:
+    """The ``--recover`` options over the project's gpuflow.toml (None: recovery is off)."""
+    from gpuflow.jobs.recover import recovery_policy
+
+    return recovery_policy(
+        read_project_config(project).recovery, recover=recover, max_restarts=max_restarts,
+        fallback_types=fallback_types, restart_on_exit_codes=restart_codes, max_dollars=max_dollars,
+    )
 
 
 def _report_outcome(outcome: Any, cluster_name: str, *, detach: bool, signals: list[int], project: Path) -> None:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from gpuflow.jobs.records import RunRecord
+from gpuflow.jobs.records import Attempt, RunRecord
 from gpuflow.records import Cluster
 
 def git_state(project_dir: Path) -> dict[str, Any] | None:
@@ -114,3 +114,13 @@ def finish_manifest(
         "estimated_cost_usd": cost,
     }
 
+
+
+def with_attempts(manifest: dict[str, Any], attempts: tuple[Attempt, ...]) -> dict[str, Any]:
+    """The manifest with every attempt of a recovered run (``attempts``, oldest first) and their
+    total cost (``attempts_cost_usd``; None while one attempt's price is unknown)."""
+    if not attempts:
+        return manifest
+    costs = [attempt.cost_usd for attempt in attempts]
+    total = None if any(cost is None for cost in costs) else round(sum(costs), 6)  # type: ignore[arg-type]
+    return {**manifest, "attempts": [attempt.to_dict() for attempt in attempts], "attempts_cost_usd": total}

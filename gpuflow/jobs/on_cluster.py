@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 from gpuflow import clusters
 from gpuflow.errors import GpuflowError, JobInterrupted, NotFound, UsageError
 from gpuflow.jobs.foreground import run
+from gpuflow.jobs.recover import run_with_recovery
 from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, load_record, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
@@ -30,13 +31,15 @@ def run_on_cluster(
     on_interrupt: Callable[[RunRecord], InterruptChoice] | None = None,
     say: Say = quiet,
     resolve: TargetResolver | None = None,
+    recovery: Any = None,
     **run_options: Any,
 ) -> RunOutcome:
     """``gpuflow run [--up ...] [--down]``: optionally launch the cluster
     (``up_spec``, a ClusterSpec, when it does not exist yet), run, pull, and
     with ``down`` tear it down afterwards — also when the job fails, gpuflow
     fails or the user presses Ctrl-C (then the job is stopped, not detached:
-    its instance is going away)."""
+    its instance is going away).  ``recovery`` (a :class:`~gpuflow.jobs.recover.RecoveryPolicy`):
+    ``run --recover``, every node it relaunches torn down with the cluster."""
     if down and detach:
         raise UsageError("--down and --detach contradict each other", hint="drop one of them")
     if resolve is None:  # the cluster is reached as this project's config says (a loopback sshd)
@@ -67,6 +70,7 @@ def run_on_cluster(
             on_interrupt=on_interrupt,
             say=say,
             resolve=resolve,
+            recovery=recovery,
             **run_options,
         )
 
@@ -78,6 +82,7 @@ def _run_on_cluster(
     down: bool,
     say: Say,
     resolve: TargetResolver,
+    recovery: Any = None,
     **run_arguments: Any,
 ) -> RunOutcome:
     primary: BaseException | None = None
@@ -92,6 +97,8 @@ def _run_on_cluster(
                 clusters.up(up_spec)
         target = resolve(cluster_name)
         try:
+            if recovery is not None:
+                return run_with_recovery(cluster_name, resolve=resolve, policy=recovery, say=say, **run_arguments)
             return run(target, say=say, **run_arguments)
         except JobInterrupted as interrupted:
             if down:  # its cluster goes: `run --resume` cannot continue it there
@@ -114,6 +121,9 @@ def _run_on_cluster(
             # The cluster this run used, where it was made (not where the project's `sandbox` points).
             recorded_sandbox = target.cluster.sandbox if target is not None else getattr(up_spec, "sandbox", None)
             try:
+                if target is not None and recovery is not None:
+                    with contextlib.suppress(GpuflowError):
+                        target = resolve(cluster_name)  # its head node now: a relaunch replaced the first
                 if target is not None:
                     _stop_live_jobs(target, say)
                 clusters.down(cluster_name, sandbox=recorded_sandbox, project_dir=run_arguments.get("project_dir"))

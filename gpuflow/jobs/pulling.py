@@ -15,7 +15,7 @@ from gpuflow.errors import NotFound, RemoteCommandFailed, UnsafePath
 from gpuflow.jobs import scripts
 from gpuflow.jobs.connection import TRANSIENT, Connection
 from gpuflow.jobs.local_copy import copy_after_pull, is_unchanged, sha256_file
-from gpuflow.jobs.manifest import environment_fields, finish_manifest
+from gpuflow.jobs.manifest import environment_fields, finish_manifest, with_attempts
 from gpuflow.jobs.records import (
     ENVIRONMENT_NAME,
     EXIT_CODE_NAME,
@@ -193,6 +193,8 @@ def _finalize_local(
             manifest, job_started_at=job_started_at, ended_at=ended_at, exit_code=exit_code,
             earlier_seconds=_earlier_seconds(record) if record is not None else None,
         )
+    if record is not None:
+        manifest = with_attempts(manifest, record.attempts)
     atomic_write_json(manifest_path, manifest, mode=0o644)
 
 

@@ -245,6 +245,12 @@ class RunRecord:
     interruption: str | None = None  # the spot interruption notice its job was stopped for, in words
     resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
     pulled: PulledCopy | None = None  # what the last pull left in local_dir (None: never pulled)
+    # `run --recover` / `resume --on|--up`: every attempt (instance, cost, why it ended), oldest first,
+    # and what starts the job again on another cluster (its arguments, --env and --data as given).
+    attempts: tuple[Attempt, ...] = ()
+    args: tuple[str, ...] | None = None
+    job_env: dict[str, str] | None = None
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
@@ -257,6 +263,8 @@ class RunRecord:
         data["status"] = self.status.value
         data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
         data["resumes"] = [resume.to_dict() for resume in self.resumes]
+        data["attempts"] = [attempt.to_dict() for attempt in self.attempts]
+        data["args"] = list(self.args) if self.args is not None else None
         data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
         return data
 
@@ -267,6 +275,8 @@ class RunRecord:
         values["command"] = tuple(values.get("command", ()))
         values["checkpoint"] = Checkpoint(**values["checkpoint"]) if values.get("checkpoint") else None
         values["resumes"] = tuple(Resume.from_dict(resume) for resume in values.get("resumes") or ())
+        values["attempts"] = tuple(Attempt.from_dict(attempt) for attempt in values.get("attempts") or ())
+        values["args"] = tuple(values["args"]) if values.get("args") is not None else None
         return cls(**values)
 
     @property
@@ -307,6 +317,53 @@ class Resume:
         values = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
         values["checkpoint"] = Checkpoint(**values["checkpoint"]) if values.get("checkpoint") else None
         return cls(**values)
+
+
+class AttemptEnd(str, enum.Enum):
+    """Why one attempt of a run ended (``run --recover``)."""
+
+    RUNNING = "running"  # not ended yet
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the job's own exit code
+    INTERRUPTED = "interrupted"  # it saved a checkpoint and exited 75 (a spot notice)
+    INSTANCE_GONE = "instance-gone"  # its instance was terminated under it
+    LOST = "lost"  # its job vanished on a live instance
+    BUDGET = "budget"  # stopped by gpuflow before the run's cost would pass --max-dollars
+    STOPPED = "stopped"  # stopped by Ctrl-C or `gpuflow stop`
+    GPUFLOW = "gpuflow-failed"  # gpuflow itself failed (or was interrupted) around it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a run on one instance: where it ran, when, how it ended and what it cost
+    (price per hour x its wall time on this machine's clock; the spot price when it was spot)."""
+
+    number: int
+    instance_id: str | None
+    instance_type: str
+    availability_zone: str | None
+    market: str  # "spot" | "on-demand"
+    price_per_hour: float | None
+    started_at: str
+    ended_at: str | None = None
+    ended: AttemptEnd = AttemptEnd.RUNNING
+    exit_code: int | None = None
+    cost_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ended", AttemptEnd(self.ended))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ended"] = self.ended.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

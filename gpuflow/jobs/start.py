@@ -128,6 +128,9 @@ def start_run(
         local_dir=str(project_dir / "runs" / run_id),
         started_at=iso(utc_now()),
         module=module,
+        args=tuple(str(arg) for arg in args),
+        job_env=dict(extra_env) or None,
+        data_dir=str(data_dir) if data_dir is not None else None,
     )
     script = scripts.render_supervisor(
         run_id=run_id,
