@@ -307,6 +307,7 @@ def run_with_recovery(
         connection = Connection(target, target.connect(), reconnect_timeout, say)
         guard: _BudgetGuard | None = None
         record: RunRecord | None = None
+        gone: str | None = None
         try:
             if in_place:
                 record = load_record(run_id, home)
@@ -367,7 +368,8 @@ def run_with_recovery(
             failure, code, why = exc, exc.exit_code, AttemptEnd.FAILED
         except (RunLost, InstanceGone) as exc:
             failure, code = exc, None
-            why = AttemptEnd.INSTANCE_GONE if instance_gone(target) is not None else AttemptEnd.LOST
+            gone = instance_gone(target)
+            why = AttemptEnd.INSTANCE_GONE if gone is not None else AttemptEnd.LOST
         except BaseException:
             attempts[-1] = _close_attempt(attempts[-1], AttemptEnd.GPUFLOW, None)
             with contextlib.suppress(Exception):
@@ -404,7 +406,7 @@ def run_with_recovery(
             )
             raise failure
         restarts += 1
-        what = _what_happened(why, code, record, failure)
+        what = _what_happened(why, code, record, gone)
         if why is AttemptEnd.FAILED and instance_gone(target) is None:
             say(f"run {run_id}: {what}; restarting it on the same node as attempt {len(attempts) + 1}")
             in_place = True
@@ -427,13 +429,13 @@ def run_with_recovery(
         in_place = False
 
 
-def _what_happened(why: AttemptEnd, code: int | None, record: RunRecord, failure: GpuflowError) -> str:
+def _what_happened(why: AttemptEnd, code: int | None, record: RunRecord, gone: str | None) -> str:
     if why is AttemptEnd.INTERRUPTED:
         where = f" at {record.checkpoint}" if record.checkpoint else ""
         notice = f" ({record.interruption})" if record.interruption else ""
         return f"interrupted{where}{notice}"
     if why is AttemptEnd.INSTANCE_GONE:
-        return f"its instance is gone ({failure.message})"
+        return f"interrupted: {gone or 'its instance is gone'}"
     return f"failed with exit code {code} (listed in --restart-on-exit-codes)"
 
 

@@ -1,0 +1,150 @@
+"""`gpuflow run --up --sandbox --spot --recover --down` against the in-process sandbox cloud: the
+node is terminated under the job twice (moto termination + its processes killed and its
+directory discarded, as the sandbox's terminate does); gpuflow relaunches a node each time and
+continues the SAME run from its checkpoint; the manifest lists 3 attempts; nothing is left.
+Ctrl-C in the middle of a relaunch leaves nothing either.
+
+Until the durable store is merged, the stand-in job keeps its checkpoint in a directory
+outside the node (tests/jobs/recover_helpers.py) — only in this test."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+
+from gpuflow import clusters, jobs
+from gpuflow.clusters.relaunch import REPLACED_NODES
+from gpuflow.provisioner import open_provisioner
+from gpuflow.testing.leaks import cloud_leftovers, job_pids, sandbox_directories
+from infra.sandbox import in_process_sandbox
+from tests.jobs.recover_helpers import manifest_of, recover_job_args, recover_project, step_count, store, trained  # noqa: F401
+from tests.jobs.spot_helpers import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def cli(argv: list[str]) -> int:
+    from gpuflow.cli import app, run_app
+
+    return run_app(app, argv)
+
+
+def _leftovers(home) -> list:
+    import boto3
+
+    cloud = cloud_leftovers(lambda service, region: boto3.client(service, region_name=region), ["us-east-1"])
+    return [item.describe() for item in cloud] + [str(path) for path in sandbox_directories(home)] + job_pids(home)
+
+
+def _head(name: str) -> str | None:
+    try:
+        cluster = clusters.get_cluster(name)
+    except Exception:  # noqa: BLE001 - not up yet
+        return None
+    return cluster.nodes[0].instance_id if cluster.nodes and cluster.nodes[0].state == "running" else None
+
+
+def _interrupt_at(name: str, store, steps: tuple[int, ...], done: list) -> None:
+    """Terminate the cluster's head node once the job has trained each number of ``steps``."""
+    seen: set[str] = set()
+    try:
+        for count in steps:
+            wait_until(lambda: step_count(store) >= count and (_head(name) or "") not in seen | {""}, 60, f"{count} steps")
+            instance_id = _head(name)
+            seen.add(instance_id)
+            open_provisioner("us-east-1", sandbox=True).terminate([instance_id])
+            done.append(instance_id)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        done.append(exc)
+
+
+def test_recover_relaunches_twice_and_the_run_continues_from_its_checkpoint(
+    recover_project, store, monkeypatch, capfd, gpuflow_home
+):
+    monkeypatch.chdir(recover_project)
+    done: list = []
+    with in_process_sandbox():
+        thread = threading.Thread(target=_interrupt_at, args=("rbox", store, (3, 6), done), daemon=True)
+        thread.start()
+        code = cli(["run", "--up", "--sandbox", "--spot", "--down", "--recover", "rbox", "--env", f"STORE={store}",
+                    "--", *recover_job_args(9, 0.1)])
+        thread.join(30)
+        captured = capfd.readouterr()
+        assert code == 0, captured.err
+        assert len(done) == 2 and all(isinstance(item, str) for item in done), done
+        assert _leftovers(gpuflow_home) == []
+    [record] = jobs.all_records()
+    assert sorted(set(trained(store))) == list(range(9))  # every step, continued, not started over
+    assert len(trained(store)) <= 9 + 2  # at most the step in flight is trained again per interruption
+    attempts = manifest_of(record.local_dir)["attempts"]
+    assert [attempt["number"] for attempt in attempts] == [1, 2, 3]
+    assert [attempt["ended"] for attempt in attempts] == ["instance-gone", "instance-gone", "succeeded"]
+    assert [attempt["instance_id"] for attempt in attempts[:2]] == done
+    assert len({attempt["instance_id"] for attempt in attempts}) == 3
+    assert all(attempt["market"] == "spot" for attempt in attempts)
+    assert attempts[1]["availability_zone"] != attempts[0]["availability_zone"]  # another zone first
+    log = (record.local_dir + "/job.log")
+    text = open(log).read()
+    assert text.count("resumed after step") == 2 and text.startswith("started") and text.rstrip().endswith("finished")
+    assert captured.out == text  # one stream, one log
+    assert captured.err.count("relaunching a g5.xlarge node") == 2
+    assert "resumed at epoch 0 step" in captured.err or "started again" in captured.err
+
+
+def test_ctrl_c_in_the_middle_of_a_relaunch_leaves_nothing(recover_project, store, monkeypatch, gpuflow_home):
+    monkeypatch.chdir(recover_project)
+    done: list = []
+    relaunching: list[str] = []
+
+    def say(message: str) -> None:
+        if "relaunching" in message:
+            relaunching.append(message)
+        if relaunching and message.startswith("waiting:"):  # the new node is launched, not ready yet
+            raise KeyboardInterrupt
+
+    with in_process_sandbox():
+        spec = clusters.resolve_spec("cbox", {"sandbox": True, "spot": True}, project_dir=recover_project)
+        thread = threading.Thread(target=_interrupt_at, args=("cbox", store, (3,), done), daemon=True)
+        thread.start()
+        with pytest.raises(KeyboardInterrupt):
+            jobs.run_on_cluster(
+                "cbox", project_dir=recover_project, module=None, args=recover_job_args(50, 0.1), out=io.BytesIO(),
+                up_spec=spec, down=True, say=say, env={"STORE": str(store)}, poll_interval=0.05, liveness_interval=0.5,
+                recovery=jobs.recovery_policy(recover=True),
+            )
+        thread.join(30)
+        assert relaunching
+        assert _leftovers(gpuflow_home) == []
+        import boto3
+
+        states = [i["State"]["Name"] for r in boto3.client("ec2", "us-east-1").describe_instances()["Reservations"]
+                  for i in r["Instances"]]
+        assert states == ["terminated", "terminated"]  # the first node and the half-launched replacement
+    [record] = jobs.all_records()
+    assert [attempt.ended.value for attempt in record.attempts] == ["instance-gone"]
+
+
+def test_the_cluster_record_lists_every_replaced_node(recover_project, store, monkeypatch, gpuflow_home):
+    monkeypatch.chdir(recover_project)
+    done: list = []
+    with in_process_sandbox():
+        spec = clusters.resolve_spec("kbox", {"sandbox": True}, project_dir=recover_project)
+        clusters.up(spec)
+        try:
+            thread = threading.Thread(target=_interrupt_at, args=("kbox", store, (2,), done), daemon=True)
+            thread.start()
+            outcome = jobs.run_on_cluster(
+                "kbox", project_dir=recover_project, module=None, args=recover_job_args(6, 0.1), out=io.BytesIO(),
+                env={"STORE": str(store)}, poll_interval=0.05, liveness_interval=0.5,
+                recovery=jobs.recovery_policy(recover=True),
+            )
+            thread.join(30)
+            document = clusters._store().get("kbox")
+            assert [node["instance_id"] for node in document[REPLACED_NODES]] == done
+            assert clusters.get_cluster("kbox").nodes[0].instance_id == outcome.record.attempts[-1].instance_id
+            assert [a.market for a in outcome.record.attempts] == ["on-demand", "on-demand"]
+        finally:
+            clusters.down("kbox")
+        assert _leftovers(gpuflow_home) == []
