@@ -148,3 +148,52 @@ def test_the_cluster_record_lists_every_replaced_node(recover_project, store, mo
         finally:
             clusters.down("kbox")
         assert _leftovers(gpuflow_home) == []
+
+
+def test_relaunch_falls_back_to_other_types_then_on_demand(recover_project, gpuflow_home):
+    from gpuflow.clusters.relaunch import relaunch
+    from gpuflow.errors import CapacityError
+
+    tried: list[tuple[str, str, tuple]] = []
+
+    class NoSpotCapacity:
+        """The sandbox's provisioner, whose spot launches find no capacity (moto never lacks any)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def launch(self, request, *, on_attempt=None):
+            tried.append((request.instance_type, "spot" if request.spot else "on-demand",
+                          tuple(zone for _subnet, zone in request.subnets)))
+            if request.spot:
+                raise CapacityError(f"no spot capacity for {request.instance_type}")
+            return self.inner.launch(request, on_attempt=on_attempt)
+
+    def factory(region, *, profile=None, sandbox=False):
+        return NoSpotCapacity(open_provisioner(region, profile=profile, sandbox=sandbox))
+
+    with in_process_sandbox():
+        spec = clusters.resolve_spec("fbox", {"sandbox": True, "spot": True, "spot_fallback": True},
+                                     project_dir=recover_project)
+        first = clusters.up(spec)
+        try:
+            zone = first.nodes[0].availability_zone
+            replacement = relaunch("fbox", fallback_types=("g4dn.xlarge",), avoid_zone=zone, provisioner_factory=factory)
+            assert [(kind, market) for kind, market, _zones in tried] == [
+                ("g5.xlarge", "spot"), ("g4dn.xlarge", "spot"), ("g5.xlarge", "on-demand")]
+            assert tried[0][2][-1] == zone and tried[0][2][0] != zone  # the interrupted zone last
+            assert (replacement.instance_type, replacement.market) == ("g5.xlarge", "on-demand")
+            cluster = clusters.get_cluster("fbox")
+            assert [node.instance_id for node in cluster.nodes] == [replacement.instance_id]
+            import boto3
+
+            ec2 = boto3.client("ec2", "us-east-1")
+            [old] = [i for r in ec2.describe_instances(InstanceIds=[first.nodes[0].instance_id])["Reservations"]
+                     for i in r["Instances"]]
+            assert old["State"]["Name"] == "terminated"  # the interrupted node never bills beside its replacement
+        finally:
+            clusters.down("fbox")
+        assert _leftovers(gpuflow_home) == []
