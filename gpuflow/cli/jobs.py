@@ -312,6 +312,79 @@ def _split_positionals(
     return None, None
 
 
+@app.command("resume")
+def resume_command(
+    run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
+    on: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--on", metavar="NAME", help="Continue it on this cluster (its own is gone, or another is wanted)."
+    ),
+    up: bool = typer.Option(False, "--up", help="Launch the cluster (--on NAME, else the run's own name) first."),
+    down: bool = typer.Option(False, "--down", help="Tear that cluster down afterwards, whatever happens."),
+    instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
+    region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
+    spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
+    sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="On its own cluster: start it and return."),
+    recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="Relaunch and continue again after an interruption."),  # noqa: UP007
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", metavar="N", help="With --recover: at most N restarts."),  # noqa: UP007
+    fallback_types: Optional[str] = typer.Option(None, "--fallback-types", metavar="TYPES", help="With --recover: types to relaunch on."),  # noqa: UP007
+    restart_on_exit_codes: Optional[str] = typer.Option(None, "--restart-on-exit-codes", metavar="CODES", help="With --recover: failures to restart."),  # noqa: UP007
+    max_dollars: Optional[float] = typer.Option(None, "--max-dollars", metavar="USD", help="With --recover: the run's cost cap."),  # noqa: UP007
+) -> None:
+    """Continue an interrupted run later, from its checkpoint.
+
+    Without --on/--up it is `gpuflow run --resume RUN`: the job starts again on
+    its own cluster, in its run directory. With --on NAME (or --up) it continues
+    on another cluster as the next attempt of the same run (same id, command,
+    --env and --data; its latest committed checkpoint restored from the durable
+    store, else it starts over, and says so).
+    """
+    from gpuflow import jobs
+
+    elsewhere = on is not None or up
+    if not elsewhere:
+        given = [flag for flag, value in (
+            ("--down", down), ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
+            ("--sandbox", sandbox), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
+            ("--fallback-types", fallback_types), ("--restart-on-exit-codes", restart_on_exit_codes),
+            ("--max-dollars", max_dollars is not None),
+        ) if value]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: only with --on NAME or --up (on its own cluster the run continues as it was)",
+                hint=f"gpuflow resume {run_id} --on NAME",
+            )
+        with ended_by_signals() as signals:
+            outcome = jobs.resume(run_id, out=sys.stdout.buffer, detach=detach, on_interrupt=_ask_stop_or_detach, say=_say)
+        _report_outcome(
+            outcome, outcome.record.cluster, detach=detach, signals=signals, project=Path(outcome.record.project_dir)
+        )
+        return
+    if detach:
+        raise UsageError("--detach only resumes a run on its own cluster", hint="drop --detach")
+    if not up and (instance_type or region or spot or sandbox):
+        raise UsageError("--instance-type, --region, --spot and --sandbox need --up")
+    record = jobs.load_record(run_id)
+    project = Path(record.project_dir)
+    name = on or record.cluster
+    up_spec = None
+    if up:
+        up_spec = jobs.up_spec_for_run(
+            name, project_dir=project, instance_type=instance_type, region=region, spot=spot or None,
+            sandbox=sandbox or None,
+        )
+        name = up_spec.name
+    elif not jobs.is_known_cluster(name):
+        raise ClusterNotFound(f"no cluster {name!r} is known here", hint=f"add --up to launch it: gpuflow resume {run_id} --on {name} --up")
+    recovery = _recovery_policy(project, recover, max_restarts, fallback_types, restart_on_exit_codes, max_dollars)
+    with ended_by_signals() as signals:
+        outcome = jobs.resume_elsewhere(
+            run_id, name, out=sys.stdout.buffer, policy=recovery, up_spec=up_spec, down=down,
+            on_interrupt=_ask_stop_or_detach, say=_say,
+        )
+    _report_outcome(outcome, name, detach=False, signals=signals, project=project)
+
+
 @app.command("logs")
 def logs_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),

@@ -43,6 +43,7 @@ Modules, each owning one thing (imports go down this list only):
 * :mod:`~gpuflow.jobs.commands` — ``logs``, ``pull``, ``stop``, ``runs``.
 * :mod:`~gpuflow.jobs.on_cluster` — ``run`` with ``--up`` / ``--down``.
 * :mod:`~gpuflow.jobs.recover` — ``run --recover``: attempts on relaunched nodes, restart rules, budget.
+* :mod:`~gpuflow.jobs.resume_on` — ``resume RUN --on|--up``: the next attempt of a run on another cluster.
 * :mod:`~gpuflow.jobs.resume` — ``run --resume``: an interrupted run's job started again in place.
 * :mod:`~gpuflow.jobs.imds_watch` — the spot-interruption watcher the supervisor runs on the instance.
 * :mod:`~gpuflow.jobs.demo` — ``gpuflow demo``.
@@ -103,6 +104,7 @@ from gpuflow.jobs.records import (
 )
 from gpuflow.jobs.recover import RecoveryPolicy, recovery_policy, run_with_recovery
 from gpuflow.jobs.resume import resume
+from gpuflow.jobs.resume_on import resume_elsewhere
 from gpuflow.jobs.rundir import Liveness, job_liveness, lost_reason, run_status, stop_job
 from gpuflow.jobs.start import parse_job_env, start_run, wait_for_start
 from gpuflow.jobs.targets import (
@@ -175,6 +177,7 @@ __all__ = [
     "RecoveryPolicy",
     "recovery_policy",
     "run_with_recovery",
+    "resume_elsewhere",
     "resolve_cluster_name",
     "run",
     "run_on_cluster",

@@ -284,6 +284,12 @@ def run_with_recovery(
     run_id = validate_name(run_id or new_run_id(), "run id")
     stream = _KeptStream(out, start_log)
     attempts: list[Attempt] = list(previous.attempts) if previous is not None else []
+    if previous is not None and not attempts:  # started without --recover: its one attempt, as far as known
+        attempts.append(Attempt(
+            number=1, instance_id=None, instance_type="", availability_zone=None, market="", price_per_hour=None,
+            started_at=previous.started_at, ended_at=previous.ended_at, ended=_END_OF_STATE.get(previous.status, AttemptEnd.LOST),
+            exit_code=previous.exit_code,
+        ))
     first_started = previous.started_at if previous is not None else None
     stopped_by_user: list[bool] = []
 
@@ -429,6 +435,9 @@ def run_with_recovery(
         in_place = False
 
 
+_END_OF_STATE = {RunState.FAILED: AttemptEnd.FAILED, RunState.INTERRUPTED: AttemptEnd.INTERRUPTED, RunState.LOST: AttemptEnd.LOST}
+
+
 def _what_happened(why: AttemptEnd, code: int | None, record: RunRecord, gone: str | None) -> str:
     if why is AttemptEnd.INTERRUPTED:
         where = f" at {record.checkpoint}" if record.checkpoint else ""
@@ -449,3 +458,4 @@ def _resumed_at(connection: Connection, record: RunRecord) -> str:
     if checkpoint is not None:
         return f"resumed at {checkpoint}"
     return "started again (no checkpoint in its run directory when it started: its job restores its own, or starts over)"
+

@@ -7,7 +7,8 @@ appends the step to ``$STORE/trained.txt`` and writes ``$STORE/state.json`` and 
 ``outputs/checkpoint/state.json`` (``{"format":1,"epoch":0,"step":S,"complete":true}``).
 Started again it continues after the store's step (``resumed after step S``).  On SIGTERM
 or SIGUSR1 it finishes the step, saves and exits 75.  With CODE it exits CODE instead of
-finishing (every time: a job failing on its own), after its steps.
+finishing (every time: a job failing on its own), after its steps; with ``$FAIL_ONCE_AT`` it exits 3
+at that step the first time only.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ for step in range(done + 1, steps):
         handle.write("%d\\n" % step)
     save(step)
     print("step %d" % step, flush=True)
+    if step == int(os.environ.get("FAIL_ONCE_AT", "-1")) and not os.path.exists(os.path.join(store, "failed-once")):
+        open(os.path.join(store, "failed-once"), "w").close()
+        print("failing once at step %d" % step, flush=True)
+        sys.exit(3)
     if asked:
         print("interrupted: checkpoint saved at epoch 0 step %d (resumable)" % step, flush=True)
         sys.exit(75)

@@ -197,3 +197,26 @@ def test_relaunch_falls_back_to_other_types_then_on_demand(recover_project, gpuf
         finally:
             clusters.down("fbox")
         assert _leftovers(gpuflow_home) == []
+
+
+def test_resume_up_continues_a_run_whose_cluster_is_gone(recover_project, store, monkeypatch, capfd, gpuflow_home):
+    monkeypatch.chdir(recover_project)
+    with in_process_sandbox():
+        code = cli(["run", "--up", "--sandbox", "--down", "gbox", "--env", f"STORE={store}", "--env", "FAIL_ONCE_AT=2",
+                    "--", *recover_job_args(6, 0.05)])
+        assert code == 3, capfd.readouterr().err
+        [record] = jobs.all_records()
+        capfd.readouterr()
+        assert cli(["resume", record.run_id, "--on", "gbox"]) != 0  # its cluster is gone: --up says how
+        assert "add --up to launch it" in capfd.readouterr().err
+        code = cli(["resume", record.run_id, "--up", "--sandbox", "--down"])
+        captured = capfd.readouterr()
+        assert code == 0, captured.err
+        assert _leftovers(gpuflow_home) == []
+    [resumed] = jobs.all_records()
+    assert resumed.run_id == record.run_id and resumed.started_at == record.started_at
+    assert trained(store) == [0, 1, 2, 3, 4, 5]  # continued after step 2, not started over
+    assert [(a.number, a.ended.value, a.exit_code) for a in resumed.attempts] == [(1, "failed", 3), (2, "succeeded", 0)]
+    text = open(resumed.local_dir + "/job.log").read()
+    assert text.startswith("started") and "failing once at step 2" in text and "resumed after step 2" in text
+    assert captured.out == text[text.index("resumed after step 2"):]  # only what is new is printed
