@@ -68,6 +68,7 @@ def run_command(
     instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
+    spot_fallback: bool = typer.Option(False, "--spot-fallback", help="With --up --spot: on-demand when no zone has spot capacity."),
     idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
@@ -122,7 +123,7 @@ def run_command(
         given = [flag for flag, value in (
             ("NAME/MODULE", positionals), ("a command after `--`", job_args or ctx.meta.get(SAW_DOUBLE_DASH)),
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
-            ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
+            ("--instance-type", instance_type), ("--region", region), ("--spot", spot), ("--spot-fallback", spot_fallback),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
             ("--env", env), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
             ("--fallback-types", fallback_types), ("--restart-on-exit-codes", restart_on_exit_codes),
@@ -146,11 +147,12 @@ def run_command(
     up_spec = None
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
-                   "max_hours": max_hours, "spot": spot or None, "sandbox": sandbox or None}
+                   "max_hours": max_hours, "spot": spot or None, "spot_fallback": spot_fallback or None,
+                   "sandbox": sandbox or None}
         up_spec = jobs.up_spec_for_run(name, project_dir=project, **options)
         name = up_spec.name
-    elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
-        raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
+    elif sandbox or instance_type or region or spot or spot_fallback or idle_minutes is not None or max_hours is not None:
+        raise UsageError("--instance-type, --region, --spot, --spot-fallback, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
     recovery = _recovery_policy(project, recover, max_restarts, fallback_types, restart_on_exit_codes, max_dollars)
     if recovery is not None and detach:
@@ -323,6 +325,7 @@ def resume_command(
     instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
+    spot_fallback: bool = typer.Option(False, "--spot-fallback", help="With --up --spot: on-demand when no zone has spot capacity."),
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="On its own cluster: start it and return."),
     recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="Relaunch and continue again after an interruption."),  # noqa: UP007
@@ -345,7 +348,7 @@ def resume_command(
     if not elsewhere:
         given = [flag for flag, value in (
             ("--down", down), ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
-            ("--sandbox", sandbox), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
+            ("--spot-fallback", spot_fallback), ("--sandbox", sandbox), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
             ("--fallback-types", fallback_types), ("--restart-on-exit-codes", restart_on_exit_codes),
             ("--max-dollars", max_dollars is not None),
         ) if value]
@@ -362,8 +365,8 @@ def resume_command(
         return
     if detach:
         raise UsageError("--detach only resumes a run on its own cluster", hint="drop --detach")
-    if not up and (instance_type or region or spot or sandbox):
-        raise UsageError("--instance-type, --region, --spot and --sandbox need --up")
+    if not up and (instance_type or region or spot or spot_fallback or sandbox):
+        raise UsageError("--instance-type, --region, --spot, --spot-fallback and --sandbox need --up")
     record = jobs.load_record(run_id)
     project = Path(record.project_dir)
     name = on or record.cluster
@@ -371,7 +374,7 @@ def resume_command(
     if up:
         up_spec = jobs.up_spec_for_run(
             name, project_dir=project, instance_type=instance_type, region=region, spot=spot or None,
-            sandbox=sandbox or None,
+            spot_fallback=spot_fallback or None, sandbox=sandbox or None,
         )
         name = up_spec.name
     elif not jobs.is_known_cluster(name):

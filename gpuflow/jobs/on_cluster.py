@@ -105,7 +105,8 @@ def _run_on_cluster(
                 record = load_record(interrupted.run_id, run_arguments.get("home"))
                 interrupted.hint = (
                     f"its checkpoint was pulled into {record.local_dir}; the cluster is torn down (--down), "
-                    "so `gpuflow run --resume` cannot continue it there"
+                    f"so `gpuflow run --resume` cannot continue it there: `gpuflow resume {interrupted.run_id} --up` "
+                    "continues it on a new cluster"
                 )
             raise
     except BaseException as exc:

@@ -78,8 +78,8 @@ def resume(
     except (NotFound, InstanceGone) as exc:
         raise NotFound(
             f"run {run_id} cannot be resumed: its cluster {record.cluster} is gone ({exc.message})",
-            hint=f"what was pulled (its checkpoint too) is in {record.local_dir}; "
-            "resuming on another instance is not supported yet",
+            hint=f"continue it on another cluster: `gpuflow resume {run_id} --up` (or --on NAME); "
+            f"what was pulled is in {record.local_dir}",
         ) from exc
     connection = Connection(target, runner, reconnect_timeout, say)
     try:
