@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gpuflow.clusters.spec import DEFAULT_INSTANCE_TYPE, DEFAULT_REGION
+from gpuflow.jobs.recover import DEFAULT_MAX_RESTARTS
 from gpuflow.config import KNOWN_KEYS, PROJECT_CONFIG_NAME, read_project_config
 from gpuflow.errors import UsageError
 from gpuflow.records import ClusterSpec
@@ -147,11 +148,17 @@ _SETTING_NOTES: dict[str, str] = {
     "sync_warn_gb": "gpuflow sync warns above this many GB",
     "sync_warn_files": "... or this many files",
     "remote_python": "the job's interpreter on the instance; default: the DLAMI's",
+    "recover": "run --recover: relaunch after a spot interruption, continue the run",
+    "max_restarts": "run --recover: at most this many restarts",
+    "fallback_types": "run --recover: types to relaunch on, in order",
+    "restart_on_exit_codes": "run --recover: also restart these job failures",
+    "max_dollars": "run --recover: stop (checkpoint saved) before this cost",
 }
 _EXAMPLES: dict[str, str] = {
     "cluster": '"my-project"', "ami": '"ami-0123456789abcdef0"', "key_name": '"my-key"',
     "key_path": '"~/.ssh/my-key.pem"', "ssh_cidr": '"203.0.113.7/32"', "profile": '"default"',
     "tensorflow_dlami": '"2.18"', "remote_python": '"/opt/conda/bin/python"',
+    "fallback_types": '"g6.xlarge,g4dn.xlarge"', "restart_on_exit_codes": '"1,137"', "max_dollars": "20.0",
 }
 
 
@@ -169,6 +176,7 @@ def config_text(entry: str) -> str:
     defaults: dict[str, object] = {
         **spec_defaults, "region": DEFAULT_REGION, "instance_type": DEFAULT_INSTANCE_TYPE,
         "sync_warn_gb": DEFAULT_LARGE_BYTES / (1 << 30), "sync_warn_files": DEFAULT_LARGE_FILES,
+        "recover": False, "max_restarts": DEFAULT_MAX_RESTARTS,
     }
     lines = [
         "# gpuflow settings for this project (written by `gpuflow init`).",

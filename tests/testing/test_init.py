@@ -101,7 +101,7 @@ def test_the_config_lists_every_setting_and_each_default_is_valid(tmp_path):
         except ConfigError as exc:  # noqa: PERF203
             pytest.fail(f"{line!r}: {exc}")
         key = {"cluster": "cluster_name", "name": "cluster_name"}.get(match.group(1), match.group(1))
-        assert any(getattr(part, key, None) is not None for part in (config, config.cluster, config.sync, config.jobs)), key
+        assert any(getattr(part, key, None) is not None for part in (config, config.cluster, config.sync, config.jobs, config.recovery)), key
 
 
 @pytest.mark.parametrize(("files", "expected"), [
