@@ -372,6 +372,9 @@ def run_with_recovery(
                 why = AttemptEnd.INTERRUPTED
         except JobFailed as exc:
             failure, code, why = exc, exc.exit_code, AttemptEnd.FAILED
+            if guard is not None and guard.stopped:  # it did not save in time after the budget's SIGTERM
+                why = AttemptEnd.BUDGET
+                exc.message = f"{exc.message}, after gpuflow stopped it for --max-dollars {policy.max_dollars:g}"
         except (RunLost, InstanceGone) as exc:
             failure, code = exc, None
             gone = instance_gone(target)
