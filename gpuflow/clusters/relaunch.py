@@ -1,4 +1,8 @@
-"""Relaunch: replace a cluster's interrupted head node with a new instance (``run --recover``, ``resume --up``).
+"""Relaunch: replace a cluster's interrupted node(s) with new instances (``run --recover``).
+
+Every node of the cluster is replaced (its spec's ``count``; jobs run on the first): the
+interrupted ones are gone, and the others are terminated first, so a relaunched cluster is
+never billed twice nor left half in one zone and half in another.
 
 The replacement is launched in the order a person who trains on spot every day
 would try by hand: the same instance type in the *other* zones first (the
@@ -148,7 +152,7 @@ def relaunch(
     for candidate in candidates:
         request = LaunchRequest(
             cluster_name=cluster.name, launch_id=f"{token_id}-{candidate.instance_type}-{candidate.market}",
-            instance_type=candidate.instance_type, image=image, count=1, key_name=cluster.key_name,
+            instance_type=candidate.instance_type, image=image, count=max(1, spec.count), key_name=cluster.key_name,
             security_group_id=cluster.security_group_id, subnets=provisioner.launch_subnets(vpc_id, candidate.zones),
             disk_gb=spec.disk_gb, user_data=user_data, tags=tags, spot=candidate.market == "spot",
         )
