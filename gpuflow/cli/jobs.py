@@ -144,6 +144,9 @@ def run_command(
         return
     project = (project_dir or find_project_root()).resolve()
     name, module = _split_positionals(ctx, list(positionals or []), job_args, project, up=up)
+    recovery = _recovery_policy(project, recover, max_restarts, fallback_types, restart_on_exit_codes, max_dollars)
+    if recovery is not None and detach:
+        raise UsageError("--recover follows the run to restart it: it cannot --detach", hint="drop --detach")
     up_spec = None
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
@@ -154,9 +157,6 @@ def run_command(
     elif sandbox or instance_type or region or spot or spot_fallback or idle_minutes is not None or max_hours is not None:
         raise UsageError("--instance-type, --region, --spot, --spot-fallback, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
-    recovery = _recovery_policy(project, recover, max_restarts, fallback_types, restart_on_exit_codes, max_dollars)
-    if recovery is not None and detach:
-        raise UsageError("--recover follows the run to restart it: it cannot --detach", hint="drop --detach")
     with ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:
             outcome = jobs.run_on_cluster(
