@@ -83,3 +83,40 @@ def test_launch_order_other_zones_first_then_fallback_types_then_on_demand():
     ]
     assert [c.market for c in launch_order("g5.xlarge", [], zones, spot=True, spot_fallback=False, avoid_zone=None)] == ["spot"]
     assert [c.market for c in launch_order("g5.xlarge", [], zones, spot=False, spot_fallback=False, avoid_zone=None)] == ["on-demand"]
+
+
+def test_max_restarts_bounds_the_relaunches(tmp_path, recover_project, store, imds):
+    import pytest
+
+    from gpuflow.errors import JobInterrupted
+
+    count = [0]
+
+    def resolve(_name: str) -> RunTarget:
+        base = tmp_path / f"node-{count[0]}"
+
+        def push(project_dir):
+            LocalRunner(base).put_bytes((project_dir / "recoverjob.py").read_bytes(), f"{base}/project/recoverjob.py")
+
+        node = Node(f"i-{count[0]}", "running", availability_zone="us-east-1a", lifecycle="spot")
+        return RunTarget(cluster=replace(spot_cluster(), nodes=(node,)), connect=lambda: LocalRunner(base),
+                         sync_project=push)
+
+    def relauncher(_name: str, **_options):
+        count[0] += 1  # the notice stays: every node is interrupted at once
+        return type("Replacement", (), {"availability_zone": "us-east-1b", "instance_id": f"i-{count[0]}",
+                                        "instance_type": "g5.xlarge", "market": "spot"})()
+
+    imds.notice()
+    with pytest.raises(JobInterrupted) as interrupted:
+        run_with_recovery(
+            "spotbox", resolve=resolve, policy=RecoveryPolicy(max_restarts=1), project_dir=recover_project,
+            module=None, args=recover_job_args(400, 0.05), out=io.BytesIO(), env={"STORE": str(store)},
+            poll_interval=0.05, relauncher=relauncher,
+        )
+    assert "not restarted: --max-restarts 1 reached" in interrupted.value.message
+    assert count == [1]
+    record = load_record(interrupted.value.run_id)
+    assert [(a.instance_id, a.ended) for a in record.attempts] == [
+        ("i-0", AttemptEnd.INTERRUPTED), ("i-1", AttemptEnd.INTERRUPTED)]
+    assert len(trained(store)) < 400
