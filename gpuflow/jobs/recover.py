@@ -315,8 +315,14 @@ def run_with_recovery(
         record: RunRecord | None = None
         gone: str | None = None
         try:
+            remote_dir = f"{connection.runner.base_dir}/runs/{run_id}"
+            if not in_place and run_status(connection.runner, remote_dir)[remote_dir].get("exists"):
+                in_place = True  # the run's directory is on this node already (`resume RUN --on` its own cluster)
             if in_place:
-                record = load_record(run_id, home)
+                record = replace(
+                    load_record(run_id, home), cluster=target.cluster.name, base_dir=connection.runner.base_dir,
+                    remote_dir=remote_dir,
+                )
                 _moved, offset = _start_again(connection.runner, record)  # offset: the node's log so far
                 record = replace(
                     record, status=RunState.RUNNING, exit_code=None, ended_at=None, lost_reason=None,

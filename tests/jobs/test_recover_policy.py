@@ -96,3 +96,32 @@ def test_recovery_settings_in_gpuflow_toml(tmp_path):
     (tmp_path / "gpuflow.toml").write_text('max_dollars = "ten"\n')
     with pytest.raises(ConfigError, match="max_dollars must be of type float"):
         read_project_config(tmp_path)
+
+
+def test_the_next_attempt_on_a_node_that_has_the_run_directory_continues_it_in_place(spot_target, recover_project, store):
+    """`gpuflow resume RUN --on` the run's own (live) cluster: its run directory is there, so the
+    job starts again in it (attempts/<n>/ on the node), as `run --resume` would."""
+    said: list[str] = []
+    with pytest.raises(JobFailed) as failed:
+        run_with_recovery(
+            "spotbox", resolve=lambda _name: spot_target, policy=RecoveryPolicy(), project_dir=recover_project,
+            module=None, args=recover_job_args(5, 0), out=io.BytesIO(), env={"STORE": str(store), "FAIL_ONCE_AT": "1"},
+            say=said.append, poll_interval=0.05, relauncher=_no_relaunch,
+        )
+    record = load_record(failed.value.message.split()[1])
+    printed = io.BytesIO()
+    outcome = run_with_recovery(
+        "spotbox", resolve=lambda _name: spot_target, policy=RecoveryPolicy(max_restarts=0), project_dir=recover_project,
+        module=None, args=list(record.args), out=printed, env=record.job_env, say=said.append, poll_interval=0.05,
+        relauncher=_no_relaunch, previous=record,
+    )
+    assert outcome.exit_code == 0 and outcome.record.run_id == record.run_id
+    assert [(a.number, a.ended) for a in outcome.record.attempts] == [(1, AttemptEnd.FAILED), (2, AttemptEnd.SUCCEEDED)]
+    assert trained(store) == [0, 1, 2, 3, 4]
+    run_dir = spot_target.connect().base_dir + f"/runs/{record.run_id}"
+    log = open(run_dir + "/job.log").read()
+    assert log.count("started") == 1 and "failing once at step 1" in log and log.rstrip().endswith("finished")
+    assert printed.getvalue().decode() == log[log.index("resumed after step 1"):]
+    import os
+
+    assert os.path.isdir(run_dir + "/attempts/1")  # the failed attempt's files, moved aside on the node
