@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gpuflow.durable.ref import DurableRef
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import RunLost, RunNotFound
 from gpuflow.records import Cluster, check_shape
@@ -245,9 +246,12 @@ class RunRecord:
     interruption: str | None = None  # the spot interruption notice its job was stopped for, in words
     resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
     pulled: PulledCopy | None = None  # what the last pull left in local_dir (None: never pulled)
+    durable: DurableRef | None = None  # where its checkpoints, log and outputs are kept in S3 (None: nowhere)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
+        if isinstance(self.durable, dict):  # as stored
+            object.__setattr__(self, "durable", DurableRef.from_dict(self.durable))
         if isinstance(self.pulled, dict):  # as stored
             object.__setattr__(self, "pulled", PulledCopy.from_dict(self.pulled))
 
@@ -258,6 +262,7 @@ class RunRecord:
         data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
         data["resumes"] = [resume.to_dict() for resume in self.resumes]
         data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
+        data["durable"] = self.durable.to_dict() if self.durable is not None else None
         return data
 
     @classmethod

@@ -9,6 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from gpuflow import sync
+from gpuflow.clusters.owner import owner_id
+from gpuflow.durable import locate
+from gpuflow.durable.ref import DurableRef
 from gpuflow.errors import GpuflowError, InstanceGone, RemoteCommandFailed, UnreachableHost, UsageError
 from gpuflow.jobs import scripts
 from gpuflow.jobs.environment import build_job_argv, is_training_module, prepare_environment, ship_package
@@ -128,6 +131,7 @@ def start_run(
         local_dir=str(project_dir / "runs" / run_id),
         started_at=iso(utc_now()),
         module=module,
+        durable=_durable_ref(target, run_id),
     )
     script = scripts.render_supervisor(
         run_id=run_id,
@@ -138,6 +142,8 @@ def start_run(
         env=job_env,
         heartbeat_seconds=heartbeat_seconds,
         probe_python=python,
+        durable_url=record.durable.url if record.durable else "",
+        durable_region=record.durable.region if record.durable else "",
     )
     runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
     manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
@@ -161,6 +167,15 @@ def start_run(
         raise
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
+
+
+def _durable_ref(target: RunTarget, run_id: str) -> DurableRef | None:
+    """Where the run's checkpoints, log and outputs are kept in S3: the account stack's bucket
+    in the cluster's region (None without the stack: nothing is durable)."""
+    store = locate.store_for(target.cluster)
+    if store is None:
+        return None
+    return DurableRef.for_run(store, owner_id(), run_id, sandbox=target.cluster.sandbox, profile=target.cluster.profile)
 
 
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
