@@ -7,11 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gpuflow.durable import uploader
 from gpuflow.jobs.rundir import read_json
 from gpuflow.transport.base import CommandRunner
 
-DURABLE_FILE = uploader.DURABLE_FILE
+DURABLE_FILE = "durable.json"  # = gpuflow.durable.uploader.DURABLE_FILE (a test keeps them equal)
 
 
 class DurableState(enum.Enum):
