@@ -634,9 +634,11 @@ class Uploader:
 
     # ----------------------------------------------------------------- loops
 
-    def attempt_step(self, what: str, action) -> bool:
+    def attempt_step(self, what: str, action, deadline=None) -> bool:
         if time.monotonic() < self.next_try:
             return False
+        if deadline is not None:  # the supervisor waits for the final uploads: no request outlives the bound by much
+            self.s3.timeout = max(1.0, min(REQUEST_TIMEOUT_SECONDS, deadline - time.monotonic()))
         try:
             action()
         except (S3Error, OSError, ValueError) as exc:
@@ -678,7 +680,7 @@ class Uploader:
         steps.append(("log", "upload of the log", lambda: self.upload_log(force=True)))
         for kind, what, action in steps:
             self.next_try = 0.0  # each step gets at least one try, however the one before went
-            while not self.attempt_step(what, action):
+            while not self.attempt_step(what, action, deadline):
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(max(0.0, min(self.next_try, deadline) - time.monotonic()))
@@ -695,6 +697,8 @@ class Uploader:
                 self.status["outputs"] = {"failed": self.status["last_error"]}
                 _say(self.run_dir, "LOST: the outputs were not uploaded to %s (%s)" % (
                     self.where, self.status["last_error"]))
+        self.status["final_seconds"] = round(time.monotonic() - deadline + self.final_seconds, 3)
+        self.status["cpu_seconds"] = round(sum(os.times()[:2]), 3)  # this sidecar's own CPU time, whole run
         self.status["state"] = "failed" if self.status["lost"] or (self.status["outputs"] or {}).get("failed") \
             else "finished"
         self.save()

@@ -93,6 +93,7 @@ procs_py={{procs_source}}
 watch_py={{watch_source}}
 durable_url={{durable_url}}
 durable_region={{durable_region}}
+durable_endpoint={{durable_endpoint}}
 durable_py={{durable_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
@@ -127,6 +128,7 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   # Durable runs (gpuflow/durable/uploader.py): bring the newest committed checkpoint from S3
   # first when this node has none, then keep checkpoints, log and outputs in S3 while the job runs.
   durable_pid=""
+  if [ -n "$durable_endpoint" ]; then export GPUFLOW_S3_ENDPOINT="$durable_endpoint"; fi
   if [ -n "$durable_url" ]; then
     "$python" -I -S -c "$durable_py" restore "$run_dir" "$durable_url" "$durable_region" \
       </dev/null >/dev/null 2>>"$run_dir/durable.log"
@@ -236,10 +238,12 @@ def render_supervisor(
     probe_python: str = "python3",
     durable_url: str = "",
     durable_region: str = "",
+    durable_endpoint: str = "",
 ) -> str:
     """The supervisor script for one run; every value is shell-quoted here.  With
     ``durable_url`` (``s3://bucket/runs/<owner>/<run>/``) the durable sidecar restores
-    and uploads the run's checkpoints, log and outputs (:mod:`gpuflow.durable.uploader`)."""
+    and uploads the run's checkpoints, log and outputs (:mod:`gpuflow.durable.uploader`);
+    ``durable_endpoint`` replaces AWS's S3 endpoint (the sandbox's loopback one)."""
     if heartbeat_seconds <= 0:
         raise ValueError("heartbeat_seconds must be positive")
     return render_script(
@@ -256,6 +260,7 @@ def render_supervisor(
         watch_source=watcher_script(),
         durable_url=durable_url,
         durable_region=durable_region,
+        durable_endpoint=durable_endpoint,
         durable_source=durable_script() if durable_url else "",
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )

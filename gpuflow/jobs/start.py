@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpuflow import sync
 from gpuflow.clusters.owner import owner_id
-from gpuflow.durable import locate
+from gpuflow.durable import fallback as durable_fallback
+from gpuflow.durable import locate, uploader
 from gpuflow.durable.ref import DurableRef
 from gpuflow.errors import GpuflowError, InstanceGone, RemoteCommandFailed, UnreachableHost, UsageError
 from gpuflow.jobs import scripts
@@ -121,6 +123,8 @@ def start_run(
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
+    durable = _durable_for(target, run_id)
+    durable_endpoint = durable.endpoint if durable else ""
     record = RunRecord(
         run_id=run_id,
         cluster=target.cluster.name,
@@ -131,7 +135,7 @@ def start_run(
         local_dir=str(project_dir / "runs" / run_id),
         started_at=iso(utc_now()),
         module=module,
-        durable=_durable_ref(target, run_id),
+        durable=durable.ref if durable else None,
     )
     script = scripts.render_supervisor(
         run_id=run_id,
@@ -144,6 +148,7 @@ def start_run(
         probe_python=python,
         durable_url=record.durable.url if record.durable else "",
         durable_region=record.durable.region if record.durable else "",
+        durable_endpoint=durable_endpoint,
     )
     runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
     manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
@@ -169,13 +174,27 @@ def start_run(
     return record
 
 
-def _durable_ref(target: RunTarget, run_id: str) -> DurableRef | None:
+@dataclass(frozen=True)
+class _Durable:
+    ref: DurableRef
+    endpoint: str  # "" = AWS's own S3 endpoint of the region
+
+
+def _durable_for(target: RunTarget, run_id: str) -> _Durable | None:
     """Where the run's checkpoints, log and outputs are kept in S3: the account stack's bucket
-    in the cluster's region (None without the stack: nothing is durable)."""
+    in the cluster's region (None without the stack: nothing is durable).  A sandbox run's
+    sidecar uses the sandbox's loopback S3; where no other process can reach it (gpuflow's
+    in-process mock) the run is not durable rather than pointed anywhere else."""
     store = locate.store_for(target.cluster)
     if store is None:
         return None
-    return DurableRef.for_run(store, owner_id(), run_id, sandbox=target.cluster.sandbox, profile=target.cluster.profile)
+    ref = DurableRef.for_run(store, owner_id(), run_id, sandbox=target.cluster.sandbox, profile=target.cluster.profile)
+    endpoint = os.environ.get(uploader.S3_ENDPOINT_VARIABLE, "")
+    if target.cluster.sandbox and not endpoint:
+        endpoint = durable_fallback.sandbox_endpoint() or ""
+        if not endpoint:
+            return None
+    return _Durable(ref, endpoint)
 
 
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
