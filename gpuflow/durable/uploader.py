@@ -17,7 +17,8 @@ Standard library only, nothing imported from gpuflow at run time, Python 3.8+.
   variables' sha256 matching it), its files are uploaded under
   ``checkpoints/<seq>/`` and ``COMMIT.json`` is written last; the two newest
   committed checkpoints stay, older ones are deleted only after a newer commit.
-  The log goes up every ``$GPUFLOW_DURABLE_LOG_SECONDS`` (30).  When the
+  The log goes up every ``$GPUFLOW_DURABLE_LOG_SECONDS`` (30) — after a restore on
+  another node, appended to the earlier attempts' log, so ``log/job.log`` is the whole run's.  When the
   supervisor writes ``.durable-exit`` (the job's exit code) the last checkpoint,
   the outputs (``outputs/COMMIT.json`` last), the manifest and the log go up,
   retried until ``$GPUFLOW_DURABLE_FINAL_SECONDS`` (90) have passed.
@@ -510,6 +511,7 @@ class Uploader:
         self.log_signature = None
         self.checkpoint_signature = None
         self.exit_code = None  # the job's, once it ended (named in outputs/COMMIT.json)
+        self.prior_log = None  # what log/job.log held before this attempt, when it continues another node's run
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -609,9 +611,12 @@ class Uploader:
         signature = (info.st_size, info.st_mtime_ns)
         if signature == self.log_signature and not force:
             return
+        if self.prior_log is None:  # a run restored on this node: its log in S3 so far is the earlier attempts'
+            restored = (self.status.get("restored") or {}).get("restore") == "restored"
+            self.prior_log = (self.s3.get(self.prefix + LOG_KEY) or b"") if restored else b""
         with open(path, "rb") as handle:
             data = handle.read()
-        self.put(self.prefix + LOG_KEY, data)
+        self.put(self.prefix + LOG_KEY, self.prior_log + data)
         self.log_signature = signature
         self.status["log_uploaded_at"] = _utc_now_text()
 

@@ -114,6 +114,9 @@ def test_sigkill_between_checkpoints_loses_only_the_steps_since_the_last_commit(
     assert "resumed after step 10" in log
     status = _status(moved)
     assert status.restored is not None and status.restored.step == 10 and status.state is DurableState.FINISHED
+    # The log in S3 is the whole run's: the first node's attempt, then this one's.
+    whole = read(durable, _prefix(record.run_id) + "log/job.log").decode()
+    assert whole.endswith(log) and "step 13\n" in whole[: -len(log)]
 
 
 @pytest.fixture
