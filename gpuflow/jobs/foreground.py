@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -134,6 +135,8 @@ def follow_to_outcome(
     durable_problem = durable.problem() if durable is not None else None
     if durable_problem:  # loud: what was never made durable (the sagemaker#3062 failure mode)
         say(f"run {record.run_id}: {durable_problem}")
+        record = replace(record, durable_problem=durable_problem)
+        save_record(record, home)
     if status.state is RunState.INTERRUPTED:
         ended = str(status)
     else:

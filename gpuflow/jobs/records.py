@@ -247,6 +247,7 @@ class RunRecord:
     resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
     pulled: PulledCopy | None = None  # what the last pull left in local_dir (None: never pulled)
     durable: DurableRef | None = None  # where its checkpoints, log and outputs are kept in S3 (None: nowhere)
+    durable_problem: str | None = None  # what of it was never uploaded there, in one line (None: nothing)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))

@@ -148,6 +148,14 @@ def test_uploads_failing_every_time_end_with_one_line_naming_what_was_lost(
     status = _status(run_dir)
     assert status.state is DurableState.FAILED and status.lost is not None and status.lost.step == 7
     assert keys(durable) == []
+    problem = jobs.load_record(record.run_id).durable_problem
+    assert problem is not None and "the checkpoint at epoch 1 step 7 was never uploaded" in problem
+    from typer.testing import CliRunner
+
+    from gpuflow.cli import app
+
+    listed = CliRunner().invoke(app, ["runs"])
+    assert f"run {record.run_id}: the checkpoint at epoch 1 step 7 was never uploaded" in listed.output
 
 
 def test_logs_and_pull_read_s3_when_the_instance_is_gone(durable, durable_project, tmp_path, moto_s3, monkeypatch):
