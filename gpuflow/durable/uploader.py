@@ -71,6 +71,7 @@ LOG_SECONDS_VARIABLE = "GPUFLOW_DURABLE_LOG_SECONDS"
 FINAL_SECONDS_VARIABLE = "GPUFLOW_DURABLE_FINAL_SECONDS"
 DEFAULT_LOG_SECONDS = 30.0
 DEFAULT_FINAL_SECONDS = 90.0
+RESTORE_SECONDS = 300.0  # the most a restore may take before the job starts (gpuflow waits this much longer for it)
 CHECK_SECONDS = 0.5  # how often the checkpoint directory is looked at (a stat, nothing more)
 BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -448,8 +449,14 @@ def restore(run_dir: str, s3: S3, prefix: str) -> dict:
     seqs = committed_seqs(s3.list(prefix + CHECKPOINTS), prefix)
     if not seqs:
         return {"restore": "nothing", "reason": "no committed checkpoint under %s" % where}
+    deadline = time.monotonic() + RESTORE_SECONDS
     for seq in seqs:
         base = "%s%s%s/" % (prefix, CHECKPOINTS, seq_name(seq))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _say(run_dir, "no checkpoint of %s could be restored within %gs" % (where, RESTORE_SECONDS))
+            break
+        s3.timeout = max(1.0, min(REQUEST_TIMEOUT_SECONDS, remaining))
         try:
             commit = checked_commit(s3.get(base + COMMIT_NAME) or b"")
             files = {name: verified(name, s3.get(base + name), entry) for name, entry in commit["files"].items()}

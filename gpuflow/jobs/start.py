@@ -166,7 +166,7 @@ def start_run(
                 f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
                 hint="the instance needs bash, setsid (util-linux) and nohup",
             )
-        wait_for_start(runner, remote_dir)
+        wait_for_start(runner, remote_dir, timeout=30 + (uploader.RESTORE_SECONDS if durable else 0))
     except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
         save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
         raise
