@@ -190,3 +190,47 @@ def test_plain_http_only_to_loopback():
     with pytest.raises(ValueError, match="loopback"):
         uploader.S3("http://s3.example.com", REGION, BUCKET, Static())
     uploader.S3("https://s3.us-east-1.amazonaws.com", REGION, BUCKET, Static())
+
+
+def test_role_credentials_come_from_imdsv2_and_are_renewed_before_they_expire(monkeypatch):
+    import http.server
+
+    from tests.durable.durable_helpers import serving
+
+    served = []
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body: bytes, status: int = 200):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self):  # noqa: N802
+            self._answer(b"token")
+
+        def do_GET(self):  # noqa: N802
+            if self.headers.get("X-aws-ec2-metadata-token") != "token":
+                return self._answer(b"", 401)
+            if self.path.endswith("/security-credentials/"):
+                return self._answer(b"role")
+            served.append(self.path)
+            expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=len(served) * 60 - 58)
+            self._answer(json.dumps({"AccessKeyId": f"ASIA{len(served)}", "SecretAccessKey": "s", "Token": "t",
+                                     "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode())
+
+    with serving(Imds) as endpoint:
+        credentials = uploader.RoleCredentials(endpoint)
+        first = credentials.get()  # expires in 2 minutes: inside the 5-minute margin, renewed at once
+        second = credentials.get()
+        third = credentials.get()  # expires in an hour: kept
+    assert (first[0], second[0], third[0]) == ("ASIA1", "ASIA2", "ASIA2")
+    assert served == ["/latest/meta-data/iam/security-credentials/role"] * 2
+
+
+def test_no_role_is_a_clear_error():
+    with pytest.raises(uploader.S3Error, match="no instance role credentials"):
+        uploader.RoleCredentials("http://127.0.0.1:9").get()
