@@ -683,6 +683,8 @@ class Uploader:
         self.exit_code = int(exit_code) if exit_code.lstrip("-").isdigit() else None
         deadline = time.monotonic() + self.final_seconds
         self.look()
+        if exit_code == "0":  # a finished run needs no checkpoint to continue from: its outputs matter
+            self.pending = self.pending_key = self.status["pending"] = None
         steps = []
         if self.pending is not None:
             steps.append(("checkpoint", "upload of the checkpoint at %s" % _position(self.pending[0]),

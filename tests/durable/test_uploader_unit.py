@@ -234,3 +234,15 @@ def test_role_credentials_come_from_imdsv2_and_are_renewed_before_they_expire(mo
 def test_no_role_is_a_clear_error():
     with pytest.raises(uploader.S3Error, match="no instance role credentials"):
         uploader.RoleCredentials("http://127.0.0.1:9").get()
+
+
+def test_a_succeeded_job_loses_no_checkpoint_it_did_not_upload(tmp_path):
+    s3 = RecordingS3(fail_on="COMMIT.json")  # every commit marker is refused: outputs' too
+    up = _uploader(tmp_path, s3)
+    _checkpoint(tmp_path, 4)
+    up.look()
+    assert up.final("0") == 1
+    status = json.loads((tmp_path / "durable.json").read_text())
+    assert status["lost"] is None and "refused" in status["outputs"]["failed"]
+    log = (tmp_path / "job.log").read_text()
+    assert "LOST: the outputs were not uploaded" in log and "LOST: the checkpoint" not in log
