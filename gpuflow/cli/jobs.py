@@ -463,6 +463,9 @@ def runs_command(
     ]
     for line in table_lines(("RUN", "CLUSTER", "STATUS", "STARTED", "COMMAND"), rows):
         typer.echo(line)
+    for status in statuses:  # what a durable run never got into S3, one line each
+        if status.record.durable_problem:
+            typer.echo(f"run {status.record.run_id}: {status.record.durable_problem}")
 
 
 @app.command("stop")

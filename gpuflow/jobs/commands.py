@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
+from gpuflow.durable import fallback as durable_fallback
 from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath
 from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
@@ -167,7 +168,11 @@ def logs(
     try:
         target, runner = _connect(record.cluster, resolve)
     except _FilesUnreachable as gone:
-        _print_local_log(record, out)
+        record = _outcome_from_durable_copy(record, home)
+        if _print_durable_log(record, out, say) and record.finished:
+            return record.exit_code
+        if not record.durable:
+            _print_local_log(record, out)
         raise _missing(record, gone.reason, home, (LOG_NAME,)) from gone
     connection = Connection(target, runner, reconnect_timeout, say)
     printed = _CountingOutput(out)  # what the instance gave: the pulled log is printed only instead of it
@@ -185,7 +190,11 @@ def logs(
             raise lose(record, vanished.reason, home) from vanished
         except InstanceGone as exc:  # found terminated on its first command (not following)
             if not printed.count:
-                _print_local_log(record, out)
+                record = _outcome_from_durable_copy(record, home)
+                if _print_durable_log(record, out, say) and record.finished:
+                    return record.exit_code
+                if not record.durable:
+                    _print_local_log(record, out)
             raise _missing(record, _gone_reason(record.cluster, exc), home, (LOG_NAME,)) from exc
         if exit_code is None and record.finished:  # the instance no longer has its run directory
             if not printed.count:
@@ -235,7 +244,36 @@ def pull(
             connection.runner.close()
 
 
+def _outcome_from_durable_copy(record: RunRecord, home: Path | None) -> RunRecord:
+    """A run whose instance went before its outcome was seen here: the exit code its durable copy names."""
+    if record.durable is None or record.finished:
+        return record
+    exit_code = durable_fallback.read_exit_code(record.durable)
+    if exit_code is None:
+        return record
+    record = record.with_status(RunStatus.of_exit_code(exit_code), lost_reason=None)
+    save_record(record, home)
+    return record
+
+
+def _print_durable_log(record: RunRecord, out: BinaryIO, say: Say) -> bool:
+    """The run's log as last uploaded to its durable copy in S3 (the instance is gone); False without one."""
+    if record.durable is None:
+        return False
+    data = durable_fallback.read_log(record.durable)
+    if data is None:
+        return False
+    say(f"run {record.run_id}: its instance is gone; the log as last uploaded to {record.durable.url}")
+    out.write(data)
+    out.flush()
+    return True
+
+
 def _nothing_left_to_pull(record: RunRecord, reason: str, home: Path | None) -> tuple[RunRecord, PullReport]:
+    if record.durable is not None and not holds_everything(record):  # the instance is gone: its S3 copy
+        record = _outcome_from_durable_copy(record, home)
+        fetched, unchanged = durable_fallback.pull_outputs(record.durable, Path(record.local_dir))
+        return record, PullReport(local_dir=Path(record.local_dir), fetched=tuple(fetched), unchanged=tuple(unchanged))
     if not holds_everything(record):
         raise _missing(record, reason, home)
     assert record.pulled is not None  # holds_everything says so

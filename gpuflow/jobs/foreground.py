@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from gpuflow.durable.status import read_status as read_durable_status
 from gpuflow.errors import GpuflowError, JobFailed, JobInterrupted
 from gpuflow.jobs.connection import Connection
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
@@ -129,6 +131,12 @@ def follow_to_outcome(
         status, lost_reason=None, interruption=read_interruption(connection.runner, record.remote_dir)
     )
     save_record(record, home)
+    durable = read_durable_status(connection.runner, record.remote_dir) if record.durable else None
+    durable_problem = durable.problem() if durable is not None else None
+    if durable_problem:  # loud: what was never made durable (the sagemaker#3062 failure mode)
+        say(f"run {record.run_id}: {durable_problem}")
+        record = replace(record, durable_problem=durable_problem)
+        save_record(record, home)
     if status.state is RunState.INTERRUPTED:
         ended = str(status)
     else:
@@ -151,7 +159,7 @@ def follow_to_outcome(
         ) from pull_error
     outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
     if status.state is RunState.INTERRUPTED:
-        raise interrupted_error(record)
+        raise interrupted_error(record, f"; {durable_problem}" if durable_problem else "")
     if exit_code != 0:
         raise JobFailed(
             f"run {record.run_id} {ended}",

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gpuflow.durable.ref import DurableRef
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import RunLost, RunNotFound
 from gpuflow.records import Cluster, check_shape
@@ -251,9 +252,13 @@ class RunRecord:
     args: tuple[str, ...] | None = None
     job_env: dict[str, str] | None = None
     data_dir: str | None = None
+    durable: DurableRef | None = None  # where its checkpoints, log and outputs are kept in S3 (None: nowhere)
+    durable_problem: str | None = None  # what of it was never uploaded there, in one line (None: nothing)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
+        if isinstance(self.durable, dict):  # as stored
+            object.__setattr__(self, "durable", DurableRef.from_dict(self.durable))
         if isinstance(self.pulled, dict):  # as stored
             object.__setattr__(self, "pulled", PulledCopy.from_dict(self.pulled))
 
@@ -266,6 +271,7 @@ class RunRecord:
         data["attempts"] = [attempt.to_dict() for attempt in self.attempts]
         data["args"] = list(self.args) if self.args is not None else None
         data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
+        data["durable"] = self.durable.to_dict() if self.durable is not None else None
         return data
 
     @classmethod

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpuflow import procs
+from gpuflow.durable import uploader
 from gpuflow.jobs import imds_watch
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
@@ -90,6 +91,10 @@ heartbeat_seconds={{heartbeat_seconds}}
 python={{probe_python}}
 procs_py={{procs_source}}
 watch_py={{watch_source}}
+durable_url={{durable_url}}
+durable_region={{durable_region}}
+durable_endpoint={{durable_endpoint}}
+durable_py={{durable_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
 
@@ -120,6 +125,14 @@ touch "$base_dir/heartbeat"
 heartbeat_pid=$!
 
 if cd "$work_dir" 2>>"$run_dir/job.log"; then
+  # Durable runs (gpuflow/durable/uploader.py): bring the newest committed checkpoint from S3
+  # first when this node has none, then keep checkpoints, log and outputs in S3 while the job runs.
+  durable_pid=""
+  if [ -n "$durable_endpoint" ]; then export GPUFLOW_S3_ENDPOINT="$durable_endpoint"; fi
+  if [ -n "$durable_url" ]; then
+    "$python" -I -S -c "$durable_py" restore "$run_dir" "$durable_url" "$durable_region" \
+      </dev/null >/dev/null 2>>"$run_dir/durable.log"
+  fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
   # records its identity (job.proc), then its pid (job.pid), then execs the command.
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
@@ -129,6 +142,11 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   # it turns itself off where no instance metadata service answers, and never feeds the heartbeat.
   "$python" -I -S -c "$watch_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
   watcher_pid=$!
+  if [ -n "$durable_url" ]; then
+    "$python" -I -S -c "$durable_py" watch "$run_dir" "$durable_url" "$durable_region" \
+      </dev/null >/dev/null 2>>"$run_dir/durable.log" &
+    durable_pid=$!
+  fi
   # The manifest's environment facts, gathered here so no extra round trip is needed.
   ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
       && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
@@ -138,6 +156,11 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   kill "$watcher_pid" 2>/dev/null
   wait "$watcher_pid" 2>/dev/null
   wait "$probe_pid"  # the manifest is complete by the time exit_code appears
+  if [ -n "$durable_pid" ]; then
+    # the last checkpoint, the outputs and the log go up (bounded by the uploader) before exit_code appears
+    write_atomically "$run_dir/.durable-exit" "$code"
+    wait "$durable_pid"
+  fi
 else
   code=127
 fi
@@ -191,6 +214,18 @@ def watcher_script() -> str:
     return f"{procs_source}\n\n{watch_source}\n\nsys.exit(watch_main(sys.argv[1:], signal_run_group))\n"
 
 
+def durable_script() -> str:
+    """The durable sidecar as a ``python -c`` script (``python -c SCRIPT MODE RUN_DIR URL REGION``):
+    :mod:`gpuflow.jobs.imds_watch`' source (its instance-metadata client), then
+    :mod:`gpuflow.durable.uploader`'s (its ``from __future__`` line dropped)."""
+    watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
+    upload_source = Path(uploader.__file__).read_text(encoding="utf-8")
+    upload_source = "\n".join(
+        line for line in upload_source.splitlines() if line.strip() != "from __future__ import annotations"
+    )
+    return f"{watch_source}\n\n{upload_source}\n\nsys.exit(durable_main(sys.argv[1:]))\n"
+
+
 def render_supervisor(
     *,
     run_id: str,
@@ -201,8 +236,14 @@ def render_supervisor(
     env: Mapping[str, str],
     heartbeat_seconds: float = 30,
     probe_python: str = "python3",
+    durable_url: str = "",
+    durable_region: str = "",
+    durable_endpoint: str = "",
 ) -> str:
-    """The supervisor script for one run; every value is shell-quoted here."""
+    """The supervisor script for one run; every value is shell-quoted here.  With
+    ``durable_url`` (``s3://bucket/runs/<owner>/<run>/``) the durable sidecar restores
+    and uploads the run's checkpoints, log and outputs (:mod:`gpuflow.durable.uploader`);
+    ``durable_endpoint`` replaces AWS's S3 endpoint (the sandbox's loopback one)."""
     if heartbeat_seconds <= 0:
         raise ValueError("heartbeat_seconds must be positive")
     return render_script(
@@ -217,6 +258,10 @@ def render_supervisor(
         probe_source=ENVIRONMENT_PROBE_PY,
         procs_source=procs_script(),
         watch_source=watcher_script(),
+        durable_url=durable_url,
+        durable_region=durable_region,
+        durable_endpoint=durable_endpoint,
+        durable_source=durable_script() if durable_url else "",
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )
 
@@ -280,6 +325,7 @@ setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&-
 ATTEMPT_FILES = (
     "exit_code", "job.pid", "job.proc", "supervisor.pid", "supervisor.proc", "interruption.json",
     "rebalance.json", "watcher.json", "watcher.log", "environment.json", ".supervisor",
+    "durable.json", "durable.log", ".durable-exit",
 )
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpuflow import sync
+from gpuflow.clusters.owner import owner_id
+from gpuflow.durable import fallback as durable_fallback
+from gpuflow.durable import locate, uploader
+from gpuflow.durable.ref import DurableRef
 from gpuflow.errors import GpuflowError, InstanceGone, RemoteCommandFailed, UnreachableHost, UsageError
 from gpuflow.jobs import scripts
 from gpuflow.jobs.environment import build_job_argv, is_training_module, prepare_environment, ship_package
@@ -118,6 +123,8 @@ def start_run(
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
+    durable = _durable_for(target, run_id)
+    durable_endpoint = durable.endpoint if durable else ""
     record = RunRecord(
         run_id=run_id,
         cluster=target.cluster.name,
@@ -131,6 +138,7 @@ def start_run(
         args=tuple(str(arg) for arg in args),
         job_env=dict(extra_env) or None,
         data_dir=str(data_dir) if data_dir is not None else None,
+        durable=durable.ref if durable else None,
     )
     script = scripts.render_supervisor(
         run_id=run_id,
@@ -141,6 +149,9 @@ def start_run(
         env=job_env,
         heartbeat_seconds=heartbeat_seconds,
         probe_python=python,
+        durable_url=record.durable.url if record.durable else "",
+        durable_region=record.durable.region if record.durable else "",
+        durable_endpoint=durable_endpoint,
     )
     runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
     manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
@@ -158,12 +169,35 @@ def start_run(
                 f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
                 hint="the instance needs bash, setsid (util-linux) and nohup",
             )
-        wait_for_start(runner, remote_dir)
+        wait_for_start(runner, remote_dir, timeout=30 + (uploader.RESTORE_SECONDS if durable else 0))
     except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
         save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
         raise
     say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
     return record
+
+
+@dataclass(frozen=True)
+class _Durable:
+    ref: DurableRef
+    endpoint: str  # "" = AWS's own S3 endpoint of the region
+
+
+def _durable_for(target: RunTarget, run_id: str) -> _Durable | None:
+    """Where the run's checkpoints, log and outputs are kept in S3: the account stack's bucket
+    in the cluster's region (None without the stack: nothing is durable).  A sandbox run's
+    sidecar uses the sandbox's loopback S3; where no other process can reach it (gpuflow's
+    in-process mock) the run is not durable rather than pointed anywhere else."""
+    store = locate.store_for(target.cluster)
+    if store is None:
+        return None
+    ref = DurableRef.for_run(store, owner_id(), run_id, sandbox=target.cluster.sandbox, profile=target.cluster.profile)
+    endpoint = os.environ.get(uploader.S3_ENDPOINT_VARIABLE, "")
+    if target.cluster.sandbox and not endpoint:
+        endpoint = durable_fallback.sandbox_endpoint() or ""
+        if not endpoint:
+            return None
+    return _Durable(ref, endpoint)
 
 
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
