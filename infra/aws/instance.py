@@ -123,6 +123,8 @@ class Instances:
             "TagSpecifications": tag_specifications,
             "ClientToken": client_token(request.cluster_name, request.launch_id, attempt),
         }
+        if request.instance_profile_arn:
+            params["IamInstanceProfile"] = {"Arn": request.instance_profile_arn}
         if market == "spot":
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
