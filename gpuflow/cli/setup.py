@@ -44,7 +44,7 @@ def setup(
     sandbox: Optional[bool] = typer.Option(None, "--sandbox/--no-sandbox", help="The sandbox cloud, or AWS (default: the project config's `sandbox`, else AWS)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Deploy or update the account stack for durable runs (one per region).
+    """Set up durable runs: the S3 bucket and instance role.
 
     It holds an S3 bucket for runs' checkpoints, logs and outputs (encrypted, never
     public, TLS only, expiring after --retention-days) and the role `gpuflow up`
