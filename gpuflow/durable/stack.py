@@ -137,8 +137,12 @@ def setup(
     provisioner = _open(provisioner_factory, region, profile, sandbox)
     say(f"planning the account stack {STACK_NAME} in {region}")
     plan = provisioner.plan_account_stack(retention_days, STACK_NAME)
-    if show_plan is not None:
-        show_plan(plan)
+    try:
+        if show_plan is not None:
+            show_plan(plan)
+    except BaseException:  # e.g. Ctrl-C while the plan is shown: the change set is not left behind
+        provisioner.discard_account_stack_plan(plan)
+        raise
     base = dict(region=region, stack_name=STACK_NAME, kind=plan.kind, changes=plan.changes,
                 retention_days=retention_days, sandbox=sandbox)
     if dry_run:
@@ -174,6 +178,9 @@ def delete(
     base = dict(region=region, stack_name=STACK_NAME, sandbox=sandbox)
     if view is None:
         return SetupResult(outcome=SetupOutcome.ABSENT, **base)
+    if view.status.endswith("_IN_PROGRESS") and view.status != "REVIEW_IN_PROGRESS":
+        raise CloudError(f"the account stack {STACK_NAME} in {region} is busy ({view.status})",
+                         hint="wait for that operation to end, then delete again")
     deleted = 0
     bucket = view.bucket
     if bucket is not None:
@@ -186,9 +193,6 @@ def delete(
             )
         say(f"emptying s3://{bucket}")
         deleted = provisioner.empty_bucket(bucket)
-    elif view.status not in ("ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS", "DELETE_FAILED", "CREATE_FAILED"):
-        raise CloudError(f"the account stack {STACK_NAME} in {region} is busy ({view.status})",
-                         hint="wait for that operation to end, then delete again")
     say(f"deleting the account stack {STACK_NAME} in {region}")
     provisioner.delete_account_stack(STACK_NAME)
     return SetupResult(outcome=SetupOutcome.DELETED, objects_deleted=deleted, **base)
@@ -205,7 +209,7 @@ def probe_store(provisioner: Provisioner, warning: Report) -> DurableStore | Non
     when the stack cannot be read (an IAM policy without cloudformation:DescribeStacks)."""
     try:
         return store_in(provisioner)
-    except CredentialsError as exc:
+    except CredentialsError as exc:  # any other failure stops `up` before it creates anything
         warning(f"could not read the account stack ({exc}); launching without the durable runs' role")
         return None
 

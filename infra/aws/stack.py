@@ -84,6 +84,13 @@ class AccountStacks:
             retention_days=int(retention) if retention and retention.isdigit() else None,
         )
         if not view.usable:
+            # A failed delete or update still has its bucket (``setup --delete`` empties it, then retries).
+            if status in ("DELETE_FAILED", "UPDATE_ROLLBACK_FAILED"):
+                resources = self.api.call("cloudformation", "describe_stack_resources", StackName=stack_name)
+                for item in resources["StackResources"]:
+                    if item.get("LogicalResourceId") == BUCKET_RESOURCE and item.get("PhysicalResourceId") \
+                            and item.get("ResourceStatus") != "DELETE_COMPLETE":
+                        return replace(view, bucket=item["PhysicalResourceId"])
             return view
         outputs = {item["OutputKey"]: item["OutputValue"] for item in stack.get("Outputs", [])}
         if not all(outputs.get(key) for key in (OUTPUT_BUCKET, OUTPUT_ROLE, OUTPUT_PROFILE_NAME, OUTPUT_PROFILE_ARN)):
@@ -254,13 +261,24 @@ class AccountStacks:
     # ------------------------------------------------------------------ delete
     def run_objects_count(self, bucket: str, limit: int = 1000) -> int:
         """How many objects lie under ``runs/`` of ``bucket`` (counting stops at ``limit``)."""
-        page = self.api.call("s3", "list_objects_v2", Bucket=bucket, Prefix=_RUNS_PREFIX, MaxKeys=limit)
+        try:
+            page = self.api.call("s3", "list_objects_v2", Bucket=bucket, Prefix=_RUNS_PREFIX, MaxKeys=limit)
+        except GpuflowError as exc:
+            if error_code(exc) == "NoSuchBucket":  # deleted already (a failed stack deletion got that far)
+                return 0
+            raise
         return int(page.get("KeyCount", len(page.get("Contents", []))))
 
     def empty_bucket(self, bucket: str) -> int:
         """Delete every object of ``bucket`` (and every unfinished upload); return how many objects."""
         deleted = 0
-        for upload in self.api.paginate("s3", "list_multipart_uploads", "Uploads", Bucket=bucket):
+        try:
+            uploads = self.api.paginate("s3", "list_multipart_uploads", "Uploads", Bucket=bucket)
+        except GpuflowError as exc:
+            if error_code(exc) == "NoSuchBucket":  # deleted already (a failed stack deletion got that far)
+                return 0
+            raise
+        for upload in uploads:
             self.api.call("s3", "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
         while True:
             page = self.api.call("s3", "list_objects_v2", Bucket=bucket, MaxKeys=1000)

@@ -175,3 +175,25 @@ def test_up_attaches_the_instance_profile_when_the_stack_exists(cloud, provision
     stack.delete(REGION, force=True, provisioner_factory=provisioners)
     assert ("cloudformation", "DeleteStack") in set(api_calls.gpuflow_calls)
     assert ("s3", "ListObjectsV2") in set(api_calls.gpuflow_calls)
+
+
+def test_ctrl_c_while_the_plan_is_shown_leaves_no_stack_or_change_set(cloud, provisioners, api_calls, gpuflow_home):
+    def interrupt(plan):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stack.setup(REGION, provisioner_factory=provisioners, show_plan=interrupt)
+    assert _stacks() == [] and api_calls.count("ExecuteChangeSet") == 0
+
+
+def test_up_without_the_right_to_read_stacks_warns_once_and_launches_without_a_role(
+        cloud, provisioners, api_calls, gpuflow_home):
+    api_calls.fail("DescribeStacks", code="AccessDenied")
+    warnings: list[str] = []
+    cluster = clusters.up(make_spec("norights"), provisioner_factory=provisioners, warn=warnings.append)
+    assert cluster.instance_profile_arn is None
+    assert len([line for line in warnings if line.startswith("could not read the account stack")]) == 1
+    [run] = [p for p, name in zip(api_calls.params, api_calls.calls) if name == "RunInstances"]
+    assert "IamInstanceProfile" not in run
+    clusters.down("norights", provisioner_factory=provisioners)
+    assert leftovers(cloud, gpuflow_home) == {}
