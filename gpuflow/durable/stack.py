@@ -75,6 +75,9 @@ class SetupResult:
 
 
 def _open(factory: ProvisionerFactory | None, region: str, profile: str | None, sandbox: bool) -> Provisioner:
+    from infra.aws.provisioner import Ec2Provisioner  # boto3: only when the stack is asked about
+
+    Ec2Provisioner.validate_region(region)
     if factory is not None:
         return factory(region, profile=profile, sandbox=sandbox)
     return open_provisioner(region, profile=profile, sandbox=sandbox)

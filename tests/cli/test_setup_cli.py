@@ -55,6 +55,8 @@ def test_dry_run_prints_the_template_and_the_plan_and_deploys_nothing(sandbox, c
     (["setup", "--force"], "--force goes with --delete"),
     (["setup", "--delete", "--dry-run"], "--dry-run shows a deployment"),
     (["setup", "--retention-days", "0"], "--retention-days 0 is out of range"),
+    (["setup", "--region", "mars-north-1"], "unknown AWS region 'mars-north-1'"),
+    (["setup", "--delete", "--region", "mars-north-1"], "unknown AWS region 'mars-north-1'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(project, gpuflow_home, capsys, argv, message):
     assert cli(argv + ["--sandbox"]) == 2
