@@ -197,3 +197,26 @@ def test_up_without_the_right_to_read_stacks_warns_once_and_launches_without_a_r
     assert "IamInstanceProfile" not in run
     clusters.down("norights", provisioner_factory=provisioners)
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_up_right_after_setup_waits_for_the_new_profile_to_be_visible(cloud, provisioners, api_calls, gpuflow_home):
+    """IAM is eventually consistent: EC2 may refuse a just-made instance profile for some seconds."""
+    import botocore.exceptions
+
+    store = stack.setup(REGION, provisioner_factory=provisioners).store
+    not_yet = botocore.exceptions.ClientError({"Error": {"Code": "InvalidParameterValue", "Message": (
+        f"Value ({store.instance_profile_arn}) for parameter iamInstanceProfile.arn is invalid. "
+        "Invalid IAM Instance Profile ARN")}}, "RunInstances")
+    api_calls.fail("RunInstances", times=2, exception=not_yet)
+    cluster = clusters.up(make_spec("fresh"), provisioner_factory=provisioners)
+    assert cluster.instance_profile_arn == store.instance_profile_arn and api_calls.count("RunInstances") == 3
+    assert provisioners.sleeps[-2:] == [2.0, 4.0]
+    tokens = [p["ClientToken"] for p, name in zip(api_calls.params, api_calls.calls) if name == "RunInstances"]
+    assert len(set(tokens)) == 3  # each retry is its own request
+    clusters.down("fresh", provisioner_factory=provisioners)
+
+    api_calls.faults.clear()
+    api_calls.fail("RunInstances", exception=not_yet)  # never visible: a bounded wait, then the one-line error
+    with pytest.raises(CloudError, match="Invalid IAM Instance Profile"):
+        clusters.up(make_spec("never"), provisioner_factory=provisioners)
+    assert leftovers(cloud, gpuflow_home) == {}
