@@ -151,6 +151,8 @@ class Cluster:
     profile: str | None = None
     ami_name: str | None = None  # the image's name (which DLAMI, which TensorFlow)
     ami_parameter: str | None = None  # the public SSM parameter the AMI was resolved from, if any
+    instance_profile_arn: str | None = None  # the account stack's role the instances hold (durable runs), if any
+    durable_bucket: str | None = None  # the account stack's bucket in the cluster's region, if any
 
     @property
     def head(self) -> Node:

@@ -152,6 +152,7 @@ class LaunchRequest:
     tags: dict[str, str]
     spot: bool = False
     spot_fallback: bool = False
+    instance_profile_arn: str | None = None  # the account stack's profile (durable runs), else no role at all
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from gpuflow.clusters.spec import validate_spec
 from gpuflow.clusters.reconcile import _price_per_instance
 from gpuflow.clusters.where import _place, _provisioner, command_hint
 from gpuflow.config import gpuflow_home
+from gpuflow.durable.stack import durable_hint, probe_store
 from gpuflow.errors import CloudError, GpuflowError, UsageError
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster, ClusterSpec, Node
@@ -97,6 +98,9 @@ def up(
         )
     if spec.key_name and not provisioner.key_pair_exists(spec.key_name):
         raise UsageError(f"key pair {spec.key_name!r} does not exist in {spec.region}", hint="check --key-name")
+    durable = probe_store(provisioner, warning)  # the account stack's role, when `gpuflow setup` made one here
+    if durable is None and spec.spot:
+        warning(durable_hint(spec.sandbox))
     ssh_cidr = _ssh_cidr(spec, detect_caller_ip, report)
     if ipaddress.ip_network(ssh_cidr).prefixlen == 0:
         warning(f"SSH to cluster {spec.name!r} is open to the whole internet ({ssh_cidr}); anyone may try to log in")
@@ -130,6 +134,8 @@ def up(
         spec=spec,
         sandbox=spec.sandbox,
         profile=spec.profile,
+        instance_profile_arn=durable.instance_profile_arn if durable else None,
+        durable_bucket=durable.bucket if durable else None,
     )
     existing = _claim_name(store, provisioner, cluster, launch_id, report, provisioner_factory, warning)
     if existing is not None:
@@ -178,6 +184,7 @@ def up(
             tags=tags,
             spot=spec.spot,
             spot_fallback=spec.spot_fallback,
+            instance_profile_arn=cluster.instance_profile_arn,
         )
         result = provisioner.launch(request, on_attempt=report)
         created.instance_ids = list(result.instance_ids)

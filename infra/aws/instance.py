@@ -17,6 +17,9 @@ from infra.errors import CapacityError, CloudError
 from infra.records import InstanceView, LaunchRequest, LaunchResult
 from infra.tags import TAG_CLUSTER, TAG_LAUNCH, TAG_MANAGED, tag_list
 
+# How many times a launch waits for a just-made instance profile to become visible to EC2 (~40 s in all).
+PROFILE_PROPAGATION_WAITS = 5
+
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 GONE_STATES = ("shutting-down", "terminated")
 
@@ -44,7 +47,7 @@ def _decoded_console(response: dict[str, Any]) -> str:
         return output  # some endpoints (moto) return it already decoded
 
 
-def client_token(cluster_name: str, launch_id: str, attempt: int) -> str:
+def client_token(cluster_name: str, launch_id: str, attempt: int | str) -> str:
     """RunInstances idempotency token: the same cluster, `up` and attempt give
     the same token, so a retried call (lost response, botocore retry) cannot
     launch twice; another zone or market is another attempt (another token,
@@ -79,7 +82,7 @@ class Instances:
                 if on_attempt:
                     on_attempt(f"launching {request.count} x {request.instance_type} ({market}) in {zone}")
                 try:
-                    response = self.api.call("ec2", "run_instances", **self._run_params(request, subnet_id, market, attempt))
+                    response = self._run_instances(request, subnet_id, market, attempt)
                 except AwsCapacityError as exc:
                     failures.append(f"{zone}/{market}: {exc.code}")
                     attempt += 1
@@ -92,7 +95,23 @@ class Instances:
             + ("" if not request.spot or request.spot_fallback else ", or --spot-fallback"),
         )
 
-    def _run_params(self, request: LaunchRequest, subnet_id: str, market: str, attempt: int) -> dict[str, Any]:
+    def _run_instances(self, request: LaunchRequest, subnet_id: str, market: str, attempt: int) -> dict[str, Any]:
+        """One RunInstances.  A just-made instance profile (``gpuflow setup`` a moment ago)
+        takes EC2 some seconds to see (IAM is eventually consistent): that refusal is
+        waited out a bounded number of times (each retry with its own client token)."""
+        waits = 0
+        while True:
+            token_attempt = attempt if waits == 0 else f"{attempt}-profile-{waits}"
+            try:
+                return self.api.call("ec2", "run_instances", **self._run_params(request, subnet_id, market, token_attempt))
+            except AwsCallError as exc:
+                if not (request.instance_profile_arn and waits < PROFILE_PROPAGATION_WAITS
+                        and exc.code == "InvalidParameterValue" and "instance profile" in str(exc).lower()):
+                    raise
+                self.api.sleep(min(2.0 * 2**waits, 10.0))
+                waits += 1
+
+    def _run_params(self, request: LaunchRequest, subnet_id: str, market: str, attempt: int | str) -> dict[str, Any]:
         resource_tags = tag_list(request.tags)
         tag_specifications = [
             {"ResourceType": "instance", "Tags": resource_tags + [{"Key": "Name", "Value": f"gpuflow-{request.cluster_name}"}]},
@@ -123,6 +142,8 @@ class Instances:
             "TagSpecifications": tag_specifications,
             "ClientToken": client_token(request.cluster_name, request.launch_id, attempt),
         }
+        if request.instance_profile_arn:
+            params["IamInstanceProfile"] = {"Arn": request.instance_profile_arn}
         if market == "spot":
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",

@@ -7,7 +7,7 @@ call goes through :class:`~infra.aws.client.AwsApi` (retries, one-line errors).
 Its parts, like SkyPilot's ``sky/provision/aws``: :mod:`infra.aws.config`
 (key pairs, security groups, subnets, the spot role), :mod:`infra.aws.image`
 (AMI and instance type), :mod:`infra.aws.instance` (launch, describe, wait,
-terminate, console, prices); what ``reap`` lists spans them all, so it is here.
+terminate, console, prices), :mod:`infra.aws.stack` (the account stack of durable runs); what ``reap`` lists spans them all, so it is here.
 
 Everything gpuflow creates carries the tags of :mod:`infra.tags`: AWS tags are
 the source of truth, so ``down`` and ``reap`` can find what a crashed or
@@ -22,11 +22,12 @@ from infra.aws.client import AwsApi
 from infra.aws.config import AccountSetup
 from infra.aws.image import Images
 from infra.aws.instance import Instances
+from infra.aws.stack import AccountStacks
 from infra.records import ManagedResource, managed_resource
 from infra.tags import TAG_MANAGED, tag_dict
 
 
-class Ec2Provisioner(AccountSetup, Images, Instances):
+class Ec2Provisioner(AccountSetup, Images, Instances, AccountStacks):
     """EC2 operations for one region.  ``sleep``, ``poll_seconds`` and
     ``timeout_seconds`` are injectable so tests never wait."""
 

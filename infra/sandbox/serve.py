@@ -53,10 +53,11 @@ class _SeedingMiddleware:
 
 def held_resources() -> dict[str, list[str]]:
     """What the moto backends of this process hold, in every account and region:
-    instances not terminated, key pairs, security groups other than a VPC's default."""
+    instances not terminated, key pairs, security groups other than a VPC's default,
+    and CloudFormation stacks (the account stack of ``gpuflow setup --sandbox``)."""
     from moto.backends import get_backend
 
-    held: dict[str, list[str]] = {"instances": [], "key_pairs": [], "security_groups": []}
+    held: dict[str, list[str]] = {"instances": [], "key_pairs": [], "security_groups": [], "stacks": []}
     for _account, regions in list(get_backend("ec2").items()):
         for region, backend in list(regions.items()):
             held["instances"] += [
@@ -66,6 +67,10 @@ def held_resources() -> dict[str, list[str]]:
             held["security_groups"] += [
                 f"{region}/{group.id}" for group in backend.describe_security_groups() if group.name != "default"
             ]
+    for _account, regions in list(get_backend("cloudformation").items()):
+        for region, backend in list(regions.items()):
+            held["stacks"] += [f"{region}/{stack.name}" for stack in list(backend.stacks.values())
+                               if stack.status != "DELETE_COMPLETE"]
     return held
 
 

@@ -24,6 +24,7 @@ UP_CALLS = [
     "DescribeInstanceTypeOfferings",
     "GetParametersByPath",
     "DescribeImages",
+    "DescribeStacks",  # the account stack of durable runs (its instance profile), if `gpuflow setup` made one
     "DescribeInstances",  # is a cluster of that name running already?
     "CreateKeyPair",
     "DescribeVpcs",

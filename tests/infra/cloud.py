@@ -41,8 +41,16 @@ def policy_allow_patterns() -> list[str]:
     return patterns
 
 
+# API operations whose IAM action has another name (S3's): operation -> action.
+IAM_ACTION_OF_OPERATION = {
+    ("s3", "ListObjectsV2"): "s3:ListBucket",
+    ("s3", "DeleteObjects"): "s3:DeleteObject",
+    ("s3", "ListMultipartUploads"): "s3:ListBucketMultipartUploads",
+}
+
+
 def policy_allows(service: str, operation: str) -> bool:
-    action = f"{service}:{operation}".lower()
+    action = IAM_ACTION_OF_OPERATION.get((service, operation), f"{service}:{operation}").lower()
     return any(fnmatch.fnmatchcase(action, pattern.lower()) for pattern in policy_allow_patterns())
 
 

@@ -20,11 +20,33 @@ allowed = policy_allows
 def test_policy_is_narrow():
     patterns = policy_allow_patterns()
     assert "*" not in patterns and "ec2:*" not in patterns
-    # IAM: only reading whether the spot service-linked role exists; no PassRole: no credentials on instances.
-    assert [pattern for pattern in patterns if pattern.lower().startswith("iam:")] == ["iam:GetRole"]
-    [statement] = [item for item in json.loads(POLICY_PATH.read_text())["Statement"] if "iam:GetRole" in item["Action"]]
-    assert statement["Resource"] == "arn:aws:iam::*:role/aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot"
-    assert not allowed("iam", "PassRole") and not allowed("iam", "CreateServiceLinkedRole")
+    # IAM: reading whether the spot service-linked role exists, and the account stack's one role and
+    # profile (CloudFormation makes them with the caller's rights; PassRole only to EC2): nothing else.
+    statements = json.loads(POLICY_PATH.read_text())["Statement"]
+    iam_resources = {}
+    for item in statements:
+        for action in item["Action"]:
+            if action.lower().startswith("iam:"):
+                resources = item["Resource"] if isinstance(item["Resource"], list) else [item["Resource"]]
+                iam_resources.setdefault(action, []).extend(resources)
+    stack_role = ["arn:aws:iam::*:role/gpuflow-instance-*", "arn:aws:iam::*:instance-profile/gpuflow-instance-*"]
+    assert iam_resources.pop("iam:GetRole") == [
+        "arn:aws:iam::*:role/aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot", *stack_role]
+    assert iam_resources.pop("iam:PassRole") == ["arn:aws:iam::*:role/gpuflow-instance-*"]
+    assert all(resources == stack_role for resources in iam_resources.values()), iam_resources
+    [passing] = [item for item in statements if "iam:PassRole" in item["Action"]]
+    assert passing["Action"] == ["iam:PassRole"]
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    assert not allowed("iam", "CreateServiceLinkedRole") and not allowed("iam", "CreateUser")
+    assert not allowed("iam", "AttachRolePolicy") and not allowed("iam", "CreateAccessKey")
+    # CloudFormation and S3: only the account stack's name and its buckets.
+    for item in statements:
+        services = {action.split(":")[0] for action in item["Action"]}
+        if "cloudformation" in services:
+            assert services == {"cloudformation"} and item["Resource"] == "arn:aws:cloudformation:*:*:stack/gpuflow-account/*"
+        if "s3" in services:
+            assert services == {"s3"} and item["Resource"] in ("arn:aws:s3:::gpuflow-runs-*", "arn:aws:s3:::gpuflow-runs-*/*")
+    assert not allowed("cloudformation", "CreateStack") and not allowed("s3", "PutBucketAcl")
     assert not allowed("ec2", "DeleteVpc")
     assert not allowed("ec2", "ModifyInstanceAttribute")
     assert allowed("ec2", "RunInstances")
