@@ -32,6 +32,7 @@ from tests.durable.durable_helpers import (  # noqa: F401 - fixtures
     sha256,
     trained,
 )
+from tests.infra.cloud import api_calls  # noqa: F401 - fixture
 from tests.jobs.spot_helpers import wait_until
 
 
@@ -158,7 +159,10 @@ def test_uploads_failing_every_time_end_with_one_line_naming_what_was_lost(
     assert f"run {record.run_id}: the checkpoint at epoch 1 step 7 was never uploaded" in listed.output
 
 
-def test_logs_and_pull_read_s3_when_the_instance_is_gone(durable, durable_project, tmp_path, moto_s3, monkeypatch):
+def test_logs_and_pull_read_s3_when_the_instance_is_gone(durable, durable_project, tmp_path, moto_s3, monkeypatch,
+                                                         api_calls):
+    # api_calls: every S3 call the fallback makes with the user's credentials is checked against
+    # infra/iam-policy.json at teardown.
     from gpuflow.durable import fallback
 
     monkeypatch.setattr(fallback, "sandbox_endpoint", lambda: moto_s3)
@@ -190,3 +194,4 @@ def test_logs_and_pull_read_s3_when_the_instance_is_gone(durable, durable_projec
     assert (local / "job.log").read_bytes() == log
     _, again = jobs.pull(record.run_id, resolve=gone)
     assert "outputs/metrics.json" in again.unchanged
+    assert ("s3", "GetObject") in api_calls.gpuflow_calls
