@@ -15,6 +15,10 @@ from typing import Protocol
 
 from infra.records import ImageInfo, InstanceTypeInfo, InstanceView, LaunchRequest, LaunchResult, ManagedResource
 
+# The ports a multi-node run's workers use between themselves (TF_CONFIG's gRPC port, then
+# the supervisors' peer watch): a multi-node cluster's security group opens them to itself only.
+WORKER_PORT_RANGE = (47470, 47479)
+
 
 class Provisioner(Protocol):
     """Cloud operations for one region."""
@@ -64,4 +68,4 @@ ProvisionerFactory = Callable[..., Provisioner]
 """``factory(region, *, profile=None, sandbox=False) -> Provisioner``; the use
 cases take one so tests can inject a provisioner that never sleeps."""
 
-__all__ = ["Provisioner", "ProvisionerFactory"]
+__all__ = ["Provisioner", "ProvisionerFactory", "WORKER_PORT_RANGE"]

@@ -127,8 +127,8 @@ class RunStatus:
         return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.INTERRUPTED)
 
     def __str__(self) -> str:
-        if self.state is RunState.FAILED:
-            return f"failed({self.exit_code})"
+        if self.state is RunState.FAILED:  # a multi-node run's note: which node failed, and why
+            return f"failed({self.exit_code})" + (f" ({self.note})" if self.note else "")
         if self.state is RunState.INTERRUPTED:
             return f"interrupted (resumable at {self.checkpoint})" if self.checkpoint else "interrupted (resumable)"
         if self.note:
@@ -184,6 +184,22 @@ class RunTarget:
     # Whether the instance still runs (EC2's state; a sandbox instance's directory):
     # lets a follower tell a dropped connection from a terminated instance.  None: unknown.
     instance_alive: Callable[[], bool] | None = None
+    # Every node of the cluster, the head first, as a multi-node run reaches them; () when
+    # only the head is reachable (then a run is on one node).
+    nodes: tuple[NodeTarget, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """One node of a cluster as a run reaches it: its address (``host``, the private one
+    on AWS) for the other workers, a new runner per call, and the syncs to it."""
+
+    instance_id: str
+    host: str
+    connect: Callable[[], CommandRunner]
+    sync_project: Callable[[Path], object] | None = None
+    sync_data: Callable[[Path], object] | None = None
+    sandbox: bool = False  # a sandbox node: on this machine (127.0.0.1, a free port per worker)
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,23 @@ class PulledCopy:
 
 
 @dataclass(frozen=True)
+class WorkerNode:
+    """One node of a multi-node run (:mod:`gpuflow.jobs.workers`): its place in TF_CONFIG
+    (``index``, 0 the chief; ``host:port``), its supervisor's peer watch port, its run directory."""
+
+    index: int
+    instance_id: str
+    host: str
+    port: int
+    watch_port: int
+    remote_dir: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """The local record of one run (the ``runs`` state collection)."""
 
@@ -245,9 +278,14 @@ class RunRecord:
     interruption: str | None = None  # the spot interruption notice its job was stopped for, in words
     resumes: tuple[Resume, ...] = ()  # each `gpuflow run --resume`, oldest first
     pulled: PulledCopy | None = None  # what the last pull left in local_dir (None: never pulled)
+    workers: tuple[WorkerNode, ...] = ()  # a multi-node run's nodes, the chief (remote_dir) first; () on one node
+    failure: str | None = None  # a failed multi-node run: which node failed, and why
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
+        object.__setattr__(self, "workers", tuple(
+            WorkerNode(**worker) if isinstance(worker, dict) else worker for worker in self.workers
+        ))
         if isinstance(self.pulled, dict):  # as stored
             object.__setattr__(self, "pulled", PulledCopy.from_dict(self.pulled))
 
@@ -258,6 +296,7 @@ class RunRecord:
         data["checkpoint"] = asdict(self.checkpoint) if self.checkpoint is not None else None
         data["resumes"] = [resume.to_dict() for resume in self.resumes]
         data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
+        data["workers"] = [asdict(worker) for worker in self.workers]
         return data
 
     @classmethod
@@ -271,7 +310,8 @@ class RunRecord:
 
     @property
     def run_status(self) -> RunStatus:
-        return RunStatus(self.status, self.exit_code, self.checkpoint if self.status is RunState.INTERRUPTED else None)
+        return RunStatus(self.status, self.exit_code, self.checkpoint if self.status is RunState.INTERRUPTED else None,
+                         note=self.failure if self.status is RunState.FAILED else None)
 
     @property
     def finished(self) -> bool:

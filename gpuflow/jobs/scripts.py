@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpuflow import procs
-from gpuflow.jobs import imds_watch
+from gpuflow.jobs import imds_watch, peer_watch
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 
@@ -90,6 +90,7 @@ heartbeat_seconds={{heartbeat_seconds}}
 python={{probe_python}}
 procs_py={{procs_source}}
 watch_py={{watch_source}}
+peers_py={{peers_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
 
@@ -120,6 +121,13 @@ touch "$base_dir/heartbeat"
 heartbeat_pid=$!
 
 if cd "$work_dir" 2>>"$run_dir/job.log"; then
+  # A multi-node run's watchdog (gpuflow/jobs/peer_watch.py), in this process group, not the job's:
+  # it ends this node's job when a peer's failed, and answers its peers until they know how it ended.
+  peers_pid=""
+  if [ -f "$run_dir/peers.json" ]; then
+    "$python" -I -S -c "$peers_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
+    peers_pid=$!
+  fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
   # records its identity (job.proc), then its pid (job.pid), then execs the command.
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
@@ -138,6 +146,10 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   kill "$watcher_pid" 2>/dev/null
   wait "$watcher_pid" 2>/dev/null
   wait "$probe_pid"  # the manifest is complete by the time exit_code appears
+  if [ -n "$peers_pid" ]; then
+    write_atomically "$run_dir/job.ended" "$code"
+    wait "$peers_pid"
+  fi
 else
   code=127
 fi
@@ -191,6 +203,17 @@ def watcher_script() -> str:
     return f"{procs_source}\n\n{watch_source}\n\nsys.exit(watch_main(sys.argv[1:], signal_run_group))\n"
 
 
+def peer_watch_script() -> str:
+    """A multi-node run's watchdog as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
+    :mod:`gpuflow.procs`' source (how the job is signalled), then :mod:`gpuflow.jobs.peer_watch`'s."""
+    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
+    watch_source = Path(peer_watch.__file__).read_text(encoding="utf-8")
+    watch_source = "\n".join(
+        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
+    )
+    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(peer_main(sys.argv[1:], signal_run_group))\n"
+
+
 def render_supervisor(
     *,
     run_id: str,
@@ -217,6 +240,7 @@ def render_supervisor(
         probe_source=ENVIRONMENT_PROBE_PY,
         procs_source=procs_script(),
         watch_source=watcher_script(),
+        peers_source=peer_watch_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )
 

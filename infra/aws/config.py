@@ -13,15 +13,14 @@ from typing import Any
 
 from infra.aws.client import AwsApi, AwsCallError, known_regions
 from infra.errors import CloudError, CredentialsError, UsageError
+from infra.port import WORKER_PORT_RANGE
 from infra.records import ManagedResource, managed_resource
 from infra.tags import TAG_CLUSTER, TAG_MANAGED, tag_dict, tag_list
 
 # Spot launches through the API need this service-linked role in the account
 # (AWS creates it by itself only for spot requests made in the console).
 SPOT_SERVICE_LINKED_ROLE = "AWSServiceRoleForEC2Spot"
-# The ports a multi-node run's workers use between themselves (TF_CONFIG's gRPC port,
-# then the supervisors' peer watch): opened only from the cluster's own security group.
-WORKER_PORT_RANGE = (47470, 47479)
+
 CREATE_SPOT_ROLE_COMMAND = "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
 
 
