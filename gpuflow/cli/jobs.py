@@ -79,6 +79,10 @@ def run_command(
         None, "--env", metavar="VARIABLE", help="Add VARIABLE, given as NAME=VALUE, to the job's environment "
         "(repeatable), e.g. TF_CPP_MIN_LOG_LEVEL=3 to quiet TensorFlow's C++ log.",
     ),
+    nodes: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--nodes", metavar="K", min=1, help="Run on the cluster's first K nodes only (default: every node; "
+        "on several, each job gets TF_CONFIG, GPUFLOW_NUM_WORKERS and GPUFLOW_WORKER_INDEX; node 0 is the chief).",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -105,7 +109,7 @@ def run_command(
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
             ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
-            ("--env", env),
+            ("--env", env), ("--nodes", nodes is not None),
         ) if value]
         if given:
             raise UsageError(
@@ -146,6 +150,7 @@ def run_command(
                 say=_say,
                 data_dir=_existing_directory(data, "--data") if data is not None else None,
                 env=job_env,
+                nodes=nodes,
             )
         except ClusterNotFound as exc:
             if up_spec is not None:  # --up made or refused the cluster itself, and said why
@@ -280,6 +285,10 @@ def _split_positionals(
 def logs_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+    node: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--node", metavar="I", min=0, help="A multi-node run: the log of node I (default: the chief's, node 0)."
+    ),
+    all_nodes: bool = typer.Option(False, "--all", help="A multi-node run: every node's log, each line prefixed by its node."),
 ) -> None:
     """Print a run's log.
 
@@ -289,6 +298,16 @@ def logs_command(
     """
     from gpuflow import jobs
 
+    if node is not None or all_nodes:
+        if node is not None and all_nodes:
+            raise UsageError("--node and --all contradict each other", hint="drop one of them")
+        if all_nodes and follow:
+            raise UsageError("--all prints every node's log as it is now", hint=f"follow one node: gpuflow logs {run_id} -f --node I")
+        with ended_by_signals():
+            exit_code = jobs.node_logs(run_id, out=sys.stdout.buffer, node=node, follow=follow, say=_say)
+        if follow and exit_code not in (None, 0):
+            raise JobFailed(f"run {run_id}: node {node}'s job ended with exit code {exit_code}", job_exit_code=exit_code)
+        return
     with ended_by_signals():
         exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     record = jobs.load_record(run_id)

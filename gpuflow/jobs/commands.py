@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath
+from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath, UsageError
+from gpuflow.jobs import workers
 from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.local_copy import holds_everything, missing_locally
@@ -201,6 +203,56 @@ def logs(
             connection.runner.close()
 
 
+def node_logs(
+    run_id: str,
+    *,
+    out: BinaryIO,
+    node: int | None = None,
+    follow: bool = False,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+    say: Say = quiet,
+    poll_interval: float = 0.5,
+    reconnect_timeout: float = 300,
+) -> int | None:
+    """``gpuflow logs RUN --node I [-f]`` (node ``node``'s log, as it is or followed) and
+    ``--all`` (``node`` None: every node's log as it is now, each line prefixed by its node).
+    Returns that node's exit code (``--all``: None)."""
+    record = load_record(run_id, home)
+    if not record.workers:
+        if node in (None, 0):  # one node: it is the chief
+            return logs(run_id, out=out, follow=follow, resolve=resolve, home=home, say=say,
+                        poll_interval=poll_interval, reconnect_timeout=reconnect_timeout)
+        raise UsageError(f"run {run_id} ran on one node (node 0)", hint=f"gpuflow logs {run_id}")
+    if node is not None and not 0 <= node < len(record.workers):
+        raise UsageError(
+            f"run {run_id} ran on {len(record.workers)} nodes: there is no node {node}",
+            hint=f"use --node 0 to --node {len(record.workers) - 1}",
+        )
+    try:
+        target = resolve(record.cluster)
+    except NotFound as exc:
+        raise _missing(record, _gone_reason(record.cluster, exc), home, (LOG_NAME,)) from exc
+    chosen = [record.workers[node]] if node is not None else list(record.workers)
+    exit_code = None
+    for worker in chosen:
+        node_target = workers.node_target(target, worker)
+        connection = Connection(node_target, node_target.connect(), reconnect_timeout, say)
+        sink = out if node is not None else workers.PrefixedOutput(out, worker.index)
+        try:
+            exit_code, _offset = follow_log(connection, worker.remote_dir, sink, poll_interval=poll_interval,
+                                            follow=follow)
+        except JobVanished as vanished:
+            raise RunLost(f"run {run_id}: node {worker.index}'s job is gone: {vanished.reason}") from vanished
+        finally:
+            if isinstance(sink, workers.PrefixedOutput):
+                sink.finish()
+            out.flush()
+            with contextlib.suppress(Exception):
+                connection.runner.close()
+    return exit_code if node is not None else None
+
+
 def pull(
     run_id: str,
     *,
@@ -263,6 +315,12 @@ def stop(
             save_record(record, home)
         return record, StopOutcome.GONE
     liveness = None
+    if record.workers:  # every other node's job too, at the same time as the chief's
+        others = [worker.index for worker in record.workers if worker.index != 0]
+        stopping = threading.Thread(
+            target=workers.stop_nodes, args=(_target, record), kwargs={"grace_seconds": grace_seconds, "only": others}
+        )
+        stopping.start()
     try:
         outcome = stop_job(runner, record.remote_dir, grace_seconds=grace_seconds)
         exit_code = read_exit_code(runner, record.remote_dir)
@@ -273,8 +331,13 @@ def stop(
     finally:
         with contextlib.suppress(Exception):
             runner.close()
+        if record.workers:
+            stopping.join()
+    if exit_code is not None and record.workers:  # the run's status is all its nodes'
+        status = workers.derive_status(workers.node_reports(_target, record))
     if exit_code is not None:
-        record = record.with_status(status, ended_at=iso(utc_now()))
+        record = record.with_status(status, ended_at=iso(utc_now()),
+                                    failure=status.note if status.state is RunState.FAILED else None)
         save_record(record, home)
     elif (liveness is None and outcome is StopOutcome.GONE) or (
         liveness is not None and liveness.exit_code is None and not liveness.alive
@@ -324,7 +387,7 @@ def _refresh_cluster(
 ) -> dict[str, RunStatus]:
     unreachable = RunStatus(RunState.UNREACHABLE)
     try:
-        _target, runner = _connect(cluster_name, resolve)
+        target, runner = _connect(cluster_name, resolve)
     except _FilesUnreachable as gone:  # the cluster or its instance is gone: so are its runs
         return _mark_lost(pending, home, gone.reason)
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
@@ -342,10 +405,14 @@ def _refresh_cluster(
     for record in pending:
         report = reports.get(record.remote_dir, {})
         status = classify(report)
-        if status != record.run_status:
+        if record.workers:  # a multi-node run: one status derived from all its nodes
+            status = workers.derive_status(workers.node_reports(target, record))
+        if status != record.run_status or (status.state is RunState.FAILED and status.note != record.failure):
             reason = "no exit code and no live job" if status.state is RunState.LOST else None
+            reason = status.note if status.state is RunState.LOST and status.note else reason
             save_record(record.with_status(status, lost_reason=reason,
-                                           interruption=interruption_text(report.get("interruption"))), home)
+                                           interruption=interruption_text(report.get("interruption")),
+                                           failure=status.note if status.state is RunState.FAILED else None), home)
         statuses[record.run_id] = status
     return statuses
 

@@ -24,7 +24,7 @@ from gpuflow.jobs.records import (
     save_record,
 )
 from gpuflow.jobs.rundir import ended_status, read_interruption, stop_job
-from gpuflow.jobs.start import start_run
+from gpuflow.jobs import workers
 
 
 def run(
@@ -63,7 +63,7 @@ def run(
     """
     connection = Connection(target, target.connect(), reconnect_timeout, say)
     try:
-        record = start_run(
+        record = workers.start(
             target,
             connection.runner,
             project_dir=project_dir,
@@ -125,8 +125,6 @@ def follow_to_outcome(
                 return RunOutcome(record, None, detached=True)
             say(f"stopping run {record.run_id} (it may save a checkpoint first)")
             if record.workers:  # every node's job
-                from gpuflow.jobs import workers
-
                 workers.stop_nodes(connection.target, record, grace_seconds=STOP_GRACE_SECONDS, only=None)
             else:
                 stop_job(connection.runner, record.remote_dir)
@@ -134,8 +132,6 @@ def follow_to_outcome(
     # The outcome is known now: record it before the pull, which may fail.
     status = ended_status(connection.runner, record.remote_dir, exit_code)
     if record.workers:  # a multi-node run: its status is all its nodes' (and nothing of it is left running)
-        from gpuflow.jobs import workers
-
         status = workers.settle(connection.target, record, say=say)
         exit_code = status.exit_code if status.exit_code is not None else exit_code
     record = record.with_status(

@@ -64,7 +64,6 @@ def start_run(
     home: Path | None = None,
     say: Say = quiet,
     env: Mapping[str, str] | None = None,
-    nodes: int | None = None,
 ) -> RunRecord:
     """Sync, prepare the environment, write the manifest and start the job detached.
 
@@ -75,8 +74,7 @@ def start_run(
     ``env`` adds variables to the job's environment (e.g. ``GPUFLOW_SMOKE=1``);
     gpuflow's own ``GPUFLOW_*`` run variables and AWS credentials cannot be set this way.
 
-    On a cluster of several nodes (or the first ``nodes`` of them) the job starts on
-    each, with ``TF_CONFIG`` (:func:`gpuflow.jobs.workers.start_on_nodes`).
+    On one node: a run on several is :func:`gpuflow.jobs.workers.start`'s.
 
     Returns once the supervisor has recorded the job's pid (or its exit
     code, for a job that ended at once).
@@ -84,14 +82,6 @@ def start_run(
     extra_env = checked_job_env(env)
     project_dir = project_dir.resolve()
     run_id = validate_name(run_id or new_run_id(), "run id")
-    from gpuflow.jobs import workers  # it builds on this module
-
-    count = workers.node_count(target, nodes)
-    if count > 1:
-        return workers.start_on_nodes(
-            target, runner, count=count, project_dir=project_dir, module=module, args=args, run_id=run_id,
-            data_dir=data_dir, heartbeat_seconds=heartbeat_seconds, home=home, say=say, extra_env=extra_env,
-        )
     base_dir = runner.base_dir
     remote_dir = f"{base_dir}/runs/{run_id}"
     python, remote_data_dir = prepare_node(

@@ -41,12 +41,15 @@ from gpuflow.jobs.records import (
     Say,
     WorkerNode,
     iso,
+    new_run_id,
+    quiet,
     save_record,
     utc_now,
 )
 from gpuflow.jobs.rundir import classify, read_json, run_status, stop_job
-from gpuflow.jobs.start import job_setup, launch_and_wait, prepare_node, write_supervisor
+from gpuflow.jobs.start import checked_job_env, job_setup, launch_and_wait, prepare_node, start_run, write_supervisor
 from gpuflow.provisioner import WORKER_PORT_RANGE
+from gpuflow.state import validate_name
 from gpuflow.transport.base import CommandRunner, quote_argv
 
 # How long `run` waits, after the chief ended, for the other nodes to end by themselves
@@ -137,6 +140,34 @@ def _in_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
     with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
         futures = [pool.submit(call) for call in calls]
         return [future.result() for future in futures]
+
+
+def start(
+    target: RunTarget,
+    runner: CommandRunner,
+    *,
+    nodes: int | None = None,
+    project_dir: Path,
+    module: str | None,
+    args: Sequence[str],
+    run_id: str | None = None,
+    data_dir: Path | None = None,
+    heartbeat_seconds: float = 30,
+    home: Path | None = None,
+    say: Say = quiet,
+    env: Mapping[str, str] | None = None,
+) -> RunRecord:
+    """Start a run on the cluster's nodes (``nodes``: the first K; default all of them): on one
+    node as :func:`gpuflow.jobs.start.start_run` does, on several with :func:`start_on_nodes`."""
+    count = node_count(target, nodes)
+    options: dict[str, Any] = dict(project_dir=project_dir, module=module, args=args, data_dir=data_dir,
+                                   heartbeat_seconds=heartbeat_seconds, home=home, say=say)
+    if count == 1:
+        return start_run(target, runner, run_id=run_id, env=env, **options)
+    extra_env = checked_job_env(env)
+    run_id = validate_name(run_id or new_run_id(), "run id")
+    return start_on_nodes(target, runner, count=count, run_id=run_id, extra_env=extra_env,
+                          **{**options, "project_dir": Path(project_dir).resolve()})
 
 
 def start_on_nodes(
