@@ -68,6 +68,9 @@ def run_command(
     instance_type: Optional[str] = typer.Option(None, "--instance-type", metavar="TYPE", help="With --up: the instance type."),  # noqa: UP007
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
+    count: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--count", metavar="N", help="With --up: N instances; the run uses every one (see --nodes)."
+    ),
     idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
@@ -107,7 +110,7 @@ def run_command(
         given = [flag for flag, value in (
             ("NAME/MODULE", positionals), ("a command after `--`", job_args or ctx.meta.get(SAW_DOUBLE_DASH)),
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
-            ("--instance-type", instance_type), ("--region", region), ("--spot", spot),
+            ("--instance-type", instance_type), ("--region", region), ("--spot", spot), ("--count", count is not None),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
             ("--env", env), ("--nodes", nodes is not None),
         ) if value]
@@ -129,11 +132,11 @@ def run_command(
     up_spec = None
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
-                   "max_hours": max_hours, "spot": spot or None, "sandbox": sandbox or None}
+                   "max_hours": max_hours, "spot": spot or None, "sandbox": sandbox or None, "count": count}
         up_spec = jobs.up_spec_for_run(name, project_dir=project, **options)
         name = up_spec.name
-    elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None:
-        raise UsageError("--instance-type, --region, --spot, --idle-minutes, --max-hours and --sandbox need --up")
+    elif sandbox or instance_type or region or spot or idle_minutes is not None or max_hours is not None or count is not None:
+        raise UsageError("--instance-type, --region, --spot, --count, --idle-minutes, --max-hours and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
     with ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:

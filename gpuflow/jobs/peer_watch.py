@@ -20,8 +20,8 @@ is a failure: it is written to ``peer_failure.json``, said in ``job.log``, and
 this node's job gets SIGTERM, then SIGKILL after :data:`KILL_GRACE_SECONDS`.
 A peer that ended with 0 is done.  When this node's job ends (the supervisor
 writes ``job.ended``), the watch keeps answering for :data:`LINGER_SECONDS`, so
-that every peer learns how it ended, then exits; it also exits when its
-supervisor is gone.  Standard library only: it runs with the job's interpreter.
+that every peer learns how it ended, then exits (at once when it ended well after
+every peer did); it also exits when its supervisor is gone.  Standard library only: it runs with the job's interpreter.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import time
 PEERS_NAME = "peers.json"
 ENDED_NAME = "job.ended"
 PEER_FAILURE_NAME = "peer_failure.json"
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.5
 UNREACHABLE_SECONDS = 20.0
 START_SECONDS = 60.0
-LINGER_SECONDS = 3.0
+LINGER_SECONDS = 2.0
 KILL_GRACE_SECONDS = 10.0
 ASK_TIMEOUT_SECONDS = 2.0
 
@@ -93,6 +93,7 @@ class PeerWatch:
         self.started = clock()
         self.last_answer = {}
         self.done = set()
+        self.ended_at = None
         self.lock = threading.Lock()
 
     def answer(self):
@@ -162,7 +163,11 @@ class PeerWatch:
         """One round: False once this watch is to exit."""
         ended = _read_ended(self.run_dir)
         if ended is not None:
-            if not hasattr(self, "ended_at"):
+            if ended == 0 and self.failure is None:
+                self.check_peers()  # the peers that ended well too need not be told
+                if self.failure is None and len(self.done) == len(self.peers):
+                    return False
+            if self.ended_at is None:
                 self.ended_at = self.clock()
             return self.clock() - self.ended_at < LINGER_SECONDS
         if self.failure is None:
