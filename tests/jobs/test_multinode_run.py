@@ -207,3 +207,46 @@ def test_a_two_node_run_over_the_loopback_openssh_server(sshd, tmp_path, worker_
     assert one.getvalue().decode() == _log(worker.remote_dir)
     with pytest.raises(UsageError, match="no node 2"):
         node_logs(outcome.record.run_id, out=one, node=2, resolve=resolve, home=gpuflow_home)
+
+
+def _wait_for_waiting(record, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(Path(w.remote_dir, "job.log").is_file() and "waiting" in _log(w.remote_dir) for w in record.workers):
+        assert time.monotonic() < deadline, [_log(w.remote_dir) for w in record.workers if Path(w.remote_dir).is_dir()]
+        time.sleep(0.1)
+
+
+def test_runs_shows_one_status_from_every_node_and_stop_stops_them_all(tmp_path, worker_project, gpuflow_home):
+    from gpuflow.jobs import list_runs, resume, stop
+
+    target = _target(_local_connects(tmp_path, 2))
+    resolve = lambda _name: target  # noqa: E731
+    record = run(target, project_dir=worker_project, module=None, args=["python", "worker.py", "hang"],
+                 out=io.BytesIO(), home=gpuflow_home, detach=True).record
+    _wait_for_waiting(record)
+    [listed] = list_runs(resolve=resolve, home=gpuflow_home)
+    assert listed.status.state is RunState.RUNNING
+    stopped, _outcome = stop(record.run_id, grace_seconds=5, resolve=resolve, home=gpuflow_home)
+    assert not any(_alive(worker.remote_dir) for worker in record.workers)  # every node's job, not only the chief's
+    assert stopped.status is RunState.FAILED and stopped.finished
+    with pytest.raises(UsageError, match="ran on 2 nodes"):
+        resume(record.run_id, out=io.BytesIO(), resolve=resolve, home=gpuflow_home)
+
+
+def test_runs_names_the_node_that_died(tmp_path, worker_project, gpuflow_home):
+    from gpuflow.jobs import list_runs
+
+    target = _target(_local_connects(tmp_path, 2))
+    record = run(target, project_dir=worker_project, module=None, args=["python", "worker.py", "hang"],
+                 out=io.BytesIO(), home=gpuflow_home, detach=True).record
+    _wait_for_waiting(record)
+    chief, worker = record.workers
+    os.killpg(procs.proven(os.path.join(worker.remote_dir, procs.JOB_RECORD)), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while _alive(chief.remote_dir):  # the chief's supervisor ends its job (its peer watch)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    [listed] = list_runs(resolve=lambda _name: target, home=gpuflow_home)
+    assert str(listed.status) == "failed(137) (node 1 failed: its job exited with code 137)"
+    assert json.loads(Path(chief.remote_dir, "peer_failure.json").read_text()) == {
+        "node": 1, "reason": "failed: its job exited with code 137"}
