@@ -250,3 +250,44 @@ def test_runs_names_the_node_that_died(tmp_path, worker_project, gpuflow_home):
     assert str(listed.status) == "failed(137) (node 1 failed: its job exited with code 137)"
     assert json.loads(Path(chief.remote_dir, "peer_failure.json").read_text()) == {
         "node": 1, "reason": "failed: its job exited with code 137"}
+
+
+def test_the_dead_mans_switch_of_a_worker_node_counts_its_job_busy(tmp_path, worker_project, gpuflow_home):
+    """The switch exactly as user-data installs it, run once over node 1's base directory."""
+    import subprocess
+
+    from infra.userdata import installed_deadman_script
+
+    target = _target(_local_connects(tmp_path, 2))
+    record = run(target, project_dir=worker_project, module=None, args=["python", "worker.py", "hang"],
+                 out=io.BytesIO(), home=gpuflow_home, detach=True).record
+    try:
+        _wait_for_waiting(record)
+        worker = record.workers[1]
+        (tmp_path / "node1" / "heartbeat").unlink()  # only the job itself may keep it busy here
+        script = tmp_path / "gpuflow-deadman"
+        script.write_text(installed_deadman_script())
+        status_file = tmp_path / "deadman.status"
+        switch = subprocess.Popen(
+            ["bash", str(script), "--base-dir", str(tmp_path / "node1"), "--log-file", str(tmp_path / "deadman.log"),
+             "--state-file", str(tmp_path / "idle-since"), "--status-file", str(status_file),
+             "--deadline-file", str(tmp_path / "deadline"), "--ssh-port", "1", "--interval", "0.1",
+             "--uptime-from", "start", "--shutdown-command", "true"],
+            env={**os.environ, "GPUFLOW_DEADMAN_IDLE_SECONDS": "3600"}, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not status_file.is_file():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            status = status_file.read_text()
+        finally:
+            os.killpg(switch.pid, signal.SIGKILL)
+            switch.wait(timeout=10)
+        assert "verdict=busy" in status
+        assert f"reason=job {record.run_id} (pid " in status and Path(worker.remote_dir, "job.pid").is_file()
+    finally:
+        from gpuflow.jobs import stop
+
+        stop(record.run_id, grace_seconds=2, resolve=lambda _name: target, home=gpuflow_home)
