@@ -32,6 +32,7 @@ from gpuflow.errors import GpuflowError, UnreachableHost, UsageError
 from gpuflow.jobs.manifest import build_manifest
 from gpuflow.jobs.peer_watch import KILL_GRACE_SECONDS, PEER_FAILURE_NAME, PEERS_NAME, UNREACHABLE_SECONDS
 from gpuflow.jobs.records import (
+    ENVIRONMENT_NAME,
     MANIFEST_NAME,
     NodeTarget,
     RunRecord,
@@ -266,6 +267,8 @@ def node_reports(target: RunTarget, record: RunRecord) -> list[dict[str, Any]]:
         try:
             report = dict(run_status(runner, worker.remote_dir).get(worker.remote_dir, {}))
             report["peer_failure"] = read_json(runner, f"{worker.remote_dir}/{PEER_FAILURE_NAME}")
+            environment = _read_document(runner, f"{worker.remote_dir}/{ENVIRONMENT_NAME}")
+            report["gpu"] = environment.get("gpu") if isinstance(environment, dict) else None
             return report
         except (GpuflowError, OSError, ValueError) as exc:
             return {"unreachable": str(exc)}
@@ -274,6 +277,14 @@ def node_reports(target: RunTarget, record: RunRecord) -> list[dict[str, Any]]:
                 runner.close()
 
     return _in_parallel([(lambda worker=worker: ask(worker)) for worker in record.workers])
+
+
+def _read_document(runner: CommandRunner, path: str) -> Any:
+    """A remote JSON file of any size up to 4 MiB (pip freeze lists are long), or None."""
+    try:
+        return json.loads(runner.read_from(path, 0, 4 << 20).decode())
+    except (GpuflowError, OSError, ValueError):
+        return None
 
 
 def derive_status(reports: Sequence[Mapping[str, Any]]) -> RunStatus:
@@ -324,13 +335,37 @@ def settle(
     while True:
         reports = node_reports(target, record)
         pending = [i for i, report in enumerate(reports) if report.get("exit_code") is None and report.get("alive")]
-        if not pending:
-            return derive_status(reports)
-        if time.monotonic() >= deadline:
-            say(f"stopping the job still running on node(s) {', '.join(map(str, pending))}")
-            stop_nodes(target, record, grace_seconds=10, only=pending)
-            return derive_status(node_reports(target, record))
+        if not pending or time.monotonic() >= deadline:
+            break
         time.sleep(poll)
+    if pending:
+        say(f"stopping the job still running on node(s) {', '.join(map(str, pending))}")
+        stop_nodes(target, record, grace_seconds=10, only=pending)
+        reports = node_reports(target, record)
+    _record_node_gpus(target, record, reports)
+    return derive_status(reports)
+
+
+def _record_node_gpus(target: RunTarget, record: RunRecord, reports: Sequence[Mapping[str, Any]]) -> None:
+    """Each node's GPU (its supervisor's probe) into the chief's manifest, before it is pulled."""
+    path = f"{record.remote_dir}/{MANIFEST_NAME}"
+    try:
+        runner = _node_runner(target, record.workers[0])
+    except GpuflowError:
+        return
+    try:
+        manifest = _read_document(runner, path)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("workers"), list):
+            return
+        for entry, report in zip(manifest["workers"], reports):
+            if isinstance(entry, dict):
+                entry["gpu"] = report.get("gpu")
+        runner.put_bytes(json.dumps(manifest, indent=2).encode(), path)
+    except (GpuflowError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            runner.close()
 
 
 def stop_nodes(target: RunTarget, record: RunRecord, *, grace_seconds: float, only: Sequence[int] | None = None) -> None:

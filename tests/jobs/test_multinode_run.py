@@ -118,8 +118,8 @@ def test_a_run_starts_on_every_node_with_tf_config(tmp_path, worker_project, gpu
     config = json.loads(streamed.split("tf_config ", 1)[1].splitlines()[0])
     assert config == {"cluster": {"worker": [chief.address, worker.address]}, "task": {"index": 0, "type": "worker"}}
     manifest = json.loads((Path(record.local_dir) / "manifest.json").read_text())
-    assert [(w["index"], w["instance_id"], w["address"]) for w in manifest["workers"]] == [
-        (0, chief.instance_id, chief.address), (1, worker.instance_id, worker.address)]
+    assert [(w["index"], w["instance_id"], w["address"], w["gpu"]) for w in manifest["workers"]] == [
+        (0, chief.instance_id, chief.address, "none"), (1, worker.instance_id, worker.address, "none")]
     assert manifest["instance_count"] == 2  # the cost counts every node
     assert not _alive(chief.remote_dir) and not _alive(worker.remote_dir)
 
