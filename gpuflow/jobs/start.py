@@ -215,7 +215,7 @@ def launch_and_wait(runner: CommandRunner, remote_dir: str) -> None:
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
 RESERVED_JOB_VARIABLES = frozenset(
     {"GPUFLOW_RUN_ID", "GPUFLOW_RUN_DIR", "GPUFLOW_OUTPUT_DIR", "GPUFLOW_DATA_ROOT", "GPUFLOW_DATA_DIR", "PYTHONPATH",
-     "PYTHONUNBUFFERED", "TF_CONFIG", "GPUFLOW_NUM_WORKERS", "GPUFLOW_WORKER_INDEX"}
+     "PYTHONUNBUFFERED", "GPUFLOW_NUM_WORKERS", "GPUFLOW_WORKER_INDEX"}
 )
 
 

@@ -166,6 +166,9 @@ def start(
     if count == 1:
         return start_run(target, runner, run_id=run_id, env=env, **options)
     extra_env = checked_job_env(env)
+    if "TF_CONFIG" in extra_env:  # on one node it is the user's to set; on several, gpuflow's
+        raise UsageError("TF_CONFIG is set by gpuflow for a run on several nodes",
+                         hint="drop --env TF_CONFIG=..., or run on one node with --nodes 1")
     run_id = validate_name(run_id or new_run_id(), "run id")
     return start_on_nodes(target, runner, count=count, run_id=run_id, extra_env=extra_env,
                           **{**options, "project_dir": Path(project_dir).resolve()})

@@ -291,3 +291,18 @@ def test_the_dead_mans_switch_of_a_worker_node_counts_its_job_busy(tmp_path, wor
         from gpuflow.jobs import stop
 
         stop(record.run_id, grace_seconds=2, resolve=lambda _name: target, home=gpuflow_home)
+
+
+def test_tf_config_is_gpuflows_on_several_nodes_and_yours_on_one(tmp_path, worker_project, gpuflow_home):
+    target = _target(_local_connects(tmp_path, 2))
+    with pytest.raises(UsageError, match="TF_CONFIG is set by gpuflow"):
+        run(target, project_dir=worker_project, module=None, args=["true"], out=io.BytesIO(), home=gpuflow_home,
+            env={"TF_CONFIG": "{}"})
+    assert not (tmp_path / "node0" / "runs").exists() and not (tmp_path / "node1" / "runs").exists()
+    with pytest.raises(UsageError, match="GPUFLOW_WORKER_INDEX is set by gpuflow"):
+        run(target, project_dir=worker_project, module=None, args=["true"], out=io.BytesIO(), home=gpuflow_home,
+            env={"GPUFLOW_WORKER_INDEX": "3"}, nodes=1)
+    out = io.BytesIO()
+    run(target, project_dir=worker_project, module=None, out=out, home=gpuflow_home, env={"TF_CONFIG": "{}"}, nodes=1,
+        args=["python", "-c", "import os; print(os.environ['TF_CONFIG'])"], poll_interval=0.1)
+    assert out.getvalue() == b"{}\n"
