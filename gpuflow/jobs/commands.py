@@ -195,8 +195,13 @@ def logs(
             raise _missing(record, f"its run directory is gone from cluster {record.cluster}", home, (LOG_NAME,))
         if exit_code is not None and not record.finished:
             runner = connection.runner
-            save_record(record.with_status(ended_status(runner, record.remote_dir, exit_code), lost_reason=None,
-                                           interruption=read_interruption(runner, record.remote_dir)), home)
+            status = ended_status(runner, record.remote_dir, exit_code)
+            if record.workers:  # a multi-node run's status is all its nodes' (recorded once they all ended)
+                status = workers.derive_status(workers.node_reports(target, record))
+            if status.finished:
+                save_record(record.with_status(status, lost_reason=None,
+                                               interruption=read_interruption(runner, record.remote_dir),
+                                               failure=status.note if status.state is RunState.FAILED else None), home)
         return exit_code
     finally:
         with contextlib.suppress(Exception):

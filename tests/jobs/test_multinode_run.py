@@ -122,6 +122,19 @@ def test_a_run_starts_on_every_node_with_tf_config(tmp_path, worker_project, gpu
         (0, chief.instance_id, chief.address, "none"), (1, worker.instance_id, worker.address, "none")]
     assert manifest["instance_count"] == 2  # the cost counts every node
     assert not _alive(chief.remote_dir) and not _alive(worker.remote_dir)
+    # `gpuflow logs RUN --all`: every node's log, prefixed by its node; `--node 1`: node 1's as it is
+    from gpuflow.jobs import node_logs
+
+    resolve = lambda _name: target  # noqa: E731 - the run's cluster, as this test reaches it
+    every = io.BytesIO()
+    assert node_logs(record.run_id, out=every, resolve=resolve, home=gpuflow_home) is None
+    lines = every.getvalue().decode().splitlines()
+    assert "[node 0] got hello from 1" in lines and "[node 1] got hello from 0" in lines
+    one = io.BytesIO()
+    assert node_logs(record.run_id, out=one, node=1, resolve=resolve, home=gpuflow_home) == 0
+    assert one.getvalue().decode() == _log(worker.remote_dir)
+    with pytest.raises(UsageError, match="no node 2"):
+        node_logs(record.run_id, out=one, node=2, resolve=resolve, home=gpuflow_home)
 
 
 def test_nodes_k_runs_on_the_first_k_and_one_node_has_no_tf_config(tmp_path, worker_project, gpuflow_home):
@@ -171,42 +184,6 @@ def test_the_status_of_many_nodes_names_the_first_failure():
     assert derive_status([ended_by_peer, {"exit_code": None, "alive": True}]).note == "node 1 failed: boom"
     assert derive_status([{"exit_code": 0}, {"exit_code": 0}]).state is RunState.SUCCEEDED
     assert derive_status([{"exit_code": 0}, {"exit_code": None, "alive": True}]).state is RunState.RUNNING
-
-
-def test_a_two_node_run_over_the_loopback_openssh_server(sshd, tmp_path, worker_project, gpuflow_home):
-    """Both nodes are reached over real SSH (two base directories behind the loopback sshd)."""
-    from gpuflow.records import SSHTarget
-    from gpuflow.transport.ssh import Backoff, SSHRunner
-
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_line() + "\n")
-    ssh = SSHTarget(host="127.0.0.1", port=sshd.port, user=sshd.user, key_path=str(sshd.client_key),
-                    known_hosts_path=str(known_hosts))
-    connects = [
-        lambda base=tmp_path / f"ssh-node{index}": SSHRunner(ssh, base_dir=str(base), backoff=Backoff(retries=8, initial=0.1, maximum=1.0))
-        for index in range(2)
-    ]
-    target = _target(connects)
-    out = io.BytesIO()
-    outcome = run(target, project_dir=worker_project, module=None, args=["python", "worker.py"], out=out,
-                  home=gpuflow_home, poll_interval=0.1)
-    chief, worker = outcome.record.workers
-    assert outcome.record.status is RunState.SUCCEEDED
-    assert "got hello from 1" in out.getvalue().decode() and "got hello from 0" in _log(worker.remote_dir)
-    assert worker.remote_dir == f"{tmp_path}/ssh-node1/runs/{outcome.record.run_id}"
-    # every node's log, prefixed by its node
-    from gpuflow.jobs import node_logs
-
-    resolve = lambda _name: target  # noqa: E731 - the run's cluster, as this test reaches it
-    every = io.BytesIO()
-    assert node_logs(outcome.record.run_id, out=every, resolve=resolve, home=gpuflow_home) is None
-    lines = every.getvalue().decode().splitlines()
-    assert "[node 0] got hello from 1" in lines and "[node 1] got hello from 0" in lines
-    one = io.BytesIO()
-    assert node_logs(outcome.record.run_id, out=one, node=1, resolve=resolve, home=gpuflow_home) == 0
-    assert one.getvalue().decode() == _log(worker.remote_dir)
-    with pytest.raises(UsageError, match="no node 2"):
-        node_logs(outcome.record.run_id, out=one, node=2, resolve=resolve, home=gpuflow_home)
 
 
 def _wait_for_waiting(record, seconds: float = 60) -> None:

@@ -69,3 +69,25 @@ def test_killing_worker_1_ends_the_run_failed_naming_node_1_with_nothing_left(tm
         [final] = jobs.all_records()
         assert final.status is jobs.RunState.FAILED and final.failure == "node 1 failed: its job exited with code 137"
         assert _nothing_left(gpuflow_home) == []
+
+
+def test_a_two_node_sandbox_run_through_the_loopback_openssh_server(tmp_path, monkeypatch, capfd, sshd, gpuflow_home):
+    """GPUFLOW_SANDBOX_SSH: both nodes are reached over real SSH — the parallel syncs, the starts, the log."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "worker.py").write_text(WORKER_SCRIPT)
+    monkeypatch.setenv(
+        "GPUFLOW_SANDBOX_SSH",
+        f"host=127.0.0.1,port={sshd.port},user={sshd.user},key={sshd.client_key},"
+        f"host_key={sshd.directory / 'ssh_host_ed25519_key.pub'}",
+    )
+    monkeypatch.chdir(project)
+    with in_process_sandbox():
+        code = cli(["run", "--up", "--sandbox", "--count", "2", "--down", "sshpair", "--", "python", "worker.py"])
+        captured = capfd.readouterr()
+        assert code == 0, captured.err
+        [record] = jobs.all_records()
+        assert record.status is jobs.RunState.SUCCEEDED and len(record.workers) == 2
+        assert "syncing" in captured.err and "node 1" in captured.err
+        assert "worker 0 of 2 index 0" in captured.out and "got hello from 1" in captured.out
+        assert _nothing_left(gpuflow_home) == []
