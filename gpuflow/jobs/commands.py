@@ -234,11 +234,23 @@ def node_logs(
             f"run {run_id} ran on {len(record.workers)} nodes: there is no node {node}",
             hint=f"use --node 0 to --node {len(record.workers) - 1}",
         )
-    try:
-        target = resolve(record.cluster)
-    except NotFound as exc:
-        raise _missing(record, _gone_reason(record.cluster, exc), home, (LOG_NAME,)) from exc
     chosen = [record.workers[node]] if node is not None else list(record.workers)
+    try:
+        target, probe = _connect(record.cluster, resolve)
+        with contextlib.suppress(Exception):
+            probe.close()
+    except _FilesUnreachable as gone:  # what `run` copied of each node's log when it ended
+        kept = [(worker, workers.worker_log_path(record, worker.index)) for worker in chosen]
+        kept = [(worker, Path(record.local_dir) / LOG_NAME if worker.index == 0 else path) for worker, path in kept]
+        if not all(path.is_file() for _worker, path in kept):
+            raise _missing(record, gone.reason, home, (LOG_NAME,)) from gone
+        for worker, path in kept:
+            sink = out if node is not None else workers.PrefixedOutput(out, worker.index)
+            sink.write(path.read_bytes())
+            if isinstance(sink, workers.PrefixedOutput):
+                sink.finish()
+        out.flush()
+        return record.exit_code if node is not None else None
     exit_code = None
     for worker in chosen:
         node_target = workers.node_target(target, worker)

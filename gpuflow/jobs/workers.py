@@ -33,7 +33,9 @@ from gpuflow.jobs.manifest import build_manifest
 from gpuflow.jobs.peer_watch import KILL_GRACE_SECONDS, PEER_FAILURE_NAME, PEERS_NAME, UNREACHABLE_SECONDS
 from gpuflow.jobs.records import (
     ENVIRONMENT_NAME,
+    LOG_NAME,
     MANIFEST_NAME,
+    READ_CHUNK,
     NodeTarget,
     RunRecord,
     RunState,
@@ -346,7 +348,39 @@ def settle(
         stop_nodes(target, record, grace_seconds=10, only=pending)
         reports = node_reports(target, record)
     _record_node_gpus(target, record, reports)
+    fetch_worker_logs(target, record, say=say)
     return derive_status(reports)
+
+
+def worker_log_path(record: RunRecord, index: int) -> Path:
+    """Where node ``index``'s log is kept locally: ``runs/<run-id>/nodes/<index>/job.log``."""
+    return Path(record.local_dir) / "nodes" / str(int(index)) / LOG_NAME
+
+
+def fetch_worker_logs(target: RunTarget, record: RunRecord, *, say: Say = quiet) -> None:
+    """Copy every other node's ``job.log`` into the run's local directory (the chief's is pulled
+    with its outputs): ``gpuflow logs RUN --node I`` still has it once the cluster is gone."""
+    for worker in record.workers[1:]:
+        destination = worker_log_path(record, worker.index)
+        try:
+            runner = _node_runner(target, worker)
+        except GpuflowError as exc:
+            say(f"node {worker.index}'s log was not copied: {exc.message}")
+            continue
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            temporary = destination.with_name(destination.name + ".part")
+            with temporary.open("wb") as handle:
+                offset = 0
+                while chunk := runner.read_from(f"{worker.remote_dir}/{LOG_NAME}", offset, READ_CHUNK):
+                    handle.write(chunk)
+                    offset += len(chunk)
+            temporary.replace(destination)
+        except (GpuflowError, OSError) as exc:
+            say(f"node {worker.index}'s log was not copied: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                runner.close()
 
 
 def _record_node_gpus(target: RunTarget, record: RunRecord, reports: Sequence[Mapping[str, Any]]) -> None:

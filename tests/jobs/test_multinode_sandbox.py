@@ -91,3 +91,7 @@ def test_a_two_node_sandbox_run_through_the_loopback_openssh_server(tmp_path, mo
         assert "syncing" in captured.err and "node 1" in captured.err
         assert "worker 0 of 2 index 0" in captured.out and "got hello from 1" in captured.out
         assert _nothing_left(gpuflow_home) == []
+        # the cluster is gone; what `run` kept of every node's log is still there
+        assert cli(["logs", record.run_id, "--all"]) == 0
+        lines = capfd.readouterr().out.splitlines()
+        assert "[node 0] got hello from 1" in lines and "[node 1] got hello from 0" in lines
