@@ -19,7 +19,7 @@ from gpuflow import procs
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import UsageError
 from gpuflow.state import validate_name
-from infra.port import Provisioner, ProvisionerFactory
+from infra.port import WORKER_PORT_RANGE, Provisioner, ProvisionerFactory
 
 
 def open_provisioner(
@@ -100,6 +100,7 @@ def _sandbox_clusters_of(home: Path, instance_id: str, tagged: str | None) -> li
 __all__ = [
     "Provisioner",
     "ProvisionerFactory",
+    "WORKER_PORT_RANGE",
     "discard_sandbox_instance",
     "discard_terminated_sandbox_instance",
     "open_provisioner",

@@ -16,6 +16,10 @@ from typing import Protocol
 from infra.account_stack import STACK_NAME, AccountStackView, StackPlan
 from infra.records import ImageInfo, InstanceTypeInfo, InstanceView, LaunchRequest, LaunchResult, ManagedResource
 
+# The ports a multi-node run's workers use between themselves (TF_CONFIG's gRPC port, then
+# the supervisors' peer watch): a multi-node cluster's security group opens them to itself only.
+WORKER_PORT_RANGE = (47470, 47479)
+
 
 class Provisioner(Protocol):
     """Cloud operations for one region."""
@@ -34,6 +38,7 @@ class Provisioner(Protocol):
     def default_vpc(self) -> str: ...
     def create_security_group(self, group_name: str, description: str, vpc_id: str, tags: dict[str, str]) -> str: ...
     def authorize_ssh(self, group_id: str, cidr: str, description: str) -> None: ...
+    def authorize_workers(self, group_id: str, description: str) -> None: ...
     def launch_subnets(self, vpc_id: str, zones: Sequence[str]) -> tuple[tuple[str, str], ...]: ...
     def launch(self, request: LaunchRequest, *, on_attempt: Callable[[str], None] | None = None) -> LaunchResult: ...
 
@@ -73,4 +78,4 @@ ProvisionerFactory = Callable[..., Provisioner]
 """``factory(region, *, profile=None, sandbox=False) -> Provisioner``; the use
 cases take one so tests can inject a provisioner that never sleeps."""
 
-__all__ = ["Provisioner", "ProvisionerFactory"]
+__all__ = ["Provisioner", "ProvisionerFactory", "WORKER_PORT_RANGE"]

@@ -69,6 +69,9 @@ def run_command(
     region: Optional[str] = typer.Option(None, "--region", help="With --up: the AWS region."),  # noqa: UP007
     spot: bool = typer.Option(False, "--spot", help="With --up: a spot instance."),
     spot_fallback: bool = typer.Option(False, "--spot-fallback", help="With --up --spot: on-demand when no zone has spot capacity."),
+    count: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--count", metavar="N", help="With --up: N instances; the run uses every one (see --nodes)."
+    ),
     idle_minutes: Optional[int] = typer.Option(None, "--idle-minutes", metavar="MINUTES", help="With --up: dead-man's switch idle window."),  # noqa: UP007
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="HOURS", help="With --up: hard cap on the instance's life."),  # noqa: UP007
     sandbox: bool = typer.Option(False, "--sandbox", help="With --up: in the sandbox cloud (no AWS account)."),
@@ -99,6 +102,10 @@ def run_command(
         None, "--max-dollars", metavar="USD", help="With --recover: stop the run, its checkpoint saved, before the "
         "estimated cost of all its attempts would pass USD.",
     ),
+    nodes: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--nodes", metavar="K", min=1, help="Run on the cluster's first K nodes only (default: every node; "
+        "on several, each job gets TF_CONFIG, GPUFLOW_NUM_WORKERS and GPUFLOW_WORKER_INDEX; node 0 is the chief).",
+    ),
 ) -> None:
     """Run a module or a command on a cluster and stream its log.
 
@@ -124,10 +131,11 @@ def run_command(
             ("NAME/MODULE", positionals), ("a command after `--`", job_args or ctx.meta.get(SAW_DOUBLE_DASH)),
             ("--up", up), ("--down", down), ("--data", data), ("--project-dir", project_dir),
             ("--instance-type", instance_type), ("--region", region), ("--spot", spot), ("--spot-fallback", spot_fallback),
+            ("--count", count is not None),
             ("--idle-minutes", idle_minutes is not None), ("--max-hours", max_hours is not None), ("--sandbox", sandbox),
             ("--env", env), ("--recover", recover is not None), ("--max-restarts", max_restarts is not None),
             ("--fallback-types", fallback_types), ("--restart-on-exit-codes", restart_on_exit_codes),
-            ("--max-dollars", max_dollars is not None),
+            ("--max-dollars", max_dollars is not None), ("--nodes", nodes is not None),
         ) if value]
         if given:
             raise UsageError(
@@ -151,11 +159,13 @@ def run_command(
     if up:
         options = {"instance_type": instance_type, "region": region, "idle_minutes": idle_minutes,
                    "max_hours": max_hours, "spot": spot or None, "spot_fallback": spot_fallback or None,
-                   "sandbox": sandbox or None}
+                   "sandbox": sandbox or None, "count": count}
         up_spec = jobs.up_spec_for_run(name, project_dir=project, **options)
         name = up_spec.name
-    elif sandbox or instance_type or region or spot or spot_fallback or idle_minutes is not None or max_hours is not None:
-        raise UsageError("--instance-type, --region, --spot, --spot-fallback, --idle-minutes, --max-hours and --sandbox need --up")
+    elif (sandbox or instance_type or region or spot or spot_fallback or idle_minutes is not None
+          or max_hours is not None or count is not None):
+        raise UsageError("--instance-type, --region, --spot, --spot-fallback, --count, --idle-minutes, --max-hours "
+                         "and --sandbox need --up")
     cluster_name = jobs.resolve_cluster_name(name, project_dir=project)
     with ended_by_signals() as signals, _offering_gitignore(project, (JobFailed, RunLost)):
         try:
@@ -173,6 +183,7 @@ def run_command(
                 data_dir=_existing_directory(data, "--data") if data is not None else None,
                 env=job_env,
                 recovery=recovery,
+                nodes=nodes,
             )
         except ClusterNotFound as exc:
             if up_spec is not None:  # --up made or refused the cluster itself, and said why
@@ -392,6 +403,10 @@ def resume_command(
 def logs_command(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run id (see `gpuflow runs`)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+    node: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--node", metavar="I", min=0, help="A multi-node run: the log of node I (default: the chief's, node 0)."
+    ),
+    all_nodes: bool = typer.Option(False, "--all", help="A multi-node run: every node's log, each line prefixed by its node."),
 ) -> None:
     """Print a run's log.
 
@@ -401,6 +416,16 @@ def logs_command(
     """
     from gpuflow import jobs
 
+    if node is not None or all_nodes:
+        if node is not None and all_nodes:
+            raise UsageError("--node and --all contradict each other", hint="drop one of them")
+        if all_nodes and follow:
+            raise UsageError("--all prints every node's log as it is now", hint=f"follow one node: gpuflow logs {run_id} -f --node I")
+        with ended_by_signals():
+            exit_code = jobs.node_logs(run_id, out=sys.stdout.buffer, node=node, follow=follow, say=_say)
+        if follow and exit_code not in (None, 0):
+            raise JobFailed(f"run {run_id}: node {node}'s job ended with exit code {exit_code}", job_exit_code=exit_code)
+        return
     with ended_by_signals():
         exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
     record = jobs.load_record(run_id)

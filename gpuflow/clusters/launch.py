@@ -168,6 +168,8 @@ def up(
         cluster = replace(cluster, security_group_id=group_id, security_group_created=True)
         _save(store, cluster, Phase.CREATING, launch_id)
         provisioner.authorize_ssh(group_id, ssh_cidr, f"gpuflow {spec.name}: SSH")
+        if spec.count > 1:  # its workers talk to each other (gpuflow run on every node): from this group only
+            provisioner.authorize_workers(group_id, f"gpuflow {spec.name}: workers")
 
         # 5. Launch, with zone and market fallbacks.
         request = LaunchRequest(

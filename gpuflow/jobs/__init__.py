@@ -51,7 +51,7 @@ Modules, each owning one thing (imports go down this list only):
 
 from __future__ import annotations
 
-from gpuflow.jobs.commands import list_runs, logs, pull, stop
+from gpuflow.jobs.commands import list_runs, logs, node_logs, pull, stop
 from gpuflow.jobs.connection import Connection
 from gpuflow.jobs.environment import (
     base_python,
@@ -163,6 +163,7 @@ __all__ = [
     "list_runs",
     "load_record",
     "logs",
+    "node_logs",
     "lost_reason",
     "new_run_id",
     "prepare_environment",

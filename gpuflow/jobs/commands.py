@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 from gpuflow.durable import fallback as durable_fallback
-from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath
+from gpuflow.errors import GpuflowError, InstanceGone, NotFound, RunLost, UnsafePath, UsageError
+from gpuflow.jobs import workers
 from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL, JobVanished, follow_log
 from gpuflow.jobs.local_copy import holds_everything, missing_locally
@@ -202,12 +204,79 @@ def logs(
             raise _missing(record, f"its run directory is gone from cluster {record.cluster}", home, (LOG_NAME,))
         if exit_code is not None and not record.finished:
             runner = connection.runner
-            save_record(record.with_status(ended_status(runner, record.remote_dir, exit_code), lost_reason=None,
-                                           interruption=read_interruption(runner, record.remote_dir)), home)
+            status = ended_status(runner, record.remote_dir, exit_code)
+            if record.workers:  # a multi-node run's status is all its nodes' (recorded once they all ended)
+                status = workers.derive_status(workers.node_reports(target, record))
+            if status.finished:
+                save_record(record.with_status(status, lost_reason=None,
+                                               interruption=read_interruption(runner, record.remote_dir),
+                                               failure=status.note if status.state is RunState.FAILED else None), home)
         return exit_code
     finally:
         with contextlib.suppress(Exception):
             connection.runner.close()
+
+
+def node_logs(
+    run_id: str,
+    *,
+    out: BinaryIO,
+    node: int | None = None,
+    follow: bool = False,
+    resolve: TargetResolver = target_for_cluster,
+    home: Path | None = None,
+    say: Say = quiet,
+    poll_interval: float = 0.5,
+    reconnect_timeout: float = 300,
+) -> int | None:
+    """``gpuflow logs RUN --node I [-f]`` (node ``node``'s log, as it is or followed) and
+    ``--all`` (``node`` None: every node's log as it is now, each line prefixed by its node).
+    Returns that node's exit code (``--all``: None)."""
+    record = load_record(run_id, home)
+    if not record.workers:
+        if node in (None, 0):  # one node: it is the chief
+            return logs(run_id, out=out, follow=follow, resolve=resolve, home=home, say=say,
+                        poll_interval=poll_interval, reconnect_timeout=reconnect_timeout)
+        raise UsageError(f"run {run_id} ran on one node (node 0)", hint=f"gpuflow logs {run_id}")
+    if node is not None and not 0 <= node < len(record.workers):
+        raise UsageError(
+            f"run {run_id} ran on {len(record.workers)} nodes: there is no node {node}",
+            hint=f"use --node 0 to --node {len(record.workers) - 1}",
+        )
+    chosen = [record.workers[node]] if node is not None else list(record.workers)
+    try:
+        target, probe = _connect(record.cluster, resolve)
+        with contextlib.suppress(Exception):
+            probe.close()
+    except _FilesUnreachable as gone:  # what `run` copied of each node's log when it ended
+        kept = [(worker, workers.worker_log_path(record, worker.index)) for worker in chosen]
+        kept = [(worker, Path(record.local_dir) / LOG_NAME if worker.index == 0 else path) for worker, path in kept]
+        if not all(path.is_file() for _worker, path in kept):
+            raise _missing(record, gone.reason, home, (LOG_NAME,)) from gone
+        for worker, path in kept:
+            sink = out if node is not None else workers.PrefixedOutput(out, worker.index)
+            sink.write(path.read_bytes())
+            if isinstance(sink, workers.PrefixedOutput):
+                sink.finish()
+        out.flush()
+        return record.exit_code if node is not None else None
+    exit_code = None
+    for worker in chosen:
+        node_target = workers.node_target(target, worker)
+        connection = Connection(node_target, node_target.connect(), reconnect_timeout, say)
+        sink = out if node is not None else workers.PrefixedOutput(out, worker.index)
+        try:
+            exit_code, _offset = follow_log(connection, worker.remote_dir, sink, poll_interval=poll_interval,
+                                            follow=follow)
+        except JobVanished as vanished:
+            raise RunLost(f"run {run_id}: node {worker.index}'s job is gone: {vanished.reason}") from vanished
+        finally:
+            if isinstance(sink, workers.PrefixedOutput):
+                sink.finish()
+            out.flush()
+            with contextlib.suppress(Exception):
+                connection.runner.close()
+    return exit_code if node is not None else None
 
 
 def pull(
@@ -301,6 +370,12 @@ def stop(
             save_record(record, home)
         return record, StopOutcome.GONE
     liveness = None
+    if record.workers:  # every other node's job too, at the same time as the chief's
+        others = [worker.index for worker in record.workers if worker.index != 0]
+        stopping = threading.Thread(
+            target=workers.stop_nodes, args=(_target, record), kwargs={"grace_seconds": grace_seconds, "only": others}
+        )
+        stopping.start()
     try:
         outcome = stop_job(runner, record.remote_dir, grace_seconds=grace_seconds)
         exit_code = read_exit_code(runner, record.remote_dir)
@@ -311,8 +386,13 @@ def stop(
     finally:
         with contextlib.suppress(Exception):
             runner.close()
+        if record.workers:
+            stopping.join()
+    if exit_code is not None and record.workers:  # the run's status is all its nodes'
+        status = workers.derive_status(workers.node_reports(_target, record))
     if exit_code is not None:
-        record = record.with_status(status, ended_at=iso(utc_now()))
+        record = record.with_status(status, ended_at=iso(utc_now()),
+                                    failure=status.note if status.state is RunState.FAILED else None)
         save_record(record, home)
     elif (liveness is None and outcome is StopOutcome.GONE) or (
         liveness is not None and liveness.exit_code is None and not liveness.alive
@@ -362,7 +442,7 @@ def _refresh_cluster(
 ) -> dict[str, RunStatus]:
     unreachable = RunStatus(RunState.UNREACHABLE)
     try:
-        _target, runner = _connect(cluster_name, resolve)
+        target, runner = _connect(cluster_name, resolve)
     except _FilesUnreachable as gone:  # the cluster or its instance is gone: so are its runs
         return _mark_lost(pending, home, gone.reason)
     except GpuflowError:  # cannot tell right now (network, credentials, host key): say so, keep the record
@@ -380,10 +460,14 @@ def _refresh_cluster(
     for record in pending:
         report = reports.get(record.remote_dir, {})
         status = classify(report)
-        if status != record.run_status:
+        if record.workers:  # a multi-node run: one status derived from all its nodes
+            status = workers.derive_status(workers.node_reports(target, record))
+        if status != record.run_status or (status.state is RunState.FAILED and status.note != record.failure):
             reason = "no exit code and no live job" if status.state is RunState.LOST else None
+            reason = status.note if status.state is RunState.LOST and status.note else reason
             save_record(record.with_status(status, lost_reason=reason,
-                                           interruption=interruption_text(report.get("interruption"))), home)
+                                           interruption=interruption_text(report.get("interruption")),
+                                           failure=status.note if status.state is RunState.FAILED else None), home)
         statuses[record.run_id] = status
     return statuses
 

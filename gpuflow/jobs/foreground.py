@@ -19,13 +19,14 @@ from gpuflow.jobs.records import (
     RunRecord,
     RunState,
     RunTarget,
+    STOP_GRACE_SECONDS,
     Say,
     lose,
     quiet,
     save_record,
 )
 from gpuflow.jobs.rundir import ended_status, read_interruption, stop_job
-from gpuflow.jobs.start import start_run
+from gpuflow.jobs import workers
 
 
 def run(
@@ -46,6 +47,7 @@ def run(
     data_dir: Path | None = None,
     liveness_interval: float = LIVENESS_INTERVAL,
     env: Mapping[str, str] | None = None,
+    nodes: int | None = None,
 ) -> RunOutcome:
     """``gpuflow run``: start detached, stream the log, pull, return the outcome.
 
@@ -63,7 +65,7 @@ def run(
     """
     connection = Connection(target, target.connect(), reconnect_timeout, say)
     try:
-        record = start_run(
+        record = workers.start(
             target,
             connection.runner,
             project_dir=project_dir,
@@ -75,6 +77,7 @@ def run(
             home=home,
             say=say,
             env=env,
+            nodes=nodes,
         )
         if detach:
             return RunOutcome(record, None, detached=True)
@@ -123,12 +126,19 @@ def follow_to_outcome(
             if InterruptChoice(choice) is not InterruptChoice.STOP:
                 return RunOutcome(record, None, detached=True)
             say(f"stopping run {record.run_id} (it may save a checkpoint first)")
-            stop_job(connection.runner, record.remote_dir)
+            if record.workers:  # every node's job
+                workers.stop_nodes(connection.target, record, grace_seconds=STOP_GRACE_SECONDS, only=None)
+            else:
+                stop_job(connection.runner, record.remote_dir)
             stopped = True
     # The outcome is known now: record it before the pull, which may fail.
     status = ended_status(connection.runner, record.remote_dir, exit_code)
+    if record.workers:  # a multi-node run: its status is all its nodes' (and nothing of it is left running)
+        status = workers.settle(connection.target, record, say=say)
+        exit_code = status.exit_code if status.exit_code is not None else exit_code
     record = record.with_status(
-        status, lost_reason=None, interruption=read_interruption(connection.runner, record.remote_dir)
+        status, lost_reason=None, interruption=read_interruption(connection.runner, record.remote_dir),
+        failure=status.note if status.state is RunState.FAILED else None,
     )
     save_record(record, home)
     durable = read_durable_status(connection.runner, record.remote_dir) if record.durable else None
@@ -141,6 +151,8 @@ def follow_to_outcome(
         ended = str(status)
     else:
         ended = f"{'was stopped' if stopped else 'failed'} with exit code {exit_code}"
+        if status.state is RunState.FAILED and status.note:
+            ended += f" ({status.note})"
     try:
         record, report = pull_with_reconnect(connection, record, home=home, say=say)
     except GpuflowError as pull_error:

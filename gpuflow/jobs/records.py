@@ -128,8 +128,8 @@ class RunStatus:
         return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.INTERRUPTED)
 
     def __str__(self) -> str:
-        if self.state is RunState.FAILED:
-            return f"failed({self.exit_code})"
+        if self.state is RunState.FAILED:  # a multi-node run's note: which node failed, and why
+            return f"failed({self.exit_code})" + (f" ({self.note})" if self.note else "")
         if self.state is RunState.INTERRUPTED:
             return f"interrupted (resumable at {self.checkpoint})" if self.checkpoint else "interrupted (resumable)"
         if self.note:
@@ -185,6 +185,22 @@ class RunTarget:
     # Whether the instance still runs (EC2's state; a sandbox instance's directory):
     # lets a follower tell a dropped connection from a terminated instance.  None: unknown.
     instance_alive: Callable[[], bool] | None = None
+    # Every node of the cluster, the head first, as a multi-node run reaches them; () when
+    # only the head is reachable (then a run is on one node).
+    nodes: tuple[NodeTarget, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """One node of a cluster as a run reaches it: its address (``host``, the private one
+    on AWS) for the other workers, a new runner per call, and the syncs to it."""
+
+    instance_id: str
+    host: str
+    connect: Callable[[], CommandRunner]
+    sync_project: Callable[[Path], object] | None = None
+    sync_data: Callable[[Path], object] | None = None
+    sandbox: bool = False  # a sandbox node: on this machine (127.0.0.1, a free port per worker)
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,23 @@ class PulledCopy:
 
 
 @dataclass(frozen=True)
+class WorkerNode:
+    """One node of a multi-node run (:mod:`gpuflow.jobs.workers`): its place in TF_CONFIG
+    (``index``, 0 the chief; ``host:port``), its supervisor's peer watch port, its run directory."""
+
+    index: int
+    instance_id: str
+    host: str
+    port: int
+    watch_port: int
+    remote_dir: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """The local record of one run (the ``runs`` state collection)."""
 
@@ -254,11 +287,16 @@ class RunRecord:
     data_dir: str | None = None
     durable: DurableRef | None = None  # where its checkpoints, log and outputs are kept in S3 (None: nowhere)
     durable_problem: str | None = None  # what of it was never uploaded there, in one line (None: nothing)
+    workers: tuple[WorkerNode, ...] = ()  # a multi-node run's nodes, the chief (remote_dir) first; () on one node
+    failure: str | None = None  # a failed multi-node run: which node failed, and why
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", RunState(self.status))
         if isinstance(self.durable, dict):  # as stored
             object.__setattr__(self, "durable", DurableRef.from_dict(self.durable))
+        object.__setattr__(self, "workers", tuple(
+            WorkerNode(**worker) if isinstance(worker, dict) else worker for worker in self.workers
+        ))
         if isinstance(self.pulled, dict):  # as stored
             object.__setattr__(self, "pulled", PulledCopy.from_dict(self.pulled))
 
@@ -272,6 +310,7 @@ class RunRecord:
         data["args"] = list(self.args) if self.args is not None else None
         data["pulled"] = self.pulled.to_dict() if self.pulled is not None else None
         data["durable"] = self.durable.to_dict() if self.durable is not None else None
+        data["workers"] = [asdict(worker) for worker in self.workers]
         return data
 
     @classmethod
@@ -287,7 +326,8 @@ class RunRecord:
 
     @property
     def run_status(self) -> RunStatus:
-        return RunStatus(self.status, self.exit_code, self.checkpoint if self.status is RunState.INTERRUPTED else None)
+        return RunStatus(self.status, self.exit_code, self.checkpoint if self.status is RunState.INTERRUPTED else None,
+                         note=self.failure if self.status is RunState.FAILED else None)
 
     @property
     def finished(self) -> bool:

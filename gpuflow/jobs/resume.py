@@ -69,6 +69,11 @@ def resume(
     for a run that is running or succeeded, or failed or was lost without a checkpoint;
     :class:`NotFound` when its cluster or run directory is gone."""
     record = load_record(run_id, home)
+    if record.workers:  # every node would have to restart together, from the same step
+        raise UsageError(
+            f"run {run_id} ran on {len(record.workers)} nodes: --resume continues runs of one node only",
+            hint="start it again with `gpuflow run`",
+        )
     try:
         target = resolve(record.cluster)
         gone = instance_gone(target)  # asked first: connecting to a terminated sandbox instance re-creates it

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from gpuflow import procs
 from gpuflow.durable import uploader
-from gpuflow.jobs import imds_watch
+from gpuflow.jobs import imds_watch, peer_watch
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 
@@ -95,6 +95,7 @@ durable_url={{durable_url}}
 durable_region={{durable_region}}
 durable_endpoint={{durable_endpoint}}
 durable_py={{durable_source}}
+peers_py={{peers_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
 
@@ -133,6 +134,13 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
     "$python" -I -S -c "$durable_py" restore "$run_dir" "$durable_url" "$durable_region" \
       </dev/null >/dev/null 2>>"$run_dir/durable.log"
   fi
+  # A multi-node run's watchdog (gpuflow/jobs/peer_watch.py), in this process group, not the job's:
+  # it ends this node's job when a peer's failed, and answers its peers until they know how it ended.
+  peers_pid=""
+  if [ -f "$run_dir/peers.json" ]; then
+    "$python" -I -S -c "$peers_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
+    peers_pid=$!
+  fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
   # records its identity (job.proc), then its pid (job.pid), then execs the command.
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
@@ -160,6 +168,10 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
     # the last checkpoint, the outputs and the log go up (bounded by the uploader) before exit_code appears
     write_atomically "$run_dir/.durable-exit" "$code"
     wait "$durable_pid"
+  fi
+  if [ -n "$peers_pid" ]; then
+    write_atomically "$run_dir/job.ended" "$code"
+    wait "$peers_pid"
   fi
 else
   code=127
@@ -226,6 +238,17 @@ def durable_script() -> str:
     return f"{watch_source}\n\n{upload_source}\n\nsys.exit(durable_main(sys.argv[1:]))\n"
 
 
+def peer_watch_script() -> str:
+    """A multi-node run's watchdog as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
+    :mod:`gpuflow.procs`' source (how the job is signalled), then :mod:`gpuflow.jobs.peer_watch`'s."""
+    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
+    watch_source = Path(peer_watch.__file__).read_text(encoding="utf-8")
+    watch_source = "\n".join(
+        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
+    )
+    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(peer_main(sys.argv[1:], signal_run_group))\n"
+
+
 def render_supervisor(
     *,
     run_id: str,
@@ -262,6 +285,7 @@ def render_supervisor(
         durable_region=durable_region,
         durable_endpoint=durable_endpoint,
         durable_source=durable_script() if durable_url else "",
+        peers_source=peer_watch_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
     )
 

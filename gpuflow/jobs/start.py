@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,6 +79,8 @@ def start_run(
     ``env`` adds variables to the job's environment (e.g. ``GPUFLOW_SMOKE=1``);
     gpuflow's own ``GPUFLOW_*`` run variables and AWS credentials cannot be set this way.
 
+    On one node: a run on several is :func:`gpuflow.jobs.workers.start`'s.
+
     Returns once the supervisor has recorded the job's pid (or its exit
     code, for a job that ended at once).
     """
@@ -87,24 +89,84 @@ def start_run(
     run_id = validate_name(run_id or new_run_id(), "run id")
     base_dir = runner.base_dir
     remote_dir = f"{base_dir}/runs/{run_id}"
-    work_dir = f"{base_dir}/project"
-    if target.sync_project is not None:
-        say(f"syncing {project_dir} to {target.cluster.name}")
-        report = target.sync_project(project_dir)
+    python, remote_data_dir = prepare_node(
+        runner, target.cluster.name, target.sync_project, target.sync_data, project_dir, data_dir, say
+    )
+    argv, job_env = job_setup(runner, module, args, run_id, remote_dir, python, remote_data_dir, extra_env, project_dir)
+    durable = _durable_for(target, run_id)
+    record = RunRecord(
+        run_id=run_id,
+        cluster=target.cluster.name,
+        base_dir=base_dir,
+        remote_dir=remote_dir,
+        command=tuple(argv),
+        project_dir=str(project_dir),
+        local_dir=str(project_dir / "runs" / run_id),
+        started_at=iso(utc_now()),
+        module=module,
+        args=tuple(str(arg) for arg in args),
+        job_env=dict(extra_env) or None,
+        data_dir=str(data_dir) if data_dir is not None else None,
+        durable=durable.ref if durable else None,
+    )
+    write_supervisor(runner, record, argv, job_env, python, heartbeat_seconds,
+                     durable_endpoint=durable.endpoint if durable else "")
+    manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
+    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
+    save_record(record, home)
+    try:
+        launch_and_wait(runner, remote_dir, timeout=30 + (uploader.RESTORE_SECONDS if durable else 0))
+    except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
+        save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
+        raise
+    say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
+    return record
+
+
+def prepare_node(
+    runner: CommandRunner,
+    where: str,
+    sync_project: Callable[[Path], object] | None,
+    sync_data: Callable[[Path], object] | None,
+    project_dir: Path,
+    data_dir: Path | None,
+    say: Say,
+) -> tuple[str, str | None]:
+    """Sync the project (and ``data_dir``) to one node and prepare its environment:
+    its job's interpreter, and where the data directory is there (None: no data)."""
+    base_dir = runner.base_dir
+    if sync_project is not None:
+        say(f"syncing {project_dir} to {where}")
+        report = sync_project(project_dir)
         summary = getattr(report, "summary", None)
         if callable(summary):
             say(str(summary()))
     remote_data_dir = None
     if data_dir is not None:
-        if target.sync_data is None:
+        if sync_data is None:
             raise UsageError("this target cannot receive a data directory")
-        say(f"syncing data {data_dir} to {target.cluster.name}")
-        report = target.sync_data(Path(data_dir))
+        say(f"syncing data {data_dir} to {where}")
+        report = sync_data(Path(data_dir))
         summary = getattr(report, "summary", None)
         if callable(summary):
             say(str(summary()))
         remote_data_dir = f"{base_dir}/data/{sync.data_name(Path(data_dir))}"
-    python = prepare_environment(runner, project_dir, say=say)
+    return prepare_environment(runner, project_dir, say=say), remote_data_dir
+
+
+def job_setup(
+    runner: CommandRunner,
+    module: str | None,
+    args: Sequence[str],
+    run_id: str,
+    remote_dir: str,
+    python: str,
+    remote_data_dir: str | None,
+    extra_env: Mapping[str, str],
+    project_dir: Path,
+) -> tuple[list[str], dict[str, str]]:
+    """The job's argv and environment in ``remote_dir`` on one node (the training package shipped when needed)."""
+    base_dir = runner.base_dir
     job_env = {
         "GPUFLOW_RUN_ID": run_id,
         "GPUFLOW_RUN_DIR": remote_dir,
@@ -123,28 +185,28 @@ def start_run(
     argv = build_job_argv(
         python=python, module=module, args=args, output_dir=f"{remote_dir}/{OUTPUTS_NAME}", data_dir=remote_data_dir
     )
-    durable = _durable_for(target, run_id)
-    durable_endpoint = durable.endpoint if durable else ""
-    record = RunRecord(
-        run_id=run_id,
-        cluster=target.cluster.name,
-        base_dir=base_dir,
-        remote_dir=remote_dir,
-        command=tuple(argv),
-        project_dir=str(project_dir),
-        local_dir=str(project_dir / "runs" / run_id),
-        started_at=iso(utc_now()),
-        module=module,
-        args=tuple(str(arg) for arg in args),
-        job_env=dict(extra_env) or None,
-        data_dir=str(data_dir) if data_dir is not None else None,
-        durable=durable.ref if durable else None,
-    )
+    return argv, job_env
+
+
+def write_supervisor(
+    runner: CommandRunner,
+    record: RunRecord,
+    argv: Sequence[str],
+    job_env: Mapping[str, str],
+    python: str,
+    heartbeat_seconds: float,
+    remote_dir: str | None = None,
+    durable_endpoint: str = "",
+) -> None:
+    """The run's supervisor script, in ``remote_dir`` (default: the record's) of ``runner``'s node;
+    with the record's ``durable`` store its sidecar restores and uploads (``durable_endpoint``:
+    the S3 endpoint, "" = AWS's own)."""
+    remote_dir = remote_dir or record.remote_dir
     script = scripts.render_supervisor(
-        run_id=run_id,
+        run_id=record.run_id,
         run_dir=remote_dir,
-        base_dir=base_dir,
-        work_dir=work_dir,
+        base_dir=runner.base_dir,
+        work_dir=f"{runner.base_dir}/project",
         argv=argv,
         env=job_env,
         heartbeat_seconds=heartbeat_seconds,
@@ -154,27 +216,17 @@ def start_run(
         durable_endpoint=durable_endpoint,
     )
     runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
-    manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
-    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
-    save_record(record, home)
-    # One round trip: start the supervisor and wait (on the target) until it
-    # has recorded the job's pid.
-    try:
-        launched = _launch(
-            runner,
-            scripts.launch_and_wait_command(remote_dir, SUPERVISOR_NAME),
+
+
+def launch_and_wait(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> None:
+    """One round trip: start the supervisor and wait (on the target) until it has recorded the job's pid."""
+    launched = _launch(runner, scripts.launch_and_wait_command(remote_dir, SUPERVISOR_NAME))
+    if not launched.ok:
+        raise RemoteCommandFailed(
+            f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
+            hint="the instance needs bash, setsid (util-linux) and nohup",
         )
-        if not launched.ok:
-            raise RemoteCommandFailed(
-                f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
-                hint="the instance needs bash, setsid (util-linux) and nohup",
-            )
-        wait_for_start(runner, remote_dir, timeout=30 + (uploader.RESTORE_SECONDS if durable else 0))
-    except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
-        save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
-        raise
-    say(f"run {run_id} started on {target.cluster.name}: {quote_argv(argv)}")
-    return record
+    wait_for_start(runner, remote_dir, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -203,7 +255,7 @@ def _durable_for(target: RunTarget, run_id: str) -> _Durable | None:
 # Set by gpuflow for every job (start_run); a caller's ``env`` cannot replace them.
 RESERVED_JOB_VARIABLES = frozenset(
     {"GPUFLOW_RUN_ID", "GPUFLOW_RUN_DIR", "GPUFLOW_OUTPUT_DIR", "GPUFLOW_DATA_ROOT", "GPUFLOW_DATA_DIR", "PYTHONPATH",
-     "PYTHONUNBUFFERED"}
+     "PYTHONUNBUFFERED", "GPUFLOW_NUM_WORKERS", "GPUFLOW_WORKER_INDEX"}
 )
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from gpuflow import clusters, nodes, sync
 from gpuflow.errors import NotFound, UsageError
-from gpuflow.jobs.records import RunTarget
+from gpuflow.jobs.records import NodeTarget, RunTarget
 from gpuflow.nodes import node_alive
+from gpuflow.records import Cluster, Node
 from gpuflow.state import validate_name
 
 # Turns a cluster name into the target its runs execute on (tests pass their own).
@@ -30,6 +31,19 @@ def target_for_cluster(cluster_name: str, *, project_dir: Path | None = None) ->
     return RunTarget(
         cluster=cluster, connect=lambda: nodes.runner_for(cluster, project_dir=project_dir), sync_project=sync_project,
         sync_data=sync_data, instance_alive=lambda: node_alive(cluster, project_dir=project_dir),
+        nodes=tuple(_node_target(cluster, node, project_dir) for node in cluster.nodes),
+    )
+
+
+def _node_target(cluster: Cluster, node: Node, project_dir: Path | None) -> NodeTarget:
+    """One node as a multi-node run reaches it (its private address for the other workers)."""
+    return NodeTarget(
+        instance_id=node.instance_id,
+        host="127.0.0.1" if cluster.sandbox else (node.private_ip or node.public_ip or ""),
+        connect=lambda: nodes.runner_for(cluster, node, project_dir=project_dir),
+        sync_project=lambda directory: sync.sync_project(cluster, directory, node=node),
+        sync_data=lambda directory: sync.sync_data(cluster, directory, project_dir=project_dir, node=node),
+        sandbox=bool(cluster.sandbox),
     )
 
 

@@ -9,15 +9,17 @@ from gpuflow import nodes
 from gpuflow.clusters import get_cluster, resolve_cluster_name
 from gpuflow.config import project_config
 from gpuflow.nodes import Reach, access_for
-from gpuflow.records import Cluster
+from gpuflow.records import Cluster, Node
 from gpuflow.state import validate_name
 from gpuflow.sync.engine import DEFAULT_LARGE_BYTES, DEFAULT_LARGE_FILES, sync_directory
 from gpuflow.sync.ignore import PROJECT_SKIPPED_TOP_LEVEL
 from gpuflow.sync.plan import Destination, LocalDestination, SSHDestination, SyncReport
 
 
-def destination_for(cluster: Cluster, subdirectory: str, *, project_dir: Path | None = None) -> Destination:
-    """Where ``<base>/<subdirectory>`` of a cluster's head node is, for sync.
+def destination_for(
+    cluster: Cluster, subdirectory: str, *, project_dir: Path | None = None, node: Node | None = None
+) -> Destination:
+    """Where ``<base>/<subdirectory>`` of a cluster's head node (or ``node``) is, for sync.
 
     * a sandbox cluster without a loopback sshd: its LocalRunner directory
       ``$GPUFLOW_HOME/sandbox/<cluster>/<instance-id>`` on this machine;
@@ -31,7 +33,7 @@ def destination_for(cluster: Cluster, subdirectory: str, *, project_dir: Path | 
     printed only fingerprints, one connection through the SSH runner, which
     accepts exactly a key with such a fingerprint, pins the key first.
     """
-    node = cluster.head
+    node = node or cluster.head
     reach = access_for(cluster, project_dir=project_dir).reach  # decided once, by gpuflow.nodes
     if reach is not Reach.SSH:
         runner = nodes.runner_for(cluster, node, project_dir=project_dir)  # pins a loopback sshd's key; connects lazily
@@ -52,10 +54,11 @@ def destination_for(cluster: Cluster, subdirectory: str, *, project_dir: Path | 
     return SSHDestination(target, f"gpuflow/{subdirectory}")
 
 
-def sync_project(cluster: Cluster, project_dir: Path, **options: Any) -> SyncReport:
-    """Push the project to ``<base>/project/`` (the top-level ``runs/`` stays home)."""
+def sync_project(cluster: Cluster, project_dir: Path, *, node: Node | None = None, **options: Any) -> SyncReport:
+    """Push the project to ``<base>/project/`` of the head node (or ``node``; the top-level ``runs/`` stays home)."""
     options.setdefault("skip_top_level", tuple(PROJECT_SKIPPED_TOP_LEVEL))
-    return sync_directory(Path(project_dir), destination_for(cluster, "project", project_dir=project_dir), **options)
+    destination = destination_for(cluster, "project", project_dir=project_dir, node=node)
+    return sync_directory(Path(project_dir), destination, **options)
 
 
 def data_name(data_dir: Path) -> str:
@@ -63,10 +66,12 @@ def data_name(data_dir: Path) -> str:
     return validate_name(Path(data_dir).expanduser().resolve().name, "data directory name")
 
 
-def sync_data(cluster: Cluster, data_dir: Path, *, project_dir: Path | None = None, **options: Any) -> SyncReport:
-    """Push a data directory to ``<base>/data/<basename>/``, where later runs find it
-    (``project_dir``: the project whose config says how the cluster is reached)."""
-    destination = destination_for(cluster, f"data/{data_name(data_dir)}", project_dir=project_dir)
+def sync_data(
+    cluster: Cluster, data_dir: Path, *, project_dir: Path | None = None, node: Node | None = None, **options: Any
+) -> SyncReport:
+    """Push a data directory to ``<base>/data/<basename>/`` of the head node (or ``node``), where
+    later runs find it (``project_dir``: the project whose config says how the cluster is reached)."""
+    destination = destination_for(cluster, f"data/{data_name(data_dir)}", project_dir=project_dir, node=node)
     return sync_directory(Path(data_dir), destination, **options)
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 from infra.aws.client import AwsApi, AwsCallError, known_regions
 from infra.errors import CloudError, CredentialsError, UsageError
+from infra.port import WORKER_PORT_RANGE
 from infra.records import ManagedResource, managed_resource
 from infra.tags import TAG_CLUSTER, TAG_MANAGED, tag_dict, tag_list
 
 # Spot launches through the API need this service-linked role in the account
 # (AWS creates it by itself only for spot requests made in the console).
 SPOT_SERVICE_LINKED_ROLE = "AWSServiceRoleForEC2Spot"
+
 CREATE_SPOT_ROLE_COMMAND = "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
 
 
@@ -113,6 +115,19 @@ class AccountSetup:
             permission["IpRanges"] = [{"CidrIp": cidr, "Description": description}]
         self.api.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[permission])
 
+    def authorize_workers(self, group_id: str, description: str) -> None:
+        """A multi-node cluster's second rule: TCP :data:`WORKER_PORT_RANGE` from the same
+        security group only (a self-referencing rule, never an address range): its nodes
+        reach each other's workers, nothing outside the group reaches them."""
+        low, high = WORKER_PORT_RANGE
+        permission = {
+            "IpProtocol": "tcp",
+            "FromPort": low,
+            "ToPort": high,
+            "UserIdGroupPairs": [{"GroupId": group_id, "Description": description}],
+        }
+        self.api.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[permission])
+
     def delete_security_group(self, group_id: str) -> None:
         """Delete, waiting out DependencyViolation while instances shut down."""
         deadline = self._clock() + self.timeout_seconds
@@ -166,4 +181,4 @@ class AccountSetup:
         ] + [managed_resource("key-pair", key["KeyName"], tag_dict(key.get("Tags"))) for key in keys]
 
 
-__all__ = ["AccountSetup", "CREATE_SPOT_ROLE_COMMAND", "SPOT_SERVICE_LINKED_ROLE"]
+__all__ = ["AccountSetup", "CREATE_SPOT_ROLE_COMMAND", "SPOT_SERVICE_LINKED_ROLE", "WORKER_PORT_RANGE"]
