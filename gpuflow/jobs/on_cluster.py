@@ -98,6 +98,13 @@ def _run_on_cluster(
         target = resolve(cluster_name)
         try:
             if recovery is not None:
+                nodes = run_arguments.pop("nodes", None)
+                if (nodes or len(target.cluster.nodes)) > 1:
+                    raise UsageError(
+                        "--recover continues a run on one node; this run would use "
+                        f"{nodes or len(target.cluster.nodes)} nodes",
+                        hint="run a multi-node job without --recover, or give --nodes 1",
+                    )
                 return run_with_recovery(cluster_name, resolve=resolve, policy=recovery, say=say, **run_arguments)
             return run(target, say=say, **run_arguments)
         except JobInterrupted as interrupted:

@@ -5,6 +5,7 @@ its own is not restarted unless its code is listed, --max-restarts bounds the re
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,15 @@ def test_the_next_attempt_on_a_node_that_has_the_run_directory_continues_it_in_p
     import os
 
     assert os.path.isdir(run_dir + "/attempts/1")  # the failed attempt's files, moved aside on the node
+
+
+def test_recover_refuses_a_run_on_several_nodes_before_starting_anything(spot_target, recover_project):
+    from gpuflow.jobs import run_on_cluster
+
+    said: list[str] = []
+    with pytest.raises(UsageError) as refused:
+        run_on_cluster("spotbox", resolve=lambda _name: spot_target, recovery=RecoveryPolicy(),
+                       project_dir=recover_project, module=None, args=["true"], out=io.BytesIO(), say=said.append,
+                       nodes=2)
+    assert "--recover continues a run on one node" in refused.value.message
+    assert said == [] and not (Path(spot_target.connect().base_dir) / "runs").exists()
