@@ -203,7 +203,7 @@ class MetadataServer(http.server.ThreadingHTTPServer):
         self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
         self._credentials: dict[str, str] | None = None
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                                         name=f"imds-{metadata.instance_id}")
 
     @property
