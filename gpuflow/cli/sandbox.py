@@ -15,7 +15,7 @@ from gpuflow.cli._app import app
 
 sandbox_app = typer.Typer(
     name="sandbox",
-    help="Act as the sandbox cloud: interrupt a sandbox node as a spot reclaim would.",
+    help="Act as the sandbox cloud (interrupt a node).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,

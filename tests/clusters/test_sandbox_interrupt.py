@@ -59,13 +59,6 @@ def test_it_refuses_what_it_cannot_interrupt_in_one_line(gpuflow_home, capfd):
     assert not list((gpuflow_home / "sandbox").rglob("spot-interruption.json"))  # nothing was asked of any node
 
 
-def _gpuflow(home: Path, *argv: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPUFLOW_HOME": str(home), "PYTHONPATH": str(REPO), "GPUFLOW_IMDS_POLL_SECONDS": "0.1",
-           "GPUFLOW_SANDBOX_IDLE_SECONDS": "30"}
-    return subprocess.run([sys.executable, "-m", "gpuflow", *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture
 def spot_project(tmp_path) -> Path:
     project = tmp_path / "spot-project"
@@ -85,17 +78,20 @@ def _job_dir(home: Path, cluster: str, *, after: str = "epoch 0 step 2") -> Path
 
 
 @pytest.mark.slow
-def test_a_node_of_up_sandbox_is_reclaimed_by_its_sandbox_server(gpuflow_home, spot_project, capfd):
+def test_a_node_of_up_sandbox_is_reclaimed_by_its_sandbox_server(gpuflow_home, spot_project, capfd, monkeypatch):
+    """`up --sandbox` starts the detached moto server: it hosts the node's IMDS and reclaims it
+    (the CLI runs in this process, which has no moto of its own: everything goes to the server)."""
     from infra.sandbox import read_server_record, stop_sandbox
 
-    up = _gpuflow(gpuflow_home, "up", "spotbox", "--sandbox", "--spot", cwd=spot_project)
-    assert up.returncode == 0, up.stderr
+    monkeypatch.chdir(spot_project)
+    monkeypatch.setenv("GPUFLOW_IMDS_POLL_SECONDS", "0.1")
+    monkeypatch.setenv("GPUFLOW_SANDBOX_IDLE_SECONDS", "30")
     try:
-        started = _gpuflow(gpuflow_home, "run", "spotbox", "--detach", "--", "python", "spotjob.py", "20", "50",
-                           "0.05", cwd=spot_project)
-        assert started.returncode == 0, started.stderr
+        assert cli(["up", "spotbox", "--sandbox", "--spot"]) == 0
+        assert cli(["run", "spotbox", "--detach", "--", "python", "spotjob.py", "20", "50", "0.05"]) == 0
         run_dir = _job_dir(gpuflow_home, "spotbox")
         node_dir = run_dir.parent.parent
+        capfd.readouterr()
         assert cli(["sandbox", "interrupt", "spotbox", "--notice-seconds", "3", "--json"]) == 0
         said = json.loads(capfd.readouterr().out)
         assert said["instance_id"] == node_dir.name and said["notice"]["action"] == "terminate"
@@ -114,10 +110,9 @@ def test_a_node_of_up_sandbox_is_reclaimed_by_its_sandbox_server(gpuflow_home, s
         assert instance["State"]["Name"] == "terminated"
         assert instance["StateReason"]["Code"] == "Server.SpotInstanceTermination"
         assert "already terminated" in _one_line_error(capfd, cli(["sandbox", "interrupt", "spotbox"]))
+        assert cli(["down", "spotbox", "--sandbox", "--yes"]) == 0
     finally:
-        down = _gpuflow(gpuflow_home, "down", "spotbox", "--sandbox", "--yes", cwd=spot_project)
         stop_sandbox(gpuflow_home)
-    assert down.returncode == 0, down.stderr
 
 
 @pytest.mark.slow
