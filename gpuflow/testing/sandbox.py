@@ -29,6 +29,7 @@ from unittest import mock
 from gpuflow import clusters, jobs
 from gpuflow.procs import identity
 from gpuflow.provisioner import in_process_cloud
+from gpuflow.clusters.interrupt import interrupt_node
 from gpuflow.clusters.spec import default_region
 from gpuflow.config import ENV_HOME, find_project_root, read_project_config
 from gpuflow.errors import GpuflowError, JobFailed, JobInterrupted, NotFound, UsageError
@@ -152,8 +153,6 @@ class GpuflowSandbox:
         its directory gone) ``notice_seconds`` later.  Returns the
         :class:`~gpuflow.clusters.interrupt.Interruption` at once, or with ``wait`` once the
         instance is terminated (at most ``timeout`` seconds)."""
-        from gpuflow.clusters.interrupt import interrupt_node
-
         done = interrupt_node(self._cluster_name(cluster), node, notice_seconds=notice_seconds)
         if wait:
             self.wait_terminated(done.instance_id, timeout=timeout)

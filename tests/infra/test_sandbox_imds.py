@@ -145,3 +145,16 @@ def test_the_keeper_serves_a_node_and_reclaims_it_as_spot(tmp_path):
         assert described["State"]["Name"] == "terminated"
         assert described["StateReason"]["Code"] == "Server.SpotInstanceTermination"
         assert discarded == [(instance["InstanceId"], "box")]
+
+
+def test_the_node_and_its_supervisor_agree_on_where_the_endpoint_is(tmp_path):
+    from gpuflow.jobs import imds_watch, scripts
+    from infra.sandbox.imds import ENDPOINT_NAME
+
+    assert imds_watch.NODE_ENDPOINT_FILE == ENDPOINT_NAME
+    assert f'"$base_dir/{ENDPOINT_NAME}"' in scripts._SUPERVISOR_TEMPLATE
+    run_dir = tmp_path / "base" / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    assert imds_watch.node_endpoint(str(run_dir), wait=0) is None  # an EC2 instance: none
+    (tmp_path / "base" / ENDPOINT_NAME).write_text("http://127.0.0.1:4242\n")
+    assert imds_watch.node_endpoint(str(run_dir), wait=0) == "http://127.0.0.1:4242"
