@@ -48,6 +48,7 @@ from gpuflow.testing.leaks import (
 _REMOVED_VARIABLES = (
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "GPUFLOW_OWNER_ID", "GPUFLOW_SANDBOX_SSH",
+    "GPUFLOW_IMDS_ENDPOINT",  # the sandbox nodes' own metadata services answer (interrupt())
 )
 _FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
