@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import http.server
 import json
+import math
 import os
 import re
 import secrets
@@ -94,8 +95,14 @@ class InterruptionRequest:
     def from_json(cls, document: Any) -> InterruptionRequest:
         if not isinstance(document, dict):
             raise ValueError("not an object")
-        return cls(instance_id=str(document["instance_id"]), requested_at=float(document["requested_at"]),
-                   terminate_at=float(document["terminate_at"]), action=str(document.get("action", "terminate")))
+        request = cls(instance_id=str(document["instance_id"]), requested_at=float(document["requested_at"]),
+                      terminate_at=float(document["terminate_at"]), action=str(document.get("action", "terminate")))
+        moments = (request.requested_at, request.terminate_at)
+        if not all(math.isfinite(moment) and 0 <= moment < 4e9 for moment in moments) or moments[1] < moments[0]:
+            raise ValueError("times out of range")
+        if request.action not in ("terminate", "stop", "hibernate"):
+            raise ValueError(f"unknown action {request.action!r}")
+        return request
 
 
 def read_request(node_dir: Path) -> InterruptionRequest | None:

@@ -158,3 +158,17 @@ def test_the_node_and_its_supervisor_agree_on_where_the_endpoint_is(tmp_path):
     assert imds_watch.node_endpoint(str(run_dir), wait=0) is None  # an EC2 instance: none
     (tmp_path / "base" / ENDPOINT_NAME).write_text("http://127.0.0.1:4242\n")
     assert imds_watch.node_endpoint(str(run_dir), wait=0) == "http://127.0.0.1:4242"
+
+
+@pytest.mark.parametrize("document", [
+    "not json", "[]", '{"instance_id": "i-1"}',
+    '{"instance_id": "i-1", "requested_at": NaN, "terminate_at": 1}',
+    '{"instance_id": "i-1", "requested_at": 10, "terminate_at": 5}',
+    '{"instance_id": "i-1", "requested_at": 1, "terminate_at": 1e300}',
+    '{"instance_id": "i-1", "requested_at": 1, "terminate_at": 2, "action": "reboot"}',
+])
+def test_a_request_that_does_not_parse_is_no_request(serve, tmp_path, document):
+    server = serve()
+    (tmp_path / "node" / CONTROL_NAME).write_text(document)
+    assert read_request(tmp_path / "node") is None
+    assert Imds(server.endpoint).get(META + "spot/instance-action")[0] == 404
