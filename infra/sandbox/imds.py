@@ -23,10 +23,12 @@ A simulated interruption is a control file, ``<node dir>/spot-interruption.json`
 (:data:`CONTROL_NAME`, written by ``gpuflow sandbox interrupt`` from any
 process): from then on the node's IMDS serves the notice
 (``{"action": "terminate", "time": ...}``); once its time has come the
-:class:`SandboxKeeper` of the hosting process ends the instance as EC2 would:
-its processes are killed and its directory deleted (``discard_instance``, the
-sandbox provisioner's own discarding), and it is terminated in moto with the
-state reason ``Server.SpotInstanceTermination``.
+:class:`SandboxKeeper` of the hosting process ends the instance as EC2 would,
+through the sandbox's one termination path
+(:meth:`~infra.sandbox.provisioner.SandboxProvisioner.terminate`: its processes
+killed and its directory deleted by ``discard_instance``, then
+``TerminateInstances``), moto setting the state reason
+``Server.SpotInstanceTermination`` in the same call.
 
 Standard library only at module level; moto is imported by the keeper when it runs.
 """
@@ -326,15 +328,34 @@ def _cluster_of(instance: Any) -> str | None:
     return None
 
 
+def _spot_reason(instance: Any) -> None:
+    from moto.ec2.models.instances import StateReason
+
+    instance.state_reason = StateReason(SPOT_REASON_MESSAGE, SPOT_REASON_CODE)
+    instance._reason = f"Service initiated ({utc_text(time.time()).replace('T', ' ').rstrip('Z')} GMT)"
+
+
+def reclaimed_as_spot(instance: Any) -> None:
+    """Make moto's own termination of ``instance`` (whoever asks for it next) a spot
+    reclaim's: the spot state reason is set with the state, in the same call, so no
+    reader ever sees the instance terminated with a user-initiated reason."""
+    original = instance.terminate
+
+    def terminate() -> Any:
+        previous = original()
+        _spot_reason(instance)
+        return previous
+
+    instance.terminate = terminate
+
+
 def spot_terminate(backend: Any, instance: Any) -> None:
     """Terminate ``instance`` in moto as a spot reclaim does: state ``terminated``, state
     reason ``Server.SpotInstanceTermination`` (moto's own terminate sets a user-initiated one)."""
-    from moto.ec2.models.instances import StateReason
-
     if instance.state != "terminated":
+        reclaimed_as_spot(instance)
         backend.terminate_instances([instance.id])
-    instance.state_reason = StateReason(SPOT_REASON_MESSAGE, SPOT_REASON_CODE)
-    instance._reason = f"Service initiated ({utc_text(time.time()).replace('T', ' ').rstrip('Z')} GMT)"
+    _spot_reason(instance)
 
 
 class SandboxKeeper:
@@ -342,9 +363,17 @@ class SandboxKeeper:
     each live gpuflow instance whose directory exists under ``sandbox_root``
     (``<root>/<cluster>/<instance-id>``), and carries out due interruptions."""
 
-    def __init__(self, sandbox_root: Path, discard_instance: DiscardInstance, *, interval: float = 0.05) -> None:
-        self.sandbox_root = Path(sandbox_root)
+    def __init__(
+        self,
+        sandbox_root: Path,
+        discard_instance: DiscardInstance,
+        *,
+        endpoint_url: str | None = None,
+        interval: float = 0.05,
+    ) -> None:
+        self.sandbox_root = Path(sandbox_root)  # <home>/sandbox
         self.discard_instance = discard_instance
+        self.endpoint_url = endpoint_url  # this process's moto server; None: moto is in-process
         self.interval = interval
         self.servers: dict[str, MetadataServer] = {}
         self._stop = threading.Event()
@@ -405,13 +434,22 @@ class SandboxKeeper:
         return server
 
     def _reclaim(self, backend: Any, instance: Any, cluster: str) -> None:
-        """The spot reclaim, as the sandbox's termination does it: the node's processes and
-        directory first (never processes on a terminated instance), then the instance."""
+        """The spot reclaim, through the sandbox's one termination path
+        (:meth:`~infra.sandbox.provisioner.SandboxProvisioner.terminate`: the node's processes
+        and directory first, then ``TerminateInstances``), then the spot state reason."""
+        from infra.aws.client import AwsApi, AwsTarget
+        from infra.sandbox.provisioner import SandboxProvisioner
+
         server = self.servers.pop(instance.id, None)
         if server is not None:
             server.close()
-        self.discard_instance(instance.id, cluster)
-        spot_terminate(backend, instance)
+        target = AwsTarget(region=backend.region_name, profile=None, endpoint_url=self.endpoint_url, sandbox=True)
+        provisioner = SandboxProvisioner(
+            AwsApi(target), discard_instance=self.discard_instance, poll_seconds=0.05, timeout_seconds=60
+        )
+        reclaimed_as_spot(instance)
+        provisioner.terminate([instance.id])
+        spot_terminate(backend, instance)  # (already done: only when the API call did not reach moto)
 
 
 __all__ = [

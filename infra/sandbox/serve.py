@@ -176,7 +176,9 @@ def serve(
     if discard_command:
         from infra.sandbox.imds import SandboxKeeper, discard_by_command
 
-        keeper = SandboxKeeper(Path(directory).parent, discard_by_command(discard_command))
+        keeper = SandboxKeeper(
+            Path(directory).parent, discard_by_command(discard_command), endpoint_url=f"http://{LOOPBACK}:{actual_port}"
+        )
     try:
         with seeded_spot_price_history():
             if keeper is not None:

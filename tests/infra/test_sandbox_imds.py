@@ -139,10 +139,14 @@ def test_the_keeper_serves_a_node_and_reclaims_it_as_spot(tmp_path):
         endpoint = (node_dir / "imds-endpoint").read_text().strip()
         assert Imds(endpoint).get(META + "instance-id") == (200, instance["InstanceId"].encode())
         write_request(node_dir, InterruptionRequest(instance["InstanceId"], time.time(), time.time()))
-        while node_dir.exists() and time.monotonic() < deadline:
+
+        def described():
+            return ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"][0]["Instances"][0]
+
+        while described()["State"]["Name"] != "terminated" and time.monotonic() < deadline:
             time.sleep(0.02)
-        [described] = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"][0]["Instances"]
-        assert described["State"]["Name"] == "terminated"
+        described = described()
+        assert described["State"]["Name"] == "terminated" and not node_dir.exists()
         assert described["StateReason"]["Code"] == "Server.SpotInstanceTermination"
         assert discarded == [(instance["InstanceId"], "box")]
 
