@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from gpuflow import procs
 from gpuflow.config import gpuflow_home
@@ -50,11 +52,36 @@ def open_provisioner(
         sandbox=sandbox,
         home=home,
         discard_instance=discard if sandbox else None,
+        discard_command=discard_command(home) if sandbox else None,
         endpoint_url=endpoint_url,
         sleep=sleep,
         poll_seconds=poll_seconds,
         timeout_seconds=timeout_seconds,
     )
+
+
+@contextlib.contextmanager
+def in_process_cloud(regions: tuple[str, ...], *, home: Path | None = None) -> Iterator[Any]:
+    """The sandbox cloud inside this process (:func:`infra.sandbox.in_process_sandbox`) for
+    gpuflow home ``home`` (default: the current one): this process also hosts each sandbox
+    instance's IMDS and carries out simulated interruptions, discarding a reclaimed
+    instance as the sandbox provisioner does (:func:`discard_terminated_sandbox_instance`)."""
+    from infra.sandbox import in_process_sandbox
+
+    home = Path(home) if home is not None else gpuflow_home()
+
+    def discard(instance_id: str, cluster: str | None) -> None:
+        discard_terminated_sandbox_instance(instance_id, cluster, home=home)
+
+    with in_process_sandbox(regions, sandbox_root=home / "sandbox", discard_instance=discard) as amis:
+        yield amis
+
+
+def discard_command(home: Path) -> list[str]:
+    """The command a sandbox server (a process that imports nothing from gpuflow) runs,
+    with ``INSTANCE_ID CLUSTER`` appended, to discard an instance it reclaims itself
+    (a simulated spot interruption): :func:`discard_terminated_sandbox_instance`."""
+    return [sys.executable, "-m", "gpuflow.provisioner", "discard", str(Path(home).resolve())]
 
 
 def discard_sandbox_instance(cluster_name: str, instance_id: str, *, home: Path | None = None) -> None:
@@ -97,10 +124,26 @@ def _sandbox_clusters_of(home: Path, instance_id: str, tagged: str | None) -> li
     return sorted(path.name for path in root.iterdir() if not path.name.startswith(".") and (path / instance_id).is_dir())
 
 
+def main(argv: list[str]) -> int:
+    """``python -m gpuflow.provisioner discard HOME INSTANCE_ID CLUSTER`` (:func:`discard_command`)."""
+    if len(argv) != 4 or argv[0] != "discard":
+        print("usage: python -m gpuflow.provisioner discard HOME INSTANCE_ID CLUSTER", file=sys.stderr)
+        return 2
+    _command, home, instance_id, cluster = argv
+    discard_terminated_sandbox_instance(instance_id, cluster or None, home=Path(home))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
 __all__ = [
     "Provisioner",
     "ProvisionerFactory",
     "WORKER_PORT_RANGE",
+    "discard_command",
+    "in_process_cloud",
     "discard_sandbox_instance",
     "discard_terminated_sandbox_instance",
     "open_provisioner",

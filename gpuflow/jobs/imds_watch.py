@@ -56,6 +56,10 @@ INTERRUPTION_FILE = "interruption.json"
 REBALANCE_FILE = "rebalance.json"
 WATCHER_FILE = "watcher.json"
 EXIT_CODE_FILE = "exit_code"
+# A sandbox instance's own IMDS (infra/sandbox/imds.py, ENDPOINT_NAME) writes its URL in the
+# instance's base directory; the supervisor exports it as $GPUFLOW_IMDS_ENDPOINT.
+NODE_ENDPOINT_FILE = "imds-endpoint"
+NODE_ENDPOINT_WAIT_SECONDS = 1.0
 
 
 class ImdsUnreachable(Exception):
@@ -205,11 +209,30 @@ def poll_interval(text) -> float:
     return min(max(interval, 0.05), 300.0)
 
 
+def node_endpoint(run_dir: str, wait: float = NODE_ENDPOINT_WAIT_SECONDS):
+    """The URL a sandbox instance's IMDS wrote in the base directory (``<base>/runs/<id>``'s
+    ``<base>``), waiting up to ``wait`` seconds for it (its host writes it once it sees the
+    instance's directory); None where there is none (an EC2 instance)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(run_dir))), NODE_ENDPOINT_FILE)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+            if text.startswith("http://"):
+                return text
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
 def watch_main(argv: list, signal_run_group) -> int:
     """``RUN_DIR``: the supervisor's entry (``signal_run_group`` is :func:`gpuflow.procs.signal_run_group`)."""
     run_dir = argv[0]
     parent = os.getppid()
-    endpoint = os.environ.get(IMDS_ENDPOINT_VARIABLE) or IMDS_DEFAULT_ENDPOINT
+    endpoint = os.environ.get(IMDS_ENDPOINT_VARIABLE) or node_endpoint(run_dir) or IMDS_DEFAULT_ENDPOINT
     interval = poll_interval(os.environ.get(IMDS_INTERVAL_VARIABLE))
 
     def still_needed() -> bool:

@@ -16,6 +16,7 @@ from gpuflow.jobs.recover import run_with_recovery
 from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, load_record, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
+from gpuflow.provisioner import in_process_cloud
 
 
 def run_on_cluster(
@@ -52,9 +53,7 @@ def run_on_cluster(
     if in_process:
         # Launch, run and tear down in one process: the sandbox's EC2 API lives
         # in this process (moto) and vanishes with it — nothing is left behind.
-        from infra.sandbox import in_process_sandbox
-
-        sandbox_context: Any = in_process_sandbox((up_spec.region,))
+        sandbox_context: Any = in_process_cloud((up_spec.region,))
     else:
         sandbox_context = contextlib.nullcontext()
     with sandbox_context:

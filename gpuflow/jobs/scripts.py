@@ -102,6 +102,11 @@ write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1";
 # No AWS credential reaches the job, nor anything else started here: every
 # AWS_* variable but the region goes (see KEPT_AWS_VARIABLES in gpuflow/jobs/scripts.py).
 for name in ${!AWS_@}; do case "$name" in {{kept_aws}}) ;; *) unset "$name" ;; esac; done
+# $GPUFLOW_IMDS_ENDPOINT, else a sandbox instance's own metadata service (infra/sandbox/imds.py
+# writes its URL here), else EC2's: what the watcher and any sidecar ask.
+if [ -z "${GPUFLOW_IMDS_ENDPOINT:-}" ] && [ -r "$base_dir/imds-endpoint" ]; then
+  export GPUFLOW_IMDS_ENDPOINT="$(cat "$base_dir/imds-endpoint")"
+fi
 
 cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.

@@ -28,9 +28,11 @@ from unittest import mock
 
 from gpuflow import clusters, jobs
 from gpuflow.procs import identity
+from gpuflow.provisioner import in_process_cloud
+from gpuflow.clusters.interrupt import interrupt_node
 from gpuflow.clusters.spec import default_region
 from gpuflow.config import ENV_HOME, find_project_root, read_project_config
-from gpuflow.errors import GpuflowError, JobFailed, NotFound, UsageError
+from gpuflow.errors import GpuflowError, JobFailed, JobInterrupted, NotFound, UsageError
 from gpuflow.records import Cluster
 from gpuflow.testing.leaks import (
     LeakKind,
@@ -46,6 +48,7 @@ from gpuflow.testing.leaks import (
 _REMOVED_VARIABLES = (
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "GPUFLOW_OWNER_ID", "GPUFLOW_SANDBOX_SSH",
+    "GPUFLOW_IMDS_ENDPOINT",  # the sandbox nodes' own metadata services answer (interrupt())
 )
 _FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -57,12 +60,6 @@ _FAKE_CREDENTIALS = {
     # sandbox seeds the Deep Learning AMI gpuflow resolves (infra.sandbox.seed).
     "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
 }
-
-INTERRUPT_NOT_YET = (
-    "gpuflow_sandbox.interrupt() needs durable runs (a run that survives its node's interruption), "
-    "which gpuflow does not have yet; until then, test what a spot interruption would do by "
-    "calling gpuflow_sandbox.down() while a run is detached"
-)
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,7 @@ class SandboxRun:
     log: str  # what the job printed (stdout and stderr, as `gpuflow run` streams it)
     metrics: dict[str, Any] | None  # outputs/metrics.json, parsed; None when the job wrote none
     manifest: dict[str, Any]  # manifest.json: command, git state, cluster, AMI, timings
+    interruption: str | None = None  # the spot notice its node's watcher saw and acted on, in words
 
     @property
     def outputs(self) -> Path:
@@ -141,10 +139,43 @@ class GpuflowSandbox:
         group and key pair.  ``name`` may be left out when one cluster is up."""
         return clusters.down(self._cluster_name(name), sandbox=True)
 
-    def interrupt(self, cluster: str | None = None, node: str | None = None) -> None:
-        """Interrupt a node the way a spot reclaim would: not available until gpuflow has
-        durable runs (raises NotImplementedError with one line saying so)."""
-        raise NotImplementedError(INTERRUPT_NOT_YET)
+    def interrupt(
+        self,
+        cluster: str | None = None,
+        node: str | None = None,
+        notice_seconds: float = 2.0,
+        *,
+        wait: bool = False,
+        timeout: float = 60.0,
+    ) -> Any:
+        """``gpuflow sandbox interrupt``: the node (default: the head node of the only
+        cluster) gets a spot interruption notice from its metadata service now, and is
+        terminated (state reason ``Server.SpotInstanceTermination``, its processes killed,
+        its directory gone) ``notice_seconds`` later.  Returns the
+        :class:`~gpuflow.clusters.interrupt.Interruption` at once, or with ``wait`` once the
+        instance is terminated (at most ``timeout`` seconds)."""
+        done = interrupt_node(self._cluster_name(cluster), node, notice_seconds=notice_seconds)
+        if wait:
+            self.wait_terminated(done.instance_id, timeout=timeout)
+        return done
+
+    def wait_terminated(self, instance_id: str, *, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the fake cloud reports ``instance_id`` terminated; its description."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for region in sorted(self._cloud_regions()):
+                with contextlib.suppress(Exception):
+                    for reservation in self.client(region=region).describe_instances(
+                        InstanceIds=[instance_id]
+                    )["Reservations"]:
+                        for instance in reservation["Instances"]:
+                            if instance["State"]["Name"] == "terminated":
+                                return instance
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{instance_id} was not terminated within {timeout:g} s")
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ runs
     def run(
@@ -193,6 +224,9 @@ class GpuflowSandbox:
         except JobFailed as failed:
             exit_code = int(failed.exit_code)
             record = _newest_record(name)
+        except JobInterrupted:  # it saved a checkpoint and exited 75 (a spot notice, `stop`): its files were pulled
+            exit_code = 75
+            record = _newest_record(name)
         except GpuflowError:
             # A lost run, a failed pull, ...: raised as is, but what was pulled still leaves the project.
             with contextlib.suppress(Exception):
@@ -211,6 +245,7 @@ class GpuflowSandbox:
             log=log,
             metrics=_read_json(local_dir / jobs.OUTPUTS_NAME / "metrics.json"),
             manifest=_read_json(local_dir / jobs.MANIFEST_NAME) or {},
+            interruption=getattr(record, "interruption", None),
         )
 
     # ------------------------------------------------------------------ assertions
@@ -379,8 +414,6 @@ def open_sandbox(*, home: Path, project_dir: Path, test_id: str, keep: bool = Fa
     """A :class:`GpuflowSandbox` for the block; at its end, raises :class:`LeftBehind`
     naming whatever the block left (after removing it).  The home is deleted
     afterwards unless ``keep``."""
-    from infra.sandbox import in_process_sandbox
-
     home = Path(home).resolve()
     project_dir = Path(project_dir).resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -390,7 +423,7 @@ def open_sandbox(*, home: Path, project_dir: Path, test_id: str, keep: bool = Fa
         configured = read_project_config(project_dir).cluster.region
         region = str(configured) if configured else default_region()
         os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = region
-        with in_process_sandbox((region,)):
+        with in_process_cloud((region,), home=home):
             sandbox = GpuflowSandbox(home=home, project_dir=project_dir, runs_dir=runs_dir, region=region)
             try:
                 yield sandbox
@@ -402,4 +435,4 @@ def open_sandbox(*, home: Path, project_dir: Path, test_id: str, keep: bool = Fa
         raise LeftBehind(message)
 
 
-__all__ = ["INTERRUPT_NOT_YET", "GpuflowSandbox", "LeakKind", "LeftBehind", "Leftover", "SandboxRun", "open_sandbox"]
+__all__ = ["GpuflowSandbox", "LeakKind", "LeftBehind", "Leftover", "SandboxRun", "open_sandbox"]

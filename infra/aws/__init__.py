@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from infra.sandbox.provisioner import DiscardInstance
 
 
-def sandbox_endpoint_url(home: Path) -> str | None:
+def sandbox_endpoint_url(home: Path, discard_command: list[str] | None = None) -> str | None:
     """Where sandbox clusters' API calls go: nowhere special when gpuflow's
     in-process moto mock is active (it intercepts them), else the loopback moto
     server the sandbox keeps running for ``home``."""
@@ -29,7 +29,7 @@ def sandbox_endpoint_url(home: Path) -> str | None:
         return None
     from infra.sandbox import sandbox_endpoint
 
-    return sandbox_endpoint(home)
+    return sandbox_endpoint(home, discard_command=discard_command)
 
 
 def open_provisioner(
@@ -39,6 +39,7 @@ def open_provisioner(
     sandbox: bool = False,
     home: Path | None = None,
     discard_instance: DiscardInstance | None = None,
+    discard_command: list[str] | None = None,
     endpoint_url: str | None = None,
     sleep: Callable[[float], None] | None = None,
     poll_seconds: float = 5.0,
@@ -48,7 +49,9 @@ def open_provisioner(
     the endpoint (tests, custom moto servers); ``sandbox`` uses the sandbox's
     (the one of gpuflow home ``home``) and returns a
     :class:`~infra.sandbox.provisioner.SandboxProvisioner`, which discards each
-    instance it terminates with ``discard_instance``."""
+    instance it terminates with ``discard_instance`` (and a sandbox server it starts
+    runs ``discard_command INSTANCE_ID CLUSTER`` for instances it reclaims itself:
+    simulated spot interruptions)."""
     if sandbox and discard_instance is None:
         raise TypeError("open_provisioner(sandbox=True) needs discard_instance (what ends a sandbox instance's "
                         "processes and directory): gpuflow.provisioner.open_provisioner passes it")
@@ -60,7 +63,7 @@ def open_provisioner(
     if sandbox and endpoint_url is None:
         if home is None:
             raise TypeError("open_provisioner(sandbox=True) needs home (whose sandbox server) or endpoint_url")
-        endpoint_url = sandbox_endpoint_url(home)
+        endpoint_url = sandbox_endpoint_url(home, discard_command)
     target = AwsTarget(region=region, profile=None if sandbox else profile, endpoint_url=endpoint_url, sandbox=sandbox)
     api = AwsApi(target, sleep=sleep or time.sleep)
     if sandbox:  # its instances are directories and processes on this machine: terminating them ends those too

@@ -14,7 +14,9 @@ Its rooms: :mod:`~infra.sandbox.seed` (what moto lacks, and the in-process
 shape), :mod:`~infra.sandbox.server` (the detached server's life, from the
 CLI's side), :mod:`~infra.sandbox.serve` (the server process,
 ``python -m infra.sandbox serve``), :mod:`~infra.sandbox.provisioner` (the
-provisioner that terminates sandbox instances as EC2 would).
+provisioner that terminates sandbox instances as EC2 would),
+:mod:`~infra.sandbox.imds` (each instance's loopback IMDSv2 and simulated spot
+interruptions, hosted by whichever process hosts moto).
 
 moto is imported inside functions only: the CLI imports this package lazily,
 and ``gpuflow --help`` must not pay for moto (~0.4 s).

@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from infra.dlami import (
@@ -101,14 +102,38 @@ def seed_deep_learning_ami(region: str, *, account_id: str | None = None) -> str
 
 
 @contextlib.contextmanager
-def in_process_sandbox(regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,)) -> Iterator[dict[str, str]]:
+def in_process_sandbox(
+    regions: tuple[str, ...] = (DEFAULT_SANDBOX_REGION,),
+    *,
+    sandbox_root: Path | None = None,
+    discard_instance: Callable[[str, str | None], None] | None = None,
+) -> Iterator[dict[str, str]]:
     """``moto.mock_aws()`` with the Deep Learning AMI seeded.
 
     ``regions`` are seeded up front (yields ``{region: ami_id}``); any other
     region is seeded on the first boto3 request that names it, so the
     provisioner's own region choice works unchanged.  Everything boto3 does
     inside the block hits moto in this process; nothing leaves the machine.
+    With ``sandbox_root`` (where the instances' directories are) and
+    ``discard_instance``, this process also hosts each instance's IMDS and
+    carries out simulated interruptions (:class:`infra.sandbox.imds.SandboxKeeper`).
     """
+    if sandbox_root is not None and discard_instance is not None:
+        from infra.sandbox.imds import SandboxKeeper
+
+        with _in_process_sandbox(regions) as amis:
+            keeper = SandboxKeeper(sandbox_root, discard_instance).start()
+            try:
+                yield amis
+            finally:
+                keeper.stop()
+        return
+    with _in_process_sandbox(regions) as amis:
+        yield amis
+
+
+@contextlib.contextmanager
+def _in_process_sandbox(regions: tuple[str, ...]) -> Iterator[dict[str, str]]:
     from unittest import mock
 
     with mock.patch.dict(os.environ, accountless_environment(os.environ), clear=True):

@@ -137,6 +137,7 @@ def serve(
     regions: Iterable[str] = (DEFAULT_SANDBOX_REGION,),
     lock_fd: int | None = None,
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    discard_command: list[str] | None = None,
 ) -> None:
     """Run the sandbox server in this process until SIGTERM/SIGINT, or until it
     has been idle, empty and unused for ``idle_seconds``.
@@ -145,6 +146,10 @@ def serve(
     port atomically in ``directory/server.json`` — the record appears only
     once the socket accepts connections — and only then closes ``lock_fd``
     (the start lock its starter holds, inherited).
+
+    With ``discard_command`` (how gpuflow ends a sandbox instance's processes and
+    directory: ``COMMAND INSTANCE_ID CLUSTER``) it also hosts each instance's IMDS
+    and carries out simulated interruptions (:class:`infra.sandbox.imds.SandboxKeeper`).
     """
     import logging
 
@@ -172,10 +177,21 @@ def serve(
     threading.Thread(
         target=_exit_when_idle, args=(Path(directory), middleware, idle_seconds, server.shutdown), daemon=True
     ).start()
+    keeper = None
+    if discard_command:
+        from infra.sandbox.imds import SandboxKeeper, discard_by_command
+
+        keeper = SandboxKeeper(
+            Path(directory).parent, discard_by_command(discard_command), endpoint_url=f"http://{LOOPBACK}:{actual_port}"
+        )
     try:
         with seeded_spot_price_history():
+            if keeper is not None:
+                keeper.start()
             server.serve_forever()
     finally:
+        if keeper is not None:
+            keeper.stop()
         server.server_close()
         if _records_this_process(record_path):
             record_path.unlink(missing_ok=True)
@@ -196,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
         help="exit after this long without a request while holding nothing and used by no one",
     )
+    serve_parser.add_argument(
+        "--discard-command", type=json.loads, default=None,
+        help="JSON argv that ends a sandbox instance's processes and directory (+ INSTANCE_ID CLUSTER)",
+    )
     arguments = parser.parse_args(argv)
     try:
         serve(
@@ -204,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             regions=arguments.regions or (DEFAULT_SANDBOX_REGION,),
             lock_fd=arguments.lock_fd,
             idle_seconds=arguments.idle_seconds,
+            discard_command=[str(word) for word in arguments.discard_command or []] or None,
         )
         code = 0
     except SystemExit as stop:  # SIGTERM/SIGINT

@@ -67,7 +67,9 @@ _STARTED_HERE: dict[Path, SandboxServer] = {}
 _RELEASE_AT_EXIT_REGISTERED = False
 
 
-def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
+def sandbox_endpoint(
+    home: Path, *, startup_timeout: float = 30.0, discard_command: list[str] | None = None
+) -> str:
     """The URL of this gpuflow home's sandbox EC2/SSM API, starting it if needed.
 
     The server is a detached process (its own session, so Ctrl-C in the CLI
@@ -81,6 +83,10 @@ def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
     otherwise the server itself once it has held nothing and served no one for
     ``$GPUFLOW_SANDBOX_IDLE_SECONDS`` (default 300).  Never a process that merely
     looked at it.
+
+    ``discard_command`` (gpuflow's: how a sandbox instance's processes and directory
+    end) lets a server started here host the instances' IMDS and carry out
+    simulated interruptions (:mod:`infra.sandbox.imds`).
     """
     directory = server_directory(home)
     with _locked(directory / SERVER_LOCK_NAME) as lock_file:
@@ -97,7 +103,7 @@ def sandbox_endpoint(home: Path, *, startup_timeout: float = 30.0) -> str:
             )
         if record is not None:
             _remove_record(directory)  # its process is gone, or the pid is now another program's: nothing to signal
-        server = _start_server(directory, startup_timeout, lock_file)
+        server = _start_server(directory, startup_timeout, lock_file, discard_command)
         _STARTED_HERE[directory] = server
         _register_release_at_exit()
         return server.url
@@ -332,7 +338,9 @@ def _has_exited(pid: int) -> bool:
     return False
 
 
-def _start_server(directory: Path, startup_timeout: float, lock_file: Any) -> SandboxServer:
+def _start_server(
+    directory: Path, startup_timeout: float, lock_file: Any, discard_command: list[str] | None = None
+) -> SandboxServer:
     """Start the server and wait for its record.  The child inherits the start
     lock (the same open file, so the same flock) and lets go of it only once it
     has written its record: if this process dies meanwhile (even SIGKILL), the
@@ -351,6 +359,8 @@ def _start_server(directory: Path, startup_timeout: float, lock_file: Any) -> Sa
         sys.executable, "-m", _SERVE_MARKER, "serve", "--directory", str(directory),
         "--lock-fd", str(lock_fd), "--idle-seconds", f"{_idle_seconds():g}",
     ]
+    if discard_command:
+        command += ["--discard-command", json.dumps(list(discard_command))]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             command,

@@ -52,11 +52,6 @@ def test_any_spec_spot_in_another_region(gpuflow_sandbox):
     gpuflow_sandbox.down("spotty")
 
 
-def test_interrupt_is_not_available_yet(gpuflow_sandbox):
-    with pytest.raises(NotImplementedError, match="durable runs"):
-        gpuflow_sandbox.interrupt()
-
-
 def _image(ec2):
     return ec2.describe_images()["Images"][0]["ImageId"]
 

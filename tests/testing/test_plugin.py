@@ -129,7 +129,7 @@ def test_gpuflow_init_then_pytest_passes_in_a_fresh_directory(session):
 
 @pytest.mark.parametrize("name", [
     "test_up_run_down_leaves_nothing", "test_a_failing_job_gives_its_exit_code",
-    "test_any_spec_spot_in_another_region", "test_interrupt_is_not_available_yet",
+    "test_any_spec_spot_in_another_region",
     "test_the_next_test_sees_nothing_of_the_last", "test_kept_home",
 ])
 def test_fixture_scenarios_pass(session, name):
