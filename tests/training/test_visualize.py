@@ -308,6 +308,8 @@ QUADRANT_NOISE = 0.2
 # VISUALIZE_QUADRANT_SEED=N (default 0) trains and measures with another seed.
 HEAT_THRESHOLD = 0.2
 QUADRANT_SEED = int(os.environ.get("VISUALIZE_QUADRANT_SEED", "0"))
+# Measuring (the variable set): also the maps no assertion needs, for README's table.
+MEASURING = "VISUALIZE_QUADRANT_SEED" in os.environ
 
 
 def quadrant_patterns() -> np.ndarray:
@@ -415,8 +417,9 @@ def quadrant_models(keras_home):
 @pytest.mark.parametrize("method", ["Grad-CAM", "CAM"])
 def test_cam_and_saliency_find_the_quadrant_that_holds_the_pattern(quadrant_models, method):
     """The issue's bars, on the correctly classified test images: >= 70% of the heat in the
-    pattern's quadrant for >= 80% of the images (Grad-CAM, CAM), >= 60% (the saliency
-    saliency.png reports, SmoothGrad); and because of the training, not the data."""
+    pattern's quadrant for >= 80% of the images (Grad-CAM, CAM; on the course CNN also
+    >= 60% for the saliency saliency.png reports, SmoothGrad); and because of the
+    training, not the data."""
     trained, untrained = quadrant_models
     images, labels, quadrants = quadrant_images(200, seed=2 * QUADRANT_SEED + 1)
     probe = visualize.Probe(trained[method])
@@ -426,23 +429,22 @@ def test_cam_and_saliency_find_the_quadrant_that_holds_the_pattern(quadrant_mode
     right_images, right_labels, right_quadrants = images[right], labels[right], quadrants[right]
     found, heats = visualize.localisation_maps(probe, right_images, right_labels)
     assert found == method and heats.shape == (len(right_images), QUADRANT_SIDE, QUADRANT_SIDE)
-    maps = {
-        method: heats,
-        "SmoothGrad": visualize.smoothgrad_maps(probe, right_images, right_labels, seed=QUADRANT_SEED),
-        "gradient": visualize.saliency_maps(probe, right_images, right_labels),
-    }
+    maps = {method: heats}
+    if method == "Grad-CAM" or MEASURING:  # the GAP model's saliency is not asserted (README)
+        maps["SmoothGrad"] = visualize.smoothgrad_maps(probe, right_images, right_labels, seed=QUADRANT_SEED)
+        maps["gradient"] = visualize.saliency_maps(probe, right_images, right_labels)
     # Model randomisation check (Adebayo et al. 2018): the same build with its initial
     # weights, all the images, the true class.  The pattern is brighter than the noise, so
     # untrained maps already lean to it (README); the trained ones must do far better.
+    # (The GAP model's untrained SmoothGrad, measured once in README, is not recomputed.)
     control = visualize.Probe(untrained[method])
-    chance = {
-        method: visualize.localisation_maps(control, images, labels)[1],
-        "SmoothGrad": visualize.smoothgrad_maps(control, images, labels, seed=QUADRANT_SEED),
-    }
+    chance = {method: visualize.localisation_maps(control, images, labels)[1]}
+    if method == "Grad-CAM":
+        chance["SmoothGrad"] = visualize.smoothgrad_maps(control, images, labels, seed=QUADRANT_SEED)
     share = {name: fractions(found_maps, right_quadrants) for name, found_maps in maps.items()}
     chance_share = {name: fractions(found_maps, quadrants) for name, found_maps in chance.items()}
     met = {}
-    for name, bar in ((method, 0.7), ("SmoothGrad", 0.6), ("gradient", 0.6)):
+    for name, bar in ((method, 0.7), ("SmoothGrad", 0.6), ("gradient", 0.6))[: len(maps)]:
         raw = fractions(maps[name], right_quadrants, threshold=0.0)
         met[name] = np.mean(share[name] >= bar)
         untrained_note = f"; untrained {np.mean(chance_share[name] >= bar):.0%}" if name in chance_share else ""
@@ -459,6 +461,3 @@ def test_cam_and_saliency_find_the_quadrant_that_holds_the_pattern(quadrant_mode
         # The plain gradient (drawn below SmoothGrad, not reported) does not meet it
         # (README), but it points at the pattern more than chance (0.25), less than SmoothGrad.
         assert 0.45 <= np.median(share["gradient"]) < np.median(share["SmoothGrad"])
-    else:
-        # The GAP model's saliency owes its lean to the training too (its bar: README).
-        assert met["SmoothGrad"] - np.mean(chance_share["SmoothGrad"] >= 0.6) >= 0.3
