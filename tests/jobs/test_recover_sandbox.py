@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import pytest
 
@@ -52,6 +53,10 @@ def _interrupt_at(name: str, store, steps: tuple[int, ...], done: list) -> None:
     try:
         for count in steps:
             wait_until(lambda: step_count(store) >= count and (_head(name) or "") not in seen | {""}, 60, f"{count} steps")
+            # What a node printed in its last poll interval dies with it (the log is streamed, not
+            # uploaded, without the durable store): give the follow loop (0.5 s polls) time to have
+            # streamed the steps so far, so the test can check the one log holds every attempt.
+            time.sleep(1)
             instance_id = _head(name)
             seen.add(instance_id)
             open_provisioner("us-east-1", sandbox=True).terminate([instance_id])
@@ -66,18 +71,18 @@ def test_recover_relaunches_twice_and_the_run_continues_from_its_checkpoint(
     monkeypatch.chdir(recover_project)
     done: list = []
     with in_process_sandbox():
-        thread = threading.Thread(target=_interrupt_at, args=("rbox", store, (3, 6), done), daemon=True)
+        thread = threading.Thread(target=_interrupt_at, args=("rbox", store, (3, 7), done), daemon=True)
         thread.start()
         code = cli(["run", "--up", "--sandbox", "--spot", "--down", "--recover", "rbox", "--env", f"STORE={store}",
-                    "--", *recover_job_args(9, 0.1)])
+                    "--", *recover_job_args(12, 0.3)])
         thread.join(30)
         captured = capfd.readouterr()
         assert code == 0, captured.err
         assert len(done) == 2 and all(isinstance(item, str) for item in done), done
         assert _leftovers(gpuflow_home) == []
     [record] = jobs.all_records()
-    assert sorted(set(trained(store))) == list(range(9))  # every step, continued, not started over
-    assert len(trained(store)) <= 9 + 2  # at most the step in flight is trained again per interruption
+    assert sorted(set(trained(store))) == list(range(12))  # every step, continued, not started over
+    assert len(trained(store)) <= 12 + 2  # at most the step in flight is trained again per interruption
     attempts = manifest_of(record.local_dir)["attempts"]
     assert [attempt["number"] for attempt in attempts] == [1, 2, 3]
     assert [attempt["ended"] for attempt in attempts] == ["instance-gone", "instance-gone", "succeeded"]
