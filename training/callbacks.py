@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.checkpoint import Interrupted, Position
 
 BEST_MODEL_FILE = "best_model.keras"
@@ -111,10 +111,9 @@ class CourseCallbacks:
         common = {"validation_data": validation_data, "callbacks": self.keras, "shuffle": False, "verbose": verbose}
         epoch, step = self.position.epochs_done, self.position.step
         if hasattr(model.distribute_strategy, "_gpuflow_cluster"):  # TF_CONFIG: across workers
-            from training import distributed
-
             with checkpoint.watch_stop_signals():
-                distributed.fit(self, model, train, validation_data=validation_data, verbose=verbose)
+                distributed.fit(self, model, train, validation_data=validation_data, build_state=build_state,
+                                verbose=verbose)
             return
         with checkpoint.watch_stop_signals():
             if epoch >= self.epochs:

@@ -252,14 +252,13 @@ def _all_layers(model):
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(owner, model, train, *, validation_data, verbose: int = 2) -> None:
+def fit(owner, model, train, *, validation_data, build_state, verbose: int = 2) -> None:
     """What :meth:`training.callbacks.CourseCallbacks.fit` does, across workers.
 
-    ``owner`` is the run's CourseCallbacks; ``train`` its TrainStream (global batches)."""
+    ``owner`` is the run's CourseCallbacks; ``train`` its TrainStream (global batches);
+    ``build_state`` creates the optimizer's and metrics' variables (callbacks.build_state)."""
     import keras
     import tensorflow as tf
-
-    from training.callbacks import build_state, read_history
 
     strategy = model.distribute_strategy
     cluster: Cluster = strategy._gpuflow_cluster  # noqa: SLF001
@@ -419,7 +418,7 @@ def fit(owner, model, train, *, validation_data, verbose: int = 2) -> None:
                 flush=True,
             )
             callbacks.on_epoch_end(epoch, logs)
-            owner.rows = [row for row in read_history(owner.history_path) if row.get("epoch", -1) <= epoch]
+            owner.rows = [row for row in owner.history() if row.get("epoch", -1) <= epoch]
             epoch, step, sums = epoch + 1, 0, np.zeros(3)
             _save(owner, model, cluster, Position(epoch, 0), "epoch end", sums)
             last_save = time.monotonic()

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from training import distributed
 from training.cli import RunOptions, prepare_output
 
 
@@ -50,8 +51,6 @@ def start_session(options: RunOptions) -> Session:
     ``--mixed-precision`` policy, and picks a ``MirroredStrategy`` when more than one GPU
     is visible (the default strategy otherwise); a ``MultiWorkerMirroredStrategy`` when
     ``TF_CONFIG`` names workers (:mod:`training.distributed`).  ``--output`` is (re)checked first."""
-    from training import distributed
-
     prepare_output(options.output)
     started = time.perf_counter()  # metrics.json's wall_time_seconds counts from here (TF's import included)
     cluster = distributed.cluster_from_environment()
