@@ -37,6 +37,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -378,11 +379,7 @@ def fit(owner, model, train, *, validation_data, build_state, verbose: int = 2) 
                 every = options.save_every_seconds
                 save_vote = 1.0 if cluster.is_chief and every and time.monotonic() - last_save >= every else 0.0
                 watchdog.beat(f"training epoch {epoch + 1} step {step + 1}")
-                try:
-                    stats = train_step(next(iterator), tf.constant([stop_vote, save_vote], tf.float64))
-                    stats = stats.numpy()
-                except tf.errors.OpError as exc:
-                    raise WorkerLost(_lost(cluster, exc, f"epoch {epoch + 1} step {step + 1}")) from None
+                stats = train_step(next(iterator), tf.constant([stop_vote, save_vote], tf.float64)).numpy()
                 watchdog.beat()
                 sums = sums + stats[:3]
                 step += 1
@@ -423,6 +420,8 @@ def fit(owner, model, train, *, validation_data, build_state, verbose: int = 2) 
             _save(owner, model, cluster, Position(epoch, 0), "epoch end", sums)
             last_save = time.monotonic()
         callbacks.on_train_end()
+    except tf.errors.OpError as exc:  # a collective failed: in a step, or reading variables to save them
+        raise WorkerLost(_lost(cluster, exc, f"epoch {epoch + 1} step {step + 1}")) from None
     finally:
         for layer in dropouts:
             original = originals[id(layer)]
@@ -435,10 +434,13 @@ def fit(owner, model, train, *, validation_data, build_state, verbose: int = 2) 
 
 
 def _lost(cluster: Cluster, exc, where: str) -> str:
-    reason = (getattr(exc, "message", "") or str(exc)).strip().splitlines()
+    text = getattr(exc, "message", "") or str(exc)
+    unhealthy = sorted({int(task) for task in re.findall(r"/job:worker/replica:\d+/task:(\d+)", text)} - {cluster.index})
+    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", text).strip().splitlines()
+    who = f"worker {', '.join(map(str, unhealthy))} stopped answering" if unhealthy else "another worker died or hung"
     return (
-        f"{cluster.describe()}: the collective at {where} failed ({type(exc).__name__}: "
-        f"{reason[0][:160] if reason else '?'}): another worker died or hung; the run cannot continue"
+        f"{cluster.describe()}: the collective at {where} failed, {who} ({type(exc).__name__}: "
+        f"{reason[0][:200] if reason else '?'}); the run cannot continue, another worker died or hung"
     )
 
 

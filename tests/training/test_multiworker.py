@@ -144,15 +144,52 @@ def test_only_the_chief_writes_the_output_and_each_log_shows_its_shard(parity_ru
         assert f"{steps} steps per epoch" in log and "epoch 2/2" in log
 
 
+def _wait_for(log: Path, text: str, processes) -> None:
+    while text not in log.read_text():
+        for process, process_log in processes:
+            assert process.poll() is None, process_log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_rerun_matches(parity_runs, tmp_path):
+    """SIGTERM to worker 1 only: every worker saves at the same step and exits 75; run again,
+    the workers restart together from the chief's checkpoint and end as the uninterrupted run."""
+    root, _ = parity_runs
+    output = tmp_path / "stopped"
+    processes = _start("training.mnist_mlp", output, 2)
+    (chief, chief_log), (worker, worker_log) = processes
+    try:
+        _wait_for(worker_log, "shard: rows", processes)  # printed just before the first step
+        worker.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=600) for process, _ in processes]
+    finally:
+        for process, _ in processes:
+            if process.poll() is None:
+                process.kill()
+    assert codes == [75, 75], chief_log.read_text()[-3000:]
+    state = json.loads((output / "w0" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and 1 <= state["step"] and "stop requested" in state["reason"]
+    assert not (output / "w1").exists()
+
+    for process, log in _start("training.mnist_mlp", output, 2):
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert f"resuming with the chief at epoch 1, step {state['step'] + 1}" in (output / "log1").read_text()
+    uninterrupted = root / "mnist_mlp" / "two" / "w0"
+    for row_resumed, row_reference in zip(_history(output / "w0" / "history.csv"), _history(uninterrupted / "history.csv")):
+        for metric in METRICS:
+            assert row_resumed[metric] == pytest.approx(row_reference[metric], rel=RELATIVE), metric
+    reference = _weights(uninterrupted / "best_model.keras")
+    for name, value in _weights(output / "w0" / "best_model.keras").items():
+        assert float(np.max(np.abs(value - reference[name]))) <= RELATIVE * max(float(np.max(np.abs(value))), 1e-12)
+
+
 def test_a_killed_worker_ends_the_others_with_a_clear_message(tmp_path):
     """SIGKILL on worker 1 mid-run: worker 0 ends within the collective timeout, exit 70, one line."""
     processes = _start("training.mnist_mlp", tmp_path, 2, extra=("--epochs", "200"),
                        environment={distributed.TIMEOUT_VARIABLE: "10"})
     (chief, chief_log), (worker, worker_log) = processes
     try:
-        while "epoch 1/200" not in worker_log.read_text():
-            assert worker.poll() is None, worker_log.read_text()[-2000:]
-            time.sleep(0.2)
+        _wait_for(worker_log, "epoch 1/200", processes)
         worker.send_signal(signal.SIGKILL)
         code = chief.wait(timeout=120)
     finally:
