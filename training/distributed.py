@@ -23,10 +23,13 @@ as fit would, so the outputs are the same files with the same columns.
   scratch ``--output`` (:func:`worker_output`) that is removed when they end.  On a restart the chief's checkpoint is broadcast to every
   worker (an all-reduce to which only the chief contributes), so all restart together
   from the chief's step.
-* **No waiting forever.**  Collectives time out after ``GPUFLOW_WORKER_TIMEOUT`` seconds
-  (default 60, ``CommunicationOptions(timeout_seconds=...)``), and a watchdog thread ends
-  a worker that made no progress for that long (a peer that never started blocks TF in C++,
-  where signals are not seen): one line naming what happened, exit code 70.
+* **No waiting forever.**  Once training runs, a watchdog thread ends a worker that made
+  no progress for ``GPUFLOW_WORKER_TIMEOUT`` seconds (default 60); before the first step
+  (peers importing TensorFlow, tracing) the limit is 3x that, at least 180 s, which is also
+  the collectives' own timeout (``CommunicationOptions(timeout_seconds=...)``).  A peer
+  that never started blocks TF in C++, where signals are not seen; a dead peer also stops
+  TF's heartbeats and fails the next collective.  Either way: one line naming what
+  happened, exit code 70.
 
 Imports TensorFlow only inside its functions, except :func:`cluster_from_environment`
 and :func:`worker_output`, which need none (they run before TensorFlow is imported).
@@ -54,6 +57,7 @@ from training.errors import TrainingError
 
 TIMEOUT_VARIABLE = "GPUFLOW_WORKER_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 60.0
+START_UP_MINIMUM_SECONDS = 180.0
 WORKER_LOST_EXIT_CODE = 70  # EX_SOFTWARE: a peer died or hung; the run cannot go on
 _DROPOUT_STREAM = 3  # a stateless stream of --seed of its own (pipeline.py uses 1 and 2)
 
@@ -127,6 +131,12 @@ def timeout_seconds(environ=None) -> float:
     return value
 
 
+def start_up_seconds(seconds: float) -> float:
+    """How long a worker waits for its peers before the first step: a peer still importing
+    TensorFlow on a busy machine is not dead (3x the limit, at least 180 s)."""
+    return max(3 * seconds, START_UP_MINIMUM_SECONDS)
+
+
 def worker_output(output: Path, cluster: Cluster | None) -> Path:
     """Where this worker writes: ``output`` on the chief (or alone); a fresh scratch directory
     on the other workers (their model files, history and curves are the chief's, repeated)."""
@@ -154,16 +164,26 @@ def make_strategy(cluster: Cluster):
     covers the start-up, which can block before any collective runs)."""
     import tensorflow as tf
 
+    if _strategies:  # one per process: TF configures its collectives once (a second session reuses it)
+        return _strategies[0]
     seconds = timeout_seconds()
+    # A collective's own timeout covers the start too (the first one waits for every peer to
+    # have imported TensorFlow and built the model): the start-up limit.  Once training runs,
+    # the watchdog holds every worker to ``seconds``.
     options = tf.distribute.experimental.CommunicationOptions(
-        timeout_seconds=seconds, implementation=tf.distribute.experimental.CommunicationImplementation.RING
+        timeout_seconds=start_up_seconds(seconds),
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING,
     )
     watchdog = Watchdog.start(seconds, cluster)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     watchdog.beat()
     strategy._gpuflow_watchdog = watchdog  # noqa: SLF001  (one per process; fit() beats it)
     strategy._gpuflow_cluster = cluster  # noqa: SLF001
+    _strategies.append(strategy)
     return strategy
+
+
+_strategies: list = []
 
 
 class Watchdog:
@@ -177,6 +197,7 @@ class Watchdog:
         self.last = time.monotonic()
         self.what = "waiting for the other workers to start"
         self.paused = False
+        self.training = False  # until the first step: the start-up limit
 
     @classmethod
     def start(cls, seconds: float, cluster: Cluster) -> "Watchdog":
@@ -195,9 +216,10 @@ class Watchdog:
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.seconds / 4))
-            if not self.paused and time.monotonic() - self.last > self.seconds:
+            limit = self.seconds if self.training else start_up_seconds(self.seconds)
+            if not self.paused and time.monotonic() - self.last > limit:
                 print(
-                    f"training: error: {self.cluster.describe()}: no progress for {self.seconds:g} s while "
+                    f"training: error: {self.cluster.describe()}: no progress for {limit:g} s while "
                     f"{self.what}: another worker died, hung or never started ({TIMEOUT_VARIABLE} sets the limit); "
                     f"ending this worker",
                     file=sys.stderr,
@@ -381,6 +403,7 @@ def fit(owner, model, train, *, validation_data, build_state, verbose: int = 2) 
                 watchdog.beat(f"training epoch {epoch + 1} step {step + 1}")
                 stats = train_step(next(iterator), tf.constant([stop_vote, save_vote], tf.float64)).numpy()
                 watchdog.beat()
+                watchdog.training = True
                 sums = sums + stats[:3]
                 step += 1
                 steps_here += 1

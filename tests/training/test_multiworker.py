@@ -61,6 +61,8 @@ def _start(module: str, output: Path, workers: int, extra=(), environment=None) 
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "KERAS_HOME": str(output / "keras-home"),
             "TMPDIR": str(output),  # the non-chief's scratch lands here (and must be gone at the end)
+            # This shared machine can be so loaded that a step takes minutes: no false "worker lost".
+            distributed.TIMEOUT_VARIABLE: "600",
             **(environment or {}),
         }
         log = output / f"log{index}"
