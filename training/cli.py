@@ -224,7 +224,6 @@ def run_cli(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
             body(argv)
     except distributed.WorkerLost as exc:
         print(f"training: error: {exc}", file=sys.stderr, flush=True)
-        distributed.remove_scratch()
         return exc.exit_code
     except Interrupted as exc:
         print(str(exc), file=sys.stderr, flush=True)

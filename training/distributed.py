@@ -225,6 +225,7 @@ class Watchdog:
                     file=sys.stderr,
                     flush=True,
                 )
+                remove_scratch()
                 os._exit(WORKER_LOST_EXIT_CODE)
 
 
