@@ -42,7 +42,10 @@ class Session:
             return ["/job:localhost/replica:0/task:0/device:CPU:0"]
 
     def describe_strategy(self) -> str:
-        return f"{type(self.strategy).__name__.lstrip('_')} ({self.strategy.num_replicas_in_sync} replica(s))"
+        replicas = self.strategy.num_replicas_in_sync
+        if self.cluster is not None:  # its class is CollectiveAllReduceStrategy
+            return f"MultiWorkerMirroredStrategy ({self.cluster.num_workers} worker(s), {replicas} replica(s))"
+        return f"{type(self.strategy).__name__.lstrip('_')} ({replicas} replica(s))"
 
 
 def start_session(options: RunOptions) -> Session:
