@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.checkpoint import Interrupted, Position
 
 BEST_MODEL_FILE = "best_model.keras"
@@ -110,6 +110,11 @@ class CourseCallbacks:
         """
         common = {"validation_data": validation_data, "callbacks": self.keras, "shuffle": False, "verbose": verbose}
         epoch, step = self.position.epochs_done, self.position.step
+        if hasattr(model.distribute_strategy, "_gpuflow_cluster"):  # TF_CONFIG: across workers
+            with checkpoint.watch_stop_signals():
+                distributed.fit(self, model, train, validation_data=validation_data, build_state=build_state,
+                                verbose=verbose)
+            return
         with checkpoint.watch_stop_signals():
             if epoch >= self.epochs:
                 self.step_checkpoint.restore_model_only(model)  # nothing left to train
@@ -125,7 +130,9 @@ class CourseCallbacks:
                 model.fit(stream, steps_per_epoch=self.steps_per_epoch,
                           initial_epoch=epoch, epochs=self.epochs, **common)
 
-    def save_checkpoint(self, model, position: Position, reason: str, epoch_seconds_before: float = 0.0) -> None:
+    def save_checkpoint(
+        self, model, position: Position, reason: str, epoch_seconds_before: float = 0.0, extra: dict | None = None
+    ) -> None:
         state = {
             **position.as_record(),
             "epochs_completed": position.epochs_done,
@@ -144,6 +151,7 @@ class CourseCallbacks:
             "best_val_loss": checkpoint.finite_or_none(self.model_checkpoint.best),
             "epoch_seconds_before": round(epoch_seconds_before, 6),
             "resumed_from": list(self.resumed_from),
+            **(extra or {}),
         }
         checkpoint.save(self.output, state, checkpoint.collect(model))
 

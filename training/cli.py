@@ -11,10 +11,11 @@ import argparse
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from training import distributed
 from training.checkpoint import Interrupted, watch_stop_signals
 from training.data import DATASETS, check_data_dir
 from training.errors import TrainingError
@@ -192,6 +193,10 @@ def parse_options(
         deterministic=namespace.deterministic,
     )
     check_data_dir(options.dataset, options.data_dir)
+    # Across workers (TF_CONFIG) only the chief writes --output; the others a scratch directory.
+    cluster = distributed.cluster_from_environment()
+    if cluster is not None and not cluster.is_chief:
+        options = replace(options, output=distributed.worker_output(options.output, cluster))
     prepare_output(options.output)
     return options, namespace
 
@@ -217,6 +222,9 @@ def run_cli(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         with watch_stop_signals():
             body(argv)
+    except distributed.WorkerLost as exc:
+        print(f"training: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except Interrupted as exc:
         print(str(exc), file=sys.stderr, flush=True)
         return exc.exit_code
@@ -230,6 +238,8 @@ def run_cli(body: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
             file=sys.stderr,
         )
         return INTERRUPTED_EXIT_CODE
+    finally:
+        distributed.remove_scratch()
     return 0
 
 
@@ -238,7 +248,7 @@ def exit_process(code: int):
     checkpoint is on disk (fsynced) and the line printed: leave at once rather than wait
     for TensorFlow's teardown (measured here: 14-26 s after the line, the input
     pipeline's threads winding down), which could outlast the supervisor's grace period."""
-    if code == Interrupted.exit_code:
+    if code in (Interrupted.exit_code, distributed.WORKER_LOST_EXIT_CODE):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

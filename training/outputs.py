@@ -112,6 +112,8 @@ def metrics_record(
         "limit": options.limit,
         "strategy": session.describe_strategy(),
         "devices": describe_devices(),
+        "num_workers": session.num_workers,  # > 1: MultiWorkerMirroredStrategy (TF_CONFIG); this is the chief's record
+        "devices_per_worker": session.devices_per_worker(),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
         "python_version": platform.python_version(),

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from training import distributed
 from training.cli import RunOptions, prepare_output
 
 
@@ -27,19 +28,38 @@ class Session:
 
     strategy: object
     started: float
+    cluster: object = None  # training.distributed.Cluster when TF_CONFIG names workers
+
+    @property
+    def num_workers(self) -> int:
+        return self.cluster.num_workers if self.cluster is not None else 1
+
+    def devices_per_worker(self) -> list[str]:
+        """The devices each worker trains on (every worker has the same kind)."""
+        try:
+            return [str(device) for device in self.strategy.extended.worker_devices]
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return ["/job:localhost/replica:0/task:0/device:CPU:0"]
 
     def describe_strategy(self) -> str:
-        return f"{type(self.strategy).__name__.lstrip('_')} ({self.strategy.num_replicas_in_sync} replica(s))"
+        replicas = self.strategy.num_replicas_in_sync
+        if self.cluster is not None:  # its class is CollectiveAllReduceStrategy
+            return f"MultiWorkerMirroredStrategy ({self.cluster.num_workers} worker(s), {replicas} replica(s))"
+        return f"{type(self.strategy).__name__.lstrip('_')} ({replicas} replica(s))"
 
 
 def start_session(options: RunOptions) -> Session:
     """A fresh Keras session: seeds Python, NumPy and TF from ``--seed`` (``--deterministic``:
     TensorFlow op determinism on), sets the
     ``--mixed-precision`` policy, and picks a ``MirroredStrategy`` when more than one GPU
-    is visible (the default strategy otherwise).  ``--output`` is (re)checked first."""
+    is visible (the default strategy otherwise); a ``MultiWorkerMirroredStrategy`` when
+    ``TF_CONFIG`` names workers (:mod:`training.distributed`).  ``--output`` is (re)checked first."""
     prepare_output(options.output)
     started = time.perf_counter()  # metrics.json's wall_time_seconds counts from here (TF's import included)
+    cluster = distributed.cluster_from_environment()
     tf, keras = import_tensorflow()
+    # Before any other TF op: MultiWorkerMirroredStrategy configures the runtime's collectives.
+    strategy = distributed.make_strategy(cluster) if cluster is not None else None
     keras.backend.clear_session()
     keras.utils.set_random_seed(options.seed)
     if options.deterministic:
@@ -47,6 +67,8 @@ def start_session(options: RunOptions) -> Session:
         # checkpoint, the same weights whether the run was interrupted or not.
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy("mixed_float16" if options.mixed_precision else "float32")
+    if strategy is not None:
+        return Session(strategy, started, cluster)
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return Session(tf.distribute.MirroredStrategy(), started)
     return Session(tf.distribute.get_strategy(), started)
