@@ -114,3 +114,27 @@ class FakeCloud:
 def fake_cloud() -> FakeCloud:
     """A probe to hand to gpuflow.nodes (``probe=fake_cloud``)."""
     return FakeCloud()
+
+
+# The test files that take longest (the `--durations` lists of full runs), heaviest first.
+# Under pytest-xdist (`-n 2 --dist loadfile`, the README's test command) whole files go to
+# the workers in collection order: handing these out first keeps one of them from starting
+# last and running on alone while the other worker idles.  Without xdist the order is untouched.
+HEAVY_FILES_FIRST = (
+    "tests/training/test_end_to_end.py",
+    "tests/training/test_resume.py",
+    "tests/training/test_visualize.py",
+    "tests/jobs/test_cli_sandbox.py",
+    "tests/jobs/test_cli_follow.py",
+    "tests/infra/test_sandbox.py",
+    "tests/infra/test_soak.py",
+    "tests/testing/test_plugin.py",
+    "tests/jobs/test_spot_resume_oracle.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # not an xdist worker
+        return
+    rank = {path: index for index, path in enumerate(HEAVY_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: files keep their order
