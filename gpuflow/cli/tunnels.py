@@ -25,8 +25,8 @@ def _cluster(name: str):  # noqa: ANN202 - a Cluster; its module is imported wit
 def forward(
     name: str = typer.Argument(..., help="The cluster to reach."),
     ports: list[str] = typer.Argument(  # noqa: B008
-        ..., metavar="REMOTE_PORT[:LOCAL_PORT]...",
-        help="The node's port (on its 127.0.0.1), and this machine's port for it (default: the same number).",
+        ..., metavar="PORTS...",
+        help="REMOTE_PORT[:LOCAL_PORT]: the node's port (on its 127.0.0.1), and this machine's port for it (default: the same number).",
     ),
     node: Optional[str] = typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         None, "--node", metavar="INSTANCE_ID", help="Reach this instance instead of the head node."
@@ -37,7 +37,7 @@ def forward(
         help="Accept and pin the host key the instance presents when its console shows none (warns).",
     ),
 ) -> None:
-    """Forward ports of a node's loopback to 127.0.0.1 here, until Ctrl-C.
+    """Forward a node's ports to 127.0.0.1 here, until Ctrl-C.
 
     Through the cluster's pinned SSH connection: no port is opened in the
     security group, and the local ports listen on 127.0.0.1 only. A taken local
@@ -70,3 +70,95 @@ def forward(
 
     hold_forwards(cluster, forwards, plan, say=say, on_ready=ready)
     typer.echo("forward ended", err=True)
+
+
+def _open_browser(url: str) -> None:
+    """Open ``url`` when a person is at a desktop: a terminal, a display, not CI (never in tests)."""
+    import os
+    import sys
+
+    if os.environ.get("CI") or os.environ.get("GPUFLOW_NO_BROWSER") or not sys.stdout.isatty():
+        return
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return
+    import webbrowser
+
+    try:
+        webbrowser.open(url)
+    except webbrowser.Error:
+        pass
+
+
+@app.command("notebook")
+def notebook(
+    name: str = typer.Argument(..., help="The cluster to run Jupyter on."),
+    lab: bool = typer.Option(False, "--lab", help="JupyterLab instead of the classic notebook UI."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the cluster's Jupyter server."),
+    port: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--port", min=1, max=65535, help="The local port to forward from (default 8888, else the next free one)."
+    ),
+    node: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--node", metavar="INSTANCE_ID", help="This instance instead of the head node."
+    ),
+    trust_on_first_use: bool = typer.Option(
+        False,
+        "--trust-on-first-use",
+        help="Accept and pin the host key the instance presents when its console shows none (warns).",
+    ),
+) -> None:
+    """Run Jupyter on a cluster and open it here.
+
+    It is reached through SSH until Ctrl-C. The server listens on the instance's 127.0.0.1 with a fresh token, in the
+    synced project directory, and keeps running after Ctrl-C or a dropped
+    connection: running the command again reattaches to it; --stop stops it.
+    No port is opened in the security group.
+    """
+    from gpuflow import clusters, nodes
+    from gpuflow.tunnels.forward import hold_forwards, plan_forward
+    from gpuflow.tunnels.notebook import DEFAULT_PORT, start_notebook, stop_notebook
+    from gpuflow.tunnels.ports import PortSpec, choose_forwards
+    from gpuflow.tunnels.registry import TunnelKind
+
+    cluster, project = _cluster(name)
+    probe = clusters.cloud_probe()
+    runner = nodes.runner_for(
+        cluster, nodes.select_node(cluster, node), trust_on_first_use=trust_on_first_use, probe=probe,
+        project_dir=project,
+    )
+    try:
+        if stop:
+            outcome = stop_notebook(runner)
+            typer.echo(
+                f"no Jupyter server runs on {name}" if outcome == "none" else f"Jupyter server on {name} {outcome}"
+            )
+            return
+        server = start_notebook(runner, project_dir=project, lab=lab)
+    finally:
+        runner.close()
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if server.note:
+        say(server.note)
+    if server.reattached:
+        say(f"reattached to the Jupyter server on {name} (pid {server.pid}, in {server.work_dir})")
+    else:
+        say(f"started Jupyter ({server.app}) on {name}'s 127.0.0.1:{server.port} (pid {server.pid}, in {server.work_dir})")
+    forwards = choose_forwards([PortSpec(server.port, port or DEFAULT_PORT)], say=say)
+    plan = plan_forward(
+        cluster, forwards, instance_id=node, trust_on_first_use=trust_on_first_use, probe=probe, project_dir=project
+    )
+    url = server.url(forwards[0].local)
+    shown: list[bool] = []
+
+    def ready(_tunnel: object) -> None:
+        if shown:
+            return
+        shown.append(True)
+        typer.echo(url)
+        say("Ctrl-C closes the tunnel; the server keeps running (`gpuflow notebook NAME --stop` stops it)")
+        _open_browser(url)
+
+    hold_forwards(cluster, forwards, plan, say=say, on_ready=ready, kind=TunnelKind.NOTEBOOK, url=url)
+    say(f"tunnel closed; Jupyter still runs on {name}: `gpuflow notebook {name}` reattaches, `--stop` stops it")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuflow.procs import terminate_base
 from gpuflow.records import Cluster, Node
 from gpuflow.state import StateStore
 
@@ -21,15 +22,17 @@ INSTANCE_ID = "i-0123456789abcdef0"
 
 
 @pytest.fixture
-def sandbox_cluster(gpuflow_home) -> Cluster:
+def sandbox_cluster(gpuflow_home):
     """A sandbox cluster as `gpuflow up --sandbox` records it (its instance directory exists, as a running one's)."""
     cluster = Cluster(
         name="box", region="us-east-1", instance_type="g5.xlarge", ami="ami-12345678",
         nodes=(Node(INSTANCE_ID, "running", public_ip="127.0.0.1"),), sandbox=True,
     )
     StateStore(gpuflow_home, "clusters").put("box", {**cluster.to_dict(), "phase": "up"})
-    (gpuflow_home / "sandbox" / "box" / INSTANCE_ID).mkdir(parents=True)
-    return cluster
+    directory = gpuflow_home / "sandbox" / "box" / INSTANCE_ID
+    directory.mkdir(parents=True)
+    yield cluster
+    terminate_base(str(directory))  # whatever a failed test left on the "instance" (a Jupyter server) ends with it
 
 
 def sandbox_ssh_value(server) -> str:
