@@ -1,14 +1,15 @@
-"""gpuflow CLI: `gpuflow forward` (thin: the work is in gpuflow.tunnels)."""
+"""gpuflow CLI: `gpuflow forward`, `gpuflow notebook`, `gpuflow tensorboard` (thin: the work is in gpuflow.tunnels)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from gpuflow.cli._app import app
 from gpuflow.config import find_project_root
-from gpuflow.errors import ClusterNotFound
+from gpuflow.errors import ClusterNotFound, GpuflowError, RunNotFound, UnreachableHost
 
 
 def _cluster(name: str):  # noqa: ANN202 - a Cluster; its module is imported with the use cases
@@ -162,3 +163,110 @@ def notebook(
 
     hold_forwards(cluster, forwards, plan, say=say, on_ready=ready, kind=TunnelKind.NOTEBOOK, url=url)
     say(f"tunnel closed; Jupyter still runs on {name}: `gpuflow notebook {name}` reattaches, `--stop` stops it")
+
+
+_FREE_PORT_SCRIPT = """
+import socket, sys
+for port in range(int(sys.argv[1]), int(sys.argv[1]) + 100):
+    if str(port) == sys.argv[2]:  # the local end's port: the same machine when the node is this one (sandbox)
+        continue
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        probe.close()
+    print(port)
+    break
+"""
+
+
+@app.command("tensorboard")
+def tensorboard(
+    target: str = typer.Argument(..., metavar="RUN_OR_NAME", help="A run id (see `gpuflow runs`) or a cluster."),
+    port: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--port", min=1, max=65535, help="The local port (default 6006, else the next free one)."
+    ),
+) -> None:
+    """Serve TensorBoard logs of a run, or of every run on a cluster.
+
+    While the cluster runs, TensorBoard runs on the instance and is reached
+    through SSH (no port is opened); once it is gone, the pulled copy of the
+    run is served here. Ctrl-C ends it.
+    """
+    from gpuflow import clusters, jobs, nodes
+    from gpuflow.tunnels import tensorboard as board
+    from gpuflow.tunnels.forward import hold_forwards, plan_forward
+    from gpuflow.tunnels.ports import Forward, PortSpec, choose_forwards
+    from gpuflow.tunnels.registry import TunnelKind, registered
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    try:
+        record = jobs.load_record(target)
+    except RunNotFound:
+        record = None
+    project = find_project_root()
+    probe = clusters.cloud_probe()
+    try:
+        cluster = clusters.get_cluster(record.cluster if record else target, project_dir=project)
+    except ClusterNotFound as exc:
+        if record is None:
+            raise clusters.explain_unknown(target, exc, project_dir=project) from exc
+        cluster = None
+    try:
+        alive = cluster is not None and nodes.node_alive(cluster, None, probe, project_dir=project)
+    except GpuflowError:
+        alive = True  # the cloud cannot say: try the node
+    shown: list[bool] = []
+
+    def show(url: str) -> None:
+        if not shown:
+            shown.append(True)
+            typer.echo(url)
+            say("serving TensorBoard (127.0.0.1 only; Ctrl-C ends it)")
+
+    local_dir: Path | None = None
+    if not alive:
+        assert record is not None
+        say(f"the cluster of run {record.run_id} is gone: serving its pulled copy")
+        local_dir = board.local_logdir(record.local_dir)
+    elif nodes.access_for(cluster, project_dir=project).reach is nodes.Reach.DIRECTORY:
+        base = nodes.sandbox_directory(cluster)  # a sandbox node without sshd is this machine
+        local_dir = Path(board.remote_logdir(str(base), record.remote_dir if record else None))
+    if local_dir is not None:
+        board.require_local_tensorboard()
+        [forward] = choose_forwards([PortSpec(board.DEFAULT_PORT, port or board.DEFAULT_PORT)], say=say)
+        server = board.LocalTensorBoard(local_dir, forward)
+        with registered(cluster.name if cluster else "-", "local", TunnelKind.TENSORBOARD, [forward], forward.url):
+            board.hold_local(server, on_ready=lambda: show(forward.url))
+        say("TensorBoard ended")
+        return
+
+    assert cluster is not None
+    [local] = choose_forwards([PortSpec(board.DEFAULT_PORT, port or board.DEFAULT_PORT)], say=say)
+    runner = nodes.runner_for(cluster, probe=probe, project_dir=project)
+    try:
+        python = jobs.base_python(runner, project)
+        found = runner.run(
+            [python, "-c", _FREE_PORT_SCRIPT, str(board.DEFAULT_PORT), str(local.local)], check=False
+        ).text().split()
+        logdir = board.remote_logdir(runner.base_dir, record.remote_dir if record else None)
+    finally:
+        runner.close()
+    if not found or not found[-1].isdigit():
+        raise UnreachableHost(f"no free port on {cluster.name} from {board.DEFAULT_PORT}")
+    remote_port = int(found[-1])
+    forwards = [Forward(remote_port, local.local)]
+    plan = plan_forward(
+        cluster, forwards, probe=probe, project_dir=project, serve=board.tensorboard_argv(python, logdir, remote_port)
+    )
+
+    def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
+        board.wait_until_answering(forwards[0].url, tunnel.ended)
+        show(forwards[0].url)
+
+    hold_forwards(cluster, forwards, plan, say=say, on_ready=ready, kind=TunnelKind.TENSORBOARD, url=forwards[0].url)
+    say("TensorBoard ended")

@@ -74,13 +74,26 @@ def heartbeat_command(base_dir: str | None) -> str:
     return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])])
 
 
-def forward_argv(target: SSHTarget, forwards: Sequence[Forward], base_dir: str | None = None) -> list[str]:
+def forward_argv(
+    target: SSHTarget, forwards: Sequence[Forward], base_dir: str | None = None, serve: Sequence[str] | None = None
+) -> list[str]:
     """The ssh command line of a forward: the one option builder's options, one
-    ``-L`` per forward bound to 127.0.0.1 on both ends, no terminal."""
-    argv = [*openssh.ssh_argv(target), "-o", "ExitOnForwardFailure=yes", "-T"]
+    ``-L`` per forward bound to 127.0.0.1 on both ends.  Its remote command is
+    the heartbeat loop (no terminal), or ``serve`` (a server whose life is the
+    session's: it runs on a terminal, so the hang-up of a closed connection ends it)."""
+    argv = [*openssh.ssh_argv(target), "-o", "ExitOnForwardFailure=yes", "-tt" if serve else "-T"]
     for forward in forwards:
         argv += ["-L", f"{LOOPBACK}:{int(forward.local)}:{LOOPBACK}:{int(forward.remote)}"]
-    return [*argv, "--", f"{target.user}@{target.host}", heartbeat_command(base_dir)]
+    if serve:
+        remote = _touch_once(base_dir) + "exec " + quote_argv(list(serve))
+    else:
+        remote = heartbeat_command(base_dir)
+    return [*argv, "--", f"{target.user}@{target.host}", remote]
+
+
+def _touch_once(base_dir: str | None) -> str:
+    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
+    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
 
 
 class SSHTunnel:
@@ -335,10 +348,11 @@ def plan_forward(
     trust_on_first_use: bool = False,
     probe: CloudProbe | None = None,
     project_dir: Path | None = None,
+    serve: Sequence[str] | None = None,
 ) -> ForwardPlan:
     """Reach the node (pinning its host keys first, as `gpuflow ssh` does) and
     say how its forwards are opened: ``ssh -L``, or a relay for a sandbox node
-    without sshd."""
+    without sshd.  ``serve``: a server command the session runs (and ends)."""
     node = nodes.select_node(cluster, instance_id)
     reached = nodes.openssh_node(
         cluster, node, trust_on_first_use=trust_on_first_use, probe=probe, project_dir=project_dir
@@ -351,7 +365,7 @@ def plan_forward(
     if reached is None:
         heartbeat = nodes.sandbox_directory(cluster, node) / "heartbeat"
         return ForwardPlan(describe, node.instance_id, lambda: RelayTunnel(forwards, heartbeat), alive)
-    argv = forward_argv(reached.target, forwards, reached.base_dir)
+    argv = forward_argv(reached.target, forwards, reached.base_dir, serve)
     return ForwardPlan(describe, node.instance_id, lambda: SSHTunnel(argv, forwards), alive)
 
 
