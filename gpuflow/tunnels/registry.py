@@ -93,3 +93,14 @@ def open_tunnels(cluster: str | None = None) -> list[OpenTunnel]:
         if cluster is None or tunnel.cluster == cluster:
             found.append(tunnel)
     return sorted(found, key=lambda tunnel: tunnel.pid)
+
+
+def describe(tunnels: Sequence[OpenTunnel]) -> list[str]:
+    """`gpuflow status`'s lines: each open tunnel, what it reaches and the gpuflow process holding it."""
+    lines = []
+    for tunnel in tunnels:
+        ports = ", ".join(f"{forward.url} -> port {forward.remote}" for forward in tunnel.forwards)
+        shown = tunnel.url if tunnel.url and tunnel.kind is not TunnelKind.FORWARD else ports
+        where = "" if tunnel.instance_id == "local" else f" on {tunnel.instance_id}"
+        lines.append(f"open {tunnel.kind.value}: {shown}{where} (gpuflow pid {tunnel.pid})")
+    return lines

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from gpuflow.procs import identity
+from gpuflow.tunnels.ports import Forward
+from gpuflow.tunnels.registry import TunnelKind, open_tunnels
 from tests.tunnels.conftest import INSTANCE_ID
 from tests.waiting import wait_for
 
@@ -47,6 +49,10 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
 
     ssh_pids = _children(process.pid)
     assert len(ssh_pids) == 1
+    [recorded] = open_tunnels("box")  # what `gpuflow status box` lists
+    assert (recorded.kind, recorded.pid, recorded.forwards) == (
+        TunnelKind.FORWARD, process.pid, (Forward(instance_http, local_port),)
+    )
     # A logged-in session (what the dead-man's switch counts as use), and the node's heartbeat touched.
     def logged_in() -> bool:
         titles = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _children(through_sshd.process.pid)]
@@ -69,6 +75,7 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     stderr = process.stderr.read()
     assert "lost" in stderr and "reconnected to box" in stderr and "Traceback" not in stderr
     assert _get(url) is None
+    assert open_tunnels("box") == []
 
 
 def test_sigterm_ends_the_forward_and_its_ssh(through_sshd, instance_http, gpuflow_process):

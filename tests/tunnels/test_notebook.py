@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.error
@@ -14,7 +15,9 @@ from gpuflow import clusters, nodes
 from gpuflow.procs import identity
 from gpuflow.tunnels.forward import plan_forward
 from gpuflow.tunnels.notebook import start_notebook, stop_notebook
+from gpuflow.cli import app, run_app
 from gpuflow.tunnels.ports import Forward
+from gpuflow.tunnels.registry import TunnelKind, registered
 from infra.sandbox import in_process_sandbox
 from tests.sshd import free_port
 
@@ -65,7 +68,7 @@ def test_notebook_through_sshd_prints_a_token_url_reattaches_and_stops(through_s
     assert identity(pid) != server_identity
 
 
-def test_the_security_group_is_never_changed(project_dir_with_sandbox):
+def test_the_security_group_is_never_changed(project_dir_with_sandbox, capsys):
     cluster, ec2 = project_dir_with_sandbox
     group_id = cluster_group(ec2)
     before = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
@@ -82,6 +85,12 @@ def test_the_security_group_is_never_changed(project_dir_with_sandbox):
     try:
         url = server.url(local)
         assert _status(_api(url, token=True)) == 200 and _status(_api(url, token=False)) == 403
+        with registered("nb", cluster.head.instance_id, TunnelKind.NOTEBOOK, [Forward(server.port, local)], url):
+            assert run_app(app, ["status", "nb", "--sandbox", "--json"]) == 0
+            [listed] = json.loads(capsys.readouterr().out)["tunnels"]
+            assert (listed["kind"], listed["url"], listed["pid"]) == ("notebook", url, os.getpid())
+            assert run_app(app, ["status", "nb", "--sandbox"]) == 0
+            assert f"open notebook: {url} on {cluster.head.instance_id}" in capsys.readouterr().out
     finally:
         tunnel.stop()
     runner = nodes.runner_for(cluster, probe=clusters.cloud_probe())
