@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,19 @@ from gpuflow.tunnels.registry import TunnelKind, registered
 HEARTBEAT_SECONDS = 30
 READY_SECONDS = openssh.CONNECT_TIMEOUT_SECONDS + 15  # connect, authenticate, listen
 STOP_GRACE_SECONDS = 3.0
+
+
+def end_with_parent() -> None:
+    """In a child gpuflow starts (ssh, a local TensorBoard), before exec: on Linux, SIGTERM
+    it when gpuflow dies, even by SIGKILL (which runs no cleanup); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class TunnelFailed(Exception):
@@ -116,7 +130,7 @@ class SSHTunnel:
         try:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=end_with_parent,
             )
         except OSError as exc:
             raise TunnelFailed(f"cannot run {self.argv[0]}: {exc.strerror} (install the OpenSSH client)") from exc

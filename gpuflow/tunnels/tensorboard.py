@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuflow.errors import RemoteCommandFailed, UsageError
+from gpuflow.tunnels.forward import end_with_parent
 from gpuflow.tunnels.ports import LOOPBACK, Forward
 
 DEFAULT_PORT = 6006
@@ -91,6 +92,7 @@ class LocalTensorBoard:
         self.process = subprocess.Popen(
             tensorboard_argv(sys.executable, str(self.logdir), self.forward.local),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
+            preexec_fn=end_with_parent,
         )
         wait_until_answering(self.forward.url, self.ended)
 

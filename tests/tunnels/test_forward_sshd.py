@@ -78,13 +78,14 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     assert open_tunnels("box") == []
 
 
-def test_sigterm_ends_the_forward_and_its_ssh(through_sshd, instance_http, gpuflow_process):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_ends_the_forward_and_its_ssh(through_sshd, instance_http, gpuflow_process, signal_number):
     process = gpuflow_process("forward", "box", str(instance_http))
     url = process.stdout.readline().split()[0]
     assert _get(url) == "hello from the instance: /"
     (ssh_pid,) = _children(process.pid)
     ssh_identity = identity(ssh_pid)
 
-    os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    assert identity(ssh_pid) != ssh_identity
+    os.kill(process.pid, signal_number)  # SIGKILL runs no cleanup: the ssh ends with its parent all the same
+    assert process.wait(timeout=30) == (0 if signal_number == signal.SIGTERM else -signal.SIGKILL)
+    wait_for(lambda: identity(ssh_pid) != ssh_identity, timeout=30, what="the ssh to end")
