@@ -189,9 +189,9 @@ def tensorboard(
         None, "--port", min=1, max=65535, help="The local port (default 6006, else the next free one)."
     ),
 ) -> None:
-    """Serve TensorBoard logs of a run, or of every run on a cluster.
+    """Serve the TensorBoard logs of a run or a cluster.
 
-    While the cluster runs, TensorBoard runs on the instance and is reached
+    A cluster's: every run on it. While the cluster runs, TensorBoard runs on the instance and is reached
     through SSH (no port is opened); once it is gone, the pulled copy of the
     run is served here. Ctrl-C ends it.
     """
