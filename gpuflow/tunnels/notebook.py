@@ -85,12 +85,6 @@ def start_notebook(
     return _server(answer)
 
 
-def running_notebook(runner: CommandRunner, *, python: str | None = None) -> NotebookServer | None:
-    """The node's running Jupyter server, or None."""
-    answer = _call(runner, python or runner.python, ["show", runner.base_dir])
-    return _server(answer["running"]) if answer.get("running") else None
-
-
 def stop_notebook(runner: CommandRunner, *, python: str | None = None) -> str:
     """Stop the node's Jupyter server: 'stopped', 'killed' (it ignored SIGTERM) or 'none' (none ran)."""
     return str(_call(runner, python or runner.python, ["stop", runner.base_dir])["stopped"])
