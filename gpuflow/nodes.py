@@ -420,6 +420,53 @@ def openssh_argv(target: SSHTarget) -> list[str]:
 
 
 @dataclass(frozen=True)
+class OpenSSHNode:
+    """A node as the system ``ssh`` reaches it: its target (host keys pinned), and
+    its gpuflow directory when that is not the instance's ``~/gpuflow`` (a sandbox
+    node behind the loopback sshd: its directory on this machine)."""
+
+    target: SSHTarget
+    base_dir: str | None = None
+
+
+def openssh_node(
+    cluster: Cluster,
+    node: Node,
+    *,
+    trust_on_first_use: bool = False,
+    probe: CloudProbe | None = None,
+    project_dir: Path | None = None,
+) -> OpenSSHNode | None:
+    """Make ``node`` reachable by the system ``ssh`` (`gpuflow ssh`, `gpuflow
+    forward`): a sandbox node must still run, the key's permissions must do, the
+    host keys are pinned in the cluster's known_hosts (from the console, or by
+    one paramiko connection when only fingerprints are known).  None for a
+    sandbox node without a loopback sshd (its directory on this machine)."""
+    access = access_for(cluster, project_dir=project_dir)
+    probe = probe or ProvisionerProbe()
+    if access.reach is not Reach.SSH:
+        refuse_if_gone(cluster, node, probe)
+    if access.reach is Reach.DIRECTORY:
+        return None
+    target = _target(cluster, node, access, trust_on_first_use)
+    if target.key_path:
+        check_key_permissions(target.key_path)  # OpenSSH would ignore the key: say how to fix it, before ssh runs
+    if access.reach is Reach.LOOPBACK_SSH:
+        assert access.sandbox_ssh is not None
+        _pin_sandbox_host_key(target, access.sandbox_ssh)
+        directory = sandbox_directory(cluster, node)
+        directory.mkdir(parents=True, exist_ok=True)
+        return OpenSSHNode(target, str(directory))
+    expected = ensure_host_keys(cluster, node, target, probe)
+    if not hostkeys.pinned_keys(str(target.known_hosts_path), target.host, target.port):
+        # Only fingerprints on the console (or trust-on-first-use): one paramiko
+        # connection verifies the presented key and pins it for OpenSSH.
+        alive = instance_alive_hook(cluster, node.instance_id, probe)
+        _ssh_runner(target, alive, expected, {}).check_host_key()
+    return OpenSSHNode(target)
+
+
+@dataclass(frozen=True)
 class Invocation:
     """A process to exec for `gpuflow ssh`: argv, and the directory to run it in."""
 
@@ -440,35 +487,19 @@ def ssh_invocation(
     known_hosts (each CMD argument quoted, so it arrives literally); for a
     sandbox cluster without a loopback sshd, bash in the sandbox directory."""
     node = select_node(cluster, instance_id)
-    access = access_for(cluster, project_dir=project_dir)
-    if access.reach is not Reach.SSH:
-        refuse_if_gone(cluster, node, probe or ProvisionerProbe())
-    if access.reach is Reach.DIRECTORY:
+    reached = openssh_node(cluster, node, trust_on_first_use=trust_on_first_use, probe=probe, project_dir=project_dir)
+    if reached is None:
         directory = sandbox_directory(cluster, node)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
+    target = reached.target
     remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
-    target = _target(cluster, node, access, trust_on_first_use)
-    if target.key_path:
-        check_key_permissions(target.key_path)  # OpenSSH would ignore the key: say how to fix it, before ssh runs
-    if access.reach is Reach.LOOPBACK_SSH:
-        assert access.sandbox_ssh is not None
-        _pin_sandbox_host_key(target, access.sandbox_ssh)
+    if reached.base_dir is not None:
         # The loopback "instance" is this machine: start where the sandbox instance's files are.
-        directory = sandbox_directory(cluster, node)
-        directory.mkdir(parents=True, exist_ok=True)
-        remote_command = _touch_heartbeat(str(directory)) + f"cd {quote_argv([str(directory)])} && " + remote_command
-    else:
-        probe = probe or ProvisionerProbe()
-        expected = ensure_host_keys(cluster, node, target, probe)
-        if not hostkeys.pinned_keys(str(target.known_hosts_path), target.host, target.port):
-            # Only fingerprints on the console (or trust-on-first-use): one paramiko
-            # connection verifies the presented key and pins it for OpenSSH.
-            alive = instance_alive_hook(cluster, node.instance_id, probe)
-            _ssh_runner(target, alive, expected, {}).check_host_key()
-        remote_command = _touch_heartbeat(None) + remote_command
+        remote_command = f"cd {quote_argv([reached.base_dir])} && " + remote_command
+    remote_command = _touch_heartbeat(reached.base_dir) + remote_command
     argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
     if not command:
         argv.append("-t")  # an interactive shell behind a command needs a terminal asked for

@@ -47,6 +47,8 @@ JOB_PID = "job.pid"
 SUPERVISOR_PID = "supervisor.pid"
 EXIT_CODE = "exit_code"
 MARKER = "GPUFLOW_RUN_DIR"  # the job's environment names its run directory
+# `gpuflow notebook`'s Jupyter server (leader of its own session), under the node's base directory.
+NOTEBOOK_RECORD = os.path.join("notebook", "server.proc")
 # What a run directory says beyond its processes (reported by status(), read by gpuflow.jobs):
 NOTICE_FILES = {
     "checkpoint": os.path.join("outputs", "checkpoint", "state.json"),  # the job's resumable checkpoint
@@ -218,7 +220,8 @@ def stop(run_dir: str, grace_seconds: float) -> str:
 
 def terminate_base(base_dir: str) -> list[int]:
     """What a power-off does to a sandbox instance's processes: SIGKILL every
-    run's proven supervisor and job (their whole process groups) and every
+    run's proven supervisor and job (their whole process groups), the proven
+    Jupyter server of `gpuflow notebook` (its group), and every
     process carrying the marker of a run under ``base_dir``.  Returns the pids signalled."""
     runs_dir = os.path.join(base_dir, "runs")
     killed = []
@@ -232,6 +235,9 @@ def terminate_base(base_dir: str) -> list[int]:
             leader = proven(os.path.join(run_dir, record_name))
             if leader is not None and leader != os.getpid() and _send(leader, signal.SIGKILL, group=True):
                 killed.append(leader)
+    notebook = proven(os.path.join(base_dir, NOTEBOOK_RECORD))
+    if notebook is not None and notebook != os.getpid() and _send(notebook, signal.SIGKILL, group=True):
+        killed.append(notebook)
     for prefix in sorted({runs_dir, os.path.join(os.path.realpath(base_dir), "runs")}):
         for pid in marked(prefix, exact=False):
             if _send(pid, signal.SIGKILL, group=False):

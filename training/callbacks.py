@@ -5,6 +5,8 @@ the exact resume built on them.
   (the test metrics are measured on it);
 * ``CSVLogger`` appends each epoch to ``history.csv``;
 * an epoch timer adds ``epoch_seconds`` and ``train_seconds`` to each epoch's logs;
+* ``TensorBoard`` writes ``tensorboard/`` (``--tensorboard``, on by default): the scalars per
+  epoch and every ``--tensorboard-every-steps`` steps, and the graph;
 * the step checkpoint (:mod:`training.checkpoint`) saves ``checkpoint/`` at every epoch
   end, every ``--save-every-steps`` steps, every ``--save-every-seconds`` seconds and on
   SIGTERM / SIGUSR1; a run started again with the same ``--output`` continues at the next
@@ -30,6 +32,7 @@ from training.checkpoint import Interrupted, Position
 
 BEST_MODEL_FILE = "best_model.keras"
 HISTORY_FILE = "history.csv"
+TENSORBOARD_DIR = "tensorboard"  # under --output: train/ and validation/ event files
 
 
 class CourseCallbacks:
@@ -97,6 +100,7 @@ class CourseCallbacks:
             self.model_checkpoint,
             keras.callbacks.CSVLogger(str(self.history_path), append=True),
             self.step_checkpoint,
+            *tensorboard_callbacks(options, self.output),
             *extra,
         ]
 
@@ -173,6 +177,31 @@ class CourseCallbacks:
     def history(self) -> list[dict[str, float]]:
         """Every epoch of the run, resumed sessions included (history.csv)."""
         return read_history(self.history_path)
+
+
+def tensorboard_callbacks(options, output: Path) -> list:
+    """Keras' TensorBoard callback into ``<output>/tensorboard/`` (``--tensorboard``, on by
+    default): the scalars per epoch and every ``--tensorboard-every-steps`` steps, the graph,
+    histograms only with ``--tensorboard-histograms``.  Without the ``tensorboard`` package
+    (TensorFlow's summary writers come with it) it says so in one line and trains on."""
+    if not getattr(options, "tensorboard", False):
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        print("training: no TensorBoard logs: the tensorboard package is not installed (pip install tensorboard)",
+              flush=True)
+        return []
+    import keras
+
+    return [
+        keras.callbacks.TensorBoard(
+            log_dir=str(output / TENSORBOARD_DIR),
+            histogram_freq=1 if getattr(options, "tensorboard_histograms", False) else 0,
+            write_graph=True,
+            update_freq=int(getattr(options, "tensorboard_every_steps", 50)),
+        )
+    ]
 
 
 def build_state(model, element_spec) -> None:

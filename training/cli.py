@@ -85,6 +85,9 @@ class RunOptions:
     save_every_steps: int | None = None
     save_every_seconds: float | None = DEFAULT_SAVE_EVERY_SECONDS
     deterministic: bool = False
+    tensorboard: bool = True
+    tensorboard_every_steps: int = 50
+    tensorboard_histograms: bool = False
 
 
 def build_parser(
@@ -157,6 +160,19 @@ def build_parser(
         action="store_true",
         help="TensorFlow op determinism: with the same --seed, the same weights, resumed or not (slower)",
     )
+    parser.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write TensorBoard logs to <output>/tensorboard/ (scalars per epoch and every "
+        "--tensorboard-every-steps steps, the graph; `gpuflow tensorboard RUN` serves them)",
+    )
+    parser.add_argument(
+        "--tensorboard-every-steps", type=positive_int, default=50, help="write the training scalars every N steps"
+    )
+    parser.add_argument(
+        "--tensorboard-histograms", action="store_true", help="also write weight histograms each epoch (bigger logs)"
+    )
     return parser
 
 
@@ -191,6 +207,9 @@ def parse_options(
         save_every_steps=namespace.save_every_steps,
         save_every_seconds=namespace.save_every_seconds,
         deterministic=namespace.deterministic,
+        tensorboard=namespace.tensorboard,
+        tensorboard_every_steps=namespace.tensorboard_every_steps,
+        tensorboard_histograms=namespace.tensorboard_histograms,
     )
     check_data_dir(options.dataset, options.data_dir)
     # Across workers (TF_CONFIG) only the chief writes --output; the others a scratch directory.

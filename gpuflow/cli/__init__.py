@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from gpuflow.cli import demo  # noqa: F401, I001 - registers its command, listed first
-from gpuflow.cli import cluster, init, jobs, remote, sandbox, setup, sync  # noqa: F401 - register their commands
+from gpuflow.cli import cluster, init, jobs, remote, sandbox, setup, sync, tunnels  # noqa: F401 - register their commands
 from gpuflow.cli._app import app
 from gpuflow.cli._errors import run_app
 from gpuflow.cli._signals import terminate_like_ctrl_c

@@ -169,20 +169,26 @@ def status(
 ) -> None:
     """Show a cluster as EC2 sees it now.
 
-    State, address, uptime, $/h and $ so far, and what each running node's
-    dead-man's switch thinks (busy or idle, why, and when it stops).
+    State, address, uptime, $/h and $ so far, what each running node's
+    dead-man's switch thinks (busy or idle, why, and when it stops), and the
+    notebooks, forwards and TensorBoards open on this machine.
     """
     from gpuflow import clusters
     from gpuflow.clusters import switch as switch_status
+    from gpuflow.tunnels import registry
 
     result = clusters.status(name, sandbox=sandbox, any_owner=any_owner, project_dir=_project())
     # A cluster without a record here (unmanaged) has no key or pinned host keys here: no switch to ask.
     switches = switch_status.read_switches(result.cluster) if result.known_locally else []
+    tunnels = registry.open_tunnels(result.cluster.name)  # notebooks, forwards, TensorBoards open on this machine
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches]}, indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "switch": [item.to_dict() for item in switches],
+                               "tunnels": [tunnel.to_dict() for tunnel in tunnels]}, indent=2))
     else:
         _print_statuses([result])
         for line in switch_status.describe(switches):
+            typer.echo(line)
+        for line in registry.describe(tunnels):
             typer.echo(line)
 
 

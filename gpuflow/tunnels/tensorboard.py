@@ -1,0 +1,152 @@
+"""`gpuflow tensorboard RUN | NAME`: the training modules' TensorBoard logs, served where they are.
+
+* a run whose cluster still runs: TensorBoard runs on the node (the run
+  environment's Python) over ``<run>/outputs/tensorboard``, as the remote
+  command of the forward's SSH session, on a terminal: the hang-up of a closed
+  connection ends it, a reconnection starts it again;
+* a cluster NAME: the same over every run on it (``~/gpuflow/runs``);
+* a run whose cluster is gone (``down``, the dead-man's switch), or a sandbox
+  node without sshd (this machine): TensorBoard here, over the pulled copy
+  (``runs/RUN_ID/outputs/tensorboard``) or the sandbox directory.
+
+It listens on 127.0.0.1 only, on 6006 or the next free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuflow.errors import RemoteCommandFailed, UsageError
+from gpuflow.tunnels.forward import end_with_parent
+from gpuflow.tunnels.ports import LOOPBACK, Forward
+
+DEFAULT_PORT = 6006
+TENSORBOARD_DIR = "tensorboard"  # under a run's outputs/ (training.callbacks.TENSORBOARD_DIR)
+READY_SECONDS = 120
+
+
+def tensorboard_argv(python: str, logdir: str, port: int) -> list[str]:
+    # --load_fast=false: one process (no separate data server) that the session's hang-up ends.
+    return [
+        python, "-m", "tensorboard.main", "--logdir", logdir, "--host", LOOPBACK, "--port", str(int(port)),
+        "--load_fast=false",
+    ]
+
+
+def require_local_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError(
+            "TensorBoard is not installed here", hint="pip install tensorboard (or pip install 'gpuflow[tensorboard]')"
+        )
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_until_answering(url: str, alive: Callable[[], str | None], seconds: float = READY_SECONDS) -> None:
+    """Until ``url`` answers; ``alive()`` says why the server ended (then it is an error)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if answers(url):
+            return
+        reason = alive()
+        if reason is not None:
+            raise RemoteCommandFailed(f"TensorBoard ended: {reason}")
+        time.sleep(0.2)
+    raise RemoteCommandFailed(f"TensorBoard did not answer within {seconds:.0f} s")
+
+
+@dataclass
+class LocalTensorBoard:
+    """TensorBoard on this machine, in its own process group."""
+
+    logdir: Path
+    forward: Forward  # remote == local: no tunnel
+
+    def __post_init__(self) -> None:
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        require_local_tensorboard()
+        self.process = subprocess.Popen(
+            tensorboard_argv(sys.executable, str(self.logdir), self.forward.local),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
+            preexec_fn=end_with_parent,
+        )
+        wait_until_answering(self.forward.url, self.ended)
+
+    def ended(self) -> str | None:
+        if self.process is None or self.process.poll() is None:
+            return None
+        self._stderr.seek(0)
+        lines = [line for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit status {self.process.returncode}"
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def hold_local(server: LocalTensorBoard, *, on_ready: Callable[[], None], poll_seconds: float = 0.2) -> None:
+    """Serve until Ctrl-C / SIGTERM (a normal end) or until TensorBoard itself ends (an error)."""
+    try:
+        server.start()
+        on_ready()
+        while True:
+            reason = server.ended()
+            if reason is not None:
+                raise RemoteCommandFailed(f"TensorBoard ended: {reason}")
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        return
+    finally:
+        server.stop()
+
+
+def remote_logdir(base_dir: str, run_remote_dir: str | None) -> str:
+    """A run's logs on the node, or every run's (TensorBoard finds each run's event files below)."""
+    return f"{run_remote_dir}/outputs/{TENSORBOARD_DIR}" if run_remote_dir else f"{base_dir}/runs"
+
+
+def local_logdir(local_dir: str) -> Path:
+    """A pulled run's logs: ``runs/RUN_ID/outputs/tensorboard``."""
+    path = Path(local_dir) / "outputs" / TENSORBOARD_DIR
+    if not path.is_dir():
+        raise UsageError(
+            f"no TensorBoard logs in {path}",
+            hint="pull the run first (`gpuflow pull RUN`); runs started with --no-tensorboard write none",
+        )
+    return path
+
+
+def serve_argv(python: str, logdir: str, port: int) -> Sequence[str]:
+    return tensorboard_argv(python, logdir, port)
