@@ -67,6 +67,10 @@ def held_resources() -> dict[str, list[str]]:
             held["security_groups"] += [
                 f"{region}/{group.id}" for group in backend.describe_security_groups() if group.name != "default"
             ]
+    # A stack exists only if the server has served CloudFormation, which imported its backend;
+    # importing it just to look takes seconds (longer than a caller waits for this answer).
+    if "moto.cloudformation.models" not in sys.modules:
+        return held
     for _account, regions in list(get_backend("cloudformation").items()):
         for region, backend in list(regions.items()):
             held["stacks"] += [f"{region}/{stack.name}" for stack in list(backend.stacks.values())

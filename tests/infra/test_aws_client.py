@@ -96,7 +96,7 @@ def test_sandbox_clients_use_the_sandbox_endpoint_and_fake_credentials(monkeypat
     import infra.sandbox
 
     asked = []
-    monkeypatch.setattr(infra.sandbox, "sandbox_endpoint", lambda home: asked.append(home) or "http://127.0.0.1:1", raising=False)
+    monkeypatch.setattr(infra.sandbox, "sandbox_endpoint", lambda home, **_options: asked.append(home) or "http://127.0.0.1:1", raising=False)
     provisioner = open_provisioner("us-east-1", sandbox=True, profile="ignored-in-sandbox")
     client = provisioner.api.client("ec2")
     assert client.meta.endpoint_url == "http://127.0.0.1:1"
