@@ -94,6 +94,8 @@ def pull_files(
     unchanged: list[str] = []
     changing: list[str] = []
     total = 0
+    wanted: dict[str, tuple[Path, str, int]] = {}  # relative -> (destination, sha256, size), in listing order
+    items: list[tuple[str, str]] = []  # (relative, local temporary path) for the one stream
     for entry in entries:
         relative = str(entry.get("path", ""))
         kind = entry.get("kind")
@@ -117,18 +119,25 @@ def pull_files(
         if _safe_destination(local_dir, str(temporary.relative_to(local_dir))) is None:
             refused.append(relative)
             continue
-        try:
-            runner.get_file(f"{remote_dir}/{relative}", str(temporary))
-            actual = sha256_file(temporary)
-            if actual != expected:
-                changing.append(relative)
+        if relative in wanted:  # listed twice: one copy is enough
+            continue
+        wanted[relative] = (destination, expected, int(entry.get("size", 0)))
+        items.append((relative, str(temporary)))
+    try:
+        # One stream for all of them (over SSH: one channel, hashed as the bytes land).
+        for fetched_file in runner.fetch_files(remote_dir, items):
+            destination, expected, size = wanted[fetched_file.relative]
+            temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+            if fetched_file.sha256 != expected:
+                changing.append(fetched_file.relative)
                 continue
             os.replace(temporary, destination)
-        finally:
+            fetched.append(fetched_file.relative)
+            total += size
+    finally:
+        for _relative, temporary_path in items:
             with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-        fetched.append(relative)
-        total += int(entry.get("size", 0))
+                os.unlink(temporary_path)
     report = PullReport(
         local_dir=local_dir,
         fetched=tuple(fetched),
