@@ -103,29 +103,37 @@ class Fetched:
 
 
 class _Frames:
-    """Exact reads over a ``recv(n)`` that returns up to n bytes (b'' at the end)."""
+    """Exact reads over a ``recv(n)`` that returns up to n bytes (b'' at the end);
+    always asks for a large piece, so that small frames cost no extra reads."""
 
     def __init__(self, recv: Callable[[int], bytes]) -> None:
         self._recv = recv
         self._buffer = b""
+        self._at = 0  # where the unread part of _buffer starts (slicing a 1 MB piece per frame would copy it)
+
+    def _fill(self) -> None:
+        piece = self._recv(_CHUNK)
+        if not piece:
+            raise StreamBroken("the file stream ended early")
+        self._buffer, self._at = self._buffer[self._at :] + piece, 0
 
     def chunks(self, count: int) -> Iterator[bytes]:
-        """``count`` bytes, in the pieces they arrive in."""
-        if self._buffer:
-            head, self._buffer = self._buffer[:count], self._buffer[count:]
-            count -= len(head)
-            yield head
+        """``count`` bytes, in the pieces they arrive in (views into the buffer)."""
         while count:
-            piece = self._recv(min(count, _CHUNK))
-            if not piece:
-                raise StreamBroken("the file stream ended early")
-            if len(piece) > count:
-                piece, self._buffer = piece[:count], piece[count:]
+            if self._at == len(self._buffer):
+                self._fill()
+            end = min(len(self._buffer), self._at + count)
+            piece = memoryview(self._buffer)[self._at : end]
+            self._at = end
             count -= len(piece)
             yield piece
 
     def exact(self, count: int) -> bytes:
-        return b"".join(self.chunks(count)) if count else b""
+        while len(self._buffer) - self._at < count:
+            self._fill()
+        data = self._buffer[self._at : self._at + count]
+        self._at += count
+        return data
 
 
 def request(relatives: Sequence[str]) -> bytes:

@@ -7,6 +7,7 @@ run through ``bash -c`` with the same quoting as over SSH.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -121,12 +122,27 @@ class LocalRunner:
             if os.path.realpath(source) != os.path.join(root, relative) or not source.is_file():
                 yield Fetched(relative, None, "missing, not a regular file, or reached through a link")
                 continue
+            with contextlib.suppress(FileNotFoundError):  # a planted link there is replaced, not followed
+                os.unlink(temporary)
+            before = source.stat()
             self.get_file(str(source), temporary)
-            digest = hashlib.sha256()
-            with open(temporary, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
-            yield Fetched(relative, digest.hexdigest())
+            after = source.stat()
+            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+                yield Fetched(relative, None, "it changed while being read")
+                continue
+            digest = _sha256(temporary)
+            if digest != _sha256(source):  # the streamer's check: what landed is what was read
+                yield Fetched(relative, None, "its bytes arrived damaged")
+                continue
+            yield Fetched(relative, digest)
 
     def close(self) -> None:
         return None
+
+
+def _sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

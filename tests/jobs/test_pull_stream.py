@@ -18,7 +18,7 @@ def test_pull_over_ssh_streams_verifies_and_skips_a_rewritten_file(tmp_path, ssh
     (remote / "outputs" / "ckpt.bin").write_bytes(b"epoch 1")
     runner = SSHRunner(target_for(sshd_session, known_hosts), base_dir=str(tmp_path / "base"))
     try:
-        entries = jobs.list_remote_tree(runner, str(remote), ("outputs",))
+        entries = jobs.list_remote_tree(runner, str(remote), ("outputs",), hashed=True)
         (remote / "outputs" / "ckpt.bin").write_bytes(b"epoch 2")  # rewritten after the listing
         monkeypatch.setattr(SSHRunner, "get_file", lambda *a: (_ for _ in ()).throw(AssertionError("per-file get")))
         report = jobs.pull_files(runner, str(remote), local, entries=entries)
