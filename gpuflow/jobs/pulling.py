@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import os
+import stat
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -76,6 +77,16 @@ class _Destinations:
         if destination.is_symlink():
             return _safe_destination(self._root, relative)
         return destination
+
+
+def _plain_file(path: Path | None) -> bool:
+    """Whether ``path`` is a regular file (not through a link at its own name)."""
+    if path is None:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _safe_destination_lexically(local_root: Path, relative: str) -> Path | None:
@@ -152,47 +163,45 @@ def pull_files(
     changing: list[str] = []
     total = 0
     safe_destination = _Destinations(local_dir)
+    # Each entry's local destination, decided once; and which of them a local file is there for.
+    planned = [(entry, str(entry.get("path", ""))) for entry in entries]
+    destinations = [safe_destination(relative) for _entry, relative in planned]
+    held = [_plain_file(destination) for destination in destinations]
     # The instance hashes only the files a local copy is there for (is it the same?); every
     # other file is hashed by the streamer as it reads it, and here as it lands.
-    held = []
-    for entry in entries:
-        if entry.get("kind") == "file" and "sha256" not in entry:
-            destination = safe_destination(str(entry.get("path", "")))
-            if destination is not None and destination.is_file() and not destination.is_symlink():
-                held.append(str(entry.get("path")))
-    if held:
-        hashes = _remote_hashes(runner, remote_dir, held)
-        for entry in entries:
-            if entry.get("kind") == "file" and "sha256" not in entry and entry.get("path") in hashes:
-                entry["sha256"] = hashes[entry["path"]]
+    unhashed = [
+        relative for (entry, relative), here in zip(planned, held)
+        if here and entry.get("kind") == "file" and "sha256" not in entry
+    ]
+    if unhashed:
+        hashes = _remote_hashes(runner, remote_dir, unhashed)
+        for entry, relative in planned:
+            if relative in hashes and entry.get("kind") == "file" and "sha256" not in entry:
+                entry["sha256"] = hashes[relative]
     wanted: dict[str, tuple[Path, dict, int]] = {}  # relative -> (destination, listing entry, size)
     items: list[tuple[str, str]] = []  # (relative, local temporary path) for the one stream
-    for entry in entries:
-        relative = str(entry.get("path", ""))
+    made: set[Path] = set()
+    for (entry, relative), destination, here in zip(planned, destinations, held):
         kind = entry.get("kind")
-        destination = safe_destination(relative)
         if destination is None or kind not in ("file", "dir"):
             refused.append(relative)
             continue
         if kind == "dir":
             destination.mkdir(parents=True, exist_ok=True)
+            made.add(destination)
             continue
         expected = entry.get("sha256")
-        if (
-            expected is not None
-            and destination.is_file()
-            and not destination.is_symlink()
-            and is_unchanged(previous, relative, expected, sha256_file(destination))
-        ):
+        if here and expected is not None and is_unchanged(previous, relative, expected, sha256_file(destination)):
             unchanged.append(relative)
             continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
-        if safe_destination(str(temporary.relative_to(local_dir))) is None:
-            refused.append(relative)
-            continue
+        if destination.parent not in made:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            made.add(destination.parent)
         if relative in wanted:  # listed twice: one copy is enough
             continue
+        # Beside its destination (so the same checked directory); the runner replaces,
+        # never follows, anything already at that name.
+        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
         wanted[relative] = (destination, entry, int(entry.get("size", 0)))
         items.append((relative, str(temporary)))
     try:
