@@ -219,10 +219,12 @@ def pull_files(
             os.replace(temporary, destination)
             fetched.append(fetched_file.relative)
             total += size
-    finally:
-        for _relative, temporary_path in items:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary_path)
+    finally:  # what was not placed (skipped, or the stream broke off) leaves no part file
+        placed = set(fetched)
+        for relative, temporary_path in items:
+            if relative not in placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary_path)
     report = PullReport(
         local_dir=local_dir,
         fetched=tuple(fetched),

@@ -27,6 +27,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass
 
 STREAMER_PY = r"""
@@ -136,6 +137,16 @@ class _Frames:
         return data
 
 
+def _create(path: str) -> BinaryIO:
+    """``path`` created anew for writing: whatever was at that name (a stale part, a
+    planted link) is removed first, never written through."""
+    try:
+        return open(path, "xb")
+    except FileExistsError:
+        os.unlink(path)
+        return open(path, "xb")
+
+
 def request(relatives: Sequence[str]) -> bytes:
     """The streamer's stdin for ``relatives``."""
     return b"".join(os.fsencode(relative) + b"\0" for relative in relatives)
@@ -156,11 +167,9 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
         if tag != b"F":
             raise StreamBroken(f"unexpected frame {tag!r} in the file stream")
         (size,) = struct.unpack(">Q", frames.exact(8))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
         digest = hashlib.sha256()
         try:
-            with open(temporary, "xb") as handle:  # exclusive: never through a planted link
+            with _create(temporary) as handle:  # exclusive: never through a planted link
                 for piece in frames.chunks(size):
                     digest.update(piece)
                     handle.write(piece)
