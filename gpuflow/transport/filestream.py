@@ -33,7 +33,7 @@ from dataclasses import dataclass
 STREAMER_PY = r"""
 import hashlib, os, stat, struct, sys
 root_fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-out = sys.stdout.buffer
+out = open(sys.stdout.fileno(), "wb", buffering=1 << 18, closefd=False)  # few, large SSH packets
 buffer = bytearray(1 << 20)
 view = memoryview(buffer)
 DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW

@@ -288,7 +288,11 @@ class SSHRunner:
             try:
                 yield from filestream.receive(channel.recv, items)
             except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
-                if channel.get_transport().is_active() and channel.status_event.wait(1):
+                if (
+                    channel.get_transport().is_active()
+                    and channel.status_event.wait(1)
+                    and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
+                ):
                     raise RemoteCommandFailed(
                         f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
                     ) from exc

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gpuflow.errors import ConnectionLost
+from gpuflow.errors import ConnectionLost, RemoteCommandFailed
 from gpuflow.transport import filestream
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.ssh import SSHRunner
@@ -124,3 +124,13 @@ def test_local_runner_fetches_by_copy_and_refuses_links(tmp_path):
     results = list(LocalRunner(tmp_path / "base").fetch_files(str(remote), items))
     assert [fetched.relative for fetched in results] == ASKED[:7]
     assert {fetched.relative for fetched in results if fetched.sha256} == DELIVERED
+
+
+def test_a_failing_streamer_is_a_remote_failure_not_a_lost_connection(tmp_path, sshd_session, pinned_known_hosts):
+    runner = SSHRunner(target_for(sshd_session, pinned_known_hosts), base_dir=str(tmp_path / "base"))
+    try:
+        with pytest.raises(RemoteCommandFailed, match="No such file"):
+            list(runner.fetch_files(str(tmp_path / "no such run"), [("a", str(tmp_path / "a.part"))]))
+        assert runner.connections_made == 1
+    finally:
+        runner.close()
