@@ -31,3 +31,24 @@ def test_pull_over_ssh_streams_verifies_and_skips_a_rewritten_file(tmp_path, ssh
         relative = f"outputs/d{index % 4}/f{index}.txt"
         assert (local / relative).read_text() == (remote / relative).read_text()
     assert not list(local.rglob("*.gpuflow-part"))
+
+
+def test_a_repeated_pull_over_ssh_hashes_only_what_is_held_and_fetches_only_what_changed(tmp_path, sshd_session):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd_session.known_hosts_line() + "\n")
+    remote, local = tmp_path / "run", tmp_path / "local"
+    (remote / "outputs").mkdir(parents=True)
+    for index in range(5):
+        (remote / "outputs" / f"f{index}.txt").write_text(f"file {index}\n")
+    runner = SSHRunner(target_for(sshd_session, known_hosts), base_dir=str(tmp_path / "base"))
+    try:
+        first = jobs.pull_files(runner, str(remote), local)
+        (remote / "outputs" / "f3.txt").write_text("changed on the instance\n")
+        (remote / "outputs" / "new.txt").write_text("new\n")
+        second = jobs.pull_files(runner, str(remote), local)
+    finally:
+        runner.close()
+    assert len(first.fetched) == 5 and not first.unchanged
+    assert sorted(second.fetched) == ["outputs/f3.txt", "outputs/new.txt"]
+    assert len(second.unchanged) == 4 and not second.changing
+    assert (local / "outputs" / "f3.txt").read_text() == "changed on the instance\n"
