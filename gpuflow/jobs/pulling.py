@@ -6,7 +6,8 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,12 +43,9 @@ class RunDirectoryGone(NotFound):
 
 def _safe_destination(local_root: Path, relative: str) -> Path | None:
     """Where a remote entry may land locally, or None if it would escape."""
-    if not relative or "\x00" in relative or "\\" in relative:
+    destination = _safe_destination_lexically(local_root, relative)
+    if destination is None:
         return None
-    posix = PurePosixPath(relative)
-    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
-        return None
-    destination = local_root.joinpath(*posix.parts)
     root = local_root.resolve()
     resolved = destination.resolve()
     if resolved != root and root not in resolved.parents:
@@ -55,8 +53,78 @@ def _safe_destination(local_root: Path, relative: str) -> Path | None:
     return destination
 
 
-def list_remote_tree(runner: CommandRunner, remote_dir: str, names: Sequence[str] = PULLED_NAMES) -> list[dict]:
-    result = runner.run([runner.python, "-c", scripts.LIST_TREE_PY, remote_dir, *names], timeout=600)
+class _Destinations:
+    """:func:`_safe_destination` for many entries: each directory resolved once.
+
+    A leaf that is a symlink (or a directory that is not yet resolved) goes the
+    full way; otherwise the leaf lands where its resolved parent says."""
+
+    def __init__(self, local_root: Path) -> None:
+        self._root = local_root
+        self._safe_parents: dict[str, bool] = {}
+
+    def __call__(self, relative: str) -> Path | None:
+        destination = _safe_destination_lexically(self._root, relative)
+        if destination is None:
+            return None
+        parent = relative.rpartition("/")[0]
+        safe = self._safe_parents.get(parent)
+        if safe is None:
+            safe = not parent or _safe_destination(self._root, parent) is not None
+            self._safe_parents[parent] = safe
+        if not safe:
+            return None
+        if destination.is_symlink():
+            return _safe_destination(self._root, relative)
+        return destination
+
+
+def _plain_file(path: Path | None) -> bool:
+    """Whether ``path`` is a regular file (not through a link at its own name)."""
+    if path is None:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _safe_destination_lexically(local_root: Path, relative: str) -> Path | None:
+    if not relative or "\x00" in relative or "\\" in relative:
+        return None
+    posix = PurePosixPath(relative)
+    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
+        return None
+    return local_root.joinpath(*posix.parts)
+
+
+def list_remote_tree(
+    runner: CommandRunner, remote_dir: str, names: Sequence[str] = PULLED_NAMES, *, hashed: bool = False
+) -> list[dict]:
+    """The entries under ``remote_dir`` of ``names`` (never following links): path, kind,
+    size, mtime -- and each file's sha256 when ``hashed`` (a pull hashes only the files a
+    local copy may already hold, :func:`_remote_hashes`; the others are hashed as they stream)."""
+    return _listing(runner, remote_dir, names, None if hashed else ())
+
+
+def _remote_hashes(runner: CommandRunner, remote_dir: str, paths: Collection[str]) -> dict[str, str]:
+    """path -> sha256 on the instance, for those of ``paths`` that are plain files there."""
+    return {
+        str(entry.get("path")): str(entry["sha256"])
+        for entry in _listing(runner, remote_dir, list(paths), paths)
+        if entry.get("kind") == "file" and "sha256" in entry
+    }
+
+
+def _listing(
+    runner: CommandRunner, remote_dir: str, names: Sequence[str], hash_only: Collection[str] | None
+) -> list[dict]:
+    if hash_only is None:  # every file hashed
+        argv, stdin = [runner.python, "-c", scripts.LIST_TREE_PY, remote_dir, *names], None
+    else:
+        argv = [runner.python, "-c", scripts.LIST_TREE_PY, remote_dir, "--hash-listed", *names]
+        stdin = b"".join(os.fsencode(path) + b"\0" for path in hash_only)
+    result = runner.run(argv, stdin=stdin, timeout=600)
     try:
         entries = json.loads(result.stdout)
     except json.JSONDecodeError as exc:
@@ -94,41 +162,69 @@ def pull_files(
     unchanged: list[str] = []
     changing: list[str] = []
     total = 0
-    for entry in entries:
-        relative = str(entry.get("path", ""))
+    safe_destination = _Destinations(local_dir)
+    # Each entry's local destination, decided once; and which of them a local file is there for.
+    planned = [(entry, str(entry.get("path", ""))) for entry in entries]
+    destinations = [safe_destination(relative) for _entry, relative in planned]
+    held = [_plain_file(destination) for destination in destinations]
+    # The instance hashes only the files a local copy is there for (is it the same?); every
+    # other file is hashed by the streamer as it reads it, and here as it lands.
+    unhashed = [
+        relative for (entry, relative), here in zip(planned, held)
+        if here and entry.get("kind") == "file" and "sha256" not in entry
+    ]
+    if unhashed:
+        hashes = _remote_hashes(runner, remote_dir, unhashed)
+        for entry, relative in planned:
+            if relative in hashes and entry.get("kind") == "file" and "sha256" not in entry:
+                entry["sha256"] = hashes[relative]
+    wanted: dict[str, tuple[Path, dict, int]] = {}  # relative -> (destination, listing entry, size)
+    items: list[tuple[str, str]] = []  # (relative, local temporary path) for the one stream
+    made: set[Path] = set()
+    for (entry, relative), destination, here in zip(planned, destinations, held):
         kind = entry.get("kind")
-        destination = _safe_destination(local_dir, relative)
         if destination is None or kind not in ("file", "dir"):
             refused.append(relative)
             continue
         if kind == "dir":
             destination.mkdir(parents=True, exist_ok=True)
+            made.add(destination)
             continue
-        expected = str(entry.get("sha256", ""))
-        if (
-            destination.is_file()
-            and not destination.is_symlink()
-            and is_unchanged(previous, relative, expected, sha256_file(destination))
-        ):
+        expected = entry.get("sha256")
+        if here and expected is not None and is_unchanged(previous, relative, expected, sha256_file(destination)):
             unchanged.append(relative)
             continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
-        if _safe_destination(local_dir, str(temporary.relative_to(local_dir))) is None:
-            refused.append(relative)
+        if destination.parent not in made:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            made.add(destination.parent)
+        if relative in wanted:  # listed twice: one copy is enough
             continue
-        try:
-            runner.get_file(f"{remote_dir}/{relative}", str(temporary))
-            actual = sha256_file(temporary)
-            if actual != expected:
-                changing.append(relative)
+        # Beside its destination (so the same checked directory); the runner replaces,
+        # never follows, anything already at that name.
+        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+        wanted[relative] = (destination, entry, int(entry.get("size", 0)))
+        items.append((relative, str(temporary)))
+    try:
+        # One stream for all of them (over SSH: one channel, hashed as the bytes land).
+        for fetched_file in runner.fetch_files(remote_dir, items):
+            destination, entry, size = wanted[fetched_file.relative]
+            temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+            # Verified against the listing's sha256 when it has one (the file must not have
+            # changed since), else against the hash the streamer took of the bytes it read.
+            expected = entry.get("sha256", fetched_file.sha256)
+            if fetched_file.sha256 is None or fetched_file.sha256 != expected:
+                changing.append(fetched_file.relative)
                 continue
+            entry["sha256"] = fetched_file.sha256  # what the local copy records
             os.replace(temporary, destination)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-        fetched.append(relative)
-        total += int(entry.get("size", 0))
+            fetched.append(fetched_file.relative)
+            total += size
+    finally:  # what was not placed (skipped, or the stream broke off) leaves no part file
+        placed = set(fetched)
+        for relative, temporary_path in items:
+            if relative not in placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary_path)
     report = PullReport(
         local_dir=local_dir,
         fetched=tuple(fetched),

@@ -420,11 +420,18 @@ def unpack_script(archive: str, directory: str) -> str:
     return render_script(_UNPACK, archive=archive, directory=directory)
 
 
-# argv: ROOT NAME...  — lists each NAME under ROOT (recursively for directories)
-# without following symlinks; prints one JSON list.
+# argv: ROOT [--hash-listed] NAME...  — lists each NAME under ROOT (recursively for
+# directories) without following symlinks; prints one JSON list.  With --hash-listed,
+# only the files whose paths stdin lists (NUL-separated) get a sha256 (the others are
+# hashed as they are streamed, gpuflow.transport.filestream).
 LIST_TREE_PY = r"""
 import hashlib, json, os, stat, sys
 root = sys.argv[1]
+names = sys.argv[2:]
+hash_only = None
+if names[:1] == ["--hash-listed"]:
+    names = names[1:]
+    hash_only = set(os.fsdecode(name) for name in sys.stdin.buffer.read().split(b"\0") if name)
 entries = []
 def add(relative):
     path = os.path.join(root, relative)
@@ -443,6 +450,9 @@ def add(relative):
         return
     elif stat.S_ISREG(info.st_mode):
         entry["kind"] = "file"
+        if hash_only is not None and relative not in hash_only:
+            entries.append(entry)
+            return
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -451,7 +461,7 @@ def add(relative):
     else:
         entry["kind"] = "other"
     entries.append(entry)
-for name in sys.argv[2:]:
+for name in names:
     add(name)
 print(json.dumps(entries))
 """

@@ -18,10 +18,11 @@ Rules every runner keeps:
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from gpuflow.records import CommandResult
+from gpuflow.transport.filestream import Fetched
 
 
 def quote_argv(argv: Sequence[str]) -> str:
@@ -105,6 +106,12 @@ class CommandRunner(Protocol):
 
     def get_file(self, remote_path: str, local_path: str) -> None:
         """Copy one remote file to a local path."""
+
+    def fetch_files(self, remote_dir: str, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        """Copy many files of ``remote_dir``: each (relative path, local temporary path)
+        of ``items`` in order, yielding the sha256 of what landed at the temporary path
+        (None, with a reason, when the file was missing, not a regular file, reached
+        through a link, or changed while read).  Never follows a remote link."""
 
     def close(self) -> None:
         """Release the connection (idempotent)."""

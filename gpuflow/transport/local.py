@@ -7,17 +7,20 @@ run through ``bash -c`` with the same quoting as over SSH.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gpuflow.errors import InstanceGone, RemoteCommandFailed, UnreachableHost
 from gpuflow.records import CommandResult
 from gpuflow.state import atomic_write_bytes
 from gpuflow.transport.base import env_prefix, quote_argv
+from gpuflow.transport.filestream import Fetched
 
 
 class LocalRunner:
@@ -110,5 +113,36 @@ class LocalRunner:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(remote_path, local_path)
 
+    def fetch_files(self, remote_dir: str, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        """One :meth:`get_file` per item (the files are on this disk already), hashed after the copy."""
+        root = os.path.realpath(remote_dir)
+        for relative, temporary in items:
+            source = Path(remote_dir, relative)
+            # No component may be a link (realpath would differ) or `..`.
+            if os.path.realpath(source) != os.path.join(root, relative) or not source.is_file():
+                yield Fetched(relative, None, "missing, not a regular file, or reached through a link")
+                continue
+            with contextlib.suppress(FileNotFoundError):  # a planted link there is replaced, not followed
+                os.unlink(temporary)
+            before = source.stat()
+            self.get_file(str(source), temporary)
+            after = source.stat()
+            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+                yield Fetched(relative, None, "it changed while being read")
+                continue
+            digest = _sha256(temporary)
+            if digest != _sha256(source):  # the streamer's check: what landed is what was read
+                yield Fetched(relative, None, "its bytes arrived damaged")
+                continue
+            yield Fetched(relative, digest)
+
     def close(self) -> None:
         return None
+
+
+def _sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

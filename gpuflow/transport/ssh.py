@@ -38,7 +38,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -53,7 +53,8 @@ from gpuflow.errors import (
     UnreachableHost,
 )
 from gpuflow.records import CommandResult, SSHTarget
-from gpuflow.transport import hostkeys
+from gpuflow.transport import filestream, hostkeys
+from gpuflow.transport.filestream import Fetched
 from gpuflow.transport.keys import check_key_permissions
 from gpuflow.transport.pinning import PinningPolicy
 from gpuflow.transport.base import env_prefix, quote_argv
@@ -65,6 +66,8 @@ DEFAULT_REMOTE_BASE = "$HOME/gpuflow"  # expanded by the remote shell
 _READ_CHUNK = 1 << 16
 # After the exit status, how long to wait for EOF while no output arrives (see _collect).
 _EOF_GRACE_SECONDS = 2.0
+# A file stream that delivers nothing for this long is taken for a dead connection.
+_STREAM_IDLE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,60 @@ class SSHRunner:
                     temporary.unlink()
 
         self._with_reconnect(download, what=f"download {remote_path}")
+
+    def fetch_files(self, remote_dir: str, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        """All of ``items`` in one stream (:mod:`gpuflow.transport.filestream`) on one
+        channel of this runner's connection: one round trip, not several per file.
+
+        A drop before the streamer starts reconnects as any operation does; a
+        drop during the stream raises :class:`ConnectionLost` (the files already
+        yielded are complete; a repeated pull skips them)."""
+        items = list(items)
+        if not items:
+            return
+        command = quote_argv([self._python, "-c", filestream.STREAMER_PY, remote_dir])
+
+        def start(client: Any) -> Any:
+            transport = client.get_transport()
+            if transport is None or not transport.is_active():
+                raise EOFError("SSH transport is not active")
+            channel = transport.open_session(timeout=self.connect_timeout)
+            try:
+                channel.exec_command(command)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    channel.close()
+                raise
+            return channel
+
+        channel = self._with_reconnect(start, what="stream files")  # read-only: safe to repeat
+        try:
+            channel.settimeout(_STREAM_IDLE_SECONDS)
+            threading.Thread(
+                target=_feed_stdin, args=(channel, filestream.request([relative for relative, _ in items])), daemon=True
+            ).start()
+            try:
+                yield from filestream.receive(channel.recv, items)
+            except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
+                if (
+                    channel.get_transport().is_active()
+                    and channel.status_event.wait(1)
+                    and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
+                ):
+                    raise RemoteCommandFailed(
+                        f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
+                    ) from exc
+                with self._lock:
+                    self._drop_connection()
+                raise ConnectionLost(
+                    f"the SSH connection to {self._where} dropped while pulling files ({_describe(exc)})",
+                    hint="pull again: the files already pulled are kept",
+                ) from exc
+            if channel.recv_exit_status() != 0:
+                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
 
     def close(self) -> None:
         with self._lock:
@@ -589,6 +646,16 @@ def _feed_stdin(channel: Any, data: bytes) -> None:
         if data:
             channel.sendall(data)
         channel.shutdown_write()
+
+
+def _stderr_tail(channel: Any) -> str:
+    """What a failed remote command said on stderr (the end of it, on one line)."""
+    chunks = []
+    with contextlib.suppress(Exception):
+        while channel.recv_stderr_ready():
+            chunks.append(channel.recv_stderr(_READ_CHUNK))
+    text = b"".join(chunks).decode(errors="replace").strip().replace("\n", " ")
+    return text[-300:] or f"exit code {channel.recv_exit_status()}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,115 @@
+"""Benchmark: pulling a run's files (`gpuflow pull`'s transfer) against `rsync -a`, over the same loopback sshd.
+
+Starts a throwaway OpenSSH server on 127.0.0.1 (tests/sshd.py), builds two
+remote run directories, and pulls each into a fresh tmpfs directory
+(/dev/shm: a disk destination varies 2-5x from run to run for both tools),
+the contenders taking turns ``--repeat`` times:
+
+1. one 200 MB checkpoint (random bytes);
+2. 2,000 files of 10 KB in 20 directories.
+
+gpuflow is timed in-process as a pull does it: connect (paramiko, pinned
+host key), list the run directory with sha256s, stream the files, verify and
+place them (``list_remote_tree`` + ``pull_files``).  rsync runs as the
+subprocess a user would, ``rsync -a`` with the same pinned-key ssh options.
+Prints the median and range of each, and the ratio of medians; targets
+(issue 16): 1.1x and 1.2x.  Run it in a loopback-only namespace:
+
+    unshare -n sh -c 'ip link set lo up && python bench/pull_bench.py'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpuflow.jobs.pulling import list_remote_tree, pull_files  # noqa: E402
+from gpuflow.records import SSHTarget  # noqa: E402
+from gpuflow.transport.openssh import ssh_argv  # noqa: E402
+from gpuflow.transport.ssh import SSHRunner  # noqa: E402
+from tests.sshd import SshServer  # noqa: E402
+
+
+def build(remote: Path, *, big_mb: int, small_files: int, small_kb: int) -> None:
+    (remote / "big" / "outputs").mkdir(parents=True)
+    with open(remote / "big" / "outputs" / "model.keras", "wb") as handle:
+        for _ in range(big_mb):
+            handle.write(os.urandom(1 << 20))
+    for index in range(small_files):
+        path = remote / "small" / "outputs" / f"d{index % 20:02d}" / f"f{index:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(small_kb << 10))
+
+
+def gpuflow_pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
+    with SSHRunner(target, base_dir=str(remote_dir.parent / "gpuflow-base"), touch_heartbeat=False) as runner:
+        entries = list_remote_tree(runner, str(remote_dir), ("outputs",))
+        report = pull_files(runner, str(remote_dir), destination, entries=entries)
+    assert not report.changing and not report.refused
+    return len(report.fetched)
+
+
+def rsync_pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
+    destination.mkdir(parents=True)
+    subprocess.run(
+        ["rsync", "-a", "-e", shlex.join(ssh_argv(target)), f"{target.host}:{remote_dir}/outputs", f"{destination}/"],
+        check=True,
+    )
+    return sum(len(files) for _, _, files in os.walk(destination))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--big-mb", type=int, default=200)
+    parser.add_argument("--small-files", type=int, default=2000)
+    parser.add_argument("--small-kb", type=int, default=10)
+    arguments = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gpuflow-pull-bench-", dir="/dev/shm"))
+    server = SshServer(work / "sshd").start()
+    try:
+        known_hosts = work / "known_hosts"
+        known_hosts.write_text(server.known_hosts_line() + "\n")
+        target = SSHTarget("127.0.0.1", server.port, server.user, str(server.client_key), str(known_hosts))
+        remote = work / "remote"
+        build(remote, big_mb=arguments.big_mb, small_files=arguments.small_files, small_kb=arguments.small_kb)
+        print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        cases = [
+            (f"pull one {arguments.big_mb} MB file", remote / "big", 1.1),
+            (f"pull {arguments.small_files:,} files of {arguments.small_kb} KB", remote / "small", 1.2),
+        ]
+        for title, remote_dir, goal in cases:
+            timings: dict[str, list[float]] = {"gpuflow": [], "rsync -a": []}
+            for attempt in range(arguments.repeat):
+                order = [("gpuflow", gpuflow_pull), ("rsync -a", rsync_pull)]
+                for name, pull in order if attempt % 2 == 0 else order[::-1]:  # alternate who goes first
+                    destination = work / "local" / f"{name.split()[0]}-{attempt}"
+                    started = time.perf_counter()
+                    count = pull(target, remote_dir, destination)
+                    timings[name].append(time.perf_counter() - started)
+                    shutil.rmtree(destination)
+                    assert count >= 1
+            medians = {name: statistics.median(values) for name, values in timings.items()}
+            ratio = medians["gpuflow"] / medians["rsync -a"]
+            print(f"{title}: ratio {ratio:.2f}x (goal <= {goal}x)")
+            for name, values in timings.items():
+                print(f"  {name:9s} median {medians[name]:.3f} s  range {min(values):.3f}-{max(values):.3f} s")
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
