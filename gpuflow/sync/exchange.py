@@ -86,12 +86,7 @@ if [ "$next" = wait ]; then exec cat >/dev/null; fi
 """
 
 
-def _parse_time_ns(text: str) -> int:
-    seconds, _, fraction = text.partition(".")
-    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
-
-
-_FIND_KINDS = {"f": "file", "l": "link", "d": "dir"}
+_FIND_KINDS = {b"f": "file", b"l": "link", b"d": "dir"}
 
 
 def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
@@ -102,17 +97,20 @@ def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
     if len(fields) % 6:
         raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
     entries: dict[str, DestinationEntry] = {}
-    for index in range(0, len(fields), 6):
-        kind_code, mode, size, mtime, link_target, path = fields[index : index + 6]
-        kind = _FIND_KINDS.get(kind_code.decode(), "other")
-        name = os.fsdecode(path)
-        entries[name] = DestinationEntry(
-            kind=kind,
-            size=int(size) if kind == "file" else 0,
-            mtime_ns=_parse_time_ns(mtime.decode()),
-            mode=int(mode, 8) if kind == "file" else 0,
-            link_target=os.fsdecode(link_target) if kind == "link" else None,
-        )
+    kinds = _FIND_KINDS
+    decode = os.fsdecode
+    billion = 1_000_000_000
+    for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
+        kind = kinds.get(kind_code, "other")
+        seconds, _, fraction = mtime.partition(b".")
+        mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
+        if kind == "file":
+            entry = DestinationEntry("file", int(size), mtime_ns, int(mode, 8))
+        elif kind == "link":
+            entry = DestinationEntry("link", 0, mtime_ns, 0, decode(link_target))
+        else:
+            entry = DestinationEntry(kind, 0, mtime_ns)
+        entries[decode(path)] = entry
     return entries
 
 
