@@ -21,7 +21,7 @@ How a sync works, whatever the destination:
    empty ``checkpoints/``), is made after the deletions.
 4. Only the files in the plan travel.  Over SSH, the deletions and an
    uncompressed tar stream of the planned files go down the listing session's
-   stdin (written here by :mod:`tarfile`, pax format; ``tar -xpf -`` there):
+   stdin (written here, pax format, headers as :mod:`tarfile` writes them; ``tar -xpf -`` there):
    one connection, one remote shell for the whole sync.  rsync (``--files-from``
    the plan, NUL-separated, over the same multiplexed connection) is used when
    it can save bytes: when the plan rewrites at least ``RSYNC_DELTA_MIN_BYTES``

@@ -86,34 +86,52 @@ if [ "$next" = wait ]; then exec cat >/dev/null; fi
 """
 
 
-def _parse_time_ns(text: str) -> int:
-    seconds, _, fraction = text.partition(".")
-    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+_FIND_KINDS = {b"f": "file", b"l": "link", b"d": "dir"}
 
 
-_FIND_KINDS = {"f": "file", "l": "link", "d": "dir"}
+class ListingParser:
+    """Parses the ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` listing
+    as it arrives (:meth:`feed` each chunk, then :meth:`close`), so the parse
+    runs while the remote side is still listing."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, DestinationEntry] = {}
+        self._rest = b""
+
+    def feed(self, data: bytes) -> None:
+        fields = (self._rest + data).split(b"\0")
+        complete = (len(fields) - 1) // 6 * 6  # the last field has no NUL yet
+        self._rest = b"\0".join(fields[complete:])
+        self._parse(fields[:complete])
+
+    def close(self) -> dict[str, DestinationEntry]:
+        if self._rest:
+            raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
+        return self.entries
+
+    def _parse(self, fields: list[bytes]) -> None:
+        entries = self.entries
+        kinds = _FIND_KINDS
+        decode = os.fsdecode
+        billion = 1_000_000_000
+        for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
+            kind = kinds.get(kind_code, "other")
+            seconds, _, fraction = mtime.partition(b".")
+            mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
+            if kind == "file":
+                entry = DestinationEntry("file", int(size), mtime_ns, int(mode, 8))
+            elif kind == "link":
+                entry = DestinationEntry("link", 0, mtime_ns, 0, decode(link_target))
+            else:
+                entry = DestinationEntry(kind, 0, mtime_ns)
+            entries[decode(path)] = entry
 
 
 def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
-    """Parse ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` output."""
-    fields = data.split(b"\0")
-    if fields and fields[-1] == b"":
-        fields.pop()
-    if len(fields) % 6:
-        raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
-    entries: dict[str, DestinationEntry] = {}
-    for index in range(0, len(fields), 6):
-        kind_code, mode, size, mtime, link_target, path = fields[index : index + 6]
-        kind = _FIND_KINDS.get(kind_code.decode(), "other")
-        name = os.fsdecode(path)
-        entries[name] = DestinationEntry(
-            kind=kind,
-            size=int(size) if kind == "file" else 0,
-            mtime_ns=_parse_time_ns(mtime.decode()),
-            mode=int(mode, 8) if kind == "file" else 0,
-            link_target=os.fsdecode(link_target) if kind == "link" else None,
-        )
-    return entries
+    """Parse a whole ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` listing."""
+    parser = ListingParser()
+    parser.feed(data)
+    return parser.close()
 
 
 class Exchange:
@@ -157,9 +175,12 @@ class Exchange:
         ``waiting`` hears once when another sync holds the destination's lock.
         """
         assert self.process.stdout is not None
-        chunks: list[bytes] = []
+        chunks: list[bytes] = []  # what came before the probe header (and the header)
         tail = b""
         told = False
+        header = None
+        parser = ListingParser()
+        withheld = b""  # the last bytes, held back from the parser: they may be the END record
         while True:
             chunk = self.process.stdout.read1(1 << 16)
             if not chunk:
@@ -168,19 +189,33 @@ class Exchange:
                 if code == LOCK_EXIT_CODE and told:
                     raise lock_timeout(f"{self.session.target.host}:{self.directory}", self.lock_wait)
                 raise self._failure(code if code else 1, "listing the destination")
-            if not told and _SYNC_WAIT_LINE in b"".join(chunks[-1:]) + chunk:
-                told = True
-                waiting(f"another sync to {self.session.target.host}:{self.directory} is running; waiting for it to finish")
-            chunks.append(chunk)
             tail = (tail + chunk)[-len(_LISTING_END) :]
+            if header is None:
+                if not told and _SYNC_WAIT_LINE in b"".join(chunks[-1:]) + chunk:
+                    told = True
+                    waiting(
+                        f"another sync to {self.session.target.host}:{self.directory} is running; "
+                        "waiting for it to finish"
+                    )
+                chunks.append(chunk)
+                prelude = b"".join(chunks)
+                header = _PROBE_HEADER.search(prelude)
+                if header is None:
+                    if tail == _LISTING_END:
+                        break
+                    continue
+                chunk = prelude[header.end() :]
+            if header.group(3) == b"1":
+                withheld += chunk
+                if len(withheld) > len(_LISTING_END):
+                    parser.feed(withheld[: -len(_LISTING_END)])
+                    withheld = withheld[-len(_LISTING_END) :]
             if tail == _LISTING_END:
                 break
-        output = b"".join(chunks)[: -len(_LISTING_END)]
-        match = _PROBE_HEADER.search(output)
-        if match is None:
+        if header is None:
             raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
-        has_rsync, exists, listed = (value == b"1" for value in match.groups())
-        entries = parse_find_listing(output[match.end() :]) if listed else {}
+        has_rsync, exists, listed = (value == b"1" for value in header.groups())
+        entries = parser.close() if listed else {}
         return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
 
     def finish(

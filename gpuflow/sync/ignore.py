@@ -120,6 +120,13 @@ class IgnoreRules:
         self._directory_cache[relative_path] = ignored
         return ignored
 
+    def file_ignored_in_kept_directory(self, relative_directory: str, name: str, relative_path: str) -> bool:
+        """``ignored(relative_path)`` for a file of a directory already known not
+        to be ignored (the scan's case): its parents need no second look."""
+        if name in ALWAYS_SKIPPED or (not relative_directory and name in self._skip_top_level):
+            return True
+        return bool(self._specs) and self._decide(relative_path.split("/"), is_directory=False)
+
     def ignored(self, relative_path: str, *, is_directory: bool = False) -> bool:
         """Whether ``relative_path`` ('/'-separated, relative to the root) is ignored."""
         if is_directory:
@@ -182,36 +189,36 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
         rules.load_directory(root, relative_directory)
         absolute_directory = os.path.join(root, relative_directory) if relative_directory else str(root)
         try:
-            names = sorted(os.listdir(absolute_directory))
+            with os.scandir(absolute_directory) as iterator:
+                items = sorted(iterator, key=lambda item: item.name)
         except OSError:
             continue
         subdirectories: list[str] = []
-        for name in names:
-            relative_path = f"{relative_directory}/{name}" if relative_directory else name
-            absolute_path = os.path.join(absolute_directory, name)
+        prefix = f"{relative_directory}/" if relative_directory else ""
+        for item in items:
+            name = item.name
+            relative_path = prefix + name
             try:
-                status = os.lstat(absolute_path)
+                status = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we walked
-            if stat.S_ISDIR(status.st_mode):
+            mode = status.st_mode
+            if stat.S_ISDIR(mode):
                 if not rules.directory_ignored(relative_path):
                     subdirectories.append(relative_path)
                     directories.add(relative_path)
                 continue
-            if rules.ignored(relative_path):
+            if rules.file_ignored_in_kept_directory(relative_directory, name, relative_path):
                 continue
-            if stat.S_ISLNK(status.st_mode):
+            if stat.S_ISREG(mode):
+                entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, mode & 0o7777))
+            elif stat.S_ISLNK(mode):
+                absolute_path = item.path
                 target = os.readlink(absolute_path)
                 if not _link_stays_inside(root_real, absolute_path, relative_path, target):
                     skipped_links.append(relative_path)
                     continue
                 entries.append(LocalEntry(relative_path, "link", 0, status.st_mtime_ns, 0, target))
-            elif stat.S_ISREG(status.st_mode):
-                entries.append(
-                    LocalEntry(
-                        relative_path, "file", status.st_size, status.st_mtime_ns, stat.S_IMODE(status.st_mode)
-                    )
-                )
             else:
                 continue  # sockets, fifos, devices: not project content
         pending.extend(reversed(subdirectories))
