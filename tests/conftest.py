@@ -121,6 +121,8 @@ def fake_cloud() -> FakeCloud:
 # the workers in collection order: handing these out first keeps one of them from starting
 # last and running on alone while the other worker idles.  Without xdist the order is untouched.
 HEAVY_FILES_FIRST = (
+    "tests/training/test_multiworker.py",
+    "tests/jobs/test_multinode_parity.py",
     "tests/training/test_end_to_end.py",
     "tests/training/test_resume.py",
     "tests/training/test_visualize.py",
@@ -130,6 +132,9 @@ HEAVY_FILES_FIRST = (
     "tests/infra/test_soak.py",
     "tests/testing/test_plugin.py",
     "tests/jobs/test_spot_resume_oracle.py",
+    "tests/jobs/test_recover_sandbox.py",
+    "tests/durable/test_stack.py",
+    "tests/tunnels/test_tensorboard_logs.py",
 )
 
 
