@@ -134,7 +134,7 @@ HEAVY_FILES_FIRST = (
     "tests/jobs/test_spot_resume_oracle.py",
     "tests/jobs/test_recover_sandbox.py",
     "tests/durable/test_stack.py",
-    "tests/tunnels/test_tensorboard_logs.py",
+    "tests/tunnels/test_tensorboard_serve.py",
 )
 
 
