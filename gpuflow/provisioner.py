@@ -21,6 +21,7 @@ from gpuflow import procs
 from gpuflow.config import gpuflow_home
 from gpuflow.errors import UsageError
 from gpuflow.state import validate_name
+from infra.account_stack import STACK_NAME
 from infra.port import WORKER_PORT_RANGE, Provisioner, ProvisionerFactory
 
 
@@ -75,6 +76,20 @@ def in_process_cloud(regions: tuple[str, ...], *, home: Path | None = None) -> I
 
     with in_process_sandbox(regions, sandbox_root=home / "sandbox", discard_instance=discard) as amis:
         yield amis
+
+
+def cloud_for_one_shot_run(region: str, *, home: Path | None = None) -> Any:
+    """The sandbox cloud of ``run --up --sandbox --down`` (launch, run, tear down in one go):
+    the running sandbox server of this home when it holds the account stack in ``region``
+    (``gpuflow setup --sandbox``) -- the node's upload sidecar, another process, reaches its
+    S3, so the run is durable and can be recovered -- else the cloud inside this process
+    (:func:`in_process_cloud`), which vanishes with it and leaves nothing behind."""
+    from infra.sandbox.server import server_holding_stack
+
+    home = Path(home) if home is not None else gpuflow_home()
+    if server_holding_stack(home, region, STACK_NAME) is not None:
+        return contextlib.nullcontext()
+    return in_process_cloud((region,), home=home)
 
 
 def discard_command(home: Path) -> list[str]:

@@ -155,6 +155,7 @@ def relaunch(
             instance_type=candidate.instance_type, image=image, count=max(1, spec.count), key_name=cluster.key_name,
             security_group_id=cluster.security_group_id, subnets=provisioner.launch_subnets(vpc_id, candidate.zones),
             disk_gb=spec.disk_gb, user_data=user_data, tags=tags, spot=candidate.market == "spot",
+            instance_profile_arn=cluster.instance_profile_arn,  # its runs stay durable: the role `up` gave
         )
         try:
             result = provisioner.launch(request, on_attempt=report)

@@ -16,7 +16,7 @@ from gpuflow.jobs.recover import run_with_recovery
 from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, RunRecord, RunTarget, Say, load_record, quiet
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
-from gpuflow.provisioner import in_process_cloud
+from gpuflow.provisioner import cloud_for_one_shot_run
 
 
 def run_on_cluster(
@@ -51,9 +51,9 @@ def run_on_cluster(
         cluster_name
     )
     if in_process:
-        # Launch, run and tear down in one process: the sandbox's EC2 API lives
-        # in this process (moto) and vanishes with it — nothing is left behind.
-        sandbox_context: Any = in_process_cloud((up_spec.region,))
+        # Launch, run and tear down in one go: in the sandbox server holding the account
+        # stack (the run is durable), else in this process (moto) — nothing is left behind.
+        sandbox_context: Any = cloud_for_one_shot_run(up_spec.region)
     else:
         sandbox_context = contextlib.nullcontext()
     with sandbox_context:

@@ -169,6 +169,18 @@ def server_holdings(record: SandboxServer, timeout: float = 5.0) -> dict[str, li
         connection.close()
 
 
+def server_holding_stack(home: Path, region: str, stack_name: str) -> SandboxServer | None:
+    """This home's running sandbox server when it holds ``stack_name`` in ``region`` (the
+    account stack of ``gpuflow setup --sandbox``), else None.  Never starts a server."""
+    record = read_server_record(home)
+    if record is None or not _is_our_server_process(record.pid):
+        return None
+    holdings = server_holdings(record)
+    if holdings is None or f"{region}/{stack_name}" not in holdings.get("stacks", []):
+        return None
+    return record
+
+
 def _hold_as_user(directory: Path) -> None:
     """Hold a shared lock on ``users.lock`` until this process exits (or releases it)."""
     if directory in _USER_LOCKS:
