@@ -381,6 +381,11 @@ def run_with_recovery(
             if guard is not None and guard.stopped:  # it did not save in time after the budget's SIGTERM
                 why = AttemptEnd.BUDGET
                 exc.message = f"{exc.message}, after gpuflow stopped it for --max-dollars {policy.max_dollars:g}"
+            elif not stopped_by_user and load_record(run_id, home).interruption is not None:
+                # The spot notice's SIGTERM ended it before it could save (it had not yet set up
+                # its handler, or it does not save): its instance is going away all the same, so
+                # this is an interruption, restarted from the last committed checkpoint.
+                why = AttemptEnd.INTERRUPTED
         except (RunLost, InstanceGone) as exc:
             failure, code = exc, None
             gone = instance_gone(target)

@@ -79,7 +79,7 @@ def test_two_sandbox_nodes_train_the_one_worker_cnn_exactly(tmp_path, monkeypatc
     assert_same_training(tmp_path / "reference" / "w0", outputs)
     assert_two_worker_metrics(outputs)
     assert sorted(p.name for p in outputs.iterdir()) == [
-        "best_model.keras", "history.csv", "metrics.json", "training_curves.png"
+        "best_model.keras", "history.csv", "metrics.json", "tensorboard", "training_curves.png"
     ]
     assert (outputs / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = steps_per_epoch(module)

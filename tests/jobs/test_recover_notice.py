@@ -88,7 +88,7 @@ def test_launch_order_other_zones_first_then_fallback_types_then_on_demand():
 def test_max_restarts_bounds_the_relaunches(tmp_path, recover_project, store, imds):
     import pytest
 
-    from gpuflow.errors import JobInterrupted
+    from gpuflow.errors import JobFailed, JobInterrupted
 
     count = [0]
 
@@ -108,7 +108,8 @@ def test_max_restarts_bounds_the_relaunches(tmp_path, recover_project, store, im
                                         "instance_type": "g5.xlarge", "market": "spot"})()
 
     imds.notice()
-    with pytest.raises(JobInterrupted) as interrupted:
+    # 75 (it saved), or 143 when the notice's SIGTERM came before the job set up its handler: both interrupted
+    with pytest.raises((JobInterrupted, JobFailed)) as interrupted:
         run_with_recovery(
             "spotbox", resolve=resolve, policy=RecoveryPolicy(max_restarts=1), project_dir=recover_project,
             module=None, args=recover_job_args(400, 0.05), out=io.BytesIO(), env={"STORE": str(store)},
@@ -120,3 +121,38 @@ def test_max_restarts_bounds_the_relaunches(tmp_path, recover_project, store, im
     assert [(a.instance_id, a.ended) for a in record.attempts] == [
         ("i-0", AttemptEnd.INTERRUPTED), ("i-1", AttemptEnd.INTERRUPTED)]
     assert len(trained(store)) < 400
+
+
+def test_a_job_the_notices_sigterm_killed_before_it_saved_is_relaunched_not_failed(tmp_path, recover_project,
+                                                                                    store, imds):
+    """A job that had not set up its SIGTERM handler yet (or never saves) dies with 143 after a spot
+    notice: its instance is going away all the same, so the attempt is an interruption."""
+    import pytest
+
+    from gpuflow.errors import JobFailed
+
+    count = [0]
+
+    def resolve(_name: str) -> RunTarget:
+        base = tmp_path / f"node-{count[0]}"
+        node = Node(f"i-{count[0]}", "running", availability_zone="us-east-1a", lifecycle="spot")
+        return RunTarget(cluster=replace(spot_cluster(), nodes=(node,)), connect=lambda: LocalRunner(base),
+                         sync_project=lambda _project: None)
+
+    def relauncher(_name: str, **_options):
+        count[0] += 1  # the notice stays: the new node is interrupted at once too
+        return type("Replacement", (), {"availability_zone": "us-east-1b", "instance_id": f"i-{count[0]}",
+                                        "instance_type": "g5.xlarge", "market": "spot"})()
+
+    imds.notice()
+    with pytest.raises(JobFailed) as ended:
+        run_with_recovery(
+            "spotbox", resolve=resolve, policy=RecoveryPolicy(max_restarts=1), project_dir=recover_project,
+            module=None, args=["python3", "-c", "import time; time.sleep(120)"], out=io.BytesIO(),
+            poll_interval=0.05, relauncher=relauncher,
+        )
+    assert ended.value.exit_code == 143
+    assert count == [1]  # relaunched once (then --max-restarts 1 was reached), not failed at the first
+    record = load_record(ended.value.message.split()[1])
+    assert [(a.instance_id, a.ended) for a in record.attempts] == [
+        ("i-0", AttemptEnd.INTERRUPTED), ("i-1", AttemptEnd.INTERRUPTED)]

@@ -74,15 +74,15 @@ def test_recover_relaunches_twice_and_the_run_continues_from_its_checkpoint(
         thread = threading.Thread(target=_interrupt_at, args=("rbox", store, (3, 7), done), daemon=True)
         thread.start()
         code = cli(["run", "--up", "--sandbox", "--spot", "--down", "--recover", "rbox", "--env", f"STORE={store}",
-                    "--", *recover_job_args(12, 0.3)])
+                    "--", *recover_job_args(24, 0.3)])
         thread.join(30)
         captured = capfd.readouterr()
         assert code == 0, captured.err
         assert len(done) == 2 and all(isinstance(item, str) for item in done), done
         assert _leftovers(gpuflow_home) == []
     [record] = jobs.all_records()
-    assert sorted(set(trained(store))) == list(range(12))  # every step, continued, not started over
-    assert len(trained(store)) <= 12 + 2  # at most the step in flight is trained again per interruption
+    assert sorted(set(trained(store))) == list(range(24))  # every step, continued, not started over
+    assert len(trained(store)) <= 24 + 2  # at most the step in flight is trained again per interruption
     attempts = manifest_of(record.local_dir)["attempts"]
     assert [attempt["number"] for attempt in attempts] == [1, 2, 3]
     assert [attempt["ended"] for attempt in attempts] == ["instance-gone", "instance-gone", "succeeded"]

@@ -88,7 +88,7 @@ def test_only_the_chief_writes_the_output_and_each_log_shows_its_shard(parity_ru
     module = "training.cifar10_augmentation"
     two = root / "cifar10_augmentation" / "two"
     assert sorted(p.name for p in (two / "w0").iterdir()) == [
-        "best_model.keras", "history.csv", "metrics.json", "training_curves.png"
+        "best_model.keras", "history.csv", "metrics.json", "tensorboard", "training_curves.png"
     ]
     assert not (two / "w1").exists()  # the non-chief wrote only to its scratch directory...
     assert not list(two.glob("training-worker*"))  # ...which is gone
