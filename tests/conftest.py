@@ -123,6 +123,7 @@ def fake_cloud() -> FakeCloud:
 HEAVY_FILES_FIRST = (
     "tests/training/test_multiworker.py",
     "tests/jobs/test_multinode_parity.py",
+    "tests/jobs/test_durable_recovery_oracle.py",
     "tests/training/test_end_to_end.py",
     "tests/training/test_resume.py",
     "tests/training/test_visualize.py",
