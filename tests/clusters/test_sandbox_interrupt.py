@@ -105,7 +105,13 @@ def test_a_node_of_up_sandbox_is_reclaimed_by_its_sandbox_server(gpuflow_home, s
 
         record = read_server_record(gpuflow_home)
         ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{record.port}")
-        [instance] = ec2.describe_instances(InstanceIds=[said["instance_id"]])["Reservations"][0]["Instances"]
+
+        def described() -> dict:
+            return ec2.describe_instances(InstanceIds=[said["instance_id"]])["Reservations"][0]["Instances"][0]
+
+        # The node's processes and directory go first, then TerminateInstances: wait for that call too.
+        wait_until(lambda: described()["State"]["Name"] == "terminated", timeout=30, what="the instance's termination")
+        instance = described()
         assert instance["State"]["Name"] == "terminated"
         assert instance["StateReason"]["Code"] == "Server.SpotInstanceTermination"
         assert "already terminated" in _one_line_error(capfd, cli(["sandbox", "interrupt", "spotbox"]))
