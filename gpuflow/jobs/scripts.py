@@ -218,40 +218,39 @@ def procs_script(mode: str | None = None) -> str:
     return f"{source}\n\nsys.exit({call})\n"
 
 
+def _modules_script(modules: Sequence[object], call: str) -> str:
+    """Stdlib-only modules run as one ``python -c`` script: their sources in order (each but the
+    first without its ``from __future__`` line: the first one covers the whole script), then
+    ``sys.exit(CALL)``."""
+    sources = []
+    for index, module in enumerate(modules):
+        source = Path(module.__file__).read_text(encoding="utf-8")  # type: ignore[attr-defined]
+        if index:
+            source = "\n".join(
+                line for line in source.splitlines() if line.strip() != "from __future__ import annotations"
+            )
+        sources.append(source)
+    return "\n\n".join(sources) + f"\n\nsys.exit({call})\n"
+
+
 def watcher_script() -> str:
     """The spot-interruption watcher as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
     :mod:`gpuflow.procs`' source (how the job is signalled, proven by identity), then
-    :mod:`gpuflow.jobs.imds_watch`'s (its ``from __future__`` line dropped: the first one
-    covers the whole script)."""
-    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
-    watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
-    watch_source = "\n".join(
-        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
-    )
-    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(watch_main(sys.argv[1:], signal_run_group))\n"
+    :mod:`gpuflow.jobs.imds_watch`'s."""
+    return _modules_script((procs, imds_watch), "watch_main(sys.argv[1:], signal_run_group)")
 
 
 def durable_script() -> str:
     """The durable sidecar as a ``python -c`` script (``python -c SCRIPT MODE RUN_DIR URL REGION``):
     :mod:`gpuflow.jobs.imds_watch`' source (its instance-metadata client), then
-    :mod:`gpuflow.durable.uploader`'s (its ``from __future__`` line dropped)."""
-    watch_source = Path(imds_watch.__file__).read_text(encoding="utf-8")
-    upload_source = Path(uploader.__file__).read_text(encoding="utf-8")
-    upload_source = "\n".join(
-        line for line in upload_source.splitlines() if line.strip() != "from __future__ import annotations"
-    )
-    return f"{watch_source}\n\n{upload_source}\n\nsys.exit(durable_main(sys.argv[1:]))\n"
+    :mod:`gpuflow.durable.uploader`'s."""
+    return _modules_script((imds_watch, uploader), "durable_main(sys.argv[1:])")
 
 
 def peer_watch_script() -> str:
     """A multi-node run's watchdog as a ``python -c`` script (``python -c SCRIPT RUN_DIR``):
     :mod:`gpuflow.procs`' source (how the job is signalled), then :mod:`gpuflow.jobs.peer_watch`'s."""
-    procs_source = Path(procs.__file__).read_text(encoding="utf-8")
-    watch_source = Path(peer_watch.__file__).read_text(encoding="utf-8")
-    watch_source = "\n".join(
-        line for line in watch_source.splitlines() if line.strip() != "from __future__ import annotations"
-    )
-    return f"{procs_source}\n\n{watch_source}\n\nsys.exit(peer_main(sys.argv[1:], signal_run_group))\n"
+    return _modules_script((procs, peer_watch), "peer_main(sys.argv[1:], signal_run_group)")
 
 
 def render_supervisor(
