@@ -373,20 +373,23 @@ def _start_server(
     ]
     if discard_command:
         command += ["--discard-command", json.dumps(list(discard_command))]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=str(directory),
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(lock_fd,),
-        )
-    deadline = time.monotonic() + startup_timeout
+    process: subprocess.Popen | None = None
     try:
+        # The handle must exist before any Ctrl-C is handled: the child runs from inside Popen on.
+        with _interrupts_deferred() as deliver_deferred, open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                cwd=str(directory),
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(lock_fd,),
+            )
+        deliver_deferred()  # a Ctrl-C that came while the child was spawned is raised here, where it is cleaned up
+        deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             exit_status = process.poll()
             if exit_status is not None:
@@ -405,11 +408,46 @@ def _start_server(
         )
     except BaseException:
         # Timed out, or interrupted (Ctrl-C) while it started: a server no one will use must not be left.
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait()
-        _remove_record_of(directory, process.pid)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+            _remove_record_of(directory, process.pid)
         raise
+
+
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[Any]:
+    """Hold back SIGINT/SIGTERM's Python handlers while a child is spawned, and yield a
+    function that runs the handler of any that came meanwhile.
+
+    A signal handled inside ``subprocess.Popen`` -- after the child exists, before its
+    handle is returned -- would leave a server no one can end.  Outside the main thread
+    (where Python runs no handlers) nothing is changed.
+    """
+    import threading
+
+    pending: list[tuple[int, Any]] = []
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in _DEFERRED_SIGNALS:
+            handler = signal.getsignal(number)
+            if callable(handler):
+                saved[number] = handler
+                signal.signal(number, lambda signum, frame: pending.append((signum, frame)))
+
+    def deliver() -> None:
+        for signum, frame in pending:
+            saved[signum](signum, frame)
+
+    try:
+        yield deliver
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def _remove_record_of(directory: Path, pid: int) -> None:

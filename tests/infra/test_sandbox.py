@@ -513,6 +513,29 @@ def test_ctrl_c_during_the_server_start_leaves_no_server(sandbox_home):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_ctrl_c_that_arrives_as_the_server_is_spawned_leaves_no_server(sandbox_home, monkeypatch):
+    """The SIGINT lands while ``Popen`` is still returning (the child already runs, the
+    starter has no handle to it yet): the starter must still end that server."""
+    directory = sandbox_home / "sandbox" / ".moto-server"
+    real_popen = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode: still inside this call
+        time.sleep(0.5)
+        return process
+
+    monkeypatch.setattr(sandbox_server.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sandbox_endpoint(sandbox_home)
+        assert _serve_processes(directory) == []
+        assert read_server_record(sandbox_home) is None
+    finally:
+        for pid in _serve_processes(directory):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_an_orphaned_server_exits_by_itself_once_it_holds_nothing_and_no_one_uses_it(sandbox_home):
     """Its starter died without stopping it (os._exit: no atexit).  While a process uses it,
     or it holds a key pair, it stays; then it removes its record and exits."""
