@@ -12,6 +12,7 @@ its one SSH connection to the node and answers with the exit status.
 """
 
 import os
+import signal
 import socket
 import struct
 import sys
@@ -51,5 +52,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it as it ends ssh: at once, silently
     os.umask(0o077)
     sys.exit(main(sys.argv[1:]))
