@@ -1,8 +1,8 @@
 """One SSH connection per command and node (gpuflow.transport.shared), against the real loopback sshd.
 
-Connections are counted by a TCP relay in front of the server: every SSH
-connection is one accepted TCP connection, whoever makes it (paramiko, or an
-OpenSSH process sync starts).
+Connections are counted in the server's log (one "Accepted publickey" line per
+login, whoever makes it: paramiko, or an OpenSSH process sync starts; an
+attempt the loaded server reset before authenticating is not counted).
 """
 
 from __future__ import annotations
@@ -25,74 +25,37 @@ from gpuflow.records import SSHTarget
 from gpuflow.sync import SSHDestination, sync_directory
 from gpuflow.transport import hostkeys, shared
 from gpuflow.transport.ssh import Backoff, SSHRunner
+from tests.sshd import SshServer
 from tests.jobs.conftest import fake_cluster, job_args, project  # noqa: F401 - the project fixture
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ssh
 
 
-class CountingRelay:
-    """Relays 127.0.0.1:<port> to the sshd, counting the connections made and still open."""
+def logins(server: SshServer) -> int:
+    return server.log.read_text().count("Accepted publickey")
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.accepted = 0
-        self.open = 0
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self.open += 1
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            finished = threading.Barrier(2, action=lambda: self._closed(client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink, finished), daemon=True).start()
-
-    def _closed(self, *sockets: socket.socket) -> None:
-        for sock in sockets:
-            sock.close()
-        with self._lock:
-            self.open -= 1
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, finished: threading.Barrier) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (sink, source):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        finished.wait()
-
-    def close(self) -> None:
-        self._server.close()
+def all_closed(server: SshServer) -> bool:
+    """No connection left: the server has no per-connection process."""
+    assert server.process is not None
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=False)
+    return not children.stdout.split()
 
 
 @pytest.fixture
-def relay(sshd):
-    counting = CountingRelay(sshd.port)
-    yield counting
-    counting.close()
+def server(tmp_path):
+    """A loopback sshd logging each login (its own: the per-login count is what the tests read)."""
+    started = SshServer(tmp_path / "sshd", log_level="INFO").start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture
-def relayed_target(sshd, relay, tmp_path) -> SSHTarget:
+def target(server, tmp_path) -> SSHTarget:
     known_hosts = tmp_path / "known_hosts"
-    hostkeys.pin_host_keys(str(known_hosts), "127.0.0.1", relay.port, [hostkeys.parse_public_key(sshd.host_public_key)])
-    return SSHTarget("127.0.0.1", relay.port, sshd.user, str(sshd.client_key), str(known_hosts))
+    hostkeys.pin_host_keys(str(known_hosts), "127.0.0.1", server.port, [hostkeys.parse_public_key(server.host_public_key)])
+    return SSHTarget("127.0.0.1", server.port, server.user, str(server.client_key), str(known_hosts))
 
 
 def _shared_runner(target: SSHTarget, base: Path):
@@ -110,27 +73,27 @@ def _run_target(target: SSHTarget, base: Path) -> jobs.RunTarget:
     )
 
 
-def test_a_run_syncs_starts_follows_and_pulls_over_one_connection(relayed_target, relay, project, tmp_path):
+def test_a_run_syncs_starts_follows_and_pulls_over_one_connection(target, server, project, tmp_path):
     base = tmp_path / "instance"
     with shared.shared_connections() as scope:
-        outcome = jobs.run(_run_target(relayed_target, base), project_dir=project, module=None, args=job_args(3),
+        outcome = jobs.run(_run_target(target, base), project_dir=project, module=None, args=job_args(3),
                            out=io.BytesIO())
         socket_directory = scope.directory
-        assert socket_directory is not None and relay.open == 1
+        assert socket_directory is not None and logins(server) == 1
     assert outcome.exit_code == 0
     assert (base / "project" / "job.py").read_text() == (project / "job.py").read_text()  # synced, then run from there
     assert (Path(outcome.record.local_dir) / "outputs" / "metrics.json").is_file()  # pulled
-    assert relay.accepted == 1  # sync, start, follow and pull: one SSH connection
+    assert logins(server) == 1  # sync, start, follow and pull: one SSH connection
     assert not socket_directory.exists()
-    wait_for(lambda: relay.open == 0, what="the command's connection to close")
+    wait_for(lambda: all_closed(server), what="the command's connection to close")
 
 
-def test_the_socket_directory_is_private_short_and_removed_on_every_exit(relayed_target, relay, tmp_path, gpuflow_home):
+def test_the_socket_directory_is_private_short_and_removed_on_every_exit(target, server, tmp_path, gpuflow_home):
     for ending in (None, RuntimeError("a failing command"), KeyboardInterrupt()):
         with pytest.raises(type(ending)) if ending is not None else contextlib.nullcontext():
             with shared.shared_connections() as scope:
-                runner = _shared_runner(relayed_target, tmp_path / "instance")
-                argv = shared.bridge_argv(relayed_target)
+                runner = _shared_runner(target, tmp_path / "instance")
+                argv = shared.bridge_argv(target)
                 assert argv is not None
                 socket_path = Path(argv[-1])
                 directory = scope.directory
@@ -143,7 +106,7 @@ def test_the_socket_directory_is_private_short_and_removed_on_every_exit(relayed
                 if ending is not None:
                     raise ending
         assert not directory.exists() and shared.current_scope() is None
-        wait_for(lambda: relay.open == 0, what="the connection to close")
+        wait_for(lambda: all_closed(server), what="the connection to close")
 
 
 def test_a_directory_others_can_reach_is_refused(tmp_path):
@@ -172,22 +135,22 @@ def test_a_directory_left_by_a_killed_command_is_swept(gpuflow_home):
     assert not left.exists()
 
 
-def test_the_bridge_carries_stdin_stdout_stderr_and_the_exit_status(relayed_target, relay, tmp_path):
+def test_the_bridge_carries_stdin_stdout_stderr_and_the_exit_status(target, server, tmp_path):
     with shared.shared_connections():
-        _shared_runner(relayed_target, tmp_path / "instance").run(["true"])
-        argv = shared.bridge_argv(relayed_target)
+        _shared_runner(target, tmp_path / "instance").run(["true"])
+        argv = shared.bridge_argv(target)
         assert argv is not None
         done = subprocess.run([*argv, "-o", "Ignored=yes", "host", "cat; echo", "said >&2; exit 3"],
                               input=b"data\n" * 50_000, capture_output=True, timeout=60)
     assert done.returncode == 3 and done.stdout == b"data\n" * 50_000 and done.stderr == b"said\n"
-    assert relay.accepted == 1
+    assert logins(server) == 1
 
 
-def test_a_killed_bridge_client_ends_its_remote_command(relayed_target, tmp_path):
+def test_a_killed_bridge_client_ends_its_remote_command(target, tmp_path):
     pid_file = tmp_path / "remote.pid"
     with shared.shared_connections():
-        _shared_runner(relayed_target, tmp_path / "instance").run(["true"])
-        argv = shared.bridge_argv(relayed_target)
+        _shared_runner(target, tmp_path / "instance").run(["true"])
+        argv = shared.bridge_argv(target)
         assert argv is not None
         # Its stdin stays open here: only the end of the session can end `cat`, as with ssh.
         client = subprocess.Popen([*argv, "host", f"echo $$ > {pid_file}; exec cat > /dev/null"],
@@ -208,12 +171,12 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def test_close_keeps_the_connection_after_success_and_drops_it_after_a_failure(relayed_target, relay, tmp_path):
+def test_close_keeps_the_connection_after_success_and_drops_it_after_a_failure(target, server, tmp_path):
     with shared.shared_connections():
-        runner = _shared_runner(relayed_target, tmp_path / "instance")
+        runner = _shared_runner(target, tmp_path / "instance")
         runner.run(["true"])
         runner.close()
-        again = _shared_runner(relayed_target, tmp_path / "instance")
+        again = _shared_runner(target, tmp_path / "instance")
         assert again is runner
         again.run(["true"])
         assert runner.connections_made == 1
@@ -223,34 +186,33 @@ def test_close_keeps_the_connection_after_success_and_drops_it_after_a_failure(r
         runner.run(["true"])
         assert runner.connections_made == 2
         other_thread: list = []
-        worker = threading.Thread(target=lambda: other_thread.append(_shared_runner(relayed_target, tmp_path / "i")))
+        worker = threading.Thread(target=lambda: other_thread.append(_shared_runner(target, tmp_path / "i")))
         worker.start()
         worker.join()
         assert other_thread[0] is not runner  # one runner per thread: SSHRunner is not shared across threads
-    assert relay.accepted == 2
+    assert logins(server) == 2
 
 
-def test_the_bridge_reconnects_after_a_dropped_connection(sshd, relayed_target, relay, tmp_path):
+def test_the_bridge_reconnects_after_a_dropped_connection(target, server, tmp_path):
     out = tmp_path / "out"
     with shared.shared_connections():
-        runner = _shared_runner(relayed_target, tmp_path / "instance")
+        runner = _shared_runner(target, tmp_path / "instance")
         runner.run(["true"])
-        argv = shared.bridge_argv(relayed_target)
+        argv = shared.bridge_argv(target)
         assert argv is not None
-        sshd.drop_sessions()
-        wait_for(lambda: relay.open == 0, what="the drop")
+        server.drop_sessions()
         done = subprocess.run([*argv, "host", f"echo again > {out}"], capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr
     assert out.read_text() == "again\n" and runner.connections_made == 2
 
 
-def test_runner_for_hands_out_one_runner_per_node_within_a_scope(sshd, gpuflow_home):
+def test_runner_for_hands_out_one_runner_per_node_within_a_scope(sshd_session, gpuflow_home):
     from gpuflow import nodes
     from tests.test_nodes import make_cluster
 
-    cluster = make_cluster(sshd, nodes=2)
-    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", sshd.port,
-                           [hostkeys.parse_public_key(sshd.host_public_key)])
+    cluster = make_cluster(sshd_session, nodes=2)
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", sshd_session.port,
+                           [hostkeys.parse_public_key(sshd_session.host_public_key)])
     outside = nodes.runner_for(cluster)
     assert nodes.runner_for(cluster) is not outside
     with shared.shared_connections():
