@@ -220,3 +220,16 @@ def test_runner_for_hands_out_one_runner_per_node_within_a_scope(sshd_session, g
         assert nodes.runner_for(cluster) is head
         assert nodes.runner_for(cluster, cluster.nodes[1]) is not head
         assert nodes.runner_for(cluster, connect_timeout=5) is not head  # other options: a runner of its own
+
+
+def test_rsync_rides_on_the_same_connection(target, server, tmp_path):
+    source = tmp_path / "source"
+    (source / "sub dir").mkdir(parents=True)
+    (source / "sub dir" / "it's.bin").write_bytes(os.urandom(50_000))
+    destination = tmp_path / "instance" / "project"
+    with shared.shared_connections():
+        _shared_runner(target, tmp_path / "instance").run(["true"])
+        report = sync_directory(source, SSHDestination(target, str(destination)), method="rsync")
+    assert report.method == "rsync"
+    assert (destination / "sub dir" / "it's.bin").read_bytes() == (source / "sub dir" / "it's.bin").read_bytes()
+    assert logins(server) == 1
