@@ -41,6 +41,9 @@ from tests.sshd import SshServer  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another gpuflow checkout (e.g. `git archive main | tar -x -C DIR`) timed in the same "
+                        "rotation, for a before/after under the same load")
     arguments = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpuflow-rt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     remote_home, home, project = work / "remote-home", work / "home", work / "project"
@@ -85,30 +88,41 @@ def main() -> int:
         (project / "job.py").write_text("print(1)\n")
         target = nodes.ssh_target_for(cluster)
         gpuflow = [sys.executable, "-m", "gpuflow"]
-        contenders = {
-            "ssh host true": [*openssh.ssh_argv(target), target.host, "true"],
-            "gpuflow run": [*gpuflow, "run", "rt", "--", "python", "-c", "print(1)"],
-            "gpuflow ssh": [*gpuflow, "ssh", "rt", "--", "true"],
+        run = ["run", "rt", "--", "python", "-c", "print(1)"]
+        ssh = ["ssh", "rt", "--", "true"]
+        checkouts = {"": REPOSITORY, **({" (baseline)": arguments.baseline.resolve()} if arguments.baseline else {})}
+        contenders: dict[str, tuple[list[str], Path]] = {
+            "ssh host true": ([*openssh.ssh_argv(target), target.host, "true"], REPOSITORY)
         }
-        subprocess.run(contenders["gpuflow run"], cwd=project, check=True, capture_output=True)  # first sync, warm caches
+        for suffix, checkout in checkouts.items():
+            contenders[f"gpuflow run{suffix}"] = ([*gpuflow, *run], checkout)
+            contenders[f"gpuflow ssh{suffix}"] = ([*gpuflow, *ssh], checkout)
+
+        def start(name: str) -> None:
+            argv, checkout = contenders[name]
+            subprocess.run(argv, cwd=project, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+
+        start("gpuflow run")  # the first sync, and warm caches
         timings: dict[str, list[float]] = {name: [] for name in contenders}
         connections: dict[str, list[int]] = {name: [] for name in contenders}
         names = list(contenders)
         print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         for attempt in range(arguments.repeat):
-            for name in names[attempt % 3 :] + names[: attempt % 3]:  # rotate who goes first
+            shift = attempt % len(names)
+            for name in names[shift:] + names[:shift]:  # rotate who goes first
                 before = server.log.read_text().count("Accepted ")
                 started = time.perf_counter()
-                subprocess.run(contenders[name], cwd=project, check=True, capture_output=True)
+                start(name)
                 timings[name].append(time.perf_counter() - started)
                 connections[name].append(server.log.read_text().count("Accepted ") - before)
         medians = {name: statistics.median(values) for name, values in timings.items()}
         for name, values in timings.items():
-            print(f"  {name:14s} median {medians[name]:.3f} s  range {min(values):.3f}-{max(values):.3f} s  "
+            print(f"  {name:25s} median {medians[name]:.3f} s  range {min(values):.3f}-{max(values):.3f} s  "
                   f"SSH connections {sorted(set(connections[name]))}")
         base = medians["ssh host true"]
-        print(f"gpuflow run / ssh host true: {medians['gpuflow run'] / base:.2f}x (goal <= 3x)")
-        print(f"gpuflow ssh / ssh host true: {medians['gpuflow ssh'] / base:.2f}x (goal <= 1.2x)")
+        for suffix in checkouts:
+            print(f"gpuflow run{suffix} / ssh host true: {medians[f'gpuflow run{suffix}'] / base:.2f}x (goal <= 3x)")
+            print(f"gpuflow ssh{suffix} / ssh host true: {medians[f'gpuflow ssh{suffix}'] / base:.2f}x (goal <= 1.2x)")
         print(f"load average at end: {os.getloadavg()[0]:.1f}")
         assert (remote_home / "gpuflow" / "project" / "job.py").is_file()  # the sync went where the runner works
     finally:
