@@ -318,6 +318,8 @@ class SharedRunner:
     def fetch_files(self, remote_dir: str, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
         try:
             yield from self._runner.fetch_files(remote_dir, items)
+        except GeneratorExit:  # the caller stopped reading: not a failure of the connection
+            raise
         except BaseException:
             self._failed = True
             raise

@@ -233,3 +233,16 @@ def test_rsync_rides_on_the_same_connection(target, server, tmp_path):
     assert report.method == "rsync"
     assert (destination / "sub dir" / "it's.bin").read_bytes() == (source / "sub dir" / "it's.bin").read_bytes()
     assert logins(server) == 1
+
+
+def test_concurrent_sessions_share_the_connection(target, server, tmp_path):
+    """Two programs on the bridge at once (as a second sync, or rsync beside the listing session)."""
+    with shared.shared_connections():
+        _shared_runner(target, tmp_path / "instance").run(["true"])
+        argv = shared.bridge_argv(target)
+        assert argv is not None
+        first, second = (subprocess.Popen([*argv, "host", "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                         for _ in range(2))
+        outputs = [process.communicate(payload, timeout=60)[0] for process, payload in
+                   ((second, b"second\n" * 10_000), (first, b"first\n" * 10_000))]
+    assert outputs == [b"second\n" * 10_000, b"first\n" * 10_000] and logins(server) == 1
