@@ -15,7 +15,7 @@ that runner's paramiko connection too, through a *bridge*:
 * the socket lives in a private directory (created 0700, checked to be owned by
   this user and not reachable by others) under ``$GPUFLOW_HOME/mux``, or under
   the temporary directory when that path would be too long for a unix socket;
-  a connecting process must run as this user (``SO_PEERCRED``);
+  a connecting process must run as this user (``SO_PEERCRED``, on Linux);
 * nothing outlives the command: the bridge is a thread of the command's own
   process, its directory is removed when the scope ends (success, error,
   Ctrl-C), and a directory left by a process that was killed is swept by the
@@ -156,9 +156,8 @@ class Bridge:
         descriptors: list[int] = []
         try:
             with client:
-                uid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
                 header, descriptors, _, _ = socket.recv_fds(client, 8, 3)
-                if uid != os.getuid() or len(descriptors) != 3 or len(header) != 8:
+                if _peer_uid(client) not in (None, os.getuid()) or len(descriptors) != 3 or len(header) != 8:
                     return
                 length = struct.unpack("!Q", header)[0]
                 command = b""
@@ -210,6 +209,15 @@ class Bridge:
                 channel.close()
             os.close(stop_read)
             os.close(stop_write)
+
+
+def _peer_uid(client: socket.socket) -> int | None:
+    """The user id of the process at the other end (Linux: ``SO_PEERCRED``); None where
+    the platform has no such option (macOS): there the private directory alone guards it."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    return struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))[1]
 
 
 def _write_all(descriptor: int, data: bytes) -> bool:

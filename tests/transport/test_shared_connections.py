@@ -246,3 +246,14 @@ def test_concurrent_sessions_share_the_connection(target, server, tmp_path):
         outputs = [process.communicate(payload, timeout=60)[0] for process, payload in
                    ((second, b"second\n" * 10_000), (first, b"first\n" * 10_000))]
     assert outputs == [b"second\n" * 10_000, b"first\n" * 10_000] and logins(server) == 1
+
+
+def test_a_process_of_another_user_gets_nothing_run(target, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(shared, "_peer_uid", lambda client: os.getuid() + 1)  # as SO_PEERCRED would say
+    with shared.shared_connections():
+        _shared_runner(target, tmp_path / "instance").run(["true"])
+        argv = shared.bridge_argv(target)
+        assert argv is not None
+        done = subprocess.run([*argv, "host", f"touch {marker}"], capture_output=True, timeout=60)
+    assert done.returncode == 255 and not marker.exists()
