@@ -56,6 +56,10 @@ class SshSession:
     connection through that ``ControlPath`` while the listing session is kept
     open.  No ``ControlPersist``: the connection ends with the listing session,
     and nothing is left running if gpuflow is killed.
+
+    Within a command's shared connections (:mod:`gpuflow.transport.shared`,
+    ``gpuflow run``) the ``ssh`` is that scope's bridge instead: the listing
+    session and rsync run on the command's one connection to the node.
     """
 
     def __init__(self, target: SSHTarget) -> None:
