@@ -11,7 +11,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import stat
 import subprocess
 import threading
