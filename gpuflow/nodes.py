@@ -47,7 +47,7 @@ from gpuflow.hints import command_hint
 from gpuflow.provisioner import Provisioner, ProvisionerFactory, discard_sandbox_instance, open_provisioner
 from gpuflow.records import Cluster, Node, SSHTarget
 from gpuflow.state import validate_name
-from gpuflow.transport import hostkeys, openssh
+from gpuflow.transport import hostkeys, openssh, shared
 from gpuflow.transport.base import CommandRunner, quote_argv
 from gpuflow.transport.local import LocalRunner
 from gpuflow.transport.openssh import SERVER_ALIVE_INTERVAL
@@ -340,6 +340,9 @@ def runner_for(
     (``connect_timeout``, ``keepalive_interval``, ``backoff``, ``sleep``,
     ``instance_alive``, ``base_dir``).  ``probe`` answers what the cloud is
     asked (default: :class:`ProvisionerProbe`).  The runner connects on first use.
+    Within :func:`gpuflow.transport.shared.shared_connections` (a command's scope)
+    an SSH node's runner is made once per thread and handed out again: one
+    connection per command and node.
     """
     node = node or cluster.head
     access = access_for(cluster, project_dir=project_dir)
@@ -356,7 +359,14 @@ def runner_for(
         expected: tuple[str, ...] = ()
     else:
         expected = ensure_host_keys(cluster, node, target, probe)
-    return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id, probe), expected, ssh_options)
+
+    def make() -> SSHRunner:
+        return _ssh_runner(target, instance_alive_hook(cluster, node.instance_id, probe), expected, ssh_options)
+
+    if ssh_options.keys() - {"base_dir"}:
+        return make()
+    # Within a command's scope (`gpuflow run`): one connection per node, shared by all it does.
+    return shared.shared_runner((cluster.name, node.instance_id, trust_on_first_use), target, make)
 
 
 def _ssh_runner(

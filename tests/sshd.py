@@ -46,8 +46,9 @@ def _keygen(path: Path, comment: str) -> None:
 
 
 class SshServer:
-    def __init__(self, directory: Path, extra_config: tuple[str, ...] = ()) -> None:
+    def __init__(self, directory: Path, extra_config: tuple[str, ...] = (), log_level: str = "ERROR") -> None:
         self.extra_config = tuple(extra_config)  # more sshd_config lines (e.g. SetEnv for the sessions)
+        self.log_level = log_level  # INFO logs each login ("Accepted publickey") and logout to self.log
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.host_key = self.directory / "ssh_host_ed25519_key"
@@ -101,7 +102,7 @@ class SshServer:
                     "Subsystem sftp internal-sftp",
                     "MaxStartups 100:30:200",
                     "MaxSessions 50",
-                    "LogLevel ERROR",
+                    f"LogLevel {self.log_level}",
                     *self.extra_config,
                     "",
                 ]

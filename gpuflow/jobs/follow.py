@@ -38,6 +38,10 @@ def _vanished(connection: Connection, remote_dir: str, liveness: Liveness | None
     return lost_reason(liveness, remote_dir), liveness.exists
 
 
+# The first poll comes this soon, each next one twice as late, up to ``poll_interval``.
+FIRST_POLL_SECONDS = 0.05
+
+
 def follow_log(
     connection: Connection,
     remote_dir: str,
@@ -50,7 +54,8 @@ def follow_log(
     on_notice: Callable[[str], None] | None = None,
 ) -> tuple[int | None, int]:
     """Copy ``job.log`` from byte ``offset`` to ``out``; with ``follow`` until
-    the job has ended and the log is fully read.
+    the job has ended and the log is fully read (polled after
+    ``FIRST_POLL_SECONDS``, then twice as late each time up to ``poll_interval``).
 
     Returns (exit code or None, final offset).  The offset advances only by
     bytes already written to ``out``, and the exit code is checked *before*
@@ -75,6 +80,7 @@ def follow_log(
 
     next_check = time.monotonic() + liveness_interval
     told: set[str] = set()
+    wait = min(FIRST_POLL_SECONDS, poll_interval)
     try:
         while True:
             try:
@@ -98,7 +104,8 @@ def follow_log(
                 continue
             if exit_code is not None or not follow:
                 return exit_code, offset
-            time.sleep(poll_interval)
+            time.sleep(wait)
+            wait = min(poll_interval, wait * 2)  # a short job is seen to end at once; a long one polled calmly
     except InstanceGone as exc:
         if not follow:
             raise

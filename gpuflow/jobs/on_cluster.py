@@ -17,6 +17,7 @@ from gpuflow.jobs.records import InterruptChoice, ProcessLiveness, RunOutcome, R
 from gpuflow.jobs.rundir import run_status, stop_job
 from gpuflow.jobs.targets import TargetResolver, is_known_cluster, target_for_cluster
 from gpuflow.provisioner import cloud_for_one_shot_run
+from gpuflow.transport.shared import shared_connections
 
 
 def run_on_cluster(
@@ -56,7 +57,8 @@ def run_on_cluster(
         sandbox_context: Any = cloud_for_one_shot_run(up_spec.region)
     else:
         sandbox_context = contextlib.nullcontext()
-    with sandbox_context:
+    # One connection per node for everything the run does (sync, start, follow, pull), closed at the end.
+    with sandbox_context, shared_connections():
         return _run_on_cluster(
             cluster_name,
             project_dir=project_dir,

@@ -8,7 +8,7 @@ import tempfile
 
 from gpuflow.errors import HostKeyMismatch, UnreachableHost
 from gpuflow.records import SSHTarget
-from gpuflow.transport import hostkeys, openssh
+from gpuflow.transport import hostkeys, openssh, shared
 from gpuflow.transport.keys import key_permission_error
 
 
@@ -56,21 +56,34 @@ class SshSession:
     connection through that ``ControlPath`` while the listing session is kept
     open.  No ``ControlPersist``: the connection ends with the listing session,
     and nothing is left running if gpuflow is killed.
+
+    Within a command's shared connections (:mod:`gpuflow.transport.shared`,
+    ``gpuflow run``) the ``ssh`` is that scope's bridge instead: the listing
+    session and rsync run on the command's one connection to the node.
     """
 
     def __init__(self, target: SSHTarget) -> None:
         self.target = target
         openssh.host_options(target)  # refuse a target without pinned keys before making anything
-        # Short path: unix socket paths are limited to ~104 bytes on macOS.
-        self._socket_directory = tempfile.mkdtemp(prefix="gpuflow-ssh-")
-        self.control_path = os.path.join(self._socket_directory, "%C")
-        self.base_argv = ssh_argv(target, self.control_path)
+        # Within a command's scope (`gpuflow run`), ride on its one connection to the node.
+        bridge = shared.bridge_argv(target)
+        self._socket_directory = None if bridge else tempfile.mkdtemp(prefix="gpuflow-ssh-")
+        if self._socket_directory is None:
+            self.control_path = None
+            self.base_argv = bridge
+            self._master_options: list[str] = []
+        else:
+            # Short path: unix socket paths are limited to ~104 bytes on macOS.
+            self.control_path = os.path.join(self._socket_directory, "%C")
+            self.base_argv = ssh_argv(target, self.control_path)
+            self._master_options = ["-o", "ControlMaster=yes"]
 
     def master_argv(self, remote_command: str) -> list[str]:
-        return [*self.base_argv, "-o", "ControlMaster=yes", self.target.host, remote_command]
+        return [*self.base_argv, *self._master_options, self.target.host, remote_command]
 
     def close(self) -> None:
-        shutil.rmtree(self._socket_directory, ignore_errors=True)
+        if self._socket_directory is not None:
+            shutil.rmtree(self._socket_directory, ignore_errors=True)
 
 
 def pin_on_first_use(target: SSHTarget) -> None:

@@ -308,6 +308,27 @@ class SSHRunner:
             with contextlib.suppress(Exception):
                 channel.close()
 
+    def open_channel(self, command: str) -> Any:
+        """A new session channel of this runner's connection running ``command``
+        (connecting, or reconnecting with backoff, when the connection is down
+        before the command is sent): for :mod:`gpuflow.transport.shared`, which
+        carries other programs' ssh sessions (sync's) on this connection."""
+
+        def start(client: Any) -> Any:
+            transport = client.get_transport()
+            if transport is None or not transport.is_active():
+                raise EOFError("SSH transport is not active")
+            channel = transport.open_session(timeout=self.connect_timeout)
+            try:
+                channel.exec_command(command)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    channel.close()
+                raise
+            return channel
+
+        return self._with_reconnect(start, what="open a session")
+
     def close(self) -> None:
         with self._lock:
             self._drop_connection()
