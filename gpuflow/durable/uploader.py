@@ -87,6 +87,9 @@ KEEP_COMMITTED = 2
 
 DURABLE_FILE = "durable.json"
 EXIT_SIGNAL_FILE = ".durable-exit"
+# Written by `run --recover` into the run directory of a node it relaunched the run on:
+# {"attempt": N}, the attempt the job starts as there (restarts in place on that node add to it).
+ATTEMPT_FILE = "attempt.json"
 LOG_FILE = "job.log"
 MANIFEST_FILE = "manifest.json"
 OUTPUTS_DIRECTORY = "outputs"
@@ -432,10 +435,20 @@ def output_files(run_dir: str) -> dict:
 
 
 def attempt_number(run_dir: str) -> int:
+    """This attempt of the run: the one its node was started for (ATTEMPT_FILE, else 1) plus
+    the attempts moved aside on this node (restarts in place)."""
+    first = 1
     try:
-        return 1 + len([name for name in os.listdir(os.path.join(run_dir, "attempts")) if name.isdigit()])
+        with open(os.path.join(run_dir, ATTEMPT_FILE)) as handle:
+            number = json.load(handle).get("attempt")
+        if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+            first = number
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return first + len([name for name in os.listdir(os.path.join(run_dir, "attempts")) if name.isdigit()])
     except OSError:
-        return 1
+        return first
 
 
 def _position(state: dict) -> str:

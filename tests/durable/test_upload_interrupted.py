@@ -98,3 +98,13 @@ def test_the_test_pause_is_inert_unless_set_for_a_loopback_endpoint_and_its_atte
     assert uploader.upload_delay_for_tests({name: "7"}, aws, 1) == 0  # never against real S3
     assert uploader.upload_delay_for_tests({name: "7", attempt_name: "2"}, sandbox, 1) == 0
     assert uploader.upload_delay_for_tests({name: "7", attempt_name: "2"}, sandbox, 2) == 7
+
+
+def test_the_attempt_is_the_one_the_node_was_started_for_plus_its_restarts_in_place(tmp_path):
+    assert uploader.attempt_number(str(tmp_path)) == 1  # the run's first node
+    (tmp_path / uploader.ATTEMPT_FILE).write_text(json.dumps({"attempt": 3}))  # `run --recover` relaunched it here
+    assert uploader.attempt_number(str(tmp_path)) == 3
+    (tmp_path / "attempts" / "3").mkdir(parents=True)  # then restarted once in place on this node
+    assert uploader.attempt_number(str(tmp_path)) == 4
+    (tmp_path / uploader.ATTEMPT_FILE).write_text('{"attempt": "x"}')
+    assert uploader.attempt_number(str(tmp_path)) == 2
