@@ -154,6 +154,8 @@ def release_emptied_server(home: Path) -> bool:
     deleted the stack it was kept for): stop it when it now holds nothing and no other
     process uses it, as :func:`release_started_servers` does for a server started by the
     process itself; else leave it.  Returns whether it was stopped."""
+    if read_server_record(home) is None:
+        return False  # no server (or gpuflow's in-process cloud): nothing to stop, nothing made
     directory = server_directory(home)
     with _locked(directory / SERVER_LOCK_NAME):
         _release_user(directory)
