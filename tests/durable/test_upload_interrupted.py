@@ -49,12 +49,14 @@ def test_an_upload_killed_between_its_objects_is_never_restored(durable, tmp_pat
     sidecar = subprocess.Popen([sys.executable, "-c", SIDECAR, "watch", str(run_dir), f"s3://{BUCKET}/{PREFIX}",
                                 REGION], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def in_flight() -> DurableStatus | None:
+        def in_flight() -> DurableStatus | None:  # once the first object of the checkpoint went up
             try:
-                status = DurableStatus.parse((run_dir / "durable.json").read_text())
+                raw = (run_dir / "durable.json").read_text()
             except OSError:
                 return None
-            return status if status is not None and status.uploading is not None else None
+            status = DurableStatus.parse(raw)
+            sent = ((json.loads(raw) if status is not None else {}).get("uploading") or {}).get("sent")
+            return status if sent else None
 
         status = wait_for(in_flight, timeout=30, what="the sidecar between the objects of checkpoint 000002")
         document = json.loads((run_dir / "durable.json").read_text())
