@@ -92,6 +92,14 @@ def cloud_for_one_shot_run(region: str, *, home: Path | None = None) -> Any:
     return in_process_cloud((region,), home=home)
 
 
+def release_emptied_sandbox(home: Path | None = None) -> bool:
+    """Stop this home's sandbox server when a command just emptied it and nothing else uses
+    it (:func:`infra.sandbox.server.release_emptied_server`); whether it was stopped."""
+    from infra.sandbox.server import release_emptied_server
+
+    return release_emptied_server(Path(home) if home is not None else gpuflow_home())
+
+
 def discard_command(home: Path) -> list[str]:
     """The command a sandbox server (a process that imports nothing from gpuflow) runs,
     with ``INSTANCE_ID CLUSTER`` appended, to discard an instance it reclaims itself

@@ -19,7 +19,7 @@ from typing import Any
 from gpuflow.durable import DurableStore
 from gpuflow.errors import CloudError, CredentialsError, UsageError
 from gpuflow.hints import command_hint
-from gpuflow.provisioner import Provisioner, ProvisionerFactory, open_provisioner
+from gpuflow.provisioner import Provisioner, ProvisionerFactory, open_provisioner, release_emptied_sandbox
 from infra.account_stack import (
     DEFAULT_RETENTION_DAYS,
     MAX_RETENTION_DAYS,
@@ -180,6 +180,7 @@ def delete(
     view = provisioner.describe_account_stack(STACK_NAME)
     base = dict(region=region, stack_name=STACK_NAME, sandbox=sandbox)
     if view is None:
+        _release_emptied_sandbox(sandbox, provisioner_factory)
         return SetupResult(outcome=SetupOutcome.ABSENT, **base)
     if view.status.endswith("_IN_PROGRESS") and view.status != "REVIEW_IN_PROGRESS":
         raise CloudError(f"the account stack {STACK_NAME} in {region} is busy ({view.status})",
@@ -198,7 +199,15 @@ def delete(
         deleted = provisioner.empty_bucket(bucket)
     say(f"deleting the account stack {STACK_NAME} in {region}")
     provisioner.delete_account_stack(STACK_NAME)
+    _release_emptied_sandbox(sandbox, provisioner_factory)
     return SetupResult(outcome=SetupOutcome.DELETED, objects_deleted=deleted, **base)
+
+
+def _release_emptied_sandbox(sandbox: bool, provisioner_factory: ProvisionerFactory | None) -> None:
+    """The sandbox server was kept running for the stack: holding nothing now, it goes at once
+    (not after its idle timeout), unless another process uses it or it holds anything else."""
+    if sandbox and provisioner_factory is None:
+        release_emptied_sandbox()
 
 
 def durable_hint(sandbox: bool) -> str:

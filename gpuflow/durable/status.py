@@ -51,6 +51,7 @@ class DurableStatus:
     bytes_uploaded: int = 0
     checkpoint_bytes: tuple[int, ...] = ()
     upload_seconds: float = 0.0
+    uploading: Position | None = None  # a checkpoint whose objects are being sent (not committed yet)
 
     @classmethod
     def parse(cls, raw: bytes | str | None) -> DurableStatus | None:
@@ -76,6 +77,7 @@ class DurableStatus:
             bytes_uploaded=int(data.get("bytes_uploaded") or 0),
             checkpoint_bytes=tuple(int(n) for n in data.get("checkpoint_bytes") or ()),
             upload_seconds=float(data.get("upload_seconds") or 0.0),
+            uploading=Position.from_dict(data.get("uploading")),
         )
 
     def problem(self) -> str | None:

@@ -69,6 +69,12 @@ except ImportError:  # pragma: no cover - the sidecar script
 S3_ENDPOINT_VARIABLE = "GPUFLOW_S3_ENDPOINT"
 LOG_SECONDS_VARIABLE = "GPUFLOW_DURABLE_LOG_SECONDS"
 FINAL_SECONDS_VARIABLE = "GPUFLOW_DURABLE_FINAL_SECONDS"
+# Test only (the interruption-during-upload proofs): ignored unless set, and unless S3 is a loopback
+# endpoint (the sandbox's moto).  SECONDS: the sidecar waits that long before each object of a
+# checkpoint after its first one (so an upload can be caught between its objects, COMMIT.json unsent);
+# ATTEMPT: only in that attempt of the run (default: every attempt).
+TEST_UPLOAD_DELAY_VARIABLE = "GPUFLOW_TEST_UPLOAD_DELAY_SECONDS"
+TEST_UPLOAD_DELAY_ATTEMPT_VARIABLE = "GPUFLOW_TEST_UPLOAD_DELAY_ATTEMPT"
 DEFAULT_LOG_SECONDS = 30.0
 DEFAULT_FINAL_SECONDS = 90.0
 RESTORE_SECONDS = 300.0  # the most a restore may take before the job starts (gpuflow waits this much longer for it)
@@ -81,6 +87,9 @@ KEEP_COMMITTED = 2
 
 DURABLE_FILE = "durable.json"
 EXIT_SIGNAL_FILE = ".durable-exit"
+# Written by `run --recover` into the run directory of a node it relaunched the run on:
+# {"attempt": N}, the attempt the job starts as there (restarts in place on that node add to it).
+ATTEMPT_FILE = "attempt.json"
 LOG_FILE = "job.log"
 MANIFEST_FILE = "manifest.json"
 OUTPUTS_DIRECTORY = "outputs"
@@ -426,10 +435,20 @@ def output_files(run_dir: str) -> dict:
 
 
 def attempt_number(run_dir: str) -> int:
+    """This attempt of the run: the one its node was started for (ATTEMPT_FILE, else 1) plus
+    the attempts moved aside on this node (restarts in place)."""
+    first = 1
     try:
-        return 1 + len([name for name in os.listdir(os.path.join(run_dir, "attempts")) if name.isdigit()])
+        with open(os.path.join(run_dir, ATTEMPT_FILE)) as handle:
+            number = json.load(handle).get("attempt")
+        if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+            first = number
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return first + len([name for name in os.listdir(os.path.join(run_dir, "attempts")) if name.isdigit()])
     except OSError:
-        return 1
+        return first
 
 
 def _position(state: dict) -> str:
@@ -499,7 +518,8 @@ class Uploader:
         self.attempt = attempt_number(run_dir)
         self.status = {"state": "watching", "url": self.where, "attempt": self.attempt, "committed": None,
                        "pending": None, "failures": 0, "last_error": None, "lost": None, "log_uploaded_at": None,
-                       "outputs": None, "bytes_uploaded": 0, "checkpoint_bytes": [], "upload_seconds": 0.0}
+                       "outputs": None, "bytes_uploaded": 0, "checkpoint_bytes": [], "upload_seconds": 0.0,
+                       "uploading": None}
         try:
             with open(os.path.join(run_dir, DURABLE_FILE)) as handle:
                 previous = json.load(handle)
@@ -519,6 +539,7 @@ class Uploader:
         self.checkpoint_signature = None
         self.exit_code = None  # the job's, once it ended (named in outputs/COMMIT.json)
         self.prior_log = None  # what log/job.log held before this attempt, when it continues another node's run
+        self.test_upload_delay = 0.0  # see TEST_UPLOAD_DELAY_VARIABLE (durable_main sets it; 0 everywhere else)
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -533,6 +554,7 @@ class Uploader:
         self.status["failures"] += 1
         self.status["last_error"] = ("%s: %s" % (what, exc))[:300]
         self.status["state"] = "failing"
+        self.status["uploading"] = None  # nothing is in flight while it waits to retry
         delay = BACKOFF_SECONDS[min(self.failures_in_row - 1, len(BACKOFF_SECONDS) - 1)]
         self.next_try = time.monotonic() + delay
         _say(self.run_dir, "%s failed (%s); retrying in %gs" % (what, exc, delay))
@@ -580,11 +602,24 @@ class Uploader:
             self.committed = sorted(committed_seqs(self.s3.list(self.prefix + CHECKPOINTS), self.prefix))
         seq = self.next_seq
         base = "%s%s%s/" % (self.prefix, CHECKPOINTS, seq_name(seq))
-        for name, data in sorted(files.items()):
-            self.put(base + name, data)
-        commit = commit_document(files, seq=seq, epoch=state.get("epoch"), step=state.get("step"),
-                                 attempt=self.attempt, committed_at=_utc_now_text())
-        self.put(base + COMMIT_NAME, (json.dumps(commit, indent=1) + "\n").encode())
+        names = sorted(files) + [COMMIT_NAME]
+        # In flight, in durable.json: which checkpoint is being sent and which of its objects went up.
+        uploading = {"seq": seq, "epoch": state.get("epoch"), "step": state.get("step"), "sent": [],
+                     "objects": len(names), "since": _utc_now_text()}
+        self.status["uploading"] = uploading
+        self.save()
+        for index, name in enumerate(names):
+            if index and self.test_upload_delay:
+                time.sleep(self.test_upload_delay)
+            if name == COMMIT_NAME:  # last: only now does the checkpoint exist for a reader
+                commit = commit_document(files, seq=seq, epoch=state.get("epoch"), step=state.get("step"),
+                                         attempt=self.attempt, committed_at=_utc_now_text())
+                self.put(base + name, (json.dumps(commit, indent=1) + "\n").encode())
+            else:
+                self.put(base + name, files[name])
+            uploading["sent"].append(name)
+            self.save()
+        self.status["uploading"] = None
         self.next_seq = seq + 1
         self.committed.append(seq)
         size = sum(len(data) for data in files.values())
@@ -593,6 +628,7 @@ class Uploader:
                                     "bytes": size, "at": _utc_now_text()}
         self.uploaded_state, self.pending, self.pending_key = self.pending_key, None, None
         self.status["pending"] = None
+        self.save()  # committed, nothing in flight
         self.prune()
 
     def prune(self) -> None:
@@ -732,6 +768,18 @@ def seconds(text, default: float, low: float = 0.05, high: float = 3600.0) -> fl
     return min(max(value, low), high)
 
 
+def upload_delay_for_tests(environ, s3: S3, attempt: int) -> float:
+    """The test-only pause between a checkpoint's objects (TEST_UPLOAD_DELAY_VARIABLE): 0 unless
+    it is set, S3 is a loopback endpoint (the sandbox) and this is the attempt it names (if any)."""
+    text = environ.get(TEST_UPLOAD_DELAY_VARIABLE)
+    if not text or s3.scheme != "http" or not _is_loopback(s3.hostname):
+        return 0.0
+    wanted = environ.get(TEST_UPLOAD_DELAY_ATTEMPT_VARIABLE)
+    if wanted and wanted.strip() != str(attempt):
+        return 0.0
+    return seconds(text, 0.0, 0.0, 3600.0)
+
+
 def durable_main(argv: list) -> int:
     """``MODE RUN_DIR URL REGION``: the supervisor's entry (MODE: restore | watch)."""
     mode, run_dir, url, region = argv[:4]
@@ -754,6 +802,8 @@ def durable_main(argv: list) -> int:
     uploader = Uploader(run_dir, s3, prefix, log_seconds=seconds(os.environ.get(LOG_SECONDS_VARIABLE),
                                                                  DEFAULT_LOG_SECONDS),
                         final_seconds=seconds(os.environ.get(FINAL_SECONDS_VARIABLE), DEFAULT_FINAL_SECONDS, 1.0))
+
+    uploader.test_upload_delay = upload_delay_for_tests(os.environ, s3, uploader.attempt)
 
     def finished():
         try:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 from gpuflow.clusters.relaunch import relaunch
 from gpuflow.config import RecoverySettings
+from gpuflow.durable import uploader
 from gpuflow.errors import GpuflowError, InstanceGone, JobFailed, JobInterrupted, RunLost, UsageError
 from gpuflow.jobs.connection import Connection, instance_gone
 from gpuflow.jobs.follow import LIVENESS_INTERVAL
@@ -334,6 +335,11 @@ def run_with_recovery(
                 start_log = stream.contents()
                 if start_log:  # one log: the supervisor appends to what the run printed before
                     connection.runner.put_bytes(start_log, f"{connection.runner.base_dir}/runs/{run_id}/{LOG_NAME}")
+                if len(attempts) > 1:  # the durable sidecar names its commits with the attempt they belong to
+                    connection.runner.put_bytes(
+                        json.dumps({"attempt": len(attempts)}).encode(),
+                        f"{connection.runner.base_dir}/runs/{run_id}/{uploader.ATTEMPT_FILE}",
+                    )
                 record = start_run(
                     target, connection.runner, project_dir=project_dir, module=module, args=args, run_id=run_id,
                     data_dir=data_dir, heartbeat_seconds=heartbeat_seconds, home=home, say=say, env=env,

@@ -149,6 +149,28 @@ def release_started_servers() -> list[SandboxServer]:
     return stopped
 
 
+def release_emptied_server(home: Path) -> bool:
+    """After a command emptied this home's sandbox server (``gpuflow setup --delete --sandbox``
+    deleted the stack it was kept for): stop it when it now holds nothing and no other
+    process uses it, as :func:`release_started_servers` does for a server started by the
+    process itself; else leave it.  Returns whether it was stopped."""
+    if read_server_record(home) is None:
+        return False  # no server (or gpuflow's in-process cloud): nothing to stop, nothing made
+    directory = server_directory(home)
+    with _locked(directory / SERVER_LOCK_NAME):
+        _release_user(directory)
+        record = read_server_record(home)
+        if record is None or not _is_our_server_process(record.pid):
+            return False
+        with try_flock(directory / SERVER_USERS_LOCK_NAME, fcntl.LOCK_EX) as unused:
+            if not unused or server_holdings(record) != {}:
+                return False  # in use, holding something, or not answering: leave it
+            _terminate_server(record)
+            _remove_record(directory)
+            _STARTED_HERE.pop(directory, None)
+            return True
+
+
 def server_holdings(record: SandboxServer, timeout: float = 5.0) -> dict[str, list[str]] | None:
     """What the server holds, as the server itself reports it: ``{kind: [region/id, ...]}``
     for each kind it holds any of (so ``{}`` when empty); None when it does not answer."""
