@@ -171,59 +171,58 @@ def test_a_partial_fleet_is_terminated_and_the_next_step_launches_every_node_in_
     assert leftovers(cloud, gpuflow_home) == {}
 
 
-def test_no_capacity_anywhere_launches_nothing_and_says_what_was_tried(
+def test_failures_of_each_fleet_operation_launch_nothing_and_leave_nothing(
     cloud, provisioners, api_calls, monkeypatch, gpuflow_home
 ):
+    """One cluster relaunched four times, each failing another way; the interrupted node is terminated
+    by the first, the record keeps naming the cluster, so each next relaunch starts from there."""
     first = clusters.up(make_spec("nc", spot=True), provisioner_factory=provisioners)
-    _answer_fleets(monkeypatch, lambda index, params, real: NO_CAPACITY)
+    zone = first.nodes[0].availability_zone
+
+    def live() -> list[str]:
+        return [i["InstanceId"] for r in cloud.describe_instances()["Reservations"] for i in r["Instances"]
+                if i["State"]["Name"] != "terminated"]
+
+    # No capacity anywhere: every step tried, nothing launched, one line saying what was tried.
+    answers = {"fleet": NO_CAPACITY}
+    asked = _answer_fleets(monkeypatch, lambda index, params, real: answers["fleet"] if answers["fleet"] else real(params))
     with pytest.raises(CapacityError) as refused:
-        relaunch("nc", fallback_types=("g4dn.xlarge",), avoid_zone=first.nodes[0].availability_zone,
-                 provisioner_factory=provisioners)
-    assert "no capacity to relaunch a node of nc" in refused.value.message
+        relaunch("nc", fallback_types=("g4dn.xlarge",), avoid_zone=zone, provisioner_factory=provisioners)
+    assert "no capacity to relaunch a node of nc" in refused.value.message and len(asked) == 2
     assert refused.value.message.count("InsufficientInstanceCapacity") == 2 and "g4dn.xlarge (spot)" in refused.value.message
     assert "--spot-fallback" in (refused.value.hint or "")
-    live = [i for r in cloud.describe_instances()["Reservations"] for i in r["Instances"] if i["State"]["Name"] != "terminated"]
-    assert live == []  # the interrupted node terminated first, nothing launched
+    assert live() == []  # the interrupted node terminated first, nothing launched
     assert cloud.describe_launch_templates()["LaunchTemplates"] == []
-    clusters.down("nc", provisioner_factory=provisioners)
-    assert leftovers(cloud, gpuflow_home) == {}
 
-
-def test_create_fleet_refused_deletes_the_template_and_leaves_nothing(cloud, provisioners, api_calls, gpuflow_home):
-    first = clusters.up(make_spec("cf", spot=True), provisioner_factory=provisioners)
-    api_calls.fail("CreateFleet", code="InvalidParameterValue")
-    with pytest.raises(GpuflowError) as refused:
-        relaunch("cf", avoid_zone=first.nodes[0].availability_zone, provisioner_factory=provisioners)
-    assert not isinstance(refused.value, CapacityError) and "InvalidParameterValue" in str(refused.value.message)
-    assert api_calls.count("DeleteLaunchTemplate") == 1 and cloud.describe_launch_templates()["LaunchTemplates"] == []
-    clusters.down("cf", provisioner_factory=provisioners)
-    assert leftovers(cloud, gpuflow_home) == {}
-
-
-def test_an_instant_fleet_refusal_in_its_errors_is_a_clear_error(cloud, provisioners, api_calls, monkeypatch, gpuflow_home):
-    first = clusters.up(make_spec("fr", spot=True), provisioner_factory=provisioners)
-    refusal = {"FleetId": "fleet-1", "Instances": [], "Errors": [{
+    # A refusal in the instant fleet's Errors is not "no capacity": no other step, one clear line.
+    answers["fleet"] = {"FleetId": "fleet-1", "Instances": [], "Errors": [{
         "ErrorCode": "AuthFailure.ServiceLinkedRoleCreationNotPermitted", "ErrorMessage": "no role", "Lifecycle": "spot"}]}
-    asked = _answer_fleets(monkeypatch, lambda index, params, real: refusal)
     with pytest.raises(GpuflowError) as refused:
-        relaunch("fr", avoid_zone=first.nodes[0].availability_zone, provisioner_factory=provisioners)
+        relaunch("nc", fallback_types=("g4dn.xlarge",), avoid_zone=zone, provisioner_factory=provisioners)
+    assert not isinstance(refused.value, CapacityError) and len(asked) == 3
     assert "ServiceLinkedRoleCreationNotPermitted" in refused.value.message
     assert "ec2fleet.amazonaws.com" in (refused.value.hint or "")
-    assert len(asked) == 1  # a refusal is not "no capacity": no other step is tried
-    clusters.down("fr", provisioner_factory=provisioners)
-    assert leftovers(cloud, gpuflow_home) == {}
+    assert live() == [] and cloud.describe_launch_templates()["LaunchTemplates"] == []
 
+    # CreateFleet itself refused: its template is deleted all the same.
+    answers["fleet"] = None
+    api_calls.fail("CreateFleet", code="InvalidParameterValue", times=1)
+    deletions = api_calls.count("DeleteLaunchTemplate")
+    with pytest.raises(GpuflowError) as refused:
+        relaunch("nc", avoid_zone=zone, provisioner_factory=provisioners)
+    assert "InvalidParameterValue" in refused.value.message and not isinstance(refused.value, CapacityError)
+    assert api_calls.count("DeleteLaunchTemplate") == deletions + 1
+    assert live() == [] and cloud.describe_launch_templates()["LaunchTemplates"] == []
 
-def test_a_template_whose_creation_answer_was_lost_is_deleted_by_down(cloud, provisioners, api_calls, gpuflow_home):
-    first = clusters.up(make_spec("ct", spot=True), provisioner_factory=provisioners)
-    api_calls.fail("CreateLaunchTemplate", code="InternalFailure", exception=ConnectionError("answer lost"),
-                   lose_response=True)
+    # CreateLaunchTemplate's answer lost: EC2 made it, gpuflow never heard; `down` finds it by its tags.
+    api_calls.fail("CreateLaunchTemplate", exception=ConnectionError("answer lost"), lose_response=True, times=1)
+    fleets = len(asked)
     with pytest.raises(ConnectionError):
-        relaunch("ct", avoid_zone=first.nodes[0].availability_zone, provisioner_factory=provisioners)
-    assert api_calls.count("CreateFleet") == 0
-    [template] = cloud.describe_launch_templates()["LaunchTemplates"]  # EC2 made it; gpuflow never heard
-    assert {tag["Key"]: tag["Value"] for tag in template["Tags"]}["gpuflow:cluster"] == "ct"
-    clusters.down("ct", provisioner_factory=provisioners)
+        relaunch("nc", avoid_zone=zone, provisioner_factory=provisioners)
+    assert len(asked) == fleets and live() == []
+    [template] = cloud.describe_launch_templates()["LaunchTemplates"]
+    assert {tag["Key"]: tag["Value"] for tag in template["Tags"]}["gpuflow:cluster"] == "nc"
+    clusters.down("nc", provisioner_factory=provisioners)
     assert leftovers(cloud, gpuflow_home) == {}
 
 
@@ -246,3 +245,27 @@ def test_a_template_that_could_not_be_deleted_is_reaped(cloud, provisioners, api
     assert clusters.get_cluster("dt").nodes[0].instance_id == replacement.instance_id  # still up
     clusters.down("dt", provisioner_factory=provisioners)
     assert leftovers(cloud, gpuflow_home) == {}
+
+
+def test_the_policy_allows_the_fleet_path_only_on_what_gpuflow_tagged():
+    import json
+
+    statements = json.loads(POLICY_PATH.read_text())["Statement"]
+    fleet_actions = {"ec2:CreateFleet", "ec2:CreateLaunchTemplate", "ec2:DeleteLaunchTemplate"}
+    for statement in statements:
+        actions = set(statement["Action"])
+        if not actions & fleet_actions:
+            continue
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        condition = statement.get("Condition", {}).get("StringEquals", {})
+        tagged = condition.get("aws:RequestTag/gpuflow:managed") == "true" or condition.get(
+            "aws:ResourceTag/gpuflow:managed") == "true"
+        # Untagged only where nothing is made or changed: the image, subnet, group, key... a launch uses.
+        assert tagged or (actions == {"ec2:CreateFleet"} and not any(
+            kind in resource for resource in resources for kind in ("instance/", "volume/", "fleet/", "launch-template/")))
+        if "ec2:DeleteLaunchTemplate" in actions:
+            assert condition == {"aws:ResourceTag/gpuflow:managed": "true"}
+    [tagging] = [statement for statement in statements if statement["Action"] == ["ec2:CreateTags"]]
+    assert {"CreateLaunchTemplate", "CreateFleet"} <= set(tagging["Condition"]["StringEquals"]["ec2:CreateAction"])
+    assert policy_allows("ec2", "DescribeLaunchTemplates") and not policy_allows("ec2", "DeleteFleets")
+    assert not policy_allows("ec2", "ModifyLaunchTemplate") and not policy_allows("ec2", "CreateLaunchTemplateVersion")
