@@ -269,3 +269,24 @@ def test_the_policy_allows_the_fleet_path_only_on_what_gpuflow_tagged():
     assert {"CreateLaunchTemplate", "CreateFleet"} <= set(tagging["Condition"]["StringEquals"]["ec2:CreateAction"])
     assert policy_allows("ec2", "DescribeLaunchTemplates") and not policy_allows("ec2", "DeleteFleets")
     assert not policy_allows("ec2", "ModifyLaunchTemplate") and not policy_allows("ec2", "CreateLaunchTemplateVersion")
+
+
+def test_launch_steps_spot_other_zones_then_the_rest_then_on_demand_in_order():
+    from gpuflow.clusters.relaunch import launch_order, launch_steps
+
+    zones = {"g5.xlarge": ["a", "b", "c"], "g6.xlarge": ["a", "d"]}
+    pools_of = lambda candidate: [(f"subnet-{zone}", zone) for zone in candidate.zones]  # noqa: E731
+    order = launch_order("g5.xlarge", ["g6.xlarge"], zones, spot=True, spot_fallback=True, avoid_zone="a")
+    steps = [(step.market, [(pool.instance_type, pool.availability_zone) for pool in step.pools])
+             for step in launch_steps(order, pools_of, avoid_zone="a")]
+    assert steps == [
+        ("spot", [("g5.xlarge", "b"), ("g5.xlarge", "c")]),
+        ("spot", [("g5.xlarge", "a"), ("g6.xlarge", "d"), ("g6.xlarge", "a")]),
+        ("on-demand", [("g5.xlarge", "b"), ("g5.xlarge", "c"), ("g5.xlarge", "a"), ("g6.xlarge", "d"), ("g6.xlarge", "a")]),
+    ]
+    # An on-demand cluster: one prioritized call, the interrupted zone last; spot without --spot-fallback: no on-demand.
+    on_demand = launch_order("g5.xlarge", [], zones, spot=False, spot_fallback=False, avoid_zone="b")
+    assert [[pool.availability_zone for pool in step.pools] for step in launch_steps(on_demand, pools_of, avoid_zone="b")] == [
+        ["a", "c", "b"]]
+    spot_only = launch_order("g5.xlarge", [], {"g5.xlarge": ["a"]}, spot=True, spot_fallback=False, avoid_zone="a")
+    assert [(step.market, len(step.pools)) for step in launch_steps(spot_only, pools_of, avoid_zone="a")] == [("spot", 1)]
