@@ -161,13 +161,44 @@ class LaunchResult:
     availability_zone: str
     market: str  # "spot" | "on-demand"
     failed_attempts: tuple[str, ...] = ()  # "us-east-1a/spot: InsufficientInstanceCapacity", ...
+    instance_type: str | None = None  # the type launched, where the launch chose it (EC2 Fleet)
+
+
+@dataclass(frozen=True)
+class FleetPool:
+    """One capacity pool an EC2 Fleet may launch in: an instance type in a subnet (its zone)."""
+
+    instance_type: str
+    subnet_id: str
+    availability_zone: str
+
+
+@dataclass(frozen=True)
+class FleetStep:
+    """One EC2 Fleet call: the pools EC2 chooses among (in priority order) and the market."""
+
+    market: str  # "spot" | "on-demand"
+    pools: tuple[FleetPool, ...]
+
+    def __str__(self) -> str:
+        types = list(dict.fromkeys(pool.instance_type for pool in self.pools))
+        zones = list(dict.fromkeys(pool.availability_zone for pool in self.pools))
+        return f"{', '.join(types)} ({self.market}) in {', '.join(zones)}"
+
+
+@dataclass(frozen=True)
+class LaunchTemplateRef:
+    """A launch template gpuflow made for one relaunch (deleted right after its fleet calls)."""
+
+    template_id: str
+    name: str
 
 
 @dataclass(frozen=True)
 class ManagedResource:
     """Something tagged ``gpuflow:managed`` (for reap)."""
 
-    kind: str  # instance | volume | security-group | key-pair | spot-request
+    kind: str  # instance | volume | security-group | key-pair | spot-request | launch-template
     resource_id: str
     cluster: str | None
     created_at: str | None = None
@@ -189,11 +220,14 @@ def managed_resource(
 
 
 __all__ = [
+    "FleetPool",
+    "FleetStep",
     "ImageInfo",
     "InstanceTypeInfo",
     "InstanceView",
     "LaunchRequest",
     "LaunchResult",
+    "LaunchTemplateRef",
     "ManagedResource",
     "Node",
     "managed_resource",

@@ -73,11 +73,7 @@ def _owned_cluster_resources(
     :func:`owner_id`, or the ``up`` ``launch_id`` its record names — and the rest, another
     gpuflow's, as skipped items.  ``any_owner`` takes everything.  A name alone never says
     whose something is: two people may both call a cluster ``ml``."""
-    me = owner_id()
-
-    def mine(owner: str | None, launch: str | None) -> bool:
-        return any_owner or owner == me or (launch_id is not None and launch == launch_id)
-
+    mine = _mine(launch_id, any_owner)
     live: list[Any] = []
     groups: list[str] = []
     keys: list[str] = []
@@ -99,6 +95,36 @@ def _owned_cluster_resources(
                 resource.owner, resource.owner_id,
             ))
     return live, groups, keys, skipped
+
+
+def _mine(launch_id: str | None, any_owner: bool) -> Any:
+    """``mine(owner id tag, launch id tag)``: whether this gpuflow created a resource
+    (its owner id, or the ``up`` ``launch_id`` its record names); all with ``any_owner``."""
+    me = owner_id()
+
+    def mine(owner: str | None, launch: str | None) -> bool:
+        return any_owner or owner == me or (launch_id is not None and launch == launch_id)
+
+    return mine
+
+
+def _owned_launch_templates(
+    provisioner: Provisioner, name: str, *, launch_id: str | None = None, any_owner: bool = False
+) -> tuple[list[Any], list[ReapItem]]:
+    """The launch templates tagged as cluster ``name``'s where ``provisioner`` looks (a relaunch
+    left them when deleting failed), split as :func:`_owned_cluster_resources` splits the rest."""
+    mine = _mine(launch_id, any_owner)
+    owned: list[Any] = []
+    skipped: list[ReapItem] = []
+    for resource in provisioner.find_launch_templates(name):
+        if mine(resource.owner_id, resource.launch_id):
+            owned.append(resource)
+        else:
+            skipped.append(ReapItem(
+                resource.kind, resource.resource_id, provisioner.region, name, OTHER_OWNER_REASON, resource.detail,
+                resource.owner, resource.owner_id,
+            ))
+    return owned, skipped
 
 
 def whose(items: Iterable[Any]) -> str:

@@ -19,6 +19,9 @@ from gpuflow.state import process_alive, validate_name
 # `reap --expired` waits this long past gpuflow:expires-at: the dead-man's switch counts
 # --max-hours from the instance's boot, which comes minutes after the tag's created-at.
 EXPIRY_GRACE = datetime.timedelta(hours=1)
+# A relaunch's launch template lives for its few fleet calls (seconds); one older than this is
+# left over even while its cluster is live (deleting it failed), and is reaped.
+LAUNCH_TEMPLATE_GRACE = datetime.timedelta(minutes=15)
 
 
 def reap(
@@ -36,7 +39,8 @@ def reap(
     """Find everything tagged ``gpuflow:managed`` that no live cluster owns —
     instances of clusters the local state does not know, and the security
     groups, key pairs, unattached volumes and open spot requests of clusters
-    that are gone — and, with ``yes``, delete it.  Without ``yes`` nothing is
+    that are gone, and launch templates a relaunch left (past
+    :data:`LAUNCH_TEMPLATE_GRACE`, even of a live cluster) — and, with ``yes``, delete it.  Without ``yes`` nothing is
     deleted (a dry run).  Scans ``region`` (default: the configured one) and
     the regions of the local clusters; the sandbox cloud instead of AWS where
     the sandbox is in effect (``sandbox``, else the project config).
@@ -94,9 +98,13 @@ def reap(
                 owned.add(name)
         orphans, others = [], []
         for resource in resources:
-            if resource.cluster in owned or resource.cluster in {record.name for record in store.damaged}:
+            if resource.cluster in {record.name for record in store.damaged}:
                 continue  # a damaged record's cluster is left to `gpuflow down NAME` (warned above)
-            if resource.kind == "instance":
+            if resource.cluster in owned and not _stale_launch_template(resource, now):
+                continue
+            if resource.cluster in owned:
+                reason = "a relaunch's launch template left behind"
+            elif resource.kind == "instance":
                 reason = "instance of a cluster gpuflow does not know here"
             elif resource.cluster in live_by_cluster:
                 reason = "belongs to a cluster gpuflow does not know here"
@@ -127,7 +135,7 @@ def reap(
         by_kind: dict[str, list[Any]] = {}
         for resource in orphans:
             by_kind.setdefault(resource.kind, []).append(resource)
-            if resource.cluster:
+            if resource.cluster and resource.kind != "launch-template":  # a live cluster's template: it stays live
                 reaped_clusters.add(resource.cluster)
                 if resource.kind == "key-pair":
                     reaped_key_clusters.add(resource.cluster)
@@ -144,6 +152,9 @@ def reap(
             provisioner.delete_security_group(resource.resource_id)
         for resource in by_kind.get("key-pair", []):
             provisioner.delete_key_pair(resource.resource_id)
+        for resource in by_kind.get("launch-template", []):
+            report(f"{scan_region}: deleting launch template {resource.detail or resource.resource_id}")
+            provisioner.delete_launch_template(resource.resource_id)
     with store.locked():
         for name in sorted(reaped_clusters):
             if not _is_valid_name(name):  # a tag value gpuflow did not write: no local file can match it
@@ -158,6 +169,15 @@ def reap(
     return ReapReport(
         tuple(items), deleted=True, regions=tuple(sorted(regions)), skipped=tuple(skipped), unexpired=tuple(unexpired)
     )
+
+
+def _stale_launch_template(resource: Any, now: datetime.datetime) -> bool:
+    """A launch template past :data:`LAUNCH_TEMPLATE_GRACE` (or with no created-at tag):
+    no relaunch is still using it."""
+    if resource.kind != "launch-template":
+        return False
+    created = _parse_iso(resource.created_at)
+    return created is None or created + LAUNCH_TEMPLATE_GRACE <= now
 
 
 def _is_valid_name(name: str) -> bool:

@@ -5,14 +5,19 @@ interrupted ones are gone, and the others are terminated first, so a relaunched 
 never billed twice nor left half in one zone and half in another.
 
 The replacement is launched in the order a person who trains on spot every day
-would try by hand: the same instance type in the *other* zones first (the
-interrupted zone last: its capacity just went), then each fallback type over
-every zone, then — only with the cluster's ``spot_fallback`` — on-demand over
-types x zones.  Each try is one RunInstances (:meth:`Provisioner.launch`);
-EC2 CreateFleet (type ``instant``, ``price-capacity-optimized``) would choose
-among the same candidates in one call, but it needs a launch template (one
-more resource to create, tag, reap and leak-check) and moto models neither
-capacity nor the strategy, so this module keeps the ordered RunInstances path.
+would try by hand (:func:`launch_order`): the same instance type in the *other*
+zones first (the interrupted zone last: its capacity just went), then each
+fallback type over every zone, then — only with the cluster's ``spot_fallback``
+— on-demand over types x zones.  Those candidates become a few EC2 Fleet calls
+(CreateFleet type ``instant``, :func:`launch_steps`): for spot, one over the same
+type in the other zones, then one over the interrupted zone and every fallback type
+x zone, EC2 choosing by ``price-capacity-optimized``; for on-demand, one over every
+type x zone, EC2 taking them in that order (``prioritized``).  No capacity in a
+call moves on to the next at once.  The fleet launches from a launch template
+with exactly ``up``'s settings (:func:`infra.aws.instance.launch_settings`), made
+for this relaunch, tagged like the cluster's other resources and deleted right
+after its fleet calls, whatever happened (``down`` and ``reap`` delete one a
+failed deletion left).
 
 The new instance carries the cluster's tags with the launch id of its ``up``,
 so ``down`` and ``reap`` find it exactly as they find the first one; the
@@ -26,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass, replace
 
 from gpuflow.clusters.owner import _owner, owner_id
@@ -38,7 +44,7 @@ from gpuflow.errors import CapacityError, ClusterNotFound, GpuflowError
 from gpuflow.provisioner import ProvisionerFactory
 from gpuflow.records import Cluster, Node
 from infra.dlami import DLAMI_SSH_USER
-from infra.records import ImageInfo, LaunchRequest, LaunchResult
+from infra.records import FleetPool, FleetStep, ImageInfo, LaunchRequest, LaunchResult, LaunchTemplateRef
 from infra.tags import TAG_CLUSTER, TAG_CREATED_AT, TAG_EXPIRES_AT, TAG_LAUNCH, TAG_MANAGED, TAG_OWNER, TAG_OWNER_ID
 from infra.userdata import render_user_data
 
@@ -89,6 +95,28 @@ def launch_order(
 
     markets = (["spot", "on-demand"] if spot_fallback else ["spot"]) if spot else ["on-demand"]
     return [Candidate(kind, ordered(kind), market) for market in markets for kind in types if ordered(kind)]
+
+
+def launch_steps(
+    candidates: Sequence[Candidate], pools_of: Callable[[Candidate], Sequence[tuple[str, str]]], *, avoid_zone: str | None
+) -> list[FleetStep]:
+    """The EC2 Fleet calls that try ``candidates`` in their order (see the module's docstring);
+    ``pools_of(candidate)`` is its (subnet id, zone) pairs in its zones' order."""
+    steps: list[FleetStep] = []
+    for market in dict.fromkeys(candidate.market for candidate in candidates):
+        of_market = [candidate for candidate in candidates if candidate.market == market]
+        pools = [
+            FleetPool(candidate.instance_type, subnet_id, zone)
+            for candidate in of_market for subnet_id, zone in pools_of(candidate)
+        ]
+        if market == "spot":  # the same type elsewhere first, then EC2 picks among all the rest
+            first = [pool for pool in pools if pool.instance_type == of_market[0].instance_type
+                     and pool.availability_zone != avoid_zone]
+            groups = [first, [pool for pool in pools if pool not in first]]
+        else:  # prioritized: EC2 takes the pools in this order
+            groups = [pools]
+        steps += [FleetStep(market, tuple(group)) for group in groups if group]
+    return steps
 
 
 def relaunch(
@@ -145,39 +173,53 @@ def relaunch(
         cluster_name=cluster.name, idle_minutes=spec.idle_minutes, max_hours=spec.max_hours, ssh_user=DLAMI_SSH_USER
     )
     vpc_id = provisioner.default_vpc()
-    token_id = f"{launch_id}-relaunch-{uuid.uuid4().hex[:8]}"  # its own idempotency tokens, the up's tag
+    short_id = uuid.uuid4().hex[:8]
+    token_id = f"{launch_id}-relaunch-{short_id}"  # its own idempotency tokens, the up's tag
+    request = LaunchRequest(
+        cluster_name=cluster.name, launch_id=token_id, instance_type=cluster.instance_type, image=image,
+        count=max(1, spec.count), key_name=cluster.key_name, security_group_id=cluster.security_group_id, subnets=(),
+        disk_gb=spec.disk_gb, user_data=user_data, tags=tags, spot=spec.spot,
+        instance_profile_arn=cluster.instance_profile_arn,  # its runs stay durable: the role `up` gave
+    )
+    steps = launch_steps(
+        candidates, lambda candidate: provisioner.launch_subnets(vpc_id, candidate.zones), avoid_zone=avoid_zone
+    )
     failures: list[str] = []
     result: LaunchResult | None = None
-    chosen: Candidate | None = None
-    for candidate in candidates:
-        request = LaunchRequest(
-            cluster_name=cluster.name, launch_id=f"{token_id}-{candidate.instance_type}-{candidate.market}",
-            instance_type=candidate.instance_type, image=image, count=max(1, spec.count), key_name=cluster.key_name,
-            security_group_id=cluster.security_group_id, subnets=provisioner.launch_subnets(vpc_id, candidate.zones),
-            disk_gb=spec.disk_gb, user_data=user_data, tags=tags, spot=candidate.market == "spot",
-            instance_profile_arn=cluster.instance_profile_arn,  # its runs stay durable: the role `up` gave
-        )
-        try:
-            result = provisioner.launch(request, on_attempt=report)
-        except CapacityError as exc:
-            failures.append(exc.message)
-            continue
-        failures.extend(result.failed_attempts)
-        chosen = candidate
-        break
-    if result is None or chosen is None:
+    templates: dict[str, LaunchTemplateRef] = {}
+    try:
+        for step in steps:
+            if step.market not in templates:
+                name = f"gpuflow-{cluster.name}-{short_id}" + ("" if step.market == "spot" else "-od")
+                templates[step.market] = provisioner.create_launch_template(
+                    name, request, step.market, {**tags, TAG_CREATED_AT: _iso(_now())}  # its own age, for reap
+                )
+            try:
+                result = provisioner.launch_fleet(templates[step.market], step, request, on_attempt=report)
+            except CapacityError as exc:
+                failures.append(exc.message)
+                continue
+            failures.extend(result.failed_attempts)
+            break
+    except BaseException:
+        _delete_templates(provisioner, templates.values(), report)
+        raise
+    if result is None:
+        _delete_templates(provisioner, templates.values(), report)
         raise CapacityError(
             f"no capacity to relaunch a node of {cluster.name}: {'; '.join(failures) or 'no zone offers its types'}",
             hint="add --fallback-types, or --spot-fallback to allow on-demand",
         )
+    chosen_type = result.instance_type or cluster.instance_type
     ids = list(result.instance_ids)
     replaced = [*document.get(REPLACED_NODES, []), *(node.to_dict() for node in cluster.nodes)]
     pending = replace(cluster, nodes=tuple(Node(instance_id, "pending") for instance_id in ids))
     _save(store, pending, Phase.UP, launch_id, **{REPLACED_NODES: replaced})
     try:
+        _delete_templates(provisioner, templates.values(), report)  # the node is launched: its template has done
         provisioner.wait_until(ids, "running", on_progress=lambda text: report(f"waiting: {text}"))
         views = provisioner.wait_until(ids, "ok", on_progress=lambda text: report(f"waiting: {text}"))
-        price, _source = _price_per_instance(provisioner, chosen.instance_type, result.market, result.availability_zone)
+        price, _source = _price_per_instance(provisioner, chosen_type, result.market, result.availability_zone)
     except BaseException:
         report(f"relaunch failed: terminating {', '.join(ids)}")
         with contextlib.suppress(GpuflowError):
@@ -185,9 +227,20 @@ def relaunch(
             provisioner.wait_until(ids, "terminated")
         raise
     ready = replace(
-        pending, nodes=tuple(view.to_node() for view in views), price_per_hour=price, instance_type=chosen.instance_type
+        pending, nodes=tuple(view.to_node() for view in views), price_per_hour=price, instance_type=chosen_type
     )
     _save(store, ready, Phase.UP, launch_id, **{REPLACED_NODES: replaced})
     return Replacement(
-        ready, ids[0], chosen.instance_type, result.availability_zone, result.market, price, tuple(failures)
+        ready, ids[0], chosen_type, result.availability_zone, result.market, price, tuple(failures)
     )
+
+
+def _delete_templates(provisioner: Any, templates: Iterable[LaunchTemplateRef], report: Progress) -> None:
+    """Delete this relaunch's launch templates; one that cannot be is reported, never fatal:
+    its tags let ``down`` and ``reap`` delete it later."""
+    for template in templates:
+        try:
+            provisioner.delete_launch_template(template.template_id)
+        except GpuflowError as exc:
+            report(f"could not delete launch template {template.name} ({exc.message}); "
+                   "`gpuflow down` or `gpuflow reap` deletes it")

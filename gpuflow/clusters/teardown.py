@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from pathlib import Path
-from gpuflow.clusters.owner import _owned_cluster_resources, whose
+from gpuflow.clusters.owner import _owned_cluster_resources, _owned_launch_templates, whose
 from gpuflow.clusters.record import (
     Phase,
     _iso,
@@ -161,6 +161,10 @@ def down(
         provisioner.delete_key_pair(key_name)
     if cluster.key_created or key_names:
         key_file_path(cluster_name).unlink(missing_ok=True)
+    templates, _others = _owned_launch_templates(provisioner, cluster_name, launch_id=scope_launch_id, any_owner=any_owner)
+    for template in templates:  # a relaunch's, left when deleting it failed
+        report(f"deleting launch template {template.detail or template.resource_id}")
+        provisioner.delete_launch_template(template.resource_id)
 
     run_seconds, cost = _run_time_and_cost(cluster, before, final_views)
     with store.locked():

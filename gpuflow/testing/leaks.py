@@ -2,7 +2,7 @@
 
 The fake cloud and the gpuflow home belong to one test, so *everything* in
 them is the test's: every instance not terminated, every security group but
-the default one, every key pair, every open spot request, every sandbox
+the default one, every key pair, every launch template, every open spot request, every sandbox
 instance directory, every process running a job of this home's sandbox, and
 a detached sandbox server started with this home.
 """
@@ -29,6 +29,7 @@ class LeakKind(enum.Enum):
     SPOT_REQUEST = "spot request"
     SECURITY_GROUP = "security group"
     KEY_PAIR = "key pair"
+    LAUNCH_TEMPLATE = "launch template"
     SANDBOX_DIRECTORY = "sandbox directory"
     JOB_PROCESS = "job process"
     SANDBOX_SERVER = "sandbox server"
@@ -73,6 +74,9 @@ def cloud_leftovers(client: Callable[[str, str], Any], regions: Iterable[str]) -
             found.append(Leftover(LeakKind.SECURITY_GROUP, group["GroupId"], f"{group.get('GroupName')}, {region}", region))
         for pair in ec2.describe_key_pairs()["KeyPairs"]:
             found.append(Leftover(LeakKind.KEY_PAIR, pair["KeyName"], region, region))
+        for template in ec2.describe_launch_templates()["LaunchTemplates"]:
+            found.append(Leftover(LeakKind.LAUNCH_TEMPLATE, template["LaunchTemplateId"],
+                                  f"{template.get('LaunchTemplateName')}, {region}", region))
     return found
 
 
@@ -97,6 +101,8 @@ def remove_cloud_leftovers(client: Callable[[str, str], Any], leftovers: Iterabl
         attempt(item, lambda ec2, i=item: ec2.delete_security_group(GroupId=i.identifier))
     for item in by_kind.get(LeakKind.KEY_PAIR, []):
         attempt(item, lambda ec2, i=item: ec2.delete_key_pair(KeyName=i.identifier))
+    for item in by_kind.get(LeakKind.LAUNCH_TEMPLATE, []):
+        attempt(item, lambda ec2, i=item: ec2.delete_launch_template(LaunchTemplateId=i.identifier))
     return failures
 
 

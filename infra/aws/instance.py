@@ -56,6 +56,43 @@ def client_token(cluster_name: str, launch_id: str, attempt: int | str) -> str:
     return f"gpuflow-{digest[:40]}"
 
 
+def launch_settings(request: LaunchRequest) -> dict[str, Any]:
+    """The settings every gpuflow instance is launched with, whichever way it is launched
+    (RunInstances here, a launch template for EC2 Fleet in :mod:`infra.aws.fleet`): the AMI,
+    key pair, security group, dead-man's switch user data (plain text: RunInstances'
+    client encodes it), terminate on shutdown, IMDSv2 only with hop limit 1, an encrypted
+    gp3 root volume deleted with the instance, the tags on instance and volume, and the
+    instance profile when the request has one.  Neither the type, the subnet, the count
+    nor the market: those are the launch's choice."""
+    resource_tags = tag_list(request.tags)
+    settings: dict[str, Any] = {
+        "ImageId": request.image.image_id,
+        "KeyName": request.key_name,
+        "SecurityGroupIds": [request.security_group_id],
+        "UserData": request.user_data,
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": request.image.root_device_name,
+                "Ebs": {
+                    "VolumeSize": request.disk_gb,
+                    "VolumeType": "gp3",
+                    "Encrypted": True,
+                    "DeleteOnTermination": True,
+                },
+            }
+        ],
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": resource_tags + [{"Key": "Name", "Value": f"gpuflow-{request.cluster_name}"}]},
+            {"ResourceType": "volume", "Tags": resource_tags},
+        ],
+    }
+    if request.instance_profile_arn:
+        settings["IamInstanceProfile"] = {"Arn": request.instance_profile_arn}
+    return settings
+
+
 class Instances:
     """Instance operations of one region; waits poll every ``poll_seconds``
     up to ``timeout_seconds`` on ``_clock`` (injectable: tests never wait)."""
@@ -112,44 +149,20 @@ class Instances:
                 waits += 1
 
     def _run_params(self, request: LaunchRequest, subnet_id: str, market: str, attempt: int | str) -> dict[str, Any]:
-        resource_tags = tag_list(request.tags)
-        tag_specifications = [
-            {"ResourceType": "instance", "Tags": resource_tags + [{"Key": "Name", "Value": f"gpuflow-{request.cluster_name}"}]},
-            {"ResourceType": "volume", "Tags": resource_tags},
-        ]
-        params: dict[str, Any] = {
-            "ImageId": request.image.image_id,
+        params = launch_settings(request)
+        params.update({
             "InstanceType": request.instance_type,
             "MinCount": request.count,
             "MaxCount": request.count,
-            "KeyName": request.key_name,
             "SubnetId": subnet_id,
-            "SecurityGroupIds": [request.security_group_id],
-            "UserData": request.user_data,
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
-            "BlockDeviceMappings": [
-                {
-                    "DeviceName": request.image.root_device_name,
-                    "Ebs": {
-                        "VolumeSize": request.disk_gb,
-                        "VolumeType": "gp3",
-                        "Encrypted": True,
-                        "DeleteOnTermination": True,
-                    },
-                }
-            ],
-            "TagSpecifications": tag_specifications,
             "ClientToken": client_token(request.cluster_name, request.launch_id, attempt),
-        }
-        if request.instance_profile_arn:
-            params["IamInstanceProfile"] = {"Arn": request.instance_profile_arn}
+        })
         if market == "spot":
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
                 "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
             }
-            tag_specifications.append({"ResourceType": "spot-instances-request", "Tags": resource_tags})
+            params["TagSpecifications"].append({"ResourceType": "spot-instances-request", "Tags": tag_list(request.tags)})
         return params
 
     def describe_instances(self, instance_ids: Sequence[str]) -> list[InstanceView]:
@@ -313,4 +326,7 @@ class Instances:
                 raise
 
 
-__all__ = ["GONE_STATES", "LATEST_CONSOLE_REFUSED_CODES", "LIVE_STATES", "Instances", "ProgressCallback", "client_token"]
+__all__ = [
+    "GONE_STATES", "LATEST_CONSOLE_REFUSED_CODES", "LIVE_STATES", "Instances", "ProgressCallback", "client_token",
+    "launch_settings",
+]

@@ -7,7 +7,7 @@ call goes through :class:`~infra.aws.client.AwsApi` (retries, one-line errors).
 Its parts, like SkyPilot's ``sky/provision/aws``: :mod:`infra.aws.config`
 (key pairs, security groups, subnets, the spot role), :mod:`infra.aws.image`
 (AMI and instance type), :mod:`infra.aws.instance` (launch, describe, wait,
-terminate, console, prices), :mod:`infra.aws.stack` (the account stack of durable runs); what ``reap`` lists spans them all, so it is here.
+terminate, console, prices), :mod:`infra.aws.fleet` (EC2 Fleet launches, launch templates), :mod:`infra.aws.stack` (the account stack of durable runs); what ``reap`` lists spans them all, so it is here.
 
 Everything gpuflow creates carries the tags of :mod:`infra.tags`: AWS tags are
 the source of truth, so ``down`` and ``reap`` can find what a crashed or
@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from infra.aws.client import AwsApi
 from infra.aws.config import AccountSetup
+from infra.aws.fleet import Fleets
 from infra.aws.image import Images
 from infra.aws.instance import Instances
 from infra.aws.stack import AccountStacks
@@ -27,7 +28,7 @@ from infra.records import ManagedResource, managed_resource
 from infra.tags import TAG_MANAGED, tag_dict
 
 
-class Ec2Provisioner(AccountSetup, Images, Instances, AccountStacks):
+class Ec2Provisioner(AccountSetup, Images, Instances, Fleets, AccountStacks):
     """EC2 operations for one region.  ``sleep``, ``poll_seconds`` and
     ``timeout_seconds`` are injectable so tests never wait."""
 
@@ -70,6 +71,7 @@ class Ec2Provisioner(AccountSetup, Images, Instances, AccountStacks):
             resources.append(resource("security-group", group["GroupId"], tag_dict(group.get("Tags")), None, group.get("GroupName")))
         for key_pair in self.api.call("ec2", "describe_key_pairs", Filters=managed).get("KeyPairs", []):
             resources.append(resource("key-pair", key_pair["KeyName"], tag_dict(key_pair.get("Tags"))))
+        resources += self.find_launch_templates()  # a relaunch's, left when deleting it failed
         return resources
 
 

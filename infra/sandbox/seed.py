@@ -140,10 +140,11 @@ def _in_process_sandbox(regions: tuple[str, ...]) -> Iterator[dict[str, str]]:
         from moto.core import models as moto_models
 
         from infra.aws.client import in_process_mock
+        from infra.sandbox.fleet import faithful_instant_fleets
 
         seeder = RegionSeeder(seed_deep_learning_ami)
         stubber = getattr(moto_models, "botocore_stubber", None)
-        with in_process_mock(), seeded_spot_price_history():
+        with in_process_mock(), seeded_spot_price_history(), faithful_instant_fleets():
             amis = {region: seeder.seed(region) for region in regions}
             if stubber is None or not hasattr(stubber, "process_request"):  # pragma: no cover - other moto versions
                 yield amis

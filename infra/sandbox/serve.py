@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.common import atomic_write_json
+from infra.sandbox.fleet import faithful_instant_fleets
 from infra.sandbox.seed import DEFAULT_SANDBOX_REGION, RegionSeeder, seed_deep_learning_ami, seeded_spot_price_history
 from infra.sandbox.server import (
     DEFAULT_IDLE_SECONDS,
@@ -189,7 +190,7 @@ def serve(
             Path(directory).parent, discard_by_command(discard_command), endpoint_url=f"http://{LOOPBACK}:{actual_port}"
         )
     try:
-        with seeded_spot_price_history():
+        with seeded_spot_price_history(), faithful_instant_fleets():
             if keeper is not None:
                 keeper.start()
             server.serve_forever()

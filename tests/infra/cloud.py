@@ -65,8 +65,10 @@ def cloud(monkeypatch) -> Iterator[Any]:
 
     from infra.aws.client import in_process_mock
     from infra.sandbox import seed_deep_learning_ami
+    from infra.sandbox.fleet import faithful_instant_fleets
 
-    with in_process_mock():  # moto's mock, as gpuflow's own: sandbox clusters use it too
+    # moto's mock, as gpuflow's own: sandbox clusters use it too (its instant fleets launch as EC2's do)
+    with in_process_mock(), faithful_instant_fleets():
         seed_deep_learning_ami(REGION)
         create_spot_role()  # an account that has used spot before (tests of a missing role delete it)
         yield boto3.client("ec2", region_name=REGION)
@@ -200,6 +202,8 @@ def leftovers(ec2: Any, home: Path, name: str | None = None) -> dict[str, list[s
     ]
     groups = [group["GroupId"] for group in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]]
     keys = [key["KeyName"] for key in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]]
+    templates = [template["LaunchTemplateId"]
+                 for template in ec2.describe_launch_templates(Filters=filters)["LaunchTemplates"]]
     volumes = [
         volume["VolumeId"]
         for volume in ec2.describe_volumes(Filters=filters)["Volumes"]
@@ -218,6 +222,7 @@ def leftovers(ec2: Any, home: Path, name: str | None = None) -> dict[str, list[s
         "instances": instances,
         "security_groups": groups,
         "key_pairs": keys,
+        "launch_templates": templates,
         "volumes": volumes,
         "state": states,
         "key_files": key_files,

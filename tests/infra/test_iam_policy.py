@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from gpuflow import clusters
+from gpuflow.clusters.relaunch import relaunch
 from tests.infra.cloud import (
     POLICY_PATH,
     leftovers,
@@ -59,6 +60,7 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
     clusters.console_output(spot, spot.head.instance_id, provisioner_factory=provisioners)
     clusters.instance_state(spot, spot.head.instance_id, provisioner_factory=provisioners)
     clusters.up(make_spec("iam-spot"), provisioner_factory=provisioners)  # already up
+    relaunch("iam-spot", avoid_zone=spot.head.availability_zone, provisioner_factory=provisioners)  # run --recover's
     clusters.down("iam-spot", provisioner_factory=provisioners)
 
     orphan = clusters.up(make_spec("iam-orphan"), provisioner_factory=provisioners)
@@ -73,7 +75,8 @@ def test_every_operation_of_the_lifecycle_is_allowed(cloud, provisioners, api_ca
     made = set(api_calls.gpuflow_calls)
     for expected in ("RunInstances", "TerminateInstances", "CreateSecurityGroup", "DeleteSecurityGroup",
                      "AuthorizeSecurityGroupIngress", "CreateKeyPair", "DeleteKeyPair", "GetConsoleOutput",
-                     "DescribeSpotPriceHistory", "DescribeVolumes", "DescribeSpotInstanceRequests"):
+                     "DescribeSpotPriceHistory", "DescribeVolumes", "DescribeSpotInstanceRequests",
+                     "CreateFleet", "CreateLaunchTemplate", "DeleteLaunchTemplate", "DescribeLaunchTemplates"):
         assert ("ec2", expected) in made
     assert ("ssm", "GetParametersByPath") in made
     assert ("iam", "GetRole") in made  # --spot checks the service-linked role

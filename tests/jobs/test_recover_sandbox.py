@@ -135,10 +135,10 @@ def test_relaunch_falls_back_to_other_types_then_on_demand(recover_project, gpuf
     from gpuflow.clusters.relaunch import relaunch
     from gpuflow.errors import CapacityError
 
-    tried: list[tuple[str, str, tuple]] = []
+    tried: list[tuple[tuple[str, ...], str, tuple]] = []
 
     class NoSpotCapacity:
-        """The sandbox's provisioner, whose spot launches find no capacity (moto never lacks any)."""
+        """The sandbox's provisioner, whose spot fleets find no capacity (moto never lacks any)."""
 
         def __init__(self, inner):
             self.inner = inner
@@ -146,12 +146,12 @@ def test_relaunch_falls_back_to_other_types_then_on_demand(recover_project, gpuf
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def launch(self, request, *, on_attempt=None):
-            tried.append((request.instance_type, "spot" if request.spot else "on-demand",
-                          tuple(zone for _subnet, zone in request.subnets)))
-            if request.spot:
-                raise CapacityError(f"no spot capacity for {request.instance_type}")
-            return self.inner.launch(request, on_attempt=on_attempt)
+        def launch_fleet(self, template, step, request, *, on_attempt=None):
+            tried.append((tuple(dict.fromkeys(pool.instance_type for pool in step.pools)), step.market,
+                          tuple(pool.availability_zone for pool in step.pools)))
+            if step.market == "spot":
+                raise CapacityError(f"no spot capacity for {step}")
+            return self.inner.launch_fleet(template, step, request, on_attempt=on_attempt)
 
     def factory(region, *, profile=None, sandbox=False):
         return NoSpotCapacity(open_provisioner(region, profile=profile, sandbox=sandbox))
@@ -163,9 +163,10 @@ def test_relaunch_falls_back_to_other_types_then_on_demand(recover_project, gpuf
         try:
             zone = first.nodes[0].availability_zone
             replacement = relaunch("fbox", fallback_types=("g4dn.xlarge",), avoid_zone=zone, provisioner_factory=factory)
-            assert [(kind, market) for kind, market, _zones in tried] == [
-                ("g5.xlarge", "spot"), ("g4dn.xlarge", "spot"), ("g5.xlarge", "on-demand")]
-            assert tried[0][2][-1] == zone and tried[0][2][0] != zone  # the interrupted zone last
+            assert [(kinds, market) for kinds, market, _zones in tried] == [  # one EC2 Fleet call per step
+                (("g5.xlarge",), "spot"), (("g5.xlarge", "g4dn.xlarge"), "spot"),
+                (("g5.xlarge", "g4dn.xlarge"), "on-demand")]
+            assert zone not in tried[0][2] and zone in tried[1][2]  # the interrupted zone after the others
             assert (replacement.instance_type, replacement.market) == ("g5.xlarge", "on-demand")
             cluster = clusters.get_cluster("fbox")
             assert [node.instance_id for node in cluster.nodes] == [replacement.instance_id]
