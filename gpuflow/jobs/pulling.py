@@ -9,7 +9,7 @@ import os
 import stat
 from collections.abc import Collection, Sequence
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import NotFound, RemoteCommandFailed, UnsafePath
@@ -63,39 +63,34 @@ class _Destinations:
         self._root = local_root
         self._safe_parents: dict[str, bool] = {}
 
-    def __call__(self, relative: str) -> Path | None:
+    def lookup(self, relative: str) -> tuple[Path | None, bool]:
+        """The destination (None: it would escape) and whether a regular file is there
+        now (not through a link at its own name) -- one ``lstat`` for both."""
         destination = _safe_destination_lexically(self._root, relative)
         if destination is None:
-            return None
+            return None, False
         parent = relative.rpartition("/")[0]
         safe = self._safe_parents.get(parent)
         if safe is None:
             safe = not parent or _safe_destination(self._root, parent) is not None
             self._safe_parents[parent] = safe
         if not safe:
-            return None
-        if destination.is_symlink():
-            return _safe_destination(self._root, relative)
-        return destination
-
-
-def _plain_file(path: Path | None) -> bool:
-    """Whether ``path`` is a regular file (not through a link at its own name)."""
-    if path is None:
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+            return None, False
+        try:
+            mode = os.lstat(destination).st_mode
+        except OSError:
+            return destination, False
+        if stat.S_ISLNK(mode):
+            return _safe_destination(self._root, relative), False
+        return destination, stat.S_ISREG(mode)
 
 
 def _safe_destination_lexically(local_root: Path, relative: str) -> Path | None:
     if not relative or "\x00" in relative or "\\" in relative:
         return None
-    posix = PurePosixPath(relative)
-    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
+    if relative.startswith("/") or any(part in ("..", ".", "") for part in relative.split("/")):
         return None
-    return local_root.joinpath(*posix.parts)
+    return local_root / relative  # plain components only: the same path, parsed once
 
 
 def list_remote_tree(
@@ -165,8 +160,9 @@ def pull_files(
     safe_destination = _Destinations(local_dir)
     # Each entry's local destination, decided once; and which of them a local file is there for.
     planned = [(entry, str(entry.get("path", ""))) for entry in entries]
-    destinations = [safe_destination(relative) for _entry, relative in planned]
-    held = [_plain_file(destination) for destination in destinations]
+    looked_up = [safe_destination.lookup(relative) for _entry, relative in planned]
+    destinations = [destination for destination, _here in looked_up]
+    held = [here for _destination, here in looked_up]
     # The instance hashes only the files a local copy is there for (is it the same?); every
     # other file is hashed by the streamer as it reads it, and here as it lands.
     unhashed = [
@@ -178,7 +174,7 @@ def pull_files(
         for entry, relative in planned:
             if relative in hashes and entry.get("kind") == "file" and "sha256" not in entry:
                 entry["sha256"] = hashes[relative]
-    wanted: dict[str, tuple[Path, dict, int]] = {}  # relative -> (destination, listing entry, size)
+    wanted: dict[str, tuple[Path, str, dict, int]] = {}  # relative -> (destination, temporary, entry, size)
     items: list[tuple[str, str]] = []  # (relative, local temporary path) for the one stream
     made: set[Path] = set()
     for (entry, relative), destination, here in zip(planned, destinations, held):
@@ -201,14 +197,13 @@ def pull_files(
             continue
         # Beside its destination (so the same checked directory); the runner replaces,
         # never follows, anything already at that name.
-        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
-        wanted[relative] = (destination, entry, int(entry.get("size", 0)))
-        items.append((relative, str(temporary)))
+        temporary = os.path.join(os.path.dirname(destination), f".{destination.name}.gpuflow-part")
+        wanted[relative] = (destination, temporary, entry, int(entry.get("size", 0)))
+        items.append((relative, temporary))
     try:
         # One stream for all of them (over SSH: one channel, hashed as the bytes land).
         for fetched_file in runner.fetch_files(remote_dir, items):
-            destination, entry, size = wanted[fetched_file.relative]
-            temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+            destination, temporary, entry, size = wanted[fetched_file.relative]
             # Verified against the listing's sha256 when it has one (the file must not have
             # changed since), else against the hash the streamer took of the bytes it read.
             expected = entry.get("sha256", fetched_file.sha256)

@@ -27,7 +27,6 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
 from dataclasses import dataclass
 
 STREAMER_PY = r"""
@@ -41,6 +40,7 @@ FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 def refuse(reason):
     data = reason.encode("utf-8", "replace")[:4000]
     out.write(b"E" + struct.pack(">H", len(data)) + data)
+held_parent, held_fd = None, None  # the last file's directory, kept open: files come grouped by directory
 for name in sys.stdin.buffer.read().split(b"\0"):
     if not name:
         continue
@@ -48,19 +48,29 @@ for name in sys.stdin.buffer.read().split(b"\0"):
     if any(part in (b"", b".", b"..") for part in parts):
         refuse("not a plain relative path")
         continue
-    opened = []
+    parent = b"/".join(parts[:-1])
     try:
-        directory = root_fd
-        for part in parts[:-1]:
-            directory = os.open(part, DIRECTORY, dir_fd=directory)
-            opened.append(directory)
-        descriptor = os.open(parts[-1], FILE, dir_fd=directory)
+        if parent != held_parent:
+            if held_fd is not None:
+                os.close(held_fd)
+            held_parent, held_fd = None, None
+            directory = root_fd
+            try:
+                for part in parts[:-1]:
+                    opened = os.open(part, DIRECTORY, dir_fd=directory)
+                    if directory != root_fd:
+                        os.close(directory)
+                    directory = opened
+            except BaseException:
+                if directory != root_fd:
+                    os.close(directory)
+                raise
+            if directory != root_fd:
+                held_parent, held_fd = parent, directory
+        descriptor = os.open(parts[-1], FILE, dir_fd=held_fd if held_fd is not None else root_fd)
     except OSError as exc:
         refuse(exc.strerror or str(exc))
         continue
-    finally:
-        for number in opened:
-            os.close(number)
     with open(descriptor, "rb", buffering=0) as handle:
         before = os.fstat(descriptor)
         if not stat.S_ISREG(before.st_mode):
@@ -137,14 +147,23 @@ class _Frames:
         return data
 
 
-def _create(path: str) -> BinaryIO:
-    """``path`` created anew for writing: whatever was at that name (a stale part, a
-    planted link) is removed first, never written through."""
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create(path: str) -> int:
+    """A descriptor of ``path`` created anew for writing (mode 0o666 less the umask, as
+    ``open``): whatever was at that name (a stale part, a planted link) is removed
+    first, never written through (``O_EXCL`` refuses to follow a link there)."""
     try:
-        return open(path, "xb")
+        return os.open(path, _CREATE, 0o666)
     except FileExistsError:
         os.unlink(path)
-        return open(path, "xb")
+        return os.open(path, _CREATE, 0o666)
+
+
+def _write_all(descriptor: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(descriptor, data) :]
 
 
 def request(relatives: Sequence[str]) -> bytes:
@@ -169,10 +188,13 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
         (size,) = struct.unpack(">Q", frames.exact(8))
         digest = hashlib.sha256()
         try:
-            with _create(temporary) as handle:  # exclusive: never through a planted link
-                for piece in frames.chunks(size):
+            descriptor = _create(temporary)  # exclusive: never through a planted link
+            try:
+                for piece in frames.chunks(size):  # hashed as it lands, no copy
                     digest.update(piece)
-                    handle.write(piece)
+                    _write_all(descriptor, piece)
+            finally:
+                os.close(descriptor)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
