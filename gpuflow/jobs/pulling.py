@@ -7,7 +7,7 @@ import datetime
 import json
 import os
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from gpuflow.jobs.records import (
 from gpuflow.jobs.rundir import ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
+from gpuflow.transport.filestream import PullStream, StreamsPulls
 
 
 class RunDirectoryGone(NotFound):
@@ -138,6 +139,7 @@ def pull_files(
     entries: list[dict] | None = None,
     previous: PulledCopy | None = None,
     raise_refused: bool = True,
+    stream: PullStream | None = None,
 ) -> PullReport:
     """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
 
@@ -148,10 +150,21 @@ def pull_files(
     while it is being pulled (a checkpoint) is skipped and reported.  A local
     file that already has the remote one's bytes, or is what the ``previous``
     pull made of it (the completed manifest), is not fetched again.
+
+    ``stream`` (a runner's :meth:`pull_session`) carries the hashes and the files in
+    the remote process that listed ``entries``; without it, a runner that can
+    (:class:`StreamsPulls`) lists and pulls in one such process, others use
+    separate commands.
     """
+    if entries is None and stream is None and isinstance(runner, StreamsPulls):
+        with runner.pull_session(remote_dir, PULLED_NAMES) as opened:
+            return pull_files(
+                runner, remote_dir, local_dir, say=say, entries=opened.listing, previous=previous,
+                raise_refused=raise_refused, stream=opened,
+            )
     local_dir.mkdir(parents=True, exist_ok=True)
     if entries is None:
-        entries = list_remote_tree(runner, remote_dir)
+        entries = stream.listing if stream is not None else list_remote_tree(runner, remote_dir)
     refused: list[str] = []
     fetched: list[str] = []
     unchanged: list[str] = []
@@ -170,7 +183,7 @@ def pull_files(
         if here and entry.get("kind") == "file" and "sha256" not in entry
     ]
     if unhashed:
-        hashes = _remote_hashes(runner, remote_dir, unhashed)
+        hashes = stream.hashes(unhashed) if stream is not None else _remote_hashes(runner, remote_dir, unhashed)
         for entry, relative in planned:
             if relative in hashes and entry.get("kind") == "file" and "sha256" not in entry:
                 entry["sha256"] = hashes[relative]
@@ -202,7 +215,7 @@ def pull_files(
         items.append((relative, temporary))
     try:
         # One stream for all of them (over SSH: one channel, hashed as the bytes land).
-        for fetched_file in runner.fetch_files(remote_dir, items):
+        for fetched_file in stream.fetch(items) if stream is not None else runner.fetch_files(remote_dir, items):
             destination, temporary, entry, size = wanted[fetched_file.relative]
             # Verified against the listing's sha256 when it has one (the file must not have
             # changed since), else against the hash the streamer took of the bytes it read.
@@ -348,6 +361,16 @@ def _record_outcome(
     return record
 
 
+@contextlib.contextmanager
+def _stream_for(runner: CommandRunner, remote_dir: str, names: Sequence[str]) -> Iterator[PullStream | None]:
+    """The runner's one-process pull (:class:`StreamsPulls`), or None: separate commands."""
+    if isinstance(runner, StreamsPulls):
+        with runner.pull_session(remote_dir, names) as stream:
+            yield stream
+    else:
+        yield None
+
+
 def pull_run(
     record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = quiet
 ) -> tuple[RunRecord, PullReport]:
@@ -360,26 +383,31 @@ def pull_run(
     local_dir = Path(record.local_dir)
     exit_code = read_exit_code(runner, record.remote_dir)
     # One listing serves both: the files to pull, and the job's start and end times
-    # (job.pid's and exit_code's mtimes, both on the instance's clock).
-    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
-    if not listing:  # not even the manifest written at start: the run directory is gone
-        raise RunDirectoryGone(f"its run directory is gone from cluster {record.cluster}")
-    job_started_at = _instance_time(listing, PID_NAME)
-    ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
-    environment = _read_environment(runner, record.remote_dir)
-    if exit_code is not None:
-        record = _record_outcome(
-            record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
-            environment=environment, home=home, runner=runner,
-        )
-    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
-    try:
-        report = pull_files(
-            runner, record.remote_dir, local_dir, say=say, entries=entries, previous=record.pulled,
-            raise_refused=False,
-        )
-    finally:  # also when the pull broke off: the manifest pulled with the other files is completed
-        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
+    # (job.pid's and exit_code's mtimes, both on the instance's clock); over SSH it comes
+    # from the one remote process that then sends the hashes and the files.
+    with _stream_for(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME)) as stream:
+        if stream is not None:
+            listing = stream.listing
+        else:
+            listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
+        if not listing:  # not even the manifest written at start: the run directory is gone
+            raise RunDirectoryGone(f"its run directory is gone from cluster {record.cluster}")
+        job_started_at = _instance_time(listing, PID_NAME)
+        ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
+        environment = _read_environment(runner, record.remote_dir)
+        if exit_code is not None:
+            record = _record_outcome(
+                record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
+                environment=environment, home=home, runner=runner,
+            )
+        entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
+        try:
+            report = pull_files(
+                runner, record.remote_dir, local_dir, say=say, entries=entries, previous=record.pulled,
+                raise_refused=False, stream=stream,
+            )
+        finally:  # also when the pull broke off: the manifest pulled with the other files is completed
+            _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
     # What is here now, and whether it is all the run has: a repeated pull, and `logs` or
     # `pull` once the cluster is gone, go by it.
     record = replace(record, pulled=copy_after_pull(entries, report, local_dir, job_ended=exit_code is not None))

@@ -264,7 +264,39 @@ class SSHRunner:
         items = list(items)
         if not items:
             return
-        command = quote_argv([self._python, "-c", filestream.STREAMER_PY, remote_dir])
+        channel = self._start_streamer([remote_dir])
+        try:
+            threading.Thread(
+                target=_feed_stdin, args=(channel, filestream.request([relative for relative, _ in items])), daemon=True
+            ).start()
+            with self._stream_errors(channel):
+                yield from filestream.receive(channel.recv, items)
+            if channel.recv_exit_status() != 0:
+                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    @contextlib.contextmanager
+    def pull_session(self, remote_dir: str, names: Sequence[str]) -> Iterator[_PullSession]:
+        """One streamer for a whole pull (:class:`filestream.Session`): the listing of
+        ``names`` under ``remote_dir``, the hashes and the files, on one channel and
+        one remote process.  Errors as :meth:`fetch_files`."""
+        channel = self._start_streamer([remote_dir, "--session", *names])
+        try:
+            session = _PullSession(self, channel)
+            yield session
+            with contextlib.suppress(Exception):
+                channel.shutdown_write()  # the streamer's end of input: it exits
+            if channel.recv_exit_status() != 0:
+                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    def _start_streamer(self, arguments: Sequence[str]) -> Any:
+        """A channel running :data:`filestream.STREAMER_PY` with ``arguments``."""
+        command = quote_argv([self._python, "-c", filestream.STREAMER_PY, *arguments])
 
         def start(client: Any) -> Any:
             transport = client.get_transport()
@@ -280,33 +312,30 @@ class SSHRunner:
             return channel
 
         channel = self._with_reconnect(start, what="stream files")  # read-only: safe to repeat
+        channel.settimeout(_STREAM_IDLE_SECONDS)
+        return channel
+
+    @contextlib.contextmanager
+    def _stream_errors(self, channel: Any) -> Iterator[None]:
+        """A broken stream as :class:`RemoteCommandFailed` when the streamer failed (the
+        link is fine), else as :class:`ConnectionLost` (the connection is dropped)."""
         try:
-            channel.settimeout(_STREAM_IDLE_SECONDS)
-            threading.Thread(
-                target=_feed_stdin, args=(channel, filestream.request([relative for relative, _ in items])), daemon=True
-            ).start()
-            try:
-                yield from filestream.receive(channel.recv, items)
-            except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
-                if (
-                    channel.get_transport().is_active()
-                    and channel.status_event.wait(1)
-                    and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
-                ):
-                    raise RemoteCommandFailed(
-                        f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
-                    ) from exc
-                with self._lock:
-                    self._drop_connection()
-                raise ConnectionLost(
-                    f"the SSH connection to {self._where} dropped while pulling files ({_describe(exc)})",
-                    hint="pull again: the files already pulled are kept",
+            yield
+        except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
+            if (
+                channel.get_transport().is_active()
+                and channel.status_event.wait(1)
+                and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
+            ):
+                raise RemoteCommandFailed(
+                    f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
                 ) from exc
-            if channel.recv_exit_status() != 0:
-                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
+            with self._lock:
+                self._drop_connection()
+            raise ConnectionLost(
+                f"the SSH connection to {self._where} dropped while pulling files ({_describe(exc)})",
+                hint="pull again: the files already pulled are kept",
+            ) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -637,6 +666,25 @@ def _quiet_paramiko_logging() -> None:
     logger = logging.getLogger("paramiko")
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())
+
+
+class _PullSession:
+    """:class:`filestream.Session` on an SSH channel, its stream errors told apart
+    (:meth:`SSHRunner._stream_errors`)."""
+
+    def __init__(self, runner: SSHRunner, channel: Any) -> None:
+        self._errors = lambda: runner._stream_errors(channel)
+        with self._errors():
+            self._session = filestream.Session(channel.sendall, channel.recv)
+        self.listing = self._session.listing
+
+    def hashes(self, relatives: Sequence[str]) -> dict[str, str]:
+        with self._errors():
+            return self._session.hashes(relatives)
+
+    def fetch(self, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        with self._errors():
+            yield from self._session.fetch(items)
 
 
 def _feed_stdin(channel: Any, data: bytes) -> None:
