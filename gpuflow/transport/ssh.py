@@ -296,7 +296,9 @@ class SSHRunner:
 
     def _start_streamer(self, arguments: Sequence[str]) -> Any:
         """A channel running :data:`filestream.STREAMER_PY` with ``arguments``."""
-        command = quote_argv([self._python, "-c", filestream.STREAMER_PY, *arguments])
+        # -I -S: the streamer needs only the standard library; no site-packages' .pth files
+        # to run at start-up (often most of a Python's start), no PYTHON* variables.
+        command = quote_argv([self._python, "-I", "-S", "-c", filestream.STREAMER_PY, *arguments])
 
         def start(client: Any) -> Any:
             transport = client.get_transport()
