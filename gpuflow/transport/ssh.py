@@ -68,6 +68,8 @@ _READ_CHUNK = 1 << 16
 _EOF_GRACE_SECONDS = 2.0
 # A file stream that delivers nothing for this long is taken for a dead connection.
 _STREAM_IDLE_SECONDS = 300.0
+_STREAM_WINDOW = 64 << 20  # a file stream's channel window and largest packet (see _start_streamer)
+_STREAM_PACKET = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,12 @@ class SSHRunner:
             transport = client.get_transport()
             if transport is None or not transport.is_active():
                 raise EOFError("SSH transport is not active")
-            channel = transport.open_session(timeout=self.connect_timeout)
+            # Large packets and window: fewer packets to decrypt and check in Python per byte,
+            # no stall on window adjusts (a bare 200 MB read 10-27% faster, load 14-15); at most
+            # the window (64 MiB) is buffered here.
+            channel = transport.open_session(
+                window_size=_STREAM_WINDOW, max_packet_size=_STREAM_PACKET, timeout=self.connect_timeout
+            )
             try:
                 channel.exec_command(command)
             except BaseException:
