@@ -9,8 +9,10 @@ the contenders taking turns ``--repeat`` times:
 2. 2,000 files of 10 KB in 20 directories.
 
 gpuflow is timed in-process as a pull does it: connect (paramiko, pinned
-host key), list the run directory with sha256s, stream the files, verify and
-place them (``list_remote_tree`` + ``pull_files``).  rsync runs as the
+host key), then one remote process lists the run directory and streams the
+files, which are verified and placed here (``pull_files``).  ``--breakdown``
+also times each phase, and a bare ``tar cf -`` of the same files over a
+paramiko channel and over OpenSSH (what the transport alone costs).  rsync runs as the
 subprocess a user would, ``rsync -a`` with the same pinned-key ssh options.
 Prints the median and range of each, and the ratio of medians; targets
 (issue 16): 1.1x and 1.2x.  Run it in a loopback-only namespace:
@@ -33,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuflow.jobs.pulling import list_remote_tree, pull_files  # noqa: E402
+from gpuflow.jobs.pulling import pull_files  # noqa: E402
 from gpuflow.records import SSHTarget  # noqa: E402
 from gpuflow.transport.openssh import ssh_argv  # noqa: E402
 from gpuflow.transport.ssh import SSHRunner  # noqa: E402
@@ -53,10 +55,40 @@ def build(remote: Path, *, big_mb: int, small_files: int, small_kb: int) -> None
 
 def gpuflow_pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
     with SSHRunner(target, base_dir=str(remote_dir.parent / "gpuflow-base"), touch_heartbeat=False) as runner:
-        entries = list_remote_tree(runner, str(remote_dir), ("outputs",))
-        report = pull_files(runner, str(remote_dir), destination, entries=entries)
+        report = pull_files(runner, str(remote_dir), destination)  # listing, hashes and files in one remote process
     assert not report.changing and not report.refused
     return len(report.fetched)
+
+
+def breakdown(target: SSHTarget, remote_dir: Path, destination: Path) -> dict[str, float]:
+    """Where a gpuflow pull's time goes: the connection, the session's first answer (the
+    remote Python's start and the listing), the stream with its checks and placement; and,
+    for the same bytes, a bare `tar cf -` read over a paramiko channel and over OpenSSH."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with SSHRunner(target, base_dir=str(remote_dir.parent / "gpuflow-base"), touch_heartbeat=False) as runner:
+        runner.connect()
+        timings["connect"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with runner.pull_session(str(remote_dir), ("outputs",)) as stream:
+            timings["listing"] = time.perf_counter() - started
+            started = time.perf_counter()
+            report = pull_files(runner, str(remote_dir), destination, entries=stream.listing, stream=stream)
+        timings["stream"] = time.perf_counter() - started
+        assert report.fetched and not report.changing
+        started = time.perf_counter()
+        channel = runner._client.get_transport().open_session()  # the bare transport, for comparison
+        channel.exec_command(f"tar cf - -C {shlex.quote(str(remote_dir))} outputs")
+        while channel.recv(1 << 20):
+            pass
+        timings["paramiko tar"] = time.perf_counter() - started
+    started = time.perf_counter()
+    subprocess.run(
+        [*ssh_argv(target), target.host, f"tar cf - -C {shlex.quote(str(remote_dir))} outputs"],
+        stdout=subprocess.DEVNULL, check=True,
+    )
+    timings["openssh tar"] = time.perf_counter() - started
+    return timings
 
 
 def rsync_pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
@@ -74,6 +106,7 @@ def main() -> int:
     parser.add_argument("--big-mb", type=int, default=200)
     parser.add_argument("--small-files", type=int, default=2000)
     parser.add_argument("--small-kb", type=int, default=10)
+    parser.add_argument("--breakdown", action="store_true", help="also time each phase of gpuflow's pull")
     arguments = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpuflow-pull-bench-", dir="/dev/shm"))
     server = SshServer(work / "sshd").start()
@@ -99,6 +132,17 @@ def main() -> int:
                     timings[name].append(time.perf_counter() - started)
                     shutil.rmtree(destination)
                     assert count >= 1
+            if arguments.breakdown:
+                phases: dict[str, list[float]] = {}
+                for attempt in range(arguments.repeat):
+                    destination = work / "local" / f"breakdown-{attempt}"
+                    for phase, seconds in breakdown(target, remote_dir, destination).items():
+                        phases.setdefault(phase, []).append(seconds)
+                    shutil.rmtree(destination)
+                print(f"{title}, gpuflow's phases (median, range): " + ", ".join(
+                    f"{phase} {statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f})"
+                    for phase, values in phases.items()
+                ))
             medians = {name: statistics.median(values) for name, values in timings.items()}
             ratio = medians["gpuflow"] / medians["rsync -a"]
             print(f"{title}: ratio {ratio:.2f}x (goal <= {goal}x)")

@@ -7,9 +7,9 @@ import datetime
 import json
 import os
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import NotFound, RemoteCommandFailed, UnsafePath
@@ -35,6 +35,7 @@ from gpuflow.jobs.records import (
 from gpuflow.jobs.rundir import ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
+from gpuflow.transport.filestream import PullStream, StreamsPulls
 
 
 class RunDirectoryGone(NotFound):
@@ -63,39 +64,34 @@ class _Destinations:
         self._root = local_root
         self._safe_parents: dict[str, bool] = {}
 
-    def __call__(self, relative: str) -> Path | None:
+    def lookup(self, relative: str) -> tuple[Path | None, bool]:
+        """The destination (None: it would escape) and whether a regular file is there
+        now (not through a link at its own name) -- one ``lstat`` for both."""
         destination = _safe_destination_lexically(self._root, relative)
         if destination is None:
-            return None
+            return None, False
         parent = relative.rpartition("/")[0]
         safe = self._safe_parents.get(parent)
         if safe is None:
             safe = not parent or _safe_destination(self._root, parent) is not None
             self._safe_parents[parent] = safe
         if not safe:
-            return None
-        if destination.is_symlink():
-            return _safe_destination(self._root, relative)
-        return destination
-
-
-def _plain_file(path: Path | None) -> bool:
-    """Whether ``path`` is a regular file (not through a link at its own name)."""
-    if path is None:
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+            return None, False
+        try:
+            mode = os.lstat(destination).st_mode
+        except OSError:
+            return destination, False
+        if stat.S_ISLNK(mode):
+            return _safe_destination(self._root, relative), False
+        return destination, stat.S_ISREG(mode)
 
 
 def _safe_destination_lexically(local_root: Path, relative: str) -> Path | None:
     if not relative or "\x00" in relative or "\\" in relative:
         return None
-    posix = PurePosixPath(relative)
-    if posix.is_absolute() or any(part in ("..", ".", "") for part in relative.split("/")):
+    if relative.startswith("/") or any(part in ("..", ".", "") for part in relative.split("/")):
         return None
-    return local_root.joinpath(*posix.parts)
+    return local_root / relative  # plain components only: the same path, parsed once
 
 
 def list_remote_tree(
@@ -143,6 +139,7 @@ def pull_files(
     entries: list[dict] | None = None,
     previous: PulledCopy | None = None,
     raise_refused: bool = True,
+    stream: PullStream | None = None,
 ) -> PullReport:
     """Copy the run's outputs, log and manifest into ``local_dir``, verified by sha256.
 
@@ -153,10 +150,21 @@ def pull_files(
     while it is being pulled (a checkpoint) is skipped and reported.  A local
     file that already has the remote one's bytes, or is what the ``previous``
     pull made of it (the completed manifest), is not fetched again.
+
+    ``stream`` (a runner's :meth:`pull_session`) carries the hashes and the files in
+    the remote process that listed ``entries``; without it, a runner that can
+    (:class:`StreamsPulls`) lists and pulls in one such process, others use
+    separate commands.
     """
+    if entries is None and stream is None and isinstance(runner, StreamsPulls):
+        with runner.pull_session(remote_dir, PULLED_NAMES) as opened:
+            return pull_files(
+                runner, remote_dir, local_dir, say=say, entries=opened.listing, previous=previous,
+                raise_refused=raise_refused, stream=opened,
+            )
     local_dir.mkdir(parents=True, exist_ok=True)
     if entries is None:
-        entries = list_remote_tree(runner, remote_dir)
+        entries = stream.listing if stream is not None else list_remote_tree(runner, remote_dir)
     refused: list[str] = []
     fetched: list[str] = []
     unchanged: list[str] = []
@@ -165,8 +173,9 @@ def pull_files(
     safe_destination = _Destinations(local_dir)
     # Each entry's local destination, decided once; and which of them a local file is there for.
     planned = [(entry, str(entry.get("path", ""))) for entry in entries]
-    destinations = [safe_destination(relative) for _entry, relative in planned]
-    held = [_plain_file(destination) for destination in destinations]
+    looked_up = [safe_destination.lookup(relative) for _entry, relative in planned]
+    destinations = [destination for destination, _here in looked_up]
+    held = [here for _destination, here in looked_up]
     # The instance hashes only the files a local copy is there for (is it the same?); every
     # other file is hashed by the streamer as it reads it, and here as it lands.
     unhashed = [
@@ -174,11 +183,11 @@ def pull_files(
         if here and entry.get("kind") == "file" and "sha256" not in entry
     ]
     if unhashed:
-        hashes = _remote_hashes(runner, remote_dir, unhashed)
+        hashes = stream.hashes(unhashed) if stream is not None else _remote_hashes(runner, remote_dir, unhashed)
         for entry, relative in planned:
             if relative in hashes and entry.get("kind") == "file" and "sha256" not in entry:
                 entry["sha256"] = hashes[relative]
-    wanted: dict[str, tuple[Path, dict, int]] = {}  # relative -> (destination, listing entry, size)
+    wanted: dict[str, tuple[Path, str, dict, int]] = {}  # relative -> (destination, temporary, entry, size)
     items: list[tuple[str, str]] = []  # (relative, local temporary path) for the one stream
     made: set[Path] = set()
     for (entry, relative), destination, here in zip(planned, destinations, held):
@@ -201,14 +210,13 @@ def pull_files(
             continue
         # Beside its destination (so the same checked directory); the runner replaces,
         # never follows, anything already at that name.
-        temporary = destination.with_name(f".{destination.name}.gpuflow-part")
-        wanted[relative] = (destination, entry, int(entry.get("size", 0)))
-        items.append((relative, str(temporary)))
+        temporary = os.path.join(os.path.dirname(destination), f".{destination.name}.gpuflow-part")
+        wanted[relative] = (destination, temporary, entry, int(entry.get("size", 0)))
+        items.append((relative, temporary))
     try:
         # One stream for all of them (over SSH: one channel, hashed as the bytes land).
-        for fetched_file in runner.fetch_files(remote_dir, items):
-            destination, entry, size = wanted[fetched_file.relative]
-            temporary = destination.with_name(f".{destination.name}.gpuflow-part")
+        for fetched_file in stream.fetch(items) if stream is not None else runner.fetch_files(remote_dir, items):
+            destination, temporary, entry, size = wanted[fetched_file.relative]
             # Verified against the listing's sha256 when it has one (the file must not have
             # changed since), else against the hash the streamer took of the bytes it read.
             expected = entry.get("sha256", fetched_file.sha256)
@@ -353,6 +361,16 @@ def _record_outcome(
     return record
 
 
+@contextlib.contextmanager
+def _stream_for(runner: CommandRunner, remote_dir: str, names: Sequence[str]) -> Iterator[PullStream | None]:
+    """The runner's one-process pull (:class:`StreamsPulls`), or None: separate commands."""
+    if isinstance(runner, StreamsPulls):
+        with runner.pull_session(remote_dir, names) as stream:
+            yield stream
+    else:
+        yield None
+
+
 def pull_run(
     record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = quiet
 ) -> tuple[RunRecord, PullReport]:
@@ -365,26 +383,31 @@ def pull_run(
     local_dir = Path(record.local_dir)
     exit_code = read_exit_code(runner, record.remote_dir)
     # One listing serves both: the files to pull, and the job's start and end times
-    # (job.pid's and exit_code's mtimes, both on the instance's clock).
-    listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
-    if not listing:  # not even the manifest written at start: the run directory is gone
-        raise RunDirectoryGone(f"its run directory is gone from cluster {record.cluster}")
-    job_started_at = _instance_time(listing, PID_NAME)
-    ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
-    environment = _read_environment(runner, record.remote_dir)
-    if exit_code is not None:
-        record = _record_outcome(
-            record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
-            environment=environment, home=home, runner=runner,
-        )
-    entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
-    try:
-        report = pull_files(
-            runner, record.remote_dir, local_dir, say=say, entries=entries, previous=record.pulled,
-            raise_refused=False,
-        )
-    finally:  # also when the pull broke off: the manifest pulled with the other files is completed
-        _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
+    # (job.pid's and exit_code's mtimes, both on the instance's clock); over SSH it comes
+    # from the one remote process that then sends the hashes and the files.
+    with _stream_for(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME)) as stream:
+        if stream is not None:
+            listing = stream.listing
+        else:
+            listing = list_remote_tree(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME))
+        if not listing:  # not even the manifest written at start: the run directory is gone
+            raise RunDirectoryGone(f"its run directory is gone from cluster {record.cluster}")
+        job_started_at = _instance_time(listing, PID_NAME)
+        ended_at = _instance_time(listing, EXIT_CODE_NAME) if exit_code is not None else None
+        environment = _read_environment(runner, record.remote_dir)
+        if exit_code is not None:
+            record = _record_outcome(
+                record, exit_code=exit_code, job_started_at=job_started_at, ended_at=ended_at,
+                environment=environment, home=home, runner=runner,
+            )
+        entries = [entry for entry in listing if entry.get("path") not in (PID_NAME, EXIT_CODE_NAME)]
+        try:
+            report = pull_files(
+                runner, record.remote_dir, local_dir, say=say, entries=entries, previous=record.pulled,
+                raise_refused=False, stream=stream,
+            )
+        finally:  # also when the pull broke off: the manifest pulled with the other files is completed
+            _finalize_local(local_dir, environment, exit_code, job_started_at, ended_at, record)
     # What is here now, and whether it is all the run has: a repeated pull, and `logs` or
     # `pull` once the cluster is gone, go by it.
     record = replace(record, pulled=copy_after_pull(entries, report, local_dir, job_ended=exit_code is not None))

@@ -18,21 +18,37 @@ the local temporary path it was given (created exclusively: never through a
 planted link), hashing while it writes, and yields the sha256 of what landed
 there (None for a changed or refused file); the caller compares it with the
 listing's and places the file atomically.
+
+With ``--session NAME...`` after the directory, one streamer serves a whole pull
+(:class:`Session`): it first sends ``L`` + length (8 bytes) + the JSON listing
+of NAMEs (path, kind, size, mtime; never following a link), then answers
+requests on stdin until it ends -- ``H`` or ``F`` + length (8 bytes) + NUL-separated
+paths: ``H`` the sha256 of each (``S`` + sha256 + flag byte, or ``E``; for the
+files a local copy is there for), ``F`` the files as above -- each request's
+answers ended by ``Z``.  A listed file whose size or mtime moved between the
+listing and the read is flagged as changed: one listing, one process, one
+channel for the whole pull.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
 from dataclasses import dataclass
 
 STREAMER_PY = r"""
-import hashlib, os, stat, struct, sys
-root_fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+import hashlib, json, os, stat, struct, sys
+root = sys.argv[1]
+try:
+    root_fd, root_error = os.open(root, os.O_RDONLY | os.O_DIRECTORY), ""
+except OSError as exc:  # no run directory: a session lists nothing, refuses every file
+    root_fd, root_error = None, exc.strerror or str(exc)
 out = open(sys.stdout.fileno(), "wb", buffering=1 << 18, closefd=False)  # few, large SSH packets
 buffer = bytearray(1 << 20)
 view = memoryview(buffer)
@@ -41,49 +57,110 @@ FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 def refuse(reason):
     data = reason.encode("utf-8", "replace")[:4000]
     out.write(b"E" + struct.pack(">H", len(data)) + data)
-for name in sys.stdin.buffer.read().split(b"\0"):
-    if not name:
-        continue
+listed = {}  # a session's listed files: (size, mtime_ns) then; a file not so when read has changed
+held_parent, held_fd = None, None  # the last file's directory, kept open: files come grouped by directory
+def answer(name, send):
+    global held_parent, held_fd
     parts = name.split(b"/")
     if any(part in (b"", b".", b"..") for part in parts):
         refuse("not a plain relative path")
-        continue
-    opened = []
+        return
+    if root_fd is None:
+        refuse(root_error)
+        return
+    parent = b"/".join(parts[:-1])
     try:
-        directory = root_fd
-        for part in parts[:-1]:
-            directory = os.open(part, DIRECTORY, dir_fd=directory)
-            opened.append(directory)
-        descriptor = os.open(parts[-1], FILE, dir_fd=directory)
+        if parent != held_parent:
+            if held_fd is not None:
+                os.close(held_fd)
+            held_parent, held_fd = None, None
+            directory = root_fd
+            try:
+                for part in parts[:-1]:
+                    opened = os.open(part, DIRECTORY, dir_fd=directory)
+                    if directory != root_fd:
+                        os.close(directory)
+                    directory = opened
+            except BaseException:
+                if directory != root_fd:
+                    os.close(directory)
+                raise
+            if directory != root_fd:
+                held_parent, held_fd = parent, directory
+        descriptor = os.open(parts[-1], FILE, dir_fd=held_fd if held_fd is not None else root_fd)
     except OSError as exc:
         refuse(exc.strerror or str(exc))
-        continue
-    finally:
-        for number in opened:
-            os.close(number)
+        return
     with open(descriptor, "rb", buffering=0) as handle:
         before = os.fstat(descriptor)
         if not stat.S_ISREG(before.st_mode):
             refuse("not a regular file")
-            continue
+            return
         size = before.st_size
-        out.write(b"F" + struct.pack(">Q", size))
+        out.write(b"F" + struct.pack(">Q", size) if send else b"S")
         digest = hashlib.sha256()
         remaining, changed = size, False
         while remaining:
             count = handle.readinto(view[: min(remaining, len(buffer))])
             if not count:
                 changed = True
-                out.write(bytes(remaining))
+                if send:
+                    out.write(bytes(remaining))
                 break
             digest.update(view[:count])
-            out.write(view[:count])
+            if send:
+                out.write(view[:count])
             remaining -= count
         after = os.fstat(descriptor)
         changed = changed or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
+        changed = changed or listed.get(name, (size, before.st_mtime_ns)) != (size, before.st_mtime_ns)
         out.write(digest.digest() + (b"\1" if changed else b"\0"))
-out.write(b"Z")
-out.flush()
+def listing(names):
+    entries = []
+    def add(relative):
+        path = os.path.join(root, relative)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+        if stat.S_ISLNK(info.st_mode):
+            entry["kind"] = "symlink"
+        elif stat.S_ISDIR(info.st_mode):
+            entry["kind"] = "dir"
+            entries.append(entry)
+            for name in sorted(os.listdir(path)):
+                add(relative + "/" + name)
+            return
+        elif stat.S_ISREG(info.st_mode):
+            entry["kind"] = "file"
+            listed[os.fsencode(relative)] = (info.st_size, info.st_mtime_ns)
+        else:
+            entry["kind"] = "other"
+        entries.append(entry)
+    for name in names:
+        add(name)
+    return json.dumps(entries).encode()
+stdin = sys.stdin.buffer
+if sys.argv[2:3] == ["--session"]:
+    data = listing(sys.argv[3:])
+    out.write(b"L" + struct.pack(">Q", len(data)) + data)
+    out.flush()
+    while len(header := stdin.read(9)) == 9:
+        payload = stdin.read(struct.unpack(">Q", header[1:])[0])
+        for name in payload.split(b"\0"):
+            if name:
+                answer(name, header[:1] == b"F")
+        out.write(b"Z")
+        out.flush()
+else:
+    if root_fd is None:
+        sys.exit(f"{root}: {root_error}")
+    for name in stdin.read().split(b"\0"):
+        if name:
+            answer(name, True)
+    out.write(b"Z")
+    out.flush()
 """
 
 _CHUNK = 1 << 20
@@ -137,14 +214,23 @@ class _Frames:
         return data
 
 
-def _create(path: str) -> BinaryIO:
-    """``path`` created anew for writing: whatever was at that name (a stale part, a
-    planted link) is removed first, never written through."""
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create(path: str) -> int:
+    """A descriptor of ``path`` created anew for writing (mode 0o666 less the umask, as
+    ``open``): whatever was at that name (a stale part, a planted link) is removed
+    first, never written through (``O_EXCL`` refuses to follow a link there)."""
     try:
-        return open(path, "xb")
+        return os.open(path, _CREATE, 0o666)
     except FileExistsError:
         os.unlink(path)
-        return open(path, "xb")
+        return os.open(path, _CREATE, 0o666)
+
+
+def _write_all(descriptor: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(descriptor, data) :]
 
 
 def request(relatives: Sequence[str]) -> bytes:
@@ -157,7 +243,10 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
     in the order requested) from ``recv``, writing each file to its temporary
     path; yields one :class:`Fetched` per item as soon as its bytes are there.
     Raises :class:`StreamBroken` when the stream ends before its end mark."""
-    frames = _Frames(recv)
+    return _answers(_Frames(recv), items)
+
+
+def _answers(frames: _Frames, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
     for relative, temporary in items:
         tag = frames.exact(1)
         if tag == b"E":
@@ -169,10 +258,13 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
         (size,) = struct.unpack(">Q", frames.exact(8))
         digest = hashlib.sha256()
         try:
-            with _create(temporary) as handle:  # exclusive: never through a planted link
-                for piece in frames.chunks(size):
+            descriptor = _create(temporary)  # exclusive: never through a planted link
+            try:
+                for piece in frames.chunks(size):  # hashed as it lands, no copy
                     digest.update(piece)
-                    handle.write(piece)
+                    _write_all(descriptor, piece)
+            finally:
+                os.close(descriptor)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -186,3 +278,81 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
             yield Fetched(relative, digest.hexdigest())
     if frames.exact(1) != b"Z":
         raise StreamBroken("the file stream did not end where expected")
+
+
+class Session:
+    """One streamer run for a whole pull (``STREAMER_PY ROOT --session NAME...``): its
+    listing of NAMEs (path, kind, size, mtime; never following a link), then any
+    number of requests on the same channel -- the sha256 of files a local copy is
+    there for, and the files to fetch -- each answered in order and ended by ``Z``.
+
+    ``send`` writes to the streamer's stdin, ``recv`` reads its stdout; closing
+    its stdin ends it."""
+
+    def __init__(self, send: Callable[[bytes], object], recv: Callable[[int], bytes]) -> None:
+        self._send = send
+        self._frames = _Frames(recv)
+        if self._frames.exact(1) != b"L":
+            raise StreamBroken("the file stream did not start with its listing")
+        (length,) = struct.unpack(">Q", self._frames.exact(8))
+        try:
+            listing = json.loads(self._frames.exact(length))
+        except ValueError as exc:
+            raise StreamBroken("the remote listing is unreadable") from exc
+        if not isinstance(listing, list):
+            raise StreamBroken("the remote listing is not a list")
+        self.listing: list[dict] = listing
+
+    def _ask(self, operation: bytes, relatives: Sequence[str]) -> None:
+        payload = request(relatives)
+        self._send(operation + struct.pack(">Q", len(payload)) + payload)
+
+    def _end(self) -> None:
+        if self._frames.exact(1) != b"Z":
+            raise StreamBroken("the file stream did not end where expected")
+
+    def hashes(self, relatives: Sequence[str]) -> dict[str, str]:
+        """relative -> sha256 on the remote side, for those of ``relatives`` that are
+        plain files there and did not change while they were read."""
+        if not relatives:
+            return {}
+        self._ask(b"H", relatives)
+        found: dict[str, str] = {}
+        for relative in relatives:
+            tag = self._frames.exact(1)
+            if tag == b"E":
+                (length,) = struct.unpack(">H", self._frames.exact(2))
+                self._frames.exact(length)
+                continue
+            if tag != b"S":
+                raise StreamBroken(f"unexpected frame {tag!r} in the file stream")
+            trailer = self._frames.exact(33)
+            if trailer[32:] == b"\0":
+                found[relative] = trailer[:32].hex()
+        self._end()
+        return found
+
+    def fetch(self, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        """As :func:`receive`, on this session's stream."""
+        if not items:
+            return
+        self._ask(b"F", [relative for relative, _temporary in items])
+        yield from _answers(self._frames, items)
+
+
+class PullStream(Protocol):
+    """What a pull needs of one streamer run (:class:`Session`, or a runner's wrapper of it)."""
+
+    listing: list[dict]
+
+    def hashes(self, relatives: Sequence[str]) -> dict[str, str]: ...
+
+    def fetch(self, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]: ...
+
+
+@runtime_checkable
+class StreamsPulls(Protocol):
+    """A runner that can run a whole pull in one streamer (:class:`Session`): the SSH
+    runner.  Others list, hash and fetch with separate commands."""
+
+    def pull_session(self, remote_dir: str, names: Sequence[str]) -> AbstractContextManager[PullStream]: ...

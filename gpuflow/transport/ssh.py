@@ -68,6 +68,8 @@ _READ_CHUNK = 1 << 16
 _EOF_GRACE_SECONDS = 2.0
 # A file stream that delivers nothing for this long is taken for a dead connection.
 _STREAM_IDLE_SECONDS = 300.0
+_STREAM_WINDOW = 64 << 20  # a file stream's channel window and largest packet (see _start_streamer)
+_STREAM_PACKET = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -264,13 +266,52 @@ class SSHRunner:
         items = list(items)
         if not items:
             return
-        command = quote_argv([self._python, "-c", filestream.STREAMER_PY, remote_dir])
+        channel = self._start_streamer([remote_dir])
+        try:
+            threading.Thread(
+                target=_feed_stdin, args=(channel, filestream.request([relative for relative, _ in items])), daemon=True
+            ).start()
+            with self._stream_errors(channel):
+                yield from filestream.receive(channel.recv, items)
+            if channel.recv_exit_status() != 0:
+                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    @contextlib.contextmanager
+    def pull_session(self, remote_dir: str, names: Sequence[str]) -> Iterator[_PullSession]:
+        """One streamer for a whole pull (:class:`filestream.Session`): the listing of
+        ``names`` under ``remote_dir``, the hashes and the files, on one channel and
+        one remote process.  Errors as :meth:`fetch_files`."""
+        channel = self._start_streamer([remote_dir, "--session", *names])
+        try:
+            session = _PullSession(self, channel)
+            yield session
+            with contextlib.suppress(Exception):
+                channel.shutdown_write()  # the streamer's end of input: it exits
+            if channel.recv_exit_status() != 0:
+                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    def _start_streamer(self, arguments: Sequence[str]) -> Any:
+        """A channel running :data:`filestream.STREAMER_PY` with ``arguments``."""
+        # -I -S: the streamer needs only the standard library; no site-packages' .pth files
+        # to run at start-up (often most of a Python's start), no PYTHON* variables.
+        command = quote_argv([self._python, "-I", "-S", "-c", filestream.STREAMER_PY, *arguments])
 
         def start(client: Any) -> Any:
             transport = client.get_transport()
             if transport is None or not transport.is_active():
                 raise EOFError("SSH transport is not active")
-            channel = transport.open_session(timeout=self.connect_timeout)
+            # Large packets and window: fewer packets to decrypt and check in Python per byte,
+            # no stall on window adjusts (a bare 200 MB read 10-27% faster, load 14-15); at most
+            # the window (64 MiB) is buffered here.
+            channel = transport.open_session(
+                window_size=_STREAM_WINDOW, max_packet_size=_STREAM_PACKET, timeout=self.connect_timeout
+            )
             try:
                 channel.exec_command(command)
             except BaseException:
@@ -280,33 +321,30 @@ class SSHRunner:
             return channel
 
         channel = self._with_reconnect(start, what="stream files")  # read-only: safe to repeat
+        channel.settimeout(_STREAM_IDLE_SECONDS)
+        return channel
+
+    @contextlib.contextmanager
+    def _stream_errors(self, channel: Any) -> Iterator[None]:
+        """A broken stream as :class:`RemoteCommandFailed` when the streamer failed (the
+        link is fine), else as :class:`ConnectionLost` (the connection is dropped)."""
         try:
-            channel.settimeout(_STREAM_IDLE_SECONDS)
-            threading.Thread(
-                target=_feed_stdin, args=(channel, filestream.request([relative for relative, _ in items])), daemon=True
-            ).start()
-            try:
-                yield from filestream.receive(channel.recv, items)
-            except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
-                if (
-                    channel.get_transport().is_active()
-                    and channel.status_event.wait(1)
-                    and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
-                ):
-                    raise RemoteCommandFailed(
-                        f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
-                    ) from exc
-                with self._lock:
-                    self._drop_connection()
-                raise ConnectionLost(
-                    f"the SSH connection to {self._where} dropped while pulling files ({_describe(exc)})",
-                    hint="pull again: the files already pulled are kept",
+            yield
+        except (EOFError, OSError) as exc:  # StreamBroken is an EOFError
+            if (
+                channel.get_transport().is_active()
+                and channel.status_event.wait(1)
+                and channel.exit_status >= 0  # an exit status came: the streamer failed, the link is fine
+            ):
+                raise RemoteCommandFailed(
+                    f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}"
                 ) from exc
-            if channel.recv_exit_status() != 0:
-                raise RemoteCommandFailed(f"streaming files from {self.target.host} failed: {_stderr_tail(channel)}")
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
+            with self._lock:
+                self._drop_connection()
+            raise ConnectionLost(
+                f"the SSH connection to {self._where} dropped while pulling files ({_describe(exc)})",
+                hint="pull again: the files already pulled are kept",
+            ) from exc
 
     def open_channel(self, command: str) -> Any:
         """A new session channel of this runner's connection running ``command``
@@ -658,6 +696,25 @@ def _quiet_paramiko_logging() -> None:
     logger = logging.getLogger("paramiko")
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())
+
+
+class _PullSession:
+    """:class:`filestream.Session` on an SSH channel, its stream errors told apart
+    (:meth:`SSHRunner._stream_errors`)."""
+
+    def __init__(self, runner: SSHRunner, channel: Any) -> None:
+        self._errors = lambda: runner._stream_errors(channel)
+        with self._errors():
+            self._session = filestream.Session(channel.sendall, channel.recv)
+        self.listing = self._session.listing
+
+    def hashes(self, relatives: Sequence[str]) -> dict[str, str]:
+        with self._errors():
+            return self._session.hashes(relatives)
+
+    def fetch(self, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+        with self._errors():
+            yield from self._session.fetch(items)
 
 
 def _feed_stdin(channel: Any, data: bytes) -> None:
