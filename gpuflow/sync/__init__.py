@@ -54,7 +54,8 @@ the file list; :mod:`~gpuflow.sync.plan` records and the plan;
 the remote script; :mod:`~gpuflow.sync.transfer` tar and rsync;
 :mod:`~gpuflow.sync.local` the local copy; :mod:`~gpuflow.sync.lock` the
 destination lock; :mod:`~gpuflow.sync.progress` the progress bar;
-:mod:`~gpuflow.sync.engine` one sync; :mod:`~gpuflow.sync.cluster` syncs to a
+:mod:`~gpuflow.sync.engine` one sync; :mod:`~gpuflow.sync.shared` one scan
+for the syncs to several nodes; :mod:`~gpuflow.sync.cluster` syncs to a
 cluster (the ``gpuflow sync`` use case).
 """
 
@@ -66,7 +67,9 @@ from gpuflow.sync.engine import (
     DEFAULT_LARGE_FILES,
     METHODS,
     RSYNC_DELTA_MIN_BYTES,
+    scan_source,
     sync_directory,
+    sync_many,
 )
 from gpuflow.sync.exchange import parse_find_listing
 from gpuflow.sync.local import list_local_destination
@@ -83,6 +86,7 @@ from gpuflow.sync.plan import (
     plan_sync,
 )
 from gpuflow.sync.session import ssh_argv
+from gpuflow.sync.shared import SharedScans
 
 __all__ = [
     "DEFAULT_LARGE_BYTES",
@@ -96,6 +100,7 @@ __all__ = [
     "DestinationState",
     "LocalDestination",
     "SSHDestination",
+    "SharedScans",
     "SyncPlan",
     "SyncReport",
     "data_name",
@@ -104,9 +109,11 @@ __all__ = [
     "needs_sending",
     "parse_find_listing",
     "plan_sync",
+    "scan_source",
     "ssh_argv",
     "sync_cluster",
     "sync_data",
     "sync_directory",
+    "sync_many",
     "sync_project",
 ]
