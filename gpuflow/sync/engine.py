@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import DataError, UsageError
+from gpuflow.sync.compress import on_this_machine, worth_compressing
 from gpuflow.sync.exchange import Exchange
 from gpuflow.sync.ignore import SourceTree, scan_tree
 from gpuflow.sync.local import apply_local, list_local_destination
@@ -62,6 +63,7 @@ class _Options:
     confirm_large: Callable[[str], bool] | None
     warn: Callable[[str], None]
     lock_wait: float = SYNC_LOCK_WAIT_SECONDS
+    compress: bool | None = None
 
 
 def sync_directory(
@@ -79,6 +81,7 @@ def sync_directory(
     lock_wait: float = SYNC_LOCK_WAIT_SECONDS,
     tree: SourceTree | None = None,
     scans: SharedScans | None = None,
+    compress: bool | None = None,
 ) -> SyncReport:
     """Make ``destination`` mirror ``source`` (after ignore rules); send only changes.
 
@@ -93,7 +96,10 @@ def sync_directory(
     ``tree``: the source already scanned (:func:`scan_source` of the same
     ``source`` and ``skip_top_level``), for the syncs of one tree to several
     nodes; ``scans``: share the scan with the concurrent syncs of the same
-    source (:class:`~gpuflow.sync.shared.SharedScans`).  Returns a :class:`SyncReport`.
+    source (:class:`~gpuflow.sync.shared.SharedScans`).  ``compress``: whether
+    a tar stream travels gzip-compressed (None: when it pays, see
+    :mod:`gpuflow.sync.compress`; never without gzip on the destination).
+    Returns a :class:`SyncReport`.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -106,7 +112,7 @@ def sync_directory(
     if not source.is_dir():
         raise DataError(f"cannot sync {source}: not a directory")
     started = time.perf_counter()
-    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn, lock_wait)
+    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn, lock_wait, compress)
 
     if tree is not None:
         if os.path.realpath(tree.root) != os.path.realpath(source):
@@ -150,7 +156,13 @@ def _check_size(plan: SyncPlan, destination: Destination, options: _Options) -> 
 
 
 def _report(
-    tree: SourceTree, destination: Destination, method: str, plan: SyncPlan, started: float, dry_run: bool
+    tree: SourceTree,
+    destination: Destination,
+    method: str,
+    plan: SyncPlan,
+    started: float,
+    dry_run: bool,
+    compressed: bool = False,
 ) -> SyncReport:
     return SyncReport(
         source=str(tree.root),
@@ -168,6 +180,7 @@ def _report(
         skipped_links=tree.skipped_links,
         directories_created=len(plan.to_create),
         created=plan.to_create,
+        compressed=compressed,
     )
 
 
@@ -225,8 +238,13 @@ def _sync_ssh(
             chosen = "rsync" if worth_a_delta and state.has_rsync and local_rsync_usable() else "tar"
         else:
             chosen = options.method
+        compressed = chosen == "tar" and bool(plan.to_send) and state.has_gzip and (
+            options.compress
+            if options.compress is not None
+            else not on_this_machine(destination.target.host) and worth_compressing(tree.root, plan.to_send)
+        )
         if options.dry_run:
-            return _report(tree, destination, chosen, plan, started, True)
+            return _report(tree, destination, chosen, plan, started, True, compressed)
         _check_size(plan, destination, options)
         bar = Progress(options.progress, plan.bytes_to_send, f"sync ({chosen})")
         try:
@@ -242,12 +260,13 @@ def _sync_ssh(
                     tar_source=tree.root,
                     tar_entries=plan.to_send,
                     progress=bar,
+                    compress=compressed,
                 )
             else:
                 exchange.finish(plan.to_delete, directories=plan.to_create)
         finally:
             bar.close()
-        return _report(tree, destination, chosen, plan, started, False)
+        return _report(tree, destination, chosen, plan, started, False, compressed)
     finally:
         if exchange is not None:
             exchange.abandon()

@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from gpuflow.config import read_user_text
 from gpuflow.errors import ConfigError
@@ -41,9 +42,12 @@ IGNORE_FILE_NAMES = (".gitignore", ".gpuflowignore")
 PROJECT_SKIPPED_TOP_LEVEL = frozenset({"runs"})
 
 
-@dataclass(frozen=True)
-class LocalEntry:
-    """One file or symbolic link to send, with what the change check compares."""
+class LocalEntry(NamedTuple):
+    """One file or symbolic link to send, with what the change check compares.
+
+    A named tuple, not a dataclass: a sync holds one per file of the tree
+    (50,000 for a big one), and a tuple is built several times faster and takes
+    a third of the memory of a frozen dataclass instance."""
 
     path: str  # relative to the tree's root, '/'-separated
     kind: str  # "file" or "link"

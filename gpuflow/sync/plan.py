@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from gpuflow.errors import SecurityError
 from gpuflow.records import SSHTarget
@@ -55,6 +55,7 @@ class SyncReport:
     skipped_links: tuple[str, ...] = ()
     directories_created: int = 0  # empty directories of the tree the destination lacked
     created: tuple[str, ...] = ()
+    compressed: bool = False  # the tar stream travelled gzip-compressed
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -67,7 +68,7 @@ class SyncReport:
         text = (
             f"{verb} {self.files_sent:,} of {self.files_considered:,} files "
             f"({human_bytes(self.bytes_sent)} of {human_bytes(self.bytes_considered)}) "
-            f"to {self.destination} via {self.method} in {self.seconds:.2f} s"
+            f"to {self.destination} via {self.method}{' (gzip)' if self.compressed else ''} in {self.seconds:.2f} s"
         )
         if self.files_deleted:
             text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted:,}"
@@ -80,9 +81,8 @@ class SyncReport:
         return text
 
 
-@dataclass(frozen=True)
-class DestinationEntry:
-    """One entry of the destination listing."""
+class DestinationEntry(NamedTuple):
+    """One entry of the destination listing (a named tuple: one per file of the destination)."""
 
     kind: str  # "file" | "link" | "dir" | "other"
     size: int = 0
@@ -99,6 +99,7 @@ class DestinationState:
     entries: dict[str, DestinationEntry] = field(default_factory=dict)
     listed: bool = True  # False when the listing failed: send everything, delete nothing
     has_rsync: bool = False
+    has_gzip: bool = False  # the destination can unpack a gzip-compressed tar stream
 
 
 @dataclass(frozen=True)
