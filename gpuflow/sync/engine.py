@@ -227,7 +227,7 @@ def _sync_ssh(
         # Connect first and scan while the handshake runs: the scan is then free.
         exchange = Exchange(session, destination.directory, create=not options.dry_run, lock_wait=options.lock_wait)
         tree = scan()
-        state = exchange.read_state(waiting=options.warn)
+        state = exchange.read_state(waiting=options.warn, tree=tree)
         if not state.listed:
             options.warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
         if options.method == "rsync" and not (state.has_rsync and local_rsync_usable()):

@@ -35,9 +35,9 @@ from pathlib import Path
 
 from gpuflow.errors import DataError, RemoteCommandFailed
 from gpuflow.sync.compress import GzipWriter
-from gpuflow.sync.ignore import LocalEntry
+from gpuflow.sync.ignore import LocalEntry, SourceTree
 from gpuflow.sync.lock import LOCK_EXIT_CODE, SYNC_LOCK_SUFFIX, SYNC_LOCK_WAIT_SECONDS, lock_timeout
-from gpuflow.sync.plan import DestinationEntry, DestinationState
+from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, ssh_failure, tail
 from gpuflow.sync.transfer import stream_tar
@@ -99,9 +99,12 @@ class ListingParser:
     as it arrives (:meth:`feed` each chunk, then :meth:`close`), so the parse
     runs while the remote side is still listing."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: SourceTree | None = None) -> None:
         self.entries: dict[str, DestinationEntry] = {}
         self._rest = b""
+        # Against a scanned tree, an entry the tree holds as it is only sets its byte here.
+        self._tree = tree
+        self.unchanged = bytearray(len(tree.entries)) if tree is not None else None
 
     def feed(self, data: bytes) -> None:
         fields = (self._rest + data).split(b"\0")
@@ -119,6 +122,10 @@ class ListingParser:
         kinds = _FIND_KINDS
         decode = os.fsdecode
         billion = 1_000_000_000
+        tree = self._tree
+        index = tree.index if tree is not None else {}
+        local_entries = tree.entries if tree is not None else ()
+        unchanged = self.unchanged
         for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
             kind = kinds.get(kind_code, "other")
             seconds, _, fraction = mtime.partition(b".")
@@ -129,7 +136,13 @@ class ListingParser:
                 entry = DestinationEntry("link", 0, mtime_ns, 0, decode(link_target))
             else:
                 entry = DestinationEntry(kind, 0, mtime_ns)
-            entries[decode(path)] = entry
+            name = decode(path)
+            if unchanged is not None and kind != "dir":
+                position = index.get(name)
+                if position is not None and not needs_sending(local_entries[position], entry):
+                    unchanged[position] = 1
+                    continue
+            entries[name] = entry
 
 
 def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
@@ -175,17 +188,22 @@ class Exchange:
             return ssh_failure(self.session.target, stderr, what)
         return RemoteCommandFailed(f"{what} failed on {self.session.target.host} (exit {code}): {tail(stderr)}")
 
-    def read_state(self, waiting: Callable[[str], None] = lambda message: None) -> DestinationState:
+    def read_state(
+        self, waiting: Callable[[str], None] = lambda message: None, tree: SourceTree | None = None
+    ) -> DestinationState:
         """Read the probe header and the listing (until the END record).
 
         ``waiting`` hears once when another sync holds the destination's lock.
+        With ``tree`` (the scanned source) the listing is compared as it
+        streams in: what the destination holds as the tree does is only marked
+        (:attr:`DestinationState.unchanged`), not kept.
         """
         assert self.process.stdout is not None
         chunks: list[bytes] = []  # what came before the probe header (and the header)
         tail = b""
         told = False
         header = None
-        parser = ListingParser()
+        parser = ListingParser(tree)
         withheld = b""  # the last bytes, held back from the parser: they may be the END record
         while True:
             chunk = self.process.stdout.read1(1 << 16)
@@ -222,8 +240,10 @@ class Exchange:
             raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
         has_rsync, exists, listed, has_gzip = (value == b"1" for value in header.groups())
         entries = parser.close() if listed else {}
+        unchanged = bytes(parser.unchanged) if listed and parser.unchanged is not None else None
         return DestinationState(
-            exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync, has_gzip=has_gzip
+            exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync, has_gzip=has_gzip,
+            unchanged=unchanged,
         )
 
     def finish(

@@ -30,6 +30,7 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -152,6 +153,11 @@ class SourceTree:
     directories: frozenset[str]  # every directory kept (not ignored), empty or not: it exists on the destination too
     skipped_links: tuple[str, ...]
     rules: IgnoreRules
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """path -> its position in ``entries`` (built once, on first use)."""
+        return {entry.path: position for position, entry in enumerate(self.entries)}
 
     @property
     def total_bytes(self) -> int:

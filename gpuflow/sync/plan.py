@@ -100,6 +100,10 @@ class DestinationState:
     listed: bool = True  # False when the listing failed: send everything, delete nothing
     has_rsync: bool = False
     has_gzip: bool = False  # the destination can unpack a gzip-compressed tar stream
+    # When the listing was read against the scanned tree (streamed: see ListingParser): one byte per
+    # tree entry, 1 where the destination holds that entry as it is; such entries are left out of
+    # ``entries`` (the plan needs only what differs), so a no-change sync keeps nothing per file.
+    unchanged: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,17 @@ def _safe_relative(path: str) -> bool:
 
 def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
     """What to send and what to delete so the destination mirrors the tree."""
-    local_paths = {entry.path for entry in tree.entries}
-    to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
+    local_paths = tree.index
+    unchanged = state.unchanged
+    if unchanged is None:
+        to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
+    else:
+        if len(unchanged) != len(tree.entries):
+            raise ValueError("the destination listing was read against another tree")
+        get = state.entries.get
+        to_send = tuple(
+            entry for entry, same in zip(tree.entries, unchanged) if not same and needs_sending(entry, get(entry.path))
+        )
     if not state.listed:
         return SyncPlan(tree.entries, (), _directories_to_create(tree, state, tree.entries))
     doomed_files: list[str] = []
