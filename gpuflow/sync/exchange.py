@@ -29,6 +29,7 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from gpuflow.errors import DataError, RemoteCommandFailed
 from gpuflow.sync.compress import GzipWriter
 from gpuflow.sync.ignore import LocalEntry, SourceTree
 from gpuflow.sync.lock import LOCK_EXIT_CODE, SYNC_LOCK_SUFFIX, SYNC_LOCK_WAIT_SECONDS, lock_timeout
-from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending
+from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending, same_mtime
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, ssh_failure, tail
 from gpuflow.sync.transfer import stream_tar
@@ -126,7 +127,20 @@ class ListingParser:
         index = tree.index if tree is not None else {}
         local_entries = tree.entries if tree is not None else ()
         unchanged = self.unchanged
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
+        find_index = index.get
         for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
+            if kind_code == b"f" and unchanged is not None:
+                # The common case, a file the tree has: compared field by field, nothing built.
+                position = find_index(path.decode(encoding, errors))
+                if position is not None:
+                    local = local_entries[position]
+                    if local.kind == "file" and local.size == int(size) and local.mode == int(mode, 8):
+                        seconds, _, fraction = mtime.partition(b".")
+                        mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
+                        if same_mtime(local.mtime_ns, mtime_ns):
+                            unchanged[position] = 1
+                            continue
             kind = kinds.get(kind_code, "other")
             seconds, _, fraction = mtime.partition(b".")
             mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)

@@ -131,7 +131,7 @@ def human_bytes(count: int) -> str:
 # --------------------------------------------------------------------------- planning
 
 
-def _same_mtime(local_ns: int, remote_ns: int) -> bool:
+def same_mtime(local_ns: int, remote_ns: int) -> bool:
     """Equal, or equal to the second when the destination keeps only seconds."""
     if local_ns == remote_ns:
         return True
@@ -143,7 +143,7 @@ def needs_sending(local: LocalEntry, remote: DestinationEntry | None) -> bool:
         return True
     if local.kind == "link":
         return remote.link_target != local.link_target
-    return remote.size != local.size or remote.mode != local.mode or not _same_mtime(local.mtime_ns, remote.mtime_ns)
+    return remote.size != local.size or remote.mode != local.mode or not same_mtime(local.mtime_ns, remote.mtime_ns)
 
 
 def _safe_relative(path: str) -> bool:
