@@ -21,8 +21,9 @@ How a sync works, whatever the destination:
    without ``..``: nothing outside the destination directory is touched.
    A kept directory the destination lacks, and that no sent file creates (an
    empty ``checkpoints/``), is made after the deletions.
-4. Only the files in the plan travel.  Over SSH, the deletions and an
-   uncompressed tar stream of the planned files go down the listing session's
+4. Only the files in the plan travel.  Over SSH, the deletions and a
+   tar stream of the planned files (gzip-compressed when it pays:
+   :mod:`~gpuflow.sync.compress`) go down the listing session's
    stdin (written here, pax format, headers as :mod:`tarfile` writes them; ``tar -xpf -`` there):
    one connection, one remote shell for the whole sync.  rsync (``--files-from``
    the plan, NUL-separated, over the same multiplexed connection) is used when
