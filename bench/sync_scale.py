@@ -7,7 +7,11 @@ destination on tmpfs (/dev/shm when it exists: first syncs on a disk vary
 contenders taking turns: first sync (into a fresh directory), no-change
 re-sync, one-change re-sync.  Prints the median with the range and the cost
 per file in microseconds, so a reader sees both tools grow alike, and the
-load average at the start and the end.
+load average at the start and the end.  Then, per size: the peak resident
+memory of a no-change re-sync (gpuflow's whole process, `/usr/bin/time -f %M`,
+beside the interpreter's own with gpuflow.sync imported; the local rsync
+process), and the bytes of the first sync's tar stream, plain and gzip level 1
+(what a remote link would carry), with the CPU the compression takes.
 
     unshare -n sh -c 'ip link set lo up && python bench/sync_scale.py --sizes 1000,10000,50000'
 """
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sync_bench import build_tree, rsync, tree_signature  # noqa: E402
 
 from gpuflow.records import SSHTarget  # noqa: E402
-from gpuflow.sync import SSHDestination, sync_directory  # noqa: E402
+from gpuflow.sync import SSHDestination, ssh_argv, sync_directory  # noqa: E402
 from tests.sshd import SshServer  # noqa: E402
 
 
@@ -57,6 +63,8 @@ def main() -> int:
     server = SshServer(work / "sshd").start()
     load_before = os.getloadavg()
     rows = []
+    memory: list[tuple[int, int, int]] = []
+    wire: list[tuple[int, int, int, float]] = []
     try:
         known_hosts = work / "known_hosts"
         known_hosts.write_text(server.known_hosts_line() + "\n")
@@ -99,6 +107,10 @@ def main() -> int:
             if tree_signature(remote / "gf-0") != tree_signature(tree):
                 print(f"MISMATCH after the re-syncs of {count} files")
                 return 2
+            memory.append((count, peak_kib(_GPUFLOW_RESYNC, str(tree), str(remote / "gf-0"), *_target_args(target)),
+                           peak_kib("rsync", "-az", "-e", shlex.join(ssh_argv(target)), f"{tree}/",
+                                    f"{target.host}:{remote / 'rs-0'}/")))
+            wire.append((count, *stream_bytes(tree)))
             shutil.rmtree(remote, ignore_errors=True)
             shutil.rmtree(tree, ignore_errors=True)
     finally:
@@ -113,7 +125,58 @@ def main() -> int:
         mo, mt = statistics.median(ours), statistics.median(theirs)
         print(f"{case:30} {mo:7.3f} [{min(ours):.2f}-{max(ours):.2f}] {mt:9.3f} [{min(theirs):.2f}-{max(theirs):.2f}] "
               f"{mo / mt:5.2f}x {mo / count * 1e6:10.0f} {mt / count * 1e6:10.0f}")
+    interpreter = peak_kib(sys.executable, "-c", "import gpuflow.sync")
+    print(f"\npeak memory of a no-change re-sync (KiB; the interpreter with gpuflow.sync imported: {interpreter:,})")
+    print(f"{'files':>8} {'gpuflow':>9} {'gf-interp':>9} {'rsync':>8} {'gf B/file':>9}")
+    for count, ours, theirs in memory:
+        print(f"{count:8,} {ours:9,} {ours - interpreter:9,} {theirs:8,} {(ours - interpreter) * 1024 / count:9.0f}")
+    print("\nfirst sync's tar stream: bytes plain, gzip level 1, compression CPU")
+    for count, plain, packed, seconds in wire:
+        print(f"{count:8,} {plain:12,} {packed:12,} ({plain / packed:.1f}x smaller) {seconds:.2f} CPU-s")
     return 0
+
+
+_GPUFLOW_RESYNC = (
+    "import sys; from gpuflow.records import SSHTarget; from gpuflow.sync import SSHDestination, sync_directory; "
+    "t = SSHTarget(sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]); "
+    "sync_directory(sys.argv[1], SSHDestination(t, sys.argv[2]), large_files=10**9)"
+)
+
+
+def _target_args(target: SSHTarget) -> list[str]:
+    return [target.host, str(target.port), target.user, str(target.key_path), str(target.known_hosts_path)]
+
+
+def peak_kib(*argv: str) -> int:
+    """Peak resident memory (KiB) of a command: a Python snippet (``argv[0]`` holds ``import``) or a program."""
+    command = [sys.executable, "-c", *argv] if "import" in argv[0] and argv[0] != sys.executable else list(argv)
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    completed = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True, check=True,
+                               env=environment)
+    return int(completed.stderr.strip().splitlines()[-1])
+
+
+def stream_bytes(tree: Path) -> tuple[int, int, float]:
+    """The tar stream of the whole tree: plain bytes, gzip level-1 bytes, CPU-s of the compression."""
+    from gpuflow.sync import scan_source
+    from gpuflow.sync.compress import GzipWriter
+    from gpuflow.sync.transfer import stream_tar
+
+    class Counter:
+        total = 0
+
+        def write(self, data) -> None:
+            self.total += len(data)
+
+    entries = scan_source(tree).entries
+    plain = Counter()
+    stream_tar(tree, entries, plain, None)
+    packed = Counter()
+    writer = GzipWriter(packed)
+    started = time.process_time()
+    stream_tar(tree, entries, writer, None)
+    writer.close()
+    return plain.total, packed.total, time.process_time() - started
 
 
 if __name__ == "__main__":

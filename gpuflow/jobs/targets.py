@@ -28,21 +28,23 @@ def target_for_cluster(cluster_name: str, *, project_dir: Path | None = None) ->
     def sync_data(data_dir: Path) -> object:
         return sync.sync_data(cluster, data_dir, project_dir=project_dir)
 
+    scans = sync.SharedScans()
     return RunTarget(
         cluster=cluster, connect=lambda: nodes.runner_for(cluster, project_dir=project_dir), sync_project=sync_project,
         sync_data=sync_data, instance_alive=lambda: node_alive(cluster, project_dir=project_dir),
-        nodes=tuple(_node_target(cluster, node, project_dir) for node in cluster.nodes),
+        nodes=tuple(_node_target(cluster, node, project_dir, scans) for node in cluster.nodes),
     )
 
 
-def _node_target(cluster: Cluster, node: Node, project_dir: Path | None) -> NodeTarget:
-    """One node as a multi-node run reaches it (its private address for the other workers)."""
+def _node_target(cluster: Cluster, node: Node, project_dir: Path | None, scans: sync.SharedScans) -> NodeTarget:
+    """One node as a multi-node run reaches it (its private address for the other workers); the
+    nodes' syncs, run in parallel, share one scan of the project (and of the data directory)."""
     return NodeTarget(
         instance_id=node.instance_id,
         host="127.0.0.1" if cluster.sandbox else (node.private_ip or node.public_ip or ""),
         connect=lambda: nodes.runner_for(cluster, node, project_dir=project_dir),
-        sync_project=lambda directory: sync.sync_project(cluster, directory, node=node),
-        sync_data=lambda directory: sync.sync_data(cluster, directory, project_dir=project_dir, node=node),
+        sync_project=lambda directory: sync.sync_project(cluster, directory, node=node, scans=scans),
+        sync_data=lambda directory: sync.sync_data(cluster, directory, project_dir=project_dir, node=node, scans=scans),
         sandbox=bool(cluster.sandbox),
     )
 

@@ -6,7 +6,9 @@ How a sync works, whatever the destination:
    ``.gpuflowignore``, fixed skips, symlink policy) with size, mtime and mode,
    and the directories it keeps (empty ones too).
 2. One look at the destination lists what is already there (size, mtime,
-   mode, link target; never following links).  Over SSH this is the first
+   mode, link target; never following links), compared with the scanned tree
+   as it streams in: a file the destination holds as the tree does is only
+   marked (one byte), so a no-change sync of 50,000 files keeps no object per file.  Over SSH this is the first
    command of one OpenSSH connection (a ControlMaster the rest of the sync
    reuses); it also says whether the remote has rsync, and it stays open to
    carry the next step on the same stdin.
@@ -19,8 +21,9 @@ How a sync works, whatever the destination:
    without ``..``: nothing outside the destination directory is touched.
    A kept directory the destination lacks, and that no sent file creates (an
    empty ``checkpoints/``), is made after the deletions.
-4. Only the files in the plan travel.  Over SSH, the deletions and an
-   uncompressed tar stream of the planned files go down the listing session's
+4. Only the files in the plan travel.  Over SSH, the deletions and a
+   tar stream of the planned files (gzip-compressed when it pays:
+   :mod:`~gpuflow.sync.compress`) go down the listing session's
    stdin (written here, pax format, headers as :mod:`tarfile` writes them; ``tar -xpf -`` there):
    one connection, one remote shell for the whole sync.  rsync (``--files-from``
    the plan, NUL-separated, over the same multiplexed connection) is used when
@@ -54,7 +57,8 @@ the file list; :mod:`~gpuflow.sync.plan` records and the plan;
 the remote script; :mod:`~gpuflow.sync.transfer` tar and rsync;
 :mod:`~gpuflow.sync.local` the local copy; :mod:`~gpuflow.sync.lock` the
 destination lock; :mod:`~gpuflow.sync.progress` the progress bar;
-:mod:`~gpuflow.sync.engine` one sync; :mod:`~gpuflow.sync.cluster` syncs to a
+:mod:`~gpuflow.sync.engine` one sync; :mod:`~gpuflow.sync.shared` one scan
+for the syncs to several nodes; :mod:`~gpuflow.sync.cluster` syncs to a
 cluster (the ``gpuflow sync`` use case).
 """
 
@@ -66,7 +70,9 @@ from gpuflow.sync.engine import (
     DEFAULT_LARGE_FILES,
     METHODS,
     RSYNC_DELTA_MIN_BYTES,
+    scan_source,
     sync_directory,
+    sync_many,
 )
 from gpuflow.sync.exchange import parse_find_listing
 from gpuflow.sync.local import list_local_destination
@@ -83,6 +89,7 @@ from gpuflow.sync.plan import (
     plan_sync,
 )
 from gpuflow.sync.session import ssh_argv
+from gpuflow.sync.shared import SharedScans
 
 __all__ = [
     "DEFAULT_LARGE_BYTES",
@@ -96,6 +103,7 @@ __all__ = [
     "DestinationState",
     "LocalDestination",
     "SSHDestination",
+    "SharedScans",
     "SyncPlan",
     "SyncReport",
     "data_name",
@@ -104,9 +112,11 @@ __all__ = [
     "needs_sending",
     "parse_find_listing",
     "plan_sync",
+    "scan_source",
     "ssh_argv",
     "sync_cluster",
     "sync_data",
     "sync_directory",
+    "sync_many",
     "sync_project",
 ]

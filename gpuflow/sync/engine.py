@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpuflow.errors import DataError, UsageError
+from gpuflow.sync.compress import on_this_machine, worth_compressing
 from gpuflow.sync.exchange import Exchange
 from gpuflow.sync.ignore import SourceTree, scan_tree
 from gpuflow.sync.local import apply_local, list_local_destination
@@ -26,6 +30,7 @@ from gpuflow.sync.plan import (
 )
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, pin_on_first_use
+from gpuflow.sync.shared import SharedScans
 from gpuflow.sync.transfer import local_rsync_usable, send_rsync
 
 # A tree bigger than this is probably a mistake (a dataset or a venv inside the project).
@@ -58,6 +63,7 @@ class _Options:
     confirm_large: Callable[[str], bool] | None
     warn: Callable[[str], None]
     lock_wait: float = SYNC_LOCK_WAIT_SECONDS
+    compress: bool | None = None
 
 
 def sync_directory(
@@ -73,6 +79,9 @@ def sync_directory(
     confirm_large: Callable[[str], bool] | None = None,
     warn: Callable[[str], None] = _stderr_warning,
     lock_wait: float = SYNC_LOCK_WAIT_SECONDS,
+    tree: SourceTree | None = None,
+    scans: SharedScans | None = None,
+    compress: bool | None = None,
 ) -> SyncReport:
     """Make ``destination`` mirror ``source`` (after ignore rules); send only changes.
 
@@ -83,7 +92,14 @@ def sync_directory(
     ``confirm_large`` is asked (with a one-line description) before sending
     more than ``large_bytes`` or ``large_files``; without it the sync warns
     through ``warn`` and goes on.  Another sync to the same destination is waited
-    for, up to ``lock_wait`` seconds (see :mod:`gpuflow.sync.lock`).  Returns a :class:`SyncReport`.
+    for, up to ``lock_wait`` seconds (see :mod:`gpuflow.sync.lock`).
+    ``tree``: the source already scanned (:func:`scan_source` of the same
+    ``source`` and ``skip_top_level``), for the syncs of one tree to several
+    nodes; ``scans``: share the scan with the concurrent syncs of the same
+    source (:class:`~gpuflow.sync.shared.SharedScans`).  ``compress``: whether
+    a tar stream travels gzip-compressed (None: when it pays, see
+    :mod:`gpuflow.sync.compress`; never without gzip on the destination).
+    Returns a :class:`SyncReport`.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sync method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -96,15 +112,32 @@ def sync_directory(
     if not source.is_dir():
         raise DataError(f"cannot sync {source}: not a directory")
     started = time.perf_counter()
-    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn, lock_wait)
+    options = _Options(method, dry_run, progress, large_bytes, large_files, confirm_large, warn, lock_wait, compress)
 
-    def scan() -> SourceTree:
-        tree = scan_tree(source, skip_top_level=skip_top_level)
-        for link in tree.skipped_links[:3]:
-            warn(f"not sending symlink {link!r}: it is absolute or leads outside {source}")
-        return tree
+    if tree is not None:
+        if os.path.realpath(tree.root) != os.path.realpath(source):
+            raise UsageError(f"the scanned tree is of {tree.root}, not of {source}")
+        scanned = tree
+        return _sync(lambda: scanned, destination, options, started)
+    if scans is None:
+        return _sync(lambda: scan_source(source, skip_top_level=skip_top_level, warn=warn), destination, options, started)
+    key = scans.key(source, skip_top_level)
+    with scans.hold(key, lambda: scan_source(source, skip_top_level=skip_top_level, warn=warn)) as shared:
+        return _sync(shared, destination, options, started)
 
-    if local:
+
+def scan_source(
+    source: Path, *, skip_top_level: Sequence[str] = (), warn: Callable[[str], None] | None = None
+) -> SourceTree:
+    """The one scan of a sync's source (ignore rules, link policy), warning about the links left out."""
+    tree = scan_tree(Path(source).expanduser(), skip_top_level=skip_top_level)
+    for link in tree.skipped_links[:3]:
+        (warn or _stderr_warning)(f"not sending symlink {link!r}: it is absolute or leads outside {source}")
+    return tree
+
+
+def _sync(scan: Callable[[], SourceTree], destination: Destination, options: _Options, started: float) -> SyncReport:
+    if isinstance(destination, LocalDestination):
         return _sync_local(scan, destination, options, started)
     return _sync_ssh(scan, destination, options, started)
 
@@ -123,7 +156,13 @@ def _check_size(plan: SyncPlan, destination: Destination, options: _Options) -> 
 
 
 def _report(
-    tree: SourceTree, destination: Destination, method: str, plan: SyncPlan, started: float, dry_run: bool
+    tree: SourceTree,
+    destination: Destination,
+    method: str,
+    plan: SyncPlan,
+    started: float,
+    dry_run: bool,
+    compressed: bool = False,
 ) -> SyncReport:
     return SyncReport(
         source=str(tree.root),
@@ -141,6 +180,7 @@ def _report(
         skipped_links=tree.skipped_links,
         directories_created=len(plan.to_create),
         created=plan.to_create,
+        compressed=compressed,
     )
 
 
@@ -187,7 +227,7 @@ def _sync_ssh(
         # Connect first and scan while the handshake runs: the scan is then free.
         exchange = Exchange(session, destination.directory, create=not options.dry_run, lock_wait=options.lock_wait)
         tree = scan()
-        state = exchange.read_state(waiting=options.warn)
+        state = exchange.read_state(waiting=options.warn, tree=tree)
         if not state.listed:
             options.warn(f"cannot list {destination.describe()} (no GNU find there): sending every file, deleting none")
         if options.method == "rsync" and not (state.has_rsync and local_rsync_usable()):
@@ -198,8 +238,13 @@ def _sync_ssh(
             chosen = "rsync" if worth_a_delta and state.has_rsync and local_rsync_usable() else "tar"
         else:
             chosen = options.method
+        compressed = chosen == "tar" and bool(plan.to_send) and state.has_gzip and (
+            options.compress
+            if options.compress is not None
+            else not on_this_machine(destination.target.host) and worth_compressing(tree.root, plan.to_send)
+        )
         if options.dry_run:
-            return _report(tree, destination, chosen, plan, started, True)
+            return _report(tree, destination, chosen, plan, started, True, compressed)
         _check_size(plan, destination, options)
         bar = Progress(options.progress, plan.bytes_to_send, f"sync ({chosen})")
         try:
@@ -215,13 +260,32 @@ def _sync_ssh(
                     tar_source=tree.root,
                     tar_entries=plan.to_send,
                     progress=bar,
+                    compress=compressed,
                 )
             else:
                 exchange.finish(plan.to_delete, directories=plan.to_create)
         finally:
             bar.close()
-        return _report(tree, destination, chosen, plan, started, False)
+        return _report(tree, destination, chosen, plan, started, False, compressed)
     finally:
         if exchange is not None:
             exchange.abandon()
         session.close()
+
+
+def sync_many(source: Path, destinations: Sequence[Destination], **options: Any) -> list[SyncReport]:
+    """Sync ``source`` to every destination in parallel after one scan; the
+    reports in the destinations' order.  A failure is raised after every
+    transfer has ended (the first one, in the destinations' order), so nothing
+    is left running."""
+    source = Path(source).expanduser()
+    tree = scan_source(source, skip_top_level=options.get("skip_top_level", ()), warn=options.get("warn"))
+    if not destinations:
+        return []
+    with ThreadPoolExecutor(max_workers=len(destinations)) as pool:
+        futures = [pool.submit(sync_directory, source, destination, tree=tree, **options) for destination in destinations]
+        errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]

@@ -13,7 +13,8 @@ The exchange, one remote shell session per sync (:data:`EXCHANGE_SCRIPT`):
    NUL-separated paths to delete (relative, from the listing), removed
    without following links (a directory only when empty), then that many of
    directories to create (the tree's empty ones: nothing unpacked makes them);
-3. ``<next>`` is ``tar``: unpack the rest of stdin here; ``wait``: stay until
+3. ``<next>`` is ``tar``: unpack the rest of stdin here (``tgz``: gzip-compressed,
+   see :mod:`gpuflow.sync.compress`); ``wait``: stay until
    stdin closes (rsync is using the connection meanwhile); ``none``: done.
 
 ``read`` takes exactly one line and ``head -c`` exactly each ``<bytes>``, so the tar
@@ -28,30 +29,34 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpuflow.errors import DataError, RemoteCommandFailed
-from gpuflow.sync.ignore import LocalEntry
+from gpuflow.sync.compress import GzipWriter
+from gpuflow.sync.ignore import LocalEntry, SourceTree
 from gpuflow.sync.lock import LOCK_EXIT_CODE, SYNC_LOCK_SUFFIX, SYNC_LOCK_WAIT_SECONDS, lock_timeout
-from gpuflow.sync.plan import DestinationEntry, DestinationState
+from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending, same_mtime
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, ssh_failure, tail
 from gpuflow.sync.transfer import stream_tar
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 # Searched for, not matched at the start: a login shell may print a banner first.
-_PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d)\n")
+_PROBE_HEADER = re.compile(rb"(?:^|\n)GPUFLOW-PROBE rsync=(\d) exists=(\d) listed=(\d) gzip=(\d)\n")
 _LISTING_END = b"END" + b"\0" * 6  # a 6-field record no find output can produce (kinds are one letter)
 _SYNC_WAIT_LINE = b"GPUFLOW-SYNC-WAIT\n"
+STDIN_BUFFER = 1 << 18
 
 # Positional parameters: the destination directory, 1 to create and lock it (0:
 # a dry run, which changes nothing and so need not wait), the lock file's suffix,
 # the seconds to wait for the lock, the exit status when that wait runs out.
 EXCHANGE_SCRIPT = TAKE_LOCK_SHELL_FUNCTION + r"""d=$1 create=$2 lock_suffix=$3 lock_wait=$4 lock_code=$5
-r=0 e=0 l=0
+r=0 e=0 l=0 z=0
 command -v rsync >/dev/null 2>&1 && r=1
+command -v gzip >/dev/null 2>&1 && z=1
 if [ "$create" = 1 ]; then
   mkdir -p -- "$d" || exit 3
   k="${d%/}$lock_suffix"
@@ -63,7 +68,7 @@ if [ -d "$d" ] && cd -- "$d"; then
   e=1
   find . -maxdepth 0 -printf '' >/dev/null 2>&1 && l=1
 fi
-printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s\n' "$r" "$e" "$l"
+printf 'GPUFLOW-PROBE rsync=%s exists=%s listed=%s gzip=%s\n' "$r" "$e" "$l" "$z"
 if [ "$l" = 1 ]; then find . -mindepth 1 -printf '%y\0%m\0%s\0%T@\0%l\0%P\0' || exit 5; fi
 printf 'END\0\0\0\0\0\0'
 IFS=' ' read -r n m next || exit 0
@@ -78,9 +83,10 @@ if [ "$m" -gt 0 ]; then
   [ "$e" = 1 ] || exit 3
   head -c "$m" | xargs -0 -r mkdir -p -- || exit 4
 fi
-if [ "$next" = tar ]; then
+if [ "$next" = tar ] || [ "$next" = tgz ]; then
   [ "$e" = 1 ] || exit 3
-  exec env LC_ALL=C tar --no-same-owner -xpf - --warning=no-timestamp --warning=no-unknown-keyword
+  z=; [ "$next" = tgz ] && z=-z
+  exec env LC_ALL=C tar --no-same-owner $z -xpf - --warning=no-timestamp --warning=no-unknown-keyword
 fi
 if [ "$next" = wait ]; then exec cat >/dev/null; fi
 """
@@ -94,9 +100,12 @@ class ListingParser:
     as it arrives (:meth:`feed` each chunk, then :meth:`close`), so the parse
     runs while the remote side is still listing."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: SourceTree | None = None) -> None:
         self.entries: dict[str, DestinationEntry] = {}
         self._rest = b""
+        # Against a scanned tree, an entry the tree holds as it is only sets its byte here.
+        self._tree = tree
+        self.unchanged = bytearray(len(tree.entries)) if tree is not None else None
 
     def feed(self, data: bytes) -> None:
         fields = (self._rest + data).split(b"\0")
@@ -114,7 +123,24 @@ class ListingParser:
         kinds = _FIND_KINDS
         decode = os.fsdecode
         billion = 1_000_000_000
+        tree = self._tree
+        index = tree.index if tree is not None else {}
+        local_entries = tree.entries if tree is not None else ()
+        unchanged = self.unchanged
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
+        find_index = index.get
         for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
+            if kind_code == b"f" and unchanged is not None:
+                # The common case, a file the tree has: compared field by field, nothing built.
+                position = find_index(path.decode(encoding, errors))
+                if position is not None:
+                    local = local_entries[position]
+                    if local.kind == "file" and local.size == int(size) and local.mode == int(mode, 8):
+                        seconds, _, fraction = mtime.partition(b".")
+                        mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
+                        if same_mtime(local.mtime_ns, mtime_ns):
+                            unchanged[position] = 1
+                            continue
             kind = kinds.get(kind_code, "other")
             seconds, _, fraction = mtime.partition(b".")
             mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
@@ -124,7 +150,13 @@ class ListingParser:
                 entry = DestinationEntry("link", 0, mtime_ns, 0, decode(link_target))
             else:
                 entry = DestinationEntry(kind, 0, mtime_ns)
-            entries[decode(path)] = entry
+            name = decode(path)
+            if unchanged is not None and kind != "dir":
+                position = index.get(name)
+                if position is not None and not needs_sending(local_entries[position], entry):
+                    unchanged[position] = 1
+                    continue
+            entries[name] = entry
 
 
 def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
@@ -157,6 +189,7 @@ class Exchange:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
+            bufsize=STDIN_BUFFER,  # small members coalesce into big writes: fewer wake-ups along ssh, sshd and tar
         )
         self._finished = False
         self._what = "sync"
@@ -169,17 +202,22 @@ class Exchange:
             return ssh_failure(self.session.target, stderr, what)
         return RemoteCommandFailed(f"{what} failed on {self.session.target.host} (exit {code}): {tail(stderr)}")
 
-    def read_state(self, waiting: Callable[[str], None] = lambda message: None) -> DestinationState:
+    def read_state(
+        self, waiting: Callable[[str], None] = lambda message: None, tree: SourceTree | None = None
+    ) -> DestinationState:
         """Read the probe header and the listing (until the END record).
 
         ``waiting`` hears once when another sync holds the destination's lock.
+        With ``tree`` (the scanned source) the listing is compared as it
+        streams in: what the destination holds as the tree does is only marked
+        (:attr:`DestinationState.unchanged`), not kept.
         """
         assert self.process.stdout is not None
         chunks: list[bytes] = []  # what came before the probe header (and the header)
         tail = b""
         told = False
         header = None
-        parser = ListingParser()
+        parser = ListingParser(tree)
         withheld = b""  # the last bytes, held back from the parser: they may be the END record
         while True:
             chunk = self.process.stdout.read1(1 << 16)
@@ -214,9 +252,13 @@ class Exchange:
                 break
         if header is None:
             raise RemoteCommandFailed(f"unexpected answer from {self.session.target.host} to the sync probe")
-        has_rsync, exists, listed = (value == b"1" for value in header.groups())
+        has_rsync, exists, listed, has_gzip = (value == b"1" for value in header.groups())
         entries = parser.close() if listed else {}
-        return DestinationState(exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync)
+        unchanged = bytes(parser.unchanged) if listed and parser.unchanged is not None else None
+        return DestinationState(
+            exists=exists, entries=entries, listed=listed or not exists, has_rsync=has_rsync, has_gzip=has_gzip,
+            unchanged=unchanged,
+        )
 
     def finish(
         self,
@@ -227,21 +269,25 @@ class Exchange:
         tar_entries: Sequence[LocalEntry] = (),
         progress: Progress | None = None,
         keep_open: bool = False,
+        compress: bool = False,
     ) -> None:
         """Send the deletions and the directories to create, then (with
-        ``tar_source``) the tar stream of ``tar_entries``, and wait for the
-        remote side; with ``keep_open`` the session stays up (for rsync) until
+        ``tar_source``) the tar stream of ``tar_entries`` (gzip-compressed with
+        ``compress``), and wait for the remote side; with ``keep_open`` the session stays up (for rsync) until
         :meth:`end`."""
         assert self.process.stdin is not None
         doomed = b"".join(os.fsencode(path) + b"\0" for path in deletions)
         made = b"".join(os.fsencode(path) + b"\0" for path in directories)
-        next_step = "tar" if tar_source is not None else "wait" if keep_open else "none"
+        next_step = ("tgz" if compress else "tar") if tar_source is not None else "wait" if keep_open else "none"
         self._what = "unpacking" if tar_source is not None else "deleting removed files and creating directories"
         try:
             self.process.stdin.write(f"{len(doomed)} {len(made)} {next_step}\n".encode() + doomed + made)
             self.process.stdin.flush()
             if tar_source is not None:
-                self._packer_failure = stream_tar(tar_source, tar_entries, self.process.stdin, progress)
+                sink = GzipWriter(self.process.stdin) if compress else self.process.stdin
+                self._packer_failure = stream_tar(tar_source, tar_entries, sink, progress)
+                if compress and self._packer_failure is None:  # a failed stream stays cut off: the receiver fails
+                    sink.close()
         except BrokenPipeError:
             pass  # the remote side ended early: its exit status says why
         if not keep_open:

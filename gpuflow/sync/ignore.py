@@ -30,7 +30,9 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from gpuflow.config import read_user_text
 from gpuflow.errors import ConfigError
@@ -41,9 +43,12 @@ IGNORE_FILE_NAMES = (".gitignore", ".gpuflowignore")
 PROJECT_SKIPPED_TOP_LEVEL = frozenset({"runs"})
 
 
-@dataclass(frozen=True)
-class LocalEntry:
-    """One file or symbolic link to send, with what the change check compares."""
+class LocalEntry(NamedTuple):
+    """One file or symbolic link to send, with what the change check compares.
+
+    A named tuple, not a dataclass: a sync holds one per file of the tree
+    (50,000 for a big one), and a tuple is built several times faster and takes
+    a third of the memory of a frozen dataclass instance."""
 
     path: str  # relative to the tree's root, '/'-separated
     kind: str  # "file" or "link"
@@ -148,6 +153,11 @@ class SourceTree:
     directories: frozenset[str]  # every directory kept (not ignored), empty or not: it exists on the destination too
     skipped_links: tuple[str, ...]
     rules: IgnoreRules
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """path -> its position in ``entries`` (built once, on first use)."""
+        return {entry.path: position for position, entry in enumerate(self.entries)}
 
     @property
     def total_bytes(self) -> int:

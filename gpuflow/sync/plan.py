@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from gpuflow.errors import SecurityError
 from gpuflow.records import SSHTarget
@@ -55,6 +55,7 @@ class SyncReport:
     skipped_links: tuple[str, ...] = ()
     directories_created: int = 0  # empty directories of the tree the destination lacked
     created: tuple[str, ...] = ()
+    compressed: bool = False  # the tar stream travelled gzip-compressed
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -67,7 +68,7 @@ class SyncReport:
         text = (
             f"{verb} {self.files_sent:,} of {self.files_considered:,} files "
             f"({human_bytes(self.bytes_sent)} of {human_bytes(self.bytes_considered)}) "
-            f"to {self.destination} via {self.method} in {self.seconds:.2f} s"
+            f"to {self.destination} via {self.method}{' (gzip)' if self.compressed else ''} in {self.seconds:.2f} s"
         )
         if self.files_deleted:
             text += f"; {'would delete' if self.dry_run else 'deleted'} {self.files_deleted:,}"
@@ -80,9 +81,8 @@ class SyncReport:
         return text
 
 
-@dataclass(frozen=True)
-class DestinationEntry:
-    """One entry of the destination listing."""
+class DestinationEntry(NamedTuple):
+    """One entry of the destination listing (a named tuple: one per file of the destination)."""
 
     kind: str  # "file" | "link" | "dir" | "other"
     size: int = 0
@@ -99,6 +99,11 @@ class DestinationState:
     entries: dict[str, DestinationEntry] = field(default_factory=dict)
     listed: bool = True  # False when the listing failed: send everything, delete nothing
     has_rsync: bool = False
+    has_gzip: bool = False  # the destination can unpack a gzip-compressed tar stream
+    # When the listing was read against the scanned tree (streamed: see ListingParser): one byte per
+    # tree entry, 1 where the destination holds that entry as it is; such entries are left out of
+    # ``entries`` (the plan needs only what differs), so a no-change sync keeps nothing per file.
+    unchanged: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def human_bytes(count: int) -> str:
 # --------------------------------------------------------------------------- planning
 
 
-def _same_mtime(local_ns: int, remote_ns: int) -> bool:
+def same_mtime(local_ns: int, remote_ns: int) -> bool:
     """Equal, or equal to the second when the destination keeps only seconds."""
     if local_ns == remote_ns:
         return True
@@ -138,7 +143,7 @@ def needs_sending(local: LocalEntry, remote: DestinationEntry | None) -> bool:
         return True
     if local.kind == "link":
         return remote.link_target != local.link_target
-    return remote.size != local.size or remote.mode != local.mode or not _same_mtime(local.mtime_ns, remote.mtime_ns)
+    return remote.size != local.size or remote.mode != local.mode or not same_mtime(local.mtime_ns, remote.mtime_ns)
 
 
 def _safe_relative(path: str) -> bool:
@@ -147,8 +152,17 @@ def _safe_relative(path: str) -> bool:
 
 def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
     """What to send and what to delete so the destination mirrors the tree."""
-    local_paths = {entry.path for entry in tree.entries}
-    to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
+    local_paths = tree.index
+    unchanged = state.unchanged
+    if unchanged is None:
+        to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
+    else:
+        if len(unchanged) != len(tree.entries):
+            raise ValueError("the destination listing was read against another tree")
+        get = state.entries.get
+        to_send = tuple(
+            entry for entry, same in zip(tree.entries, unchanged) if not same and needs_sending(entry, get(entry.path))
+        )
     if not state.listed:
         return SyncPlan(tree.entries, (), _directories_to_create(tree, state, tree.entries))
     doomed_files: list[str] = []

@@ -156,7 +156,8 @@ def _tarfile_header(entry: LocalEntry, seconds: int, nanoseconds: int) -> bytes:
 
 
 def stream_tar(source: Path, entries: Sequence[LocalEntry], sink: Any, progress: Progress | None) -> str | None:
-    """Write one uncompressed POSIX (pax) tar stream of ``entries`` into ``sink``.
+    """Write one POSIX (pax) tar stream of ``entries`` into ``sink`` (a
+    :class:`~gpuflow.sync.compress.GzipWriter` when it travels compressed).
 
     Written here rather than by the local ``tar``: the same bytes on Linux and
     macOS (whose bsdtar lacks GNU options), no name ever passes through an
