@@ -5,7 +5,8 @@ node has written a step checkpoint, i.e. mid-epoch while its sidecar uploads it)
 exits 0, history.csv has each epoch once, the final weights are those of the same module
 run uninterrupted as a plain local process, the manifest shows 3 attempts, the bucket
 holds the committed outputs, and `gpuflow setup --delete --sandbox --force` leaves nothing.
-CI sizes: digits, 600 images, 6 epochs (README "Recovery")."""
+CI sizes: digits, 600 images, 6 epochs (README "Recovery"); the uninterrupted run is trained
+alongside, once per test session (tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.jobs.reference_run import ORACLE_ARGS, oracle_reference  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -29,8 +31,7 @@ if importlib.util.find_spec("tensorflow") is None:
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_ARGS = ["--dataset", "digits", "--limit", "600", "--epochs", "6", "--batch-size", "16", "--seed", "0",
-               "--deterministic", "--save-every-steps", "8"]
+MODULE_ARGS = list(ORACLE_ARGS)
 TIMING = ("epoch_seconds", "train_seconds")
 
 
@@ -60,15 +61,13 @@ def _checkpoint_on(instance: Path) -> bool:
     return any(instance.glob("runs/*/outputs/checkpoint/state.json"))
 
 
-def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_path):
+def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_path, oracle_reference):
     import numpy as np
 
-    home, project, reference = tmp_path / "home", tmp_path / "project", tmp_path / "reference"
+    home, project = tmp_path / "home", tmp_path / "project"
     project.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "GPUFLOW_HOME": str(home)}
     gpuflow = [sys.executable, "-m", "gpuflow"]
-    local = subprocess.Popen([sys.executable, "-m", "training.cifar10_cnn", *MODULE_ARGS, "--output", str(reference)],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = None
     try:
         assert subprocess.run([*gpuflow, "setup", "--sandbox"], cwd=project, env=env,
@@ -85,7 +84,7 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
                                   env=env, capture_output=True).returncode == 0
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
-        assert local.wait(timeout=600) == 0
+        reference = oracle_reference.outputs()
         [outputs_dir] = (project / "runs").iterdir()
         outputs = outputs_dir / "outputs"
         history = _history(outputs)
@@ -111,10 +110,9 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         run_id = outputs_dir.name
         assert any(k.endswith(f"/{run_id}/outputs/COMMIT.json") for k in keys), keys
     finally:
-        for process in (run, local):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.wait()
         deleted = subprocess.run([*gpuflow, "setup", "--delete", "--sandbox", "--force"], cwd=project, env=env,
                                  capture_output=True)
     assert deleted.returncode == 0, deleted.stderr
