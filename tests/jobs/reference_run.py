@@ -7,8 +7,10 @@ uninterrupted.  That uninterrupted run is the same for every oracle: it is train
 plain local process (no gpuflow, no checkpoint restored, ``resumed_from == []``), in a
 directory of this pytest run that both xdist workers share (``pytest-N/``, above the workers'
 ``popen-gwX/``), keyed by the exact argv.  A file lock makes the first test that asks train it
-(in the background, alongside its own gpuflow run) and any other wait for it; a run that
-fails or is cut short leaves no ``.done`` marker, and the next test trains it afresh.
+(in the background, alongside its own gpuflow run) and any other wait for it: the training
+process itself writes the ``.done`` marker when it succeeds, so a waiting test goes on as soon
+as the training ends; one that fails or is cut short (its test ended first) leaves no marker,
+lets go of the lock, and the next test that asks trains it afresh.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +35,29 @@ ORACLE_ARGS = ("--dataset", "digits", "--limit", "600", "--epochs", "6", "--batc
                "--seed", "3", "--deterministic", "--save-every-steps", "8", "--no-tensorboard")
 
 
+# ``python -m MODULE ARGS`` (runpy, as -m does), and the marker once it has ended with 0.
+_RUN_THEN_MARK = """\
+import os, runpy, sys
+done, module = sys.argv.pop(1), sys.argv.pop(1)
+sys.argv[0] = module
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as stop:
+    code = stop.code or 0
+if code == 0:
+    open(done + ".tmp", "w").close()
+    os.replace(done + ".tmp", done)
+sys.exit(code)
+"""
+
+
 class SharedReference:
     """``MODULE args`` run once, uninterrupted, into ``<shared>/reference-<key>/``."""
 
     def __init__(self, shared: Path, args: tuple[str, ...] = ORACLE_ARGS, module: str = MODULE) -> None:
         key = hashlib.sha256(json.dumps([module, *args]).encode()).hexdigest()[:16]
-        self.argv = [sys.executable, "-m", module, *args]
+        self.module, self.args = module, tuple(args)
         self.output = shared / f"reference-{key}"
         self.done = shared / f"reference-{key}.done"
         self.log = shared / f"reference-{key}.log"
@@ -47,7 +67,7 @@ class SharedReference:
 
     def start(self) -> "SharedReference":
         """Start training it in the background, unless it is trained or another test trains it."""
-        if self.done.exists() or not self._try_lock(blocking=False):
+        if self.done.exists() or not self._try_lock():
             return self
         if self.done.exists():
             self._unlock()
@@ -57,19 +77,19 @@ class SharedReference:
 
     def outputs(self, timeout: float = 600) -> Path:
         """The reference's output directory, once it has trained (here or in another test)."""
-        if self._process is None and not self.done.exists():
-            self._try_lock(blocking=True)  # another test trains it: wait for its end
-            if not self.done.exists():  # it failed or was cut short: train it here
-                self._spawn()
+        deadline = time.monotonic() + timeout
+        while not self.done.exists():
+            if self._process is not None:
+                code = self._process.poll()
+                assert code is None or self.done.exists(), (
+                    f"the reference run failed ({code}): {self.log.read_text()[-3000:]}")
+            elif self._try_lock() and not self.done.exists():
+                self._spawn()  # whoever trained it ended without it: train it here
+            assert time.monotonic() < deadline, f"the reference run took over {timeout:g} s"
+            time.sleep(0.2)
         if self._process is not None:
-            try:
-                code = self._process.wait(timeout=timeout)
-                assert code == 0, f"the reference run failed ({code}): {self.log.read_text()[-3000:]}"
-                self.done.write_text(json.dumps(self.argv))
-            finally:
-                self.close()
-        self._unlock()
-        assert self.done.exists()
+            self._process.wait(timeout=60)  # it wrote the marker: it is exiting
+        self.close()
         return self.output
 
     def close(self) -> None:
@@ -86,15 +106,16 @@ class SharedReference:
         env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "KERAS_HOME": str(self.output.parent / "keras-home"),
                "TF_CPP_MIN_LOG_LEVEL": "2"}
         with self.log.open("w") as log:
-            self._process = subprocess.Popen([*self.argv, "--output", str(self.output)], cwd=REPOSITORY, env=env,
-                                             stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _RUN_THEN_MARK, str(self.done), self.module, *self.args, "--output",
+                 str(self.output)], cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _try_lock(self, blocking: bool) -> bool:
+    def _try_lock(self) -> bool:
         if self._lock is not None:
             return True
         handle = self._lock_path.open("a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             return False
