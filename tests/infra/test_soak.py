@@ -29,9 +29,18 @@ volume, no instance directory, no key file, no job process, and no sandbox serve
 
 Budget: ``GPUFLOW_SOAK_EXAMPLES`` walks of ``GPUFLOW_SOAK_STEPS`` commands; no command
 starts after ``GPUFLOW_SOAK_SECONDS`` (the walk under way then ends with its final
-checks; later walks, and shrinking, do nothing), so the CI defaults (3 x 10, 60 s)
-end within ~2 minutes (78-106 s measured on 2 shared cores).  Deterministic by default
-(derandomized); ``GPUFLOW_SOAK_SEED=N`` picks another walk, ``=random`` a fresh one.
+checks; later walks, and shrinking, do nothing), CI defaults: 3 x 10, 45 s (60 s
+took 73 s in CI, the first walk spent on one ``up`` and its cleanup).  A walk runs its first command only once a
+different one follows: hypothesis' first, simplest walk (one ``up``, repeated) would cost a
+server start and the whole final cleanup for one command that the other walks cover, so a
+walk of one distinct command runs nothing.  The CI walks are hypothesis' seed 0 (fixed here:
+derandomizing seeds from SoakMachine's source, so any edit of the class drew other walks).
+Walk 2: ``run`` with no cluster, ``run`` SIGKILLed, ``up`` SIGKILLed, ``up``, ``down`` of
+another region, ``reap``, ``up``, ``ls`` Ctrl-C'd, ``ls``, ``run`` Ctrl-C'd; walk 3: ``up``,
+``run --detach`` that starts, ``run`` SIGKILLed, the other owner's ``reap``, ``down``,
+``runs``, two ``stop``s, ``reap`` SIGKILLed, ``ls`` Ctrl-C'd (as far as the budget goes);
+each ends with the final ``down --all`` and ``reap``s.  ``GPUFLOW_SOAK_SEED=N`` picks other
+walks, ``=random`` fresh ones.
 ``GPUFLOW_SOAK_SHRINK=0`` reports the first failing walk without shrinking it;
 ``GPUFLOW_SOAK_IGNORE=kind,...`` prints violations of those kinds (the ``[kind]`` at the
 start of each message) without failing, to look past a known bug.
@@ -77,8 +86,10 @@ pytestmark = [
 EXAMPLES = int(os.environ.get("GPUFLOW_SOAK_EXAMPLES", "3"))
 STEPS = int(os.environ.get("GPUFLOW_SOAK_STEPS", "10"))
 # No new step starts after this; the walk under way then ends with its final checks.
-BUDGET_SECONDS = float(os.environ.get("GPUFLOW_SOAK_SECONDS", "60"))
-SEED = os.environ.get("GPUFLOW_SOAK_SEED", "").strip()
+BUDGET_SECONDS = float(os.environ.get("GPUFLOW_SOAK_SECONDS", "45"))
+# The CI walks: hypothesis' seed 0 (derandomizing would seed from SoakMachine's source, so any
+# edit of the class would draw other walks); "random" for a fresh one.
+SEED = os.environ.get("GPUFLOW_SOAK_SEED", "").strip() or "0"
 SHRINK = os.environ.get("GPUFLOW_SOAK_SHRINK", "1").strip() not in ("0", "no", "false")
 # Kinds of violation to report without failing (to look past a known bug):
 # setup, hang, traceback, real-aws, other-owner, own-scope, accounted, stray-process, final, final-server, final-keyfile.
@@ -149,6 +160,8 @@ class SoakMachine(RuleBasedStateMachine):
         self.log: list[str] = []
         self.failed = False
         self.previous: Cmd | None = None
+        self.held: Cmd | None = None  # the walk's first command, run once a different one follows
+        self.walk_started = False
         if self.active:
             self.world = SoakWorld(Path(tempfile.mkdtemp(prefix="gpuflow-soak-")), COMMAND_BOUND)
 
@@ -160,6 +173,15 @@ class SoakMachine(RuleBasedStateMachine):
         if cmd == self.previous:
             return  # the same command again at once (hypothesis' first, simplest walk is one `up` repeated)
         self.previous = cmd
+        if not self.walk_started:  # held: a walk of one distinct command (the simplest walk) runs nothing
+            self.walk_started, self.held = True, cmd
+            return
+        if self.held is not None:
+            held, self.held = self.held, None
+            self._step(held)
+        self._step(cmd)
+
+    def _step(self, cmd):
         owner, argv = cmd.owner, list(cmd.argv)
         if argv[0] == "stop":  # `stop RUN#k`: the k-th run either owner knows, stopped by its owner
             runs = self.world.run_ids()
@@ -477,7 +499,7 @@ def test_soak_two_owners_two_regions_random_commands_and_interrupts():
             stateful_step_count=STEPS,
             deadline=None,
             database=None,
-            derandomize=SEED == "",
+            derandomize=False,
             phases=phases,
             print_blob=True,
             report_multiple_bugs=False,

@@ -8,7 +8,8 @@ COMMIT.json and is never restored: attempt 3 resumes where attempt 2 did. The ru
 history.csv has each epoch once, the final weights are those of the same module run
 uninterrupted as a plain local process, the manifest shows 3 attempts, the bucket holds the
 committed outputs, and `gpuflow setup --delete --sandbox --force` leaves nothing.
-CI sizes: digits, 600 images, 6 epochs (README "Recovery")."""
+CI sizes: digits, 600 images, 6 epochs (README "Recovery"); the uninterrupted run is trained
+alongside, once per test session (tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.jobs.reference_run import ORACLE_ARGS, oracle_reference  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -33,8 +35,7 @@ if importlib.util.find_spec("tensorflow") is None:
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_ARGS = ["--dataset", "digits", "--limit", "600", "--epochs", "6", "--batch-size", "16", "--seed", "0",
-               "--deterministic", "--save-every-steps", "8"]
+MODULE_ARGS = list(ORACLE_ARGS)
 TIMING = ("epoch_seconds", "train_seconds")
 
 
@@ -81,15 +82,13 @@ def _upload_in_flight(instance: Path) -> dict | None:
     return uploading if sent and "COMMIT.json" not in sent else None
 
 
-def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_path):
+def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_path, oracle_reference):
     import numpy as np
 
-    home, project, reference = tmp_path / "home", tmp_path / "project", tmp_path / "reference"
+    home, project = tmp_path / "home", tmp_path / "project"
     project.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "GPUFLOW_HOME": str(home)}
     gpuflow = [sys.executable, "-m", "gpuflow"]
-    local = subprocess.Popen([sys.executable, "-m", "training.cifar10_cnn", *MODULE_ARGS, "--output", str(reference)],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = None
     try:
         assert subprocess.run([*gpuflow, "setup", "--sandbox"], cwd=project, env=env,
@@ -129,7 +128,7 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         assert sent == sorted(in_flight["sent"]) and "COMMIT.json" not in sent, (in_flight, keys())  # half sent
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
-        assert local.wait(timeout=600) == 0
+        reference = oracle_reference.outputs()
         [outputs_dir] = (project / "runs").iterdir()
         outputs = outputs_dir / "outputs"
         history = _history(outputs)
@@ -153,10 +152,9 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         resumed = re.findall(r"resumed at (epoch \d+ step \d+)", err)
         assert len(resumed) == 2 and resumed[0] == resumed[1], err
     finally:
-        for process in (run, local):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.wait()
         deleted = subprocess.run([*gpuflow, "setup", "--delete", "--sandbox", "--force"], cwd=project, env=env,
                                  capture_output=True)
     assert deleted.returncode == 0, deleted.stderr

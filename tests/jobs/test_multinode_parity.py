@@ -101,7 +101,7 @@ def test_killing_tensorflow_worker_1_fails_the_run_naming_node_1_within_60_s(tmp
     _project(tmp_path, monkeypatch)
     codes: list[int] = []
     argv = ["run", "--up", "--sandbox", "--count", "2", "--down", "killpair", "training.mnist_mlp", "--",
-            *COMMON, "--epochs", "200"]
+            *COMMON, "--epochs", "200", "--no-tensorboard"]  # TensorBoard is not under test here
     with in_process_sandbox():
         runner = threading.Thread(target=lambda: codes.append(cli(argv)))
         runner.start()

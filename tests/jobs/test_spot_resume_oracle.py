@@ -3,7 +3,8 @@ sandbox cluster runs `training.cifar10_cnn --deterministic`; a mock IMDSv2 proce
 127.0.0.1 (token required) answers 404 until the job has trained some steps, then
 gives a notice; the supervisor's watcher stops the job, which checkpoints and exits 75;
 `gpuflow run --resume` finishes it; its final weights and history.csv are those of an
-uninterrupted run of the same command."""
+uninterrupted run of the same command (trained alongside as a plain local process, once per
+test session: tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from gpuflow import clusters, jobs
 from infra.sandbox import in_process_sandbox
+from tests.jobs.reference_run import ORACLE_ARGS, oracle_reference  # noqa: F401 - fixture
 from tests.jobs.spot_helpers import imds  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
@@ -31,8 +33,7 @@ pytestmark = [
 # digits, first 600 images: 540 train (34 steps of 16 a epoch), 60 validation; 6 epochs.
 # A checkpoint every 8 steps: the first one on the instance is the sign that the job has
 # trained some steps, and the notice is given then (well before its 204th step).
-MODULE_ARGS = ["--dataset", "digits", "--limit", "600", "--epochs", "6", "--batch-size", "16", "--optimizer", "adam",
-               "--seed", "3", "--deterministic", "--save-every-steps", "8"]
+MODULE_ARGS = list(ORACLE_ARGS)
 TIMING = ("epoch_seconds", "train_seconds")
 
 
@@ -75,7 +76,8 @@ def _notice_once_trained(server, failures: list) -> None:
         failures.append(error)
 
 
-def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds, tmp_path, monkeypatch, capfd):
+def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds, oracle_reference, tmp_path, monkeypatch,
+                                                                         capfd):
     import numpy as np
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
@@ -112,15 +114,12 @@ def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds,
             assert f"run {record.run_id} succeeded" in resumed.err
             metrics = json.loads((local / "outputs" / "metrics.json").read_text())
             assert metrics["resumed_from"] == [{"epoch": epoch, "step": step}] and metrics["deterministic"] is True
-
-            # The uninterrupted run of the same command, on the same cluster.
-            assert cli(["run", "spotbox", "training.cifar10_cnn", "--", *MODULE_ARGS]) == 0, capfd.readouterr().err
-            capfd.readouterr()
-            [reference] = [r for r in jobs.all_records() if r.run_id != record.run_id]
-            reference_outputs = Path(reference.local_dir) / "outputs"
-            assert json.loads((reference_outputs / "metrics.json").read_text())["resumed_from"] == []
         finally:
             clusters.down("spotbox", sandbox=True)
+
+    # The uninterrupted run of the same command (a plain process, started with the test).
+    reference_outputs = oracle_reference.outputs()
+    assert json.loads((reference_outputs / "metrics.json").read_text())["resumed_from"] == []
 
     got, want = _saved_arrays(local / "outputs"), _saved_arrays(reference_outputs)
     assert sorted(got) == sorted(want) and any(name.startswith("optimizer/") for name in want)

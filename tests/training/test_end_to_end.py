@@ -148,7 +148,8 @@ def test_augmentation_changes_train_images_but_not_evaluation_images():
 
 def test_cnn_on_digits_reaches_97_percent(tmp_path):
     output = tmp_path / "digits"
-    argv = ["--dataset", "digits", "--optimizer", "adam", "--epochs", "30", "--seed", "0", "--output", str(output)]
+    argv = ["--dataset", "digits", "--optimizer", "adam", "--epochs", "30", "--seed", "0", "--no-tensorboard",
+            "--output", str(output)]
     assert cifar10_cnn.main(argv) == 0
     metrics = read_metrics(output)
     assert metrics["dataset"] == "digits" and metrics["samples"]["test"] == 360
@@ -198,14 +199,15 @@ def saved_cnn(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home-module")))
         assert cifar10_cnn.main(["--dataset", "digits", "--limit", "400", "--epochs", "2", "--optimizer", "adam",
-                                 "--output", str(output)]) == 0
+                                 "--no-tensorboard", "--output", str(output)]) == 0
     return output / "best_model.keras"
 
 
 def test_a_killed_subprocess_resumes_at_the_next_epoch(tmp_path):
     """SIGKILL a real run once its checkpoint holds epoch 2 or later; the rerun continues from there."""
     output = tmp_path / "killed"
-    argv = ["--dataset", "digits", "--limit", "300", "--epochs", "12", "--optimizer", "adam", "--output", str(output)]
+    argv = ["--dataset", "digits", "--limit", "300", "--epochs", "12", "--optimizer", "adam", "--no-tensorboard",
+            "--output", str(output)]
     repository = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(
         [sys.executable, "-m", "training.cifar10_cnn", *argv],

@@ -16,7 +16,7 @@ if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
 
 ARGS = ["--dataset", "digits", "--limit", "80", "--epochs", "1", "--batch-size", "16", "--seed", "0",
-        "--deterministic", "--save-every-steps", "2"]
+        "--deterministic", "--save-every-steps", "2", "--no-tensorboard"]
 
 
 def test_the_finished_checkpoint_is_restored_and_the_run_ends_cleanly(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ EPOCHS = 3
 # digits, first 200 images: 180 train (6 steps of 32, the last one 20 images), 20 validation.
 STEPS = 6
 ARGV = ["--dataset", "digits", "--limit", "200", "--epochs", str(EPOCHS), "--batch-size", "32",
-        "--optimizer", "adam", "--seed", "3", "--deterministic"]
+        "--optimizer", "adam", "--seed", "3", "--deterministic", "--no-tensorboard"]  # TensorBoard: not under test
 TIMING = ("epoch_seconds", "train_seconds")
 
 
@@ -157,7 +157,7 @@ def test_sigterm_in_a_real_process_saves_and_exits_75_then_the_rerun_finishes(tm
     output = tmp_path / "sigterm"
     repository = Path(__file__).resolve().parents[2]
     argv = ["--dataset", "digits", "--limit", "400", "--batch-size", "16", "--optimizer", "adam", "--save-every-steps", "7",
-            "--output", str(output)]
+            "--no-tensorboard", "--output", str(output)]
     process = subprocess.Popen(
         [sys.executable, "-m", "training.cifar10_cnn", *argv, "--epochs", "40"],
         cwd=repository, env={**os.environ, "PYTHONPATH": str(repository)},
@@ -288,7 +288,7 @@ def test_every_module_resumes_to_the_uninterrupted_weights(module_name, extra, t
     module = importlib.import_module(f"training.{module_name}")
     train = module.train
     argv = ["--dataset", "digits", "--limit", "100", "--epochs", "2", "--batch-size", "32", "--optimizer", "adam",
-            "--seed", "5", "--deterministic", *extra]
+            "--seed", "5", "--deterministic", "--no-tensorboard", *extra]
     if module_name == "transfer_learning":
         argv += ["--base-model", str(tiny_base)]
     steps = 3

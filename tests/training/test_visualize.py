@@ -43,7 +43,7 @@ def digits_cnn(keras_home, tmp_path_factory) -> Path:
     """training.cifar10_cnn on digits with --visualize: its output directory."""
     output = tmp_path_factory.mktemp("digits-cnn")
     argv = ["--dataset", "digits", "--limit", "500", "--epochs", "4", "--optimizer", "adam", "--visualize",
-            "--output", str(output)]
+            "--no-tensorboard", "--output", str(output)]
     assert cifar10_cnn.main(argv) == 0
     return output
 
@@ -51,7 +51,8 @@ def digits_cnn(keras_home, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits_mlp(keras_home, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("digits-mlp")
-    assert mnist_mlp.main(["--dataset", "digits", "--limit", "500", "--epochs", "3", "--output", str(output)]) == 0
+    assert mnist_mlp.main(["--dataset", "digits", "--limit", "500", "--epochs", "3", "--no-tensorboard",
+                           "--output", str(output)]) == 0
     return output
 
 
@@ -74,7 +75,7 @@ def transfer_model(keras_home, tmp_path_factory) -> Path:
     base.save(directory / "base.keras")
     output = directory / "model"
     argv = ["--dataset", "digits", "--limit", "300", "--epochs", "2", "--base-model", str(directory / "base.keras"),
-            "--case", "large-different", "--output", str(output)]
+            "--case", "large-different", "--no-tensorboard", "--output", str(output)]
     assert transfer_learning.main(argv) == 0
     return output
 
