@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs.reference_run import ORACLE_ARGS, oracle_reference  # noqa: F401 - fixture
+from tests.jobs.reference_run import ORACLE_ARGS, ORACLE_EPOCHS, oracle_reference  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -132,7 +132,7 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         [outputs_dir] = (project / "runs").iterdir()
         outputs = outputs_dir / "outputs"
         history = _history(outputs)
-        assert [int(row["epoch"]) for row in history] == list(range(6))  # Keras counts epochs from 0
+        assert [int(row["epoch"]) for row in history] == list(range(ORACLE_EPOCHS))  # Keras counts epochs from 0
         assert history == _history(reference)
         mine, theirs = _arrays(outputs), _arrays(reference)
         assert mine.keys() == theirs.keys()

@@ -18,7 +18,7 @@ import pytest
 
 from gpuflow import clusters, jobs
 from infra.sandbox import in_process_sandbox
-from tests.jobs.reference_run import ORACLE_ARGS, oracle_reference  # noqa: F401 - fixture
+from tests.jobs.reference_run import ORACLE_ARGS, ORACLE_EPOCHS, oracle_reference  # noqa: F401 - fixture
 from tests.jobs.spot_helpers import imds  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
@@ -103,7 +103,7 @@ def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds,
             shown = f"interrupted (resumable at epoch {epoch} step {step})"
             assert f"gpuflow: run {record.run_id} {shown} after a spot interruption notice" in first.err
             assert f"interrupted: checkpoint saved at epoch {epoch} step {step} (resumable)" in first.out + first.err
-            assert (epoch, step) < (6, 34), "stopped before its last step"
+            assert (epoch, step) < (ORACLE_EPOCHS, 34), "stopped before its last step"
             assert json.loads((Path(record.remote_dir) / "interruption.json").read_text())["notice"]["action"] == (
                 "terminate")
             assert not (local / "outputs" / "metrics.json").exists()
@@ -126,7 +126,7 @@ def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds,
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
     assert _history(local / "outputs") == _history(reference_outputs)
-    assert len(_history(reference_outputs)) == 6
+    assert len(_history(reference_outputs)) == ORACLE_EPOCHS
     reference_metrics = json.loads((reference_outputs / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(reference_metrics["test_accuracy"], abs=1e-6)
     assert metrics["best_epoch"] == reference_metrics["best_epoch"]
