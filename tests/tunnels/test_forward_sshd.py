@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def _get(url: str) -> str | None:
         return None
 
 
+def _lines(stream) -> list[str]:
+    """The lines of ``stream`` as they come, read by a thread (a test never blocks on a pipe)."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(stream.readline, "")), daemon=True).start()
+    return lines
+
+
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
     return [int(child) for child in found]
@@ -42,6 +50,7 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     local_port = int(url.rsplit(":", 1)[1].strip("/"))
     assert url == f"http://127.0.0.1:{local_port}/" and local_port != instance_http
     assert f"local port {instance_http} is taken: using {local_port}" in process.stderr.readline()
+    said = _lines(process.stderr)
 
     assert _get(url + "first") == "hello from the instance: /first"
     with pytest.raises(OSError), socket.create_connection(("127.0.0.2", local_port), timeout=5):
@@ -65,6 +74,8 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     assert wait_for(lambda: _get(url + "again"), timeout=60, what="the forward to reconnect") == (
         "hello from the instance: /again"
     )
+    # Bytes pass as soon as the new ssh listens; the line follows once gpuflow has seen it listen.
+    wait_for(lambda: any("reconnected to box" in line for line in said), what="gpuflow to say it reconnected")
     new_ssh = _children(process.pid)
     assert len(new_ssh) == 1 and new_ssh != ssh_pids
     ssh_identity = identity(new_ssh[0])
@@ -72,7 +83,8 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     os.kill(process.pid, signal.SIGINT)  # Ctrl-C
     assert process.wait(timeout=30) == 0
     assert identity(new_ssh[0]) != ssh_identity and identity(ssh_pids[0]) is None  # no ssh left behind
-    stderr = process.stderr.read()
+    wait_for(lambda: "forward ended\n" in said, what="the forward's last line")
+    stderr = "".join(said)
     assert "lost" in stderr and "reconnected to box" in stderr and "Traceback" not in stderr
     assert _get(url) is None
     assert open_tunnels("box") == []
