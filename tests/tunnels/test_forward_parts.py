@@ -11,6 +11,7 @@ from gpuflow.errors import InstanceGone, UnreachableHost, UsageError
 from gpuflow.tunnels.forward import Backoff, RelayTunnel, TunnelFailed, forward_argv, plan_forward, supervise
 from gpuflow.tunnels.ports import Forward, PortSpec, choose_forwards, parse_port_spec
 from gpuflow.records import SSHTarget
+from tests.waiting import wait_for
 
 
 def test_port_specs():
@@ -119,7 +120,9 @@ def test_a_sandbox_node_without_sshd_is_reached_by_a_loopback_relay(sandbox_clus
             assert response.read() == b"hello from the instance: /relay"
         with pytest.raises(OSError), socket.create_connection(("127.0.0.2", local), timeout=5):
             pass
-        assert (gpuflow_home / "sandbox" / "box" / sandbox_cluster.head.instance_id / "heartbeat").is_file()
+        # The relay's heartbeat thread touches it once started: wait for it, never check a thread's work on arrival.
+        wait_for((gpuflow_home / "sandbox" / "box" / sandbox_cluster.head.instance_id / "heartbeat").is_file,
+                 what="the relay to touch the node's heartbeat")
         assert tunnel.ended() is None
     finally:
         tunnel.stop()

@@ -41,6 +41,14 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in found]
 
 
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it has ended (a child listed a moment ago may be gone by now)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     through_sshd, instance_http, gpuflow_process, gpuflow_home
 ):
@@ -64,8 +72,7 @@ def test_forward_carries_bytes_binds_loopback_reconnects_and_ends_clean(
     )
     # A logged-in session (what the dead-man's switch counts as use), and the node's heartbeat touched.
     def logged_in() -> bool:
-        titles = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _children(through_sshd.process.pid)]
-        return any(b"@notty" in title for title in titles)
+        return any(b"@notty" in _cmdline(pid) for pid in _children(through_sshd.process.pid))
 
     wait_for(logged_in, what="a logged-in session on the sshd")
     heartbeat = gpuflow_home / "sandbox" / "box" / INSTANCE_ID / "heartbeat"

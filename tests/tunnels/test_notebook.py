@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from gpuflow.tunnels.ports import Forward
 from gpuflow.tunnels.registry import TunnelKind, registered
 from infra.sandbox import in_process_sandbox
 from tests.sshd import free_port
+from tests.waiting import wait_for
 
 pytest.importorskip("jupyter_server")
 pytestmark = pytest.mark.slow
@@ -31,6 +33,21 @@ def _status(url: str) -> int:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def _lines(stream) -> list[str]:
+    """The lines of ``stream`` as they come, read by a thread (a test never blocks on a pipe)."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(stream.readline, "")), daemon=True).start()
+    return lines
+
+
+def _answer(url: str) -> int | None:
+    """The status of ``url``, None while nothing answers (a tunnel being reopened)."""
+    try:
+        return _status(url)
+    except OSError:
+        return None
 
 
 def _api(url: str, *, token: bool) -> str:
@@ -47,12 +64,18 @@ def test_notebook_through_sshd_prints_a_token_url_reattaches_and_stops(through_s
     assert url.startswith("http://127.0.0.1:") and "?token=" in url and len(url.split("token=")[1]) == 48
     assert _status(_api(url, token=True)) == 200
     assert _status(_api(url, token=False)) == 403
+    said = _lines(process.stderr)
+    through_sshd.drop_sessions()  # the network drops mid-use: the tunnel comes back, the server never left
+    assert wait_for(lambda: _answer(_api(url, token=True)), timeout=60, what="the tunnel to reconnect") == 200
+    # Bytes pass as soon as the new ssh listens; gpuflow says so one poll later: Ctrl-C only after that line.
+    wait_for(lambda: any("reconnected to box" in line for line in said), what="gpuflow to say it reconnected")
     os.kill(process.pid, signal.SIGINT)  # closes the tunnel, not the server
     assert process.wait(timeout=30) == 0
-    first = process.stderr.read()
+    wait_for(lambda: any("tunnel closed" in line for line in said), what="the notebook's last line")
+    first = "".join(said)
     pid = int(first.split("(pid ")[1].split(",")[0])
     server_identity = identity(pid)
-    assert server_identity is not None and "started Jupyter" in first
+    assert server_identity is not None and "started Jupyter" in first and "reconnected to box" in first
 
     again = gpuflow_process("notebook", "box")
     second_url = again.stdout.readline().strip()
@@ -109,7 +132,8 @@ def test_the_security_group_is_never_changed(project_dir_with_sandbox, capsys):
         runner.close()
     left_identity = identity(left.pid)
     clusters.down("nb", sandbox=True)
-    assert left_identity is not None and identity(left.pid) != left_identity
+    assert left_identity is not None and left.token != server.token  # a new server, a fresh token
+    wait_for(lambda: identity(left.pid) != left_identity, what="the notebook to end with its instance")  # SIGKILL lands later
 
 
 def cluster_group(ec2) -> str:
