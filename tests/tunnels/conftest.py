@@ -97,3 +97,13 @@ def gpuflow_process():
         for stream in (process.stdout, process.stderr):
             if stream:
                 stream.close()
+
+
+@pytest.fixture
+def tensorboard_without_tensorflow(tmp_path, monkeypatch):
+    """TensorBoard as its `tensorboard` extra installs it, without TensorFlow (its own reader; starts in a
+    second instead of importing TensorFlow)."""
+    hidden = tmp_path / "no-tensorflow"
+    hidden.mkdir()
+    (hidden / "tensorflow.py").write_text('raise ImportError("TensorFlow is hidden from this test\'s TensorBoard")\n')
+    monkeypatch.setenv("PYTHONPATH", f"{hidden}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

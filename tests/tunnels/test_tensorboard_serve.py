@@ -51,7 +51,8 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in found]
 
 
-def test_after_down_the_pulled_copy_is_served_here(gpuflow_home, tmp_path, gpuflow_process):
+def test_after_down_the_pulled_copy_is_served_here(gpuflow_home, tmp_path, gpuflow_process,
+                                                  tensorboard_without_tensorflow):
     local = tmp_path / "project" / "runs" / "20261130-170000-ab12"
     write_events(local / "outputs" / "tensorboard")
     save_record(run_record("20261130-170000-ab12", "gone-box", tmp_path / "nowhere" / "runs" / "x", local))
