@@ -38,7 +38,7 @@ from gpuflow.nodes import CloudProbe
 from gpuflow.records import Cluster, SSHTarget
 from gpuflow.transport import openssh
 from gpuflow.transport.base import quote_argv
-from gpuflow.tunnels.ports import LOOPBACK, Forward, port_is_free
+from gpuflow.tunnels.ports import LOOPBACK, Forward, listens_on, port_is_free
 from gpuflow.tunnels.registry import TunnelKind, registered
 
 HEARTBEAT_SECONDS = 30
@@ -139,11 +139,22 @@ class SSHTunnel:
             reason = self.ended()
             if reason is not None:
                 raise TunnelFailed(reason)
-            if not any(port_is_free(forward.local) for forward in self.forwards):
+            if self._listening():
                 return  # ssh listens on every local port
             time.sleep(0.05)
         self.stop()
         raise TunnelFailed(f"no connection within {self.ready_seconds:.0f} s")
+
+    def _listening(self) -> bool:
+        """Whether this ssh listens on every local port: itself (a port another process
+        took meanwhile is not ours; ExitOnForwardFailure then ends the ssh), or, where
+        the owner cannot be told, the port no longer free."""
+        assert self.process is not None
+        for forward in self.forwards:
+            owned = listens_on(self.process.pid, forward.local)
+            if owned is False or (owned is None and port_is_free(forward.local)):
+                return False
+        return True
 
     def ended(self) -> str | None:
         if self.process is None or self.process.poll() is None:

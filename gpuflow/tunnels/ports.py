@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,41 @@ def port_is_free(port: int) -> bool:
                 return False
             raise
         return True
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` itself holds a listening socket on 127.0.0.1:``port``
+    (Linux: ``/proc/net/tcp`` and the process's descriptors); None where this
+    machine cannot say (no ``/proc``).  A port merely not free may be another
+    process's."""
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return None  # no /proc here (macOS): the caller judges by the port alone
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False  # the process has ended
+    inodes = set()
+    for row in rows:
+        fields = row.split()
+        if len(fields) < 10 or fields[3] != _TCP_LISTEN:
+            continue
+        address, _, hex_port = fields[1].partition(":")
+        if address in _LOOPBACK_HEX and int(hex_port, 16) == port:
+            inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") in inodes:
+                return True
+    return False
+
+
+_TCP_LISTEN = "0A"
+_LOOPBACK_HEX = ("0100007F", "7F000001")  # 127.0.0.1 as the kernel prints it, either byte order
 
 
 def choose_forwards(

@@ -41,6 +41,16 @@ def test_a_digits_run_writes_epoch_scalars(tmp_path):
     assert not any("histogram" in tag for tag in tags)
 
     assert "train/batch_loss" in tags  # every --tensorboard-every-steps steps
+    assert model_graph_written(output / "tensorboard" / "train")  # the graph (TensorBoard's Graphs tab)
+
+
+def model_graph_written(directory: Path) -> bool:
+    """Keras' model graph (the Graphs tab's conceptual graph; Keras 3 writes no op-level graph of its train step)."""
+    import tensorflow as tf
+
+    return any(value.metadata.plugin_data.plugin_name == "graph_keras_model"
+               for path in directory.glob("events.out.tfevents.*")
+               for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value)
 
 
 def test_no_tensorboard_adds_no_callback(tmp_path):
