@@ -1,5 +1,6 @@
 """A forward is up only once its own ssh listens on the local port: a port another process holds meanwhile (taken
-after it was chosen, or during a reconnection's wait) is a failed start, never a forward said to be up."""
+after it was chosen, or during a reconnection's wait) is a failed start, never a forward said to be up; a first
+connection that fails is one error line (exit 6)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def test_who_listens_on_a_port():
         assert listens_on(os.getpid(), port) is True
         assert listens_on(1, port) is False  # another process: not its socket
     assert listens_on(os.getpid(), port) is False
+
+
+@pytest.mark.ssh
+def test_a_first_connection_that_fails_is_one_error_line_exit_6(through_sshd, sandbox_cluster, monkeypatch, capsys):
+    from gpuflow import clusters
+    from gpuflow.cli import app, run_app
+
+    monkeypatch.setattr(clusters, "cloud_probe", lambda provisioner_factory=None: RunningCloud())
+    through_sshd.stop()  # the instance runs, its sshd does not answer
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+
+    assert run_app(app, ["forward", "box", str(port)]) == 6
+
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("gpuflow: error:")]
+    assert len(errors) == 1 and "cannot forward to box" in errors[0] and "Traceback" not in captured.err
+    assert captured.out == ""  # no URL was printed for a forward that never came up
