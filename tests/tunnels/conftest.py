@@ -107,3 +107,4 @@ def tensorboard_without_tensorflow(tmp_path, monkeypatch):
     hidden.mkdir()
     (hidden / "tensorflow.py").write_text('raise ImportError("TensorFlow is hidden from this test\'s TensorBoard")\n')
     monkeypatch.setenv("PYTHONPATH", f"{hidden}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return hidden

@@ -13,11 +13,23 @@ import pytest
 
 from gpuflow.jobs.records import RunRecord, save_record
 from gpuflow.procs import identity
+from tests.sshd import SshServer, sshd_available
 from tests.tunnels.conftest import INSTANCE_ID
 from tests.waiting import wait_for
 
 pytest.importorskip("tensorboard")
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sshd(tmp_path, tensorboard_without_tensorflow):
+    """The loopback sshd, its sessions' TensorBoard without TensorFlow (as the `tensorboard` extra installs it:
+    it starts in a second instead of importing TensorFlow)."""
+    if not sshd_available():
+        pytest.fail("OpenSSH server not installed: run `apt-get install -y openssh-server rsync` (.ci/run does)")
+    server = SshServer(tmp_path / "sshd", extra_config=(f"SetEnv PYTHONPATH={tensorboard_without_tensorflow}",))
+    yield server.start()
+    server.stop()
 
 
 def write_events(logdir: Path) -> None:
