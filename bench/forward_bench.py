@@ -151,7 +151,8 @@ def main() -> int:
         from gpuflow.tunnels.ports import Forward
 
         known_hosts = work / "known_hosts"
-        hostkeys.pin_host_keys(known_hosts, "127.0.0.1", server.port, [hostkeys.parse_public_key(server.host_public_key)])
+        hostkeys.pin_host_keys(known_hosts, "127.0.0.1", server.port,
+                               [hostkeys.parse_public_key(server.host_public_key)])
         target = SSHTarget("127.0.0.1", server.port, server.user, str(server.client_key), str(known_hosts))
 
         def openssh(local: int):  # noqa: ANN202

@@ -23,11 +23,13 @@ WORKER = "i-0fedcba9876543210"
 def test_the_forward_runs_ssh_with_gpuflow_ssh_options(through_sshd, sandbox_cluster):
     invocation = nodes.ssh_invocation(sandbox_cluster, ["true"], probe=RunningCloud())
     reached = nodes.openssh_node(sandbox_cluster, sandbox_cluster.head, probe=RunningCloud())
-    options = nodes.openssh_argv(reached.target)  # the one option builder's: pinned host keys, key, BatchMode, keepalives
+    options = nodes.openssh_argv(reached.target)  # the one builder's: pinned host keys, key, BatchMode, keepalives
     argv = forward_argv(reached.target, [Forward(8888, 18888)], reached.base_dir)
     assert options[:3] == ["ssh", "-F", "none"] and "StrictHostKeyChecking=yes" in options
     assert list(invocation.argv[: len(options)]) == options == argv[: len(options)]
-    assert argv[len(options):len(options) + 5] == ["-o", "ExitOnForwardFailure=yes", "-T", "-L", "127.0.0.1:18888:127.0.0.1:8888"]
+    assert argv[len(options):len(options) + 5] == [
+        "-o", "ExitOnForwardFailure=yes", "-T", "-L", "127.0.0.1:18888:127.0.0.1:8888"
+    ]
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ def _offline_jupyterlab_wheel(directory: Path) -> None:
         wheel.writestr("jupyterlab/__main__.py", "from jupyter_server.serverapp import main\nmain()\n")
         info = "jupyterlab-0.0.1.dist-info"
         wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: jupyterlab\nVersion: 0.0.1\n")
-        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(f"{info}/RECORD", "")
 
 
