@@ -72,3 +72,26 @@ def test_a_first_connection_that_fails_is_one_error_line_exit_6(through_sshd, sa
     errors = [line for line in captured.err.splitlines() if line.startswith("gpuflow: error:")]
     assert len(errors) == 1 and "cannot forward to box" in errors[0] and "Traceback" not in captured.err
     assert captured.out == ""  # no URL was printed for a forward that never came up
+
+
+LISTENER = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(1); time.sleep(60)"
+
+
+@pytest.mark.parametrize("owner_known", [True, False], ids=["proc", "no-proc"])
+def test_the_tunnel_is_up_when_its_process_listens(monkeypatch, owner_known):
+    import sys
+
+    from gpuflow.tunnels import forward
+
+    if not owner_known:  # a machine without /proc (macOS): judged by the port no longer free
+        monkeypatch.setattr(forward, "listens_on", lambda pid, port: None)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    tunnel = forward.SSHTunnel([sys.executable, "-c", LISTENER, str(port)], [Forward(1, port)], ready_seconds=60)
+    try:
+        tunnel.start()
+        assert tunnel.ended() is None and not forward.port_is_free(port)
+    finally:
+        tunnel.stop()
+    assert forward.port_is_free(port)
