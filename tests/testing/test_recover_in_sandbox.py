@@ -1,4 +1,5 @@
-"""gpuflow_sandbox.run(..., recover=True) is `gpuflow run --recover`: interrupted by
+"""gpuflow_sandbox.run(..., recover=True) (or `recover = true` in the project's gpuflow.toml,
+as `gpuflow run` reads it) is `gpuflow run --recover`: interrupted by
 gpuflow_sandbox.interrupt(), the run is continued on a relaunched node and ends 0, its
 attempts in the manifest; the fixture's teardown check (which fails the test on any
 leftover, launch templates included) finds nothing after down().  No TensorFlow: the
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 def gpuflow_project_dir(tmp_path) -> Path:
     project = tmp_path / "user-project"
     project.mkdir()
-    (project / "gpuflow.toml").write_text('cluster = "spotnode"\n')
+    (project / "gpuflow.toml").write_text('cluster = "spotnode"\nrecover = true\n')  # as `gpuflow run` reads it
     (project / "recoverjob.py").write_text(RECOVER_JOB)
     return project
 
@@ -39,7 +40,7 @@ def test_an_interrupted_run_with_recover_continues_on_a_relaunched_node(gpuflow_
 
     thread = threading.Thread(target=interrupt_after_three_steps, daemon=True)
     thread.start()
-    run = gpuflow_sandbox.run(recover_job_args(16, 0.25), env={"STORE": str(store)}, recover=True, max_restarts=1)
+    run = gpuflow_sandbox.run(recover_job_args(16, 0.25), env={"STORE": str(store)}, max_restarts=1)  # recover: the toml's
     thread.join(30)
 
     assert [item.instance_id for item in interruptions] == [first]
@@ -55,8 +56,8 @@ def test_an_interrupted_run_with_recover_continues_on_a_relaunched_node(gpuflow_
     assert gpuflow_sandbox.leftovers() == []
 
 
-def test_recovery_options_without_recover_are_refused(gpuflow_sandbox):
+def test_recover_false_wins_over_the_toml_and_its_options_are_then_refused(gpuflow_sandbox):
     from gpuflow.errors import UsageError
 
     with pytest.raises(UsageError, match="need --recover"):
-        gpuflow_sandbox.run("recoverjob.py", max_restarts=1)
+        gpuflow_sandbox.run("recoverjob.py", recover=False, max_restarts=1)
