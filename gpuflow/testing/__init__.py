@@ -7,10 +7,11 @@ when a test asks for the :func:`gpuflow_sandbox` fixture
 (:mod:`gpuflow.testing.sandbox`, :mod:`gpuflow.testing.leaks`).
 
 * ``gpuflow_sandbox`` — a private gpuflow home and an in-process sandbox cloud
-  (moto) for one test: ``up``, ``run``, ``down``, ``client``; at teardown the
-  test fails if anything was left (an instance not terminated, a security
-  group, a key pair, a sandbox directory, a running job process, a sandbox
-  server), after removing it.
+  (moto) for one test: ``up``, ``run`` (``recover=True``: ``run --recover``),
+  ``interrupt``, ``down``, ``client``; at teardown the test fails if anything
+  was left (an instance not terminated, a spot request, a security group, a key
+  pair, a launch template, an unattached volume, a sandbox directory, a running
+  job process, a sandbox server), after removing it.
 * ``gpuflow_project_dir`` — the project the fixture runs: the nearest directory
   at or above the test file holding gpuflow.toml, pyproject.toml or .git
   (override the fixture in a conftest.py to choose another).
@@ -100,6 +101,31 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:40].strip("-.") or "test"
 
 
+_WORKER_OUTPUT_KEY = "gpuflow_sandbox"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker sends what its tests' fixtures checked and kept to the controller,
+    whose terminal summary reports the whole session."""
+    summary = session.config.stash.get(_SUMMARY_KEY, None)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if summary is not None and isinstance(workeroutput, dict):
+        workeroutput[_WORKER_OUTPUT_KEY] = {
+            "checked": summary["checked"], "kept": [[nodeid, str(home)] for nodeid, home in summary["kept"]]
+        }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """(pytest-xdist controller) a worker finished: add its fixtures' summary to the session's."""
+    received = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY)
+    summary = node.config.stash.get(_SUMMARY_KEY, None)
+    if summary is None or not isinstance(received, dict):
+        return
+    summary["checked"] += int(received.get("checked", 0))
+    summary["kept"].extend((str(nodeid), Path(home)) for nodeid, home in received.get("kept", ()))
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     summary = config.stash.get(_SUMMARY_KEY, None)
     if not summary or not (summary["checked"] or summary["kept"]):
@@ -108,7 +134,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if summary["checked"]:
         terminalreporter.write_line(
             f"gpuflow_sandbox: {summary['checked']} test(s) checked at teardown; nothing was left in those: "
-            "no instance, security group, key pair, sandbox directory, job process or sandbox server"
+            "no instance, spot request, security group, key pair, launch template, volume, sandbox directory, "
+            "job process or sandbox server"
         )
     for nodeid, home in summary["kept"]:
         terminalreporter.write_line(f"gpuflow home kept ({KEEP_OPTION}): {home}  [{nodeid}]")

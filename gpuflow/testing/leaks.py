@@ -2,7 +2,8 @@
 
 The fake cloud and the gpuflow home belong to one test, so *everything* in
 them is the test's: every instance not terminated, every security group but
-the default one, every key pair, every launch template, every open spot request, every sandbox
+the default one, every key pair, every launch template, every open spot request, every EBS
+volume not attached (a root volume goes with its instance), every sandbox
 instance directory, every process running a job of this home's sandbox, and
 a detached sandbox server started with this home.
 """
@@ -30,6 +31,7 @@ class LeakKind(enum.Enum):
     SECURITY_GROUP = "security group"
     KEY_PAIR = "key pair"
     LAUNCH_TEMPLATE = "launch template"
+    VOLUME = "volume"
     SANDBOX_DIRECTORY = "sandbox directory"
     JOB_PROCESS = "job process"
     SANDBOX_SERVER = "sandbox server"
@@ -77,6 +79,11 @@ def cloud_leftovers(client: Callable[[str, str], Any], regions: Iterable[str]) -
         for template in ec2.describe_launch_templates()["LaunchTemplates"]:
             found.append(Leftover(LeakKind.LAUNCH_TEMPLATE, template["LaunchTemplateId"],
                                   f"{template.get('LaunchTemplateName')}, {region}", region))
+        for volume in ec2.describe_volumes()["Volumes"]:
+            if volume.get("State") in ("in-use", "deleting", "deleted"):  # in use: its instance is the leak
+                continue
+            found.append(Leftover(LeakKind.VOLUME, volume["VolumeId"],
+                                  f"{volume.get('Size')} GiB, {volume.get('AvailabilityZone')}, {volume.get('State')}", region))
     return found
 
 
@@ -103,6 +110,8 @@ def remove_cloud_leftovers(client: Callable[[str, str], Any], leftovers: Iterabl
         attempt(item, lambda ec2, i=item: ec2.delete_key_pair(KeyName=i.identifier))
     for item in by_kind.get(LeakKind.LAUNCH_TEMPLATE, []):
         attempt(item, lambda ec2, i=item: ec2.delete_launch_template(LaunchTemplateId=i.identifier))
+    for item in by_kind.get(LeakKind.VOLUME, []):
+        attempt(item, lambda ec2, i=item: ec2.delete_volume(VolumeId=i.identifier))
     return failures
 
 

@@ -186,6 +186,11 @@ class GpuflowSandbox:
         env: Mapping[str, str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         detach: bool = False,
+        recover: bool | None = None,
+        max_restarts: int | None = None,
+        fallback_types: str | None = None,
+        restart_on_exit_codes: str | None = None,
+        max_dollars: float | None = None,
     ) -> SandboxRun:
         """``gpuflow run``: sync the project to the cluster's sandbox instance, run
         ``target`` there, stream its log, pull its files.
@@ -196,26 +201,30 @@ class GpuflowSandbox:
         it.  ``env`` adds variables to the job's environment (e.g. ``{"GPUFLOW_SMOKE": "1"}``).
         A job that fails is not an error here: look at ``exit_code`` (and ``log``).
         ``detach`` returns once the job has started (``exit_code`` None, nothing pulled).
+        ``recover`` and the options after it are ``gpuflow run --recover``'s (default: the
+        project's gpuflow.toml, as for ``gpuflow run``): an interrupted run (``interrupt()``)
+        continues on a relaunched node, its attempts in ``manifest["attempts"]``.
         """
+        recovery = jobs.recovery_policy(
+            read_project_config(self.project_dir).recovery, recover=recover, max_restarts=max_restarts,
+            fallback_types=fallback_types, restart_on_exit_codes=restart_on_exit_codes, max_dollars=max_dollars,
+        )
         if target is None:
             raise UsageError("nothing to run (no entry point)",
                              hint="set entry = \"train.py\" in gpuflow.toml (gpuflow init --entry) or pass what to run")
         module, command = _module_or_command(target, args)
         name = self._cluster_name(cluster)
         out = io.BytesIO()
+        options: dict[str, Any] = {
+            "project_dir": self.project_dir, "module": module, "args": command, "out": out, "env": dict(env or {}),
+            "data_dir": Path(data_dir) if data_dir is not None else None, "poll_interval": 0.1, "say": _say,
+            "detach": detach,
+        }
         try:
-            outcome = jobs.run(
-                jobs.target_for_cluster(name),
-                project_dir=self.project_dir,
-                module=module,
-                args=command,
-                out=out,
-                env=dict(env or {}),
-                data_dir=Path(data_dir) if data_dir is not None else None,
-                poll_interval=0.1,
-                say=_say,
-                detach=detach,
-            )
+            if recovery is not None:  # `gpuflow run --recover`: relaunches through the cluster's own path
+                outcome = jobs.run_on_cluster(name, recovery=recovery, **options)
+            else:
+                outcome = jobs.run(jobs.target_for_cluster(name), **options)
             record = outcome.record
             if outcome.detached:
                 return SandboxRun(exit_code=None, run_id=record.run_id, cluster=name, local_dir=Path(record.local_dir),

@@ -129,3 +129,15 @@ def test_leak_sandbox_server(gpuflow_sandbox):
 
     sandbox_endpoint(gpuflow_sandbox.home)  # what `gpuflow up --sandbox` in another process would start
     note("sandbox_server", id=str(read_server_record(gpuflow_sandbox.home).pid))
+
+
+def test_leak_launch_template(gpuflow_sandbox):
+    template = gpuflow_sandbox.client().create_launch_template(
+        LaunchTemplateName="left-template", LaunchTemplateData={"InstanceType": "g5.xlarge"})["LaunchTemplate"]
+    note("launch_template", id=template["LaunchTemplateId"])
+
+
+def test_leak_volume(gpuflow_sandbox):
+    ec2 = gpuflow_sandbox.client()
+    volume = ec2.create_volume(AvailabilityZone=f"{gpuflow_sandbox.region}a", Size=8)
+    note("volume", id=volume["VolumeId"])

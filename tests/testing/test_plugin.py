@@ -146,6 +146,8 @@ def test_fixture_scenarios_pass(session, name):
     ("test_leak_up_without_down_job_still_running", "up_without_down", "instance"),
     ("test_leak_spot_request_in_a_region_the_fixture_never_named", "spot_request", "spot request"),
     ("test_leak_sandbox_server", "sandbox_server", "sandbox server"),
+    ("test_leak_launch_template", "launch_template", "launch template"),
+    ("test_leak_volume", "volume", "volume"),
 ])
 def test_a_leak_fails_its_test_naming_the_resource(session, test, facts, kind):
     outcome = session.outcomes[test]
@@ -158,7 +160,8 @@ def test_a_leak_fails_its_test_naming_the_resource(session, test, facts, kind):
 
 def test_each_leak_reports_only_its_own_kind(session):
     for test, kind in [("test_leak_security_group", "security group"), ("test_leak_key_pair", "key pair"),
-                       ("test_leak_sandbox_server", "sandbox server"),
+                       ("test_leak_sandbox_server", "sandbox server"), ("test_leak_launch_template", "launch template"),
+                       ("test_leak_volume", "volume"),
                        ("test_leak_sandbox_directory", "sandbox directory"), ("test_leak_job_process", "job process")]:
         reported = [line for line in session.outcomes[test].teardown_error.splitlines() if line.strip().startswith("- ")]
         assert len(reported) == 1 and reported[0].strip().startswith(f"- {kind} "), (test, reported)
@@ -221,7 +224,7 @@ def test_without_the_sandbox_extra_the_fixture_skips_saying_what_to_install(tmp_
     assert "pip install 'gpuflow[sandbox]'" in result.stdout
 
 
-def test_parallel_workers_each_get_their_own_home_and_cloud(tmp_path):
+def test_parallel_workers_each_get_their_own_home_and_cloud(tmp_path, tmp_path_factory):
     pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     (tmp_path / "gpuflow.toml").write_text('entry = "job.py"\n')
     (tmp_path / "job.py").write_text("print('hello')\n")
@@ -243,8 +246,14 @@ def test_parallel_workers_each_get_their_own_home_and_cloud(tmp_path):
     """))
     out = tmp_path / "out"
     out.mkdir()
-    result = pytest_in(tmp_path, "-p", "xdist", "-n", "2", env={"SCENARIO_OUT": str(out)})
+    result = pytest_in(tmp_path, "-p", "xdist", "-n", "2", "--gpuflow-keep", f"--basetemp={tmp_path_factory.mktemp('inner')}",
+                       env={"SCENARIO_OUT": str(out)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     facts = [json.loads((out / f"{n}.json").read_text()) for n in (1, 2)]
     assert facts[0]["home"] != facts[1]["home"]
     assert {fact["worker"] for fact in facts} == {"gw0", "gw1"}
+    # The workers' fixtures report to the controller's summary; --gpuflow-keep kept both homes.
+    assert "gpuflow_sandbox: 2 test(s) checked at teardown" in result.stdout, result.stdout[-3000:]
+    for fact in facts:
+        assert Path(fact["home"], "state", "clusters").is_dir()
+        assert f"gpuflow home kept (--gpuflow-keep): {fact['home']}" in result.stdout
