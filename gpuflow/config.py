@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import ConfigError
-from gpuflow.home import ENV_HOME, home_path
+from gpuflow.home import ENV_HOME, home_path  # noqa: F401 - ENV_HOME re-exported
 
 if sys.version_info >= (3, 11):
     import tomllib

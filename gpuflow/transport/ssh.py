@@ -690,16 +690,16 @@ def _import_paramiko() -> Any:
     options directly).  Installed beside fabric, invoke pulls in ``unittest.mock`` and a
     YAML parser: ~50 ms of every command that connects.  ``invoke`` stays importable for
     anyone else once paramiko is loaded."""
+    import importlib
+
     if "paramiko" not in sys.modules and "invoke" not in sys.modules:
         sys.modules["invoke"] = None  # type: ignore[assignment] - `import invoke` raises ImportError
         try:
-            import paramiko
+            return importlib.import_module("paramiko")
         finally:
             if sys.modules.get("invoke", ...) is None:
                 del sys.modules["invoke"]
-    import paramiko
-
-    return paramiko
+    return importlib.import_module("paramiko")
 
 
 def _quiet_paramiko_logging() -> None:
