@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                    "gpuflow.tunnels")),
     ("reaching nodes", ("gpuflow.transport", "gpuflow.nodes", "gpuflow.ssh_config")),
     ("cloud port", ("gpuflow.provisioner",)),
-    ("core", ("gpuflow.__init__", "gpuflow.errors", "gpuflow.records", "gpuflow.state", "gpuflow.config",
+    ("core", ("gpuflow.__init__", "gpuflow.errors", "gpuflow.records", "gpuflow.state", "gpuflow.config", "gpuflow.home",
               "gpuflow.procs", "gpuflow.hints")),
     ("cloud (infra)", ("infra",)),
 ]

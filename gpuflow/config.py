@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import ConfigError
+from gpuflow.home import ENV_HOME, home_path  # noqa: F401 - ENV_HOME re-exported
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-ENV_HOME = "GPUFLOW_HOME"
 ENV_DEBUG = "GPUFLOW_DEBUG"
 
 PROJECT_CONFIG_NAME = "gpuflow.toml"
@@ -40,9 +40,7 @@ def gpuflow_home(environ: Mapping[str, str] | None = None) -> Path:
     ``$GPUFLOW_HOME`` if set, else ``~/.gpuflow``.  Created with mode 0700
     because it holds private keys.
     """
-    environ = os.environ if environ is None else environ
-    raw = environ.get(ENV_HOME)
-    home = Path(raw).expanduser() if raw else Path.home() / ".gpuflow"
+    home = Path(home_path(environ))
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 

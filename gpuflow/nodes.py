@@ -504,24 +504,4 @@ def ssh_invocation(
         (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
-    target = reached.target
-    remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
-    if reached.base_dir is not None:
-        # The loopback "instance" is this machine: start where the sandbox instance's files are.
-        remote_command = f"cd {quote_argv([reached.base_dir])} && " + remote_command
-    remote_command = _touch_heartbeat(reached.base_dir) + remote_command
-    argv = [*openssh_argv(target), "-o", "LogLevel=ERROR"]
-    if not command:
-        argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
-    argv += ["--", f"{target.user}@{target.host}"]
-    argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
-    return Invocation(tuple(argv))
-
-
-def _touch_heartbeat(base_dir: str | None) -> str:
-    """A prefix for a remote command that touches the dead-man's switch's
-    heartbeat in ``base_dir`` (None: the instance's ``~/gpuflow``), as every
-    gpuflow connection does; it never fails the command, and it is one quoted
-    ``sh -c`` so any login shell runs it."""
-    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
-    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
+    return Invocation(tuple(openssh.login_argv(reached.target, command, reached.base_dir)))

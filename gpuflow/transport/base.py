@@ -23,13 +23,9 @@ from typing import Protocol, runtime_checkable
 
 from gpuflow.records import CommandResult
 from gpuflow.transport.filestream import Fetched
+from gpuflow.transport.quoting import quote_argv  # noqa: F401 - re-exported: the one quoting path
 
 
-def quote_argv(argv: Sequence[str]) -> str:
-    """The one place argv becomes a shell string."""
-    if isinstance(argv, (str, bytes)):
-        raise TypeError("argv must be a sequence of strings, not a string")
-    return shlex.join(str(part) for part in argv)
 
 
 # The one remote lock, for scripts gpuflow runs on a target (the virtualenv preparation, the

@@ -3,7 +3,8 @@
 Three users, one set of settings, so they cannot drift apart again:
 
 * ``gpuflow sync`` (its listing session, and rsync's ``-e``),
-* ``gpuflow ssh`` (the system ``ssh`` it execs),
+* ``gpuflow ssh`` (the system ``ssh`` it execs: :func:`login_argv`, for the full command and its
+  fast path alike; this module imports no more than ``gpuflow.errors`` and ``shlex`` for that),
 * ``gpuflow ssh-config`` (the Host blocks plain ssh, scp, rsync and editors read).
 
 Each of them reaches a node with exactly the cluster's key (``IdentitiesOnly``)
@@ -17,8 +18,14 @@ sync's protocol) and never prompt (``BatchMode``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from gpuflow.errors import SecurityError, UsageError
-from gpuflow.records import SSHTarget
+from gpuflow.transport.quoting import quote_argv
+
+if TYPE_CHECKING:  # only its attributes are read: the `gpuflow ssh` fast path passes its own (no dataclasses imported)
+    from gpuflow.records import SSHTarget
 
 # One value for every way gpuflow reaches a node (OpenSSH here, paramiko in
 # transport/ssh.py): an unreachable host is given up on after the same time
@@ -83,3 +90,32 @@ def ssh_argv(target: SSHTarget, *, control_path: str | None = None) -> list[str]
 def config_lines(target: SSHTarget, indent: str = "    ") -> list[str]:
     """The same settings as lines of an ssh_config ``Host`` block (after its ``HostName``)."""
     return [f"{indent}{keyword} {value}" for keyword, value in host_options(target)]
+
+
+def login_argv(target: SSHTarget, command: Sequence[str] | None, base_dir: str | None = None) -> list[str]:
+    """What `gpuflow ssh` execs to reach ``target``: ``ssh`` with :func:`ssh_argv`'s
+    options and the remote command (each of ``command``'s arguments quoted, so it
+    arrives literally; none: a login shell, with a terminal asked for), after a
+    touch of the node's heartbeat; ``base_dir``: the node's gpuflow directory when it
+    is not the instance's ``~/gpuflow`` (a sandbox node behind the loopback sshd),
+    where the command then starts."""
+    remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
+    if base_dir is not None:
+        # The loopback "instance" is this machine: start where the sandbox instance's files are.
+        remote_command = f"cd {quote_argv([base_dir])} && " + remote_command
+    remote_command = _touch_heartbeat(base_dir) + remote_command
+    argv = [*ssh_argv(target), "-o", "LogLevel=ERROR"]
+    if not command:
+        argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
+    argv += ["--", f"{target.user}@{target.host}"]
+    argv.append(remote_command)  # one pre-quoted string: the remote shell splits it back exactly
+    return argv
+
+
+def _touch_heartbeat(base_dir: str | None) -> str:
+    """A prefix for a remote command that touches the dead-man's switch's
+    heartbeat in ``base_dir`` (None: the instance's ``~/gpuflow``), as every
+    gpuflow connection does; it never fails the command, and it is one quoted
+    ``sh -c`` so any login shell runs it."""
+    script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
+    return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "

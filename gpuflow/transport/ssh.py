@@ -412,8 +412,7 @@ class SSHRunner:
             return self._client
 
     def _open_client(self) -> Any:
-        import paramiko
-
+        paramiko = _import_paramiko()
         _quiet_paramiko_logging()
         target = self.target
         if target.key_path and not Path(target.key_path).expanduser().is_file():
@@ -683,6 +682,24 @@ class SSHRunner:
             raise _Lost() from EOFError("connection closed before the command's exit status arrived")
         # -1: killed by a signal (exit-signal, no status); report it as OpenSSH's client does.
         return CommandResult(exit_code if exit_code >= 0 else 255, b"".join(stdout), b"".join(stderr))
+
+
+def _import_paramiko() -> Any:
+    """paramiko, imported without the optional ``invoke`` its ``paramiko.config`` tries
+    (for ssh_config's ``Match exec``, which gpuflow never parses: it gives paramiko its
+    options directly).  Installed beside fabric, invoke pulls in ``unittest.mock`` and a
+    YAML parser: ~50 ms of every command that connects.  ``invoke`` stays importable for
+    anyone else once paramiko is loaded."""
+    import importlib
+
+    if "paramiko" not in sys.modules and "invoke" not in sys.modules:
+        sys.modules["invoke"] = None  # type: ignore[assignment] - `import invoke` raises ImportError
+        try:
+            return importlib.import_module("paramiko")
+        finally:
+            if sys.modules.get("invoke", ...) is None:
+                del sys.modules["invoke"]
+    return importlib.import_module("paramiko")
 
 
 def _quiet_paramiko_logging() -> None:

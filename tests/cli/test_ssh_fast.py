@@ -50,7 +50,7 @@ def test_the_common_case_execs_ssh_without_the_cli_and_arguments_arrive_literall
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == HOSTILE
     imported = _imported(done.stderr)
-    assert "gpuflow.nodes" in imported and not imported & {"typer", "gpuflow.cli", "boto3", "paramiko"}
+    assert not imported & {"typer", "rich", "gpuflow.cli", "gpuflow.nodes", "boto3", "paramiko"}
     assert (tmp_path / "remote-home" / "gpuflow" / "heartbeat").is_file()  # touched, as by the full command
     assert _gpuflow("ssh", cluster.name, "--", "sh", "-c", "exit 7").returncode == 7
 
