@@ -1,0 +1,469 @@
+"""Block delta: rewrite a large file the destination already holds by sending only its changed blocks.
+
+rsync's delta transfer is sequential: its receiver reads the old file to
+checksum it, then the sender reads the new one with a rolling checksum, then
+the receiver writes the new file.  Here both ends read at once:
+
+1. one remote helper (:data:`DELTA_PY`, the target's ``python3 -I -S``,
+   standard library only; started over the sync's connection, one for all the
+   files) reads each destination file in fixed blocks (``block_size``, 1 MiB),
+   hashes each block (sha256) and writes it into a new temporary file beside
+   it (``.gpuflow-delta-<random>``, created exclusively, every path component
+   opened without following links) -- the same bytes it hashed -- while this
+   side hashes the source's blocks in a thread;
+2. the block lists are compared.  Where at most ``max_changed_fraction`` of
+   the blocks both versions cover differ, only the differing blocks (and the
+   new tail, and the new size) are sent; the helper writes them over its copy,
+   truncates it to the new size, checks the sha256 of the list of the blocks'
+   sha256 (what it wrote, against the source's), sets the source's mode and
+   mtime and renames it over the old file: the old file stays whole until that
+   rename, and nothing is fsynced (as a tar or rsync placement).  Where more
+   differ (an insertion shifts every later block) the file is left to the
+   caller: rsync's rolling delta finds shifted blocks, or the file is sent whole;
+3. a source file that changes while it is read (its size or mtime no longer
+   the scan's, or a block re-read for sending no longer the hashed one) ends
+   the sync as a tar stream's does (:class:`~gpuflow.errors.DataError`, "sync
+   again"); the helper then removes its temporary file.
+
+The protocol, on the helper's stdin: ``block_size`` (8 bytes, big-endian), the
+file count (8), and per file its path's length (4) and the path; then per
+file it did not refuse, ``S`` (skip: it drops its copy) or ``P`` + new size (8)
++ mode (4) + mtime in ns (8, signed) + the sha256 of the source's block list
+(32) + the number of blocks sent (8), each as its index (8) + its bytes.  On
+its stdout, after a ``GPUFLOW-DELTA/1`` line: per file ``H`` + the old size (8)
++ the block count (8) + each block's sha256, or ``E`` + length (2) + a reason;
+then per decision ``K`` (placed) or ``E`` + reason.  The helper is started
+through ``sh -c`` with the script as a positional parameter, quoted once by
+:func:`~gpuflow.transport.base.quote_argv`; without ``python3`` there it says
+so and every file is left to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from gpuflow.errors import DataError, RemoteCommandFailed
+from gpuflow.sync.ignore import LocalEntry
+from gpuflow.sync.plan import DestinationState, SyncPlan
+from gpuflow.sync.progress import Progress
+from gpuflow.sync.session import SshSession, ssh_failure, tail
+from gpuflow.transport.base import quote_argv
+
+BLOCK_SIZE = 1 << 20
+# A planned file goes by block delta when the destination holds a file of at least this size at its path.
+MIN_BASIS_BYTES = 4 << 20
+# More differing blocks than this (of those both versions cover) is a shift, not an edit.
+MAX_CHANGED_FRACTION = 0.5
+
+_READY = b"GPUFLOW-DELTA/1\n"
+_NO_PYTHON = b"GPUFLOW-DELTA-NO-PYTHON\n"
+_DIGEST = 32
+
+DELTA_PY = r"""
+import hashlib, os, stat, struct, sys
+inp = open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)
+out = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
+def exact(count):
+    data = inp.read(count)
+    if len(data) != count:
+        raise EOFError("the sync ended early")
+    return data
+def refuse(reason):
+    data = str(reason).encode("utf-8", "replace")[:500]
+    out.write(b"E" + struct.pack(">H", len(data)) + data)
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+root_fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+out.write(b"GPUFLOW-DELTA/1\n")
+out.flush()
+block_size, count = struct.unpack(">QQ", exact(16))
+names = [exact(struct.unpack(">I", exact(4))[0]) for _ in range(count)]
+buffer = bytearray(block_size)
+view = memoryview(buffer)
+held = []  # per file hashed: (parent fd, temp name, temp fd, digests, name)
+def parent_of(name):
+    parts = name.split(b"/")
+    if any(part in (b"", b".", b"..") for part in parts):
+        raise OSError("not a plain relative path")
+    directory = os.dup(root_fd)
+    try:
+        for part in parts[:-1]:
+            opened = os.open(part, DIRECTORY, dir_fd=directory)
+            os.close(directory)
+            directory = opened
+    except BaseException:
+        os.close(directory)
+        raise
+    return directory, parts[-1]
+def drop(parent, temp, fd):
+    try:
+        os.close(fd)
+    finally:
+        try:
+            os.unlink(temp, dir_fd=parent)
+        except OSError:
+            pass
+        os.close(parent)
+try:
+    for name in names:
+        try:
+            parent, leaf = parent_of(name)
+        except OSError as exc:
+            refuse(exc.strerror or exc)
+            continue
+        try:
+            basis = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
+        except OSError as exc:
+            os.close(parent)
+            refuse(exc.strerror or exc)
+            continue
+        with open(basis, "rb", buffering=0) as handle:
+            if not stat.S_ISREG(os.fstat(basis).st_mode):
+                os.close(parent)
+                refuse("not a regular file")
+                continue
+            temp = fd = None
+            for _ in range(100):
+                temp = b".gpuflow-delta-" + os.urandom(6).hex().encode()
+                try:
+                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
+                    break
+                except FileExistsError:
+                    continue
+            if fd is None:
+                os.close(parent)
+                refuse("cannot create a temporary file")
+                continue
+            entry = (parent, temp, fd, [], name)
+            held.append(entry)
+            digests, size, sha256 = entry[3], 0, hashlib.sha256
+            while True:
+                got = handle.readinto(buffer)
+                if not got:
+                    break
+                while got < block_size:
+                    more = handle.readinto(view[got:])
+                    if not more:
+                        break
+                    got += more
+                chunk = view[:got]
+                digests.append(sha256(chunk).digest())
+                written = 0
+                while written < got:
+                    written += os.write(fd, chunk[written:])
+                size += got
+            out.write(b"H" + struct.pack(">QQ", size, len(digests)) + b"".join(digests))
+    out.flush()
+    for position, (parent, temp, fd, digests, name) in enumerate(list(held)):
+        decision = exact(1)
+        if decision == b"S":
+            held[position] = None
+            drop(parent, temp, fd)
+            continue
+        new_size, mode, mtime_ns = struct.unpack(">QIq", exact(20))
+        expected = exact(32)
+        (sent,) = struct.unpack(">Q", exact(8))
+        blocks = -(-new_size // block_size)
+        final = digests[:blocks] + [b""] * (blocks - len(digests))
+        for _ in range(sent):
+            (index,) = struct.unpack(">Q", exact(8))
+            length = min(block_size, new_size - index * block_size)
+            data = exact(length)
+            final[index] = hashlib.sha256(data).digest()
+            os.pwrite(fd, data, index * block_size)
+        os.ftruncate(fd, new_size)
+        held[position] = None
+        if hashlib.sha256(b"".join(final)).digest() != expected:
+            drop(parent, temp, fd)
+            refuse("the new file did not verify (the destination copy changed during the sync)")
+            continue
+        try:
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.rename(temp, name.split(b"/")[-1], src_dir_fd=parent, dst_dir_fd=parent)
+        except OSError as exc:
+            drop(parent, temp, fd)
+            refuse(exc.strerror or exc)
+            continue
+        os.close(fd)
+        os.close(parent)
+        out.write(b"K")
+        out.flush()
+finally:
+    for entry in held:
+        if entry is not None:
+            drop(entry[0], entry[1], entry[2])
+out.flush()
+"""
+
+# Without python3 the helper says so (exit 0); otherwise the script runs as `python3 -I -S -c SCRIPT DIR`.
+_LAUNCH = (
+    "command -v python3 >/dev/null 2>&1 || { printf 'GPUFLOW-DELTA-NO-PYTHON\\n'; exit 0; }; "
+    'exec python3 -I -S -c "$0" "$@"'
+)
+
+
+@dataclass(frozen=True)
+class DeltaOutcome:
+    """What one block-delta session did."""
+
+    placed: tuple[str, ...]  # files rewritten from their changed blocks
+    fallback: tuple[LocalEntry, ...]  # files left to the caller: shifted content, refused there, no python3 there
+    block_bytes: int  # bytes of block data sent
+    wire_bytes: int  # everything written to the helper (requests, headers, blocks)
+
+
+def candidates(plan: SyncPlan, state: DestinationState, min_bytes: int | None = None) -> tuple[LocalEntry, ...]:
+    """The planned files the destination already holds a file of ``min_bytes`` (:data:`MIN_BASIS_BYTES`) or more at."""
+    min_bytes = MIN_BASIS_BYTES if min_bytes is None else min_bytes
+    chosen = []
+    for entry in plan.to_send:
+        existing = state.entries.get(entry.path)
+        if entry.kind == "file" and existing is not None and existing.kind == "file" and existing.size >= min_bytes:
+            chosen.append(entry)
+    return tuple(chosen)
+
+
+def _changed(path: str) -> DataError:
+    return DataError(
+        f"reading the files to send failed: {path!r}: it changed while being sent",
+        hint="a file changed or vanished; sync again",
+    )
+
+
+def _block_hashes(path: str, entry: LocalEntry, block_size: int) -> list[bytes]:
+    """The sha256 of each block of the source file, checked against the scan (size, mtime)."""
+    digests = []
+    buffer = bytearray(block_size)
+    view = memoryview(buffer)
+    try:
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise DataError(
+            f"reading the files to send failed: {entry.path!r}: {exc.strerror or exc}",
+            hint="a file changed or vanished; sync again",
+        ) from None
+    with handle:
+        status = os.fstat(handle.fileno())
+        if status.st_size != entry.size or status.st_mtime_ns != entry.mtime_ns:
+            raise _changed(entry.path)
+        remaining = entry.size
+        while remaining:
+            want = min(block_size, remaining)
+            got = 0
+            while got < want:
+                more = handle.readinto(view[got:want])
+                if not more:
+                    raise _changed(entry.path)
+                got += more
+            digests.append(hashlib.sha256(view[:got]).digest())
+            remaining -= got
+    return digests
+
+
+def _read_block(handle: IO[bytes], offset: int, length: int) -> bytes:
+    """One block of the source, read again for sending."""
+    return os.pread(handle.fileno(), length, offset)
+
+
+class _Reader:
+    """Exact reads from the helper's stdout."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+
+    def exact(self, count: int) -> bytes:
+        data = self.stream.read(count)
+        if data is None or len(data) != count:
+            raise EOFError
+        return data
+
+    def refusal(self) -> str:
+        (length,) = struct.unpack(">H", self.exact(2))
+        return self.exact(length).decode("utf-8", "replace")
+
+
+def send_block_deltas(
+    session: SshSession,
+    source: Path,
+    directory: str,
+    entries: Sequence[LocalEntry],
+    *,
+    block_size: int | None = None,
+    max_changed_fraction: float | None = None,
+    progress: Progress | None = None,
+) -> DeltaOutcome:
+    """Rewrite ``entries`` in ``directory`` on the session's target from their
+    changed blocks (see the module's docstring); the files it leaves to the
+    caller are in :attr:`DeltaOutcome.fallback`.  Raises
+    :class:`~gpuflow.errors.DataError` when a source file changes meanwhile, and
+    :class:`~gpuflow.errors.RemoteCommandFailed` when the destination cannot be
+    written; either way the old files stay as they were."""
+    block_size = block_size or BLOCK_SIZE
+    fraction = MAX_CHANGED_FRACTION if max_changed_fraction is None else max_changed_fraction
+    if not entries:
+        return DeltaOutcome((), (), 0, 0)
+    base = os.fspath(source) + os.sep
+    errors = tempfile.TemporaryFile()
+    command = quote_argv(["sh", "-c", _LAUNCH, DELTA_PY, directory])
+    process = subprocess.Popen(
+        [*session.base_argv, session.target.host, command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        bufsize=1 << 20,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    stdin, reader = process.stdin, _Reader(process.stdout)
+    hashing = ThreadPoolExecutor(max_workers=1)
+    finished = False
+
+    def failure(what: str) -> Exception:
+        code = process.wait()
+        errors.seek(0)
+        stderr = errors.read()
+        if code == 255:
+            return ssh_failure(session.target, stderr, "sync")
+        return RemoteCommandFailed(
+            f"{what} on {session.target.host} failed (exit {code}): {tail(stderr) or 'no message'}"
+        )
+
+    try:
+        # Hash here while the helper starts and hashes there.
+        local: list[Future[list[bytes]]] = [
+            hashing.submit(_block_hashes, base + entry.path, entry, block_size) for entry in entries
+        ]
+        written = 0
+
+        def send(data: bytes | memoryview) -> None:
+            nonlocal written
+            stdin.write(data)
+            written += len(data)
+
+        try:
+            header = [struct.pack(">QQ", block_size, len(entries))]
+            for entry in entries:
+                name = os.fsencode(entry.path)
+                header.append(struct.pack(">I", len(name)) + name)
+            send(b"".join(header))
+            stdin.flush()
+        except BrokenPipeError:
+            pass  # the helper's first line or exit status says why
+        prelude = b""
+        while not prelude.endswith(_READY):
+            byte = process.stdout.read(1)
+            if not byte:
+                if prelude.endswith(_NO_PYTHON):
+                    for future in local:
+                        future.cancel()
+                    return DeltaOutcome((), tuple(entries), 0, 0)
+                raise failure("the block delta")
+            prelude = (prelude + byte)[-4096:]
+        remote: list[tuple[int, list[bytes]] | None] = []
+        try:
+            for _ in entries:
+                kind = reader.exact(1)
+                if kind == b"E":
+                    reader.refusal()
+                    remote.append(None)
+                    continue
+                if kind != b"H":
+                    raise EOFError
+                old_size, count = struct.unpack(">QQ", reader.exact(16))
+                data = reader.exact(count * _DIGEST)
+                remote.append((old_size, [data[i : i + _DIGEST] for i in range(0, len(data), _DIGEST)]))
+        except EOFError:
+            raise failure("the block delta") from None
+
+        placed: list[LocalEntry] = []
+        fallback: list[LocalEntry] = []
+        block_bytes = 0
+        try:
+            for entry, theirs, future in zip(entries, remote, local):
+                mine = future.result()
+                if theirs is None:
+                    fallback.append(entry)
+                    continue
+                old = theirs[1]
+                overlap = min(len(old), len(mine))
+                changed = [index for index in range(len(mine)) if index >= len(old) or old[index] != mine[index]]
+                shifted = sum(1 for index in changed if index < overlap)
+                if overlap and shifted > fraction * overlap:
+                    send(b"S")
+                    fallback.append(entry)
+                    continue
+                send(
+                    b"P"
+                    + struct.pack(">QIq", entry.size, entry.mode, entry.mtime_ns)
+                    + hashlib.sha256(b"".join(mine)).digest()
+                    + struct.pack(">Q", len(changed))
+                )
+                with open(base + entry.path, "rb", buffering=0) as handle:
+                    for index in changed:
+                        length = min(block_size, entry.size - index * block_size)
+                        data = _read_block(handle, index * block_size, length)
+                        if len(data) != length or hashlib.sha256(data).digest() != mine[index]:
+                            raise _changed(entry.path)
+                        send(struct.pack(">Q", index))
+                        send(data)
+                        block_bytes += length
+                    status = os.fstat(handle.fileno())
+                    if status.st_size != entry.size or status.st_mtime_ns != entry.mtime_ns:
+                        raise _changed(entry.path)
+                placed.append(entry)
+            stdin.close()
+        except BrokenPipeError:
+            raise failure("the block delta") from None
+        try:
+            for entry in placed:
+                kind = reader.exact(1)
+                if kind == b"E":
+                    reason = reader.refusal()
+                    raise RemoteCommandFailed(
+                        f"writing {entry.path!r} on {session.target.host} failed: {reason}",
+                        hint="sync again",
+                    )
+                if kind != b"K":
+                    raise EOFError
+                if progress is not None:
+                    progress.advance(entry.size)
+        except EOFError:
+            raise failure("the block delta") from None
+        code = process.wait()
+        finished = True
+        if code != 0:
+            raise failure("the block delta")
+        return DeltaOutcome(tuple(entry.path for entry in placed), tuple(fallback), block_bytes, written)
+    finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
+        if not finished:
+            # Closing its stdin mid-protocol makes the helper drop its temporary files and exit.
+            with contextlib.suppress(OSError, ValueError):
+                stdin.close()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stdout.close()
+        errors.close()
+
+
+__all__ = [
+    "BLOCK_SIZE",
+    "DELTA_PY",
+    "MAX_CHANGED_FRACTION",
+    "MIN_BASIS_BYTES",
+    "DeltaOutcome",
+    "candidates",
+    "send_block_deltas",
+]
