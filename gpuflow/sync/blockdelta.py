@@ -82,14 +82,52 @@ def refuse(reason):
     data = str(reason).encode("utf-8", "replace")[:500]
     out.write(b"E" + struct.pack(">H", len(data)) + data)
 DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 root_fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-out.write(b"GPUFLOW-DELTA/1\n")
-out.flush()
-block_size, count = struct.unpack(">QQ", exact(16))
-names = [exact(struct.unpack(">I", exact(4))[0]) for _ in range(count)]
-buffer = bytearray(block_size)
-view = memoryview(buffer)
-held = []  # per file hashed: (parent fd, temp name, temp fd, digests, name)
+try:  # the block lists of the files this helper placed, beside the destination (as its sync lock)
+    cache = sys.argv[1].rstrip("/") + ".gpuflow-blocks"
+    if not os.path.isdir(cache):
+        os.mkdir(cache, 0o700)
+    cache_fd = os.open(cache, DIRECTORY)
+except OSError:
+    cache_fd = None
+HEAD = struct.Struct(">5sQQQQqq")
+def identity(status):
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+def key(name):
+    return hashlib.sha256(name).hexdigest()
+def cached(name, status):
+    # The block list recorded when this helper placed the file: still its own while the
+    # inode, size, mtime and ctime (which any write or utime moves) are the same.
+    if cache_fd is None:
+        return None
+    try:
+        with open(os.open(key(name), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=cache_fd), "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    if len(data) < HEAD.size:
+        return None
+    magic, size_of_block, *rest = HEAD.unpack_from(data)
+    body = data[HEAD.size:]
+    if magic != b"GFBD1" or size_of_block != block_size or tuple(rest) != identity(status):
+        return None
+    if len(body) != 32 * -(-status.st_size // block_size):
+        return None
+    return [body[i : i + 32] for i in range(0, len(body), 32)]
+def remember(name, status, digests):
+    if cache_fd is None:
+        return
+    temp = key(name) + "." + os.urandom(6).hex()
+    try:
+        with open(os.open(temp, NEW, 0o600, dir_fd=cache_fd), "wb") as handle:
+            handle.write(HEAD.pack(b"GFBD1", block_size, *identity(status)) + b"".join(digests))
+        os.rename(temp, key(name), src_dir_fd=cache_fd, dst_dir_fd=cache_fd)
+    except OSError:
+        try:
+            os.unlink(temp, dir_fd=cache_fd)
+        except OSError:
+            pass
 def parent_of(name):
     parts = name.split(b"/")
     if any(part in (b"", b".", b"..") for part in parts):
@@ -104,15 +142,49 @@ def parent_of(name):
         os.close(directory)
         raise
     return directory, parts[-1]
-def drop(parent, temp, fd):
+def make_temp(parent):
+    for _ in range(100):
+        temp = b".gpuflow-delta-" + os.urandom(6).hex().encode()
+        try:
+            return temp, os.open(temp, NEW, 0o600, dir_fd=parent)
+        except FileExistsError:
+            continue
+    raise OSError("cannot create a temporary file")
+def copy(source, target, count):
+    # In the kernel where it can (a reflink on XFS/btrfs), else by reads and writes.
+    done = 0
     try:
-        os.close(fd)
-    finally:
+        while done < count:
+            moved = os.copy_file_range(source, target, count - done, done, done)
+            if not moved:
+                break
+            done += moved
+    except (AttributeError, OSError):
+        pass
+    while done < count:
+        data = os.pread(source, min(1 << 20, count - done), done)
+        if not data:
+            break
+        os.pwrite(target, data, done)
+        done += len(data)
+def drop(entry):
+    parent, temp, fd, basis = entry[0], entry[1], entry[2], entry[5]
+    for descriptor in (fd, basis):
+        if descriptor is not None:
+            os.close(descriptor)
+    if temp is not None:
         try:
             os.unlink(temp, dir_fd=parent)
         except OSError:
             pass
-        os.close(parent)
+    os.close(parent)
+out.write(b"GPUFLOW-DELTA/1\n")
+out.flush()
+block_size, count = struct.unpack(">QQ", exact(16))
+names = [exact(struct.unpack(">I", exact(4))[0]) for _ in range(count)]
+buffer = bytearray(block_size)
+view = memoryview(buffer)
+held = []  # per file hashed: [parent fd, temp name, temp fd, digests, name, basis fd, basis status]
 try:
     for name in names:
         try:
@@ -126,26 +198,29 @@ try:
             os.close(parent)
             refuse(exc.strerror or exc)
             continue
-        with open(basis, "rb", buffering=0) as handle:
-            if not stat.S_ISREG(os.fstat(basis).st_mode):
-                os.close(parent)
-                refuse("not a regular file")
-                continue
-            temp = fd = None
-            for _ in range(100):
-                temp = b".gpuflow-delta-" + os.urandom(6).hex().encode()
-                try:
-                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
-                    break
-                except FileExistsError:
-                    continue
-            if fd is None:
-                os.close(parent)
-                refuse("cannot create a temporary file")
-                continue
-            entry = (parent, temp, fd, [], name)
-            held.append(entry)
-            digests, size, sha256 = entry[3], 0, hashlib.sha256
+        status = os.fstat(basis)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(basis)
+            os.close(parent)
+            refuse("not a regular file")
+            continue
+        digests = cached(name, status)
+        if digests is not None:  # copied in phase 2, once the basis is known to be worth it
+            held.append([parent, None, None, digests, name, basis, status])
+            out.write(b"H" + struct.pack(">QQ", status.st_size, len(digests)) + b"".join(digests))
+            continue
+        entry = [parent, None, None, [], name, basis, None]
+        held.append(entry)
+        try:
+            entry[1], entry[2] = make_temp(parent)
+        except OSError as exc:
+            held.pop()
+            drop(entry)
+            refuse(exc.strerror or exc)
+            continue
+        # Hash the basis and write the same bytes into the new file: the copy is what was hashed.
+        fd, digests, size, sha256 = entry[2], entry[3], 0, hashlib.sha256
+        with open(basis, "rb", buffering=0, closefd=False) as handle:
             while True:
                 got = handle.readinto(buffer)
                 if not got:
@@ -161,17 +236,30 @@ try:
                 while written < got:
                     written += os.write(fd, chunk[written:])
                 size += got
-            out.write(b"H" + struct.pack(">QQ", size, len(digests)) + b"".join(digests))
+        os.close(basis)
+        entry[5] = None
+        out.write(b"H" + struct.pack(">QQ", size, len(digests)) + b"".join(digests))
     out.flush()
-    for position, (parent, temp, fd, digests, name) in enumerate(list(held)):
+    for position, entry in enumerate(list(held)):
         decision = exact(1)
         if decision == b"S":
             held[position] = None
-            drop(parent, temp, fd)
+            drop(entry)
             continue
         new_size, mode, mtime_ns = struct.unpack(">QIq", exact(20))
         expected = exact(32)
         (sent,) = struct.unpack(">Q", exact(8))
+        parent, name, digests = entry[0], entry[4], entry[3]
+        failure = None
+        if entry[2] is None:
+            try:
+                entry[1], entry[2] = make_temp(parent)
+                copy(entry[5], entry[2], min(new_size, entry[6].st_size))
+                if identity(os.fstat(entry[5])) != identity(entry[6]):
+                    failure = "the destination copy changed during the sync"
+            except OSError as exc:
+                failure = exc.strerror or exc
+        fd = entry[2]
         blocks = -(-new_size // block_size)
         final = digests[:blocks] + [b""] * (blocks - len(digests))
         for _ in range(sent):
@@ -179,36 +267,41 @@ try:
             length = min(block_size, new_size - index * block_size)
             data = exact(length)
             final[index] = hashlib.sha256(data).digest()
-            os.pwrite(fd, data, index * block_size)
-        os.ftruncate(fd, new_size)
+            if failure is None:
+                os.pwrite(fd, data, index * block_size)
         held[position] = None
-        if hashlib.sha256(b"".join(final)).digest() != expected:
-            drop(parent, temp, fd)
-            refuse("the new file did not verify (the destination copy changed during the sync)")
-            continue
-        try:
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-            os.rename(temp, name.split(b"/")[-1], src_dir_fd=parent, dst_dir_fd=parent)
-        except OSError as exc:
-            drop(parent, temp, fd)
-            refuse(exc.strerror or exc)
-            continue
-        os.close(fd)
-        os.close(parent)
-        out.write(b"K")
+        if failure is None and hashlib.sha256(b"".join(final)).digest() != expected:
+            failure = "the new file did not verify"
+        if failure is None:
+            try:
+                os.ftruncate(fd, new_size)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                os.rename(entry[1], name.split(b"/")[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                entry[1] = None
+                remember(name, os.fstat(fd), final)
+            except OSError as exc:
+                failure = exc.strerror or exc
+        drop(entry)
+        if failure is None:
+            out.write(b"K")
+        else:
+            refuse(failure)
         out.flush()
 finally:
     for entry in held:
         if entry is not None:
-            drop(entry[0], entry[1], entry[2])
+            drop(entry)
 out.flush()
 """
 
-# Without python3 the helper says so (exit 0); otherwise the script runs as `python3 -I -S -c SCRIPT DIR`.
+# The script runs as `PYTHON -I -S -c SCRIPT DIR`: the system's /usr/bin/python3 first (it starts in
+# tens of ms, where a version manager's `python3` shim on PATH can take half a second), else
+# `python3` on PATH; without either the helper says so (exit 0) and the caller sends the files as before.
 _LAUNCH = (
-    "command -v python3 >/dev/null 2>&1 || { printf 'GPUFLOW-DELTA-NO-PYTHON\\n'; exit 0; }; "
-    'exec python3 -I -S -c "$0" "$@"'
+    "for p in /usr/bin/python3 python3; do "
+    'command -v "$p" >/dev/null 2>&1 && exec "$p" -I -S -c "$0" "$@"; '
+    "done; printf 'GPUFLOW-DELTA-NO-PYTHON\\n'; exit 0"
 )
 
 

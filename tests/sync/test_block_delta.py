@@ -182,7 +182,7 @@ def test_without_python3_there_the_file_goes_as_before(pair, monkeypatch):
     source, remote, session = pair
     monkeypatch.setattr(blockdelta, "BLOCK_SIZE", BLOCK)
     monkeypatch.setattr(blockdelta, "MIN_BASIS_BYTES", 4 * BLOCK)
-    monkeypatch.setattr(blockdelta, "_LAUNCH", blockdelta._LAUNCH.replace("command -v python3", "false"))
+    monkeypatch.setattr(blockdelta, "_LAUNCH", blockdelta._LAUNCH.replace("command -v", "false"))
     _rewrite(source / NAME, 3 * BLOCK, b"edit")
     os.utime(source / NAME, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
 
@@ -190,3 +190,29 @@ def test_without_python3_there_the_file_goes_as_before(pair, monkeypatch):
 
     assert (report.method, report.sent) == ("rsync", (NAME,))
     assert (remote / NAME).read_bytes() == (source / NAME).read_bytes()
+
+
+def test_the_block_list_kept_there_is_trusted_only_while_the_file_is_unchanged(pair):
+    source, remote, _ = pair
+    _rewrite(source / NAME, 2 * BLOCK, b"edit")
+    assert _send(pair).block_bytes == BLOCK
+    import hashlib
+
+    kept = Path(f"{remote}.gpuflow-blocks") / hashlib.sha256(os.fsencode(NAME)).hexdigest()
+    record = bytearray(kept.read_bytes())
+    record[-8 * 32 : -7 * 32] = bytes(32)  # block 0's sha256, as if the file said otherwise
+    kept.write_bytes(record)
+
+    _rewrite(source / NAME, 5 * BLOCK, b"edit")
+    used = _send(pair)  # the kept list stands for the unchanged file: block 0 looks changed too
+    assert used.block_bytes == 2 * BLOCK
+    assert (remote / NAME).read_bytes() == (source / NAME).read_bytes()
+
+    status = (remote / NAME).stat()
+    _rewrite(remote / NAME, 7 * BLOCK, b"a job wrote here")  # same size, mtime put back: only ctime moves
+    os.utime(remote / NAME, ns=(status.st_atime_ns, status.st_mtime_ns))
+    _rewrite(source / NAME, 1 * BLOCK, b"edit")
+    fresh = _send(pair)  # the list no longer stands for the file: hashed again, block 7 found and mended
+    assert fresh.block_bytes == 2 * BLOCK
+    assert (remote / NAME).read_bytes() == (source / NAME).read_bytes()
+    assert _leftovers(remote) == []
