@@ -2,28 +2,41 @@
 
 rsync's delta transfer is sequential: its receiver reads the old file to
 checksum it, then the sender reads the new one with a rolling checksum, then
-the receiver writes the new file.  Here both ends read at once:
+the receiver writes the new file.  Here the ends work at once, and the old
+file is read only when nothing vouches for its blocks:
 
-1. one remote helper (:data:`DELTA_PY`, the target's ``python3 -I -S``,
-   standard library only; started over the sync's connection, one for all the
-   files) reads each destination file in fixed blocks (``block_size``, 1 MiB),
-   hashes each block (sha256) and writes it into a new temporary file beside
-   it (``.gpuflow-delta-<random>``, created exclusively, every path component
-   opened without following links) -- the same bytes it hashed -- while this
-   side hashes the source's blocks in a thread;
+1. one remote helper (:data:`DELTA_PY`, the target's ``/usr/bin/python3`` or
+   ``python3``, ``-I -S``, standard library only; started over the sync's
+   connection while the listing session holds the destination's lock; one for
+   all the files) answers each file's list of block sha256s (``block_size``,
+   256 KiB) while this side hashes the source's blocks (threads, see
+   :func:`_block_hashes`).  Where it placed that file itself, it kept the list
+   (``<dir>.gpuflow-blocks/``, beside the destination like its sync lock,
+   keyed by the path's sha256) with the file's inode, size, mtime and ctime:
+   while all four stand (any write or ``utime`` moves the ctime, which no one
+   but root can set back) the list answers and the old file is not read.
+   Otherwise it reads the old file, hashes each block and writes the same
+   bytes into a new temporary file beside it (``.gpuflow-delta-<random>``,
+   created exclusively; every path component opened without following links):
+   the copy is exactly what was hashed;
 2. the block lists are compared.  Where at most ``max_changed_fraction`` of
    the blocks both versions cover differ, only the differing blocks (and the
-   new tail, and the new size) are sent; the helper writes them over its copy,
-   truncates it to the new size, checks the sha256 of the list of the blocks'
-   sha256 (what it wrote, against the source's), sets the source's mode and
-   mtime and renames it over the old file: the old file stays whole until that
-   rename, and nothing is fsynced (as a tar or rsync placement).  Where more
-   differ (an insertion shifts every later block) the file is left to the
-   caller: rsync's rolling delta finds shifted blocks, or the file is sent whole;
+   new tail, and the new size) are sent.  For a listed file the helper now
+   copies the old file into the temporary one in the kernel
+   (``copy_file_range``: a reflink where the file system has them; read and
+   write where it is missing) and refuses it if the old file's identity moved
+   meanwhile; it writes the sent blocks over the copy (their sha256 checked as
+   they arrive), truncates it to the new size, checks the sha256 of the whole
+   block list it now holds against the source's, sets the source's mode and
+   mtime, renames it over the old file (the old file stays whole until that
+   rename; nothing is fsynced, as a tar or rsync placement) and records its
+   list.  Where more blocks differ (an insertion shifts every later block) the
+   file is left to the caller: rsync's rolling delta finds shifted blocks, or
+   the file is sent whole;
 3. a source file that changes while it is read (its size or mtime no longer
    the scan's, or a block re-read for sending no longer the hashed one) ends
    the sync as a tar stream's does (:class:`~gpuflow.errors.DataError`, "sync
-   again"); the helper then removes its temporary file.
+   again"); the helper then removes its temporary files.
 
 The protocol, on the helper's stdin: ``block_size`` (8 bytes, big-endian), the
 file count (8), and per file its path's length (4) and the path; then per
@@ -34,7 +47,7 @@ its stdout, after a ``GPUFLOW-DELTA/1`` line: per file ``H`` + the old size (8)
 + the block count (8) + each block's sha256, or ``E`` + length (2) + a reason;
 then per decision ``K`` (placed) or ``E`` + reason.  The helper is started
 through ``sh -c`` with the script as a positional parameter, quoted once by
-:func:`~gpuflow.transport.base.quote_argv`; without ``python3`` there it says
+:func:`~gpuflow.transport.base.quote_argv`; without a Python there it says
 so and every file is left to the caller.
 """
 
@@ -72,7 +85,7 @@ _NO_PYTHON = b"GPUFLOW-DELTA-NO-PYTHON\n"
 _DIGEST = 32
 
 DELTA_PY = r"""
-import hashlib, os, stat, struct, sys
+import hashlib, os, stat, struct, sys, threading
 inp = open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)
 out = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
 def exact(count):
@@ -184,8 +197,6 @@ out.write(b"GPUFLOW-DELTA/1\n")
 out.flush()
 block_size, count = struct.unpack(">QQ", exact(16))
 names = [exact(struct.unpack(">I", exact(4))[0]) for _ in range(count)]
-buffer = bytearray(block_size)
-view = memoryview(buffer)
 held = []  # per file hashed: [parent fd, temp name, temp fd, digests, name, basis fd, basis status]
 try:
     for name in names:
@@ -220,24 +231,39 @@ try:
             drop(entry)
             refuse(exc.strerror or exc)
             continue
-        # Hash the basis and write the same bytes into the new file: the copy is what was hashed.
-        fd, digests, size, sha256 = entry[2], entry[3], 0, hashlib.sha256
-        with open(basis, "rb", buffering=0, closefd=False) as handle:
-            while True:
-                got = handle.readinto(buffer)
-                if not got:
-                    break
-                while got < block_size:
-                    more = handle.readinto(view[got:])
+        # Hash the basis and write the same bytes into the new file (the copy is what was hashed),
+        # contiguous runs of blocks in threads (reads, writes and sha256 release the GIL).
+        fd, size = entry[2], status.st_size
+        digests = entry[3] = [b""] * -(-size // block_size)
+        def run(first, last, fd=fd, digests=digests, basis=basis, size=size):
+            view = memoryview(bytearray(block_size))
+            for index in range(first, last):
+                offset = index * block_size
+                want, got = min(block_size, size - offset), 0
+                while got < want:
+                    more = os.preadv(basis, [view[got:want]], offset + got)
                     if not more:
                         break
                     got += more
-                chunk = view[:got]
-                digests.append(sha256(chunk).digest())
-                written = 0
-                while written < got:
-                    written += os.write(fd, chunk[written:])
-                size += got
+                digests[index] = hashlib.sha256(view[:got]).digest()
+                done = 0
+                while done < got:
+                    done += os.pwrite(fd, view[done:got], offset + done)
+        workers = max(1, min(4, os.cpu_count() or 1, len(digests)))
+        span = -(-len(digests) // workers)
+        failures = []
+        def guarded(first, run=run, failures=failures, span=span, count=len(digests)):
+            try:
+                run(first, min(count, first + span))
+            except BaseException as exc:
+                failures.append(exc)
+        threads = [threading.Thread(target=guarded, args=(first,)) for first in range(0, len(digests), span)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
         os.close(basis)
         entry[5] = None
         out.write(b"H" + struct.pack(">QQ", size, len(digests)) + b"".join(digests))

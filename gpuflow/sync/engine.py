@@ -263,7 +263,7 @@ def _sync_ssh(
         # `auto`: the large files the destination holds go by block delta (sync/blockdelta.py), the rest as before.
         by_blocks = blockdelta.candidates(plan, state) if options.method == "auto" else ()
         if options.method == "auto":
-            chosen = "delta" if by_blocks else _carrier(_without(plan, by_blocks), state, shifted=False)
+            chosen = "delta" if by_blocks else _carrier(plan, state, shifted=False)
         else:
             chosen = options.method
         compressed = chosen == "tar" and _compressed(plan, state, destination, tree, options)
