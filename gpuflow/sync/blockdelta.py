@@ -182,7 +182,23 @@ def copy(source, target, count):
             break
         os.pwrite(target, data, done)
         done += len(data)
+class Copying(threading.Thread):
+    def __init__(self, *args):
+        threading.Thread.__init__(self, daemon=True)
+        self.args, self.failure = args, None
+        self.start()
+    def run(self):
+        try:
+            copy(*self.args)
+        except BaseException as exc:
+            self.failure = exc
+    def finish(self):
+        self.join()
+        if self.failure is not None:
+            raise self.failure
 def drop(entry):
+    if entry[7] is not None:
+        entry[7].join()
     parent, temp, fd, basis = entry[0], entry[1], entry[2], entry[5]
     for descriptor in (fd, basis):
         if descriptor is not None:
@@ -197,7 +213,7 @@ out.write(b"GPUFLOW-DELTA/1\n")
 out.flush()
 block_size, count = struct.unpack(">QQ", exact(16))
 names = [exact(struct.unpack(">I", exact(4))[0]) for _ in range(count)]
-held = []  # per file hashed: [parent fd, temp name, temp fd, digests, name, basis fd, basis status]
+held = []  # per file: [parent fd, temp name, temp fd, digests, name, basis fd, listed basis status, copying thread]
 try:
     for name in names:
         try:
@@ -218,11 +234,18 @@ try:
             refuse("not a regular file")
             continue
         digests = cached(name, status)
-        if digests is not None:  # copied in phase 2, once the basis is known to be worth it
-            held.append([parent, None, None, digests, name, basis, status])
+        if digests is not None:
+            entry = [parent, None, None, digests, name, basis, status, None]
+            held.append(entry)
             out.write(b"H" + struct.pack(">QQ", status.st_size, len(digests)) + b"".join(digests))
+            out.flush()
+            try:  # copy it while the other side hashes: most of it will stay
+                entry[1], entry[2] = make_temp(parent)
+                entry[7] = Copying(basis, entry[2], status.st_size)
+            except (OSError, RuntimeError):
+                pass  # copied in phase 2
             continue
-        entry = [parent, None, None, [], name, basis, None]
+        entry = [parent, None, None, [], name, basis, None, None]
         held.append(entry)
         try:
             entry[1], entry[2] = make_temp(parent)
@@ -279,10 +302,14 @@ try:
         (sent,) = struct.unpack(">Q", exact(8))
         parent, name, digests = entry[0], entry[4], entry[3]
         failure = None
-        if entry[2] is None:
+        if entry[6] is not None:  # a listed file: copied now (or by its thread), then checked
             try:
-                entry[1], entry[2] = make_temp(parent)
-                copy(entry[5], entry[2], min(new_size, entry[6].st_size))
+                if entry[7] is not None:
+                    entry[7].finish()
+                else:
+                    if entry[2] is None:
+                        entry[1], entry[2] = make_temp(parent)
+                    copy(entry[5], entry[2], min(new_size, entry[6].st_size))
                 if identity(os.fstat(entry[5])) != identity(entry[6]):
                     failure = "the destination copy changed during the sync"
             except OSError as exc:
