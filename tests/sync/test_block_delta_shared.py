@@ -24,6 +24,7 @@ def test_the_block_delta_rides_on_the_shared_connection(target, server, tmp_path
     with (source / "sub dir" / "it's.bin").open("r+b") as handle:
         handle.seek(5 * (16 << 10))
         handle.write(b"edit")
+    os.utime(source / "sub dir" / "it's.bin", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     with shared.shared_connections():
         _shared_runner(target, tmp_path / "instance").run(["true"])
         report = sync_directory(source, SSHDestination(target, str(remote)))
