@@ -259,19 +259,19 @@ try:
         fd, size = entry[2], status.st_size
         digests = entry[3] = [b""] * -(-size // block_size)
         def run(first, last, fd=fd, digests=digests, basis=basis, size=size):
-            view = memoryview(bytearray(block_size))
             for index in range(first, last):
                 offset = index * block_size
-                want, got = min(block_size, size - offset), 0
-                while got < want:
-                    more = os.preadv(basis, [view[got:want]], offset + got)
+                want = min(block_size, size - offset)
+                data = os.pread(basis, want, offset)
+                while 0 < len(data) < want:  # a short read that is not the end of the file
+                    more = os.pread(basis, want - len(data), offset + len(data))
                     if not more:
                         break
-                    got += more
-                digests[index] = hashlib.sha256(view[:got]).digest()
-                done = 0
-                while done < got:
-                    done += os.pwrite(fd, view[done:got], offset + done)
+                    data += more
+                digests[index] = hashlib.sha256(data).digest()
+                view, done = memoryview(data), 0
+                while done < len(data):
+                    done += os.pwrite(fd, view[done:], offset + done)
         workers = max(1, min(4, os.cpu_count() or 1, len(digests)))
         span = -(-len(digests) // workers)
         failures = []
