@@ -407,17 +407,16 @@ def _block_hashes(path: str, entry: LocalEntry, block_size: int) -> list[bytes]:
         digests = [b""] * count
 
         def hash_run(first: int, last: int) -> None:
-            view = memoryview(bytearray(block_size))
             for index in range(first, last):
                 offset = index * block_size
                 length = min(block_size, entry.size - offset)
-                got = 0
-                while got < length:
-                    more = os.preadv(descriptor, [view[got:length]], offset + got)
+                data = os.pread(descriptor, length, offset)  # os.preadv is missing on some macOS builds
+                while len(data) < length:
+                    more = os.pread(descriptor, length - len(data), offset + len(data))
                     if not more:
                         raise _changed(entry.path)
-                    got += more
-                digests[index] = hashlib.sha256(view[:length]).digest()
+                    data += more
+                digests[index] = hashlib.sha256(data).digest()
 
         workers = max(1, min(HASH_THREADS, count))
         if workers == 1:
