@@ -158,6 +158,7 @@ def test_sync_uses_the_block_delta_then_falls_back_for_an_insertion(pair, monkey
     os.utime(source / NAME, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     _rewrite(source / NAME, 3 * BLOCK, b"edit")
 
+    assert sync_directory(source, destination, dry_run=True).method == "delta"
     edited = sync_directory(source, destination)
 
     assert edited.method == "delta" and set(edited.sent) == {NAME, "train.py"}
@@ -216,3 +217,18 @@ def test_the_block_list_kept_there_is_trusted_only_while_the_file_is_unchanged(p
     assert fresh.block_bytes == 2 * BLOCK
     assert (remote / NAME).read_bytes() == (source / NAME).read_bytes()
     assert _leftovers(remote) == []
+
+
+def test_a_directory_swapped_for_a_link_there_is_not_followed(pair, tmp_path):
+    source, remote, _ = pair
+    outside = tmp_path / "outside"
+    (remote / "dir with space").rename(outside)
+    (remote / "dir with space").symlink_to(outside)  # planted after the listing: the helper must not go through
+    before = (outside / NAME.split("/")[1]).read_bytes()
+    _rewrite(source / NAME, 2 * BLOCK, b"edit")
+
+    outcome = _send(pair)
+
+    assert outcome.placed == () and [entry.path for entry in outcome.fallback] == [NAME]
+    assert (outside / NAME.split("/")[1]).read_bytes() == before
+    assert [name for name in os.listdir(outside) if name.startswith(".gpuflow-delta-")] == []
