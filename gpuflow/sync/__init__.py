@@ -30,7 +30,9 @@ How a sync works, whatever the destination:
    it can save bytes: when the plan rewrites at least ``RSYNC_DELTA_MIN_BYTES``
    of files the destination already holds an older version of, so its delta
    transfer sends only the changed blocks; ``method="rsync"`` forces it,
-   ``method="tar"`` forbids it.  To a local directory: a Python copy (temp
+   ``method="tar"`` forbids it.  Before either, with ``auto``, a changed file the
+   destination holds a large version of travels as its changed blocks
+   (:mod:`~gpuflow.sync.blockdelta`; shifted content still goes to rsync).  To a local directory: a Python copy (temp
    file + rename, mtime and mode kept).
 
 A no-change re-sync therefore costs one SSH connection and one remote

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from gpuflow.errors import DataError, UsageError
+from gpuflow.sync import blockdelta
 from gpuflow.sync.compress import on_this_machine, worth_compressing
 from gpuflow.sync.exchange import Exchange
-from gpuflow.sync.ignore import SourceTree, scan_tree
+from gpuflow.sync.ignore import LocalEntry, SourceTree, scan_tree
 from gpuflow.sync.local import apply_local, list_local_destination
 from gpuflow.sync.lock import SYNC_LOCK_WAIT_SECONDS, local_sync_lock
 from gpuflow.sync.plan import (
@@ -215,6 +217,31 @@ def _delta_basis_bytes(plan: SyncPlan, state: DestinationState) -> int:
     return total
 
 
+def _without(plan: SyncPlan, entries: Sequence[LocalEntry]) -> SyncPlan:
+    """``plan`` less ``entries`` (sent another way)."""
+    if not entries:
+        return plan
+    paths = {entry.path for entry in entries}
+    return dataclasses.replace(plan, to_send=tuple(entry for entry in plan.to_send if entry.path not in paths))
+
+
+def _carrier(plan: SyncPlan, state: DestinationState, *, shifted: bool) -> str:
+    """How ``auto`` sends files whole or by rsync: rsync when its delta can save bytes (``shifted``:
+    files the block delta left, whose blocks moved) and both ends have it, else tar."""
+    worth_a_delta = shifted or _delta_basis_bytes(plan, state) >= RSYNC_DELTA_MIN_BYTES
+    return "rsync" if plan.to_send and worth_a_delta and state.has_rsync and local_rsync_usable() else "tar"
+
+
+def _compressed(
+    plan: SyncPlan, state: DestinationState, destination: SSHDestination, tree: SourceTree, options: _Options
+) -> bool:
+    return bool(plan.to_send) and state.has_gzip and (
+        options.compress
+        if options.compress is not None
+        else not on_this_machine(destination.target.host) and worth_compressing(tree.root, plan.to_send)
+    )
+
+
 def _sync_ssh(
     scan: Callable[[], SourceTree], destination: SSHDestination, options: _Options, started: float
 ) -> SyncReport:
@@ -233,37 +260,44 @@ def _sync_ssh(
         if options.method == "rsync" and not (state.has_rsync and local_rsync_usable()):
             raise UsageError("rsync 3.1+ is missing on this machine or rsync on the target", hint="use --method tar")
         plan = plan_sync(tree, state)
+        # `auto`: the large files the destination holds go by block delta (sync/blockdelta.py), the rest as before.
+        by_blocks = blockdelta.candidates(plan, state) if options.method == "auto" else ()
         if options.method == "auto":
-            worth_a_delta = _delta_basis_bytes(plan, state) >= RSYNC_DELTA_MIN_BYTES
-            chosen = "rsync" if worth_a_delta and state.has_rsync and local_rsync_usable() else "tar"
+            chosen = "delta" if by_blocks else _carrier(plan, state, shifted=False)
         else:
             chosen = options.method
-        compressed = chosen == "tar" and bool(plan.to_send) and state.has_gzip and (
-            options.compress
-            if options.compress is not None
-            else not on_this_machine(destination.target.host) and worth_compressing(tree.root, plan.to_send)
-        )
+        compressed = chosen == "tar" and _compressed(plan, state, destination, tree, options)
         if options.dry_run:
             return _report(tree, destination, chosen, plan, started, True, compressed)
         _check_size(plan, destination, options)
         bar = Progress(options.progress, plan.bytes_to_send, f"sync ({chosen})")
         try:
-            if chosen == "rsync" and plan.to_send:
+            rest, carrier = plan, chosen
+            if by_blocks:
+                # While the listing session holds the lock, over the same connection.
+                outcome = blockdelta.send_block_deltas(session, tree.root, destination.directory, by_blocks, progress=bar)
+                placed = set(outcome.placed)
+                rest = _without(plan, [entry for entry in by_blocks if entry.path in placed])
+                # Shifted content: rsync's rolling delta finds the moved blocks; else the rest as before.
+                carrier = _carrier(rest, state, shifted=bool(outcome.fallback))
+                compressed = carrier == "tar" and _compressed(rest, state, destination, tree, options)
+                chosen = "delta" if outcome.placed else carrier
+            if carrier == "rsync" and rest.to_send:
                 # Keep the listing session (the connection's master) open while rsync rides on it.
-                exchange.finish(plan.to_delete, directories=plan.to_create, keep_open=True)
-                send_rsync(session, tree.root, destination.directory, plan, bar)
+                exchange.finish(rest.to_delete, directories=rest.to_create, keep_open=True)
+                send_rsync(session, tree.root, destination.directory, rest, bar)
                 exchange.end()
-            elif plan.to_send:
+            elif rest.to_send:
                 exchange.finish(
-                    plan.to_delete,
-                    directories=plan.to_create,
+                    rest.to_delete,
+                    directories=rest.to_create,
                     tar_source=tree.root,
-                    tar_entries=plan.to_send,
+                    tar_entries=rest.to_send,
                     progress=bar,
                     compress=compressed,
                 )
             else:
-                exchange.finish(plan.to_delete, directories=plan.to_create)
+                exchange.finish(rest.to_delete, directories=rest.to_create)
         finally:
             bar.close()
         return _report(tree, destination, chosen, plan, started, False, compressed)

@@ -42,7 +42,7 @@ class SyncReport:
 
     source: str
     destination: str
-    method: str  # "rsync" | "tar" | "copy"
+    method: str  # "delta" | "rsync" | "tar" | "copy"
     files_considered: int
     bytes_considered: int
     files_sent: int

@@ -91,7 +91,7 @@ def test_auto_uses_rsync_only_where_its_delta_transfer_saves_bytes(project, sshd
         handle.write(b"fine-tuned")
     os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1_000_000_000))
     second = sync_directory(project, destination)
-    assert (second.method, second.sent) == ("rsync", ("weights.bin",))
+    assert (second.method, second.sent) == ("delta", ("weights.bin",))  # block delta: sync/blockdelta.py
     assert (tmp_path / "remote" / "weights.bin").read_bytes() == weights.read_bytes()
 
     (project / "train.py").write_text("print('edited')\n")  # a small edit: not worth a second session
