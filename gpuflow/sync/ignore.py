@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -200,26 +201,29 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
         absolute_directory = os.path.join(root, relative_directory) if relative_directory else str(root)
         try:
             with os.scandir(absolute_directory) as iterator:
-                items = sorted(iterator, key=lambda item: item.name)
+                items = list(iterator)  # in the directory's order: the entries are sorted once, at the end
         except OSError:
             continue
-        subdirectories: list[str] = []
         prefix = f"{relative_directory}/" if relative_directory else ""
         for item in items:
             name = item.name
             relative_path = prefix + name
             try:
+                # The directory entry's type (d_type) needs no system call; the one
+                # lstat is for the files and links kept (their size and mtime).
+                if item.is_dir(follow_symlinks=False):
+                    if not rules.directory_ignored(relative_path):
+                        pending.append(relative_path)
+                        directories.add(relative_path)
+                    continue
+                if rules.file_ignored_in_kept_directory(relative_directory, name, relative_path):
+                    continue
                 status = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we walked
             mode = status.st_mode
             if stat.S_ISDIR(mode):
-                if not rules.directory_ignored(relative_path):
-                    subdirectories.append(relative_path)
-                    directories.add(relative_path)
-                continue
-            if rules.file_ignored_in_kept_directory(relative_directory, name, relative_path):
-                continue
+                continue  # replaced by a directory while we walked
             if stat.S_ISREG(mode):
                 entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, mode & 0o7777))
             elif stat.S_ISLNK(mode):
@@ -231,6 +235,6 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
                 entries.append(LocalEntry(relative_path, "link", 0, status.st_mtime_ns, 0, target))
             else:
                 continue  # sockets, fifos, devices: not project content
-        pending.extend(reversed(subdirectories))
-    entries.sort(key=lambda entry: entry.path)
+    entries.sort(key=itemgetter(0))  # by path
+    skipped_links.sort()
     return SourceTree(root, tuple(entries), frozenset(directories), tuple(skipped_links), rules)
