@@ -106,16 +106,21 @@ def expected_records(tree: SourceTree) -> dict[bytes, int]:
     """The record ``find -printf`` prints for each file of ``tree`` held as it
     is here (kind, mode, size, ``%T@`` mtime, no link target, path) -> the
     file's position in ``tree.entries``: a listed record found here is an
-    unchanged file, with one dict lookup and no parsing."""
+    unchanged file, with one dict lookup and no parsing.  (A file with an mtime
+    before 2001, or one find prints otherwise, is simply not found here: the
+    slow path compares it.)"""
     encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
-    billion = _BILLION
-    return {
-        b"f\0%o\0%d\0%d.%09d0\0\0%s\0"
-        % (entry.mode, entry.size, entry.mtime_ns // billion, entry.mtime_ns % billion,
-           entry.path.encode(encoding, errors)): position
-        for position, entry in enumerate(tree.entries)
-        if entry.kind == "file"
-    }
+    octal: dict[int, str] = {}
+    expected: dict[bytes, int] = {}
+    for position, (path, kind, size, mtime_ns, mode, _) in enumerate(tree.entries):
+        if kind != "file" or mtime_ns < 10**18:  # 19 digits: the last 9 are the fraction
+            continue
+        mode_text = octal.get(mode)
+        if mode_text is None:
+            mode_text = octal[mode] = f"{mode:o}"
+        digits = str(mtime_ns)
+        expected[f"f\0{mode_text}\0{size}\0{digits[:-9]}.{digits[-9:]}0\0\0{path}\0".encode(encoding, errors)] = position
+    return expected
 
 
 class ListingParser:
@@ -175,7 +180,7 @@ class ListingParser:
         name = os.fsdecode(path)
         tree = self._tree
         if tree is not None and self.unchanged is not None and kind != "dir":
-            position = tree.index.get(name)
+            position = tree.position(name)
             if position is not None and not needs_sending(tree.entries[position], entry):
                 self.unchanged[position] = 1
                 return

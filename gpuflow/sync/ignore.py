@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import stat
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -159,6 +160,14 @@ class SourceTree:
     def index(self) -> dict[str, int]:
         """path -> its position in ``entries`` (built once, on first use)."""
         return {entry.path: position for position, entry in enumerate(self.entries)}
+
+    def position(self, path: str) -> int | None:
+        """``path``'s position in ``entries``, or None: through :attr:`index` once
+        built, else by bisection (a few lookups need no index of every file)."""
+        if "index" in self.__dict__:
+            return self.index.get(path)
+        at = bisect_left(self.entries, path, key=itemgetter(0))
+        return at if at < len(self.entries) and self.entries[at].path == path else None
 
     @property
     def total_bytes(self) -> int:
