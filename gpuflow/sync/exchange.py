@@ -100,6 +100,8 @@ _FIND_KINDS = {b"f": "file", b"l": "link", b"d": "dir"}
 # One whole record of the listing: six NUL-terminated fields (regex-split at C speed).
 _LISTING_RECORD = re.compile(rb"(?:[^\0]*\0){6}")
 _BILLION = 1_000_000_000
+_EXPECT_FROM_RECORDS = 256  # fewer listed records are each compared field by field
+_NOTHING_EXPECTED: dict[bytes, int] = {}
 
 
 def expected_records(tree: SourceTree) -> dict[bytes, int]:
@@ -139,7 +141,9 @@ class ListingParser:
         self.entries: dict[str, DestinationEntry] = {}
         self._rest = b""
         self._tree = tree
-        self._expected = expected_records(tree) if tree is not None else {}
+        # Built once the listing shows more than a few records (a first sync's listing is empty).
+        self._expected: dict[bytes, int] | None = None
+        self._listed = 0
         self.unchanged = bytearray(len(tree.entries)) if tree is not None else None
 
     def feed(self, data: bytes) -> None:
@@ -152,7 +156,10 @@ class ListingParser:
         end += 1
         records = _LISTING_RECORD.findall(buffer, 0, end)  # back to back from the start
         self._rest = buffer[end:]
-        find_expected = self._expected.get
+        self._listed += len(records)
+        if self._expected is None and self._tree is not None and self._listed > _EXPECT_FROM_RECORDS:
+            self._expected = expected_records(self._tree)
+        find_expected = (self._expected or _NOTHING_EXPECTED).get
         unchanged = self.unchanged
         for record in records:
             position = find_expected(record)

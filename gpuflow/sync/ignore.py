@@ -203,6 +203,7 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
     entries: list[LocalEntry] = []
     directories: set[str] = set()
     skipped_links: list[str] = []
+    shared_modes: dict[int, int] = {}
     pending = [""]
     while pending:
         relative_directory = pending.pop()
@@ -234,7 +235,9 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
             if stat.S_ISDIR(mode):
                 continue  # replaced by a directory while we walked
             if stat.S_ISREG(mode):
-                entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, mode & 0o7777))
+                permissions = mode & 0o7777
+                permissions = shared_modes.setdefault(permissions, permissions)  # one int object per distinct mode
+                entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, permissions))
             elif stat.S_ISLNK(mode):
                 absolute_path = item.path
                 target = os.readlink(absolute_path)

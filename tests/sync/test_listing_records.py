@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from gpuflow.sync import DestinationState, plan_sync, scan_source
+from gpuflow.sync import exchange
 from gpuflow.sync.exchange import ListingParser, expected_records
 from tests.sync.conftest import write
 
@@ -35,7 +38,9 @@ def test_every_unchanged_file_is_found_by_its_whole_record(project, tmp_path):
         entry.path for entry in tree.entries if entry.kind == "file"}
 
 
-def test_a_record_not_found_whole_is_still_compared(project, tmp_path):
+@pytest.mark.parametrize("expect_from", [0, 10**6])  # whole records looked up from the first, or never
+def test_a_record_not_found_whole_is_still_compared(project, tmp_path, monkeypatch, expect_from):
+    monkeypatch.setattr(exchange, "_EXPECT_FROM_RECORDS", expect_from)
     old = project / "pkg" / "model.py"
     os.utime(old, ns=(981_000_000_123_000_000, 981_000_000_123_000_000))  # 2001-02: outside the whole-record match
     remote = tmp_path / "remote"
@@ -56,7 +61,8 @@ def test_a_record_not_found_whole_is_still_compared(project, tmp_path):
     assert all(entry.kind == "dir" for entry in state.entries.values())
 
 
-def test_a_long_record_cut_by_every_chunk_parses(tmp_path):
+def test_a_long_record_cut_by_every_chunk_parses(tmp_path, monkeypatch):
+    monkeypatch.setattr(exchange, "_EXPECT_FROM_RECORDS", 0)
     long_name = "d" * 200 + "/" + "f" * 250
     (tmp_path / "src" / ("d" * 200)).mkdir(parents=True)
     write(tmp_path / "src" / long_name, "x")
