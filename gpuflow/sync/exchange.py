@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from gpuflow.errors import DataError, RemoteCommandFailed
 from gpuflow.sync.compress import GzipWriter
 from gpuflow.sync.ignore import LocalEntry, SourceTree
 from gpuflow.sync.lock import LOCK_EXIT_CODE, SYNC_LOCK_SUFFIX, SYNC_LOCK_WAIT_SECONDS, lock_timeout
-from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending, same_mtime
+from gpuflow.sync.plan import DestinationEntry, DestinationState, needs_sending
 from gpuflow.sync.progress import Progress
 from gpuflow.sync.session import SshSession, ssh_failure, tail
 from gpuflow.sync.transfer import stream_tar
@@ -95,68 +97,101 @@ if [ "$next" = wait ]; then exec cat >/dev/null; fi
 _FIND_KINDS = {b"f": "file", b"l": "link", b"d": "dir"}
 
 
+# One whole record of the listing: six NUL-terminated fields (regex-split at C speed).
+_LISTING_RECORD = re.compile(rb"(?:[^\0]*\0){6}")
+_BILLION = 1_000_000_000
+_EXPECT_FROM_RECORDS = 256  # fewer listed records are each compared field by field
+_NOTHING_EXPECTED: dict[bytes, int] = {}
+
+
+def expected_records(tree: SourceTree) -> dict[bytes, int]:
+    """The record ``find -printf`` prints for each file of ``tree`` held as it
+    is here (kind, mode, size, ``%T@`` mtime, no link target, path) -> the
+    file's position in ``tree.entries``: a listed record found here is an
+    unchanged file, with one dict lookup and no parsing.  (A file with an mtime
+    before 2001, or one find prints otherwise, is simply not found here: the
+    slow path compares it.)"""
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
+    octal: dict[int, str] = {}
+    expected: dict[bytes, int] = {}
+    for position, (path, kind, size, mtime_ns, mode, _) in enumerate(tree.entries):
+        if kind != "file" or mtime_ns < 10**18:  # 19 digits: the last 9 are the fraction
+            continue
+        mode_text = octal.get(mode)
+        if mode_text is None:
+            mode_text = octal[mode] = f"{mode:o}"
+        digits = str(mtime_ns)
+        expected[f"f\0{mode_text}\0{size}\0{digits[:-9]}.{digits[-9:]}0\0\0{path}\0".encode(encoding, errors)] = position
+    return expected
+
+
 class ListingParser:
     """Parses the ``find -printf '%y\\0%m\\0%s\\0%T@\\0%l\\0%P\\0'`` listing
-    as it arrives (:meth:`feed` each chunk, then :meth:`close`), so the parse
-    runs while the remote side is still listing."""
+    as it arrives (:meth:`feed` each chunk, then :meth:`close`).
+
+    Against a scanned tree (``tree``), a record that is byte for byte what find
+    prints for a file the tree holds as it is (:func:`expected_records`) only
+    sets that file's byte in :attr:`unchanged`: the records are cut apart by
+    one regex and looked up in one dict, so an unchanged file costs no Python
+    parsing.  Every other record (a directory, a link, a changed or extra file,
+    an mtime the destination keeps to the second) is parsed and compared field
+    by field."""
 
     def __init__(self, tree: SourceTree | None = None) -> None:
         self.entries: dict[str, DestinationEntry] = {}
         self._rest = b""
-        # Against a scanned tree, an entry the tree holds as it is only sets its byte here.
         self._tree = tree
+        # Built once the listing shows more than a few records (a first sync's listing is empty).
+        self._expected: dict[bytes, int] | None = None
+        self._listed = 0
         self.unchanged = bytearray(len(tree.entries)) if tree is not None else None
 
     def feed(self, data: bytes) -> None:
-        fields = (self._rest + data).split(b"\0")
-        complete = (len(fields) - 1) // 6 * 6  # the last field has no NUL yet
-        self._rest = b"\0".join(fields[complete:])
-        self._parse(fields[:complete])
+        buffer = self._rest + data if self._rest else data
+        # The buffer starts at a record: its last (count % 6) NULs end the fields of a
+        # cut-off record, so the whole records end at the NUL before those.
+        end = len(buffer)
+        for _ in range(buffer.count(b"\0") % 6 + 1):
+            end = buffer.rfind(b"\0", 0, end)
+        end += 1
+        records = _LISTING_RECORD.findall(buffer, 0, end)  # back to back from the start
+        self._rest = buffer[end:]
+        self._listed += len(records)
+        if self._expected is None and self._tree is not None and self._listed > _EXPECT_FROM_RECORDS:
+            self._expected = expected_records(self._tree)
+        find_expected = (self._expected or _NOTHING_EXPECTED).get
+        unchanged = self.unchanged
+        for record in records:
+            position = find_expected(record)
+            if position is not None:
+                unchanged[position] = 1  # type: ignore[index]  # expected records exist only with a tree
+                continue
+            self._parse_record(record)
 
     def close(self) -> dict[str, DestinationEntry]:
         if self._rest:
             raise RemoteCommandFailed("the destination listing was cut short; run the sync again")
         return self.entries
 
-    def _parse(self, fields: list[bytes]) -> None:
-        entries = self.entries
-        kinds = _FIND_KINDS
-        decode = os.fsdecode
-        billion = 1_000_000_000
+    def _parse_record(self, record: bytes) -> None:
+        kind_code, mode, size, mtime, link_target, path, _ = record.split(b"\0")
+        kind = _FIND_KINDS.get(kind_code, "other")
+        seconds, _, fraction = mtime.partition(b".")
+        mtime_ns = int(seconds) * _BILLION + int((fraction + b"000000000")[:9] or 0)
+        if kind == "file":
+            entry = DestinationEntry("file", int(size), mtime_ns, int(mode, 8))
+        elif kind == "link":
+            entry = DestinationEntry("link", 0, mtime_ns, 0, os.fsdecode(link_target))
+        else:
+            entry = DestinationEntry(kind, 0, mtime_ns)
+        name = os.fsdecode(path)
         tree = self._tree
-        index = tree.index if tree is not None else {}
-        local_entries = tree.entries if tree is not None else ()
-        unchanged = self.unchanged
-        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
-        find_index = index.get
-        for kind_code, mode, size, mtime, link_target, path in zip(*[iter(fields)] * 6):
-            if kind_code == b"f" and unchanged is not None:
-                # The common case, a file the tree has: compared field by field, nothing built.
-                position = find_index(path.decode(encoding, errors))
-                if position is not None:
-                    local = local_entries[position]
-                    if local.kind == "file" and local.size == int(size) and local.mode == int(mode, 8):
-                        seconds, _, fraction = mtime.partition(b".")
-                        mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
-                        if same_mtime(local.mtime_ns, mtime_ns):
-                            unchanged[position] = 1
-                            continue
-            kind = kinds.get(kind_code, "other")
-            seconds, _, fraction = mtime.partition(b".")
-            mtime_ns = int(seconds) * billion + int((fraction + b"000000000")[:9] or 0)
-            if kind == "file":
-                entry = DestinationEntry("file", int(size), mtime_ns, int(mode, 8))
-            elif kind == "link":
-                entry = DestinationEntry("link", 0, mtime_ns, 0, decode(link_target))
-            else:
-                entry = DestinationEntry(kind, 0, mtime_ns)
-            name = decode(path)
-            if unchanged is not None and kind != "dir":
-                position = index.get(name)
-                if position is not None and not needs_sending(local_entries[position], entry):
-                    unchanged[position] = 1
-                    continue
-            entries[name] = entry
+        if tree is not None and self.unchanged is not None and kind != "dir":
+            position = tree.position(name)
+            if position is not None and not needs_sending(tree.entries[position], entry):
+                self.unchanged[position] = 1
+                return
+        self.entries[name] = entry
 
 
 def parse_find_listing(data: bytes) -> dict[str, DestinationEntry]:
@@ -194,6 +229,28 @@ class Exchange:
         self._finished = False
         self._what = "sync"
         self._packer_failure: str | None = None
+        # The listing is read from the start, in a thread, while the caller scans the
+        # local tree: the remote find never waits for a full pipe (see _prefetch).
+        self._chunks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._prefetch, name="gpuflow-sync-listing", daemon=True)
+        self._reader.start()
+
+    def _prefetch(self) -> None:
+        """Read stdout until the END record (what :meth:`read_state` consumes, and
+        where it stops) or end-of-file (then an empty chunk)."""
+        assert self.process.stdout is not None
+        tail = b""
+        try:
+            while True:
+                chunk = self.process.stdout.read1(1 << 16)
+                self._chunks.put(chunk)
+                if not chunk:
+                    return
+                tail = (tail + chunk)[-len(_LISTING_END) :]
+                if tail == _LISTING_END:
+                    return
+        except (OSError, ValueError):
+            self._chunks.put(b"")
 
     def _failure(self, code: int, what: str) -> Exception:
         self._stderr.seek(0)
@@ -220,7 +277,7 @@ class Exchange:
         parser = ListingParser(tree)
         withheld = b""  # the last bytes, held back from the parser: they may be the END record
         while True:
-            chunk = self.process.stdout.read1(1 << 16)
+            chunk = self._chunks.get()
             if not chunk:
                 code = self.process.wait()
                 self._finished = True
@@ -321,6 +378,7 @@ class Exchange:
                 self.process.kill()
                 self.process.wait()
             self._finished = True
+        self._reader.join(timeout=10)  # it ends at end-of-file at the latest: the process has ended
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._stderr.close()

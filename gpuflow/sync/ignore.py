@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import os
 import stat
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -159,6 +161,14 @@ class SourceTree:
         """path -> its position in ``entries`` (built once, on first use)."""
         return {entry.path: position for position, entry in enumerate(self.entries)}
 
+    def position(self, path: str) -> int | None:
+        """``path``'s position in ``entries``, or None: through :attr:`index` once
+        built, else by bisection (a few lookups need no index of every file)."""
+        if "index" in self.__dict__:
+            return self.index.get(path)
+        at = bisect_left(self.entries, path, key=itemgetter(0))
+        return at if at < len(self.entries) and self.entries[at].path == path else None
+
     @property
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.entries)
@@ -193,6 +203,7 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
     entries: list[LocalEntry] = []
     directories: set[str] = set()
     skipped_links: list[str] = []
+    shared_modes: dict[int, int] = {}
     pending = [""]
     while pending:
         relative_directory = pending.pop()
@@ -200,28 +211,33 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
         absolute_directory = os.path.join(root, relative_directory) if relative_directory else str(root)
         try:
             with os.scandir(absolute_directory) as iterator:
-                items = sorted(iterator, key=lambda item: item.name)
+                items = list(iterator)  # in the directory's order: the entries are sorted once, at the end
         except OSError:
             continue
-        subdirectories: list[str] = []
         prefix = f"{relative_directory}/" if relative_directory else ""
         for item in items:
             name = item.name
             relative_path = prefix + name
             try:
+                # The directory entry's type (d_type) needs no system call; the one
+                # lstat is for the files and links kept (their size and mtime).
+                if item.is_dir(follow_symlinks=False):
+                    if not rules.directory_ignored(relative_path):
+                        pending.append(relative_path)
+                        directories.add(relative_path)
+                    continue
+                if rules.file_ignored_in_kept_directory(relative_directory, name, relative_path):
+                    continue
                 status = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we walked
             mode = status.st_mode
             if stat.S_ISDIR(mode):
-                if not rules.directory_ignored(relative_path):
-                    subdirectories.append(relative_path)
-                    directories.add(relative_path)
-                continue
-            if rules.file_ignored_in_kept_directory(relative_directory, name, relative_path):
-                continue
+                continue  # replaced by a directory while we walked
             if stat.S_ISREG(mode):
-                entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, mode & 0o7777))
+                permissions = mode & 0o7777
+                permissions = shared_modes.setdefault(permissions, permissions)  # one int object per distinct mode
+                entries.append(LocalEntry(relative_path, "file", status.st_size, status.st_mtime_ns, permissions))
             elif stat.S_ISLNK(mode):
                 absolute_path = item.path
                 target = os.readlink(absolute_path)
@@ -231,6 +247,6 @@ def scan_tree(root: Path, *, skip_top_level: Iterable[str] = ()) -> SourceTree:
                 entries.append(LocalEntry(relative_path, "link", 0, status.st_mtime_ns, 0, target))
             else:
                 continue  # sockets, fifos, devices: not project content
-        pending.extend(reversed(subdirectories))
-    entries.sort(key=lambda entry: entry.path)
+    entries.sort(key=itemgetter(0))  # by path
+    skipped_links.sort()
     return SourceTree(root, tuple(entries), frozenset(directories), tuple(skipped_links), rules)

@@ -152,7 +152,6 @@ def _safe_relative(path: str) -> bool:
 
 def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
     """What to send and what to delete so the destination mirrors the tree."""
-    local_paths = tree.index
     unchanged = state.unchanged
     if unchanged is None:
         to_send = tuple(entry for entry in tree.entries if needs_sending(entry, state.entries.get(entry.path)))
@@ -167,6 +166,8 @@ def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
         return SyncPlan(tree.entries, (), _directories_to_create(tree, state, tree.entries))
     doomed_files: list[str] = []
     doomed_directories: list[str] = []
+    # A few listed entries (the directories of a no-change sync) are looked up by bisection.
+    local_paths = tree.index if len(state.entries) > 64 else _Held(tree)
     for path, entry in state.entries.items():
         if not _safe_relative(path):
             raise SecurityError(f"the destination listing holds an unsafe path {path!r}; sync refused")
@@ -182,6 +183,16 @@ def plan_sync(tree: SourceTree, state: DestinationState) -> SyncPlan:
     doomed_directories.sort(key=lambda path: (-path.count("/"), path))
     to_create = _directories_to_create(tree, state, to_send)
     return SyncPlan(to_send, tuple(sorted(doomed_files)) + tuple(doomed_directories), to_create)
+
+
+class _Held:
+    """``path in _Held(tree)``: whether the tree holds a file or link at ``path``."""
+
+    def __init__(self, tree: SourceTree) -> None:
+        self._tree = tree
+
+    def __contains__(self, path: str) -> bool:
+        return self._tree.position(path) is not None
 
 
 def _directories_to_create(tree: SourceTree, state: DestinationState, to_send: tuple[LocalEntry, ...]) -> tuple[str, ...]:
