@@ -19,9 +19,8 @@ class RunningCloud:
         return ""
 
 
-clusters.cloud_probe = lambda provisioner_factory=None: RunningCloud()
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # only the process: a test importing RunningCloud must not change its own gpuflow
+    clusters.cloud_probe = lambda provisioner_factory=None: RunningCloud()
     from gpuflow.cli import main
 
     main(sys.argv[1:])
