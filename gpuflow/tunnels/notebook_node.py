@@ -10,6 +10,7 @@
 # (port, token, app, work dir; 0600) and ``notebook.log``.  The server leads its
 # own session, so it outlives the connection that started it.
 
+import http.client
 import json
 import os
 import signal
@@ -82,12 +83,20 @@ def _free_port(wanted):
     return None
 
 
-def _listening(port):
+def _answers(port, token):
+    """Whether OUR server answers on ``port``: its API status, with the token, says
+    it started.  A port merely taken (by another process, while the server was
+    still to bind it and then fails to) is not a started server."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
+        connection.request("GET", "/api/status", headers={"Authorization": "token " + token})
+        response = connection.getresponse()
+        body = response.read(65536)
+        return response.status == 200 and "started" in json.loads(body.decode("utf-8", "replace"))
+    except (OSError, ValueError, http.client.HTTPException):
         return False
+    finally:
+        connection.close()
 
 
 def _tail(path, lines=5):
@@ -148,7 +157,7 @@ def start(base, work_dir, lab, wanted_port, token):
         done, _status = os.waitpid(child, os.WNOHANG)
         if done:
             return {"error": "the Jupyter server exited: %s" % " | ".join(_tail(log_path)), "log": log_path}
-        if _listening(port):
+        if _answers(port, token):
             settings.update(pid=child, reattached=False)
             return settings
         time.sleep(0.1)
