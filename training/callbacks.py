@@ -295,8 +295,10 @@ def step_checkpoint(owner: CourseCallbacks):
             # ModelCheckpoint and CSVLogger have run: history.csv holds this epoch's row.
             owner.rows = [row for row in read_history(owner.history_path) if row.get("epoch", -1) <= epoch]
             position = Position(epoch + 1, 0)
-            self._save(position, "epoch end")
-            if checkpoint.stop_requested() and epoch + 1 < owner.epochs:
+            stop = checkpoint.stop_requested() if epoch + 1 < owner.epochs else None
+            # A stop that arrived during the epoch's last batch is saved here: the checkpoint says why it was taken.
+            self._save(position, f"stop requested ({stop}) at an epoch's end" if stop else "epoch end")
+            if stop:
                 raise Interrupted(position.epoch, position.step)
 
         def _save(self, position: Position, reason: str) -> None:

@@ -133,6 +133,8 @@ def test_a_run_stopped_anywhere_ends_as_the_uninterrupted_run(reference, tmp_pat
             )
         state = json.loads((output / "checkpoint" / "state.json").read_text())
         assert (state["format"], state["complete"], state["epoch"], state["step"]) == (1, True, epoch, step)
+        if (epoch, step) != (2, 2):  # every stop says why it was saved, the one in an epoch's last batch too
+            assert state["reason"].startswith("stop requested (SIG"), state["reason"]
         assert not (output / "metrics.json").exists()
         assert [int(row["epoch"]) for row in _history(output)] == list(range(epoch - 1))
     assert _run(output, monkeypatch, pending, final, extra) == 0
