@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tensorboard") is None:
     pytest.skip("TensorFlow and TensorBoard are not installed (pip install 'gpuflow[test]')", allow_module_level=True)
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,11 +34,13 @@ def scalar_tags(directory: Path) -> dict[str, list[int]]:
 
 
 def test_a_digits_run_writes_epoch_scalars(tmp_path):
-    from training import mnist_mlp
-
+    # As a process, as gpuflow runs it (and with no Keras/TensorFlow state left by other tests in this worker).
     output = tmp_path / "run"
     common = ["--dataset", "digits", "--epochs", "2", "--limit", "200", "--batch-size", "50"]
-    assert mnist_mlp.main([*common, "--output", str(output), "--tensorboard-every-steps", "2"]) == 0
+    argv = [sys.executable, "-m", "training.mnist_mlp", *common, "--output", str(output), "--tensorboard-every-steps", "2"]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "KERAS_HOME": str(tmp_path / "keras-home")}
+    finished = subprocess.run(argv, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
 
     tags = scalar_tags(output / "tensorboard")
     assert sorted(tags["train/epoch_loss"]) == [0, 1] and sorted(tags["validation/epoch_loss"]) == [0, 1]
