@@ -125,10 +125,13 @@ class RemoteCommandFailed(GpuflowError):
 
 
 class JobFailed(GpuflowError):
-    """A remote job ended with a non-zero exit code; gpuflow exits with it."""
+    """A remote job ended with a non-zero exit code; gpuflow exits with it.
+    It names its run, as :class:`JobInterrupted` does, so that a caller can
+    load the run's record whichever way the job ended."""
 
-    def __init__(self, message: str, *, job_exit_code: int, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, job_exit_code: int, run_id: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
+        self.run_id = run_id
         # Exit codes are 0..255; a job killed by a signal reports 128+N.
         self.exit_code = job_exit_code if 0 < job_exit_code < 256 else 1
 

@@ -424,7 +424,7 @@ def logs_command(
         with ended_by_signals():
             exit_code = jobs.node_logs(run_id, out=sys.stdout.buffer, node=node, follow=follow, say=_say)
         if follow and exit_code not in (None, 0):
-            raise JobFailed(f"run {run_id}: node {node}'s job ended with exit code {exit_code}", job_exit_code=exit_code)
+            raise JobFailed(f"run {run_id}: node {node}'s job ended with exit code {exit_code}", job_exit_code=exit_code, run_id=run_id)
         return
     with ended_by_signals():
         exit_code = jobs.logs(run_id, out=sys.stdout.buffer, follow=follow, say=_say)
@@ -436,7 +436,7 @@ def logs_command(
         _say(interrupted.one_line())
         return
     if follow and exit_code not in (None, 0):
-        raise JobFailed(f"run {run_id} ended with exit code {exit_code}", job_exit_code=exit_code)
+        raise JobFailed(f"run {run_id} ended with exit code {exit_code}", job_exit_code=exit_code, run_id=run_id)
 
 
 @app.command("pull")

@@ -167,6 +167,7 @@ def follow_to_outcome(
         raise JobFailed(
             f"run {record.run_id} {ended}; pulling its files failed too: {pull_error.one_line()}",
             job_exit_code=int(exit_code),
+            run_id=record.run_id,
             hint=f"what was pulled is in {record.local_dir}",
         ) from pull_error
     outcome = RunOutcome(record, exit_code, pull=report, stopped=stopped)
@@ -176,6 +177,7 @@ def follow_to_outcome(
         raise JobFailed(
             f"run {record.run_id} {ended}",
             job_exit_code=int(exit_code),
+            run_id=record.run_id,
             hint=f"its log and outputs are in {record.local_dir}",
         )
     return outcome

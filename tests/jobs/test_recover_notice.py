@@ -153,6 +153,6 @@ def test_a_job_the_notices_sigterm_killed_before_it_saved_is_relaunched_not_fail
         )
     assert ended.value.exit_code == 143
     assert count == [1]  # relaunched once (then --max-restarts 1 was reached), not failed at the first
-    record = load_record(ended.value.message.split()[1])
+    record = load_record(ended.value.run_id)
     assert [(a.instance_id, a.ended) for a in record.attempts] == [
         ("i-0", AttemptEnd.INTERRUPTED), ("i-1", AttemptEnd.INTERRUPTED)]

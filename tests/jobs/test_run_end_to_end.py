@@ -115,6 +115,7 @@ def test_failing_job_propagates_its_exit_code_after_pulling(target, project):
         jobs.run(target, project_dir=project, module=None, args=job_args(3, 0, 7), out=io.BytesIO())
     assert caught.value.exit_code == 7
     [record] = jobs.all_records()
+    assert caught.value.run_id == record.run_id  # a caller loads the record from the error, whichever way it ended
     assert record.status == "failed" and record.exit_code == 7
     assert (Path(record.local_dir) / "outputs" / "metrics.json").is_file()
     assert [str(status.status) for status in jobs.list_runs(resolve=lambda name: target)] == ["failed(7)"]
