@@ -135,6 +135,7 @@ HEAVY_FILES_FIRST = (
     "tests/training/test_end_to_end.py",
     "tests/jobs/test_durable_recovery_oracle.py",
     "tests/testing/test_plugin.py",
+    "tests/testing/test_plugin_without_a_project.py",
     "tests/jobs/test_cli_follow.py",
     "tests/infra/test_sandbox.py",
     "tests/infra/test_soak.py",  # after the TensorFlow-heavy start: its time budget buys more commands
