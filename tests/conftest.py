@@ -5,18 +5,27 @@ Every test runs with:
 * fake AWS credentials and region (nothing can reach a real AWS account),
 * a guard that refuses any socket connection outside loopback, so a test that
   would talk to an address moto invented fails loudly instead of sending
-  traffic.
+  traffic,
+* moto without its ~1,100 default AMIs per region (``MOTO_EC2_LOAD_DEFAULT_AMIS=false``,
+  as the gpuflow_sandbox fixture runs it): every EC2 backend moto creates (each region, on
+  every in-process sandbox's start and reset, in every sandbox server) loaded them, ~0.12 s
+  of CPU each, and no test uses them (gpuflow launches the DLAMI the sandbox seeds, or an
+  AMI a test names).  Set in this process's environment, so the sandbox servers and gpuflow
+  processes the tests start inherit it; ``MOTO_EC2_LOAD_DEFAULT_AMIS=true`` overrides it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
 from tests.sshd import SshServer, sshd_available
+
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -126,6 +135,7 @@ HEAVY_FILES_FIRST = (
     "tests/training/test_end_to_end.py",
     "tests/jobs/test_durable_recovery_oracle.py",
     "tests/testing/test_plugin.py",
+    "tests/testing/test_plugin_without_a_project.py",
     "tests/jobs/test_cli_follow.py",
     "tests/infra/test_sandbox.py",
     "tests/infra/test_soak.py",  # after the TensorFlow-heavy start: its time budget buys more commands
@@ -136,6 +146,11 @@ HEAVY_FILES_FIRST = (
     "tests/jobs/test_recover_sandbox.py",
     "tests/durable/test_stack.py",
     "tests/tunnels/test_tensorboard_serve.py",
+    "tests/jobs/test_demo_output.py",
+    "tests/training/test_rerun_of_a_finished_run.py",
+    "tests/clusters/test_switch.py",
+    # collected last of all (testpaths: tests, then examples): a TensorFlow job in the sandbox
+    "examples/digits-classifier/tests/test_gpuflow_smoke.py",
 )
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.saved_outputs import history, saved_arrays
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 MODULE = "training.cifar10_cnn"
 # digits, first 600 images: 540 train (34 steps of 16 an epoch), 60 validation; 6 epochs; a step
@@ -149,3 +151,18 @@ def oracle_reference(request, tmp_path_factory):
         yield reference
     finally:
         reference.close()
+
+
+def assert_same_as_reference(outputs: Path, reference: Path) -> None:
+    """``outputs`` (a resumed run's) holds exactly what the uninterrupted ``reference`` holds: every
+    array of best_model.keras, the optimizer's state included (≤ 1e-6), and history.csv, each of
+    the ORACLE_EPOCHS epochs once."""
+    import numpy as np
+
+    got, want = saved_arrays(outputs / "best_model.keras"), saved_arrays(reference / "best_model.keras")
+    assert sorted(got) == sorted(want) and any(name.startswith("optimizer/") for name in want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+    rows = history(outputs)
+    assert [int(row["epoch"]) for row in rows] == list(range(ORACLE_EPOCHS))  # Keras counts epochs from 0
+    assert rows == history(reference)

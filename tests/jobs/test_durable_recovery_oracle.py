@@ -13,20 +13,17 @@ alongside, once per test session (tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.jobs.reference_run import ORACLE_ARGS, ORACLE_EPOCHS, oracle_reference  # noqa: F401 - fixture
+from tests.jobs.reference_run import ORACLE_ARGS, assert_same_as_reference, oracle_reference  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -36,24 +33,6 @@ pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_ARGS = list(ORACLE_ARGS)
-TIMING = ("epoch_seconds", "train_seconds")
-
-
-def _history(outputs: Path) -> list[dict]:
-    with (outputs / "history.csv").open(newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
-
-
-def _arrays(outputs: Path) -> dict:
-    import h5py
-    import numpy as np
-
-    arrays: dict = {}
-    with zipfile.ZipFile(outputs / "best_model.keras") as archive:
-        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
-            weights.visititems(lambda name, item: arrays.__setitem__(name, np.array(item))
-                               if isinstance(item, h5py.Dataset) else None)
-    return arrays
 
 
 def _instances(home: Path) -> list[Path]:
@@ -83,8 +62,6 @@ def _upload_in_flight(instance: Path) -> dict | None:
 
 
 def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_path, oracle_reference):
-    import numpy as np
-
     home, project = tmp_path / "home", tmp_path / "project"
     project.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "GPUFLOW_HOME": str(home)}
@@ -131,13 +108,7 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         reference = oracle_reference.outputs()
         [outputs_dir] = (project / "runs").iterdir()
         outputs = outputs_dir / "outputs"
-        history = _history(outputs)
-        assert [int(row["epoch"]) for row in history] == list(range(ORACLE_EPOCHS))  # Keras counts epochs from 0
-        assert history == _history(reference)
-        mine, theirs = _arrays(outputs), _arrays(reference)
-        assert mine.keys() == theirs.keys()
-        for name in theirs:
-            np.testing.assert_allclose(mine[name], theirs[name], atol=1e-6, rtol=0, err_msg=name)
+        assert_same_as_reference(outputs, reference)
         manifest = json.loads((outputs_dir / "manifest.json").read_text())
         attempts = manifest["attempts"]
         assert [a["number"] for a in attempts] == [1, 2, 3]

@@ -30,6 +30,10 @@ from tests.training.multiworker_helpers import (
 if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("TensorFlow is not installed (pip install 'gpuflow[train]')", allow_module_level=True)
 
+# TensorBoard is not under test here (tests/training/test_multiworker.py's two-worker run lists
+# it): off on both sides of every comparison (~13% of a small run's CPU time).
+NO_TB = ("--no-tensorboard",)
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
@@ -54,11 +58,11 @@ def _project(tmp_path: Path, monkeypatch) -> Path:
 def test_two_sandbox_nodes_train_the_one_worker_cnn_exactly(tmp_path, monkeypatch, capfd, gpuflow_home):
     module = "training.cifar10_cnn"
     _environment(monkeypatch, tmp_path)
-    reference = start(module, tmp_path / "reference", 1)  # alongside the gpuflow run
+    reference = start(module, tmp_path / "reference", 1, extra=NO_TB)  # alongside the gpuflow run
     try:
         _project(tmp_path, monkeypatch)
         with in_process_sandbox():
-            code = cli(["run", "--up", "--sandbox", "--count", "2", "--down", "parity", module, "--", *COMMON])
+            code = cli(["run", "--up", "--sandbox", "--count", "2", "--down", "parity", module, "--", *COMMON, *NO_TB])
             captured = capfd.readouterr()
             assert code == 0, captured.err[-3000:]
             [record] = jobs.all_records()
@@ -79,7 +83,7 @@ def test_two_sandbox_nodes_train_the_one_worker_cnn_exactly(tmp_path, monkeypatc
     assert_same_training(tmp_path / "reference" / "w0", outputs)
     assert_two_worker_metrics(outputs)
     assert sorted(p.name for p in outputs.iterdir()) == [
-        "best_model.keras", "history.csv", "metrics.json", "tensorboard", "training_curves.png"
+        "best_model.keras", "history.csv", "metrics.json", "training_curves.png"
     ]
     assert (outputs / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = steps_per_epoch(module)
@@ -101,7 +105,7 @@ def test_killing_tensorflow_worker_1_fails_the_run_naming_node_1_within_60_s(tmp
     _project(tmp_path, monkeypatch)
     codes: list[int] = []
     argv = ["run", "--up", "--sandbox", "--count", "2", "--down", "killpair", "training.mnist_mlp", "--",
-            *COMMON, "--epochs", "200", "--no-tensorboard"]  # TensorBoard is not under test here
+            *COMMON, "--epochs", "200", *NO_TB]
     with in_process_sandbox():
         runner = threading.Thread(target=lambda: codes.append(cli(argv)))
         runner.start()

@@ -8,7 +8,6 @@ test session: tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import threading
@@ -18,7 +17,9 @@ import pytest
 
 from gpuflow import clusters, jobs
 from infra.sandbox import in_process_sandbox
-from tests.jobs.reference_run import ORACLE_ARGS, ORACLE_EPOCHS, oracle_reference  # noqa: F401 - fixture
+from tests.jobs.reference_run import (  # noqa: F401 - fixture
+    ORACLE_ARGS, ORACLE_EPOCHS, assert_same_as_reference, oracle_reference,
+)
 from tests.jobs.spot_helpers import imds  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
@@ -34,35 +35,12 @@ pytestmark = [
 # A checkpoint every 8 steps: the first one on the instance is the sign that the job has
 # trained some steps, and the notice is given then (well before its 204th step).
 MODULE_ARGS = list(ORACLE_ARGS)
-TIMING = ("epoch_seconds", "train_seconds")
 
 
 def cli(argv: list[str]) -> int:
     from gpuflow.cli import app, run_app
 
     return run_app(app, argv)
-
-
-def _history(outputs: Path) -> list[dict]:
-    with (outputs / "history.csv").open(newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
-
-
-def _saved_arrays(outputs: Path) -> dict:
-    """Every array ``best_model.keras`` holds: the layers' weights and the optimizer's state.
-    (Read from the file: a loaded model's dropout seed generators are drawn anew at load.)"""
-    import io
-    import zipfile
-
-    import h5py
-    import numpy as np
-
-    arrays: dict = {}
-    with zipfile.ZipFile(outputs / "best_model.keras") as archive:
-        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
-            weights.visititems(lambda name, item: arrays.__setitem__(name, np.array(item))
-                               if isinstance(item, h5py.Dataset) else None)
-    return arrays
 
 
 def _notice_once_trained(server, failures: list) -> None:
@@ -78,8 +56,6 @@ def _notice_once_trained(server, failures: list) -> None:
 
 def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds, oracle_reference, tmp_path, monkeypatch,
                                                                          capfd):
-    import numpy as np
-
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     project = tmp_path / "oracle-project"  # no training/ package: gpuflow ships the installed one
     project.mkdir()
@@ -121,12 +97,7 @@ def test_spot_notice_checkpoint_resume_ends_with_the_uninterrupted_weights(imds,
     reference_outputs = oracle_reference.outputs()
     assert json.loads((reference_outputs / "metrics.json").read_text())["resumed_from"] == []
 
-    got, want = _saved_arrays(local / "outputs"), _saved_arrays(reference_outputs)
-    assert sorted(got) == sorted(want) and any(name.startswith("optimizer/") for name in want)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
-    assert _history(local / "outputs") == _history(reference_outputs)
-    assert len(_history(reference_outputs)) == ORACLE_EPOCHS
+    assert_same_as_reference(local / "outputs", reference_outputs)
     reference_metrics = json.loads((reference_outputs / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(reference_metrics["test_accuracy"], abs=1e-6)
     assert metrics["best_epoch"] == reference_metrics["best_epoch"]

@@ -5,19 +5,18 @@ weights, read without TensorFlow)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.training import saved_outputs
+from tests.training.saved_outputs import saved_arrays
 from training import distributed
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -79,18 +78,8 @@ def wait_all(processes, what: str, timeout: float = 600) -> None:
 
 
 def history(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-
-
-def weights(path: Path) -> dict[str, np.ndarray]:
-    """The weights inside a .keras file (a zip holding model.weights.h5), read without TensorFlow."""
-    import h5py
-
-    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as h5:
-        found = {}
-        h5.visititems(lambda name, item: found.__setitem__(name, np.array(item)) if isinstance(item, h5py.Dataset) else None)
-    return found
+    """``path`` (a history.csv) as numbers, its timing columns included."""
+    return [{key: float(value) for key, value in row.items()} for row in saved_outputs.history(path.parent, timing=True)]
 
 
 def assert_same_training(reference: Path, other: Path, epochs: int = 2) -> None:
@@ -102,7 +91,7 @@ def assert_same_training(reference: Path, other: Path, epochs: int = 2) -> None:
     for row_want, row_got in zip(want, got):
         for metric in METRICS:
             assert row_got[metric] == pytest.approx(row_want[metric], rel=RELATIVE), metric
-    weights_want, weights_got = weights(reference / "best_model.keras"), weights(other / "best_model.keras")
+    weights_want, weights_got = saved_arrays(reference / "best_model.keras"), saved_arrays(other / "best_model.keras")
     assert weights_want.keys() == weights_got.keys() and len(weights_want) >= 4
     for name, value in weights_want.items():
         scale = max(float(np.max(np.abs(value))), 1e-12)

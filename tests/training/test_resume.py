@@ -4,7 +4,6 @@ line, state.json), and checkpoints that must be refused (damaged, foreign)."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.util
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.training.saved_outputs import history
 from training import checkpoint, cifar10_cnn
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -33,7 +33,6 @@ EPOCHS = 3
 STEPS = 6
 ARGV = ["--dataset", "digits", "--limit", "200", "--epochs", str(EPOCHS), "--batch-size", "32",
         "--optimizer", "adam", "--seed", "3", "--deterministic", "--no-tensorboard"]  # TensorBoard: not under test
-TIMING = ("epoch_seconds", "train_seconds")
 
 
 class _Killed(RuntimeError):
@@ -77,11 +76,6 @@ def _run(output: Path, monkeypatch, stops=None, final=None, extra_argv=()) -> in
 _original_train = cifar10_cnn.train
 
 
-def _history(output: Path) -> list[dict]:
-    with (output / "history.csv").open(newline="") as handle:
-        return [{key: value for key, value in row.items() if key not in TIMING} for row in csv.DictReader(handle)]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, twice: its weights, optimizer state, history and metrics."""
@@ -92,7 +86,7 @@ def reference(tmp_path_factory):
             output = tmp_path_factory.mktemp(f"uninterrupted-{attempt}")
             final: dict = {}
             assert _run(output, patch, final=final) == 0
-            runs.append({"output": output, **final, "history": _history(output),
+            runs.append({"output": output, **final, "history": history(output),
                          "metrics": json.loads((output / "metrics.json").read_text())})
     return runs
 
@@ -136,7 +130,7 @@ def test_a_run_stopped_anywhere_ends_as_the_uninterrupted_run(reference, tmp_pat
         if (epoch, step) != (2, 2):  # every stop says why it was saved, the one in an epoch's last batch too
             assert state["reason"].startswith("stop requested (SIG"), state["reason"]
         assert not (output / "metrics.json").exists()
-        assert [int(row["epoch"]) for row in _history(output)] == list(range(epoch - 1))
+        assert [int(row["epoch"]) for row in history(output)] == list(range(epoch - 1))
     assert _run(output, monkeypatch, pending, final, extra) == 0
     printed = capsys.readouterr().out
     last_epoch, last_step = saved_at[-1]
@@ -145,7 +139,7 @@ def test_a_run_stopped_anywhere_ends_as_the_uninterrupted_run(reference, tmp_pat
     expected = reference[0]
     for got, want in zip(final["weights"] + final["optimizer"], expected["weights"] + expected["optimizer"]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    assert _history(output) == expected["history"]  # each epoch once, the same numbers
+    assert history(output) == expected["history"]  # each epoch once, the same numbers
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["resumed_from"] == [{"epoch": e, "step": s} for e, s in saved_at]
     assert metrics["test_accuracy"] == pytest.approx(expected["metrics"]["test_accuracy"], abs=1e-6)
@@ -321,5 +315,5 @@ def test_every_module_resumes_to_the_uninterrupted_weights(module_name, extra, t
     assert run(tmp_path / "stopped", final=got) == 0
     for a, b in zip(got["weights"], expected["weights"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    assert _history(tmp_path / "stopped") == _history(tmp_path / "reference")
+    assert history(tmp_path / "stopped") == history(tmp_path / "reference")
     assert json.loads((tmp_path / "stopped" / "metrics.json").read_text())["resumed_from"] == [{"epoch": 2, "step": 2}]

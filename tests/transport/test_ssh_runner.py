@@ -3,8 +3,11 @@ first use, dropped connections, a dead instance, an unreachable host."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from gpuflow.errors import (
     SecurityError,
     UnreachableHost,
 )
+from gpuflow.procs import identity
 from gpuflow.transport import hostkeys
 from gpuflow.transport.ssh import Backoff, SSHRunner
 from tests.transport.conftest import target_for
@@ -260,12 +264,19 @@ def test_output_is_complete_even_when_the_exit_status_comes_first(sshd_session, 
 
 
 def test_a_background_process_holding_stdout_does_not_hang_the_command(sshd_session, tmp_path, pinned_known_hosts):
+    """`sleep 30 &` holds the command's stdout open after the command exits: the runner returns
+    at the command's exit, while that sleep still runs (had it waited for stdout's end, the sleep
+    would be over).  The sleep is ended by its pid and start time: only what this test started."""
     runner = _runner(sshd_session, pinned_known_hosts, tmp_path)
+    started: tuple[int, str | None] | None = None
     try:
-        started = time.monotonic()
-        result = runner.run(["sh", "-c", "sleep 20 & echo started"])
-        assert result.stdout == b"started\n" and result.exit_code == 0
-        assert time.monotonic() - started < 10
+        result = runner.run(["sh", "-c", "sleep 30 & echo $!"])
+        assert result.exit_code == 0
+        pid = int(result.stdout)
+        started = (pid, identity(pid))
+        assert started[1] is not None, "the command came back only once its background process had ended"
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00"  # the loopback server: this machine
     finally:
-        runner.run(["pkill", "-f", "^sleep 20$"], check=False)
+        if started is not None and started[1] is not None and identity(started[0]) == started[1]:
+            os.kill(started[0], signal.SIGKILL)
         runner.close()
