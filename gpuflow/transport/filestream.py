@@ -42,8 +42,58 @@ from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 from dataclasses import dataclass
 
-STREAMER_PY = r"""
-import hashlib, json, os, stat, struct, sys
+# The one listing of a run directory, for both scripts below: never following a link,
+# each entry {path, kind (file / dir / symlink / other), size, mtime}, a file's sha256 when
+# ``hashed`` (None: every file) holds its path; ``listed`` gets each file's (size, mtime_ns).
+_LISTING_PY = r"""
+import hashlib, json, os, stat, sys
+def listing(root, names, hashed=None, listed=None):
+    entries = []
+    def add(relative):
+        path = os.path.join(root, relative)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+        if stat.S_ISLNK(info.st_mode):
+            entry["kind"] = "symlink"
+        elif stat.S_ISDIR(info.st_mode):
+            entry["kind"] = "dir"
+            entries.append(entry)
+            for name in sorted(os.listdir(path)):
+                add(relative + "/" + name)
+            return
+        elif stat.S_ISREG(info.st_mode):
+            entry["kind"] = "file"
+            if listed is not None:
+                listed[os.fsencode(relative)] = (info.st_size, info.st_mtime_ns)
+            if hashed is None or relative in hashed:
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                entry["sha256"] = digest.hexdigest()
+        else:
+            entry["kind"] = "other"
+        entries.append(entry)
+    for name in names:
+        add(name)
+    return json.dumps(entries).encode()
+"""
+
+# argv: RUN_DIR [--hash-listed] NAME... -- prints the JSON listing of NAMEs under RUN_DIR;
+# each file's sha256 too, or with --hash-listed only of the NUL-separated paths on stdin.
+LIST_TREE_PY = _LISTING_PY + r"""
+root, names, hashed = sys.argv[1], sys.argv[2:], None
+if names[:1] == ["--hash-listed"]:
+    names = names[1:]
+    hashed = set(os.fsdecode(name) for name in sys.stdin.buffer.read().split(b"\0") if name)
+sys.stdout.buffer.write(listing(root, names, hashed) + b"\n")
+"""
+
+STREAMER_PY = _LISTING_PY + r"""
+import struct
 root = sys.argv[1]
 try:
     root_fd, root_error = os.open(root, os.O_RDONLY | os.O_DIRECTORY), ""
@@ -115,35 +165,9 @@ def answer(name, send):
         changed = changed or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
         changed = changed or listed.get(name, (size, before.st_mtime_ns)) != (size, before.st_mtime_ns)
         out.write(digest.digest() + (b"\1" if changed else b"\0"))
-def listing(names):
-    entries = []
-    def add(relative):
-        path = os.path.join(root, relative)
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            return
-        entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
-        if stat.S_ISLNK(info.st_mode):
-            entry["kind"] = "symlink"
-        elif stat.S_ISDIR(info.st_mode):
-            entry["kind"] = "dir"
-            entries.append(entry)
-            for name in sorted(os.listdir(path)):
-                add(relative + "/" + name)
-            return
-        elif stat.S_ISREG(info.st_mode):
-            entry["kind"] = "file"
-            listed[os.fsencode(relative)] = (info.st_size, info.st_mtime_ns)
-        else:
-            entry["kind"] = "other"
-        entries.append(entry)
-    for name in names:
-        add(name)
-    return json.dumps(entries).encode()
 stdin = sys.stdin.buffer
 if sys.argv[2:3] == ["--session"]:
-    data = listing(sys.argv[3:])
+    data = listing(root, sys.argv[3:], hashed=(), listed=listed)
     out.write(b"L" + struct.pack(">Q", len(data)) + data)
     out.flush()
     while len(header := stdin.read(9)) == 9:
