@@ -1,6 +1,6 @@
 """Benchmark: pulling a run's files (`gpuflow pull`'s transfer) against `rsync -a`, over the same loopback sshd.
 
-Starts a throwaway OpenSSH server on 127.0.0.1 (tests/sshd.py), builds two
+Starts a throwaway OpenSSH server on 127.0.0.1 (bench/_sshd.py), builds two
 remote run directories, and pulls each into a fresh tmpfs directory
 (/dev/shm: a disk destination varies 2-5x from run to run for both tools),
 the contenders taking turns ``--repeat`` times:
@@ -35,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._sshd import pinned_target, start_sshd  # noqa: E402
 from gpuflow.jobs.pulling import pull_files  # noqa: E402
 from gpuflow.records import SSHTarget  # noqa: E402
 from gpuflow.transport.openssh import ssh_argv  # noqa: E402
 from gpuflow.transport.ssh import SSHRunner  # noqa: E402
-from tests.sshd import SshServer  # noqa: E402
 
 
 def build(remote: Path, *, big_mb: int, small_files: int, small_kb: int) -> None:
@@ -109,11 +109,9 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="also time each phase of gpuflow's pull")
     arguments = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpuflow-pull-bench-", dir="/dev/shm"))
-    server = SshServer(work / "sshd").start()
+    server = start_sshd(work)
     try:
-        known_hosts = work / "known_hosts"
-        known_hosts.write_text(server.known_hosts_line() + "\n")
-        target = SSHTarget("127.0.0.1", server.port, server.user, str(server.client_key), str(known_hosts))
+        target = pinned_target(server, work)
         remote = work / "remote"
         build(remote, big_mb=arguments.big_mb, small_files=arguments.small_files, small_kb=arguments.small_kb)
         print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
