@@ -289,11 +289,11 @@ def _answers(frames: _Frames, items: Sequence[tuple[str, str]]) -> Iterator[Fetc
                     _write_all(descriptor, piece)
             finally:
                 os.close(descriptor)
+            trailer = frames.exact(33)  # a stream cut inside the trailer leaves no part file either
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
-        trailer = frames.exact(33)
         if trailer[32:] != b"\0":
             yield Fetched(relative, None, "it changed while being read")
         elif trailer[:32] != digest.digest():
