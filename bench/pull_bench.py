@@ -70,7 +70,7 @@ def breakdown(target: SSHTarget, remote_dir: Path, destination: Path) -> dict[st
         runner.connect()
         timings["connect"] = time.perf_counter() - started
         started = time.perf_counter()
-        with runner.pull_session(str(remote_dir), ("outputs",)) as stream:
+        with runner.pull_session(str(remote_dir), ("outputs",), push=True) as stream:  # as a first pull does
             timings["listing"] = time.perf_counter() - started
             started = time.perf_counter()
             report = pull_files(runner, str(remote_dir), destination, entries=stream.listing, stream=stream)

@@ -278,12 +278,15 @@ class SSHRunner:
                 yield from filestream.receive(channel.recv, items)
 
     @contextlib.contextmanager
-    def pull_session(self, remote_dir: str, names: Sequence[str]) -> Iterator[_PullSession]:
+    def pull_session(self, remote_dir: str, names: Sequence[str], *, push: bool = False) -> Iterator[_PullSession]:
         """One streamer for a whole pull (:class:`filestream.Session`): the listing of
         ``names`` under ``remote_dir``, the hashes and the files, on one channel and
-        one remote process.  Errors as :meth:`fetch_files`."""
-        with self._streamer([remote_dir, "--session", *names]) as channel:
-            yield _PullSession(self, channel)
+        one remote process (``push``: every listed file sent right after the listing,
+        unasked).  Errors as :meth:`fetch_files`."""
+        with self._streamer([remote_dir, "--push-session" if push else "--session", *names]) as channel:
+            session = _PullSession(self, channel, pushed=push)
+            yield session
+            session.finish()  # pushed files nobody took: read past them, so the streamer can end
 
     @contextlib.contextmanager
     def _streamer(self, arguments: Sequence[str]) -> Iterator[Any]:
@@ -714,11 +717,19 @@ class _PullSession:
     """:class:`filestream.Session` on an SSH channel, its stream errors told apart
     (:meth:`SSHRunner._stream_errors`)."""
 
-    def __init__(self, runner: SSHRunner, channel: Any) -> None:
+    def __init__(self, runner: SSHRunner, channel: Any, *, pushed: bool = False) -> None:
         self._errors = lambda: runner._stream_errors(channel)
         with self._errors():
-            self._session = filestream.Session(channel.sendall, channel.recv)
+            self._session = filestream.Session(channel.sendall, channel.recv, pushed=pushed)
         self.listing = self._session.listing
+
+    @property
+    def pushed(self) -> bool:
+        return self._session.pushed
+
+    def finish(self) -> None:
+        with self._errors():
+            self._session.finish()
 
     def hashes(self, relatives: Sequence[str]) -> dict[str, str]:
         with self._errors():
