@@ -1,6 +1,6 @@
 """Benchmark: pulling a run's files (`gpuflow pull`'s transfer) against `rsync -a`, over the same loopback sshd.
 
-Starts a throwaway OpenSSH server on 127.0.0.1 (tests/sshd.py), builds two
+Starts a throwaway OpenSSH server on 127.0.0.1 (bench/_sshd.py), builds two
 remote run directories, and pulls each into a fresh tmpfs directory
 (/dev/shm: a disk destination varies 2-5x from run to run for both tools),
 the contenders taking turns ``--repeat`` times:
@@ -14,8 +14,9 @@ files, which are verified and placed here (``pull_files``).  ``--breakdown``
 also times each phase, and a bare ``tar cf -`` of the same files over a
 paramiko channel and over OpenSSH (what the transport alone costs).  rsync runs as the
 subprocess a user would, ``rsync -a`` with the same pinned-key ssh options.
-Prints the median and range of each, and the ratio of medians; targets
-(issue 16): 1.1x and 1.2x.  Run it in a loopback-only namespace:
+``--compare`` adds gpuflow with paramiko's default cipher order (AES-CTR + HMAC) and without
+the first pull's push, and with GCM but no push, to the rotation.  Prints the median and
+range of each, and the ratio of medians; targets (issue 16): 1.1x and 1.2x.  Run it in a loopback-only namespace:
 
     unshare -n sh -c 'ip link set lo up && python bench/pull_bench.py'
 """
@@ -35,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._sshd import pinned_target, start_sshd  # noqa: E402
 from gpuflow.jobs.pulling import pull_files  # noqa: E402
 from gpuflow.records import SSHTarget  # noqa: E402
 from gpuflow.transport.openssh import ssh_argv  # noqa: E402
 from gpuflow.transport.ssh import SSHRunner  # noqa: E402
-from tests.sshd import SshServer  # noqa: E402
 
 
 def build(remote: Path, *, big_mb: int, small_files: int, small_kb: int) -> None:
@@ -60,6 +61,28 @@ def gpuflow_pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
     return len(report.fetched)
 
 
+def without(*, gcm: bool, push: bool):
+    """gpuflow's pull with AES-GCM and/or the first pull's push turned off (``--compare``:
+    what each contributes, in the same rotation)."""
+    import paramiko
+
+    from gpuflow.jobs import pulling
+    from gpuflow.transport import ssh
+
+    def pull(target: SSHTarget, remote_dir: Path, destination: Path) -> int:
+        saved = ssh._new_transport, pulling._holds_nothing
+        if not gcm:
+            ssh._new_transport = paramiko.Transport  # paramiko's own order: aes128-ctr first
+        if not push:
+            pulling._holds_nothing = lambda local_dir: False
+        try:
+            return gpuflow_pull(target, remote_dir, destination)
+        finally:
+            ssh._new_transport, pulling._holds_nothing = saved
+
+    return pull
+
+
 def breakdown(target: SSHTarget, remote_dir: Path, destination: Path) -> dict[str, float]:
     """Where a gpuflow pull's time goes: the connection, the session's first answer (the
     remote Python's start and the listing), the stream with its checks and placement; and,
@@ -70,7 +93,7 @@ def breakdown(target: SSHTarget, remote_dir: Path, destination: Path) -> dict[st
         runner.connect()
         timings["connect"] = time.perf_counter() - started
         started = time.perf_counter()
-        with runner.pull_session(str(remote_dir), ("outputs",)) as stream:
+        with runner.pull_session(str(remote_dir), ("outputs",), push=True) as stream:  # as a first pull does
             timings["listing"] = time.perf_counter() - started
             started = time.perf_counter()
             report = pull_files(runner, str(remote_dir), destination, entries=stream.listing, stream=stream)
@@ -107,13 +130,13 @@ def main() -> int:
     parser.add_argument("--small-files", type=int, default=2000)
     parser.add_argument("--small-kb", type=int, default=10)
     parser.add_argument("--breakdown", action="store_true", help="also time each phase of gpuflow's pull")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time gpuflow without AES-GCM and without the first pull's push, in the same rotation")
     arguments = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpuflow-pull-bench-", dir="/dev/shm"))
-    server = SshServer(work / "sshd").start()
+    server = start_sshd(work)
     try:
-        known_hosts = work / "known_hosts"
-        known_hosts.write_text(server.known_hosts_line() + "\n")
-        target = SSHTarget("127.0.0.1", server.port, server.user, str(server.client_key), str(known_hosts))
+        target = pinned_target(server, work)
         remote = work / "remote"
         build(remote, big_mb=arguments.big_mb, small_files=arguments.small_files, small_kb=arguments.small_kb)
         print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -122,11 +145,14 @@ def main() -> int:
             (f"pull {arguments.small_files:,} files of {arguments.small_kb} KB", remote / "small", 1.2),
         ]
         for title, remote_dir, goal in cases:
-            timings: dict[str, list[float]] = {"gpuflow": [], "rsync -a": []}
+            order = [("gpuflow", gpuflow_pull), ("rsync -a", rsync_pull)]
+            if arguments.compare:
+                order[1:1] = [("no GCM, no push", without(gcm=False, push=False)), ("GCM, no push", without(gcm=True, push=False))]
+            timings: dict[str, list[float]] = {name: [] for name, _pull in order}
             for attempt in range(arguments.repeat):
-                order = [("gpuflow", gpuflow_pull), ("rsync -a", rsync_pull)]
-                for name, pull in order if attempt % 2 == 0 else order[::-1]:  # alternate who goes first
-                    destination = work / "local" / f"{name.split()[0]}-{attempt}"
+                shift = attempt % len(order)
+                for index, (name, pull) in enumerate(order[shift:] + order[:shift]):  # rotate who goes first
+                    destination = work / "local" / f"{index}-{attempt}"
                     started = time.perf_counter()
                     count = pull(target, remote_dir, destination)
                     timings[name].append(time.perf_counter() - started)
@@ -147,7 +173,8 @@ def main() -> int:
             ratio = medians["gpuflow"] / medians["rsync -a"]
             print(f"{title}: ratio {ratio:.2f}x (goal <= {goal}x)")
             for name, values in timings.items():
-                print(f"  {name:9s} median {medians[name]:.3f} s  range {min(values):.3f}-{max(values):.3f} s")
+                print(f"  {name:15s} median {medians[name]:.3f} s  range {min(values):.3f}-{max(values):.3f} s  "
+                      f"{medians[name] / medians['rsync -a']:.2f}x")
         print(f"load average at end: {os.getloadavg()[0]:.1f}")
     finally:
         server.stop()

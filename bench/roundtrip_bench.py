@@ -41,7 +41,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
-from tests.sshd import SshServer  # noqa: E402
+from bench._sshd import start_sshd  # noqa: E402
 
 
 def main() -> int:
@@ -72,16 +72,7 @@ def main() -> int:
         'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n'
     )
     login.chmod(0o755)
-    server = SshServer(work / "sshd", extra_config=(f"SetEnv HOME={remote_home}", f"ForceCommand {login}"))
-    server.start()
-    # The fixture's config says LogLevel ERROR first (sshd keeps the first value): log the logins.
-    server.stop()
-    server.config.write_text(server.config.read_text().replace("LogLevel ERROR", "LogLevel INFO"))
-    server.process = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(server.config)], stderr=open(server.log, "ab"),  # noqa: SIM115
-        start_new_session=True,
-    )
-    time.sleep(0.5)
+    server = start_sshd(work, extra_config=(f"SetEnv HOME={remote_home}", f"ForceCommand {login}"), log_level="INFO")
     try:
         from gpuflow import nodes
         from gpuflow.config import gpuflow_home

@@ -157,7 +157,7 @@ def pull_files(
     separate commands.
     """
     if entries is None and stream is None and isinstance(runner, StreamsPulls):
-        with runner.pull_session(remote_dir, PULLED_NAMES) as opened:
+        with runner.pull_session(remote_dir, PULLED_NAMES, push=_holds_nothing(local_dir)) as opened:
             return pull_files(
                 runner, remote_dir, local_dir, say=say, entries=opened.listing, previous=previous,
                 raise_refused=raise_refused, stream=opened,
@@ -181,7 +181,7 @@ def pull_files(
     unhashed = [
         relative for (entry, relative), here in zip(planned, held)
         if here and entry.get("kind") == "file" and "sha256" not in entry
-    ]
+    ] if stream is None or not stream.pushed else []  # pushed: every file is on its way already
     if unhashed:
         hashes = stream.hashes(unhashed) if stream is not None else _remote_hashes(runner, remote_dir, unhashed)
         for entry, relative in planned:
@@ -361,11 +361,19 @@ def _record_outcome(
     return record
 
 
+def _holds_nothing(local_dir: Path) -> bool:
+    """Whether no pulled name is here yet (a first pull): then nothing needs comparing, and
+    the streamer may send every file right after its listing (``push``)."""
+    return not any(os.path.lexists(local_dir / name) for name in PULLED_NAMES)
+
+
 @contextlib.contextmanager
-def _stream_for(runner: CommandRunner, remote_dir: str, names: Sequence[str]) -> Iterator[PullStream | None]:
+def _stream_for(
+    runner: CommandRunner, remote_dir: str, names: Sequence[str], local_dir: Path
+) -> Iterator[PullStream | None]:
     """The runner's one-process pull (:class:`StreamsPulls`), or None: separate commands."""
     if isinstance(runner, StreamsPulls):
-        with runner.pull_session(remote_dir, names) as stream:
+        with runner.pull_session(remote_dir, names, push=_holds_nothing(local_dir)) as stream:
             yield stream
     else:
         yield None
@@ -385,7 +393,7 @@ def pull_run(
     # One listing serves both: the files to pull, and the job's start and end times
     # (job.pid's and exit_code's mtimes, both on the instance's clock); over SSH it comes
     # from the one remote process that then sends the hashes and the files.
-    with _stream_for(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME)) as stream:
+    with _stream_for(runner, record.remote_dir, (*PULLED_NAMES, PID_NAME, EXIT_CODE_NAME), local_dir) as stream:
         if stream is not None:
             listing = stream.listing
         else:

@@ -49,6 +49,7 @@ from pathlib import Path
 from gpuflow import procs
 from gpuflow.durable import uploader
 from gpuflow.jobs import imds_watch, peer_watch
+from gpuflow.transport import filestream
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
 
@@ -423,47 +424,7 @@ def unpack_script(archive: str, directory: str) -> str:
 # directories) without following symlinks; prints one JSON list.  With --hash-listed,
 # only the files whose paths stdin lists (NUL-separated) get a sha256 (the others are
 # hashed as they are streamed, gpuflow.transport.filestream).
-LIST_TREE_PY = r"""
-import hashlib, json, os, stat, sys
-root = sys.argv[1]
-names = sys.argv[2:]
-hash_only = None
-if names[:1] == ["--hash-listed"]:
-    names = names[1:]
-    hash_only = set(os.fsdecode(name) for name in sys.stdin.buffer.read().split(b"\0") if name)
-entries = []
-def add(relative):
-    path = os.path.join(root, relative)
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
-    if stat.S_ISLNK(info.st_mode):
-        entry["kind"] = "symlink"
-    elif stat.S_ISDIR(info.st_mode):
-        entry["kind"] = "dir"
-        entries.append(entry)
-        for name in sorted(os.listdir(path)):
-            add(relative + "/" + name)
-        return
-    elif stat.S_ISREG(info.st_mode):
-        entry["kind"] = "file"
-        if hash_only is not None and relative not in hash_only:
-            entries.append(entry)
-            return
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        entry["sha256"] = digest.hexdigest()
-    else:
-        entry["kind"] = "other"
-    entries.append(entry)
-for name in names:
-    add(name)
-print(json.dumps(entries))
-"""
+LIST_TREE_PY = filestream.LIST_TREE_PY  # the one listing, shared with the pull's streamer
 
 # argv: RUN_DIR... (or --all BASE: every BASE/runs/*)
 # prints {run_dir: {"exists": bool, "exit_code": int|null, "pid": int|null, "job": "alive"|"gone"|"none",

@@ -27,7 +27,10 @@ paths: ``H`` the sha256 of each (``S`` + sha256 + flag byte, or ``E``; for the
 files a local copy is there for), ``F`` the files as above -- each request's
 answers ended by ``Z``.  A listed file whose size or mtime moved between the
 listing and the read is flagged as changed: one listing, one process, one
-channel for the whole pull.
+channel for the whole pull.  ``--push-session`` instead of ``--session``: right
+after the listing, every listed file follows unasked (as the answer to an ``F``
+request for them, in listing order, ended by ``Z``), so that the bytes flow while
+the receiver decides where they go.
 """
 
 from __future__ import annotations
@@ -42,8 +45,58 @@ from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 from dataclasses import dataclass
 
-STREAMER_PY = r"""
-import hashlib, json, os, stat, struct, sys
+# The one listing of a run directory, for both scripts below: never following a link,
+# each entry {path, kind (file / dir / symlink / other), size, mtime}, a file's sha256 when
+# ``hashed`` (None: every file) holds its path; ``listed`` gets each file's (size, mtime_ns).
+_LISTING_PY = r"""
+import hashlib, json, os, stat, sys
+def listing(root, names, hashed=None, listed=None):
+    entries = []
+    def add(relative):
+        path = os.path.join(root, relative)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+        if stat.S_ISLNK(info.st_mode):
+            entry["kind"] = "symlink"
+        elif stat.S_ISDIR(info.st_mode):
+            entry["kind"] = "dir"
+            entries.append(entry)
+            for name in sorted(os.listdir(path)):
+                add(relative + "/" + name)
+            return
+        elif stat.S_ISREG(info.st_mode):
+            entry["kind"] = "file"
+            if listed is not None:
+                listed[os.fsencode(relative)] = (info.st_size, info.st_mtime_ns)
+            if hashed is None or relative in hashed:
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                entry["sha256"] = digest.hexdigest()
+        else:
+            entry["kind"] = "other"
+        entries.append(entry)
+    for name in names:
+        add(name)
+    return json.dumps(entries).encode()
+"""
+
+# argv: RUN_DIR [--hash-listed] NAME... -- prints the JSON listing of NAMEs under RUN_DIR;
+# each file's sha256 too, or with --hash-listed only of the NUL-separated paths on stdin.
+LIST_TREE_PY = _LISTING_PY + r"""
+root, names, hashed = sys.argv[1], sys.argv[2:], None
+if names[:1] == ["--hash-listed"]:
+    names = names[1:]
+    hashed = set(os.fsdecode(name) for name in sys.stdin.buffer.read().split(b"\0") if name)
+sys.stdout.buffer.write(listing(root, names, hashed) + b"\n")
+"""
+
+STREAMER_PY = _LISTING_PY + r"""
+import struct
 root = sys.argv[1]
 try:
     root_fd, root_error = os.open(root, os.O_RDONLY | os.O_DIRECTORY), ""
@@ -115,37 +168,16 @@ def answer(name, send):
         changed = changed or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns
         changed = changed or listed.get(name, (size, before.st_mtime_ns)) != (size, before.st_mtime_ns)
         out.write(digest.digest() + (b"\1" if changed else b"\0"))
-def listing(names):
-    entries = []
-    def add(relative):
-        path = os.path.join(root, relative)
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            return
-        entry = {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
-        if stat.S_ISLNK(info.st_mode):
-            entry["kind"] = "symlink"
-        elif stat.S_ISDIR(info.st_mode):
-            entry["kind"] = "dir"
-            entries.append(entry)
-            for name in sorted(os.listdir(path)):
-                add(relative + "/" + name)
-            return
-        elif stat.S_ISREG(info.st_mode):
-            entry["kind"] = "file"
-            listed[os.fsencode(relative)] = (info.st_size, info.st_mtime_ns)
-        else:
-            entry["kind"] = "other"
-        entries.append(entry)
-    for name in names:
-        add(name)
-    return json.dumps(entries).encode()
 stdin = sys.stdin.buffer
-if sys.argv[2:3] == ["--session"]:
-    data = listing(sys.argv[3:])
+if sys.argv[2:3] in (["--session"], ["--push-session"]):
+    data = listing(root, sys.argv[3:], hashed=(), listed=listed)
     out.write(b"L" + struct.pack(">Q", len(data)) + data)
     out.flush()
+    if sys.argv[2] == "--push-session":  # every listed file at once, in listing order, as if asked for
+        for name in list(listed):
+            answer(name, True)
+        out.write(b"Z")
+        out.flush()
     while len(header := stdin.read(9)) == 9:
         payload = stdin.read(struct.unpack(">Q", header[1:])[0])
         for name in payload.split(b"\0"):
@@ -246,7 +278,7 @@ def receive(recv: Callable[[int], bytes], items: Sequence[tuple[str, str]]) -> I
     return _answers(_Frames(recv), items)
 
 
-def _answers(frames: _Frames, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
+def _answers(frames: _Frames, items: Sequence[tuple[str, str | None]]) -> Iterator[Fetched]:
     for relative, temporary in items:
         tag = frames.exact(1)
         if tag == b"E":
@@ -256,6 +288,12 @@ def _answers(frames: _Frames, items: Sequence[tuple[str, str]]) -> Iterator[Fetc
         if tag != b"F":
             raise StreamBroken(f"unexpected frame {tag!r} in the file stream")
         (size,) = struct.unpack(">Q", frames.exact(8))
+        if temporary is None:  # pushed but not wanted here: read past it, write nothing
+            for _piece in frames.chunks(size):
+                pass
+            frames.exact(33)
+            yield Fetched(relative, None, "not asked for")
+            continue
         digest = hashlib.sha256()
         try:
             descriptor = _create(temporary)  # exclusive: never through a planted link
@@ -265,11 +303,11 @@ def _answers(frames: _Frames, items: Sequence[tuple[str, str]]) -> Iterator[Fetc
                     _write_all(descriptor, piece)
             finally:
                 os.close(descriptor)
+            trailer = frames.exact(33)  # a stream cut inside the trailer leaves no part file either
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
-        trailer = frames.exact(33)
         if trailer[32:] != b"\0":
             yield Fetched(relative, None, "it changed while being read")
         elif trailer[:32] != digest.digest():
@@ -286,10 +324,15 @@ class Session:
     number of requests on the same channel -- the sha256 of files a local copy is
     there for, and the files to fetch -- each answered in order and ended by ``Z``.
 
+    ``pushed`` (``--push-session``, for a pull with no local copy to compare with): the
+    streamer sends every listed file right after the listing, unasked, so the bytes flow
+    while this side plans where they go; the first :meth:`fetch` takes them (those it was
+    not asked for are read past, never written) and asks only for the rest.
+
     ``send`` writes to the streamer's stdin, ``recv`` reads its stdout; closing
     its stdin ends it."""
 
-    def __init__(self, send: Callable[[bytes], object], recv: Callable[[int], bytes]) -> None:
+    def __init__(self, send: Callable[[bytes], object], recv: Callable[[int], bytes], *, pushed: bool = False) -> None:
         self._send = send
         self._frames = _Frames(recv)
         if self._frames.exact(1) != b"L":
@@ -299,9 +342,19 @@ class Session:
             listing = json.loads(self._frames.exact(length))
         except ValueError as exc:
             raise StreamBroken("the remote listing is unreadable") from exc
-        if not isinstance(listing, list):
-            raise StreamBroken("the remote listing is not a list")
+        if not isinstance(listing, list) or not all(isinstance(entry, dict) for entry in listing):
+            raise StreamBroken("the remote listing is not a list of entries")
         self.listing: list[dict] = listing
+        # The files on their way (each listed file once, in listing order, as the streamer sends them).
+        self._pushed: list[str] | None = (
+            list(dict.fromkeys(str(entry.get("path")) for entry in listing if entry.get("kind") == "file"))
+            if pushed else None
+        )
+
+    @property
+    def pushed(self) -> bool:
+        """Whether the listed files are on their way, not yet taken by :meth:`fetch`."""
+        return self._pushed is not None
 
     def _ask(self, operation: bytes, relatives: Sequence[str]) -> None:
         payload = request(relatives)
@@ -316,6 +369,7 @@ class Session:
         plain files there and did not change while they were read."""
         if not relatives:
             return {}
+        self.finish()  # answers come in order: the pushed files first
         self._ask(b"H", relatives)
         found: dict[str, str] = {}
         for relative in relatives:
@@ -333,17 +387,37 @@ class Session:
         return found
 
     def fetch(self, items: Sequence[tuple[str, str]]) -> Iterator[Fetched]:
-        """As :func:`receive`, on this session's stream."""
+        """As :func:`receive`, on this session's stream: the pushed files first (the
+        first call; in listing order), then one request for the rest (in ``items``' order)."""
+        if self._pushed is not None:
+            pushed, self._pushed = self._pushed, None
+            wanted: dict[str, str] = {}
+            for relative, temporary in items:
+                wanted.setdefault(relative, temporary)
+            for fetched in _answers(self._frames, [(relative, wanted.get(relative)) for relative in pushed]):
+                if fetched.relative in wanted:
+                    yield fetched
+            taken = set(pushed)
+            items = [(relative, temporary) for relative, temporary in items if relative not in taken]
         if not items:
             return
         self._ask(b"F", [relative for relative, _temporary in items])
         yield from _answers(self._frames, items)
+
+    def finish(self) -> None:
+        """Read past pushed files no :meth:`fetch` took (the stream is then at a request's turn)."""
+        if self._pushed is not None:
+            for _fetched in self.fetch(()):
+                pass
 
 
 class PullStream(Protocol):
     """What a pull needs of one streamer run (:class:`Session`, or a runner's wrapper of it)."""
 
     listing: list[dict]
+
+    @property
+    def pushed(self) -> bool: ...
 
     def hashes(self, relatives: Sequence[str]) -> dict[str, str]: ...
 
@@ -355,4 +429,6 @@ class StreamsPulls(Protocol):
     """A runner that can run a whole pull in one streamer (:class:`Session`): the SSH
     runner.  Others list, hash and fetch with separate commands."""
 
-    def pull_session(self, remote_dir: str, names: Sequence[str]) -> AbstractContextManager[PullStream]: ...
+    def pull_session(
+        self, remote_dir: str, names: Sequence[str], *, push: bool = False
+    ) -> AbstractContextManager[PullStream]: ...

@@ -127,7 +127,8 @@ def test_a_pull_over_ssh_runs_one_remote_process_for_listing_hashes_and_files(tm
         second = jobs.pull_files(runner, str(remote), local)
     finally:
         runner.close()
-    assert len(started) == 2 and all(arguments[1] == "--session" for arguments in started)  # one process per pull
+    # One process per pull: the first (nothing here yet) has every file pushed after the listing.
+    assert [arguments[1] for arguments in started] == ["--push-session", "--session"]
     assert len(first.fetched) == 31 and not first.unchanged
     assert second.fetched == ("outputs/d1/f4.txt",) and len(second.unchanged) == 29  # hashed in the same process
     assert (local / "outputs" / "d1" / "f4.txt").read_text() == "changed on the instance\n"
