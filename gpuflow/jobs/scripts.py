@@ -115,13 +115,7 @@ cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
 mkdir .supervisor 2>/dev/null || exit 0
 mkdir -p outputs "$work_dir"
-# The manifest's environment facts, gathered from the start, beside the job (no extra round trip);
-# exit_code does not wait for them: environment.pending says they are still coming (a pull waits).
-touch environment.pending
-( cd "$work_dir" && "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
-    && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json"
-  rm -f "$run_dir/environment.json.tmp" "$run_dir/environment.pending" ) </dev/null >/dev/null 2>&1 &
-probe_pid=$!
+probe_pid=""
 # A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
 # before the pid, so that whoever sees the pid file finds the identity too.
 "$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
@@ -161,6 +155,14 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
     </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
+  # The manifest's environment facts, gathered beside the job (no extra round trip), started once the
+  # job is (not to slow its start); exit_code does not wait for them: environment.pending says they
+  # are still coming, and a pull waits for them.
+  touch "$run_dir/environment.pending"
+  ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
+      && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json"
+    rm -f "$run_dir/environment.json.tmp" "$run_dir/environment.pending" ) </dev/null >/dev/null 2>&1 &
+  probe_pid=$!
   # The spot-interruption watcher (gpuflow/jobs/imds_watch.py): in this process group, not the job's;
   # it turns itself off where no instance metadata service answers, and never feeds the heartbeat.
   "$python" -I -S -c "$watch_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
@@ -190,7 +192,7 @@ kill "$heartbeat_pid" 2>/dev/null
 touch "$base_dir/heartbeat"
 write_atomically "$run_dir/exit_code" "$code"
 wake
-wait "$probe_pid"
+if [ -n "$probe_pid" ]; then wait "$probe_pid"; fi
 """
 
 
