@@ -32,7 +32,7 @@ from gpuflow.jobs.records import (
     quiet,
     save_record,
 )
-from gpuflow.jobs.rundir import ended_status, read_exit_code
+from gpuflow.jobs.rundir import await_environment, ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
 from gpuflow.transport.filestream import PullStream, StreamsPulls
@@ -324,7 +324,7 @@ def _read_environment(runner: CommandRunner, remote_dir: str) -> dict[str, Any] 
     exit code does not wait for it), or None when there is none."""
     document = _read_environment_now(runner, remote_dir)
     if document is None:
-        runner.run_script(scripts.await_environment_script(remote_dir), timeout=60, check=False)
+        await_environment(runner, remote_dir)
         document = _read_environment_now(runner, remote_dir)
     return document
 
