@@ -24,8 +24,9 @@ user typed is ever parsed by the remote shell.
   survives to record the exit code.  It also writes ``environment.json`` (the
   probe below, run with the job's interpreter, started beside the job; ``exit_code``
   does not wait for it, ``environment.pending`` marks it running) for the run manifest.
-* :func:`launch_command`, :func:`wait_for_start_command` — start the
-  supervisor detached, and wait on the target until the job has started.
+* :func:`start_script` — one command: write the run's files (on stdin), start the
+  supervisor detached (:func:`launch_command`), and wait on the target until the job has
+  started (:func:`wait_for_start_command`), woken by the write of ``job.pid``.
 * :func:`prepare_environment_script` — create (once per requirements hash,
   under a lock) or reuse the job's virtualenv.
 * :func:`base_python_script` — the first interpreter present of a list, else
@@ -317,16 +318,11 @@ def launch_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
     return render_script(_LAUNCH, run_dir=run_dir, script=script_name)
 
 
-_WAIT_FOR_START = (
-    "for _ in $(seq {{tries}}); do "
-    "[ -e {{run_dir}}/job.pid ] || [ -e {{run_dir}}/exit_code ] && break; sleep 0.05; done"
-)
-
-
 def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
-    """Shell line that waits (on the target, no round trips) until the
-    supervisor has written ``job.pid`` or ``exit_code``."""
-    return render_script(_WAIT_FOR_START, run_dir=run_dir, tries=max(1, int(timeout_seconds / 0.05)))
+    """Shell lines that wait (on the target, no round trips) until the supervisor has written
+    ``job.pid`` or ``exit_code``, asleep on the run directory's wake-up FIFO between checks."""
+    return render_script("cd {{run_dir}} || exit 1\n{{open_wake}}\n{{await_start}}", run_dir=run_dir,
+                         open_wake=_OPEN_WAKE, await_start=_await_start(timeout_seconds))
 
 
 # The start's wake-up (one per run directory, while a start waits): ``gpuflow.procs.exec_job`` writes a
@@ -436,11 +432,6 @@ def await_environment_script(run_dir: str, timeout_seconds: float = 30) -> str:
     """Waits (on the target) while the supervisor's environment probe is still running
     (``environment.pending``, its supervisor alive), at most ``timeout_seconds``."""
     return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.05)))
-
-
-def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
-    """One round trip: start the supervisor, then wait on the target until the job has started."""
-    return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
 
 
 _RESUME = r"""
