@@ -37,6 +37,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -296,6 +297,24 @@ def status(run_dir: str) -> dict:
 # ---------------------------------------------------------------------- starting a job
 
 
+def _wake_start(run_dir: str) -> None:
+    """Wake a start waiting for this job's pid: one line to the run directory's FIFO
+    (``.start-wake``, :data:`gpuflow.jobs.scripts.WAKE_NAME`) when there is one; never blocks."""
+    path = os.path.join(run_dir, ".start-wake")
+    try:
+        if not stat.S_ISFIFO(os.lstat(path).st_mode):
+            return
+        handle = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody waits
+    except OSError:
+        return
+    try:
+        os.write(handle, b"x\n")
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 def exec_job(record_path: str, pid_path: str, argv: list) -> None:
     """In the process that becomes the job: lead a new session (and process
     group), record this process's identity, then its pid, then exec ``argv``
@@ -306,6 +325,7 @@ def exec_job(record_path: str, pid_path: str, argv: list) -> None:
         pass
     record(record_path, os.getpid())
     _write_atomically(pid_path, "%d\n" % os.getpid())
+    _wake_start(os.path.dirname(pid_path) or ".")
     for name in ("SIGPIPE", "SIGXFSZ"):  # Python ignores these; the job must start with the defaults
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)

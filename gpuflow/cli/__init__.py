@@ -19,6 +19,7 @@ import sys
 
 from gpuflow.cli import demo  # noqa: F401, I001 - registers its command, listed first
 from gpuflow.cli import cluster, init, jobs, remote, sandbox, setup, sync, tunnels  # noqa: F401 - register their commands
+from gpuflow.cli import _coercion
 from gpuflow.cli._app import app
 from gpuflow.cli._errors import run_app
 from gpuflow.cli._signals import terminate_like_ctrl_c
@@ -27,6 +28,7 @@ from gpuflow.cli._signals import terminate_like_ctrl_c
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map domain errors to exit codes."""
     terminate_like_ctrl_c()
+    _coercion.install()  # no pydantic for values whose coercion is known (gpuflow/cli/_coercion.py)
     code = run_app(app, sys.argv[1:] if argv is None else argv)
     raise SystemExit(code)
 

@@ -32,7 +32,7 @@ from gpuflow.jobs.records import (
     quiet,
     save_record,
 )
-from gpuflow.jobs.rundir import ended_status, read_exit_code
+from gpuflow.jobs.rundir import await_environment, ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
 from gpuflow.transport.filestream import PullStream, StreamsPulls
@@ -320,7 +320,16 @@ def _instance_time(entries: list[dict], name: str) -> str | None:
 
 
 def _read_environment(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
-    """The supervisor's environment probe, or None while it is not there yet."""
+    """The supervisor's environment probe (waited for while it is still running: the job's
+    exit code does not wait for it), or None when there is none."""
+    document = _read_environment_now(runner, remote_dir)
+    if document is None:
+        await_environment(runner, remote_dir)
+        document = _read_environment_now(runner, remote_dir)
+    return document
+
+
+def _read_environment_now(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
     chunks, offset = [], 0
     while chunk := runner.read_from(f"{remote_dir}/{ENVIRONMENT_NAME}", offset, READ_CHUNK):
         chunks.append(chunk)

@@ -185,3 +185,9 @@ def stop_job(runner: CommandRunner, remote_dir: str, *, grace_seconds: float = S
     while time.monotonic() < deadline and read_exit_code(runner, remote_dir) is None:
         time.sleep(0.1)
     return outcome
+
+
+def await_environment(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> None:
+    """One command: wait on the target while the run's environment probe still runs
+    (``environment.pending``: the job's exit code does not wait for it), at most ``timeout``."""
+    runner.run_script(scripts.await_environment_script(remote_dir, timeout), timeout=timeout + 30, check=False)

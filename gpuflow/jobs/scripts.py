@@ -22,9 +22,11 @@ user typed is ever parsed by the remote shell.
   dropped SSH connection nor a sleeping laptop nor gpuflow exiting touches it;
   ``gpuflow stop`` signals only the job's process group, so the supervisor
   survives to record the exit code.  It also writes ``environment.json`` (the
-  probe below, run with the job's interpreter) for the run manifest.
-* :func:`launch_command`, :func:`wait_for_start_command` — start the
-  supervisor detached, and wait on the target until the job has started.
+  probe below, run with the job's interpreter, started beside the job; ``exit_code``
+  does not wait for it, ``environment.pending`` marks it running) for the run manifest.
+* :func:`start_script` — one command: write the run's files (on stdin), start the
+  supervisor detached (:func:`launch_command`), and wait on the target until the job has
+  started (:func:`wait_for_start_command`), woken by the write of ``job.pid``.
 * :func:`prepare_environment_script` — create (once per requirements hash,
   under a lock) or reuse the job's virtualenv.
 * :func:`base_python_script` — the first interpreter present of a list, else
@@ -99,6 +101,8 @@ durable_py={{durable_source}}
 peers_py={{peers_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+# Wakes a start waiting on the run directory's FIFO (gpuflow/jobs/scripts.py WAKE_NAME), if one is.
+wake() { if [ -p "$run_dir/{{wake_name}}" ]; then printf 'x\n' 1<>"$run_dir/{{wake_name}}"; fi 2>/dev/null; }
 
 # No AWS credential reaches the job, nor anything else started here: every
 # AWS_* variable but the region goes (see KEPT_AWS_VARIABLES in gpuflow/jobs/scripts.py).
@@ -113,6 +117,7 @@ cd "$run_dir" || exit 1
 # Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
 mkdir .supervisor 2>/dev/null || exit 0
 mkdir -p outputs "$work_dir"
+probe_pid=""
 # A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
 # before the pid, so that whoever sees the pid file finds the identity too.
 "$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
@@ -152,6 +157,14 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
     </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
+  # The manifest's environment facts, gathered beside the job (no extra round trip), started once the
+  # job is (not to slow its start); exit_code does not wait for them: environment.pending says they
+  # are still coming, and a pull waits for them.
+  touch "$run_dir/environment.pending"
+  ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
+      && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json"
+    rm -f "$run_dir/environment.json.tmp" "$run_dir/environment.pending" ) </dev/null >/dev/null 2>&1 &
+  probe_pid=$!
   # The spot-interruption watcher (gpuflow/jobs/imds_watch.py): in this process group, not the job's;
   # it turns itself off where no instance metadata service answers, and never feeds the heartbeat.
   "$python" -I -S -c "$watch_py" "$run_dir" </dev/null >/dev/null 2>>"$run_dir/watcher.log" &
@@ -161,15 +174,10 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
       </dev/null >/dev/null 2>>"$run_dir/durable.log" &
     durable_pid=$!
   fi
-  # The manifest's environment facts, gathered here so no extra round trip is needed.
-  ( "$python" -c {{probe_source}} >"$run_dir/environment.json.tmp" 2>/dev/null \
-      && mv -f "$run_dir/environment.json.tmp" "$run_dir/environment.json" ) </dev/null >/dev/null 2>&1 &
-  probe_pid=$!
   wait "$job_pid"
   code=$?
   kill "$watcher_pid" 2>/dev/null
   wait "$watcher_pid" 2>/dev/null
-  wait "$probe_pid"  # the manifest is complete by the time exit_code appears
   if [ -n "$durable_pid" ]; then
     # the last checkpoint, the outputs and the log go up (bounded by the uploader) before exit_code appears
     write_atomically "$run_dir/.durable-exit" "$code"
@@ -185,6 +193,8 @@ fi
 kill "$heartbeat_pid" 2>/dev/null
 touch "$base_dir/heartbeat"
 write_atomically "$run_dir/exit_code" "$code"
+wake
+if [ -n "$probe_pid" ]; then wait "$probe_pid"; fi
 """
 
 
@@ -292,6 +302,7 @@ def render_supervisor(
         durable_source=durable_script() if durable_url else "",
         peers_source=peer_watch_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
+        wake_name=ShellCode(WAKE_NAME),
     )
 
 
@@ -308,21 +319,120 @@ def launch_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
     return render_script(_LAUNCH, run_dir=run_dir, script=script_name)
 
 
-_WAIT_FOR_START = (
-    "for _ in $(seq {{tries}}); do "
-    "[ -e {{run_dir}}/job.pid ] || [ -e {{run_dir}}/exit_code ] && break; sleep 0.05; done"
+def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
+    """Shell lines that wait (on the target, no round trips) until the supervisor has written
+    ``job.pid`` or ``exit_code``, asleep on the run directory's wake-up FIFO between checks."""
+    return render_script("cd {{run_dir}} || exit 1\n{{open_wake}}\n{{await_start}}", run_dir=run_dir,
+                         open_wake=_OPEN_WAKE, await_start=_await_start(timeout_seconds))
+
+
+# The start's wake-up (one per run directory, while a start waits): ``gpuflow.procs.exec_job`` writes a
+# line to it once job.pid is written, the supervisor once exit_code is; a waiting start holds it open.
+WAKE_NAME = ".start-wake"
+
+# Opens the wake-up FIFO on fd 3 in the run directory (the current one) before the supervisor starts,
+# so no wake-up is lost; without mkfifo the wait below polls every 0.05 s instead.
+_OPEN_WAKE = ShellCode(
+    f'[ -p {WAKE_NAME} ] || mkfifo {WAKE_NAME} 2>/dev/null\n'
+    f'woken=""; if [ -p {WAKE_NAME} ] && exec 3<>{WAKE_NAME}; then woken=1; fi'
 )
 
+# Waits (in the run directory) until job.pid or exit_code is there, or {{ticks}} x 0.05 s have passed:
+# asleep on the FIFO between wake-ups (a 1 s tick as a safety net), then closes and removes it.
+_AWAIT_START = r"""waited=0
+while [ ! -e job.pid ] && [ ! -e exit_code ] && [ "$waited" -lt {{ticks}} ]; do
+  if [ -n "$woken" ]; then read -r -t 1 -u 3 _ || waited=$((waited + 20)); else sleep 0.05; waited=$((waited + 1)); fi
+done
+if [ -n "$woken" ]; then exec 3<&-; rm -f {{wake}}; fi"""
 
-def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
-    """Shell line that waits (on the target, no round trips) until the
-    supervisor has written ``job.pid`` or ``exit_code``."""
-    return render_script(_WAIT_FOR_START, run_dir=run_dir, tries=max(1, int(timeout_seconds / 0.05)))
+
+def _await_start(timeout_seconds: float) -> ShellCode:
+    return ShellCode(render_script(_AWAIT_START, ticks=max(1, int(timeout_seconds / 0.05)), wake=WAKE_NAME))
 
 
-def launch_and_wait_command(run_dir: str, script_name: str = "supervisor.sh") -> str:
-    """One round trip: start the supervisor, then wait on the target until the job has started."""
-    return f"{launch_command(run_dir, script_name)} && {wait_for_start_command(run_dir)}"
+# argv: RUN_DIR — writes the files stdin carries into RUN_DIR (created), each atomically
+# (temporary name, mode, rename): per file a header line "NAME MODE SIZE" (mode in octal),
+# then SIZE bytes; an empty line ends.  A name is one path component.
+UNPACK_FILES_PY = r"""
+import os, sys
+run_dir = sys.argv[1]
+stream = sys.stdin.buffer
+os.makedirs(run_dir, exist_ok=True)
+while True:
+    header = stream.readline()
+    if not header.strip():
+        break
+    name, mode, size = header.decode("utf-8").split(" ")
+    size = int(size)
+    if not name or "/" in name or name in (".", ".."):
+        sys.exit("gpuflow-start: bad file name %r" % name)
+    body = stream.read(size)
+    if len(body) != size:
+        sys.exit("gpuflow-start: %s arrived truncated" % name)
+    temporary = os.path.join(run_dir, ".%s.%d.tmp" % (name, os.getpid()))
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(handle, "wb") as out:
+        out.write(body)
+    os.chmod(temporary, int(mode, 8))
+    os.replace(temporary, os.path.join(run_dir, name))
+"""
+
+
+def start_files_payload(files: Sequence[tuple[str, bytes, int]]) -> bytes:
+    """``files`` (name, bytes, mode) as :data:`UNPACK_FILES_PY` reads them on stdin."""
+    parts = []
+    for name, data, mode in files:
+        if not name or "/" in name or " " in name or "\n" in name or name in (".", ".."):
+            raise ValueError(f"not a run-directory file name: {name!r}")
+        parts += [f"{name} {mode:o} {len(data)}\n".encode(), data]
+    return b"".join([*parts, b"\n"])
+
+
+_START = r"""set -u
+run_dir={{run_dir}}
+python={{python}}
+unpack_py={{unpack_source}}
+if [ -n "$unpack_py" ]; then "$python" -I -S -c "$unpack_py" "$run_dir" || exit 1; fi
+cd "$run_dir" || exit 1
+{{open_wake}}
+setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 3>&-
+{{await_start}}
+echo "gpuflow-start: pid $(cat job.pid 2>/dev/null | tr -d '
+') exit $(cat exit_code 2>/dev/null | tr -d '
+')"
+"""
+
+
+def start_script(
+    *, run_dir: str, python: str, with_files: bool, script_name: str = "supervisor.sh", timeout_seconds: float = 30
+) -> str:
+    """One round trip to start a run on a node: write the files on stdin (``with_files``:
+    :func:`start_files_payload`, unpacked with ``python``) into ``run_dir``, start the supervisor
+    detached, sleep until the job has its pid or an exit code (woken by the event, bounded by
+    ``timeout_seconds``) and print ``gpuflow-start: pid PID exit CODE`` (each empty if not there)."""
+    return render_script(
+        _START,
+        run_dir=run_dir,
+        python=python,
+        unpack_source=UNPACK_FILES_PY if with_files else "",
+        open_wake=_OPEN_WAKE,
+        script=script_name,
+        await_start=_await_start(timeout_seconds),
+    )
+
+
+_AWAIT_ENVIRONMENT = r"""cd {{run_dir}} 2>/dev/null || exit 0
+waited=0
+while [ -e environment.pending ] && [ ! -e environment.json ] && [ "$waited" -lt {{ticks}} ]; do
+  kill -0 "$(cat supervisor.pid 2>/dev/null)" 2>/dev/null || break
+  sleep 0.05; waited=$((waited + 1))
+done"""
+
+
+def await_environment_script(run_dir: str, timeout_seconds: float = 30) -> str:
+    """Waits (on the target) while the supervisor's environment probe is still running
+    (``environment.pending``, its supervisor alive), at most ``timeout_seconds``."""
+    return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.05)))
 
 
 _RESUME = r"""
@@ -346,7 +456,8 @@ for name in {{archived}}; do
 done
 offset=$(( $(wc -c < job.log 2>/dev/null || echo 0) + 0 ))
 echo "gpuflow-resume: attempt $attempt offset $offset"
-setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&-
+{{open_wake}}
+setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&- 3>&-
 {{wait_for_start}}
 """
 
@@ -354,7 +465,7 @@ setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&-
 ATTEMPT_FILES = (
     "exit_code", "job.pid", "job.proc", "supervisor.pid", "supervisor.proc", "interruption.json",
     "rebalance.json", "watcher.json", "watcher.log", "environment.json", ".supervisor",
-    "durable.json", "durable.log", ".durable-exit",
+    "durable.json", "durable.log", ".durable-exit", "environment.pending",
 )
 
 
@@ -371,7 +482,8 @@ def resume_script(*, run_dir: str, python: str, script_name: str = "supervisor.s
         procs_source=procs_script(),
         archived=list(ATTEMPT_FILES),
         script=script_name,
-        wait_for_start=ShellCode(wait_for_start_command(run_dir)),
+        open_wake=_OPEN_WAKE,
+        wait_for_start=_await_start(30),
     )
 
 
@@ -450,7 +562,7 @@ def version(*names):
 def header(distribution):
     # Name and Version as d.metadata["Name"] and d.version give them (the first of each header),
     # read from the header block alone: parsing every METADATA whole (descriptions and all) with
-    # the email parser takes 5x as long (188 packages here), and a run's exit code waits for this probe.
+    # the email parser takes 5x as long (188 packages here), and a run's pull may wait for this probe.
     text = (distribution.read_text("METADATA") or distribution.read_text("PKG-INFO")
             or distribution.read_text("") or "")
     found = {}

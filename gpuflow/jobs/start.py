@@ -109,13 +109,14 @@ def start_run(
         data_dir=str(data_dir) if data_dir is not None else None,
         durable=durable.ref if durable else None,
     )
-    write_supervisor(runner, record, argv, job_env, python, heartbeat_seconds,
-                     durable_endpoint=durable.endpoint if durable else "")
+    supervisor = supervisor_file(runner, record, argv, job_env, python, heartbeat_seconds,
+                                 durable_endpoint=durable.endpoint if durable else "")
     manifest = build_manifest(record=record, cluster=target.cluster, project_dir=project_dir, environment={})
-    runner.put_bytes(json.dumps(manifest, indent=2).encode(), f"{remote_dir}/{MANIFEST_NAME}")
+    manifest_file = (MANIFEST_NAME, json.dumps(manifest, indent=2).encode(), 0o644)
     save_record(record, home)
-    try:
-        launch_and_wait(runner, remote_dir, timeout=30 + (uploader.RESTORE_SECONDS if durable else 0))
+    try:  # one round trip: the files, the launch, and the wait for the job's pid
+        launch_and_wait(runner, remote_dir, timeout=START_SECONDS + (uploader.RESTORE_SECONDS if durable else 0),
+                        files=(supervisor, manifest_file), python=python)
     except GpuflowError as exc:  # the record must not say 'running' for a job nobody saw start
         save_record(replace(record, status=RunState.LOST, lost_reason=f"its job was not seen to start: {exc.message}"), home)
         raise
@@ -201,6 +202,22 @@ def write_supervisor(
     """The run's supervisor script, in ``remote_dir`` (default: the record's) of ``runner``'s node;
     with the record's ``durable`` store its sidecar restores and uploads (``durable_endpoint``:
     the S3 endpoint, "" = AWS's own)."""
+    name, script, mode = supervisor_file(runner, record, argv, job_env, python, heartbeat_seconds, remote_dir,
+                                         durable_endpoint)
+    runner.put_bytes(script, f"{remote_dir or record.remote_dir}/{name}", mode=mode)
+
+
+def supervisor_file(
+    runner: CommandRunner,
+    record: RunRecord,
+    argv: Sequence[str],
+    job_env: Mapping[str, str],
+    python: str,
+    heartbeat_seconds: float,
+    remote_dir: str | None = None,
+    durable_endpoint: str = "",
+) -> tuple[str, bytes, int]:
+    """The run's supervisor script as a run-directory file (name, bytes, mode): see :func:`write_supervisor`."""
     remote_dir = remote_dir or record.remote_dir
     script = scripts.render_supervisor(
         run_id=record.run_id,
@@ -215,18 +232,68 @@ def write_supervisor(
         durable_region=record.durable.region if record.durable else "",
         durable_endpoint=durable_endpoint,
     )
-    runner.put_bytes(script.encode(), f"{remote_dir}/{SUPERVISOR_NAME}", mode=0o755)
+    return SUPERVISOR_NAME, script.encode(), 0o755
 
 
-def launch_and_wait(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> None:
-    """One round trip: start the supervisor and wait (on the target) until it has recorded the job's pid."""
-    launched = _launch(runner, scripts.launch_and_wait_command(remote_dir, SUPERVISOR_NAME))
+# How long a start waits for the job's pid (a durable run's restore comes on top).
+START_SECONDS = 30.0
+
+
+def launch_and_wait(
+    runner: CommandRunner,
+    remote_dir: str,
+    timeout: float = START_SECONDS,
+    *,
+    files: Sequence[tuple[str, bytes, int]] = (),
+    python: str | None = None,
+) -> None:
+    """One round trip (:func:`gpuflow.jobs.scripts.start_script`): write ``files`` (name, bytes, mode;
+    carried on stdin, unpacked with ``python``, default the runner's) into ``remote_dir``, start the
+    supervisor, and wait on the target, woken by the event, until the job has its pid or an exit code."""
+    script = scripts.start_script(
+        run_dir=remote_dir, python=python or runner.python, with_files=bool(files), script_name=SUPERVISOR_NAME,
+        timeout_seconds=timeout,
+    )
+    launched = _launch(runner, script, stdin=scripts.start_files_payload(files) if files else None,
+                       timeout=timeout + 90)
     if not launched.ok:
         raise RemoteCommandFailed(
             f"could not start the job supervisor: {launched.stderr.decode(errors='replace').strip()[-300:]}",
             hint="the instance needs bash, setsid (util-linux) and nohup",
         )
-    wait_for_start(runner, remote_dir, timeout=timeout)
+    if started_from_answer(launched.stdout) is None:
+        raise RemoteCommandFailed(
+            f"the job supervisor did not start within {timeout:g}s",
+            hint=f"look at {remote_dir} on the instance (setsid, bash and python3 must exist there)",
+        )
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a start's answer says: the job's pid, or its exit code when it ended at once (either may be None)."""
+
+    pid: int | None
+    exit_code: int | None
+
+
+def started_from_answer(stdout: bytes) -> Started | None:
+    """The last ``gpuflow-start: pid PID exit CODE`` line of a start's output; None when the job
+    has neither a pid nor an exit code (it was not seen to start)."""
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        if line.startswith("gpuflow-start: pid "):
+            fields = line.split()  # ['gpuflow-start:', 'pid', PID?, 'exit', CODE?]
+            at = fields.index("exit")
+            pid = _int_or_none(fields[2:at])
+            code = _int_or_none(fields[at + 1:])
+            return Started(pid, code) if pid is not None or code is not None else None
+    return None
+
+
+def _int_or_none(fields: Sequence[str]) -> int | None:
+    try:
+        return int(fields[0]) if len(fields) == 1 else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -276,12 +343,15 @@ def checked_job_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
-def _launch(runner: CommandRunner, launch: str, attempts: int = 3) -> CommandResult:
-    """Run the launch line; repeat it when the connection drops mid-command
-    (safe: the supervisor claims the run directory, so a second start is a no-op)."""
+def _launch(
+    runner: CommandRunner, launch: str, attempts: int = 3, *, stdin: bytes | None = None, timeout: float = 120
+) -> CommandResult:
+    """Run the launch script; repeat it when the connection drops mid-command
+    (safe: the files it writes are the same, and the supervisor claims the run directory,
+    so a second start is a no-op)."""
     for attempt in range(1, attempts + 1):
         try:
-            return runner.run_script(launch, timeout=120, check=False)
+            return runner.run_script(launch, stdin=stdin, timeout=timeout, check=False)
         except InstanceGone:
             raise
         except UnreachableHost:

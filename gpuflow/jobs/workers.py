@@ -49,7 +49,7 @@ from gpuflow.jobs.records import (
     save_record,
     utc_now,
 )
-from gpuflow.jobs.rundir import classify, read_json, run_status, stop_job
+from gpuflow.jobs.rundir import await_environment, classify, read_json, run_status, stop_job
 from gpuflow.jobs.start import checked_job_env, job_setup, launch_and_wait, prepare_node, start_run, write_supervisor
 from gpuflow.provisioner import WORKER_PORT_RANGE
 from gpuflow.state import validate_name
@@ -273,6 +273,9 @@ def node_reports(target: RunTarget, record: RunRecord) -> list[dict[str, Any]]:
             report = dict(run_status(runner, worker.remote_dir).get(worker.remote_dir, {}))
             report["peer_failure"] = read_json(runner, f"{worker.remote_dir}/{PEER_FAILURE_NAME}")
             environment = _read_document(runner, f"{worker.remote_dir}/{ENVIRONMENT_NAME}")
+            if environment is None and report.get("exit_code") is not None:  # its probe may still run
+                await_environment(runner, worker.remote_dir)
+                environment = _read_document(runner, f"{worker.remote_dir}/{ENVIRONMENT_NAME}")
             report["gpu"] = environment.get("gpu") if isinstance(environment, dict) else None
             return report
         except (GpuflowError, OSError, ValueError) as exc:

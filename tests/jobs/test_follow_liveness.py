@@ -427,9 +427,7 @@ def test_a_job_never_seen_to_start_is_recorded_lost(local_target, project, monke
     from gpuflow.errors import RemoteCommandFailed
 
     monkeypatch.setattr(remote_scripts, "render_supervisor", lambda **_kwargs: "#!/bin/sh\nexit 0\n")  # dies at once
-    monkeypatch.setattr(remote_scripts, "wait_for_start_command", lambda *_args, **_kwargs: "true")
-    real_wait = jobs.start.wait_for_start
-    monkeypatch.setattr(jobs.start, "wait_for_start", lambda runner, remote_dir, **_options: real_wait(runner, remote_dir, timeout=1))
+    monkeypatch.setattr(jobs.start, "START_SECONDS", 1)
     with pytest.raises(RemoteCommandFailed, match="did not start within 1s"):
         _bounded(lambda: jobs.run(local_target, project_dir=project, module=None, args=job_args(1), out=io.BytesIO()))
     [record] = jobs.all_records()
