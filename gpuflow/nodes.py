@@ -504,4 +504,12 @@ def ssh_invocation(
         (directory / "heartbeat").touch()  # like every connection to an instance
         argv = ["bash", "-c", quote_argv(command)] if command else ["bash", "-i"]
         return Invocation(tuple(argv), str(directory))
-    return Invocation(tuple(openssh.login_argv(reached.target, command, reached.base_dir)))
+    sharing = openssh.sharing_options(str(gpuflow_home()), cluster.name, node_identity(cluster, node), reached.target)
+    return Invocation(tuple(openssh.login_argv(reached.target, command, reached.base_dir, sharing)))
+
+
+def node_identity(cluster: Cluster, node: Node) -> tuple[str, str]:
+    """What names one incarnation of a node for a shared connection (with its address, user,
+    key and pinned host keys, :func:`openssh.control_path`): the record's creation time and
+    the instance id.  The `gpuflow ssh` fast path reads the same two fields of the record."""
+    return (cluster.created_at or "", node.instance_id)

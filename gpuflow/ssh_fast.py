@@ -10,8 +10,9 @@ gpuflow's.  When the command line is exactly ``ssh NAME``, ``ssh NAME -- CMD...`
 (``--node ID`` may come before the ``--``) and NAME is a live cloud cluster (not
 the sandbox) whose node has an address, a key file OpenSSH accepts and host keys
 already pinned, it reads the record and execs the very command line
-:func:`gpuflow.nodes.ssh_invocation` builds (:func:`openssh.login_argv`), as the
-full command would: no Python process stays behind.  In every other case (another
+:func:`gpuflow.nodes.ssh_invocation` builds (:func:`openssh.login_argv`, with the
+same shared connection: :func:`openssh.sharing_options` of the same record fields), as
+the full command would: no Python process stays behind.  In every other case (another
 option, a sandbox cluster, no pinned key yet, an unknown, unfinished or damaged
 record, a key group or others can read, an unknown node) it returns and the full
 CLI runs, with its checks, the console's host keys and its one-line errors.
@@ -93,7 +94,13 @@ def fast_argv(argv: Sequence[str]) -> list[str] | None:
     known_hosts = os.path.join(home, "known_hosts", name)
     if not _pinned(known_hosts, address, port):
         return None  # the keys come from the console: the full command asks the cloud
-    return openssh.login_argv(_Target(address, port, user, key_path, known_hosts), command or None)  # type: ignore[arg-type]
+    target = _Target(address, port, user, key_path, known_hosts)
+    created_at, instance_id = document.get("created_at"), node.get("instance_id")
+    if not (created_at is None or isinstance(created_at, str)) or not isinstance(instance_id, str):
+        return None
+    # gpuflow.nodes.node_identity's fields, read from the same record: the full command's socket.
+    sharing = openssh.sharing_options(home, name, (created_at or "", instance_id), target)  # type: ignore[arg-type]
+    return openssh.login_argv(target, command or None, None, sharing)  # type: ignore[arg-type]
 
 
 def _parse(argv: list[str]) -> tuple[str, str | None, list[str]] | None:

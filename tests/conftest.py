@@ -73,6 +73,9 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
     yield home
+    from gpuflow.transport.openssh import close_masters
+
+    close_masters(str(home))  # `gpuflow ssh`'s shared connections (ControlPersist) end with their test
 
 
 @pytest.fixture

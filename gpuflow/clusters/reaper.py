@@ -11,10 +11,12 @@ from gpuflow.clusters.owner import owner_id
 from gpuflow.clusters.record import Phase, _iso, _live, _now, _parse_iso, _store, _write, key_file_path, phase_of
 from gpuflow.clusters.reports import Progress, ReapItem, ReapReport
 from gpuflow.clusters.where import _configured_region, _provisioner, command_hint, sandbox_in_effect
+from gpuflow.config import gpuflow_home
 from gpuflow.errors import UsageError
 from gpuflow.provisioner import Provisioner, ProvisionerFactory
 from gpuflow.records import Cluster
 from gpuflow.state import process_alive, validate_name
+from gpuflow.transport import openssh
 
 # `reap --expired` waits this long past gpuflow:expires-at: the dead-man's switch counts
 # --max-hours from the instance's boot, which comes minutes after the tag's created-at.
@@ -155,6 +157,8 @@ def reap(
         for resource in by_kind.get("launch-template", []):
             report(f"{scan_region}: deleting launch template {resource.detail or resource.resource_id}")
             provisioner.delete_launch_template(resource.resource_id)
+    for name in sorted(reaped_clusters):  # `gpuflow ssh`'s shared connections to nodes now gone
+        openssh.close_masters(str(gpuflow_home()), name)
     with store.locked():
         for name in sorted(reaped_clusters):
             if not _is_valid_name(name):  # a tag value gpuflow did not write: no local file can match it

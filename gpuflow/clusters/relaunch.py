@@ -40,9 +40,11 @@ from gpuflow.clusters.record import Phase, _iso, _now, _save, _store, phase_of
 from gpuflow.clusters.reconcile import _price_per_instance
 from gpuflow.clusters.reports import Progress
 from gpuflow.clusters.where import _provisioner
+from gpuflow.config import gpuflow_home
 from gpuflow.errors import CapacityError, ClusterNotFound, GpuflowError
 from gpuflow.provisioner import ProvisionerFactory
 from gpuflow.records import Cluster, Node
+from gpuflow.transport import openssh
 from infra.dlami import DLAMI_SSH_USER
 from infra.records import FleetPool, FleetStep, ImageInfo, LaunchRequest, LaunchResult, LaunchTemplateRef
 from infra.tags import TAG_CLUSTER, TAG_CREATED_AT, TAG_EXPIRES_AT, TAG_LAUNCH, TAG_MANAGED, TAG_OWNER, TAG_OWNER_ID
@@ -150,6 +152,7 @@ def relaunch(
         report(f"terminating the interrupted node {', '.join(live_old)}")
         provisioner.terminate(live_old)
         provisioner.wait_until(live_old, "terminated")
+    openssh.close_masters(str(gpuflow_home()), cluster.name)  # `gpuflow ssh`'s shared connections to the old nodes
     types = list(dict.fromkeys([cluster.instance_type, *fallback_types]))
     zones_of = {kind: provisioner.offered_zones(kind) for kind in types}
     candidates = launch_order(

@@ -29,9 +29,11 @@ from gpuflow.clusters.where import (
     command_hint,
     sandbox_in_effect,
 )
+from gpuflow.config import gpuflow_home
 from gpuflow.errors import ClusterNotFound, DamagedRecord
 from gpuflow.provisioner import ProvisionerFactory
 from gpuflow.records import Cluster
+from gpuflow.transport import openssh
 
 def down(
     name: str | None = None,
@@ -135,6 +137,7 @@ def down(
             hint=f"see {command_hint('ls', in_sandbox)}, or pass --region",
         )
     instance_ids = sorted({view.instance_id for view in live} | {node.instance_id for node in cluster.nodes if node.state != "terminated"})
+    openssh.close_masters(str(gpuflow_home()), cluster_name)  # `gpuflow ssh`'s shared connections to its nodes
     spot_requests = sorted({view.spot_request_id for view in live if view.spot_request_id})
     provisioner.cancel_spot_requests(spot_requests)
     terminated: list[str] = []

@@ -4,8 +4,9 @@ The fake cloud and the gpuflow home belong to one test, so *everything* in
 them is the test's: every instance not terminated, every security group but
 the default one, every key pair, every launch template, every open spot request, every EBS
 volume not attached (a root volume goes with its instance), every sandbox
-instance directory, every process running a job of this home's sandbox, and
-a detached sandbox server started with this home.
+instance directory, every process running a job of this home's sandbox,
+a detached sandbox server started with this home, and every shared SSH
+connection (`gpuflow ssh`'s ControlMaster) of this home still open.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from gpuflow import procs
 from gpuflow.config import gpuflow_home
+from gpuflow.transport import openssh
 
 SERVER_DIRECTORY = ".moto-server"  # infra.sandbox.SERVER_DIRECTORY_NAME, not a sandbox instance
 
@@ -35,6 +37,7 @@ class LeakKind(enum.Enum):
     SANDBOX_DIRECTORY = "sandbox directory"
     JOB_PROCESS = "job process"
     SANDBOX_SERVER = "sandbox server"
+    SSH_MASTER = "shared SSH connection"
 
 
 @dataclass(frozen=True)
@@ -166,21 +169,23 @@ def job_pids(home: Path | None = None) -> list[int]:
 
 
 def local_leftovers(home: Path | None = None, *, server_alive: Callable[[Path], int | None]) -> list[Leftover]:
-    """Job processes, sandbox directories and a live sandbox server of ``home``."""
+    """Job processes, sandbox directories, a live sandbox server and open shared SSH connections of ``home``."""
     home = home or gpuflow_home()
     found = [Leftover(LeakKind.JOB_PROCESS, str(pid), _command_line(pid)) for pid in job_pids(home)]
     found += [Leftover(LeakKind.SANDBOX_DIRECTORY, str(path)) for path in sandbox_directories(home)]
     server_pid = server_alive(home)
     if server_pid is not None:
         found.append(Leftover(LeakKind.SANDBOX_SERVER, str(server_pid), "a detached moto server of this home"))
+    found += [Leftover(LeakKind.SSH_MASTER, path, "its socket; `gpuflow down` closes it") for path in openssh.master_sockets(str(home))]
     return found
 
 
 def remove_local_leftovers(home: Path | None = None, *, stop_server: Callable[[Path], object]) -> list[str]:
-    """Kill every job process (SIGKILL, as a terminated instance's), delete the sandbox
-    directories, stop the home's sandbox server; returns failures."""
+    """Close the home's shared SSH connections, kill every job process (SIGKILL, as a terminated
+    instance's), delete the sandbox directories, stop the home's sandbox server; returns failures."""
     home = home or gpuflow_home()
     failures: list[str] = []
+    openssh.close_masters(str(home))
     for instance_dir in sandbox_directories(home):
         procs.terminate_base(str(instance_dir))
     for pid in job_pids(home):  # marked processes outside any directory still on disk

@@ -4,8 +4,14 @@ Three users, one set of settings, so they cannot drift apart again:
 
 * ``gpuflow sync`` (its listing session, and rsync's ``-e``),
 * ``gpuflow ssh`` (the system ``ssh`` it execs: :func:`login_argv`, for the full command and its
-  fast path alike; this module imports no more than ``gpuflow.errors`` and ``shlex`` for that),
+  fast path alike; this module imports no more than ``gpuflow.errors``, ``shlex``, ``os`` and
+  ``hashlib`` for that),
 * ``gpuflow ssh-config`` (the Host blocks plain ssh, scp, rsync and editors read).
+
+`gpuflow ssh` also shares one authenticated connection per node across commands
+(:func:`sharing_options`: OpenSSH's ``ControlMaster=auto`` with ``ControlPersist``),
+on a socket whose name hashes the node's whole identity; :func:`close_masters`
+ends a cluster's shared connections when it is torn down.
 
 Each of them reaches a node with exactly the cluster's key (``IdentitiesOnly``)
 and its pinned host keys (its own ``UserKnownHostsFile``, no global file,
@@ -18,6 +24,7 @@ sync's protocol) and never prompt (``BatchMode``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -92,19 +99,21 @@ def config_lines(target: SSHTarget, indent: str = "    ") -> list[str]:
     return [f"{indent}{keyword} {value}" for keyword, value in host_options(target)]
 
 
-def login_argv(target: SSHTarget, command: Sequence[str] | None, base_dir: str | None = None) -> list[str]:
+def login_argv(
+    target: SSHTarget, command: Sequence[str] | None, base_dir: str | None = None, sharing: Sequence[str] = ()
+) -> list[str]:
     """What `gpuflow ssh` execs to reach ``target``: ``ssh`` with :func:`ssh_argv`'s
     options and the remote command (each of ``command``'s arguments quoted, so it
     arrives literally; none: a login shell, with a terminal asked for), after a
     touch of the node's heartbeat; ``base_dir``: the node's gpuflow directory when it
     is not the instance's ``~/gpuflow`` (a sandbox node behind the loopback sshd),
-    where the command then starts."""
+    where the command then starts; ``sharing``: :func:`sharing_options` for the node."""
     remote_command = quote_argv(command) if command else 'exec "${SHELL:-/bin/sh}" -l'
     if base_dir is not None:
         # The loopback "instance" is this machine: start where the sandbox instance's files are.
         remote_command = f"cd {quote_argv([base_dir])} && " + remote_command
     remote_command = _touch_heartbeat(base_dir) + remote_command
-    argv = [*ssh_argv(target), "-o", "LogLevel=ERROR"]
+    argv = [*ssh_argv(target), *sharing, "-o", "LogLevel=ERROR"]
     if not command:
         argv.append("-t")  # an interactive shell behind a command needs a terminal asked for
     argv += ["--", f"{target.user}@{target.host}"]
@@ -119,3 +128,154 @@ def _touch_heartbeat(base_dir: str | None) -> str:
     ``sh -c`` so any login shell runs it."""
     script = 'base="${1:-$HOME/gpuflow}"; mkdir -p "$base" && touch "$base/heartbeat"'
     return quote_argv(["sh", "-c", script, "sh", *([base_dir] if base_dir else [])]) + " 2>/dev/null; "
+
+
+# ---------------------------------------------------------------------- one connection shared across commands
+
+ENV_PERSIST = "GPUFLOW_SSH_PERSIST"
+DEFAULT_PERSIST_SECONDS = 120
+MAX_PERSIST_SECONDS = 3600
+CONTROL_DIRECTORY = "cm"  # under $GPUFLOW_HOME: the shared connections' sockets
+# A unix socket's path is at most 103 bytes on macOS (104 with its NUL; 107 on Linux), and a
+# master first binds "<ControlPath>.<16 random characters>", then links it to its name.
+_MAX_CONTROL_PATH = 103 - 17
+_HOME_HASH, _CLUSTER_HASH, _NODE_HASH = 6, 6, 10  # hex digits of the socket's name, in that order
+
+
+def persist_seconds(environ: dict[str, str] | None = None) -> int:
+    """How long a shared connection outlives its last command (``$GPUFLOW_SSH_PERSIST``,
+    whole seconds, 0: no sharing); a value that is not one is the user's to fix."""
+    raw = (os.environ if environ is None else environ).get(ENV_PERSIST, "").strip()
+    if not raw:
+        return DEFAULT_PERSIST_SECONDS
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_PERSIST_SECONDS:
+        raise UsageError(
+            f"{ENV_PERSIST} must be a whole number of seconds from 0 to {MAX_PERSIST_SECONDS}, not {raw!r}",
+            hint=f"unset it for the default ({DEFAULT_PERSIST_SECONDS}), or set it to 0 to share no connections",
+        )
+    return int(raw)
+
+
+def control_directories(home: str) -> tuple[str, str]:
+    """Where shared connections' sockets live: ``$GPUFLOW_HOME/cm``, and the per-user
+    directory under the temporary directory used when that path is too long for a socket."""
+    temporary = os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(os.path.abspath(home), CONTROL_DIRECTORY), os.path.join(temporary, f"gpuflow-cm-{os.getuid()}")
+
+
+def _private(directory: str, *, create: bool) -> bool:
+    """Whether ``directory`` is a plain directory of this user that nobody else may enter
+    (made with mode 0700 when ``create``); a socket is never put anywhere else."""
+    if create:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return False
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return (info.st_mode & 0o170000) == 0o040000 and info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
+def _digest(*parts: str | bytes) -> str:
+    import hashlib
+
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", "surrogateescape") if isinstance(part, str) else part
+        hasher.update(len(data).to_bytes(8, "big") + data)  # length-prefixed: no two tuples hash alike
+    return hasher.hexdigest()
+
+
+def _cluster_prefix(home: str, cluster: str | None) -> str:
+    home = os.path.abspath(home)
+    prefix = _digest("home", home)[:_HOME_HASH]
+    return prefix if cluster is None else prefix + _digest("cluster", home, cluster)[:_CLUSTER_HASH]
+
+
+def control_path(home: str, cluster: str, identity: Sequence[str], target: SSHTarget) -> str | None:
+    """The socket of the connection shared by commands to one node, or None (no sharing this
+    time: no private directory, a path too long, pinned keys unreadable).
+
+    Its name hashes this gpuflow home (whose owner id the cluster carries), the cluster's name,
+    ``identity`` (the record's creation time and the node's instance id) and everything that
+    reaches the node: host, port, user, key file and the pinned host keys' contents.  A
+    re-created cluster, a replaced instance, a recycled address or a re-pinned key therefore
+    never reuses an older connection (OpenSSH's own ``%C`` hashes only host, port and user)."""
+    try:
+        with open(str(target.known_hosts_path), "rb") as file:
+            pinned = file.read()
+    except OSError:
+        return None
+    node = _digest(
+        "node", *identity, target.host, str(int(target.port)), target.user, str(target.key_path or ""), pinned
+    )
+    name = _cluster_prefix(home, cluster) + node[:_NODE_HASH]
+    for directory in control_directories(home):
+        path = os.path.join(directory, name)
+        if len(path.encode("utf-8", "surrogateescape")) <= _MAX_CONTROL_PATH:
+            return path if _private(directory, create=True) else None
+    return None
+
+
+def sharing_options(home: str, cluster: str, identity: Sequence[str], target: SSHTarget) -> list[str]:
+    """The options that make ``ssh`` share one connection to the node with later commands:
+    the first becomes the master (with the same pinned keys and keepalives as any connection)
+    and stays ``persist_seconds()`` after its last command; a later one rides it, with no
+    handshake.  [] when sharing is off or not possible this time (the command then connects
+    on its own, as without sharing); a stale socket (its master gone) OpenSSH removes and
+    replaces itself."""
+    seconds = persist_seconds()
+    if seconds == 0:
+        return []
+    path = control_path(home, cluster, identity, target)
+    if path is None:
+        return []
+    try:
+        value = option_value(path)
+    except UsageError:
+        return []
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={value}", "-o", f"ControlPersist={seconds}"]
+
+
+def master_sockets(home: str, cluster: str | None = None) -> list[str]:
+    """The sockets of this home's shared connections (of ``cluster`` only, when given)."""
+    prefix = _cluster_prefix(home, cluster)
+    found = []
+    for directory in control_directories(home):
+        if not _private(directory, create=False):
+            continue
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        wanted = _HOME_HASH + _CLUSTER_HASH + _NODE_HASH
+        found += [os.path.join(directory, name) for name in sorted(names)
+                  if name.startswith(prefix) and len(name) == wanted]
+    return found
+
+
+def close_masters(home: str, cluster: str | None = None) -> list[str]:
+    """End the shared connections of ``cluster`` (every cluster of this home: None) and
+    remove their sockets, for a teardown: ``ssh -O exit`` asks each master to close its
+    connection (and whatever session still rides it); returns the sockets handled."""
+    import subprocess
+
+    closed = []
+    for path in master_sockets(home, cluster):
+        try:
+            subprocess.run(
+                ["ssh", "-F", "none", "-o", f"ControlPath={option_value(path)}", "-O", "exit", "gpuflow-master"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False,
+            )
+        except (OSError, subprocess.SubprocessError, UsageError):
+            pass  # no ssh, or a master that does not answer: removing its socket is all that is left
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        closed.append(path)
+    return closed

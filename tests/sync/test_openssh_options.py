@@ -63,6 +63,11 @@ def test_sync_and_gpuflow_ssh_use_the_same_options_for_a_cluster(cluster):
     argv = list(invocation.argv)
     separator = argv.index("--")
     ssh_settings = _resolved([*argv[:separator], argv[separator + 1]])
+    # `gpuflow ssh` alone shares its connection across commands (tests/transport/test_openssh_sharing.py).
+    sharing = ("controlmaster", "controlpath", "controlpersist")
+    assert ssh_settings["controlmaster"] == ["auto"] and sync_settings.get("controlmaster") != ["auto"]
+    for key in sharing:
+        ssh_settings.pop(key, None), sync_settings.pop(key, None)
 
     assert sync_settings == ssh_settings
     assert sync_settings["connecttimeout"] == ["15"]

@@ -1,0 +1,260 @@
+"""`gpuflow ssh` shares one authenticated OpenSSH connection per node across commands
+(ControlMaster=auto + ControlPersist): a second command makes no new login, the fast path
+and the full command ride the same master, a node of another identity never reuses it,
+teardown leaves no master, and a dead master or a stale socket costs only a new login.
+
+Logins are counted in a loopback sshd's log (``Accepted`` lines, LogLevel INFO), as
+bench/roundtrip_bench.py counts them; every gpuflow command runs as a fresh process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gpuflow import clusters, nodes
+from gpuflow.config import gpuflow_home
+from gpuflow.records import Node, SSHTarget
+from gpuflow.ssh_fast import fast_argv
+from gpuflow.state import StateStore
+from gpuflow.transport import hostkeys, openssh
+from tests.infra.cloud import cloud, provisioners  # noqa: F401 - fixtures
+from tests.sshd import SshServer
+from tests.test_nodes import make_cluster
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.ssh
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sharing-sshd")
+    (directory / "remote-home").mkdir()
+    started = SshServer(directory / "sshd", extra_config=(f"SetEnv HOME={directory / 'remote-home'}",),
+                        log_level="INFO").start()
+    yield started
+    started.stop()
+
+
+def _logins(server: SshServer) -> int:
+    return server.log.read_text(errors="replace").count("Accepted ")
+
+
+def _gpuflow(*argv: str, **environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpuflow", *argv], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPOSITORY), **environment})
+
+
+def _pin(cluster, server) -> None:
+    hostkeys.pin_host_keys(nodes.known_hosts_path(cluster.name), "127.0.0.1", server.port,
+                           [hostkeys.parse_public_key(server.host_public_key)])
+
+
+@pytest.fixture
+def cluster(server, gpuflow_home):
+    made = make_cluster(server, "mx")
+    _pin(made, server)
+    return made
+
+
+def _master_pids(socket_path: str) -> list[int]:
+    """Live processes whose title is that of the master of ``socket_path`` ("ssh: PATH [mux]")."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if title.startswith(b"ssh: ") and socket_path.encode() in title and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _socket(home: Path) -> str:
+    [path] = openssh.master_sockets(str(home))
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    return path
+
+
+def test_a_second_gpuflow_ssh_makes_no_new_login_and_returns_the_commands_output_and_status(server, cluster,
+                                                                                            gpuflow_home):
+    before = _logins(server)
+    first = _gpuflow("ssh", "mx", "--", "sh", "-c", "echo first; exit 3")
+    assert (first.returncode, first.stdout) == (3, "first\n"), first.stderr
+    assert _logins(server) == before + 1
+    path = _socket(gpuflow_home)
+    assert _master_pids(path)  # the master outlives the command
+    assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700
+    second = _gpuflow("ssh", "mx", "--", "sh", "-c", "echo second >&2; echo out; exit 5")
+    assert (second.returncode, second.stdout, second.stderr) == (5, "out\n", "second\n")
+    assert _logins(server) == before + 1  # rode the first command's connection
+    # The full command (here for an option the fast path leaves to it) rides the same master.
+    full = _gpuflow("ssh", "mx", "--trust-on-first-use", "--", "echo", "full")
+    assert (full.returncode, full.stdout) == (0, "full\n"), full.stderr
+    assert _logins(server) == before + 1
+    assert openssh.master_sockets(str(gpuflow_home)) == [path]
+
+
+def test_the_fast_path_and_the_full_command_use_the_same_socket(cluster, gpuflow_home):
+    fast = fast_argv(["ssh", "mx", "--", "true"])
+    full = list(nodes.ssh_invocation(cluster, ["true"]).argv)
+    assert fast == full
+    [control] = [option for option in fast if option.startswith("ControlPath=")]
+    assert {"ControlMaster=auto", f"ControlPersist={openssh.DEFAULT_PERSIST_SECONDS}"} <= set(fast)
+    assert control.startswith(f"ControlPath={gpuflow_home / openssh.CONTROL_DIRECTORY}/")
+
+
+def _control_path(cluster, node: Node, **changes) -> str:
+    target = nodes.ssh_target_for(cluster, node)
+    target = SSHTarget(**{**{field: getattr(target, field) for field in ("host", "port", "user", "key_path",
+                                                                         "known_hosts_path")}, **changes})
+    return openssh.control_path(str(gpuflow_home()), cluster.name, nodes.node_identity(cluster, node), target)
+
+
+def test_any_change_of_the_nodes_identity_gets_another_socket(server, cluster, gpuflow_home):
+    node = cluster.head
+    path = _control_path(cluster, node)
+    assert _control_path(cluster, node) == path
+    others = {
+        _control_path(cluster, Node("i-0ffffffffffffffff", "running", public_ip="127.0.0.1")),  # a new instance
+        _control_path(replace(cluster, created_at="2026-12-01T00:00:00Z"), node),  # a re-created cluster
+        _control_path(replace(cluster, name="other"), node),
+        _control_path(cluster, node, host="127.0.0.2"),  # a recycled address elsewhere
+        _control_path(cluster, node, port=server.port + 1),
+        _control_path(cluster, node, user="someone"),
+        _control_path(cluster, node, key_path="/elsewhere/key"),
+    }
+    known_hosts = nodes.known_hosts_path(cluster.name)
+    known_hosts.write_text(known_hosts.read_text() + "# re-pinned\n")  # any change of the pinned keys
+    others.add(_control_path(cluster, node))
+    assert path not in others and len(others) == 8
+
+
+def test_a_new_instance_id_or_repinned_key_makes_a_new_master(server, cluster, gpuflow_home):
+    before = _logins(server)
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    StateStore(gpuflow_home, "clusters").put("mx", {**cluster.to_dict(), "nodes": [
+        {**cluster.head.to_dict(), "instance_id": "i-0ffffffffffffffff"}]})
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    assert _logins(server) == before + 2  # the other instance did not ride the first one's master
+    _pin(cluster, server)  # pinned again (same key, rewritten file): a different pinned file's content
+    nodes.known_hosts_path("mx").write_text(nodes.known_hosts_path("mx").read_text() + "\n")
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    assert _logins(server) == before + 3
+    assert len(openssh.master_sockets(str(gpuflow_home))) == 3
+    openssh.close_masters(str(gpuflow_home))
+    assert openssh.master_sockets(str(gpuflow_home)) == []
+
+
+def test_persist_zero_shares_nothing(server, cluster, gpuflow_home):
+    before = _logins(server)
+    for _ in range(2):
+        done = _gpuflow("ssh", "mx", "--", "echo", "ok", GPUFLOW_SSH_PERSIST="0")
+        assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+    assert _logins(server) == before + 2
+    assert openssh.master_sockets(str(gpuflow_home)) == []
+
+
+
+def test_persist_zero_builds_no_sharing_options(cluster, monkeypatch):
+    monkeypatch.setenv(openssh.ENV_PERSIST, "0")
+    for argv in (fast_argv(["ssh", "mx", "--", "true"]), list(nodes.ssh_invocation(cluster, ["true"]).argv)):
+        assert argv is not None and not any(option.startswith("Control") for option in argv)
+
+
+def test_a_bad_persist_value_is_one_line_and_nothing_runs(cluster):
+    done = _gpuflow("ssh", "mx", "--", "echo", "ran", GPUFLOW_SSH_PERSIST="soon")
+    assert done.returncode != 0 and "ran" not in done.stdout
+    assert "GPUFLOW_SSH_PERSIST" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_killed_master_or_a_stale_socket_neither_hangs_nor_fails_the_next_command(server, cluster, gpuflow_home):
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    path = _socket(gpuflow_home)
+    [pid] = _master_pids(path)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _master_pids(path), what="the killed master to go")
+    assert os.path.exists(path)  # its socket is left behind, stale
+    before = _logins(server)
+    done = _gpuflow("ssh", "mx", "--", "echo", "again")
+    assert (done.returncode, done.stdout) == (0, "again\n"), done.stderr
+    assert _logins(server) == before + 1 and _master_pids(path)  # a new master on the same socket
+    # A master whose connection the server dropped (a node gone) ends; the next command connects anew.
+    server.drop_sessions()
+    wait_for(lambda: not _master_pids(path), what="the master of a dropped connection to end")
+    done = _gpuflow("ssh", "mx", "--", "echo", "after-drop")
+    assert (done.returncode, done.stdout) == (0, "after-drop\n"), done.stderr
+    # Not a socket at all where the socket should be: OpenSSH replaces it.
+    openssh.close_masters(str(gpuflow_home))
+    Path(path).write_text("not a socket")
+    done = _gpuflow("ssh", "mx", "--", "echo", "over-a-file")
+    assert (done.returncode, done.stdout) == (0, "over-a-file\n"), done.stderr
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def test_a_socket_directory_that_is_not_private_turns_sharing_off(cluster, gpuflow_home):
+    directory = gpuflow_home / openssh.CONTROL_DIRECTORY
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    argv = fast_argv(["ssh", "mx", "--", "true"])
+    assert argv is not None and not any(option.startswith("Control") for option in argv)
+    directory.chmod(0o700)
+    assert any(option.startswith("ControlPath=") for option in fast_argv(["ssh", "mx", "--", "true"]))
+
+
+@pytest.fixture
+def short_tmpdir(monkeypatch):
+    """A short $TMPDIR of this test's own (a socket's path must stay short)."""
+    directory = tempfile.mkdtemp(prefix="gf-", dir="/tmp")
+    monkeypatch.setenv("TMPDIR", directory)
+    yield Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_home_too_deep_for_a_socket_uses_a_private_directory_under_tmp(cluster, short_tmpdir):
+    deep = Path(str(gpuflow_home()) + "/" + "d" * 60)
+    target = nodes.ssh_target_for(cluster, cluster.head)
+    placed = openssh.control_path(str(deep), "mx", ("", "i-1"), target)
+    assert placed is not None and placed.startswith(str(short_tmpdir / f"gpuflow-cm-{os.getuid()}") + "/")
+    assert len(placed) <= 86 and stat.S_IMODE(os.stat(Path(placed).parent).st_mode) == 0o700
+    Path(placed).parent.chmod(0o777)  # someone made it reachable: no sharing rather than a socket there
+    assert openssh.control_path(str(deep), "mx", ("", "i-1"), target) is None
+
+
+def test_down_closes_the_clusters_masters_and_removes_their_sockets(server, cloud, provisioners, gpuflow_home):
+    # A cluster of this gpuflow in the (moto) cloud whose record points at the loopback sshd.
+    [instance] = cloud.run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "mx"},
+            {"Key": "gpuflow:owner-id", "Value": clusters.owner_id()}]}],
+    )["Instances"]
+    made = make_cluster(server, "mx")
+    made = replace(made, nodes=(replace(made.head, instance_id=instance["InstanceId"]),))
+    StateStore(gpuflow_home, "clusters").put("mx", made.to_dict())
+    _pin(made, server)
+    other = make_cluster(server, "keep")
+    _pin(other, server)
+    for name in ("mx", "keep"):
+        done = _gpuflow("ssh", name, "--", "true")
+        assert done.returncode == 0, done.stderr
+    [mine] = openssh.master_sockets(str(gpuflow_home), "mx")
+    [kept] = openssh.master_sockets(str(gpuflow_home), "keep")
+    assert _master_pids(mine) and _master_pids(kept)
+    assert clusters.down("mx", provisioner_factory=provisioners).terminated == (instance["InstanceId"],)
+    assert not os.path.exists(mine)
+    wait_for(lambda: not _master_pids(mine), what="the master to exit")
+    assert _master_pids(kept) and os.path.exists(kept)  # another cluster's connection is not touched
