@@ -10,6 +10,7 @@ from gpuflow.cli._app import app
 from gpuflow.config import find_project_root
 from gpuflow.cli._grammar import SshCommand
 from gpuflow.errors import ClusterNotFound, UsageError
+from gpuflow.transport.openssh import open_shared
 
 
 @app.command("ssh", cls=SshCommand)
@@ -51,6 +52,9 @@ def ssh(
     sys.stderr.flush()
     if invocation.cwd:
         os.chdir(invocation.cwd)
+    failed = open_shared(invocation.argv)  # the shared connection, when it is not open yet
+    if failed is not None:
+        raise typer.Exit(failed)  # ssh said why on stderr, as when it is exec'd
     try:
         os.execvp(invocation.argv[0], list(invocation.argv))
     except OSError as exc:  # ssh (or bash) is not installed

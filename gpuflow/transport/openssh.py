@@ -273,9 +273,59 @@ def close_masters(home: str, cluster: str | None = None) -> list[str]:
             )
         except (OSError, subprocess.SubprocessError, UsageError):
             pass  # no ssh, or a master that does not answer: removing its socket is all that is left
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for leftover in (path, path + ".lock"):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
         closed.append(path)
     return closed
+
+
+def open_shared(argv: Sequence[str]) -> int | None:
+    """Call before exec'ing ``argv`` (a :func:`login_argv` with :func:`sharing_options`): when no
+    shared connection to the node is open yet, open it first (``ssh -N -f`` with the very same
+    options), holding a lock beside its socket, so that commands started together make one
+    connection and ride it (with ``ControlMaster=auto`` alone each would race to be the master,
+    and the losers would print OpenSSH's "ControlSocket ... already exists" on their stderr).
+
+    None: exec ``argv`` now (it rides the connection; without sharing, or when this could not be
+    arranged, it connects on its own as before).  A number: the connection failed, ssh has said
+    why on stderr, and the command would only fail the same way again: exit with it."""
+    path = _shared_path(argv)
+    if path is None or os.path.exists(path):
+        return None
+    import fcntl
+    import subprocess
+
+    cut = list(argv).index("--")
+    master = [("ControlMaster=yes" if word == "ControlMaster=auto" else word) for word in argv[:cut] if word != "-t"]
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held at most for one connection attempt (ConnectTimeout)
+        if os.path.exists(path):
+            return None  # another command opened it meanwhile
+        # ssh's own message (an unreachable host, a changed host key) reaches the user's stderr.
+        done = subprocess.run([*master, "-N", "-f", "--", argv[cut + 1]], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, check=False)
+    except OSError:
+        return None  # no ssh: exec says so
+    finally:
+        os.close(lock)
+    return None if done.returncode == 0 else done.returncode
+
+
+def _shared_path(argv: Sequence[str]) -> str | None:
+    """The socket named by ``argv``'s ControlPath (as :func:`sharing_options` wrote it), when it
+    asks for a shared connection and has a destination after ``--``; else None."""
+    if "ControlMaster=auto" not in argv or "--" not in argv or list(argv).index("--") + 1 >= len(argv):
+        return None
+    value = next((word[len("ControlPath="):] for word in argv if word.startswith("ControlPath=")), None)
+    if not value:
+        return None
+    if value.startswith('"') and value.endswith('"'):
+        value = value[1:-1]
+    return value.replace("%%", "%")

@@ -67,20 +67,20 @@ def cluster(server, gpuflow_home):
     return made
 
 
-def _master_pids(socket_path: str) -> list[int]:
-    """Live processes whose title is that of the master of ``socket_path`` ("ssh: PATH [mux]")."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if title.startswith(b"ssh: ") and socket_path.encode() in title and state != "Z":
-            found.append(int(entry))
-    return found
+def _master_pid(socket_path: str) -> int | None:
+    """The pid of the master listening on ``socket_path`` (``ssh -O check``), None when none answers."""
+    done = subprocess.run(["ssh", "-F", "none", "-o", f"ControlPath={socket_path}", "-O", "check", "x"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or "pid=" not in done.stderr:
+        return None
+    return int(done.stderr.split("pid=", 1)[1].split(")", 1)[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _socket(home: Path) -> str:
@@ -96,7 +96,7 @@ def test_a_second_gpuflow_ssh_makes_no_new_login_and_returns_the_commands_output
     assert (first.returncode, first.stdout) == (3, "first\n"), first.stderr
     assert _logins(server) == before + 1
     path = _socket(gpuflow_home)
-    assert _master_pids(path)  # the master outlives the command
+    assert _master_pid(path)  # the master outlives the command
     assert stat.S_IMODE(os.stat(Path(path).parent).st_mode) == 0o700
     second = _gpuflow("ssh", "mx", "--", "sh", "-c", "echo second >&2; echo out; exit 5")
     assert (second.returncode, second.stdout, second.stderr) == (5, "out\n", "second\n")
@@ -106,6 +106,28 @@ def test_a_second_gpuflow_ssh_makes_no_new_login_and_returns_the_commands_output
     assert (full.returncode, full.stdout) == (0, "full\n"), full.stderr
     assert _logins(server) == before + 1
     assert openssh.master_sockets(str(gpuflow_home)) == [path]
+
+
+def test_commands_started_together_make_one_connection_and_print_nothing_of_it(server, cluster, gpuflow_home):
+    before = _logins(server)
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    started = [subprocess.Popen([sys.executable, "-m", "gpuflow", "ssh", "mx", *option, "--", "echo", str(index)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                text=True, env=environment)
+               for index, option in enumerate([[], [], ["--trust-on-first-use"]])]
+    results = [(process.wait(timeout=120), process.stdout.read(), process.stderr.read()) for process in started]
+    assert results == [(0, f"{index}\n", "") for index in range(3)]  # no "ControlSocket ... already exists"
+    assert _logins(server) == before + 1
+
+
+def test_a_first_connection_that_fails_says_why_once(server, cluster, gpuflow_home):
+    StateStore(gpuflow_home, "clusters").put("mx", {**cluster.to_dict(), "ssh_port": 1})
+    hostkeys.pin_host_keys(nodes.known_hosts_path("mx"), "127.0.0.1", 1,
+                           [hostkeys.parse_public_key(server.host_public_key)])
+    done = _gpuflow("ssh", "mx", "--", "echo", "ran")
+    assert done.returncode == 255 and done.stdout == ""
+    assert done.stderr.count("Connection refused") == 1, done.stderr
+    assert openssh.master_sockets(str(gpuflow_home)) == []
 
 
 def test_the_fast_path_and_the_full_command_use_the_same_socket(cluster, gpuflow_home):
@@ -184,17 +206,18 @@ def test_a_bad_persist_value_is_one_line_and_nothing_runs(cluster):
 def test_a_killed_master_or_a_stale_socket_neither_hangs_nor_fails_the_next_command(server, cluster, gpuflow_home):
     assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
     path = _socket(gpuflow_home)
-    [pid] = _master_pids(path)
+    pid = _master_pid(path)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _master_pids(path), what="the killed master to go")
+    wait_for(lambda: not _alive(pid), what="the killed master to go")
     assert os.path.exists(path)  # its socket is left behind, stale
     before = _logins(server)
     done = _gpuflow("ssh", "mx", "--", "echo", "again")
     assert (done.returncode, done.stdout) == (0, "again\n"), done.stderr
-    assert _logins(server) == before + 1 and _master_pids(path)  # a new master on the same socket
+    pid = _master_pid(path)
+    assert _logins(server) == before + 1 and pid and _alive(pid)  # a new master on the same socket
     # A master whose connection the server dropped (a node gone) ends; the next command connects anew.
     server.drop_sessions()
-    wait_for(lambda: not _master_pids(path), what="the master of a dropped connection to end")
+    wait_for(lambda: not _alive(pid), what="the master of a dropped connection to end")
     done = _gpuflow("ssh", "mx", "--", "echo", "after-drop")
     assert (done.returncode, done.stdout) == (0, "after-drop\n"), done.stderr
     # Not a socket at all where the socket should be: OpenSSH replaces it.
@@ -253,8 +276,9 @@ def test_down_closes_the_clusters_masters_and_removes_their_sockets(server, clou
         assert done.returncode == 0, done.stderr
     [mine] = openssh.master_sockets(str(gpuflow_home), "mx")
     [kept] = openssh.master_sockets(str(gpuflow_home), "keep")
-    assert _master_pids(mine) and _master_pids(kept)
+    mine_pid, kept_pid = _master_pid(mine), _master_pid(kept)
+    assert mine_pid and kept_pid
     assert clusters.down("mx", provisioner_factory=provisioners).terminated == (instance["InstanceId"],)
     assert not os.path.exists(mine)
-    wait_for(lambda: not _master_pids(mine), what="the master to exit")
-    assert _master_pids(kept) and os.path.exists(kept)  # another cluster's connection is not touched
+    wait_for(lambda: not _alive(mine_pid), what="the master to exit")
+    assert _master_pid(kept) == kept_pid  # another cluster's connection is not touched
