@@ -282,3 +282,24 @@ def test_down_closes_the_clusters_masters_and_removes_their_sockets(server, clou
     assert not os.path.exists(mine)
     wait_for(lambda: not _alive(mine_pid), what="the master to exit")
     assert _master_pid(kept) == kept_pid  # another cluster's connection is not touched
+
+
+def test_reap_closes_the_masters_of_the_clusters_it_reaps(server, cloud, provisioners, gpuflow_home):
+    # The record's own `up` is gone; an instance of another launch carries its name: an orphan of this gpuflow.
+    cloud.run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "gpuflow:managed", "Value": "true"}, {"Key": "gpuflow:cluster", "Value": "mx"},
+            {"Key": "gpuflow:launch-id", "Value": "another-launch"},
+            {"Key": "gpuflow:owner-id", "Value": clusters.owner_id()}]}],
+    )
+    made = make_cluster(server, "mx")
+    _pin(made, server)
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    [path] = openssh.master_sockets(str(gpuflow_home), "mx")
+    pid = _master_pid(path)
+    assert pid
+    report = clusters.reap(yes=True, provisioner_factory=provisioners)
+    assert [item.cluster for item in report.items] == ["mx"]
+    assert not os.path.exists(path)
+    wait_for(lambda: not _alive(pid), what="the master to exit")
