@@ -56,11 +56,11 @@ def exec_if_simple(argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        failed = openssh.open_shared(login)
+        login = openssh.open_shared(login)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    if failed is not None:
-        raise SystemExit(failed)  # ssh said why; the full command would only try the same again
+    if isinstance(login, int):
+        raise SystemExit(login)  # ssh said why; the full command would only try the same again
     try:
         os.execvp(login[0], login)
     except OSError:

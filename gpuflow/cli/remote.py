@@ -52,11 +52,11 @@ def ssh(
     sys.stderr.flush()
     if invocation.cwd:
         os.chdir(invocation.cwd)
-    failed = open_shared(invocation.argv)  # the shared connection, when it is not open yet
-    if failed is not None:
-        raise typer.Exit(failed)  # ssh said why on stderr, as when it is exec'd
+    argv = open_shared(invocation.argv)  # the shared connection, when it is not open yet
+    if isinstance(argv, int):
+        raise typer.Exit(argv)  # ssh said why on stderr, as when it is exec'd
     try:
-        os.execvp(invocation.argv[0], list(invocation.argv))
+        os.execvp(argv[0], argv)
     except OSError as exc:  # ssh (or bash) is not installed
         raise UsageError(f"cannot run {invocation.argv[0]}: {exc.strerror}", hint="install the OpenSSH client") from exc
 

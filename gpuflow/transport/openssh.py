@@ -282,40 +282,69 @@ def close_masters(home: str, cluster: str | None = None) -> list[str]:
     return closed
 
 
-def open_shared(argv: Sequence[str]) -> int | None:
+def open_shared(argv: Sequence[str]) -> list[str] | int:
     """Call before exec'ing ``argv`` (a :func:`login_argv` with :func:`sharing_options`): when no
     shared connection to the node is open yet, open it first (``ssh -N -f`` with the very same
     options), holding a lock beside its socket, so that commands started together make one
     connection and ride it (with ``ControlMaster=auto`` alone each would race to be the master,
     and the losers would print OpenSSH's "ControlSocket ... already exists" on their stderr).
 
-    None: exec ``argv`` now (it rides the connection; without sharing, or when this could not be
-    arranged, it connects on its own as before).  A number: the connection failed, ssh has said
-    why on stderr, and the command would only fail the same way again: exit with it."""
+    Returns the argv to exec: ``argv`` (riding the connection; or, when this could not be
+    arranged, connecting on its own as ``ControlMaster=auto`` does), or ``argv`` without its
+    sharing options when the socket cannot be made (a file system without unix sockets):
+    sharing never fails a command.  A number instead: the connection itself failed, ssh's
+    message is on stderr, and the command would only fail the same way again: exit with it."""
+    argv = list(argv)
     path = _shared_path(argv)
     if path is None or os.path.exists(path):
-        return None
+        return argv
     import fcntl
     import subprocess
 
-    cut = list(argv).index("--")
+    cut = argv.index("--")
     master = [("ControlMaster=yes" if word == "ControlMaster=auto" else word) for word in argv[:cut] if word != "-t"]
     try:
         lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
-        return None
+        return argv
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held at most for one connection attempt (ConnectTimeout)
         if os.path.exists(path):
-            return None  # another command opened it meanwhile
-        # ssh's own message (an unreachable host, a changed host key) reaches the user's stderr.
-        done = subprocess.run([*master, "-N", "-f", "--", argv[cut + 1]], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, check=False)
+            return argv  # another command opened it meanwhile
+        # A file, not a pipe, for ssh's messages: a backgrounded master can never hold us up.
+        errors = os.open(path + ".err", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.unlink(path + ".err")
+            done = subprocess.run([*master, "-N", "-f", "--", argv[cut + 1]], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=errors, check=False)
+            os.lseek(errors, 0, os.SEEK_SET)
+            said = os.read(errors, 1 << 16)
+        finally:
+            os.close(errors)
     except OSError:
-        return None  # no ssh: exec says so
+        return argv  # no ssh: exec says so
     finally:
         os.close(lock)
-    return None if done.returncode == 0 else done.returncode
+    if done.returncode != 0 and (b"ControlSocket" in said or b"unix_listener" in said or b"ControlPath" in said):
+        return unshared(argv)  # the socket could not be made here: connect on its own, say nothing
+    if said:
+        os.write(2, said)  # an unreachable host, a changed host key, a warning: as ssh printed it
+    return argv if done.returncode == 0 else done.returncode
+
+
+def unshared(argv: Sequence[str]) -> list[str]:
+    """``argv`` without :func:`sharing_options`' options."""
+    kept: list[str] = []
+    words = list(argv)
+    index = 0
+    while index < len(words):
+        if (words[index] == "-o" and index + 1 < len(words)
+                and words[index + 1].startswith(("ControlMaster=", "ControlPath=", "ControlPersist="))):
+            index += 2
+            continue
+        kept.append(words[index])
+        index += 1
+    return kept
 
 
 def _shared_path(argv: Sequence[str]) -> str | None:

@@ -303,3 +303,14 @@ def test_reap_closes_the_masters_of_the_clusters_it_reaps(server, cloud, provisi
     assert [item.cluster for item in report.items] == ["mx"]
     assert not os.path.exists(path)
     wait_for(lambda: not _alive(pid), what="the master to exit")
+
+
+def test_a_socket_ssh_cannot_make_leaves_the_command_to_connect_on_its_own(server, cluster, tmp_path, capfd):
+    argv = list(nodes.ssh_invocation(cluster, ["echo", "alone"]).argv)
+    too_long = tmp_path / ("s" * 120)  # more than a unix socket's path can hold: OpenSSH cannot listen there
+    argv = [f"ControlPath={too_long}" if word.startswith("ControlPath=") else word for word in argv]
+    login = openssh.open_shared(argv)
+    assert login == openssh.unshared(argv) and not any(word.startswith("Control") for word in login)
+    assert capfd.readouterr().err == ""  # nothing said about the socket
+    done = subprocess.run(login, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "alone\n", "")
