@@ -314,3 +314,17 @@ def test_a_socket_ssh_cannot_make_leaves_the_command_to_connect_on_its_own(serve
     assert capfd.readouterr().err == ""  # nothing said about the socket
     done = subprocess.run(login, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "alone\n", "")
+
+
+def test_the_plugins_leak_check_reports_and_closes_an_open_shared_connection(server, cluster, gpuflow_home):
+    from gpuflow.testing.leaks import LeakKind, local_leftovers, remove_local_leftovers
+
+    assert local_leftovers(gpuflow_home, server_alive=lambda home: None) == []
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 0
+    path = _socket(gpuflow_home)
+    pid = _master_pid(path)
+    [leftover] = local_leftovers(gpuflow_home, server_alive=lambda home: None)
+    assert (leftover.kind, leftover.identifier) == (LeakKind.SSH_MASTER, path)
+    assert remove_local_leftovers(gpuflow_home, stop_server=lambda home: None) == []
+    wait_for(lambda: not _alive(pid), what="the master to exit")
+    assert local_leftovers(gpuflow_home, server_alive=lambda home: None) == []
