@@ -32,6 +32,10 @@ TRAINING_PACKAGE = "training"
 # A job that saved a checkpoint and stopped when asked (SIGTERM, SIGUSR1: a spot notice,
 # `gpuflow stop`) exits with this code: "interrupted, resumable" (EX_TEMPFAIL), not a failure.
 INTERRUPTED_EXIT_CODE = 75
+# A worker of a multi-node run whose collective broke because a peer died or hung exits with this
+# code (EX_SOFTWARE; training.distributed's WorkerLost): a consequence of another node's failure,
+# which is the one a run's status names (jobs.workers.derive_status).
+PEER_LOST_EXIT_CODE = 70
 # Where a training module keeps its resumable checkpoint's description, under the run's outputs.
 CHECKPOINT_STATE = "outputs/checkpoint/state.json"
 INTERRUPTION_NAME = "interruption.json"  # written by the supervisor's spot-interruption watcher

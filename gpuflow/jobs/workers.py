@@ -35,6 +35,7 @@ from gpuflow.jobs.records import (
     ENVIRONMENT_NAME,
     LOG_NAME,
     MANIFEST_NAME,
+    PEER_LOST_EXIT_CODE,
     READ_CHUNK,
     NodeTarget,
     RunRecord,
@@ -299,9 +300,13 @@ def derive_status(reports: Sequence[Mapping[str, Any]]) -> RunStatus:
     """One status for a multi-node run: succeeded when every node's job exited 0; failed
     as soon as one failed — naming the node whose failure came first (not one a peer
     ended because of it) and why; lost when a node's job vanished without an exit code;
-    else running."""
+    else running.  Causes rank before consequences, whichever node's report comes
+    first: a node's own failure; then a failure a peer watch passed on; then a job that
+    exited :data:`PEER_LOST_EXIT_CODE` on its own (its collective broke when a peer died,
+    sometimes before its peer watch heard of the death)."""
     first_failure: tuple[int, int, str] | None = None
     passed_on: tuple[int, int, str] | None = None
+    lost_a_peer: tuple[int, int, str] | None = None
     lost: str | None = None
     running = False
     for index, report in enumerate(reports):
@@ -322,8 +327,12 @@ def derive_status(reports: Sequence[Mapping[str, Any]]) -> RunStatus:
         if isinstance(peer, dict) and "node" in peer:
             passed_on = passed_on or (int(code), int(peer["node"]), f"node {peer['node']} {peer.get('reason', 'failed')}")
         else:
-            first_failure = first_failure or (int(code), index, f"node {index} failed: its job exited with code {code}")
-    failure = first_failure or passed_on
+            own = (int(code), index, f"node {index} failed: its job exited with code {code}")
+            if int(code) == PEER_LOST_EXIT_CODE:
+                lost_a_peer = lost_a_peer or own
+            else:
+                first_failure = first_failure or own
+    failure = first_failure or passed_on or lost_a_peer
     if failure is not None:
         code, _node, why = failure
         return RunStatus(RunState.FAILED, code, note=why)

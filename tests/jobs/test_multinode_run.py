@@ -182,6 +182,14 @@ def test_the_status_of_many_nodes_names_the_first_failure():
     died = {"exit_code": 137, "alive": False, "peer_failure": None}
     assert derive_status([ended_by_peer, died]).note == "node 1 failed: its job exited with code 137"
     assert derive_status([ended_by_peer, {"exit_code": None, "alive": True}]).note == "node 1 failed: boom"
+    # A worker whose collective broke when its peer died exits 70 (training.distributed's WorkerLost),
+    # sometimes before its peer watch has heard of the death: the death is the cause, whatever the order.
+    lost_its_peer = {"exit_code": 70, "alive": False, "peer_failure": None}
+    assert derive_status([lost_its_peer, died]).note == "node 1 failed: its job exited with code 137"
+    assert derive_status([lost_its_peer, died]).exit_code == 137
+    assert derive_status([died, lost_its_peer]).note == "node 0 failed: its job exited with code 137"
+    assert derive_status([lost_its_peer, ended_by_peer]).note == "node 1 failed: boom"
+    assert derive_status([{"exit_code": 0}, lost_its_peer]).note == "node 1 failed: its job exited with code 70"
     assert derive_status([{"exit_code": 0}, {"exit_code": 0}]).state is RunState.SUCCEEDED
     assert derive_status([{"exit_code": 0}, {"exit_code": None, "alive": True}]).state is RunState.RUNNING
 
