@@ -130,14 +130,15 @@ def test_killing_tensorflow_worker_1_fails_the_run_naming_node_1_within_60_s(tmp
         said = captured.err[-3000:]
         assert codes == [137], said
         assert "node 1 failed: its job exited with code 137" in captured.err, said
-        # the chief was ended by its peer watch (not by gpuflow's settle); its log says why (read
-        # back with `logs`: the streamed copy may miss a node's last lines)
+        # the chief was ended on its node (not by gpuflow's settle): by its peer watch, or — under
+        # load, before the watch heard — by its own broken collective (exit 70, the run still names
+        # node 1); its log says which (read back with `logs`: the streamed copy may miss a node's last lines)
         assert "stopping the job still running" not in captured.err, said
         [final] = jobs.all_records()
         assert final.status is jobs.RunState.FAILED and final.failure == "node 1 failed: its job exited with code 137"
         assert _nothing_left(gpuflow_home) == []
         assert cli(["logs", final.run_id, "--all"]) == 0
         logs = capfd.readouterr().out
-        assert "[node 0] gpuflow: node 1 failed: its job exited with code 137: ending this worker (node 0)" in logs, (
-            logs[-3000:])
+        assert ("[node 0] gpuflow: node 1 failed: its job exited with code 137: ending this worker (node 0)" in logs
+                or "[node 0] training: error: worker 0 of 2" in logs and "the run cannot continue" in logs), logs[-3000:]
         assert "[node 1] " in logs and "worker 1 of 2" in logs
