@@ -24,8 +24,9 @@ user typed is ever parsed by the remote shell.
   survives to record the exit code.  It also writes ``environment.json`` (the
   probe below, run with the job's interpreter, started beside the job; ``exit_code``
   does not wait for it, ``environment.pending`` marks it running) for the run manifest.
-* :func:`start_script` — one command: write the run's files (on stdin), start the
-  supervisor detached (:func:`launch_command`), and wait on the target until the job has
+* :func:`start_script` — one command: write the run's files (on stdin) and start the
+  supervisor detached, recorded by identity, in one Python process (:func:`launcher_script`,
+  :mod:`gpuflow.jobs.launcher`), and wait on the target until the job has
   started (:func:`wait_for_start_command`), woken by the write of ``job.pid``.
 * :func:`prepare_environment_script` — create (once per requirements hash,
   under a lock) or reuse the job's virtualenv.
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from gpuflow import procs
 from gpuflow.durable import uploader
-from gpuflow.jobs import imds_watch, peer_watch
+from gpuflow.jobs import imds_watch, launcher, peer_watch
 from gpuflow.transport import filestream
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
@@ -114,13 +115,17 @@ if [ -z "${GPUFLOW_IMDS_ENDPOINT:-}" ] && [ -r "$base_dir/imds-endpoint" ]; then
 fi
 
 cd "$run_dir" || exit 1
-# Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
-mkdir .supervisor 2>/dev/null || exit 0
+# A pid alone is never proof: this process's identity is recorded with it (gpuflow/procs.py),
+# before the pid, so that whoever sees the pid file finds the identity too.  Launching is
+# idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.  Started
+# by the start's launcher (gpuflow/jobs/launcher.py) with "claimed", the claim and the identity
+# record are made already, by the process that became this one (same pid, same start time).
+if [ "${1:-}" != {{claimed}} ]; then
+  mkdir .supervisor 2>/dev/null || exit 0
+  "$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
+fi
 mkdir -p outputs "$work_dir"
 probe_pid=""
-# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
-# before the pid, so that whoever sees the pid file finds the identity too.
-"$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
 write_atomically "$run_dir/supervisor.pid" "$$"
 touch "$base_dir/heartbeat"
 # Heartbeat: feeds the instance's dead-man's switch while the job runs, and
@@ -303,6 +308,7 @@ def render_supervisor(
         peers_source=peer_watch_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
         wake_name=ShellCode(WAKE_NAME),
+        claimed=launcher.CLAIMED,
     )
 
 
@@ -350,36 +356,15 @@ def _await_start(timeout_seconds: float) -> ShellCode:
     return ShellCode(render_script(_AWAIT_START, ticks=max(1, int(timeout_seconds / 0.05)), wake=WAKE_NAME))
 
 
-# argv: RUN_DIR — writes the files stdin carries into RUN_DIR (created), each atomically
-# (temporary name, mode, rename): per file a header line "NAME MODE SIZE" (mode in octal),
-# then SIZE bytes; an empty line ends.  A name is one path component.
-UNPACK_FILES_PY = r"""
-import os, sys
-run_dir = sys.argv[1]
-stream = sys.stdin.buffer
-os.makedirs(run_dir, exist_ok=True)
-while True:
-    header = stream.readline()
-    if not header.strip():
-        break
-    name, mode, size = header.decode("utf-8").split(" ")
-    size = int(size)
-    if not name or "/" in name or name in (".", ".."):
-        sys.exit("gpuflow-start: bad file name %r" % name)
-    body = stream.read(size)
-    if len(body) != size:
-        sys.exit("gpuflow-start: %s arrived truncated" % name)
-    temporary = os.path.join(run_dir, ".%s.%d.tmp" % (name, os.getpid()))
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(handle, "wb") as out:
-        out.write(body)
-    os.chmod(temporary, int(mode, 8))
-    os.replace(temporary, os.path.join(run_dir, name))
-"""
+def launcher_script() -> str:
+    """The start's one Python process on the node as a ``python -c`` script (``python -c SCRIPT
+    [--unpack] RUN_DIR SUPERVISOR``): :mod:`gpuflow.procs`' source (the supervisor's identity
+    record), then :mod:`gpuflow.jobs.launcher`'s (the files on stdin, the detached launch)."""
+    return _modules_script((procs, launcher), "launch_main(sys.argv[1:], lambda pid: record(SUPERVISOR_RECORD, pid))")
 
 
 def start_files_payload(files: Sequence[tuple[str, bytes, int]]) -> bytes:
-    """``files`` (name, bytes, mode) as :data:`UNPACK_FILES_PY` reads them on stdin."""
+    """``files`` (name, bytes, mode) as :func:`gpuflow.jobs.launcher.unpack_files` reads them on stdin."""
     parts = []
     for name, data, mode in files:
         if not name or "/" in name or " " in name or "\n" in name or name in (".", ".."):
@@ -391,11 +376,15 @@ def start_files_payload(files: Sequence[tuple[str, bytes, int]]) -> bytes:
 _START = r"""set -u
 run_dir={{run_dir}}
 python={{python}}
-unpack_py={{unpack_source}}
-if [ -n "$unpack_py" ]; then "$python" -I -S -c "$unpack_py" "$run_dir" || exit 1; fi
-cd "$run_dir" || exit 1
+launch_py={{launch_source}}
+mkdir -p "$run_dir" && cd "$run_dir" || exit 1
 {{open_wake}}
-setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 3>&-
+# One Python process writes the files on stdin (with --unpack) and starts the supervisor detached,
+# recording its identity (gpuflow/jobs/launcher.py); a failure leaves no wake-up FIFO behind.
+if ! "$python" -I -S -c "$launch_py" {{unpack}} . {{script}} 3>&-; then
+  if [ -n "$woken" ]; then exec 3<&-; rm -f {{wake}}; fi
+  exit 1
+fi
 {{await_start}}
 echo "gpuflow-start: pid $(cat job.pid 2>/dev/null | tr -d '
 ') exit $(cat exit_code 2>/dev/null | tr -d '
@@ -407,16 +396,19 @@ def start_script(
     *, run_dir: str, python: str, with_files: bool, script_name: str = "supervisor.sh", timeout_seconds: float = 30
 ) -> str:
     """One round trip to start a run on a node: write the files on stdin (``with_files``:
-    :func:`start_files_payload`, unpacked with ``python``) into ``run_dir``, start the supervisor
-    detached, sleep until the job has its pid or an exit code (woken by the event, bounded by
-    ``timeout_seconds``) and print ``gpuflow-start: pid PID exit CODE`` (each empty if not there)."""
+    :func:`start_files_payload`) into ``run_dir`` and start the supervisor detached, both by one
+    ``python`` process (:func:`launcher_script`), sleep until the job has its pid or an exit code
+    (woken by the event, bounded by ``timeout_seconds``) and print ``gpuflow-start: pid PID exit
+    CODE`` (each empty if not there)."""
     return render_script(
         _START,
         run_dir=run_dir,
         python=python,
-        unpack_source=UNPACK_FILES_PY if with_files else "",
+        launch_source=launcher_script(),
+        unpack=ShellCode("--unpack" if with_files else ""),
         open_wake=_OPEN_WAKE,
         script=script_name,
+        wake=ShellCode(WAKE_NAME),
         await_start=_await_start(timeout_seconds),
     )
 
@@ -457,7 +449,8 @@ done
 offset=$(( $(wc -c < job.log 2>/dev/null || echo 0) + 0 ))
 echo "gpuflow-resume: attempt $attempt offset $offset"
 {{open_wake}}
-setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&- 3>&-
+# The supervisor, started detached and recorded by one Python process (gpuflow/jobs/launcher.py).
+"$python" -I -S -c {{launch_source}} . {{script}} 9>&- 3>&-
 {{wait_for_start}}
 """
 
@@ -481,6 +474,7 @@ def resume_script(*, run_dir: str, python: str, script_name: str = "supervisor.s
         python=python,
         procs_source=procs_script(),
         archived=list(ATTEMPT_FILES),
+        launch_source=launcher_script(),
         script=script_name,
         open_wake=_OPEN_WAKE,
         wait_for_start=_await_start(30),
