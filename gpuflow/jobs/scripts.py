@@ -158,9 +158,22 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
     peers_pid=$!
   fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
-  # records its identity (job.proc), then its pid (job.pid), then execs the command.
-  "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
-    </dev/null >>"$run_dir/job.log" 2>&1 &
+  # records its identity (job.proc), then its pid (job.pid), then execs the command.  On Linux
+  # with setsid(1) this subshell does it, with no Python start before the job's own: the identity
+  # gpuflow/procs.py takes (the boot id and field 22 of /proc/PID/stat), and setsid in this very
+  # process (it is no group leader, so setsid(1) does not fork); elsewhere gpuflow.procs does.
+  (
+    read -r stat 2>/dev/null <"/proc/${BASHPID:-0}/stat" || stat=""
+    set -- ${stat##*[)]}
+    if [ "$#" -ge 20 ] && [ "$3" != "$BASHPID" ] && command -v setsid >/dev/null 2>&1; then
+      read -r boot_id 2>/dev/null </proc/sys/kernel/random/boot_id || boot_id=""
+      write_atomically "$run_dir/job.proc" "$BASHPID linux:${boot_id:--}:${20}"
+      write_atomically "$run_dir/job.pid" "$BASHPID"
+      wake
+      exec setsid {{command}}
+    fi
+    exec "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}}
+  ) </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
   # The manifest's environment facts, gathered beside the job (no extra round trip), started once the
   # job is (not to slow its start); exit_code does not wait for them: environment.pending says they
@@ -332,8 +345,9 @@ def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
                          open_wake=_OPEN_WAKE, await_start=_await_start(timeout_seconds))
 
 
-# The start's wake-up (one per run directory, while a start waits): ``gpuflow.procs.exec_job`` writes a
-# line to it once job.pid is written, the supervisor once exit_code is; a waiting start holds it open.
+# The start's wake-up (one per run directory, while a start waits): the job's starter (the supervisor's
+# shell, or ``gpuflow.procs.exec_job``) writes a line to it once job.pid is written, the supervisor once
+# exit_code is; a waiting start holds it open.
 WAKE_NAME = ".start-wake"
 
 # Opens the wake-up FIFO on fd 3 in the run directory (the current one) before the supervisor starts,

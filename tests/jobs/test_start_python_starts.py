@@ -1,10 +1,12 @@
 """A start runs one Python process on the node before the job's own: the launcher writes the
-run's files and starts the supervisor, its identity recorded by that same process (it was an
-unpacker, then the supervisor starting Python again only to record itself)."""
+run's files and starts the supervisor, its identity recorded by that same process, and on Linux
+the job's own identity is recorded by the supervisor's shell (it was an unpacker, the supervisor
+starting Python to record itself, then Python again to record the job)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +37,8 @@ def _python_wrapper(tmp_path: Path) -> tuple[str, Path]:
     return str(wrapper), calls
 
 
-def _start(tmp_path: Path, run_dir: Path, python: str, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+def _start(tmp_path: Path, run_dir: Path, python: str, argv: list[str], path: str | None = None
+           ) -> subprocess.CompletedProcess[bytes]:
     supervisor = scripts.render_supervisor(
         run_id="r1", run_dir=str(run_dir), base_dir=str(tmp_path / "base"), work_dir=str(tmp_path / "base" / "project"),
         argv=argv, env={}, probe_python=python,
@@ -43,7 +46,8 @@ def _start(tmp_path: Path, run_dir: Path, python: str, argv: list[str]) -> subpr
     files = [(SUPERVISOR_NAME, supervisor.encode(), 0o755), ("manifest.json", b"{}", 0o644)]
     script = scripts.start_script(run_dir=str(run_dir), python=python, with_files=True, script_name=SUPERVISOR_NAME)
     return subprocess.run(["bash", "-c", script], input=scripts.start_files_payload(files), capture_output=True,
-                          cwd=tmp_path, timeout=120, env={**os.environ, "GPUFLOW_IMDS_ENDPOINT": "http://127.0.0.1:9"})
+                          cwd=tmp_path, timeout=120, env={**os.environ, "GPUFLOW_IMDS_ENDPOINT": "http://127.0.0.1:9",
+                                                          "PATH": path or os.environ["PATH"]})
 
 
 def _wait_for(path: Path) -> None:
@@ -72,6 +76,13 @@ def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tm
     assert ignored & (1 << (1 - 1))  # SIGHUP ignored (nohup)
     assert not ignored & (1 << (13 - 1))  # SIGPIPE as bash gets it from a shell: the default
 
+    job_pid = int((run_dir / "job.pid").read_text())
+    assert procs.proven(str(run_dir / "job.proc")) == job_pid  # the identity gpuflow.procs takes
+    assert (run_dir / "job.proc").read_text() == f"{job_pid} {procs.identity(job_pid)}\n"
+    assert os.getsid(job_pid) == job_pid and os.getpgid(job_pid) == job_pid  # its own session and group
+    assert Path(f"/proc/{job_pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sh", b"-c"]  # the job itself
+    assert procs.status(str(run_dir))["job"] == "alive"
+
     recorded = (run_dir / "supervisor.proc").read_text()
     again = _start(tmp_path, run_dir, python, job)  # a repeated start (a dropped connection) finds the claim
     assert again.returncode == 0, again.stderr
@@ -80,11 +91,31 @@ def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tm
     release.touch()
     _wait_for(run_dir / "exit_code")
     assert (run_dir / "exit_code").read_text().strip() == "0"
-    # Each start: the launcher (it unpacks, and records the supervisor), then the job's own start.
-    # Was: the unpacker, the supervisor's `record`, then the job's.
+    # Each start: the launcher (it unpacks, and records the supervisor), then the job itself.
+    # Was: the unpacker, the supervisor's `record`, then `exec` recording the job.
     started = [line for line in calls.read_text().splitlines() if line not in ("watcher", "probe")]
-    assert started == ["--unpack", "exec", "--unpack"]
+    assert started == ["--unpack", "--unpack"]
     assert not (run_dir / scripts.WAKE_NAME).exists()
+
+
+def test_without_setsid_the_job_is_recorded_and_started_by_gpuflow_procs(tmp_path):
+    """Where setsid(1) is missing (macOS), gpuflow.procs records and starts the job, as before."""
+    python, calls = _python_wrapper(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sh", "mkdir", "mkfifo", "mv", "rm", "cat", "tr", "touch", "sleep", "env", "true"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    run_dir = tmp_path / "runs" / "r1"
+    release = tmp_path / "release"
+    result = _start(tmp_path, run_dir, python, ["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.02; done"],
+                    path=str(bin_dir))
+    assert result.returncode == 0, result.stderr
+    job_pid = int((run_dir / "job.pid").read_text())
+    assert procs.proven(str(run_dir / "job.proc")) == job_pid and os.getsid(job_pid) == job_pid
+    release.touch()
+    _wait_for(run_dir / "exit_code")
+    assert (run_dir / "exit_code").read_text().strip() == "0"
+    assert [line for line in calls.read_text().splitlines() if line not in ("watcher", "probe")] == ["--unpack", "exec"]
 
 
 def test_a_start_whose_files_are_refused_fails_and_leaves_no_wake_fifo(tmp_path):
