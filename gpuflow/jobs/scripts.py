@@ -431,14 +431,17 @@ _AWAIT_ENVIRONMENT = r"""cd {{run_dir}} 2>/dev/null || exit 0
 waited=0
 while [ -e environment.pending ] && [ ! -e environment.json ] && [ "$waited" -lt {{ticks}} ]; do
   kill -0 "$(cat supervisor.pid 2>/dev/null)" 2>/dev/null || break
-  sleep 0.05; waited=$((waited + 1))
-done"""
+  sleep 0.02; waited=$((waited + 1))
+done
+{{show}}"""
 
 
-def await_environment_script(run_dir: str, timeout_seconds: float = 30) -> str:
+def await_environment_script(run_dir: str, timeout_seconds: float = 30, *, show: bool = False) -> str:
     """Waits (on the target) while the supervisor's environment probe is still running
-    (``environment.pending``, its supervisor alive), at most ``timeout_seconds``."""
-    return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.05)))
+    (``environment.pending``, its supervisor alive), at most ``timeout_seconds``; with ``show``,
+    then prints ``environment.json`` (nothing when there is none)."""
+    return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.02)),
+                         show=ShellCode("cat environment.json 2>/dev/null || true" if show else ""))
 
 
 _RESUME = r"""
