@@ -102,6 +102,15 @@ durable_py={{durable_source}}
 peers_py={{peers_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+# The job's own start, once it leads its session and group (see below): bash -c JOB_START NAME RUN_DIR
+# IDENTITY COMMAND...: its identity record, then its pid (each written atomically), the wake-up of a
+# waiting start, then the command; nothing of it starts when a record cannot be written.
+job_start='printf "%s %s\n" "$$" "$2" >"$1/job.proc.tmp.$$" && mv -f "$1/job.proc.tmp.$$" "$1/job.proc" &&
+printf "%s\n" "$$" >"$1/job.pid.tmp.$$" && mv -f "$1/job.pid.tmp.$$" "$1/job.pid" || exit 1
+if [ -p "$1/{{wake_name}}" ]; then printf "x\n" 1<>"$1/{{wake_name}}"; fi 2>/dev/null
+shift 2
+exec "$@"'
+
 # Wakes a start waiting on the run directory's FIFO (gpuflow/jobs/scripts.py WAKE_NAME), if one is.
 wake() { if [ -p "$run_dir/{{wake_name}}" ]; then printf 'x\n' 1<>"$run_dir/{{wake_name}}"; fi 2>/dev/null; }
 
@@ -159,18 +168,16 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
   fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
   # records its identity (job.proc), then its pid (job.pid), then execs the command.  On Linux
-  # with setsid(1) this subshell does it, with no Python start before the job's own: the identity
-  # gpuflow/procs.py takes (the boot id and field 22 of /proc/PID/stat), and setsid in this very
-  # process (it is no group leader, so setsid(1) does not fork); elsewhere gpuflow.procs does.
+  # with setsid(1) no Python starts before the job's own: this subshell takes its identity as
+  # gpuflow/procs.py does (the boot id and field 22 of /proc/PID/stat, the same across exec), then
+  # setsid(1) makes this very process (no group leader, so setsid does not fork) lead its session
+  # and group and runs $job_start in it; elsewhere gpuflow.procs does all of it.
   (
     read -r stat 2>/dev/null <"/proc/${BASHPID:-0}/stat" || stat=""
     set -- ${stat##*[)]}
     if [ "$#" -ge 20 ] && [ "$3" != "$BASHPID" ] && command -v setsid >/dev/null 2>&1; then
       read -r boot_id 2>/dev/null </proc/sys/kernel/random/boot_id || boot_id=""
-      write_atomically "$run_dir/job.proc" "$BASHPID linux:${boot_id:--}:${20}"
-      write_atomically "$run_dir/job.pid" "$BASHPID"
-      wake
-      exec setsid {{command}}
+      exec setsid bash -c "$job_start" gpuflow-job "$run_dir" "linux:${boot_id:--}:${20}" {{command}}
     fi
     exec "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}}
   ) </dev/null >>"$run_dir/job.log" 2>&1 &

@@ -126,3 +126,25 @@ def test_a_start_whose_files_are_refused_fails_and_leaves_no_wake_fifo(tmp_path)
     assert result.returncode != 0 and b"bad file name" in result.stderr
     assert not (tmp_path / "evil").exists()
     assert not (run_dir / scripts.WAKE_NAME).exists() and not (run_dir / ".supervisor").exists()
+
+
+def test_the_job_leads_its_session_and_group_before_its_pid_is_written(tmp_path):
+    """Whoever finds job.pid (`gpuflow stop`, a sandbox's termination) can signal the job's group:
+    the `mv` that publishes job.pid is run by the job's process once it leads them."""
+    python, _calls = _python_wrapper(tmp_path)
+    bin_dir, seen = tmp_path / "bin", tmp_path / "seen"
+    bin_dir.mkdir()
+    (bin_dir / "mv").write_text(
+        "#!/bin/sh\n"
+        'case "$3" in */job.pid)\n'
+        '  set -- "$@" "$(cut -d" " -f5 /proc/$PPID/stat)" "$(cut -d" " -f6 /proc/$PPID/stat)" "$PPID"\n'
+        f'  echo "${{4}} ${{5}} ${{6}}" >> {seen}; set -- "$1" "$2" "$3" ;;\nesac\n'
+        f'exec {shutil.which("mv")} "$@"\n'
+    )
+    (bin_dir / "mv").chmod(0o755)
+    run_dir = tmp_path / "runs" / "r1"
+    result = _start(tmp_path, run_dir, python, ["true"], path=f"{bin_dir}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    group, session, mover_parent = seen.read_text().split()
+    assert mover_parent == group == session == (run_dir / "job.pid").read_text().strip()
+    _wait_for(run_dir / "exit_code")
