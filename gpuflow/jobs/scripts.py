@@ -9,10 +9,11 @@ per element, and only a :class:`ShellCode` constant of gpuflow's own goes in
 as is.  The Python probes get their values as ``argv`` elements.  Nothing a
 user typed is ever parsed by the remote shell.
 
-* :func:`render_supervisor` — a bash script started detached (``setsid -f
-  nohup``) in the run directory.  It drops every ``AWS_*`` variable but the
-  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, records its own
-  identity in ``supervisor.proc``, puts the job in its own session and process
+* :func:`render_supervisor` — a bash script started detached (by the start's
+  launcher, :mod:`gpuflow.jobs.launcher`, which records its identity in
+  ``supervisor.proc``; or ``setsid -f nohup``, then it records itself) in the run
+  directory.  It drops every ``AWS_*`` variable but the
+  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, puts the job in its own session and process
   group, which records its identity in ``job.proc`` and then its pid in
   ``job.pid`` (:mod:`gpuflow.procs`: a pid alone is never proof), appends the
   job's output to ``job.log``, touches ``<base>/heartbeat`` every
