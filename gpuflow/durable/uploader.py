@@ -43,15 +43,12 @@ import base64
 import datetime
 import hashlib
 import hmac
-import http.client
 import json
 import os
 import shutil
-import ssl
 import sys
 import time
 import urllib.parse
-import xml.etree.ElementTree
 
 try:  # in the sidecar script the watcher's source comes first and defines these
     from gpuflow.jobs.imds_watch import (
@@ -224,6 +221,11 @@ class S3:
 
     def request(self, method: str, key: str, query=None, body: bytes = b"", headers=None) -> tuple:
         """(status, body) of one signed request; S3Error when nothing (valid) answered."""
+        # Imported here, not at the top: this module is imported by every `gpuflow run` (its
+        # constants and its source, shipped to the node), which never talks to S3 itself.
+        import http.client
+        import ssl
+
         query = dict(query or {})
         path = "/%s/%s" % (self.bucket, key) if key else "/%s" % self.bucket
         payload_sha256 = hashlib.sha256(body).hexdigest()
@@ -251,6 +253,8 @@ class S3:
 
     @staticmethod
     def _refusal(method: str, key: str, status: int, body: bytes) -> S3Error:
+        import xml.etree.ElementTree
+
         code = ""
         try:
             code = xml.etree.ElementTree.fromstring(body).findtext("Code") or ""
@@ -279,6 +283,8 @@ class S3:
             raise self._refusal("DELETE", key, status, body)
 
     def list(self, prefix: str) -> list:
+        import xml.etree.ElementTree
+
         keys, token = [], None
         while True:
             query = {"list-type": "2", "prefix": prefix}

@@ -132,6 +132,7 @@ def follow_to_outcome(
                 stop_job(connection.runner, record.remote_dir)
             stopped = True
     # The outcome is known now: record it before the pull, which may fail.
+    followed_exit_code = exit_code  # what this node's run directory says (the pull need not read it again)
     status = ended_status(connection.runner, record.remote_dir, exit_code)
     if record.workers:  # a multi-node run: its status is all its nodes' (and nothing of it is left running)
         status = workers.settle(connection.target, record, say=say)
@@ -154,7 +155,7 @@ def follow_to_outcome(
         if status.state is RunState.FAILED and status.note:
             ended += f" ({status.note})"
     try:
-        record, report = pull_with_reconnect(connection, record, home=home, say=say)
+        record, report = pull_with_reconnect(connection, record, home=home, say=say, exit_code=followed_exit_code)
     except GpuflowError as pull_error:
         if exit_code == 0:  # the pull's own failure decides: say that the job itself succeeded
             pull_error.message = (

@@ -32,7 +32,6 @@ and ends when its supervisor ends or the job's exit code appears.
 from __future__ import annotations
 
 import datetime
-import http.client
 import json
 import math
 import os
@@ -96,6 +95,8 @@ class Imds:
         self.token_at = 0.0
 
     def _request(self, method: str, path: str, headers: dict) -> tuple:
+        import http.client  # here: gpuflow imports this module for its source, and never calls it
+
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             connection.request(method, path, headers=headers)

@@ -18,12 +18,10 @@ from gpuflow.jobs.connection import TRANSIENT, Connection
 from gpuflow.jobs.local_copy import copy_after_pull, is_unchanged, sha256_file
 from gpuflow.jobs.manifest import environment_fields, finish_manifest, with_attempts
 from gpuflow.jobs.records import (
-    ENVIRONMENT_NAME,
     EXIT_CODE_NAME,
     MANIFEST_NAME,
     PID_NAME,
     PULLED_NAMES,
-    READ_CHUNK,
     PulledCopy,
     PullReport,
     RunRecord,
@@ -32,7 +30,7 @@ from gpuflow.jobs.records import (
     quiet,
     save_record,
 )
-from gpuflow.jobs.rundir import await_environment, ended_status, read_exit_code
+from gpuflow.jobs.rundir import ended_status, read_exit_code
 from gpuflow.state import atomic_write_json
 from gpuflow.transport.base import CommandRunner
 from gpuflow.transport.filestream import PullStream, StreamsPulls
@@ -319,24 +317,15 @@ def _instance_time(entries: list[dict], name: str) -> str | None:
     return None
 
 
-def _read_environment(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
-    """The supervisor's environment probe (waited for while it is still running: the job's
-    exit code does not wait for it), or None when there is none."""
-    document = _read_environment_now(runner, remote_dir)
-    if document is None:
-        await_environment(runner, remote_dir)
-        document = _read_environment_now(runner, remote_dir)
-    return document
-
-
-def _read_environment_now(runner: CommandRunner, remote_dir: str) -> dict[str, Any] | None:
-    chunks, offset = [], 0
-    while chunk := runner.read_from(f"{remote_dir}/{ENVIRONMENT_NAME}", offset, READ_CHUNK):
-        chunks.append(chunk)
-        offset += len(chunk)
+def _read_environment(runner: CommandRunner, remote_dir: str, timeout: float = 30) -> dict[str, Any] | None:
+    """The supervisor's environment probe, or None when there is none: one command, which waits
+    on the target while the probe still runs (the job's exit code does not wait for it, so a
+    short job's pull usually comes first), at most ``timeout``, then answers with its document."""
+    result = runner.run_script(scripts.await_environment_script(remote_dir, timeout, show=True),
+                               timeout=timeout + 30, check=False)
     try:
-        document = json.loads(b"".join(chunks)) if chunks else None
-    except json.JSONDecodeError:
+        document = json.loads(result.stdout) if result.stdout.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return document if isinstance(document, dict) else None
 
@@ -389,16 +378,20 @@ def _stream_for(
 
 
 def pull_run(
-    record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = quiet
+    record: RunRecord, runner: CommandRunner, *, home: Path | None = None, say: Say = quiet,
+    exit_code: int | None = None,
 ) -> tuple[RunRecord, PullReport]:
     """Pull a run's files (while it runs: the latest outputs) and update its record.
+    ``exit_code``: the run directory's exit code when the caller has just read it (the follow
+    that saw the job end): not read again.
 
     The job's outcome (exit code, start and end, Python, duration) is recorded
     first, and completes the local manifest whatever the pull finds (a refused
     entry raises :class:`UnsafePath` after the safe files are pulled).
     """
     local_dir = Path(record.local_dir)
-    exit_code = read_exit_code(runner, record.remote_dir)
+    if exit_code is None:
+        exit_code = read_exit_code(runner, record.remote_dir)
     # One listing serves both: the files to pull, and the job's start and end times
     # (job.pid's and exit_code's mtimes, both on the instance's clock); over SSH it comes
     # from the one remote process that then sends the hashes and the files.
@@ -438,12 +431,12 @@ def pull_run(
 
 
 def pull_with_reconnect(
-    connection: Connection, record: RunRecord, *, home: Path | None, say: Say
+    connection: Connection, record: RunRecord, *, home: Path | None, say: Say, exit_code: int | None = None
 ) -> tuple[RunRecord, PullReport]:
     """:func:`pull_run` on ``connection``, reconnecting after a drop (a few times)."""
     for _attempt in range(5):
         try:
-            return pull_run(record, connection.runner, home=home, say=say)
+            return pull_run(record, connection.runner, home=home, say=say, exit_code=exit_code)
         except TRANSIENT as exc:
             connection.reconnect(exc)
-    return pull_run(record, connection.runner, home=home, say=say)
+    return pull_run(record, connection.runner, home=home, say=say, exit_code=exit_code)

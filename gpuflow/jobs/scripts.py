@@ -9,10 +9,11 @@ per element, and only a :class:`ShellCode` constant of gpuflow's own goes in
 as is.  The Python probes get their values as ``argv`` elements.  Nothing a
 user typed is ever parsed by the remote shell.
 
-* :func:`render_supervisor` — a bash script started detached (``setsid -f
-  nohup``) in the run directory.  It drops every ``AWS_*`` variable but the
-  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, records its own
-  identity in ``supervisor.proc``, puts the job in its own session and process
+* :func:`render_supervisor` — a bash script started detached (by the start's
+  launcher, :mod:`gpuflow.jobs.launcher`, which records its identity in
+  ``supervisor.proc``; or ``setsid -f nohup``, then it records itself) in the run
+  directory.  It drops every ``AWS_*`` variable but the
+  region (:data:`KEPT_AWS_VARIABLES`) before starting anything, puts the job in its own session and process
   group, which records its identity in ``job.proc`` and then its pid in
   ``job.pid`` (:mod:`gpuflow.procs`: a pid alone is never proof), appends the
   job's output to ``job.log``, touches ``<base>/heartbeat`` every
@@ -24,8 +25,9 @@ user typed is ever parsed by the remote shell.
   survives to record the exit code.  It also writes ``environment.json`` (the
   probe below, run with the job's interpreter, started beside the job; ``exit_code``
   does not wait for it, ``environment.pending`` marks it running) for the run manifest.
-* :func:`start_script` — one command: write the run's files (on stdin), start the
-  supervisor detached (:func:`launch_command`), and wait on the target until the job has
+* :func:`start_script` — one command: write the run's files (on stdin) and start the
+  supervisor detached, recorded by identity, in one Python process (:func:`launcher_script`,
+  :mod:`gpuflow.jobs.launcher`), and wait on the target until the job has
   started (:func:`wait_for_start_command`), woken by the write of ``job.pid``.
 * :func:`prepare_environment_script` — create (once per requirements hash,
   under a lock) or reuse the job's virtualenv.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 from gpuflow import procs
 from gpuflow.durable import uploader
-from gpuflow.jobs import imds_watch, peer_watch
+from gpuflow.jobs import imds_watch, launcher, peer_watch
 from gpuflow.transport import filestream
 from gpuflow.transport.base import TAKE_LOCK_SHELL_FUNCTION, quote_argv
 
@@ -101,6 +103,15 @@ durable_py={{durable_source}}
 peers_py={{peers_source}}
 
 write_atomically() { printf '%s\n' "$2" > "$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+# The job's own start, once it leads its session and group (see below): bash -c JOB_START NAME RUN_DIR
+# IDENTITY COMMAND...: its identity record, then its pid (each written atomically), the wake-up of a
+# waiting start, then the command; nothing of it starts when a record cannot be written.
+job_start='printf "%s %s\n" "$$" "$2" >"$1/job.proc.tmp.$$" && mv -f "$1/job.proc.tmp.$$" "$1/job.proc" &&
+printf "%s\n" "$$" >"$1/job.pid.tmp.$$" && mv -f "$1/job.pid.tmp.$$" "$1/job.pid" || exit 1
+if [ -p "$1/{{wake_name}}" ]; then printf "x\n" 1<>"$1/{{wake_name}}"; fi 2>/dev/null
+shift 2
+exec "$@"'
+
 # Wakes a start waiting on the run directory's FIFO (gpuflow/jobs/scripts.py WAKE_NAME), if one is.
 wake() { if [ -p "$run_dir/{{wake_name}}" ]; then printf 'x\n' 1<>"$run_dir/{{wake_name}}"; fi 2>/dev/null; }
 
@@ -114,13 +125,17 @@ if [ -z "${GPUFLOW_IMDS_ENDPOINT:-}" ] && [ -r "$base_dir/imds-endpoint" ]; then
 fi
 
 cd "$run_dir" || exit 1
-# Launching is idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.
-mkdir .supervisor 2>/dev/null || exit 0
+# A pid alone is never proof: this process's identity is recorded with it (gpuflow/procs.py),
+# before the pid, so that whoever sees the pid file finds the identity too.  Launching is
+# idempotent: a repeated launch (after a dropped connection) finds the claim and leaves.  Started
+# by the start's launcher (gpuflow/jobs/launcher.py) with "claimed", the claim and the identity
+# record are made already, by the process that became this one (same pid, same start time).
+if [ "${1:-}" != {{claimed}} ]; then
+  mkdir .supervisor 2>/dev/null || exit 0
+  "$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
+fi
 mkdir -p outputs "$work_dir"
 probe_pid=""
-# A pid alone is never proof: record this process's identity with it (gpuflow/procs.py),
-# before the pid, so that whoever sees the pid file finds the identity too.
-"$python" -I -S -c "$procs_py" record "$run_dir/supervisor.proc" "$$" 2>>"$run_dir/job.log"
 write_atomically "$run_dir/supervisor.pid" "$$"
 touch "$base_dir/heartbeat"
 # Heartbeat: feeds the instance's dead-man's switch while the job runs, and
@@ -153,9 +168,20 @@ if cd "$work_dir" 2>>"$run_dir/job.log"; then
     peers_pid=$!
   fi
   # The job leads its own session and process group, which `gpuflow stop` signals; it
-  # records its identity (job.proc), then its pid (job.pid), then execs the command.
-  "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}} \
-    </dev/null >>"$run_dir/job.log" 2>&1 &
+  # records its identity (job.proc), then its pid (job.pid), then execs the command.  On Linux
+  # with setsid(1) no Python starts before the job's own: this subshell takes its identity as
+  # gpuflow/procs.py does (the boot id and field 22 of /proc/PID/stat, the same across exec), then
+  # setsid(1) makes this very process (no group leader, so setsid does not fork) lead its session
+  # and group and runs $job_start in it; elsewhere gpuflow.procs does all of it.
+  (
+    read -r stat 2>/dev/null <"/proc/${BASHPID:-0}/stat" || stat=""
+    set -- ${stat##*[)]}
+    if [ "$#" -ge 20 ] && [ "$3" != "$BASHPID" ] && command -v setsid >/dev/null 2>&1; then
+      read -r boot_id 2>/dev/null </proc/sys/kernel/random/boot_id || boot_id=""
+      exec setsid bash -c "$job_start" gpuflow-job "$run_dir" "linux:${boot_id:--}:${20}" {{command}}
+    fi
+    exec "$python" -I -S -c "$procs_py" exec "$run_dir/job.proc" "$run_dir/job.pid" -- {{command}}
+  ) </dev/null >>"$run_dir/job.log" 2>&1 &
   job_pid=$!
   # The manifest's environment facts, gathered beside the job (no extra round trip), started once the
   # job is (not to slow its start); exit_code does not wait for them: environment.pending says they
@@ -303,6 +329,7 @@ def render_supervisor(
         peers_source=peer_watch_script(),
         kept_aws=ShellCode("|".join(KEPT_AWS_VARIABLES)),
         wake_name=ShellCode(WAKE_NAME),
+        claimed=launcher.CLAIMED,
     )
 
 
@@ -326,8 +353,9 @@ def wait_for_start_command(run_dir: str, timeout_seconds: float = 30) -> str:
                          open_wake=_OPEN_WAKE, await_start=_await_start(timeout_seconds))
 
 
-# The start's wake-up (one per run directory, while a start waits): ``gpuflow.procs.exec_job`` writes a
-# line to it once job.pid is written, the supervisor once exit_code is; a waiting start holds it open.
+# The start's wake-up (one per run directory, while a start waits): the job's starter (the supervisor's
+# shell, or ``gpuflow.procs.exec_job``) writes a line to it once job.pid is written, the supervisor once
+# exit_code is; a waiting start holds it open.
 WAKE_NAME = ".start-wake"
 
 # Opens the wake-up FIFO on fd 3 in the run directory (the current one) before the supervisor starts,
@@ -350,36 +378,15 @@ def _await_start(timeout_seconds: float) -> ShellCode:
     return ShellCode(render_script(_AWAIT_START, ticks=max(1, int(timeout_seconds / 0.05)), wake=WAKE_NAME))
 
 
-# argv: RUN_DIR — writes the files stdin carries into RUN_DIR (created), each atomically
-# (temporary name, mode, rename): per file a header line "NAME MODE SIZE" (mode in octal),
-# then SIZE bytes; an empty line ends.  A name is one path component.
-UNPACK_FILES_PY = r"""
-import os, sys
-run_dir = sys.argv[1]
-stream = sys.stdin.buffer
-os.makedirs(run_dir, exist_ok=True)
-while True:
-    header = stream.readline()
-    if not header.strip():
-        break
-    name, mode, size = header.decode("utf-8").split(" ")
-    size = int(size)
-    if not name or "/" in name or name in (".", ".."):
-        sys.exit("gpuflow-start: bad file name %r" % name)
-    body = stream.read(size)
-    if len(body) != size:
-        sys.exit("gpuflow-start: %s arrived truncated" % name)
-    temporary = os.path.join(run_dir, ".%s.%d.tmp" % (name, os.getpid()))
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(handle, "wb") as out:
-        out.write(body)
-    os.chmod(temporary, int(mode, 8))
-    os.replace(temporary, os.path.join(run_dir, name))
-"""
+def launcher_script() -> str:
+    """The start's one Python process on the node as a ``python -c`` script (``python -c SCRIPT
+    [--unpack] RUN_DIR SUPERVISOR``): :mod:`gpuflow.procs`' source (the supervisor's identity
+    record), then :mod:`gpuflow.jobs.launcher`'s (the files on stdin, the detached launch)."""
+    return _modules_script((procs, launcher), "launch_main(sys.argv[1:], lambda pid: record(SUPERVISOR_RECORD, pid))")
 
 
 def start_files_payload(files: Sequence[tuple[str, bytes, int]]) -> bytes:
-    """``files`` (name, bytes, mode) as :data:`UNPACK_FILES_PY` reads them on stdin."""
+    """``files`` (name, bytes, mode) as :func:`gpuflow.jobs.launcher.unpack_files` reads them on stdin."""
     parts = []
     for name, data, mode in files:
         if not name or "/" in name or " " in name or "\n" in name or name in (".", ".."):
@@ -391,11 +398,15 @@ def start_files_payload(files: Sequence[tuple[str, bytes, int]]) -> bytes:
 _START = r"""set -u
 run_dir={{run_dir}}
 python={{python}}
-unpack_py={{unpack_source}}
-if [ -n "$unpack_py" ]; then "$python" -I -S -c "$unpack_py" "$run_dir" || exit 1; fi
-cd "$run_dir" || exit 1
+launch_py={{launch_source}}
+mkdir -p "$run_dir" && cd "$run_dir" || exit 1
 {{open_wake}}
-setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 3>&-
+# One Python process writes the files on stdin (with --unpack) and starts the supervisor detached,
+# recording its identity (gpuflow/jobs/launcher.py); a failure leaves no wake-up FIFO behind.
+if ! "$python" -I -S -c "$launch_py" {{unpack}} . {{script}} 3>&-; then
+  if [ -n "$woken" ]; then exec 3<&-; rm -f {{wake}}; fi
+  exit 1
+fi
 {{await_start}}
 echo "gpuflow-start: pid $(cat job.pid 2>/dev/null | tr -d '
 ') exit $(cat exit_code 2>/dev/null | tr -d '
@@ -407,16 +418,19 @@ def start_script(
     *, run_dir: str, python: str, with_files: bool, script_name: str = "supervisor.sh", timeout_seconds: float = 30
 ) -> str:
     """One round trip to start a run on a node: write the files on stdin (``with_files``:
-    :func:`start_files_payload`, unpacked with ``python``) into ``run_dir``, start the supervisor
-    detached, sleep until the job has its pid or an exit code (woken by the event, bounded by
-    ``timeout_seconds``) and print ``gpuflow-start: pid PID exit CODE`` (each empty if not there)."""
+    :func:`start_files_payload`) into ``run_dir`` and start the supervisor detached, both by one
+    ``python`` process (:func:`launcher_script`), sleep until the job has its pid or an exit code
+    (woken by the event, bounded by ``timeout_seconds``) and print ``gpuflow-start: pid PID exit
+    CODE`` (each empty if not there)."""
     return render_script(
         _START,
         run_dir=run_dir,
         python=python,
-        unpack_source=UNPACK_FILES_PY if with_files else "",
+        launch_source=launcher_script(),
+        unpack=ShellCode("--unpack" if with_files else ""),
         open_wake=_OPEN_WAKE,
         script=script_name,
+        wake=ShellCode(WAKE_NAME),
         await_start=_await_start(timeout_seconds),
     )
 
@@ -425,14 +439,17 @@ _AWAIT_ENVIRONMENT = r"""cd {{run_dir}} 2>/dev/null || exit 0
 waited=0
 while [ -e environment.pending ] && [ ! -e environment.json ] && [ "$waited" -lt {{ticks}} ]; do
   kill -0 "$(cat supervisor.pid 2>/dev/null)" 2>/dev/null || break
-  sleep 0.05; waited=$((waited + 1))
-done"""
+  sleep 0.02; waited=$((waited + 1))
+done
+{{show}}"""
 
 
-def await_environment_script(run_dir: str, timeout_seconds: float = 30) -> str:
+def await_environment_script(run_dir: str, timeout_seconds: float = 30, *, show: bool = False) -> str:
     """Waits (on the target) while the supervisor's environment probe is still running
-    (``environment.pending``, its supervisor alive), at most ``timeout_seconds``."""
-    return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.05)))
+    (``environment.pending``, its supervisor alive), at most ``timeout_seconds``; with ``show``,
+    then prints ``environment.json`` (nothing when there is none)."""
+    return render_script(_AWAIT_ENVIRONMENT, run_dir=run_dir, ticks=max(1, int(timeout_seconds / 0.02)),
+                         show=ShellCode("cat environment.json 2>/dev/null || true" if show else ""))
 
 
 _RESUME = r"""
@@ -457,7 +474,8 @@ done
 offset=$(( $(wc -c < job.log 2>/dev/null || echo 0) + 0 ))
 echo "gpuflow-resume: attempt $attempt offset $offset"
 {{open_wake}}
-setsid -f nohup bash {{script}} </dev/null >/dev/null 2>&1 9>&- 3>&-
+# The supervisor, started detached and recorded by one Python process (gpuflow/jobs/launcher.py).
+"$python" -I -S -c {{launch_source}} . {{script}} 9>&- 3>&-
 {{wait_for_start}}
 """
 
@@ -481,6 +499,7 @@ def resume_script(*, run_dir: str, python: str, script_name: str = "supervisor.s
         python=python,
         procs_source=procs_script(),
         archived=list(ATTEMPT_FILES),
+        launch_source=launcher_script(),
         script=script_name,
         open_wake=_OPEN_WAKE,
         wait_for_start=_await_start(30),

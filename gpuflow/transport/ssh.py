@@ -690,17 +690,74 @@ def _import_paramiko() -> Any:
     (for ssh_config's ``Match exec``, which gpuflow never parses: it gives paramiko its
     options directly).  Installed beside fabric, invoke pulls in ``unittest.mock`` and a
     YAML parser: ~50 ms of every command that connects.  ``invoke`` stays importable for
-    anyone else once paramiko is loaded."""
+    anyone else once paramiko is loaded.
+
+    Nor does it load :mod:`importlib.metadata` (and the email parser it parses METADATA
+    with) for paramiko's only use of it, ``__version__ = metadata.version("paramiko")``:
+    while paramiko imports, a stand-in answers that from the name of paramiko's installed
+    ``paramiko-VERSION.dist-info`` (anything else it is asked goes to the real module);
+    where there is no such single directory, the real module is used."""
     import importlib
 
-    if "paramiko" not in sys.modules and "invoke" not in sys.modules:
-        sys.modules["invoke"] = None  # type: ignore[assignment] - `import invoke` raises ImportError
-        try:
-            return importlib.import_module("paramiko")
-        finally:
-            if sys.modules.get("invoke", ...) is None:
-                del sys.modules["invoke"]
-    return importlib.import_module("paramiko")
+    if "paramiko" in sys.modules:
+        return sys.modules["paramiko"]
+    stand_ins: dict[str, Any] = {}
+    if "invoke" not in sys.modules:
+        stand_ins["invoke"] = None  # `import invoke` raises ImportError
+    if "importlib.metadata" not in sys.modules:
+        version = _installed_version("paramiko")
+        if version is not None:
+            stand_ins["importlib.metadata"] = _metadata_stand_in("paramiko", version)
+    sys.modules.update(stand_ins)
+    try:
+        return importlib.import_module("paramiko")
+    finally:
+        for name, stand_in in stand_ins.items():
+            if name in sys.modules and sys.modules[name] is stand_in:
+                del sys.modules[name]
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The version in the name of ``distribution``'s one ``NAME-VERSION.dist-info`` beside its
+    package (what ``importlib.metadata.version`` reads), or None (not found, or not one)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(distribution)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.submodule_search_locations:
+        return None
+    site = os.path.dirname(os.path.dirname(spec.origin))
+    prefix, suffix = f"{distribution}-", ".dist-info"
+    try:
+        found = [name for name in os.listdir(site) if name.startswith(prefix) and name.endswith(suffix)]
+    except OSError:
+        return None
+    version = found[0][len(prefix):-len(suffix)] if len(found) == 1 else ""
+    return version if version and "-" not in version else None
+
+
+def _metadata_stand_in(distribution: str, version: str) -> Any:
+    """A module that answers ``version(distribution)`` and hands every other question to the
+    real :mod:`importlib.metadata` (importing it then)."""
+    import types
+
+    stand_in = types.ModuleType("importlib.metadata")
+
+    def real() -> Any:
+        if sys.modules.get("importlib.metadata") is stand_in:
+            del sys.modules["importlib.metadata"]
+        import importlib.metadata
+
+        return importlib.metadata
+
+    def version_of(name: str) -> str:
+        return version if name == distribution else real().version(name)
+
+    stand_in.version = version_of  # type: ignore[attr-defined]
+    stand_in.__getattr__ = lambda name: getattr(real(), name)  # type: ignore[attr-defined]
+    return stand_in
 
 
 def _new_transport(sock: Any, **options: Any) -> Any:
