@@ -91,9 +91,15 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
                          what="a committed step checkpoint on the first node")
         interrupt = [*gpuflow, "sandbox", "interrupt", "sbox", "--notice-seconds", "2"]
         assert subprocess.run(interrupt, cwd=project, env=env, capture_output=True).returncode == 0  # mid-epoch
-        second, in_flight = wait_for(
-            lambda: next(((i, u) for i in _instances(home) if i != first and (u := _upload_in_flight(i))), None),
-            timeout=300, what="the second node's sidecar between the objects of a checkpoint upload")
+        def second_node_mid_upload():
+            if run.poll() is not None:  # it ended first: say how, and what each node's sidecar last recorded
+                out, err = run.communicate()
+                pytest.fail(f"the run ended (exit {run.returncode}) before attempt 2 was mid-upload; nodes: "
+                            f"{ {i.name: _durable(i) for i in _instances(home)} }; it said: {err[-3000:]}")
+            return next(((i, u) for i in _instances(home) if i != first and (u := _upload_in_flight(i))), None)
+
+        second, in_flight = wait_for(second_node_mid_upload, timeout=300,
+                                     what="the second node's sidecar between the objects of a checkpoint upload")
         assert _durable(second)["attempt"] == 2  # the relaunched node knows which attempt it runs
         restored_by_2 = _durable(second)["restored"]
         assert restored_by_2["restore"] == "restored" and restored_by_2["seq"] < in_flight["seq"]

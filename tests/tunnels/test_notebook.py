@@ -61,6 +61,8 @@ def _api(url: str, *, token: bool) -> str:
 def test_notebook_through_sshd_prints_a_token_url_reattaches_and_stops(through_sshd, gpuflow_process):
     process = gpuflow_process("notebook", "box")
     url = process.stdout.readline().strip()
+    if not url:  # it ended without a URL: say why
+        pytest.fail(f"gpuflow notebook ended (exit {process.wait(timeout=30)}) saying: {process.stderr.read()[-3000:]}")
     assert url.startswith("http://127.0.0.1:") and "?token=" in url and len(url.split("token=")[1]) == 48
     assert _status(_api(url, token=True)) == 200
     assert _status(_api(url, token=False)) == 403
