@@ -22,14 +22,13 @@ def base_python(runner: CommandRunner, project_dir: Path) -> str:
     The project's ``remote_python`` setting if given; else the first of the
     runner's ``job_pythons`` present on the target (an instance: the AMI's
     TensorFlow Python), else where the runner's ``python`` is (the sandbox and
-    tests: the interpreter running gpuflow; an instance: ``python3``).
+    tests: the interpreter running gpuflow; an instance: ``python3``): the
+    runner's ``base_python``, which over SSH comes with the connection.
     """
     configured = read_project_config(project_dir).jobs.remote_python
     if configured:
         return configured
-    script = scripts.base_python_script(runner.job_pythons, runner.python)
-    found = runner.run_script(script, check=False).text().strip().splitlines()
-    return found[-1] if found else runner.python
+    return runner.base_python or runner.python
 
 
 def is_training_module(module: str | None) -> bool:

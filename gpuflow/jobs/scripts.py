@@ -31,8 +31,6 @@ user typed is ever parsed by the remote shell.
   started (:func:`wait_for_start_command`), woken by the write of ``job.pid``.
 * :func:`prepare_environment_script` — create (once per requirements hash,
   under a lock) or reuse the job's virtualenv.
-* :func:`base_python_script` — the first interpreter present of a list, else
-  the one on PATH.
 * :func:`unpack_script` — unpack a shipped tar into a directory.
 * :data:`LIST_TREE_PY` — lists a run directory without following symlinks:
   path, kind (file / dir / symlink / other), size, sha256, mtime, as JSON.
@@ -528,19 +526,6 @@ def prepare_environment_script(*, env_dir: str, base_python: str, requirements: 
     """Create the virtualenv ``env_dir`` from ``base_python`` with ``requirements``
     once (under a lock, marked ready by ``.gpuflow-ready``); prints 'created' or 'reused'."""
     return render_script(_PREPARE_ENVIRONMENT, env_dir=env_dir, base_python=base_python, requirements=requirements)
-
-
-_BASE_PYTHON = r"""
-for candidate in {{candidates}}; do
-  [ -x "$candidate" ] && { echo "$candidate"; exit 0; }
-done
-command -v {{fallback}}
-"""
-
-
-def base_python_script(candidates: Sequence[str], fallback: str) -> str:
-    """Prints the first executable of ``candidates``, else where ``fallback`` is (nothing if nowhere)."""
-    return render_script(_BASE_PYTHON, candidates=list(candidates), fallback=fallback)
 
 
 _UNPACK = "mkdir -p {{directory}} && tar -xf {{archive}} -C {{directory}} && rm -f {{archive}}"

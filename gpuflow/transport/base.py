@@ -43,6 +43,13 @@ TAKE_LOCK_SHELL_FUNCTION = r"""take_lock() {
 """
 
 
+def base_python_lookup(candidates: Sequence[str], fallback: str) -> str:
+    """A POSIX shell fragment printing the first executable of ``candidates``, else where
+    ``fallback`` is found (nothing if nowhere); always exits 0.  Last in the script it ends."""
+    found = "".join(f"[ -x {quote_argv([c])} ] && {{ echo {quote_argv([c])}; exit 0; }}; " for c in candidates)
+    return f"{found}command -v {quote_argv([fallback])} || true"
+
+
 def env_prefix(env: Mapping[str, str] | None) -> str:
     """``env K=V ...`` with every value quoted, or '' when no variables."""
     if not env:
@@ -69,6 +76,12 @@ class CommandRunner(Protocol):
     def job_pythons(self) -> tuple[str, ...]:
         """Interpreters a job starts from when present on the target, in order of preference,
         before :attr:`python` (e.g. the Deep Learning AMI's TensorFlow Python)."""
+
+    @property
+    def base_python(self) -> str | None:
+        """The first of :attr:`job_pythons` present on the target, else where :attr:`python`
+        is (:func:`base_python_lookup`); None when neither is found.  Over SSH it comes with
+        the connection's first command: asking costs no round trip of its own."""
 
     def run(
         self,

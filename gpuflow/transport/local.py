@@ -19,7 +19,7 @@ from pathlib import Path
 from gpuflow.errors import InstanceGone, RemoteCommandFailed, UnreachableHost
 from gpuflow.records import CommandResult
 from gpuflow.state import atomic_write_bytes
-from gpuflow.transport.base import env_prefix, quote_argv
+from gpuflow.transport.base import base_python_lookup, env_prefix, quote_argv
 from gpuflow.transport.filestream import Fetched
 
 
@@ -47,6 +47,11 @@ class LocalRunner:
     @property
     def job_pythons(self) -> tuple[str, ...]:
         return self._job_pythons
+
+    @property
+    def base_python(self) -> str | None:
+        found = self.run_script(base_python_lookup(self._job_pythons, self._python), check=False).text().strip().splitlines()
+        return found[-1] if found else None
 
     def run(
         self,

@@ -308,6 +308,10 @@ class SharedRunner:
     def job_pythons(self) -> tuple[str, ...]:
         return self._runner.job_pythons
 
+    @property
+    def base_python(self) -> str | None:
+        return self._call(lambda: self._runner.base_python)
+
     def run(self, argv: Sequence[str], **options: Any) -> CommandResult:
         return self._call(self._runner.run, argv, **options)
 

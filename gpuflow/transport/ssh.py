@@ -57,7 +57,7 @@ from gpuflow.transport import filestream, hostkeys
 from gpuflow.transport.filestream import Fetched
 from gpuflow.transport.keys import check_key_permissions
 from gpuflow.transport.pinning import PinningPolicy
-from gpuflow.transport.base import env_prefix, quote_argv
+from gpuflow.transport.base import base_python_lookup, env_prefix, quote_argv
 from gpuflow.transport.openssh import CONNECT_TIMEOUT_SECONDS, SERVER_ALIVE_INTERVAL
 
 _Result = TypeVar("_Result")
@@ -154,6 +154,7 @@ class SSHRunner:
         self._client: Any = None  # paramiko.SSHClient
         self._sftp: Any = None  # paramiko.SFTPClient, opened on first file operation
         self._base_dir: str | None = None
+        self._base_python: str | None = None  # answered with the base directory
         self._lock = threading.RLock()
         self.connections_made = 0  # how many times this runner (re)connected; for tests and diagnostics
 
@@ -173,6 +174,11 @@ class SSHRunner:
     @property
     def job_pythons(self) -> tuple[str, ...]:
         return self._job_pythons
+
+    @property
+    def base_python(self) -> str | None:
+        self.base_dir  # noqa: B018 - connects if needed: the connection's first command answers both
+        return self._base_python
 
     def run(
         self,
@@ -475,10 +481,12 @@ class SSHRunner:
         """Create and resolve the base directory once; touch the heartbeat the
         instance's dead-man's switch reads on every connection (not for a
         runner that only looks, e.g. `gpuflow status`: looking must not keep
-        the instance up)."""
+        the instance up); and, after a NUL, look up :attr:`base_python` in the
+        same command (a few tests in the same shell, no round trip of its own)."""
         base = quote_argv([self._requested_base]) if self._requested_base else f'"{DEFAULT_REMOTE_BASE}"'
         touch = "touch heartbeat; " if self._touch_heartbeat else ""
-        script = f"set -e; mkdir -p {base}; cd {base}; {touch}pwd -P"
+        lookup = base_python_lookup(self._job_pythons, self._python)
+        script = f"set -e; mkdir -p {base}; cd {base}; {touch}pwd -P; printf '\\000'; {lookup}"
         result = self._exec(quote_argv(["sh", "-c", script]), stdin=None, timeout=self.connect_timeout)
         if result.exit_code == 255 and not result.stdout:
             # The session died under the command (a drop just after connecting): this
@@ -489,9 +497,12 @@ class SSHRunner:
                 f"cannot create the gpuflow directory on {self.target.host}: "
                 f"{result.stderr.decode(errors='replace').strip()[-300:]}"
             )
-        resolved = result.stdout.decode().strip()
+        directory, _, python = result.stdout.partition(b"\0")
+        resolved = directory.decode().strip()
         if not resolved.startswith("/"):
             raise RemoteCommandFailed(f"unexpected answer resolving the gpuflow directory: {resolved[:100]!r}")
+        found = python.decode(errors="replace").strip().splitlines()
+        self._base_python = found[-1] if found else None
         self._base_dir = resolved
 
     def _drop_connection(self) -> None:
