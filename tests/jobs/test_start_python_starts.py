@@ -15,6 +15,7 @@ from pathlib import Path
 from gpuflow import procs
 from gpuflow.jobs import scripts, start
 from gpuflow.jobs.records import SUPERVISOR_NAME
+from tests.waiting import wait_for
 
 # Logs what each Python start on the "node" is for: the procs mode (record, exec), the
 # launcher's first argument, or what it is (the watcher, the environment probe).
@@ -80,7 +81,9 @@ def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tm
     assert procs.proven(str(run_dir / "job.proc")) == job_pid  # the identity gpuflow.procs takes
     assert (run_dir / "job.proc").read_text() == f"{job_pid} {procs.identity(job_pid)}\n"
     assert os.getsid(job_pid) == job_pid and os.getpgid(job_pid) == job_pid  # its own session and group
-    assert Path(f"/proc/{job_pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sh", b"-c"]  # the job itself
+    # The job itself: the pid is published just before the recording shell execs the command (same pid).
+    wait_for(lambda: Path(f"/proc/{job_pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sh", b"-c"],
+             timeout=30, what="the job's pid to exec the job's command")
     assert procs.status(str(run_dir))["job"] == "alive"
 
     recorded = (run_dir / "supervisor.proc").read_text()
