@@ -13,10 +13,12 @@ alongside, once per test session (tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,16 @@ def _committed_on(instance: Path) -> bool:
     return bool(_durable(instance).get("committed"))  # a step checkpoint of this node is in S3
 
 
+def _job_with_a_checkpoint(instance: Path) -> int | None:
+    """The node's training job (its proven pid, the leader of its group) once it saved a step checkpoint."""
+    from gpuflow import procs
+
+    for run_dir in instance.glob("runs/*"):
+        if (run_dir / "outputs" / "checkpoint" / "state.json").is_file():
+            return procs.proven(str(run_dir / procs.JOB_RECORD))
+    return None
+
+
 def _upload_in_flight(instance: Path) -> dict | None:
     """The checkpoint this node's sidecar is sending, once some but not all of its objects went up."""
     uploading = _durable(instance).get("uploading") or {}
@@ -87,10 +99,21 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         run = subprocess.Popen([*gpuflow, "run", "--up", "--sandbox", "--spot", "--recover", "--down", "sbox",
                                 "training.cifar10_cnn", "--", *MODULE_ARGS],
                                cwd=project, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = wait_for(lambda: next((i for i in _instances(home) if _committed_on(i)), None), timeout=300,
-                         what="a committed step checkpoint on the first node")
-        interrupt = [*gpuflow, "sandbox", "interrupt", "sbox", "--notice-seconds", "2"]
-        assert subprocess.run(interrupt, cwd=project, env=env, capture_output=True).returncode == 0  # mid-epoch
+        # Under load the sidecar's first commit (its start, the role's credentials, the listing, the
+        # objects) can lag until training is over, and the "interruption" would come after the last
+        # epoch. So the first node's job is paused (SIGSTOP: a slow GPU, as far as the run can tell)
+        # from its first step checkpoint until the sidecar has committed one, and the notice is sent
+        # while it is paused: it lands mid-epoch, whatever the load.
+        first, job = wait_for(lambda: next(((i, pid) for i in _instances(home) if (pid := _job_with_a_checkpoint(i))),
+                                           None), timeout=300, what="a step checkpoint on the first node")
+        os.killpg(job, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _committed_on(first), timeout=300, what="a committed step checkpoint on the first node")
+            interrupt = [*gpuflow, "sandbox", "interrupt", "sbox", "--notice-seconds", "2"]
+            assert subprocess.run(interrupt, cwd=project, env=env, capture_output=True).returncode == 0  # mid-epoch
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job, signal.SIGCONT)
         def second_node_mid_upload():
             if run.poll() is not None:  # it ended first: say how, and what each node's sidecar last recorded
                 out, err = run.communicate()
