@@ -58,10 +58,11 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.02)
 
 
-def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tmp_path):
+def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tmp_path, request):
     python, calls = _python_wrapper(tmp_path)
     run_dir = tmp_path / "runs" / "r1"
     release = tmp_path / "release"
+    request.addfinalizer(release.touch)  # a failed assertion must not leave the job waiting forever
     job = ["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.02; done"]
     result = _start(tmp_path, run_dir, python, job)
     assert result.returncode == 0, result.stderr
@@ -101,7 +102,7 @@ def test_one_python_start_before_the_job_and_the_supervisor_is_recorded_by_it(tm
     assert not (run_dir / scripts.WAKE_NAME).exists()
 
 
-def test_without_setsid_the_job_is_recorded_and_started_by_gpuflow_procs(tmp_path):
+def test_without_setsid_the_job_is_recorded_and_started_by_gpuflow_procs(tmp_path, request):
     """Where setsid(1) is missing (macOS), gpuflow.procs records and starts the job, as before."""
     python, calls = _python_wrapper(tmp_path)
     bin_dir = tmp_path / "bin"
@@ -110,6 +111,7 @@ def test_without_setsid_the_job_is_recorded_and_started_by_gpuflow_procs(tmp_pat
         (bin_dir / tool).symlink_to(shutil.which(tool))
     run_dir = tmp_path / "runs" / "r1"
     release = tmp_path / "release"
+    request.addfinalizer(release.touch)  # a failed assertion must not leave the job waiting forever
     result = _start(tmp_path, run_dir, python, ["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.02; done"],
                     path=str(bin_dir))
     assert result.returncode == 0, result.stderr
