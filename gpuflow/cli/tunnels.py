@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -44,12 +45,13 @@ def forward(
     security group, and the local ports listen on 127.0.0.1 only. A taken local
     port becomes the next free one. A dropped connection is reopened.
     """
-    from gpuflow import clusters
+    from gpuflow import clusters, nodes
     from gpuflow.tunnels.forward import hold_forwards, plan_forward
     from gpuflow.tunnels.ports import choose_forwards, parse_port_spec
 
     specs = [parse_port_spec(spec) for spec in ports]
     cluster, project = _cluster(name)
+    nodes.select_node(cluster, node)  # an unknown --node is the one error, before any local port is chosen
 
     def say(line: str) -> None:
         typer.echo(line, err=True)
@@ -61,15 +63,15 @@ def forward(
     )
     shown: list[bool] = []
 
-    def ready(_tunnel: object) -> None:
+    def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
         if shown:
             return
         shown.append(True)
-        for item in forwards:
+        for item in tunnel.forwards:  # the ports that listen (one taken meanwhile moved on)
             typer.echo(f"{item.url} -> port {item.remote} on {plan.describe}")
         typer.echo("forwarding (127.0.0.1 only; Ctrl-C ends it)", err=True)
 
-    hold_forwards(cluster, forwards, plan, say=say, on_ready=ready)
+    hold_forwards(cluster, plan, say=say, on_ready=ready)
     typer.echo("forward ended", err=True)
 
 
@@ -150,18 +152,20 @@ def notebook(
     plan = plan_forward(
         cluster, forwards, instance_id=node, trust_on_first_use=trust_on_first_use, probe=probe, project_dir=project
     )
-    url = server.url(forwards[0].local)
     shown: list[bool] = []
 
-    def ready(_tunnel: object) -> None:
+    def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
         if shown:
             return
         shown.append(True)
+        url = server.url(tunnel.forwards[0].local)
         typer.echo(url)
         say("Ctrl-C closes the tunnel; the server keeps running (`gpuflow notebook NAME --stop` stops it)")
         _open_browser(url)
 
-    hold_forwards(cluster, forwards, plan, say=say, on_ready=ready, kind=TunnelKind.NOTEBOOK, url=url)
+    hold_forwards(
+        cluster, plan, say=say, on_ready=ready, kind=TunnelKind.NOTEBOOK, url=lambda held: server.url(held[0].local)
+    )
     say(f"tunnel closed; Jupyter still runs on {name}: `gpuflow notebook {name}` reattaches, `--stop` stops it")
 
 
@@ -197,7 +201,7 @@ def tensorboard(
     """
     from gpuflow import clusters, jobs, nodes
     from gpuflow.tunnels import tensorboard as board
-    from gpuflow.tunnels.forward import hold_forwards, plan_forward
+    from gpuflow.tunnels.forward import PORT_TAKEN_TRIES, hold_forwards, plan_forward
     from gpuflow.tunnels.ports import Forward, PortSpec, choose_forwards
     from gpuflow.tunnels.registry import TunnelKind, registered
 
@@ -239,9 +243,17 @@ def tensorboard(
     if local_dir is not None:
         board.require_local_tensorboard()
         [forward] = choose_forwards([PortSpec(board.DEFAULT_PORT, port or board.DEFAULT_PORT)], say=say)
-        server = board.LocalTensorBoard(local_dir, forward)
-        with registered(cluster.name if cluster else "-", "local", TunnelKind.TENSORBOARD, [forward], forward.url):
-            board.hold_local(server, on_ready=lambda: show(forward.url))
+        server = board.LocalTensorBoard(local_dir, forward, say=say)
+        with contextlib.ExitStack() as held:
+
+            def serving() -> None:  # recorded for `gpuflow status` with the port it listens on
+                served = server.forward
+                held.enter_context(registered(
+                    cluster.name if cluster else "-", "local", TunnelKind.TENSORBOARD, [served], served.url
+                ))
+                show(served.url)
+
+            board.hold_local(server, on_ready=serving)
         say("TensorBoard ended")
         return
 
@@ -250,23 +262,43 @@ def tensorboard(
     runner = nodes.runner_for(cluster, probe=probe, project_dir=project)
     try:
         python = jobs.base_python(runner, project)
-        found = runner.run(
-            [python, "-c", _FREE_PORT_SCRIPT, str(board.DEFAULT_PORT), str(local.local)], check=False
-        ).text().split()
         logdir = board.remote_logdir(runner.base_dir, record.remote_dir if record else None)
+        remote_port = _free_node_port(runner, cluster.name, python, board.DEFAULT_PORT, local.local)
     finally:
         runner.close()
-    if not found or not found[-1].isdigit():
-        raise UnreachableHost(f"no free port on {cluster.name} from {board.DEFAULT_PORT}")
-    remote_port = int(found[-1])
-    forwards = [Forward(remote_port, local.local)]
-    plan = plan_forward(
-        cluster, forwards, probe=probe, project_dir=project, serve=board.tensorboard_argv(python, logdir, remote_port)
-    )
 
     def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
-        board.wait_until_answering(forwards[0].url, tunnel.ended)
-        show(forwards[0].url)
+        url = tunnel.forwards[0].url
+        board.wait_until_answering(url, logdir, tunnel.ended)
+        show(url)
 
-    hold_forwards(cluster, forwards, plan, say=say, on_ready=ready, kind=TunnelKind.TENSORBOARD, url=forwards[0].url)
+    for attempt in range(1, PORT_TAKEN_TRIES + 1):
+        plan = plan_forward(
+            cluster, [Forward(remote_port, local.local)], probe=probe, project_dir=project,
+            serve=board.tensorboard_argv(python, logdir, remote_port),
+        )
+        try:
+            hold_forwards(
+                cluster, plan, say=say, on_ready=ready, kind=TunnelKind.TENSORBOARD, url=lambda held: held[0].url
+            )
+            break
+        except board.ServerPortTaken:  # another process took the node's port after it was found free
+            if attempt == PORT_TAKEN_TRIES:
+                raise
+            runner = nodes.runner_for(cluster, probe=probe, project_dir=project)
+            try:
+                taken, remote_port = remote_port, _free_node_port(
+                    runner, cluster.name, python, remote_port + 1, local.local
+                )
+            finally:
+                runner.close()
+            say(f"port {taken} on {cluster.name} was taken meanwhile: using {remote_port}")
     say("TensorBoard ended")
+
+
+def _free_node_port(runner, name: str, python: str, start: int, avoid: int) -> int:  # noqa: ANN001 - a CommandRunner
+    """The first free port from ``start`` on the node's 127.0.0.1 (never ``avoid``: the local end's)."""
+    found = runner.run([python, "-c", _FREE_PORT_SCRIPT, str(start), str(avoid)], check=False).text().split()
+    if not found or not found[-1].isdigit():
+        raise UnreachableHost(f"no free port on {name} from {start}")
+    return int(found[-1])

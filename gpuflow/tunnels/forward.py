@@ -19,7 +19,10 @@ relays to its 127.0.0.1 port from this process (:class:`RelayTunnel`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,7 +41,7 @@ from gpuflow.nodes import CloudProbe
 from gpuflow.records import Cluster, SSHTarget
 from gpuflow.transport import openssh
 from gpuflow.transport.base import quote_argv
-from gpuflow.tunnels.ports import LOOPBACK, Forward, listens_on, port_is_free
+from gpuflow.tunnels.ports import LOOPBACK, Forward, listens_on, next_free_port, port_is_free
 from gpuflow.tunnels.registry import TunnelKind, registered
 
 HEARTBEAT_SECONDS = 30
@@ -63,7 +66,22 @@ class TunnelFailed(Exception):
     """A tunnel could not be set up, or ended: the reason in one line."""
 
 
+class LocalPortTaken(TunnelFailed):
+    """A local port another process took between its choice (a probe) and the tunnel's bind."""
+
+    def __init__(self, message: str, port: int):
+        super().__init__(message)
+        self.port = port
+
+
+PORT_TAKEN_TRIES = 5  # first starts that found a chosen local port taken meanwhile, each moving to the next free one
+_CONNECTION_CLOSED = re.compile(r"^Connection to \S+ closed\.?$")
+_BIND_FAILED = re.compile(r"bind \[?127\.0\.0\.1\]?:(\d+): Address already in use")
+
+
 class Tunnel(Protocol):
+    forwards: list[Forward]
+
     def start(self) -> None:
         """Set it up; return once every local port listens (else :class:`TunnelFailed`)."""
 
@@ -113,10 +131,14 @@ def _touch_once(base_dir: str | None) -> str:
 class SSHTunnel:
     """One ``ssh -L`` process, leader of its own process group."""
 
-    def __init__(self, argv: Sequence[str], forwards: Sequence[Forward], *, ready_seconds: float = READY_SECONDS):
+    def __init__(
+        self, argv: Sequence[str], forwards: Sequence[Forward], *, ready_seconds: float = READY_SECONDS,
+        remote_output: bool = False,
+    ):
         self.argv = list(argv)
         self.forwards = list(forwards)
         self.ready_seconds = ready_seconds
+        self.remote_output = remote_output  # a served command's terminal output: its last line says why it ended
         self.process: subprocess.Popen | None = None
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
 
@@ -129,8 +151,8 @@ class SSHTunnel:
         self._stderr.truncate()
         try:
             self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                start_new_session=True, preexec_fn=end_with_parent,
+                self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr if self.remote_output else subprocess.DEVNULL,
+                stderr=self._stderr, start_new_session=True, preexec_fn=end_with_parent,
             )
         except OSError as exc:
             raise TunnelFailed(f"cannot run {self.argv[0]}: {exc.strerror} (install the OpenSSH client)") from exc
@@ -138,6 +160,9 @@ class SSHTunnel:
         while time.monotonic() < deadline:
             reason = self.ended()
             if reason is not None:
+                taken = self._taken_port()
+                if taken is not None:
+                    raise LocalPortTaken(reason, taken)
                 raise TunnelFailed(reason)
             if self._listening():
                 return  # ssh listens on every local port
@@ -156,14 +181,26 @@ class SSHTunnel:
                 return False
         return True
 
+    def _taken_port(self) -> int | None:
+        """The local port that made this (ended) ssh fail: one another process holds
+        now (this ssh holds none any more), or the one its bind error names."""
+        for forward in self.forwards:
+            if not port_is_free(forward.local):
+                return forward.local
+        self._stderr.seek(0)
+        named = _BIND_FAILED.search(self._stderr.read().decode(errors="replace"))
+        return int(named.group(1)) if named else None
+
     def ended(self) -> str | None:
         if self.process is None or self.process.poll() is None:
             return None
         return self._last_error() or f"ssh exited with status {self.process.returncode}"
 
     def _last_error(self) -> str:
+        """The last line that says something (ssh's own "Connection to HOST closed." does not)."""
         self._stderr.seek(0)
         lines = [line.strip() for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in lines if not _CONNECTION_CLOSED.match(line)]
         return lines[-1] if lines else ""
 
     def stop(self) -> None:
@@ -204,8 +241,17 @@ class RelayTunnel:
                 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 self._listeners.append(listener)
-                listener.bind((LOOPBACK, forward.local))
+                try:
+                    listener.bind((LOOPBACK, forward.local))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise LocalPortTaken(f"cannot listen on {LOOPBACK}:{forward.local}: {exc.strerror}",
+                                             forward.local) from exc
+                    raise
                 listener.listen(64)
+        except LocalPortTaken:
+            self.stop()
+            raise
         except OSError as exc:
             self.stop()
             raise TunnelFailed(f"cannot listen on {LOOPBACK}: {exc.strerror}") from exc
@@ -298,23 +344,36 @@ def supervise(
     say: Callable[[str], None],
     node_alive: Callable[[], bool],
     on_ready: Callable[[Tunnel], None] = lambda tunnel: None,
+    relisten: Callable[[LocalPortTaken], Callable[[], Tunnel]] | None = None,
     backoff: Backoff = Backoff(),
     poll_seconds: float = 0.2,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Keep a tunnel up until interrupted (Ctrl-C, SIGTERM as KeyboardInterrupt):
-    the first connection must succeed (else :class:`UnreachableHost`); a dropped
-    one is restarted with backoff, as long as the node still runs (else
-    :class:`InstanceGone`).  The tunnel is stopped on every way out."""
+    the first connection must succeed (else :class:`UnreachableHost`; a local
+    port taken meanwhile is first moved by ``relisten``, which gives the new
+    tunnel factory); a dropped one is restarted with backoff, as long as the
+    node still runs (else :class:`InstanceGone`).  The tunnel is stopped on
+    every way out."""
     tunnel = open_tunnel()
     try:
-        try:
-            tunnel.start()
-        except TunnelFailed as exc:
-            raise UnreachableHost(
-                f"cannot forward to {describe}: {exc}",
-                hint="`gpuflow ssh NAME` shows whether the node can be reached",
-            ) from exc
+        for attempt in range(1, PORT_TAKEN_TRIES + 1):
+            try:
+                tunnel.start()
+                break
+            except LocalPortTaken as exc:
+                if relisten is None or attempt == PORT_TAKEN_TRIES:
+                    raise UnreachableHost(
+                        f"cannot forward to {describe}: {exc}", hint="name another local port: REMOTE_PORT:LOCAL_PORT"
+                    ) from exc
+                tunnel.stop()
+                open_tunnel = relisten(exc)
+                tunnel = open_tunnel()
+            except TunnelFailed as exc:
+                raise UnreachableHost(
+                    f"cannot forward to {describe}: {exc}",
+                    hint="`gpuflow ssh NAME` shows whether the node can be reached",
+                ) from exc
         on_ready(tunnel)
         delay, since = backoff.first, time.monotonic()
         while True:
@@ -357,12 +416,26 @@ def _still_running(node_alive: Callable[[], bool]) -> bool:
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """How the forwards of one node are held: the tunnel factory and what says the node still runs."""
+    """How the forwards of one node are held: its forwards, the tunnel factory and what says the node still runs."""
 
     describe: str
     instance_id: str
-    open_tunnel: Callable[[], Tunnel]
+    forwards: tuple[Forward, ...]
+    make_tunnel: Callable[[Sequence[Forward]], Tunnel]
     node_alive: Callable[[], bool]
+
+    def open_tunnel(self) -> Tunnel:
+        return self.make_tunnel(self.forwards)
+
+    def moved(self, port: int, say: Callable[[str], None]) -> ForwardPlan:
+        """The plan with local ``port`` (taken by another process after it was
+        chosen) replaced by the next free one, said in one line.  No remote port's
+        number either: a sandbox node is this machine."""
+        others = {forward.local for forward in self.forwards} | {forward.remote for forward in self.forwards}
+        new = next_free_port(port + 1, others)
+        say(f"local port {port} was taken meanwhile: using {new}")
+        forwards = tuple(Forward(f.remote, new) if f.local == port else f for f in self.forwards)
+        return dataclasses.replace(self, forwards=forwards)
 
 
 def plan_forward(
@@ -389,29 +462,52 @@ def plan_forward(
 
     if reached is None:
         heartbeat = nodes.sandbox_directory(cluster, node) / "heartbeat"
-        return ForwardPlan(describe, node.instance_id, lambda: RelayTunnel(forwards, heartbeat), alive)
-    argv = forward_argv(reached.target, forwards, reached.base_dir, serve)
-    return ForwardPlan(describe, node.instance_id, lambda: SSHTunnel(argv, forwards), alive)
+        return ForwardPlan(describe, node.instance_id, tuple(forwards), lambda fw: RelayTunnel(fw, heartbeat), alive)
+    target, base_dir = reached.target, reached.base_dir
+
+    def ssh_tunnel(chosen: Sequence[Forward]) -> Tunnel:
+        return SSHTunnel(forward_argv(target, chosen, base_dir, serve), chosen, remote_output=serve is not None)
+
+    return ForwardPlan(describe, node.instance_id, tuple(forwards), ssh_tunnel, alive)
 
 
 def hold_forwards(
     cluster: Cluster,
-    forwards: Sequence[Forward],
     plan: ForwardPlan,
     *,
     say: Callable[[str], None],
     on_ready: Callable[[Tunnel], None] = lambda tunnel: None,
     kind: TunnelKind = TunnelKind.FORWARD,
-    url: str | None = None,
+    url: Callable[[Sequence[Forward]], str] | None = None,
     backoff: Backoff = Backoff(),
 ) -> None:
-    """Hold the forwards until Ctrl-C / SIGTERM (which ends this normally),
-    recorded for `gpuflow status` while they are held."""
-    with registered(cluster.name, plan.instance_id, kind, forwards, url):
+    """Hold the plan's forwards until Ctrl-C / SIGTERM (which ends this normally),
+    recorded for `gpuflow status` (the ports that listen, and ``url(forwards)``)
+    from the moment they are up.  A local port another process took after it
+    was chosen moves to the next free one (``tunnel.forwards`` are the ports
+    that listen)."""
+    current = [plan]
+
+    def relisten(taken: LocalPortTaken) -> Callable[[], Tunnel]:
+        current[0] = current[0].moved(taken.port, say)
+        return current[0].open_tunnel
+
+    with contextlib.ExitStack() as held:
+
+        def ready(tunnel: Tunnel) -> None:
+            if not held_open:
+                forwards = list(tunnel.forwards)
+                held.enter_context(
+                    registered(cluster.name, plan.instance_id, kind, forwards, url(forwards) if url else None)
+                )
+                held_open.append(True)
+            on_ready(tunnel)
+
+        held_open: list[bool] = []
         try:
             supervise(
-                plan.open_tunnel, describe=plan.describe, say=say, node_alive=plan.node_alive, on_ready=on_ready,
-                backoff=backoff,
+                plan.open_tunnel, describe=plan.describe, say=say, node_alive=plan.node_alive, on_ready=ready,
+                relisten=relisten, backoff=backoff,
             )
         except KeyboardInterrupt:
             return

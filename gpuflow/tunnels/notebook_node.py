@@ -23,6 +23,8 @@ SETTINGS = "notebook.json"
 LOG = "notebook.log"
 READY_SECONDS = 120
 STOP_GRACE_SECONDS = 10
+PORT_ATTEMPTS = 5  # servers that found their probed port taken before they could bind it
+_PORT_TAKEN = object()
 
 
 def _paths(base):
@@ -121,15 +123,34 @@ def start(base, work_dir, lab, wanted_port, token):
     app, note = _app(python, lab)
     if app is None:
         return {"error": note}
-    port = _free_port(wanted_port)
-    if port is None:
-        return {"error": "no free port on the node from %d" % wanted_port}
+    # The port is chosen by probing, so another process may take it before the
+    # server binds it (two notebooks started at once on one node): the server
+    # then exits at once and starts again on the next free port.
+    port = wanted_port
+    for _attempt in range(PORT_ATTEMPTS):
+        port = _free_port(port)
+        if port is None:
+            return {"error": "no free port on the node from %d" % wanted_port}
+        answer = _serve(base, work_dir, lab, app, note, port, token)
+        if answer is not _PORT_TAKEN:
+            return answer
+        port += 1
+    return {"error": "the ports from %d were each taken before the server could listen (%d tries)"
+            % (wanted_port, PORT_ATTEMPTS)}
+
+
+def _serve(base, work_dir, lab, app, note, port, token):
+    """One server on ``port``: its settings once it answers, an error, or
+    _PORT_TAKEN when it ended because another process holds that port."""
+    directory, record_path, settings_path = _paths(base)
+    python = sys.executable
     settings = {"port": port, "token": token, "app": app, "work_dir": work_dir, "lab": bool(lab), "note": note}
     descriptor = os.open(settings_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         json.dump(settings, handle)
     os.replace(settings_path + ".tmp", settings_path)
     log_path = os.path.join(directory, LOG)
+    log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     argv = [
         python, "-m", app, "--no-browser", "--ServerApp.ip=127.0.0.1", "--ServerApp.port=%d" % port,
         "--ServerApp.port_retries=0", "--ServerApp.root_dir=%s" % work_dir,
@@ -156,6 +177,8 @@ def start(base, work_dir, lab, wanted_port, token):
     while time.monotonic() < deadline:
         done, _status = os.waitpid(child, os.WNOHANG)
         if done:
+            if _port_taken(port, log_path, log_start):
+                return _PORT_TAKEN
             return {"error": "the Jupyter server exited: %s" % " | ".join(_tail(log_path)), "log": log_path}
         if _answers(port, token):
             settings.update(pid=child, reattached=False)
@@ -163,6 +186,24 @@ def start(base, work_dir, lab, wanted_port, token):
         time.sleep(0.1)
     os.killpg(child, signal.SIGKILL)
     return {"error": "the Jupyter server did not listen within %d s: %s" % (READY_SECONDS, " | ".join(_tail(log_path)))}
+
+
+def _port_taken(port, log_path, log_start):
+    """Whether a server that ended did so because ``port`` was another's: the
+    port is held now, or its log (this attempt's part) says it was in use."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(log_start)
+            return b"already in use" in handle.read(1 << 20)
+    except OSError:
+        return False
 
 
 def stop_server(base):

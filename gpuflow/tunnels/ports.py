@@ -120,6 +120,11 @@ def choose_forwards(
     return chosen
 
 
+def next_free_port(wanted: int, taken: Iterable[int] = (), is_free: Callable[[int], bool] = port_is_free) -> int:
+    """The first port from ``wanted`` that is free and not in ``taken`` (else a :class:`UsageError`)."""
+    return _first_free(wanted, taken, is_free)
+
+
 def _first_free(wanted: int, taken: Iterable[int], is_free: Callable[[int], bool]) -> int:
     taken = set(taken)
     for port in range(wanted, min(wanted + PORT_TRIES, 65536)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuflow.errors import RemoteCommandFailed, UsageError
-from gpuflow.tunnels.forward import end_with_parent
-from gpuflow.tunnels.ports import LOOPBACK, Forward
+from gpuflow.tunnels.forward import PORT_TAKEN_TRIES, end_with_parent
+from gpuflow.tunnels.ports import LOOPBACK, Forward, next_free_port
 
 DEFAULT_PORT = 6006
 TENSORBOARD_DIR = "tensorboard"  # under a run's outputs/ (training.callbacks.TENSORBOARD_DIR)
@@ -52,26 +53,34 @@ def require_local_tensorboard() -> None:
         )
 
 
-def answers(url: str) -> bool:
-    """Whether an HTTP server answers at ``url`` (any status)."""
+def serves(url: str, logdir: str) -> bool:
+    """Whether the server at ``url`` is TensorBoard over ``logdir``: its environment
+    says so (another program that took the port, HTTP or not, is not)."""
     try:
-        with urllib.request.urlopen(url, timeout=5):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
+        with urllib.request.urlopen(url + "data/environment", timeout=2) as response:
+            environment = json.loads(response.read(1 << 20))
+    except (OSError, ValueError):  # refused, no answer in time, an error status, not JSON
         return False
+    return isinstance(environment, dict) and environment.get("data_location") == logdir
 
 
-def wait_until_answering(url: str, alive: Callable[[], str | None], seconds: float = READY_SECONDS) -> None:
-    """Until ``url`` answers; ``alive()`` says why the server ended (then it is an error)."""
+class ServerPortTaken(RemoteCommandFailed):
+    """TensorBoard ended because another process took its port after it was chosen."""
+
+
+def wait_until_answering(
+    url: str, logdir: str, alive: Callable[[], str | None], seconds: float = READY_SECONDS
+) -> None:
+    """Until TensorBoard over ``logdir`` answers at ``url``; ``alive()`` says why the
+    server ended (then it is an error: :class:`ServerPortTaken` when its port was another's)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if answers(url):
-            return
         reason = alive()
         if reason is not None:
-            raise RemoteCommandFailed(f"TensorBoard ended: {reason}")
+            error = ServerPortTaken if "already in use" in reason else RemoteCommandFailed
+            raise error(f"TensorBoard ended: {reason}")
+        if serves(url, logdir):
+            return
         time.sleep(0.2)
     raise RemoteCommandFailed(f"TensorBoard did not answer within {seconds:.0f} s")
 
@@ -82,19 +91,33 @@ class LocalTensorBoard:
 
     logdir: Path
     forward: Forward  # remote == local: no tunnel
+    say: Callable[[str], None] = lambda line: None
 
     def __post_init__(self) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Serve; a port another process took after it was chosen moves to the next free one (said)."""
         require_local_tensorboard()
-        self.process = subprocess.Popen(
-            tensorboard_argv(sys.executable, str(self.logdir), self.forward.local),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
-            preexec_fn=end_with_parent,
-        )
-        wait_until_answering(self.forward.url, self.ended)
+        for attempt in range(1, PORT_TAKEN_TRIES + 1):
+            self._stderr.seek(0)
+            self._stderr.truncate()
+            self.process = subprocess.Popen(
+                tensorboard_argv(sys.executable, str(self.logdir), self.forward.local),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
+                preexec_fn=end_with_parent,
+            )
+            try:
+                wait_until_answering(self.forward.url, str(self.logdir), self.ended)
+                return
+            except ServerPortTaken:
+                self.stop()
+                if attempt == PORT_TAKEN_TRIES:
+                    raise
+                port = next_free_port(self.forward.local + 1)
+                self.say(f"local port {self.forward.local} was taken meanwhile: using {port}")
+                self.forward = Forward(port, port)
 
     def ended(self) -> str | None:
         if self.process is None or self.process.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import urllib.request
 
@@ -64,6 +65,11 @@ def test_node_picks_the_instance_forwarded_to(two_nodes, instance_http, gpuflow_
 
 
 def test_an_unknown_node_is_one_error_line(two_nodes, capsys):
-    assert run_app(app, ["forward", "pair", "8888", "--node", "i-nope"]) == 2
+    with socket.socket() as taken:  # 8888 taken here (as a parallel test's notebook may hold it): no port line either
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past a closed connection's TIME_WAIT
+        with contextlib.suppress(OSError):
+            taken.bind(("127.0.0.1", 8888))
+            taken.listen(1)
+        assert run_app(app, ["forward", "pair", "8888", "--node", "i-nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no instance 'i-nope'" in err and WORKER in err

@@ -102,3 +102,42 @@ def test_a_live_run_is_served_from_the_node_through_ssh(through_sshd, gpuflow_ho
     assert process.wait(timeout=30) == 0
     # The closed session hangs up on the node's TensorBoard: nothing is left running there.
     wait_for(lambda: identity(int(served)) != served_identity, timeout=60, what="the node's TensorBoard to end")
+
+
+@pytest.mark.ssh
+def test_a_node_port_taken_meanwhile_moves_the_nodes_tensorboard_to_the_next_free_one(
+    through_sshd, gpuflow_home, tmp_path, monkeypatch, capsys, instance_http
+):
+    from gpuflow import clusters
+    from gpuflow.cli import app, run_app
+    from gpuflow.cli import tunnels as cli_tunnels
+    from gpuflow.tunnels import tensorboard as board
+    from tests.tunnels.gpuflow_with_running_cloud import RunningCloud
+
+    remote = gpuflow_home / "sandbox" / "box" / INSTANCE_ID / "runs" / "20261130-170000-ef78"
+    write_events(remote / "outputs" / "tensorboard")
+    save_record(run_record("20261130-170000-ef78", "box", remote, tmp_path / "project" / "runs" / "r"))
+    monkeypatch.setattr(clusters, "cloud_probe", lambda provisioner_factory=None: RunningCloud())
+    taken = instance_http  # another program's HTTP server took the port: it answers, and is not TensorBoard
+    probed = cli_tunnels._free_node_port
+    found: list[int] = []
+
+    def raced(runner, name, python, start, avoid):  # the node's free port, taken by another process just after
+        found.append(taken if not found else probed(runner, name, python, start, avoid))
+        return found[-1]
+
+    monkeypatch.setattr(cli_tunnels, "_free_node_port", raced)
+    answered: list[dict] = []
+    waited = board.wait_until_answering
+
+    def serving_then_ctrl_c(url, logdir, alive, seconds=board.READY_SECONDS):
+        waited(url, logdir, alive, seconds)
+        answered.append(_tags(url))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(board, "wait_until_answering", serving_then_ctrl_c)
+    assert run_app(app, ["tensorboard", "20261130-170000-ef78"]) == 0
+    err = capsys.readouterr().err
+    assert len(found) == 2 and found[1] != taken
+    assert f"port {taken} on box was taken meanwhile: using {found[1]}" in err
+    assert "epoch_loss" in answered[0]["train"]  # the node's TensorBoard, served on the port it moved to
