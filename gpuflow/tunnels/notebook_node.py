@@ -72,16 +72,21 @@ def _app(python, lab):
     return wanted, "installed %s into %s" % (wanted, python)
 
 
+def _bindable(port):
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def _free_port(wanted):
     for port in range(wanted, min(wanted + 100, 65536)):
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            probe.bind(("127.0.0.1", port))
+        if _bindable(port):
             return port
-        except OSError:
-            continue
-        finally:
-            probe.close()
     return None
 
 
@@ -191,13 +196,8 @@ def _serve(base, work_dir, lab, app, note, port, token):
 def _port_taken(port, log_path, log_start):
     """Whether a server that ended did so because ``port`` was another's: the
     port is held now, or its log (this attempt's part) says it was in use."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.bind(("127.0.0.1", port))
-    except OSError:
+    if not _bindable(port):
         return True
-    finally:
-        probe.close()
     try:
         with open(log_path, "rb") as handle:
             handle.seek(log_start)
