@@ -136,3 +136,28 @@ class _Running:
 
     def console_output(self, cluster, instance_id) -> str:
         return ""
+
+
+def test_a_local_port_taken_on_the_first_connection_moves_and_on_a_reconnection_is_retried():
+    from gpuflow.tunnels.forward import LocalPortTaken
+
+    said: list[str] = []
+    moved: list[int] = []
+    first = FakeTunnel([LocalPortTaken("bind: Address already in use", 8888)])
+    second = FakeTunnel([1, LocalPortTaken("bind: Address already in use", 8890), 1])
+    opened = iter([first])
+
+    def relisten(taken: LocalPortTaken):
+        moved.append(taken.port)
+        return lambda: second
+
+    with pytest.raises(KeyboardInterrupt):
+        supervise(lambda: next(opened), describe="box", say=said.append, node_alive=lambda: True, relisten=relisten,
+                  backoff=Backoff(first=1, cap=4), sleep=lambda seconds: None)
+    # The first connection's taken port moved once; the reconnection's was retried where it was (the URL in use).
+    assert moved == [8888] and first.stopped == 1 and second.script == []
+    assert "connection to box lost (bind: Address already in use); reconnecting in 2 s" in said
+
+    with pytest.raises(UnreachableHost, match="cannot forward to box: .*in use"):
+        supervise(lambda: FakeTunnel([LocalPortTaken("bind: Address already in use", 8888)]), describe="box",
+                  say=said.append, node_alive=lambda: True, sleep=lambda seconds: None)  # no relisten: one error
