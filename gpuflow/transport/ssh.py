@@ -35,6 +35,7 @@ import contextlib
 import os
 import secrets
 import select
+import socket
 import sys
 import threading
 import time
@@ -776,6 +777,8 @@ def _new_transport(sock: Any, **options: Any) -> Any:
     the first of ours it also has)."""
     paramiko = _import_paramiko()
 
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock, **options)
     security = transport.get_security_options()
     offered = tuple(security.ciphers)
