@@ -10,7 +10,7 @@ import typer
 
 from gpuflow.cli._app import app
 from gpuflow.config import find_project_root
-from gpuflow.errors import ClusterNotFound, GpuflowError, RunNotFound, UnreachableHost
+from gpuflow.errors import ClusterNotFound, GpuflowError, RunNotFound
 
 
 def _cluster(name: str):  # noqa: ANN202 - a Cluster; its module is imported with the use cases
@@ -169,23 +169,6 @@ def notebook(
     say(f"tunnel closed; Jupyter still runs on {name}: `gpuflow notebook {name}` reattaches, `--stop` stops it")
 
 
-_FREE_PORT_SCRIPT = """
-import socket, sys
-for port in range(int(sys.argv[1]), int(sys.argv[1]) + 100):
-    if str(port) == sys.argv[2]:  # the local end's port: the same machine when the node is this one (sandbox)
-        continue
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        probe.close()
-    print(port)
-    break
-"""
-
-
 @app.command("tensorboard")
 def tensorboard(
     target: str = typer.Argument(..., metavar="RUN_OR_NAME", help="A run id (see `gpuflow runs`) or a cluster."),
@@ -201,8 +184,7 @@ def tensorboard(
     """
     from gpuflow import clusters, jobs, nodes
     from gpuflow.tunnels import tensorboard as board
-    from gpuflow.tunnels.forward import PORT_TAKEN_TRIES, hold_forwards, plan_forward
-    from gpuflow.tunnels.ports import Forward, PortSpec, choose_forwards
+    from gpuflow.tunnels.ports import PortSpec, choose_forwards
     from gpuflow.tunnels.registry import TunnelKind, registered
 
     def say(line: str) -> None:
@@ -259,46 +241,8 @@ def tensorboard(
 
     assert cluster is not None
     [local] = choose_forwards([PortSpec(board.DEFAULT_PORT, port or board.DEFAULT_PORT)], say=say)
-    runner = nodes.runner_for(cluster, probe=probe, project_dir=project)
-    try:
-        python = jobs.base_python(runner, project)
-        logdir = board.remote_logdir(runner.base_dir, record.remote_dir if record else None)
-        remote_port = _free_node_port(runner, cluster.name, python, board.DEFAULT_PORT, local.local)
-    finally:
-        runner.close()
-
-    def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
-        url = tunnel.forwards[0].url
-        board.wait_until_answering(url, logdir, tunnel.ended)
-        show(url)
-
-    for attempt in range(1, PORT_TAKEN_TRIES + 1):
-        plan = plan_forward(
-            cluster, [Forward(remote_port, local.local)], probe=probe, project_dir=project,
-            serve=board.tensorboard_argv(python, logdir, remote_port),
-        )
-        try:
-            hold_forwards(
-                cluster, plan, say=say, on_ready=ready, kind=TunnelKind.TENSORBOARD, url=lambda held: held[0].url
-            )
-            break
-        except board.ServerPortTaken:  # another process took the node's port after it was found free
-            if attempt == PORT_TAKEN_TRIES:
-                raise
-            runner = nodes.runner_for(cluster, probe=probe, project_dir=project)
-            try:
-                taken, remote_port = remote_port, _free_node_port(
-                    runner, cluster.name, python, remote_port + 1, local.local
-                )
-            finally:
-                runner.close()
-            say(f"port {taken} on {cluster.name} was taken meanwhile: using {remote_port}")
+    board.serve_from_node(
+        cluster, local.local, record.remote_dir if record else None, probe=probe, project_dir=project, say=say,
+        on_ready=show,
+    )
     say("TensorBoard ended")
-
-
-def _free_node_port(runner, name: str, python: str, start: int, avoid: int) -> int:  # noqa: ANN001 - a CommandRunner
-    """The first free port from ``start`` on the node's 127.0.0.1 (never ``avoid``: the local end's)."""
-    found = runner.run([python, "-c", _FREE_PORT_SCRIPT, str(start), str(avoid)], check=False).text().split()
-    if not found or not found[-1].isdigit():
-        raise UnreachableHost(f"no free port on {name} from {start}")
-    return int(found[-1])

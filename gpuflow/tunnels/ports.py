@@ -113,7 +113,7 @@ def choose_forwards(
     chosen: list[Forward] = []
     for spec in specs:
         taken = {forward.local for forward in chosen}
-        port = _first_free(spec.wanted, taken, is_free)
+        port = next_free_port(spec.wanted, taken, is_free)
         if port != spec.wanted:
             say(f"local port {spec.wanted} is taken: using {port}")
         chosen.append(Forward(spec.remote, port))
@@ -122,10 +122,6 @@ def choose_forwards(
 
 def next_free_port(wanted: int, taken: Iterable[int] = (), is_free: Callable[[int], bool] = port_is_free) -> int:
     """The first port from ``wanted`` that is free and not in ``taken`` (else a :class:`UsageError`)."""
-    return _first_free(wanted, taken, is_free)
-
-
-def _first_free(wanted: int, taken: Iterable[int], is_free: Callable[[int], bool]) -> int:
     taken = set(taken)
     for port in range(wanted, min(wanted + PORT_TRIES, 65536)):
         if port not in taken and is_free(port):

@@ -29,9 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuflow.errors import RemoteCommandFailed, UsageError
-from gpuflow.tunnels.forward import PORT_TAKEN_TRIES, end_with_parent
+from gpuflow import nodes
+from gpuflow.errors import RemoteCommandFailed, UnreachableHost, UsageError
+from gpuflow.jobs.environment import base_python
+from gpuflow.nodes import CloudProbe
+from gpuflow.records import Cluster
+from gpuflow.transport.base import CommandRunner
+from gpuflow.tunnels.forward import PORT_TAKEN_TRIES, end_with_parent, hold_forwards, plan_forward
 from gpuflow.tunnels.ports import LOOPBACK, Forward, next_free_port
+from gpuflow.tunnels.registry import TunnelKind
 
 DEFAULT_PORT = 6006
 TENSORBOARD_DIR = "tensorboard"  # under a run's outputs/ (training.callbacks.TENSORBOARD_DIR)
@@ -173,3 +179,75 @@ def local_logdir(local_dir: str) -> Path:
 
 def serve_argv(python: str, logdir: str, port: int) -> Sequence[str]:
     return tensorboard_argv(python, logdir, port)
+
+
+def serve_from_node(
+    cluster: Cluster,
+    local_port: int,
+    run_remote_dir: str | None,
+    *,
+    probe: CloudProbe | None,
+    project_dir: Path,
+    say: Callable[[str], None],
+    on_ready: Callable[[str], None],
+) -> None:
+    """TensorBoard on the cluster's head node over a run's logs (``run_remote_dir``; None: every
+    run's), run by the forward's SSH session on a free port of the node from 6006, until Ctrl-C;
+    ``on_ready(url)`` once it answers here.  A node port another process took after it was found
+    free moves to the next free one (said in one line)."""
+    runner = nodes.runner_for(cluster, probe=probe, project_dir=project_dir)
+    try:
+        python = base_python(runner, project_dir)
+        logdir = remote_logdir(runner.base_dir, run_remote_dir)
+        remote_port = _free_node_port(runner, cluster.name, python, DEFAULT_PORT, local_port)
+    finally:
+        runner.close()
+
+    def ready(tunnel) -> None:  # noqa: ANN001 - a gpuflow.tunnels.forward.Tunnel
+        url = tunnel.forwards[0].url
+        wait_until_answering(url, logdir, tunnel.ended)
+        on_ready(url)
+
+    for attempt in range(1, PORT_TAKEN_TRIES + 1):
+        plan = plan_forward(
+            cluster, [Forward(remote_port, local_port)], probe=probe, project_dir=project_dir,
+            serve=tensorboard_argv(python, logdir, remote_port),
+        )
+        try:
+            hold_forwards(cluster, plan, say=say, on_ready=ready, kind=TunnelKind.TENSORBOARD, url=lambda held: held[0].url)
+            return
+        except ServerPortTaken:
+            if attempt == PORT_TAKEN_TRIES:
+                raise
+            runner = nodes.runner_for(cluster, probe=probe, project_dir=project_dir)
+            try:
+                taken, remote_port = remote_port, _free_node_port(runner, cluster.name, python, remote_port + 1, local_port)
+            finally:
+                runner.close()
+            say(f"port {taken} on {cluster.name} was taken meanwhile: using {remote_port}")
+
+
+_FREE_PORT_SCRIPT = """
+import socket, sys
+for port in range(int(sys.argv[1]), int(sys.argv[1]) + 100):
+    if str(port) == sys.argv[2]:  # the local end's port: the same machine when the node is this one (sandbox)
+        continue
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        probe.close()
+    print(port)
+    break
+"""
+
+
+def _free_node_port(runner: CommandRunner, name: str, python: str, start: int, avoid: int) -> int:
+    """The first free port from ``start`` on the node's 127.0.0.1 (never ``avoid``: the local end's,
+    the same machine when the node is this one: a sandbox)."""
+    found = runner.run([python, "-c", _FREE_PORT_SCRIPT, str(start), str(avoid)], check=False).text().split()
+    if not found or not found[-1].isdigit():
+        raise UnreachableHost(f"no free port on {name} from {start}")
+    return int(found[-1])

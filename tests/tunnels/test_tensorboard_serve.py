@@ -110,7 +110,6 @@ def test_a_node_port_taken_meanwhile_moves_the_nodes_tensorboard_to_the_next_fre
 ):
     from gpuflow import clusters
     from gpuflow.cli import app, run_app
-    from gpuflow.cli import tunnels as cli_tunnels
     from gpuflow.tunnels import tensorboard as board
     from tests.tunnels.gpuflow_with_running_cloud import RunningCloud
 
@@ -119,14 +118,14 @@ def test_a_node_port_taken_meanwhile_moves_the_nodes_tensorboard_to_the_next_fre
     save_record(run_record("20261130-170000-ef78", "box", remote, tmp_path / "project" / "runs" / "r"))
     monkeypatch.setattr(clusters, "cloud_probe", lambda provisioner_factory=None: RunningCloud())
     taken = instance_http  # another program's HTTP server took the port: it answers, and is not TensorBoard
-    probed = cli_tunnels._free_node_port
+    probed = board._free_node_port
     found: list[int] = []
 
     def raced(runner, name, python, start, avoid):  # the node's free port, taken by another process just after
         found.append(taken if not found else probed(runner, name, python, start, avoid))
         return found[-1]
 
-    monkeypatch.setattr(cli_tunnels, "_free_node_port", raced)
+    monkeypatch.setattr(board, "_free_node_port", raced)
     answered: list[dict] = []
     waited = board.wait_until_answering
 
