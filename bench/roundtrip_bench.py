@@ -13,7 +13,8 @@ rotating), each as the fresh process a user starts:
 3. ``gpuflow ssh NAME -- true``, warm: a shared connection from an earlier command is
    open (started, untimed, when there is none), as when the command is repeated, which is
    how people use it; and cold: no shared connection (closed, untimed, before each), so
-   the command makes the connection, and leaves it open for the next;
+   the command makes the connection, and leaves it open for the next (with ``--baseline``,
+   the other checkout's ``run`` and both ``ssh`` cases take their turns too);
 4. ``python -c pass``: the interpreter's start-up, the floor under any Python entry point.
 
 Every gpuflow command runs as ``sys.executable -m gpuflow`` (the interpreter itself, not
@@ -105,17 +106,14 @@ def main() -> int:
         }
         for suffix, checkout in checkouts.items():
             contenders[f"gpuflow run{suffix}"] = ([*gpuflow, *run], checkout)
-            if suffix:
-                contenders[f"gpuflow ssh{suffix}"] = ([*gpuflow, *ssh], checkout)
-            else:
-                contenders["gpuflow ssh warm"] = ([*gpuflow, *ssh], checkout)
-                contenders["gpuflow ssh cold"] = ([*gpuflow, *ssh], checkout)
+            contenders[f"gpuflow ssh warm{suffix}"] = ([*gpuflow, *ssh], checkout)
+            contenders[f"gpuflow ssh cold{suffix}"] = ([*gpuflow, *ssh], checkout)
 
         def prepare(name: str) -> None:
             """Untimed: a shared connection open for the warm case, none for the cold one."""
-            if name == "gpuflow ssh cold":
+            if name.startswith("gpuflow ssh cold"):
                 openssh.close_masters(str(home))
-            elif name == "gpuflow ssh warm" and not openssh.master_sockets(str(home)):
+            elif name.startswith("gpuflow ssh warm") and not openssh.master_sockets(str(home)):
                 start(name)
 
         def start(name: str) -> None:

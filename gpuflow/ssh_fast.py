@@ -59,8 +59,6 @@ def exec_if_simple(argv: Sequence[str]) -> None:
         login = openssh.open_shared(login)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    if isinstance(login, int):
-        raise SystemExit(login)  # ssh said why; the full command would only try the same again
     try:
         os.execvp(login[0], login)
     except OSError:

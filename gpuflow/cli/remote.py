@@ -52,9 +52,7 @@ def ssh(
     sys.stderr.flush()
     if invocation.cwd:
         os.chdir(invocation.cwd)
-    argv = open_shared(invocation.argv)  # the shared connection, when it is not open yet
-    if isinstance(argv, int):
-        raise typer.Exit(argv)  # ssh said why on stderr, as when it is exec'd
+    argv = open_shared(invocation.argv)  # rides the shared connection, or becomes its master
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:  # ssh (or bash) is not installed

@@ -180,10 +180,21 @@ def _private(directory: str, *, create: bool) -> bool:
     return (info.st_mode & 0o170000) == 0o040000 and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
-def _digest(*parts: str | bytes) -> str:
-    import hashlib
+def _sha256():  # type: ignore[no-untyped-def]
+    """A SHA-256 hasher from CPython's own module when there is one: `hashlib` loads OpenSSL
+    (~4 ms, paid by every `gpuflow ssh`); the digest is the same."""
+    try:
+        from _sha2 import sha256  # CPython 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # CPython 3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256()
 
-    hasher = hashlib.sha256()
+
+def _digest(*parts: str | bytes) -> str:
+    hasher = _sha256()
     for part in parts:
         data = part.encode("utf-8", "surrogateescape") if isinstance(part, str) else part
         hasher.update(len(data).to_bytes(8, "big") + data)  # length-prefixed: no two tuples hash alike
@@ -282,54 +293,104 @@ def close_masters(home: str, cluster: str | None = None) -> list[str]:
     return closed
 
 
-def open_shared(argv: Sequence[str]) -> list[str] | int:
-    """Call before exec'ing ``argv`` (a :func:`login_argv` with :func:`sharing_options`): when no
-    shared connection to the node is open yet, open it first (``ssh -N -f`` with the very same
-    options), holding a lock beside its socket, so that commands started together make one
-    connection and ride it (with ``ControlMaster=auto`` alone each would race to be the master,
-    and the losers would print OpenSSH's "ControlSocket ... already exists" on their stderr).
+def open_shared(argv: Sequence[str]) -> list[str]:
+    """Call before exec'ing ``argv`` (a :func:`login_argv` with :func:`sharing_options`): the
+    argv to exec instead.
 
-    Returns the argv to exec: ``argv`` (riding the connection; or, when this could not be
-    arranged, connecting on its own as ``ControlMaster=auto`` does), or ``argv`` without its
-    sharing options when the socket cannot be made (a file system without unix sockets):
-    sharing never fails a command.  A number instead: the connection itself failed, ssh's
-    message is on stderr, and the command would only fail the same way again: exit with it."""
+    With a shared connection to the node open, ``argv`` as it is: it rides that connection.
+    Without one, this command becomes the connection's master: under a lock beside the socket
+    it returns ``argv`` with ``ControlMaster=yes``, so that the one ``ssh`` it execs
+    authenticates, listens on the socket, moves the connection into the background
+    (``ControlPersist``) and runs the command as its first session, with no second ``ssh``
+    started; the lock is handed to a forked watcher that holds it until the socket listens
+    (or that ``ssh`` has ended), so commands started together make one connection and ride
+    it (with ``ControlMaster=auto`` alone each would race to be the master, and the losers
+    would print OpenSSH's "ControlSocket ... already exists" on their stderr).  A connection
+    that fails says why once, as ssh prints it.  ``argv`` without its sharing options when a
+    socket cannot be made there (a path too long, a file system without unix sockets):
+    sharing never fails a command, and says nothing."""
     argv = list(argv)
     path = _shared_path(argv)
     if path is None or os.path.exists(path):
         return argv
+    if not _can_listen(path):
+        return unshared(argv)  # ssh could not make the socket: connect on its own, say nothing
     import fcntl
-    import subprocess
 
-    cut = argv.index("--")
-    master = [("ControlMaster=yes" if word == "ControlMaster=auto" else word) for word in argv[:cut] if word != "-t"]
     try:
-        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # not inherited by exec
     except OSError:
         return argv
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held at most for one connection attempt (ConnectTimeout)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held at most for one connection attempt (see _hold_until_listening)
         if os.path.exists(path):
             return argv  # another command opened it meanwhile
-        # A file, not a pipe, for ssh's messages: a backgrounded master can never hold us up.
-        errors = os.open(path + ".err", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.unlink(path + ".err")
-            done = subprocess.run([*master, "-N", "-f", "--", argv[cut + 1]], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=errors, check=False)
-            os.lseek(errors, 0, os.SEEK_SET)
-            said = os.read(errors, 1 << 16)
-        finally:
-            os.close(errors)
+        _hold_until_listening(lock, path)
     except OSError:
-        return argv  # no ssh: exec says so
+        return argv  # no fork: ControlMaster=auto connects on its own
     finally:
         os.close(lock)
-    if done.returncode != 0 and (b"ControlSocket" in said or b"unix_listener" in said or b"ControlPath" in said):
-        return unshared(argv)  # the socket could not be made here: connect on its own, say nothing
-    if said:
-        os.write(2, said)  # an unreachable host, a changed host key, a warning: as ssh printed it
-    return argv if done.returncode == 0 else done.returncode
+    return [("ControlMaster=yes" if word == "ControlMaster=auto" else word) for word in argv]
+
+
+# How long the watcher holds the lock for a master that is still connecting: its connect timeout,
+# authentication, and a margin; past it the next command connects on its own (never a hang).
+_MASTER_LISTEN_SECONDS = 2 * CONNECT_TIMEOUT_SECONDS + 15
+
+
+def _hold_until_listening(lock: int, path: str) -> None:
+    """Fork a watcher that keeps ``lock`` (a flock'ed file) until ``path`` exists (the master
+    listens), the process that forked it (the ``ssh`` it execs next) has ended, or
+    :data:`_MASTER_LISTEN_SECONDS` have passed; then it exits.  It holds no terminal or
+    pipe of the command (its standard streams are /dev/null) and ignores Ctrl-C, so a
+    reader of the command's output sees its end when ``ssh`` ends (it closes every other
+    file descriptor too)."""
+    import time
+
+    parent = os.getpid()
+    if os.fork() != 0:
+        return
+    try:  # the watcher: never returns
+        import fcntl
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        held = fcntl.fcntl(lock, fcntl.F_DUPFD, 3)  # the same lock, clear of the standard streams
+        null = os.open(os.devnull, os.O_RDWR)
+        for stream in (0, 1, 2):
+            os.dup2(null, stream)
+        os.closerange(3, held)  # nothing else of the command's (a pipe, a socket) is kept open
+        os.closerange(held + 1, 1 << 16)
+        deadline = time.monotonic() + _MASTER_LISTEN_SECONDS
+        while os.getppid() == parent and not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        os._exit(0)
+
+
+def _can_listen(path: str) -> bool:
+    """Whether a unix socket can listen beside ``path``, as OpenSSH's master makes it (it binds
+    ``path`` plus a dot and 16 random characters, then links that to ``path``): a probe of
+    the same length, bound and removed at once."""
+    import _socket  # the C module: `socket` costs milliseconds on this path
+
+    probe = f"{path}.{os.getpid():016x}"
+    try:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    except OSError:
+        return False
+    try:
+        sock.bind(probe)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return True
 
 
 def unshared(argv: Sequence[str]) -> list[str]:

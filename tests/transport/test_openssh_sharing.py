@@ -120,6 +120,100 @@ def test_commands_started_together_make_one_connection_and_print_nothing_of_it(s
     assert _logins(server) == before + 1
 
 
+def _ssh_logging_to(directory: Path) -> dict[str, str]:
+    """An environment whose PATH finds an ``ssh`` that appends its arguments to
+    ``directory/calls`` (one line per process) and execs the real one."""
+    real = shutil.which("ssh")
+    wrapper = directory / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {directory / "calls"}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+
+
+def test_the_first_command_is_one_ssh_that_becomes_the_master(server, cluster, gpuflow_home, tmp_path):
+    environment = _ssh_logging_to(tmp_path)
+    before = _logins(server)
+    done = _gpuflow("ssh", "mx", "--", "echo", "first", **environment)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "first\n", "")
+    [call] = (tmp_path / "calls").read_text().splitlines()  # no separate `ssh -N -f` before it
+    assert "ControlMaster=yes" in call and "ControlPersist=" in call and " -N " not in call
+    path = _socket(gpuflow_home)
+    assert _master_pid(path) and _logins(server) == before + 1  # it left the connection open
+    (tmp_path / "calls").unlink()
+    done = _gpuflow("ssh", "mx", "--", "echo", "second", **environment)
+    assert (done.returncode, done.stdout) == (0, "second\n") and _logins(server) == before + 1
+    [call] = (tmp_path / "calls").read_text().splitlines()
+    assert "ControlMaster=auto" in call  # rode it
+
+
+def _lock_free(path: str) -> bool:
+    import fcntl
+
+    with open(path + ".lock", "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return True
+
+
+def _watchers() -> list[int]:
+    """Processes of this user whose command line is a gpuflow ssh (the lock's watcher is a fork of one)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and b"gpuflow" in words and b"ssh" in words and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+_WATCHED = """
+import fcntl, os, sys, time
+from gpuflow.transport import openssh
+openssh._MASTER_LISTEN_SECONDS = float(sys.argv[2])
+path = sys.argv[1]
+lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+openssh._hold_until_listening(lock, path)
+os.close(lock)
+print("handed over", flush=True)
+time.sleep(60)  # alive, as the ssh it would have exec'd
+"""
+
+
+@pytest.mark.parametrize("appears", [True, False], ids=["the socket listens", "it never does"])
+def test_the_watcher_keeps_the_lock_until_the_socket_listens_and_never_longer_than_its_bound(tmp_path, appears):
+    path = str(tmp_path / "socket")
+    process = subprocess.Popen([sys.executable, "-c", _WATCHED, path, "60" if appears else "0.5"],
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    try:
+        assert process.stdout.readline() == "handed over\n"
+        if appears:
+            assert not _lock_free(path)  # held for the connecting master, after its process let go
+            Path(path).write_text("")  # the master listens
+        wait_for(lambda: _lock_free(path), timeout=10, what="the watcher to let the lock go")
+        assert process.poll() is None  # while the command itself goes on
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_first_connection_that_fails_leaves_the_lock_free_and_no_watcher(server, cluster, gpuflow_home):
+    StateStore(gpuflow_home, "clusters").put("mx", {**cluster.to_dict(), "ssh_port": 1})
+    hostkeys.pin_host_keys(nodes.known_hosts_path("mx"), "127.0.0.1", 1,
+                           [hostkeys.parse_public_key(server.host_public_key)])
+    [path] = [option.split("=", 1)[1] for option in fast_argv(["ssh", "mx", "--", "true"])
+              if option.startswith("ControlPath=")]
+    assert _gpuflow("ssh", "mx", "--", "true").returncode == 255
+    wait_for(lambda: _lock_free(path), timeout=5, what="the watcher to let the lock go")
+    wait_for(lambda: not _watchers(), timeout=5, what="the watcher to exit")
+
+
 def test_a_first_connection_that_fails_says_why_once(server, cluster, gpuflow_home):
     StateStore(gpuflow_home, "clusters").put("mx", {**cluster.to_dict(), "ssh_port": 1})
     hostkeys.pin_host_keys(nodes.known_hosts_path("mx"), "127.0.0.1", 1,
