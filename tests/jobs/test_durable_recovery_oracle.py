@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,38 @@ def _committed_on(instance: Path) -> bool:
     return bool(_durable(instance).get("committed"))  # a step checkpoint of this node is in S3
 
 
-def _job_with_a_checkpoint(instance: Path) -> int | None:
-    """The node's training job (its proven pid, the leader of its group) once it saved a step checkpoint."""
+def _job_of(instance: Path) -> int | None:
+    """The node's training job: its proven pid, the leader of its process group."""
     from gpuflow import procs
 
     for run_dir in instance.glob("runs/*"):
-        if (run_dir / "outputs" / "checkpoint" / "state.json").is_file():
-            return procs.proven(str(run_dir / procs.JOB_RECORD))
+        return procs.proven(str(run_dir / procs.JOB_RECORD))
     return None
+
+
+def _has_a_step_checkpoint(instance: Path) -> bool:
+    return any((run_dir / "outputs" / "checkpoint" / "state.json").is_file() for run_dir in instance.glob("runs/*"))
+
+
+SLICE_SECONDS = 0.05
+
+
+def _stopped_at_its_first_checkpoint(home: Path) -> tuple[Path, int]:
+    """The first node and its job, stopped (SIGSTOP: a slow GPU, as far as the run can tell) once
+    it has saved its first step checkpoint.  From the moment its pid is known the job runs only in
+    slices of SLICE_SECONDS between two looks, so however late this test gets to look (a loaded
+    machine), the job is stopped at most a slice after that checkpoint, never after its last
+    epoch."""
+    instance, job = wait_for(lambda: next(((i, pid) for i in _instances(home) if (pid := _job_of(i))), None),
+                             timeout=300, what="the first node's job")
+    os.killpg(job, signal.SIGSTOP)
+    deadline = time.monotonic() + 300
+    while not _has_a_step_checkpoint(instance):
+        assert time.monotonic() < deadline, "timed out waiting for a step checkpoint on the first node"
+        os.killpg(job, signal.SIGCONT)
+        time.sleep(SLICE_SECONDS)
+        os.killpg(job, signal.SIGSTOP)
+    return instance, job
 
 
 def _upload_in_flight(instance: Path) -> dict | None:
@@ -101,19 +126,24 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
                                cwd=project, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # Under load the sidecar's first commit (its start, the role's credentials, the listing, the
         # objects) can lag until training is over, and the "interruption" would come after the last
-        # epoch. So the first node's job is paused (SIGSTOP: a slow GPU, as far as the run can tell)
-        # from its first step checkpoint until the sidecar has committed one, and the notice is sent
-        # while it is paused: it lands mid-epoch, whatever the load.
-        first, job = wait_for(lambda: next(((i, pid) for i in _instances(home) if (pid := _job_with_a_checkpoint(i))),
-                                           None), timeout=300, what="a step checkpoint on the first node")
-        os.killpg(job, signal.SIGSTOP)
+        # epoch. So the first node's job is paused from its first step checkpoint, the notice is sent
+        # once the sidecar has committed one, and the job stays paused until the node's power-off
+        # kills it: let go during the notice's 2 s, it trained its remaining ~200 steps in time to
+        # finish, and the sidecar committed the final checkpoint (a CI run, then 3 runs in 4 on a
+        # quiet machine, saw attempt 2 "resumed at epoch 7 step 0" and nothing left to interrupt).
+        first, job = _stopped_at_its_first_checkpoint(home)
+        from gpuflow import procs
+
+        job_identity = procs.identity(job)
         try:
             wait_for(lambda: _committed_on(first), timeout=300, what="a committed step checkpoint on the first node")
             interrupt = [*gpuflow, "sandbox", "interrupt", "sbox", "--notice-seconds", "2"]
             assert subprocess.run(interrupt, cwd=project, env=env, capture_output=True).returncode == 0  # mid-epoch
+            wait_for(lambda: procs.identity(job) != job_identity, timeout=120, what="the first node's power-off")
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job, signal.SIGCONT)
+            if procs.identity(job) == job_identity:  # a failure above: never leave it stopped
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job, signal.SIGCONT)
         def second_node_mid_upload():
             if run.poll() is not None:  # it ended first: say how, and what each node's sidecar last recorded
                 out, err = run.communicate()
