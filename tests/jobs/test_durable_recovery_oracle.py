@@ -13,19 +13,17 @@ alongside, once per test session (tests/jobs/reference_run.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.jobs.pausing import paused_at_first_checkpoint
 from tests.jobs.reference_run import ORACLE_ARGS, assert_same_as_reference, oracle_reference  # noqa: F401 - fixture
 from tests.waiting import wait_for
 
@@ -55,40 +53,6 @@ def _durable(instance: Path) -> dict:
 
 def _committed_on(instance: Path) -> bool:
     return bool(_durable(instance).get("committed"))  # a step checkpoint of this node is in S3
-
-
-def _job_of(instance: Path) -> int | None:
-    """The node's training job: its proven pid, the leader of its process group."""
-    from gpuflow import procs
-
-    for run_dir in instance.glob("runs/*"):
-        return procs.proven(str(run_dir / procs.JOB_RECORD))
-    return None
-
-
-def _has_a_step_checkpoint(instance: Path) -> bool:
-    return any((run_dir / "outputs" / "checkpoint" / "state.json").is_file() for run_dir in instance.glob("runs/*"))
-
-
-SLICE_SECONDS = 0.05
-
-
-def _stopped_at_its_first_checkpoint(home: Path) -> tuple[Path, int]:
-    """The first node and its job, stopped (SIGSTOP: a slow GPU, as far as the run can tell) once
-    it has saved its first step checkpoint.  From the moment its pid is known the job runs only in
-    slices of SLICE_SECONDS between two looks, so however late this test gets to look (a loaded
-    machine), the job is stopped at most a slice after that checkpoint, never after its last
-    epoch."""
-    instance, job = wait_for(lambda: next(((i, pid) for i in _instances(home) if (pid := _job_of(i))), None),
-                             timeout=300, what="the first node's job")
-    os.killpg(job, signal.SIGSTOP)
-    deadline = time.monotonic() + 300
-    while not _has_a_step_checkpoint(instance):
-        assert time.monotonic() < deadline, "timed out waiting for a step checkpoint on the first node"
-        os.killpg(job, signal.SIGCONT)
-        time.sleep(SLICE_SECONDS)
-        os.killpg(job, signal.SIGSTOP)
-    return instance, job
 
 
 def _upload_in_flight(instance: Path) -> dict | None:
@@ -129,21 +93,21 @@ def test_setup_run_interrupted_twice_recovers_to_the_uninterrupted_weights(tmp_p
         # epoch. So the first node's job is paused from its first step checkpoint, the notice is sent
         # once the sidecar has committed one, and the job stays paused until the node's power-off
         # kills it: let go during the notice's 2 s, it trained its remaining ~200 steps in time to
-        # finish, and the sidecar committed the final checkpoint (a CI run, then 3 runs in 4 on a
-        # quiet machine, saw attempt 2 "resumed at epoch 7 step 0" and nothing left to interrupt).
-        first, job = _stopped_at_its_first_checkpoint(home)
-        from gpuflow import procs
+        # finish, and the sidecar committed the final checkpoint (a CI run saw attempt 2 "resumed at
+        # epoch 7 step 0" and nothing left to interrupt; the test before failed 1 run in 4 here).
+        def first_run_dir() -> Path | None:
+            return next((run_dir for instance in _instances(home) for run_dir in instance.glob("runs/*")), None)
 
-        job_identity = procs.identity(job)
+        job = paused_at_first_checkpoint(first_run_dir)
+        first = job.run_dir.parent.parent  # the node: <instance>/runs/<run id>
         try:
             wait_for(lambda: _committed_on(first), timeout=300, what="a committed step checkpoint on the first node")
             interrupt = [*gpuflow, "sandbox", "interrupt", "sbox", "--notice-seconds", "2"]
             assert subprocess.run(interrupt, cwd=project, env=env, capture_output=True).returncode == 0  # mid-epoch
-            wait_for(lambda: procs.identity(job) != job_identity, timeout=120, what="the first node's power-off")
+            wait_for(job.gone, timeout=120, what="the first node's power-off")
         finally:
-            if procs.identity(job) == job_identity:  # a failure above: never leave it stopped
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(job, signal.SIGCONT)
+            job.resume()  # only after a failure above: never leave it stopped
+
         def second_node_mid_upload():
             if run.poll() is not None:  # it ended first: say how, and what each node's sidecar last recorded
                 out, err = run.communicate()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
 from gpuflow import clusters, jobs
+from gpuflow.jobs.records import INTERRUPTION_NAME
 from infra.sandbox import in_process_sandbox
+from tests.jobs.pausing import paused_at_first_checkpoint
 from tests.jobs.reference_run import (  # noqa: F401 - fixture
     ORACLE_ARGS, ORACLE_EPOCHS, assert_same_as_reference, oracle_reference,
 )
@@ -44,12 +47,19 @@ def cli(argv: list[str]) -> int:
 
 
 def _notice_once_trained(server, failures: list) -> None:
-    """Give the notice when the run's first step checkpoint exists on the instance."""
+    """Give the notice once the run's first step checkpoint exists on the instance, with the job
+    paused from that checkpoint until the watcher has acted on the notice (its SIGTERM then waits
+    for the job, which handles it as it resumes): the job, let go, could train its remaining
+    steps before the watcher's next look, and end succeeded instead of interrupted."""
     try:
         [record] = wait_for(jobs.all_records, timeout=120, what="the run's record")
-        state = Path(record.remote_dir) / "outputs" / "checkpoint" / "state.json"
-        wait_for(state.exists, timeout=120, what="the first step checkpoint on the instance")
-        server.notice()
+        job = paused_at_first_checkpoint(lambda: Path(record.remote_dir), timeout=120)
+        try:
+            server.notice()
+            wait_for((job.run_dir / INTERRUPTION_NAME).exists, timeout=60, what="the watcher to see the notice")
+            wait_for(lambda: job.pending(signal.SIGTERM), timeout=60, what="the watcher's SIGTERM to the job")
+        finally:
+            job.resume()
     except BaseException as error:  # reported by the test's thread
         failures.append(error)
 
