@@ -50,6 +50,8 @@ EXIT_CODE = "exit_code"
 MARKER = "GPUFLOW_RUN_DIR"  # the job's environment names its run directory
 # `gpuflow notebook`'s Jupyter server (leader of its own session), under the node's base directory.
 NOTEBOOK_RECORD = os.path.join("notebook", "server.proc")
+# The spot-interruption watcher's own state, once it has settled: watching, or off (gpuflow.jobs.imds_watch).
+WATCHER_STATE = "watcher.json"
 # What a run directory says beyond its processes (reported by status(), read by gpuflow.jobs):
 NOTICE_FILES = {
     "checkpoint": os.path.join("outputs", "checkpoint", "state.json"),  # the job's resumable checkpoint

@@ -35,10 +35,11 @@ def interrupt(
     """Interrupt a sandbox node as EC2 reclaims a spot instance.
 
     The node's metadata service (its loopback IMDSv2, $GPUFLOW_IMDS_ENDPOINT on the
-    node) serves the spot instance-action notice at once; after --notice-seconds the
+    node) serves the spot instance-action notice as soon as the watchers of the node's
+    running jobs are watching (at once, or within 30 seconds); after --notice-seconds the
     instance is terminated with the state reason Server.SpotInstanceTermination and
-    its processes are killed.  Returns at once; works for clusters of `up --sandbox`
-    and for the in-process cloud of `run --up --sandbox`.
+    its processes are killed.  Returns once the notice is served; works for `up --sandbox`
+    clusters and for the in-process cloud of `run --up --sandbox`.
     """
     from gpuflow.clusters.interrupt import interrupt_node
 

@@ -6,6 +6,13 @@ instance-action notice at once; after ``notice_seconds`` that process ends the
 instance as EC2 reclaims a spot instance: its processes killed, its directory
 deleted, terminated in moto with the state reason ``Server.SpotInstanceTermination``.
 
+The notice is served once every run on the node whose job is running has its
+spot watcher settled (watching the metadata service, or off where none answers;
+at most :data:`WATCHER_SETTLE_SECONDS`): on EC2 a notice comes two minutes ahead
+and the watcher, started with the job, is long watching; a sandbox notice of a
+second or two given as a job starts would otherwise race the watcher's start, and
+the run would end as a lost instance instead of an interrupted one.
+
 This use case only writes the request into the node's directory (atomically,
 once): so it works whichever process hosts the node -- the detached sandbox
 server of ``gpuflow up --sandbox``, or the in-process cloud of
@@ -18,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from gpuflow import nodes
 from gpuflow.clusters.record import get_cluster
@@ -26,6 +34,7 @@ from gpuflow.errors import InstanceGone, UsageError
 
 DEFAULT_NOTICE_SECONDS = 10.0
 MAX_NOTICE_SECONDS = 3600.0
+WATCHER_SETTLE_SECONDS = 30.0  # the longest a notice waits for the node's runs' watchers
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ def interrupt_node(
             hint=f"{command_hint(f'down {cluster.name}', True)} and {command_hint(f'up {cluster.name}', True)} "
             "start a node that can be interrupted",
         )
+    wait_for_watchers(directory)
     now = time.time()
     request = InterruptionRequest(instance_id=node.instance_id, requested_at=now, terminate_at=now + seconds)
     try:
@@ -119,4 +129,19 @@ def interrupt_node(
     )
 
 
-__all__ = ["DEFAULT_NOTICE_SECONDS", "Interruption", "interrupt_node", "validate_notice_seconds"]
+def wait_for_watchers(directory: Path, timeout: float = WATCHER_SETTLE_SECONDS) -> None:
+    """Return once every run under the node ``directory`` whose job still runs (its proven
+    pid) has its spot watcher's state written (:data:`gpuflow.procs.WATCHER_STATE`), or after
+    ``timeout`` seconds: a watcher that never settles delays a notice, never stops it."""
+    from gpuflow import procs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        unsettled = [run for run in sorted((directory / "runs").glob("*"))
+                     if not (run / procs.WATCHER_STATE).exists() and procs.proven(str(run / procs.JOB_RECORD))]
+        if not unsettled:
+            return
+        time.sleep(0.05)
+
+
+__all__ = ["DEFAULT_NOTICE_SECONDS", "Interruption", "interrupt_node", "validate_notice_seconds", "wait_for_watchers"]

@@ -149,7 +149,8 @@ class GpuflowSandbox:
         timeout: float = 60.0,
     ) -> Any:
         """``gpuflow sandbox interrupt``: the node (default: the head node of the only
-        cluster) gets a spot interruption notice from its metadata service now, and is
+        cluster) gets a spot interruption notice from its metadata service now (once the
+        spot watchers of its running jobs are watching, at most 30 s), and is
         terminated (state reason ``Server.SpotInstanceTermination``, its processes killed,
         its directory gone) ``notice_seconds`` later.  Returns the
         :class:`~gpuflow.clusters.interrupt.Interruption` at once, or with ``wait`` once the
