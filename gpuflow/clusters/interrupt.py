@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuflow import nodes
+from gpuflow import nodes, procs
 from gpuflow.clusters.record import get_cluster
 from gpuflow.clusters.where import command_hint
 from gpuflow.errors import InstanceGone, UsageError
@@ -133,8 +133,6 @@ def wait_for_watchers(directory: Path, timeout: float = WATCHER_SETTLE_SECONDS) 
     """Return once every run under the node ``directory`` whose job still runs (its proven
     pid) has its spot watcher's state written (:data:`gpuflow.procs.WATCHER_STATE`), or after
     ``timeout`` seconds: a watcher that never settles delays a notice, never stops it."""
-    from gpuflow import procs
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         unsettled = [run for run in sorted((directory / "runs").glob("*"))
